@@ -1,0 +1,46 @@
+// Every op's schema, declared once. One implementation per device is registered elsewhere:
+// csrc/cpu/*.cpp for CPU, csrc/cuda/register.cpp for CUDA (only when built with QDARTS_WITH_CUDA).
+// The Python layer (qdarts_kernels/ops.py) wraps these in autograd-aware custom ops; these ops are
+// the raw kernels and take already-validated, contiguous arguments (they re-check cheaply anyway).
+//
+// Conventions shared by every implementation:
+//   grid  0 = signed, 1 = unsigned, 2 = midrise (see csrc/quant_math.h)
+//   axis  -1 for per-tensor scales ([K]); else the channel dim of x for per-channel scales ([K, C])
+//   probs, scales, weights: float32; x, grad, outputs: float32 / float16 / bfloat16
+//   a gradient that was not requested is returned as a 0-element tensor.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing qdarts_kernels._C from Python runs the static TORCH_LIBRARY registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace qdarts {
+
+bool has_cuda_kernels() {
+#ifdef QDARTS_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+TORCH_LIBRARY(qdarts_C, m) {
+  m.def(
+      "mixed_fake_quant_forward(Tensor x, Tensor probs, Tensor scales, int[] bits, int grid, int axis)"
+      " -> Tensor");
+  m.def(
+      "mixed_fake_quant_backward(Tensor grad, Tensor x, Tensor probs, Tensor scales, int[] bits, int grid,"
+      " int axis, bool need_dx, bool need_dprobs, bool need_dscales) -> (Tensor, Tensor, Tensor)");
+  m.def("mixed_op_sum_forward(Tensor[] outputs, Tensor weights) -> Tensor");
+  m.def(
+      "mixed_op_sum_backward(Tensor grad, Tensor[] outputs, Tensor weights, bool need_doutputs,"
+      " bool need_dweights) -> (Tensor[], Tensor)");
+  m.def("has_cuda_kernels() -> bool", &has_cuda_kernels);
+}
+
+}  // namespace qdarts

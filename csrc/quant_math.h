@@ -1,0 +1,70 @@
+// The quantizer of DESIGN section 4, as plain inline functions shared by the C++ CPU kernels and
+// the CUDA kernels. No torch headers: the CUDA kernel files include this and compile with plain nvcc.
+//
+//   v = x * inv_s + z,  r = rint(v) (half to even),  q = clamp(r, qmin, qmax),
+//   Q = (q - z) * s,    in = (qmin <= r <= qmax)
+//
+// Both builds disable floating-point contraction (-ffp-contract=off, nvcc --fmad=false): an FMA in
+// x * inv_s + z would round a tie differently from PyTorch's fake-quant kernels.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define QD_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define QD_HOST_DEVICE inline
+#endif
+
+namespace qdarts {
+
+constexpr int kMaxBits = 4;  // K, the number of bit-widths one mixed quantizer mixes
+constexpr int kGridSigned = 0;
+constexpr int kGridUnsigned = 1;
+constexpr int kGridMidrise = 2;
+
+struct GridRange {
+  float qmin;
+  float qmax;
+  float zero_point;
+};
+
+// Integer range and zero point of `grid` at `bits` (1..16).
+QD_HOST_DEVICE GridRange grid_range(int grid, int bits) {
+  const float half = static_cast<float>(1 << (bits - 1));
+  if (grid == kGridSigned) return {-half, half - 1.0f, 0.0f};
+  if (grid == kGridUnsigned) return {0.0f, static_cast<float>((1 << bits) - 1), 0.0f};
+  return {-half + 1.0f, half, 0.5f};
+}
+
+// Round half to even in the current (default: to nearest even) rounding mode.
+QD_HOST_DEVICE float round_half_even(float v) {
+#if defined(__CUDA_ARCH__)
+  return rintf(v);
+#else
+  return std::nearbyint(v);
+#endif
+}
+
+// Clamp written with comparisons (not fminf/fmaxf, whose NaN rules stop vectorisation on CPU).
+// A NaN r stays NaN, as in the reference's torch.clamp.
+QD_HOST_DEVICE float clamp_range(float r, float lo, float hi) {
+  r = r < lo ? lo : r;
+  return r > hi ? hi : r;
+}
+
+struct QuantResult {
+  float q_minus_z;  // (q - z), the integer level relative to the zero point
+  float in_range;   // 1 where qmin <= r <= qmax, else 0
+};
+
+QD_HOST_DEVICE QuantResult quantize(float x, float inv_s, const GridRange& g) {
+  const float v = x * inv_s + g.zero_point;
+  const float r = round_half_even(v);
+  const float q = clamp_range(r, g.qmin, g.qmax);
+  const float in = (r >= g.qmin && r <= g.qmax) ? 1.0f : 0.0f;
+  return {q - g.zero_point, in};
+}
+
+}  // namespace qdarts

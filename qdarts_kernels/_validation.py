@@ -1,0 +1,178 @@
+"""Argument checks shared by the reference and every backend.
+
+All public ops validate through these helpers so that every backend raises the same clear error,
+naming the argument, before any kernel runs. The checks look only at metadata (shapes, dtypes,
+devices) except for scale *values*, which are read only where that costs no host-device sync: CPU
+tensors always, GPU tensors when ``QDARTS_CHECK_SCALES=1`` (a debug switch, read per call).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+#: Grid name -> code used by the compiled and Triton kernels.
+GRIDS = {"signed": 0, "unsigned": 1, "midrise": 2}
+#: Floating dtypes the kernels accept for x, outputs and gradients.
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Bit-width range and number of bit-widths per mixed quantizer.
+MIN_BITS, MAX_BITS = 1, 16
+MAX_K = 4
+
+
+class GridParams(NamedTuple):
+    qmin: float
+    qmax: float
+    zero_point: float
+
+
+def grid_params(grid: int, bits: int) -> GridParams:
+    """Integer range and zero point of one grid at one bit-width (DESIGN section 4).
+
+    signed   z=0,   q in [-2^(b-1), 2^(b-1)-1]
+    unsigned z=0,   q in [0, 2^b-1]
+    midrise  z=0.5, q in [-2^(b-1)+1, 2^(b-1)]  (levels +-0.5 ... +-(2^(b-1)-0.5), EdMIPS weights)
+    """
+    half = float(2 ** (bits - 1))
+    if grid == 0:
+        return GridParams(-half, half - 1.0, 0.0)
+    if grid == 1:
+        return GridParams(0.0, float(2**bits - 1), 0.0)
+    return GridParams(-half + 1.0, half, 0.5)
+
+
+def grid_code(grid: str) -> int:
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {sorted(GRIDS)}, got {grid!r}")
+    return GRIDS[grid]
+
+
+def normalize_bits(bits, name: str = "bits") -> Tuple[int, ...]:
+    if isinstance(bits, int) and not isinstance(bits, bool):
+        bits = (bits,)
+    try:
+        bits = tuple(bits)
+    except TypeError:
+        raise ValueError(f"{name} must be an int or a sequence of ints, got {type(bits).__name__}") from None
+    if not 1 <= len(bits) <= MAX_K:
+        raise ValueError(f"{name} must hold 1..{MAX_K} bit-widths, got {len(bits)}")
+    out = []
+    for b in bits:
+        if isinstance(b, bool) or not isinstance(b, int):
+            try:
+                import numpy as np
+
+                if isinstance(b, np.integer):
+                    b = int(b)
+            except ImportError:  # pragma: no cover - numpy is a dependency
+                pass
+        if isinstance(b, bool) or not isinstance(b, int):
+            raise ValueError(f"{name} must hold ints, got {b!r}")
+        if not MIN_BITS <= b <= MAX_BITS:
+            raise ValueError(f"{name} must be in [{MIN_BITS}, {MAX_BITS}], got {b}")
+        out.append(b)
+    return tuple(out)
+
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_float(t: torch.Tensor, name: str, allow_double: bool = True) -> None:
+    ok = SUPPORTED_DTYPES + ((torch.float64,) if allow_double else ())
+    if t.dtype not in ok:
+        raise TypeError(f"{name} must have a floating dtype in {[str(d) for d in ok]}, got {t.dtype}")
+
+
+def check_scale_values(scales: torch.Tensor, name: str = "scales") -> None:
+    """Reject scales <= 0 or non-finite where reading them costs no device sync."""
+    if scales.numel() == 0:
+        return
+    if scales.device.type != "cpu" and os.environ.get("QDARTS_CHECK_SCALES", "0") != "1":
+        return
+    s = scales.detach()
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError(f"{name} must be finite, got {s.flatten()[: 8].tolist()}")
+    if not bool((s > 0).all()):
+        raise ValueError(f"{name} must be > 0, got min {float(s.min())}")
+
+
+def check_mixed_fake_quant(
+    x: torch.Tensor,
+    probs: torch.Tensor,
+    scales: torch.Tensor,
+    bits,
+    grid: str,
+    axis: Optional[int],
+) -> Tuple[Tuple[int, ...], int, int]:
+    """Validate ``mixed_fake_quant`` arguments. Returns (bits, grid_code, axis) with axis >= 0,
+    or -1 for per-tensor scales."""
+    _check_tensor(x, "x")
+    _check_tensor(probs, "probs")
+    _check_tensor(scales, "scales")
+    bits = normalize_bits(bits)
+    code = grid_code(grid)
+    k = len(bits)
+    _check_float(x, "x")
+    _check_float(probs, "probs")
+    _check_float(scales, "scales")
+    for t, name in ((probs, "probs"), (scales, "scales")):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; they must share a device")
+    if probs.shape != (k,):
+        raise ValueError(f"probs must have shape [{k}] (one probability per bit-width), got {list(probs.shape)}")
+    if axis is None:
+        if scales.shape != (k,):
+            raise ValueError(
+                f"scales must have shape [{k}] for per-tensor quantization (axis=None), got {list(scales.shape)}"
+            )
+        ax = -1
+    else:
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise ValueError(f"axis must be an int or None, got {axis!r}")
+        if not -x.dim() <= axis < x.dim() or x.dim() == 0:
+            raise ValueError(f"axis {axis} is out of range for x with {x.dim()} dimensions")
+        ax = axis % x.dim()
+        c = x.shape[ax]
+        if scales.shape != (k, c):
+            raise ValueError(
+                f"scales must have shape [{k}, {c}] for per-channel quantization along axis {axis}, "
+                f"got {list(scales.shape)}"
+            )
+    check_scale_values(scales)
+    return bits, code, ax
+
+
+def check_mixed_op_sum(outputs, weights: torch.Tensor) -> Sequence[torch.Tensor]:
+    """Validate ``mixed_op_sum`` arguments; returns the outputs as a list of tensors."""
+    _check_tensor(weights, "weights")
+    if isinstance(outputs, torch.Tensor):
+        if outputs.dim() < 1:
+            raise ValueError("outputs as one tensor must be stacked along dim 0 (shape [K, ...])")
+        outputs = list(outputs.unbind(0))
+    elif isinstance(outputs, (list, tuple)):
+        outputs = list(outputs)
+    else:
+        raise TypeError(f"outputs must be a list of tensors or one stacked tensor, got {type(outputs).__name__}")
+    if len(outputs) == 0:
+        raise ValueError("outputs must hold at least one tensor")
+    for i, o in enumerate(outputs):
+        _check_tensor(o, f"outputs[{i}]")
+    first = outputs[0]
+    _check_float(first, "outputs[0]")
+    for i, o in enumerate(outputs[1:], 1):
+        if o.shape != first.shape:
+            raise ValueError(f"outputs[{i}] has shape {list(o.shape)} but outputs[0] has {list(first.shape)}")
+        if o.dtype != first.dtype:
+            raise TypeError(f"outputs[{i}] has dtype {o.dtype} but outputs[0] has {first.dtype}")
+        if o.device != first.device:
+            raise ValueError(f"outputs[{i}] is on {o.device} but outputs[0] is on {first.device}")
+    _check_float(weights, "weights")
+    if weights.shape != (len(outputs),):
+        raise ValueError(f"weights must have shape [{len(outputs)}] (one per output), got {list(weights.shape)}")
+    if weights.device != first.device:
+        raise ValueError(f"weights is on {weights.device} but outputs are on {first.device}")
+    return outputs

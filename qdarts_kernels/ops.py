@@ -1,0 +1,251 @@
+"""The public ops: argument checks, backend choice, autograd and fake (meta) kernels.
+
+Each op is a ``torch.library.custom_op`` in the ``qdarts`` namespace, so ``torch.compile``
+(fullgraph) traces models that use it without a graph break, and ``torch.library.opcheck`` passes.
+The forward and backward are separate custom ops; the backward recomputes the quantizers from the
+saved *inputs* (x, probs, scales; or the K outputs and weights), so nothing else is kept for it.
+The backend is an argument of the op (a string), resolved once per call in Python.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _backends
+from ._validation import check_mixed_fake_quant, check_mixed_op_sum
+
+__all__ = ["fake_quant", "mixed_fake_quant", "mixed_op_sum", "available_backends"]
+
+available_backends = _backends.available_backends
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _empty_like_none(t: Optional[Tensor], like: Tensor) -> Tensor:
+    # custom ops cannot return None: a gradient that was not asked for travels as a 0-element tensor
+    return like.new_empty(0) if t is None else t
+
+
+# --------------------------------------------------------------------------------------------------
+# mixed_fake_quant
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("qdarts::mixed_fake_quant", mutates_args=())
+def _mixed_fake_quant_op(
+    x: Tensor, probs: Tensor, scales: Tensor, bits: List[int], grid: int, axis: int, backend: str
+) -> Tensor:
+    impl = _backends.get(backend)
+    return impl.mixed_fake_quant_forward(
+        x.contiguous(), probs.float().contiguous(), scales.float().contiguous(), tuple(bits), grid, axis
+    )
+
+
+@_mixed_fake_quant_op.register_fake
+def _(x, probs, scales, bits, grid, axis, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("qdarts::mixed_fake_quant_backward", mutates_args=())
+def _mixed_fake_quant_backward_op(
+    grad: Tensor,
+    x: Tensor,
+    probs: Tensor,
+    scales: Tensor,
+    bits: List[int],
+    grid: int,
+    axis: int,
+    backend: str,
+    need_dx: bool,
+    need_dprobs: bool,
+    need_dscales: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    impl = _backends.get(backend)
+    dx, dp, ds = impl.mixed_fake_quant_backward(
+        grad.contiguous(), x.contiguous(), probs.float().contiguous(), scales.float().contiguous(), tuple(bits),
+        grid, axis, need_dx, need_dprobs, need_dscales,
+    )
+    return (
+        _empty_like_none(dx, x),
+        _empty_like_none(dp.to(probs.dtype) if dp is not None else None, probs),
+        _empty_like_none(ds.to(scales.dtype) if ds is not None else None, scales),
+    )
+
+
+@_mixed_fake_quant_backward_op.register_fake
+def _(grad, x, probs, scales, bits, grid, axis, backend, need_dx, need_dprobs, need_dscales):
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0),
+        torch.empty_like(probs) if need_dprobs else probs.new_empty(0),
+        torch.empty_like(scales) if need_dscales else scales.new_empty(0),
+    )
+
+
+def _mfq_setup_context(ctx, inputs, output):
+    x, probs, scales, bits, grid, axis, backend = inputs
+    ctx.save_for_backward(x, probs, scales)
+    ctx.args = (bits, grid, axis, backend)
+
+
+def _mfq_backward(ctx, grad):
+    x, probs, scales = ctx.saved_tensors
+    need_dx, need_dp, need_ds = ctx.needs_input_grad[:3]
+    if not (need_dx or need_dp or need_ds):
+        return None, None, None, None, None, None, None
+    bits, grid, axis, backend = ctx.args
+    dx, dp, ds = _mixed_fake_quant_backward_op(
+        grad, x, probs, scales, bits, grid, axis, backend, need_dx, need_dp, need_ds
+    )
+    return (dx if need_dx else None, dp if need_dp else None, ds if need_ds else None,
+            None, None, None, None)
+
+
+_mixed_fake_quant_op.register_autograd(_mfq_backward, setup_context=_mfq_setup_context)
+
+
+def _check_backend_dtype(name: str, t: Tensor, arg: str) -> None:
+    if name != "reference" and t.dtype not in _KERNEL_DTYPES:
+        raise TypeError(
+            f"{arg} has dtype {t.dtype}; backend {name!r} supports float32, float16 and bfloat16 "
+            "(use backend='reference' for float64)"
+        )
+
+
+def mixed_fake_quant(
+    x: Tensor,
+    probs: Tensor,
+    scales: Tensor,
+    bits: Sequence[int],
+    *,
+    grid: str = "signed",
+    axis: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Mixed-precision fake quantization ``y = sum_k probs[k] * Q(x; scales[k], bits[k])``.
+
+    Same contract as :func:`qdarts_kernels.reference.mixed_fake_quant` (see there for the maths and
+    the gradients), fused: one pass over x forward, one pass over (x, grad) backward, no per-bit
+    temporaries. ``backend`` is None (automatic), "reference", "cpu", "cuda" or "triton".
+    """
+    bits, code, ax = check_mixed_fake_quant(x, probs, scales, bits, grid, axis)
+    name = _backends.resolve(backend, x.device)
+    _check_backend_dtype(name, x, "x")
+    return _mixed_fake_quant_op(x, probs, scales, list(bits), code, ax, name)
+
+
+def fake_quant(
+    x: Tensor,
+    scale: Tensor,
+    bits: int,
+    *,
+    grid: str = "signed",
+    axis: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Single bit-width fake quantization with a learnable (LSQ) scale.
+
+    ``scale`` has one element (per tensor) or shape [C] (per channel along ``axis``). With the
+    signed grid this equals ``torch.fake_quantize_per_tensor_affine`` /
+    ``torch.fake_quantize_per_channel_affine`` (zero point 0) bit for bit; its gradients are those
+    of ``torch._fake_quantize_learnable_per_tensor_affine`` / ``_per_channel_affine``.
+    """
+    if not isinstance(scale, Tensor):
+        raise TypeError(f"scale must be a torch.Tensor, got {type(scale).__name__}")
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise ValueError(f"bits must be one int for fake_quant, got {bits!r}")
+    if axis is None:
+        if scale.numel() != 1:
+            raise ValueError(f"scale must have one element for per-tensor quantization, got shape {list(scale.shape)}")
+        scales = scale.reshape(1)
+    else:
+        scales = scale.reshape(1, -1)
+    probs = _ones(scale.dtype if scale.dtype in _KERNEL_DTYPES else torch.float32, scale.device)
+    return mixed_fake_quant(x, probs, scales, (bits,), grid=grid, axis=axis, backend=backend)
+
+
+_ONES = {}
+
+
+def _ones(dtype: torch.dtype, device: torch.device) -> Tensor:
+    # probs = [1.0] for the single-bit op; cached so a QAT step does not allocate one per call.
+    key = (dtype, device)
+    t = _ONES.get(key)
+    if t is None:
+        t = _ONES[key] = torch.ones(1, dtype=dtype, device=device)
+    return t
+
+
+# --------------------------------------------------------------------------------------------------
+# mixed_op_sum
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("qdarts::mixed_op_sum", mutates_args=())
+def _mixed_op_sum_op(outputs: List[Tensor], weights: Tensor, backend: str) -> Tensor:
+    impl = _backends.get(backend)
+    return impl.mixed_op_sum_forward([o.contiguous() for o in outputs], weights.float().contiguous())
+
+
+@_mixed_op_sum_op.register_fake
+def _(outputs, weights, backend):
+    return torch.empty_like(outputs[0], memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("qdarts::mixed_op_sum_backward", mutates_args=())
+def _mixed_op_sum_backward_op(
+    grad: Tensor, outputs: List[Tensor], weights: Tensor, backend: str, need_doutputs: bool, need_dweights: bool
+) -> List[Tensor]:
+    impl = _backends.get(backend)
+    douts, dw = impl.mixed_op_sum_backward(
+        grad.contiguous(), [o.contiguous() for o in outputs], weights.float().contiguous(), need_doutputs,
+        need_dweights,
+    )
+    if douts is None:
+        douts = [outputs[0].new_empty(0) for _ in outputs]
+    return list(douts) + [_empty_like_none(dw.to(weights.dtype) if dw is not None else None, weights)]
+
+
+@_mixed_op_sum_backward_op.register_fake
+def _(grad, outputs, weights, backend, need_doutputs, need_dweights):
+    douts = [
+        torch.empty_like(o, memory_format=torch.contiguous_format) if need_doutputs else o.new_empty(0)
+        for o in outputs
+    ]
+    return douts + [torch.empty_like(weights) if need_dweights else weights.new_empty(0)]
+
+
+def _mos_setup_context(ctx, inputs, output):
+    outputs, weights, backend = inputs
+    ctx.save_for_backward(weights, *outputs)
+    ctx.backend = backend
+
+
+def _mos_backward(ctx, grad):
+    weights, *outputs = ctx.saved_tensors
+    need_douts, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_douts or need_dw):
+        return None, None, None
+    res = _mixed_op_sum_backward_op(grad, outputs, weights, ctx.backend, bool(need_douts), bool(need_dw))
+    douts = res[:-1] if need_douts else None
+    return douts, (res[-1] if need_dw else None), None
+
+
+_mixed_op_sum_op.register_autograd(_mos_backward, setup_context=_mos_setup_context)
+
+
+def mixed_op_sum(
+    outputs: Union[Sequence[Tensor], Tensor], weights: Tensor, *, backend: Optional[str] = None
+) -> Tensor:
+    """Weighted sum of candidate-op outputs ``y = sum_k weights[k] * outputs[k]`` (DARTS mixed op).
+
+    ``outputs``: a list of K tensors of one shape, dtype and device, or one tensor stacked on dim 0;
+    ``weights``: shape [K]. Same contract as :func:`qdarts_kernels.reference.mixed_op_sum`, fused:
+    one read of each output and one write forward; backward reads g and the K outputs once.
+    """
+    outs = check_mixed_op_sum(outputs, weights)
+    name = _backends.resolve(backend, outs[0].device)
+    _check_backend_dtype(name, outs[0], "outputs")
+    return _mixed_op_sum_op(outs, weights, name)

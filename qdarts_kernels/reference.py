@@ -1,0 +1,159 @@
+"""Pure-PyTorch definitions of every op: the specification all backends are tested against.
+
+These functions are differentiable with ordinary autograd and give exactly the gradients of the op
+contract (DESIGN section 4); they are slow (one temporary per bit-width and per step) but obviously
+right. Every fused backend must match them: bit for bit where the maths is exact, to a few ulps of
+fp32 where only the order of a floating-point sum differs.
+
+Quantizer ``Q(x; s, b)`` on a grid with integer range [qmin, qmax] and zero point z::
+
+    inv_s = 1 / s                      (in fp32, as PyTorch's fake-quant kernels compute it)
+    v     = x * inv_s + z
+    r     = round_half_to_even(v)
+    q     = clamp(r, qmin, qmax)
+    Q     = (q - z) * s
+    in    = (qmin <= r <= qmax)        (the mask is taken on the rounded value, as in PyTorch)
+
+Arithmetic is fp32 for fp32/fp16/bf16 inputs (results cast back to the input dtype) and fp64 for
+fp64 inputs (so that ``torch.autograd.gradcheck`` can run on the reference).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ._validation import check_mixed_fake_quant, check_mixed_op_sum, grid_params
+
+__all__ = ["fake_quant", "mixed_fake_quant", "mixed_op_sum", "round_ste"]
+
+
+class _RoundSTE(torch.autograd.Function):
+    """Round half to even in the forward pass, identity (straight-through) in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, v):
+        return torch.round(v)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def round_ste(v: torch.Tensor) -> torch.Tensor:
+    """``torch.round`` (half to even) with a straight-through gradient."""
+    return _RoundSTE.apply(v)
+
+
+def _math_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _quantize_one(x: torch.Tensor, s: torch.Tensor, bits: int, grid: int) -> torch.Tensor:
+    """``Q(x; s, b)`` in the math dtype of ``x``; ``s`` broadcasts against ``x``.
+
+    Autograd through this function yields the contract gradients:
+    dQ/dx = in, dQ/ds = (q - z) - in * x / s (LSQ), because round has a straight-through gradient
+    and clamp passes the gradient exactly where qmin <= r <= qmax.
+    """
+    qmin, qmax, z = grid_params(grid, bits)
+    inv_s = 1.0 / s
+    v = x * inv_s + z
+    q = torch.clamp(round_ste(v), qmin, qmax)
+    return (q - z) * s
+
+
+def _broadcast_scale(scale_row: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """A per-tensor scale as a 0-d tensor, or a per-channel row [C] shaped to broadcast on ``axis``."""
+    if axis < 0:
+        return scale_row.reshape(())
+    shape = [1] * x.dim()
+    shape[axis] = scale_row.numel()
+    return scale_row.reshape(shape)
+
+
+def mixed_fake_quant(
+    x: torch.Tensor,
+    probs: torch.Tensor,
+    scales: torch.Tensor,
+    bits: Sequence[int],
+    *,
+    grid: str = "signed",
+    axis: Optional[int] = None,
+) -> torch.Tensor:
+    """Mixed-precision fake quantization, ``y = sum_k probs[k] * Q(x; scales[k], bits[k])``.
+
+    Args:
+        x: input, fp32/fp16/bf16 (fp64 accepted here for gradcheck), any shape.
+        probs: shape [K], the weight of each bit-width (usually a softmax; not renormalised here).
+        scales: shape [K] (per tensor) or [K, C] with C = x.shape[axis] (per channel).
+        bits: K in 1..4 bit-widths, each in [1, 16].
+        grid: "signed" | "unsigned" | "midrise" (see module docstring).
+        axis: channel dimension of x for per-channel scales, None for per-tensor.
+
+    Gradients (g = incoming gradient)::
+
+        dx    = g * sum_k p_k * in_k
+        dp_k  = sum(g * Q_k)
+        ds_k  = sum(g * p_k * ((q_k - z) - in_k * x / s_k))   (summed per channel when per channel)
+
+    Returns a tensor of x's shape and dtype; accumulation in fp32 (fp64 for fp64 input).
+    """
+    bits, code, ax = check_mixed_fake_quant(x, probs, scales, bits, grid, axis)
+    md = _math_dtype(x)
+    xm = x.to(md)
+    pm = probs.to(md)
+    sm = scales.to(md)
+    y = None
+    for k, b in enumerate(bits):
+        term = pm[k] * _quantize_one(xm, _broadcast_scale(sm[k], xm, ax), b, code)
+        y = term if y is None else y + term
+    return y.to(x.dtype)
+
+
+def fake_quant(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    *,
+    grid: str = "signed",
+    axis: Optional[int] = None,
+) -> torch.Tensor:
+    """Single bit-width fake quantization ``Q(x; scale, bits)`` with learnable (LSQ) scale.
+
+    ``scale`` is a one-element tensor (per tensor, axis=None) or has shape [C] (per channel along
+    ``axis``). For the signed grid this is bit for bit ``torch.fake_quantize_per_tensor_affine`` /
+    ``torch.fake_quantize_per_channel_affine`` with zero point 0, and its gradients are those of
+    ``torch._fake_quantize_learnable_per_tensor_affine`` / ``_per_channel_affine`` with
+    grad_factor 1:  dx = g * in,  dscale = sum(g * ((q - z) - in * x / s)).
+    """
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"scale must be a torch.Tensor, got {type(scale).__name__}")
+    scales = scale.reshape(1, -1) if axis is not None else scale.reshape(-1)
+    if axis is None and scales.numel() != 1:
+        raise ValueError(f"scale must have one element for per-tensor quantization, got shape {list(scale.shape)}")
+    if not isinstance(bits, int) or isinstance(bits, bool):
+        raise ValueError(f"bits must be one int for fake_quant, got {bits!r}")
+    md = _math_dtype(x) if isinstance(x, torch.Tensor) else torch.float32
+    probs = torch.ones(1, dtype=md, device=scale.device)
+    return mixed_fake_quant(x, probs, scales, (bits,), grid=grid, axis=axis)
+
+
+def mixed_op_sum(
+    outputs: Union[Sequence[torch.Tensor], torch.Tensor], weights: torch.Tensor
+) -> torch.Tensor:
+    """Weighted sum of K candidate-op outputs, ``y = sum_k weights[k] * outputs[k]``.
+
+    ``outputs`` is a list of K tensors of one shape, dtype and device, or one tensor stacked along
+    dim 0; ``weights`` has shape [K]. Accumulation in fp32 in the order k = 0, 1, ..., K-1; output in
+    the outputs' dtype. Gradients: d outputs[k] = w_k * g,  d w_k = sum(g * outputs[k]).
+    """
+    outs = check_mixed_op_sum(outputs, weights)
+    md = _math_dtype(outs[0])
+    wm = weights.to(md)
+    y = None
+    for k, o in enumerate(outs):
+        term = wm[k] * o.to(md)
+        y = term if y is None else y + term
+    return y.to(outs[0].dtype)

@@ -1,0 +1,85 @@
+"""Build of qdarts: the pure-Python packages plus the compiled extension ``qdarts_kernels._C``.
+
+The extension holds the C++ CPU kernels (always) and the CUDA kernels (when this torch has CUDA and
+nvcc is found). It is built against the torch that is already installed, so install with
+``pip install --no-build-isolation .`` after installing torch: with build isolation pip would fetch a
+second torch (a CUDA build of several GB) only to compile against it.
+
+Build switches (environment variables), all read in this file:
+
+  QDARTS_SKIP_EXTENSION=1   build no extension at all: the package then runs on the reference and
+                            Triton backends and warns once that ``_C`` is missing.
+  QDARTS_SKIP_CUDA=1        build the CPU kernels only, even where CUDA and nvcc are present.
+  QDARTS_FORCE_CUDA=1       build the CUDA kernels even when torch reports no CUDA version (needs
+                            a CUDA build of torch's headers and libraries; for cross-building).
+  TORCH_CUDA_ARCH_LIST      GPU architectures to compile for (read by torch.utils.cpp_extension);
+                            defaults here to "8.0;9.0" (A100 and H100) when unset.
+  MAX_JOBS                  parallel compile jobs (read by torch.utils.cpp_extension / ninja).
+  QDARTS_DEBUG=1            compile with -O0 -g and assertions, for debugging the kernels.
+
+Whether CUDA is built is decided by ``torch.version.cuda`` and ``CUDA_HOME`` (nvcc), never by
+``torch.cuda.is_available()``, so the CUDA kernels build on a machine without a GPU.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0") == "1"
+
+
+def _extensions():
+    if _flag("QDARTS_SKIP_EXTENSION"):
+        return [], {}
+    import torch  # noqa: F401  (needed only to build the extension)
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    debug = _flag("QDARTS_DEBUG")
+    with_cuda = not _flag("QDARTS_SKIP_CUDA") and (
+        (torch.version.cuda is not None and CUDA_HOME is not None) or _flag("QDARTS_FORCE_CUDA")
+    )
+    # -ffp-contract=off: a fused multiply-add in x*inv_s + z would change which way a tie rounds
+    # compared with PyTorch's own fake-quant kernels; the quantizer must match them bit for bit.
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = opt + ["-std=c++17", "-ffp-contract=off", "-fvisibility=hidden"]
+    if not debug:
+        cxx.append("-DNDEBUG")
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    define_macros = []
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        define_macros.append(("QDARTS_WITH_CUDA", "1"))
+        # --fmad=false for the same reason as -ffp-contract=off above.
+        nvcc = opt + ["-std=c++17", "--fmad=false", "-lineinfo"]
+        ext = CUDAExtension(
+            "qdarts_kernels._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        )
+    else:
+        ext = CppExtension(
+            "qdarts_kernels._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx},
+        )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=find_packages(include=["qdarts_kernels", "qdarts_kernels.*", "qdarts", "qdarts.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

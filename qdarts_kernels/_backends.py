@@ -59,16 +59,21 @@ def _load(name: str):
     return mod
 
 
-def _warn_compiled_missing() -> None:
+def warn_if_compiled_missing() -> None:
+    """Called once at import: if ``_C`` cannot be loaded, say so (once) and carry on without it.
+
+    At import rather than at the first call so that no warning is raised inside code that
+    torch.compile traces.
+    """
     global _warned
-    if not _warned:
+    if not _warned and _load("cpu") is None:
         _warned = True
         warnings.warn(
             "qdarts_kernels._C is not available (" + _failed.get("cpu", "not built") + "); "
             "the 'cpu' and 'cuda' backends are disabled and CPU tensors use the pure-PyTorch "
             "reference. Build the extension with `pip install --no-build-isolation .` to enable them.",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=3,
         )
 
 
@@ -110,7 +115,6 @@ def resolve(backend: Optional[str], device: torch.device) -> str:
     if device.type == "cpu":
         if _load("cpu") is not None:
             return "cpu"
-        _warn_compiled_missing()
     return "reference"
 
 

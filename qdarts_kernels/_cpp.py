@@ -7,11 +7,13 @@ device they accept. A gradient that was not requested comes back from C++ as a 0
 
 from __future__ import annotations
 
+import importlib
 from types import SimpleNamespace
 
 import torch
 
-from . import _C  # noqa: F401  (loading the library registers torch.ops.qdarts_C)
+# Loading the library runs its static registrations: torch.ops.qdarts_C.* exist afterwards.
+importlib.import_module("qdarts_kernels._C")
 
 _ops = torch.ops.qdarts_C
 

@@ -28,24 +28,29 @@ def mixed_fake_quant_forward(x, probs, scales, bits: Sequence[int], grid: int, a
 def mixed_fake_quant_backward(
     grad, x, probs, scales, bits, grid, axis, need_dx: bool, need_dprobs: bool, need_dscales: bool
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    needs = (need_dx, need_dprobs, need_dscales)
-    if not any(needs):
-        return None, None, None
-    with torch.enable_grad():
-        leaves = [x.detach().requires_grad_(need_dx), probs.detach().requires_grad_(need_dprobs),
-                  scales.detach().requires_grad_(need_dscales)]
-        y = reference.mixed_fake_quant(leaves[0], leaves[1], leaves[2], tuple(bits), grid=_GRID_NAMES[grid],
-                                       axis=_axis(axis))
-        wanted = [t for t, n in zip(leaves, needs) if n]
-        got = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True))
-    out = []
-    for t, n in zip(leaves, needs):
-        g = next(got) if n else None
-        if n and g is None:
-            g = torch.zeros_like(t)
-        out.append(g)
-    dx, dp, ds = out
-    return dx, (dp.float() if dp is not None else None), (ds.float() if ds is not None else None)
+    """The contract's gradients written out (autograd is not available inside a custom op)::
+
+        dx = g * sum_k p_k in_k,  dp_k = sum(g * Q_k),  ds_k = sum(g * p_k * ((q_k - z) - in_k x / s_k))
+    """
+    md = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf, g = x.to(md), grad.to(md)
+    dx = torch.zeros_like(xf) if need_dx else None
+    dps, dss = [], []
+    for k, b in enumerate(bits):
+        s = reference.broadcast_scale(scales[k], xf, axis)
+        q_minus_z, inside, inv_s = reference.quantize_parts(xf, s, b, grid)
+        if need_dx:
+            dx = dx + probs[k] * inside
+        if need_dprobs:
+            dps.append((g * (q_minus_z * s)).sum())
+        if need_dscales:
+            per_elem = g * probs[k] * (q_minus_z - torch.where(inside, xf * inv_s, 0.0))
+            dss.append(per_elem.sum() if axis < 0 else per_elem.sum_to_size(s.shape).reshape(-1))
+    return (
+        (g * dx).to(x.dtype) if need_dx else None,
+        torch.stack(dps) if need_dprobs else None,
+        torch.stack(dss) if need_dscales else None,
+    )
 
 
 def mixed_op_sum_forward(outputs: List[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
@@ -54,12 +59,12 @@ def mixed_op_sum_forward(outputs: List[torch.Tensor], weights: torch.Tensor) -> 
 
 
 def mixed_op_sum_backward(grad, outputs, weights, need_doutputs: bool, need_dweights: bool):
+    md = weights.dtype  # fp32, or fp64 for fp64 outputs
+    g = grad.to(md)
     douts = None
     if need_doutputs:
-        w = weights.float()
-        douts = [(w[k] * grad.float()).to(grad.dtype) for k in range(len(outputs))]
+        douts = [(weights[k] * g).to(grad.dtype) for k in range(len(outputs))]
     dw = None
     if need_dweights:
-        g = grad.float()
-        dw = torch.stack([(g * o.float()).sum() for o in outputs])
+        dw = torch.stack([(g * o.to(md)).sum() for o in outputs])
     return douts, dw

@@ -91,6 +91,9 @@ def check_scale_values(scales: torch.Tensor, name: str = "scales") -> None:
     """Reject scales <= 0 or non-finite where reading them costs no device sync."""
     if scales.numel() == 0:
         return
+    if torch.compiler.is_compiling():
+        # values are unknown while tracing (and reading them would break the graph)
+        return
     if scales.device.type != "cpu" and os.environ.get("QDARTS_CHECK_SCALES", "0") != "1":
         return
     s = scales.detach()

@@ -24,6 +24,12 @@ available_backends = _backends.available_backends
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _params(t: Tensor, like: Tensor) -> Tensor:
+    # probs, scales and weights reach the kernels as contiguous fp32 (fp64 only for the reference
+    # backend on fp64 inputs, so that gradcheck sees double precision throughout)
+    return t.to(torch.float64 if like.dtype == torch.float64 else torch.float32).contiguous()
+
+
 def _empty_like_none(t: Optional[Tensor], like: Tensor) -> Tensor:
     # custom ops cannot return None: a gradient that was not asked for travels as a 0-element tensor
     return like.new_empty(0) if t is None else t
@@ -40,7 +46,7 @@ def _mixed_fake_quant_op(
 ) -> Tensor:
     impl = _backends.get(backend)
     return impl.mixed_fake_quant_forward(
-        x.contiguous(), probs.float().contiguous(), scales.float().contiguous(), tuple(bits), grid, axis
+        x.contiguous(), _params(probs, x), _params(scales, x), tuple(bits), grid, axis
     )
 
 
@@ -65,7 +71,7 @@ def _mixed_fake_quant_backward_op(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     impl = _backends.get(backend)
     dx, dp, ds = impl.mixed_fake_quant_backward(
-        grad.contiguous(), x.contiguous(), probs.float().contiguous(), scales.float().contiguous(), tuple(bits),
+        grad.contiguous(), x.contiguous(), _params(probs, x), _params(scales, x), tuple(bits),
         grid, axis, need_dx, need_dprobs, need_dscales,
     )
     return (
@@ -186,7 +192,7 @@ def _ones(dtype: torch.dtype, device: torch.device) -> Tensor:
 @torch.library.custom_op("qdarts::mixed_op_sum", mutates_args=())
 def _mixed_op_sum_op(outputs: List[Tensor], weights: Tensor, backend: str) -> Tensor:
     impl = _backends.get(backend)
-    return impl.mixed_op_sum_forward([o.contiguous() for o in outputs], weights.float().contiguous())
+    return impl.mixed_op_sum_forward([o.contiguous() for o in outputs], _params(weights, outputs[0]))
 
 
 @_mixed_op_sum_op.register_fake
@@ -200,7 +206,7 @@ def _mixed_op_sum_backward_op(
 ) -> List[Tensor]:
     impl = _backends.get(backend)
     douts, dw = impl.mixed_op_sum_backward(
-        grad.contiguous(), [o.contiguous() for o in outputs], weights.float().contiguous(), need_doutputs,
+        grad.contiguous(), [o.contiguous() for o in outputs], _params(weights, grad), need_doutputs,
         need_dweights,
     )
     if douts is None:

@@ -26,24 +26,45 @@ import torch
 
 from ._validation import check_mixed_fake_quant, check_mixed_op_sum, grid_params
 
-__all__ = ["fake_quant", "mixed_fake_quant", "mixed_op_sum", "round_ste"]
+__all__ = ["fake_quant", "mixed_fake_quant", "mixed_op_sum"]
 
 
-class _RoundSTE(torch.autograd.Function):
-    """Round half to even in the forward pass, identity (straight-through) in the backward pass."""
+def quantize_parts(x: torch.Tensor, s: torch.Tensor, bits: int, grid: int):
+    """The pieces of ``Q(x; s, b)``: ``(q - z, in, inv_s)``, so that ``Q = (q - z) * s``."""
+    qmin, qmax, z = grid_params(grid, bits)
+    inv_s = 1.0 / s
+    r = torch.round(x * inv_s + z)  # round half to even
+    return torch.clamp(r, qmin, qmax) - z, (r >= qmin) & (r <= qmax), inv_s
+
+
+class _Quantize(torch.autograd.Function):
+    """``Q(x; s, b)`` with the contract's straight-through (LSQ) gradients, written out explicitly::
+
+        dx = g * in
+        ds = sum over the broadcast dims of g * ((q - z) - (x * inv_s if in else 0))
+
+    Written as a Function rather than left to autograd through ``round`` so that dx is exactly
+    ``g * in`` (autograd would multiply by ``s * (1/s)``, which is not exactly 1 in floating point)
+    and equals PyTorch's learnable fake-quant gradient bit for bit.
+    """
 
     @staticmethod
-    def forward(ctx, v):
-        return torch.round(v)
+    def forward(ctx, x, s, bits: int, grid: int):
+        q_minus_z, inside, inv_s = quantize_parts(x, s, bits, grid)
+        ctx.save_for_backward(x, s, inv_s, q_minus_z, inside)
+        return q_minus_z * s
 
     @staticmethod
     def backward(ctx, g):
-        return g
-
-
-def round_ste(v: torch.Tensor) -> torch.Tensor:
-    """``torch.round`` (half to even) with a straight-through gradient."""
-    return _RoundSTE.apply(v)
+        x, s, inv_s, q_minus_z, inside = ctx.saved_tensors
+        dx = ds = None
+        if ctx.needs_input_grad[0]:
+            dx = g * inside
+        if ctx.needs_input_grad[1]:
+            # a select, not inside * x * inv_s: an out-of-range x = +-inf must give (q - z), not NaN
+            per_elem = g * (q_minus_z - torch.where(inside, x * inv_s, 0.0))
+            ds = per_elem.sum_to_size(s.shape) if s.dim() else per_elem.sum()
+        return dx, ds, None, None
 
 
 def _math_dtype(t: torch.Tensor) -> torch.dtype:
@@ -51,20 +72,11 @@ def _math_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _quantize_one(x: torch.Tensor, s: torch.Tensor, bits: int, grid: int) -> torch.Tensor:
-    """``Q(x; s, b)`` in the math dtype of ``x``; ``s`` broadcasts against ``x``.
-
-    Autograd through this function yields the contract gradients:
-    dQ/dx = in, dQ/ds = (q - z) - in * x / s (LSQ), because round has a straight-through gradient
-    and clamp passes the gradient exactly where qmin <= r <= qmax.
-    """
-    qmin, qmax, z = grid_params(grid, bits)
-    inv_s = 1.0 / s
-    v = x * inv_s + z
-    q = torch.clamp(round_ste(v), qmin, qmax)
-    return (q - z) * s
+    """``Q(x; s, b)`` in the math dtype of ``x``; ``s`` broadcasts against ``x``."""
+    return _Quantize.apply(x, s, bits, grid)
 
 
-def _broadcast_scale(scale_row: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+def broadcast_scale(scale_row: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
     """A per-tensor scale as a 0-d tensor, or a per-channel row [C] shaped to broadcast on ``axis``."""
     if axis < 0:
         return scale_row.reshape(())
@@ -107,7 +119,7 @@ def mixed_fake_quant(
     sm = scales.to(md)
     y = None
     for k, b in enumerate(bits):
-        term = pm[k] * _quantize_one(xm, _broadcast_scale(sm[k], xm, ax), b, code)
+        term = pm[k] * _quantize_one(xm, broadcast_scale(sm[k], xm, ax), b, code)
         y = term if y is None else y + term
     return y.to(x.dtype)
 

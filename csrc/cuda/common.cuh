@@ -1,0 +1,216 @@
+// Device helpers shared by the CUDA kernel files: dtype conversion, vectorised access, the
+// element loops, the deterministic block reduction, launch geometry and template dispatch.
+// No torch headers; compiled only by nvcc. The code must also build under the flags torch's
+// CUDAExtension adds (-D__CUDA_NO_HALF_OPERATORS__, -D__CUDA_NO_HALF_CONVERSIONS__,
+// -D__CUDA_NO_BFLOAT16_CONVERSIONS__, ...), so every half/bfloat16 conversion is explicit.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/kernels.h"
+
+namespace qdarts {
+namespace gpu {
+
+constexpr int kThreads = 256;  // threads per block of every kernel here
+constexpr int kWarps = kThreads / 32;
+// Elements one thread handles per sweep when sizing a grid (two float4 or one 8 x half load).
+constexpr int64_t kElementsPerThread = 8;
+// Grid caps. A reducing kernel writes one row of partials per block, so its grid is kept small;
+// 4096 blocks still fill an H100 or an A100 several times over (< 5 % wave-quantisation loss).
+// The grid of a reducing kernel depends only on the shape: the summation order, hence every bit
+// of the result, does not depend on the device or on timing.
+constexpr int64_t kReduceBlocks = 4096;
+constexpr int64_t kElementwiseBlocks = 65536;
+constexpr int64_t kMaxGridY = 65535;
+
+template <int N>
+struct Width {
+  static constexpr int value = N;
+};
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Elements per 16-byte vector access: float4 for fp32, 8 halves for fp16 / bf16.
+template <typename T>
+constexpr int vector_width() {
+  return 16 / static_cast<int>(sizeof(T));
+}
+
+inline bool is_vector_aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// N consecutive elements moved as one access (one 16-byte load or store when N = vector_width).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* base, int64_t offset) {
+  return *reinterpret_cast<const Pack<T, N>*>(base + offset);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_pack(T* base, int64_t offset, const Pack<T, N>& p) {
+  *reinterpret_cast<Pack<T, N>*>(base + offset) = p;
+}
+
+// Grid-stride loop over a flat range of n elements: body(Width<VEC>{}, offset) on every aligned
+// group of VEC elements, then body(Width<1>{}, offset) on the < VEC elements of the tail.
+template <int VEC, typename Body>
+__device__ __forceinline__ void for_each_flat(int64_t n, Body& body) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t groups = n / VEC;
+  for (int64_t u = first; u < groups; u += stride) body(Width<VEC>{}, u * VEC);
+  if (VEC > 1 && first < n - groups * VEC) body(Width<1>{}, groups * VEC + first);
+}
+
+// Grid-stride loop over the elements of one channel c of a [outer, C, inner] tensor, split over
+// gridDim.y blocks (blockIdx.y is this block's split). VEC must divide inner, so a group of VEC
+// never crosses a row. The (row, position) pair is advanced without a division per step.
+template <int VEC, typename Body>
+__device__ __forceinline__ void for_each_in_channel(const ChannelView& view, int64_t c, Body& body) {
+  const int64_t row_groups = view.inner / VEC;
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.x;
+  const int64_t stride_rows = stride / row_groups;
+  const int64_t stride_pos = stride % row_groups;
+  int64_t row = first / row_groups;
+  int64_t pos = first % row_groups;
+  while (row < view.outer) {
+    body(Width<VEC>{}, ((row * view.channels + c) * row_groups + pos) * VEC);
+    pos += stride_pos;
+    row += stride_rows;
+    if (pos >= row_groups) {
+      pos -= row_groups;
+      ++row;
+    }
+  }
+}
+
+// Per-tensor layout: a 1-D grid over the flat tensor. Per-channel layout: grid (C, splits), each
+// block inside one channel, so that its partial sums belong to that channel alone.
+template <int VEC, bool PER_CHANNEL, typename Body>
+__device__ __forceinline__ void for_each_element(const ChannelView& view, Body& body) {
+  if constexpr (PER_CHANNEL) {
+    for_each_in_channel<VEC>(view, blockIdx.x, body);
+  } else {
+    for_each_flat<VEC>(view.numel(), body);
+  }
+}
+
+// Index of this block's row of partials: c * splits + split (per channel) or blockIdx.x.
+__device__ __forceinline__ int64_t block_row() {
+  return static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y;
+}
+
+// Sums each of the NR per-thread values over the block and writes the NR sums to out[0..NR).
+// The order is fixed (shuffle tree in each warp, then warps in index order), so the result is
+// the same bits on every run. Every thread of the block must call it.
+template <int NR>
+__device__ __forceinline__ void block_sum(const float (&values)[NR], float* out) {
+  __shared__ float warp_sums[kWarps][NR];
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int r = 0; r < NR; ++r) {
+    float v = values[r];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+    if (lane == 0) warp_sums[warp][r] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < NR) {
+    float total = warp_sums[0][threadIdx.x];
+    for (int w = 1; w < kWarps; ++w) total += warp_sums[w][threadIdx.x];
+    out[threadIdx.x] = total;
+  }
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Blocks for n elements (at least 1, at most cap).
+inline int64_t flat_blocks(int64_t n, int64_t cap) {
+  const int64_t want = ceil_div(n, kThreads * kElementsPerThread);
+  return want < 1 ? 1 : (want > cap ? cap : want);
+}
+
+// Launch grid of a kernel over `view`: 1-D for per tensor; (C, splits) for per channel, splits
+// chosen so that the whole grid stays near `cap` blocks.
+inline dim3 element_grid(const ChannelView& view, int64_t cap) {
+  if (!view.per_channel) return dim3(static_cast<unsigned>(flat_blocks(view.numel(), cap)));
+  int64_t split_cap = cap / view.channels;
+  split_cap = split_cap < 1 ? 1 : (split_cap > kMaxGridY ? kMaxGridY : split_cap);
+  const int64_t splits = flat_blocks(view.outer * view.inner, split_cap);
+  return dim3(static_cast<unsigned>(view.channels), static_cast<unsigned>(splits));
+}
+
+inline int64_t grid_blocks(const dim3& g) { return static_cast<int64_t>(g.x) * g.y; }
+
+// out[o] = (scale ? scale[col] : 1) * sum_{j < segment_length} partials[(seg * segment_length + j)
+//          * row_length + first_column + col],  for o = col * segments + seg < num_columns * segments.
+// Summation in a fixed order (see block_sum). Defined in reduce.cu.
+void launch_sum_partials(const float* partials, int64_t row_length, int first_column, int num_columns,
+                         int64_t segments, int64_t segment_length, const float* scale, float* out,
+                         cudaStream_t stream);
+
+// Host-side dispatch: call f with a tag for the runtime value, so that f can instantiate the
+// kernel template for it.
+template <typename F>
+void dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      f(TypeTag<float>{});
+      break;
+    case DType::kFloat16:
+      f(TypeTag<__half>{});
+      break;
+    case DType::kBFloat16:
+      f(TypeTag<__nv_bfloat16>{});
+      break;
+  }
+}
+
+template <typename F>
+void dispatch_bool(bool value, F&& f) {
+  if (value) {
+    f(Width<1>{});
+  } else {
+    f(Width<0>{});
+  }
+}
+
+// f(Width<V>{}) for the V in Values... equal to value; the caller has checked that one matches.
+template <int... Values, typename F>
+void dispatch_int(int value, F&& f) {
+  (void)((value == Values ? (f(Width<Values>{}), true) : false) || ...);
+}
+
+}  // namespace gpu
+}  // namespace qdarts

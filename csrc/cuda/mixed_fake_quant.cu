@@ -1,0 +1,240 @@
+// Mixed-precision fake quantization on CUDA: y = sum_k p_k * Q(x; s_k, b_k), forward and backward.
+//
+// The quantizer is csrc/quant_math.h, the same code as the CPU kernels, and this file is compiled
+// with --fmad=false: the forward performs the reference's fp32 operations in the reference's order
+// (Q_k = (q - z) * s_k, y = p_0 * Q_0, y = y + p_1 * Q_1, ...) with no contraction, so it matches
+// qdarts_kernels.reference bit for bit. The backward recomputes Q_k from x; nothing else is saved.
+#include <initializer_list>
+
+#include "cuda/common.cuh"
+#include "quant_math.h"
+
+namespace qdarts {
+namespace gpu {
+namespace {
+
+// Kernel argument: the per-bit grid ranges (computed on the host) and the device parameters.
+struct QuantizerArgs {
+  GridRange ranges[kMaxBits];
+  const float* probs;   // [K]
+  const float* scales;  // [K, scale_stride]
+  int64_t scale_stride; // C per channel, 1 per tensor
+};
+
+// The K quantizers of one channel (or of the whole tensor), held in registers.
+template <int K>
+struct Quantizers {
+  float scale[K];
+  float inv_scale[K];
+  float prob[K];
+  GridRange range[K];
+};
+
+template <int K>
+__device__ __forceinline__ Quantizers<K> load_quantizers(const QuantizerArgs& args, int64_t channel) {
+  Quantizers<K> q;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    q.scale[k] = args.scales[k * args.scale_stride + channel];
+    // Correctly rounded (nvcc's default -prec-div=true), like PyTorch's inv_scale = 1 / scale.
+    q.inv_scale[k] = 1.0f / q.scale[k];
+    q.prob[k] = args.probs[k];
+    q.range[k] = args.ranges[k];
+  }
+  return q;
+}
+
+template <int K>
+__device__ __forceinline__ float mixed_quantize(float x, const Quantizers<K>& q) {
+  float y = 0.0f;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const QuantResult r = quantize(x, q.inv_scale[k], q.range[k]);
+    const float term = q.prob[k] * (r.q_minus_z * q.scale[k]);
+    y = k == 0 ? term : y + term;
+  }
+  return y;
+}
+
+// Returns dx = g * sum_k p_k in_k and adds this element's share of the reduced gradients:
+//   dprob[k]  += g * Q_k
+//   dscale[k] += g * ((q_k - z) - in_k * x * inv_s_k)    (times p_k later, once per sum)
+template <int K, bool NEED_DX, bool NEED_DPROBS, bool NEED_DSCALES>
+__device__ __forceinline__ float mixed_quantize_backward(float x, float g, const Quantizers<K>& q,
+                                                         float (&dprob)[K], float (&dscale)[K]) {
+  float pass = 0.0f;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const QuantResult r = quantize(x, q.inv_scale[k], q.range[k]);
+    if constexpr (NEED_DX) pass = pass + q.prob[k] * r.in_range;
+    if constexpr (NEED_DPROBS) dprob[k] += g * (r.q_minus_z * q.scale[k]);
+    if constexpr (NEED_DSCALES) dscale[k] += g * (r.q_minus_z - r.in_range * (x * q.inv_scale[k]));
+  }
+  return g * pass;
+}
+
+template <typename T, int K, int VEC, bool PER_CHANNEL>
+__global__ void __launch_bounds__(kThreads)
+    mixed_fake_quant_forward_kernel(const T* __restrict__ x, T* __restrict__ y, QuantizerArgs args,
+                                    ChannelView view) {
+  const Quantizers<K> q = load_quantizers<K>(args, PER_CHANNEL ? blockIdx.x : 0);
+  auto body = [&](auto width, int64_t offset) {
+    constexpr int N = decltype(width)::value;
+    const Pack<T, N> xs = load_pack<T, N>(x, offset);
+    Pack<T, N> ys;
+#pragma unroll
+    for (int j = 0; j < N; ++j) ys.v[j] = from_float<T>(mixed_quantize<K>(to_float(xs.v[j]), q));
+    store_pack<T, N>(y, offset, ys);
+  };
+  for_each_element<VEC, PER_CHANNEL>(view, body);
+}
+
+// Partials row of a block: [dprobs (K) if requested][dscales sums (K) if requested].
+template <int K, bool NEED_DPROBS, bool NEED_DSCALES>
+constexpr int partial_columns() {
+  return (NEED_DPROBS ? K : 0) + (NEED_DSCALES ? K : 0);
+}
+
+template <typename T, int K, int VEC, bool PER_CHANNEL, bool NEED_DX, bool NEED_DPROBS, bool NEED_DSCALES>
+__global__ void __launch_bounds__(kThreads)
+    mixed_fake_quant_backward_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx,
+                                     float* __restrict__ partials, QuantizerArgs args, ChannelView view) {
+  const Quantizers<K> q = load_quantizers<K>(args, PER_CHANNEL ? blockIdx.x : 0);
+  float dprob[K];
+  float dscale[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    dprob[k] = 0.0f;
+    dscale[k] = 0.0f;
+  }
+  auto body = [&](auto width, int64_t offset) {
+    constexpr int N = decltype(width)::value;
+    const Pack<T, N> gs = load_pack<T, N>(grad, offset);
+    const Pack<T, N> xs = load_pack<T, N>(x, offset);
+    [[maybe_unused]] Pack<T, N> dxs;
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const float d = mixed_quantize_backward<K, NEED_DX, NEED_DPROBS, NEED_DSCALES>(
+          to_float(xs.v[j]), to_float(gs.v[j]), q, dprob, dscale);
+      if constexpr (NEED_DX) dxs.v[j] = from_float<T>(d);
+    }
+    if constexpr (NEED_DX) store_pack<T, N>(dx, offset, dxs);
+  };
+  for_each_element<VEC, PER_CHANNEL>(view, body);
+
+  if constexpr (NEED_DPROBS || NEED_DSCALES) {
+    constexpr int kColumns = partial_columns<K, NEED_DPROBS, NEED_DSCALES>();
+    float sums[kColumns];
+    constexpr int kScaleColumn = NEED_DPROBS ? K : 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if constexpr (NEED_DPROBS) sums[k] = dprob[k];
+      if constexpr (NEED_DSCALES) sums[kScaleColumn + k] = dscale[k];
+    }
+    block_sum<kColumns>(sums, partials + block_row() * kColumns);
+  }
+}
+
+QuantizerArgs make_args(const MixedQuantizer& quantizer, const ChannelView& view) {
+  QuantizerArgs args{};
+  for (int k = 0; k < quantizer.num_bits; ++k) args.ranges[k] = grid_range(quantizer.grid, quantizer.bits[k]);
+  args.probs = quantizer.probs;
+  args.scales = quantizer.scales;
+  args.scale_stride = view.per_channel ? view.channels : 1;
+  return args;
+}
+
+// 16-byte accesses need every pointer aligned and, per channel, groups that never cross a row.
+template <typename T>
+bool can_vectorize(const ChannelView& view, std::initializer_list<const void*> pointers) {
+  for (const void* p : pointers) {
+    if (!is_vector_aligned(p)) return false;
+  }
+  return !view.per_channel || view.inner % vector_width<T>() == 0;
+}
+
+dim3 backward_grid(const ChannelView& view, bool reduces) {
+  return element_grid(view, reduces ? kReduceBlocks : kElementwiseBlocks);
+}
+
+}  // namespace
+
+void launch_mixed_fake_quant_forward(const void* x, void* y, DType dtype, const MixedQuantizer& quantizer,
+                                     const ChannelView& view, cudaStream_t stream) {
+  const QuantizerArgs args = make_args(quantizer, view);
+  const dim3 grid = element_grid(view, kElementwiseBlocks);
+  dispatch_dtype(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    const bool vectorize = can_vectorize<T>(view, {x, y});
+    dispatch_int<1, 2, 3, 4>(quantizer.num_bits, [&](auto k) {
+      constexpr int K = decltype(k)::value;
+      dispatch_bool(vectorize, [&](auto vec) {
+        constexpr int VEC = decltype(vec)::value ? vector_width<T>() : 1;
+        dispatch_bool(view.per_channel, [&](auto per_channel) {
+          constexpr bool PER_CHANNEL = decltype(per_channel)::value;
+          mixed_fake_quant_forward_kernel<T, K, VEC, PER_CHANNEL><<<grid, kThreads, 0, stream>>>(
+              static_cast<const T*>(x), static_cast<T*>(y), args, view);
+        });
+      });
+    });
+  });
+}
+
+int64_t mixed_fake_quant_backward_partials_size(const MixedQuantizer& quantizer, const ChannelView& view,
+                                                bool need_dprobs, bool need_dscales) {
+  const int64_t columns = (need_dprobs ? quantizer.num_bits : 0) + (need_dscales ? quantizer.num_bits : 0);
+  if (columns == 0) return 0;
+  return grid_blocks(backward_grid(view, true)) * columns;
+}
+
+void launch_mixed_fake_quant_backward(const void* grad, const void* x, void* dx, float* dprobs, float* dscales,
+                                      float* partials, DType dtype, const MixedQuantizer& quantizer,
+                                      const ChannelView& view, cudaStream_t stream) {
+  const bool need_dx = dx != nullptr;
+  const bool need_dprobs = dprobs != nullptr;
+  const bool need_dscales = dscales != nullptr;
+  if (!(need_dx || need_dprobs || need_dscales)) return;
+  const QuantizerArgs args = make_args(quantizer, view);
+  const dim3 grid = backward_grid(view, need_dprobs || need_dscales);
+  dispatch_dtype(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    const bool vectorize = can_vectorize<T>(view, {grad, x, dx});
+    dispatch_int<1, 2, 3, 4>(quantizer.num_bits, [&](auto k) {
+      constexpr int K = decltype(k)::value;
+      dispatch_bool(vectorize, [&](auto vec) {
+        constexpr int VEC = decltype(vec)::value ? vector_width<T>() : 1;
+        dispatch_bool(view.per_channel, [&](auto per_channel) {
+          constexpr bool PER_CHANNEL = decltype(per_channel)::value;
+          dispatch_bool(need_dx, [&](auto dx_flag) {
+            dispatch_bool(need_dprobs, [&](auto dprobs_flag) {
+              dispatch_bool(need_dscales, [&](auto dscales_flag) {
+                constexpr bool DX = decltype(dx_flag)::value;
+                constexpr bool DP = decltype(dprobs_flag)::value;
+                constexpr bool DS = decltype(dscales_flag)::value;
+                if constexpr (DX || DP || DS) {
+                  mixed_fake_quant_backward_kernel<T, K, VEC, PER_CHANNEL, DX, DP, DS>
+                      <<<grid, kThreads, 0, stream>>>(static_cast<const T*>(grad), static_cast<const T*>(x),
+                                                      static_cast<T*>(dx), partials, args, view);
+                }
+              });
+            });
+          });
+        });
+      });
+    });
+  });
+
+  const int num_bits = quantizer.num_bits;
+  const int64_t columns = (need_dprobs ? num_bits : 0) + (need_dscales ? num_bits : 0);
+  if (need_dprobs) launch_sum_partials(partials, columns, 0, num_bits, 1, grid_blocks(grid), nullptr, dprobs, stream);
+  if (need_dscales) {
+    // Per channel, block (c, split) holds row c * splits + split: channel c's rows are one segment.
+    const int64_t segments = view.per_channel ? grid.x : 1;
+    const int64_t segment_length = view.per_channel ? grid.y : grid_blocks(grid);
+    launch_sum_partials(partials, columns, need_dprobs ? num_bits : 0, num_bits, segments, segment_length,
+                        quantizer.probs, dscales, stream);
+  }
+}
+
+}  // namespace gpu
+}  // namespace qdarts

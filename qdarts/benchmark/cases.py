@@ -1,0 +1,234 @@
+"""What is benchmarked: the op cases, the implementations compared, the modes and the size sweeps.
+
+Shared by the ``qdarts bench`` runner and by the pytest-benchmark files under ``bench/`` so that
+both time exactly the same work. Only public APIs are used: ``qdarts_kernels.<op>(..., backend=)``
+for the fused backends and ``qdarts_kernels.reference.<op>`` (ordinary autograd, straight-through
+round) for the eager baseline, which ``torch.compile`` also compiles.
+
+Minimum memory traffic per element (DESIGN section 6), for fp32; tensors in a 2-byte dtype move half
+of it (the scales, probabilities and weights are negligible):
+
+    mixed_fake_quant / fake_quant   forward 8 B (read x, write y), backward 12 B (read x and g,
+                                    write dx), forward+backward 20 B, whatever K
+    mixed_op_sum, K inputs          forward (K+1)*4 B, backward (2K+1)*4 B (read g and the K
+                                    outputs, write K gradients), forward+backward (3K+2)*4 B
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+
+import qdarts_kernels as qk
+
+MODES = ("forward", "backward", "forward+backward")
+EAGER = "eager"
+COMPILED = "compiled"
+#: Backends whose kernels run on each device type (Triton on CPU only interprets: not timed).
+DEVICE_BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+
+MFQ_BITS = (2, 4, 8)
+FQ_BITS = 4
+MOS_K = 8
+#: One scale per bit-width, chosen so that each grid spans a few standard deviations of N(0, 1) input.
+_SCALE_FOR_BITS = {1: 1.0, 2: 0.75, 3: 0.5, 4: 0.25, 8: 0.02}
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """One op on one input shape and dtype.
+
+    ``op`` is "mixed_fake_quant", "fake_quant" or "mixed_op_sum"; ``scaling`` is "per_tensor" or
+    "per_channel" (channel axis 1 of an NCHW tensor) for the quantizers and "-" for mixed_op_sum;
+    ``shape`` is the shape of x (or of each of the K outputs).
+    """
+
+    op: str
+    scaling: str
+    shape: Tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def bits(self) -> Tuple[int, ...]:
+        return {"mixed_fake_quant": MFQ_BITS, "fake_quant": (FQ_BITS,)}.get(self.op, ())
+
+    @property
+    def k(self) -> int:
+        return MOS_K if self.op == "mixed_op_sum" else len(self.bits)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES[self.dtype]
+
+    @property
+    def label(self) -> str:
+        """The op variant, without size or dtype: the unit of one report table."""
+        if self.op == "mixed_op_sum":
+            return f"mixed_op_sum K={self.k}"
+        bits = ",".join(map(str, self.bits))
+        return f"{self.op} bits=({bits}) {self.scaling.replace('_', ' ')}"
+
+    @property
+    def id(self) -> str:
+        """A short identifier for test ids and file names."""
+        shape = "x".join(map(str, self.shape))
+        scaling = "" if self.scaling == "-" else f"-{self.scaling}"
+        return f"{self.op}{scaling}-K{self.k}-{shape}-{self.dtype_name}"
+
+    def min_traffic_bytes(self, mode: str) -> int:
+        """Bytes a perfect kernel must move for ``mode`` (see the module docstring)."""
+        scale = torch.empty(0, dtype=self.dtype).element_size() / 4.0
+        if self.op == "mixed_op_sum":
+            k = self.k
+            per_elem = {"forward": (k + 1) * 4, "backward": (2 * k + 1) * 4, "forward+backward": (3 * k + 2) * 4}
+        else:
+            per_elem = {"forward": 8, "backward": 12, "forward+backward": 20}
+        return int(per_elem[mode] * scale * self.numel)
+
+    def make_inputs(self, device: str, seed: int = 0) -> List[torch.Tensor]:
+        """The leaf tensors of one call, all requiring grad (as in a search step, where x, the
+        bit-width probabilities, the LSQ scales and the mixed-op weights all get gradients)."""
+        gen = torch.Generator().manual_seed(seed)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=gen).to(device=device, dtype=self.dtype)
+
+        if self.op == "mixed_op_sum":
+            outputs = [randn(*self.shape) for _ in range(self.k)]
+            weights = torch.softmax(torch.randn(self.k, generator=gen), 0).to(device)
+            leaves = outputs + [weights]
+        else:
+            x = randn(*self.shape)
+            row = torch.tensor([_SCALE_FOR_BITS.get(b, 2.0 ** (1 - b)) for b in self.bits])
+            if self.scaling == "per_channel":
+                channels = self.shape[1]
+                # vary the step across channels so that per-channel work is not uniform
+                spread = torch.linspace(0.5, 1.5, channels)
+                scales = row[:, None] * spread[None, :]
+            else:
+                scales = row
+            if self.op == "fake_quant":
+                leaves = [x, scales[0].reshape(-1).to(device)]
+            else:
+                probs = torch.softmax(torch.randn(self.k, generator=gen), 0).to(device)
+                leaves = [x, probs, scales.to(device)]
+        return [t.requires_grad_() for t in leaves]
+
+    def grad_output(self, device: str, seed: int = 1) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn(*self.shape, generator=gen).to(device=device, dtype=self.dtype)
+
+    def function(self, impl: str) -> Callable[..., torch.Tensor]:
+        """The un-compiled callable ``f(*leaves) -> y`` for ``impl`` ("eager", "compiled" (the
+        same as eager, compiled by the caller) or a backend name)."""
+        axis = 1 if self.scaling == "per_channel" else None
+        backend = None if impl in (EAGER, COMPILED) else impl
+        bits = self.bits
+        if self.op == "mixed_fake_quant":
+            if backend is None:
+                ref = qk.reference.mixed_fake_quant
+
+                def f(x, probs, scales):
+                    return ref(x, probs, scales, bits, axis=axis)
+            else:
+
+                def f(x, probs, scales):
+                    return qk.mixed_fake_quant(x, probs, scales, bits, axis=axis, backend=backend)
+        elif self.op == "fake_quant":
+            if backend is None:
+                ref = qk.reference.fake_quant
+
+                def f(x, scale):
+                    return ref(x, scale, bits[0], axis=axis)
+            else:
+
+                def f(x, scale):
+                    return qk.fake_quant(x, scale, bits[0], axis=axis, backend=backend)
+        elif self.op == "mixed_op_sum":
+            if backend is None:
+                ref = qk.reference.mixed_op_sum
+
+                def f(*leaves):
+                    return ref(list(leaves[:-1]), leaves[-1])
+            else:
+
+                def f(*leaves):
+                    return qk.mixed_op_sum(list(leaves[:-1]), leaves[-1], backend=backend)
+        else:
+            raise ValueError(f"unknown op {self.op!r}")
+        return f
+
+
+def backends_for(device: str) -> List[str]:
+    """The fused backends of ``qk.available_backends()`` that run natively on ``device``."""
+    native = DEVICE_BACKENDS.get(torch.device(device).type, ())
+    return [b for b in qk.available_backends() if b in native]
+
+
+def _nchw(numel: int, channels: int = 64) -> Tuple[int, int, int, int]:
+    """An NCHW activation shape of 32x32 maps with ``channels`` channels and ``numel`` elements."""
+    per_image = channels * 32 * 32
+    if numel % per_image:
+        raise ValueError(f"numel {numel} is not a multiple of {per_image}")
+    return (numel // per_image, channels, 32, 32)
+
+
+M = 2**20
+#: The DESIGN section 6 anchor shape of mixed_fake_quant on the H100 (33.5M elements).
+ANCHOR_33M = (256, 128, 32, 32)
+#: Size sweeps (shapes of x, or of each mixed-op input), keyed by (device type, quick). The H100
+#: anchors are 4.2M and 33.5M (mixed_fake_quant) and 1M and 4.2M (mixed_op_sum, 16 and 64
+#: channels); the CPU sweeps include the issue-2 targets (4M for mixed_fake_quant, 1M for
+#: mixed_op_sum).
+_SWEEPS: Dict[Tuple[str, bool], Dict[str, Sequence[Tuple[int, ...]]]] = {
+    ("cpu", True): {
+        "mfq_pt": (_nchw(M // 4), _nchw(M), _nchw(4 * M)), "mfq_pc": (_nchw(M),), "fq_pt": (_nchw(M),),
+        "mos": (_nchw(M // 4, 16), _nchw(M, 16)),
+    },
+    ("cpu", False): {
+        "mfq_pt": (_nchw(M // 16), _nchw(M // 4), _nchw(M), _nchw(4 * M), _nchw(16 * M)),
+        "mfq_pc": (_nchw(M // 4), _nchw(M), _nchw(4 * M)),
+        "fq_pt": (_nchw(M), _nchw(4 * M)), "fq_pc": (_nchw(M), _nchw(4 * M)),
+        "mos": (_nchw(M // 16, 16), _nchw(M // 4, 16), _nchw(M, 16), _nchw(4 * M)),
+    },
+    ("cuda", True): {
+        "mfq_pt": (_nchw(4 * M), ANCHOR_33M), "mfq_pc": (_nchw(4 * M),), "fq_pt": (_nchw(4 * M),),
+        "mos": (_nchw(M, 16), _nchw(4 * M)),
+    },
+    ("cuda", False): {
+        "mfq_pt": (_nchw(M // 4), _nchw(M), _nchw(4 * M), ANCHOR_33M), "mfq_pc": (_nchw(4 * M), ANCHOR_33M),
+        "fq_pt": (_nchw(4 * M), ANCHOR_33M), "fq_pc": (_nchw(4 * M),),
+        "mos": (_nchw(M, 16), _nchw(4 * M), _nchw(16 * M)),
+    },
+}
+_FAMILIES = {
+    "mfq_pt": ("mixed_fake_quant", "per_tensor"),
+    "mfq_pc": ("mixed_fake_quant", "per_channel"),
+    "fq_pt": ("fake_quant", "per_tensor"),
+    "fq_pc": ("fake_quant", "per_channel"),
+    "mos": ("mixed_op_sum", "-"),
+}
+
+
+def sweep(device: str, quick: bool) -> List[OpCase]:
+    """The cases for one device: fp32 everywhere, and bf16 too on a GPU (its mixed-precision
+    training dtype); on CPU bf16 has no fast path worth a table."""
+    kind = torch.device(device).type
+    dtypes = (torch.float32, torch.bfloat16) if kind == "cuda" else (torch.float32,)
+    return [
+        OpCase(*_FAMILIES[family], shape, dtype)
+        for family, shapes in _SWEEPS[(kind, quick)].items()
+        for shape in shapes
+        for dtype in dtypes
+    ]

@@ -1,0 +1,194 @@
+"""How things are timed: cache flush, device synchronisation, warm-up, percentiles, copy bandwidth,
+memory kept for backward, and the conditions recorded with every figure."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+#: Used when the last-level cache size cannot be read (larger than any current CPU LLC or GPU L2).
+_FALLBACK_CACHE_BYTES = 128 * 2**20
+
+
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def last_level_cache_bytes(device: str) -> int:
+    """Size of the cache a benchmark input could stay in between runs: the GPU's L2, or the CPU's
+    last-level cache as Linux reports it."""
+    if torch.device(device).type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or _FALLBACK_CACHE_BYTES
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for index in os.listdir(base):
+            with open(os.path.join(base, index, "size")) as f:
+                text = f.read().strip()
+            units = {"K": 2**10, "M": 2**20, "G": 2**30}
+            best = max(best, int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    except (OSError, ValueError, KeyError):
+        pass
+    return best or _FALLBACK_CACHE_BYTES
+
+
+class CacheFlusher:
+    """Writes a buffer twice the size of the last-level cache, so that the next timed run reads its
+    inputs from memory, as it would inside a network, and not from a cache warmed by the previous
+    run. ``add_`` (a read-modify-write) rather than ``zero_``: large memsets may use streaming
+    stores that bypass the cache."""
+
+    def __init__(self, device: str):
+        self.cache_bytes = last_level_cache_bytes(device)
+        self.buffer = torch.zeros(2 * self.cache_bytes // 4, dtype=torch.float32, device=device)
+
+    def __call__(self) -> None:
+        self.buffer.add_(1.0)
+
+
+@dataclass
+class Timing:
+    """Seconds per run: the median and the 20th/80th percentiles of ``samples``."""
+
+    samples: List[float]
+
+    def quantile(self, q: float) -> float:
+        return float(torch.tensor(self.samples, dtype=torch.float64).quantile(q))
+
+    @property
+    def median(self) -> float:
+        return self.quantile(0.5)
+
+    @property
+    def p20(self) -> float:
+        return self.quantile(0.2)
+
+    @property
+    def p80(self) -> float:
+        return self.quantile(0.8)
+
+
+def measure(
+    run: Callable[[Any], Any],
+    setup: Callable[[], Any],
+    device: str,
+    *,
+    flush: Optional[Callable[[], None]] = None,
+    warmup: int = 2,
+    min_samples: int = 5,
+    max_samples: int = 50,
+    budget_s: float = 2.0,
+) -> Timing:
+    """Time ``run(setup())`` repeatedly; only ``run`` is inside the timed region.
+
+    Each sample: ``state = setup()`` (untimed: e.g. the forward pass before a backward-only
+    timing), flush the cache, synchronise, then time ``run(state)`` up to the device finishing it
+    (CUDA events on a GPU, ``perf_counter`` after a synchronise elsewhere). ``warmup`` runs come
+    first and are discarded; sampling stops at ``max_samples`` or once ``budget_s`` seconds have
+    been spent and at least ``min_samples`` were taken.
+    """
+    on_cuda = torch.device(device).type == "cuda"
+    samples: List[float] = []
+    started = time.perf_counter()
+    for i in range(warmup + max_samples):
+        state = setup()
+        if flush is not None:
+            flush()
+        synchronize(device)
+        if on_cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            result = run(state)
+            end.record()
+            end.synchronize()
+            seconds = begin.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            result = run(state)
+            seconds = time.perf_counter() - t0
+        del result, state
+        if i >= warmup:
+            samples.append(seconds)
+            if len(samples) >= min_samples and time.perf_counter() - started > budget_s:
+                break
+    return Timing(samples)
+
+
+def copy_bandwidth_gbps(device: str, nbytes: Optional[int] = None, budget_s: float = 2.0) -> float:
+    """Achieved bandwidth of ``dst.copy_(src)`` on a tensor far larger than the cache, counting the
+    read and the write (2 x nbytes per copy): the practical ceiling a memory-bound kernel can reach."""
+    if nbytes is None:
+        nbytes = 1 * 2**30 if torch.device(device).type == "cuda" else 256 * 2**20
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    timing = measure(lambda _: dst.copy_(src), lambda: None, device, warmup=3, min_samples=10, budget_s=budget_s)
+    return 2 * nbytes / timing.median / 1e9
+
+
+def saved_bytes(fn: Callable[..., torch.Tensor], leaves: Sequence[torch.Tensor]) -> int:
+    """Bytes of the tensors autograd keeps for backward beyond the inputs themselves.
+
+    Counted with ``torch.autograd.graph.saved_tensors_hooks`` (which also sees the tensors saved by
+    compiled graphs and custom ops), one count per distinct storage; storages of the inputs are not
+    counted, since the caller holds them anyway.
+    """
+    inputs = {t.untyped_storage().data_ptr() for t in leaves}
+    kept: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in inputs:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(*leaves)
+    del y
+    return sum(kept.values())
+
+
+def device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads)"
+
+
+def environment(device: str) -> Dict[str, Any]:
+    """The conditions recorded with every figure."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    import qdarts_kernels
+
+    return {
+        "device": device_name(device),
+        "device_type": torch.device(device).type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "python": sys.version.split()[0],
+        "qdarts_kernels": getattr(qdarts_kernels, "__version__", None),
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }

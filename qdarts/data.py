@@ -1,0 +1,206 @@
+"""Datasets of the search layer, held as in-memory tensors, and a deterministic batch iterator.
+
+Three sources, all without any download at run time:
+
+- ``digits``: scikit-learn's bundled handwritten digits (1,797 grey 8x8 images, 10 classes).
+- ``synthetic``: class templates plus noise, generated from a seed (for tests and smoke runs).
+- ``cifar10``: CIFAR-10 read from a local folder in its standard python-pickle format
+  (``data_batch_1`` .. ``data_batch_5``, ``test_batch``, ``batches.meta``).
+
+Splits. Every source has a fixed training pool and a held-out test split. ``search`` divides the
+training pool into a train half (weights and gamma) and a val half (alpha and beta), as the method
+asks; ``train`` retrains on the whole pool and reports accuracy on the test split, which the search
+never sees. The digits test split is a fixed stratified 20% (seed 0, whatever the run's seed).
+Inputs are standardised per channel with statistics of the training pool.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["Dataset", "load_dataset", "batches", "DATASETS", "CIFAR10_FILES"]
+
+DATASETS = ("digits", "synthetic", "cifar10")
+CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
+
+
+@dataclass
+class Dataset:
+    """Images [N, C, H, W] float32 (standardised) and labels [N] int64 for each split."""
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    #: random crop (pad 4) and horizontal flip while training, as is usual for CIFAR-10
+    augment: bool = False
+
+    @property
+    def input_shape(self) -> Tuple[int, int, int]:
+        return tuple(self.train_x.shape[1:])
+
+    def search_split(self, train_portion: float = 0.5) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(train_x, train_y, val_x, val_y): the first ``train_portion`` of the training pool, and the rest.
+
+        The pool is already in a fixed shuffled order, so the halves are class-balanced in expectation.
+        """
+        if not 0.0 < train_portion < 1.0:
+            raise ValueError(f"train_portion must be in (0, 1), got {train_portion}")
+        n = int(round(self.train_x.shape[0] * train_portion))
+        return self.train_x[:n], self.train_y[:n], self.train_x[n:], self.train_y[n:]
+
+
+def _standardise(train: torch.Tensor, *others: torch.Tensor):
+    mean = train.mean(dim=(0, 2, 3), keepdim=True)
+    std = train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    return ((train - mean) / std,) + tuple((o - mean) / std for o in others)
+
+
+def _digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
+    y = torch.from_numpy(d.target.astype(np.int64))
+    # fixed stratified split: every class contributes 20% of its images to the test split
+    rng = np.random.default_rng(0)
+    test_idx, train_idx = [], []
+    for c in range(10):
+        idx = np.flatnonzero(d.target == c)
+        rng.shuffle(idx)
+        n_test = int(round(0.2 * len(idx)))
+        test_idx.append(idx[:n_test])
+        train_idx.append(idx[n_test:])
+    train_idx = np.concatenate(train_idx)
+    rng.shuffle(train_idx)
+    test_idx = np.sort(np.concatenate(test_idx))
+    tr, te = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    train_x, test_x = _standardise(x[tr], x[te])
+    return Dataset("digits", train_x, y[tr], test_x, y[te], 10)
+
+
+def _synthetic(num_train: int = 512, num_test: int = 256, num_classes: int = 10,
+               shape: Tuple[int, int, int] = (3, 8, 8), noise: float = 0.8, seed: int = 0) -> Dataset:
+    """Each class is a fixed random template; samples are template + Gaussian noise (learnable, not trivial)."""
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.randn((num_classes,) + tuple(shape), generator=g)
+
+    def draw(n):
+        y = torch.randint(0, num_classes, (n,), generator=g)
+        x = templates[y] + noise * torch.randn((n,) + tuple(shape), generator=g)
+        return x, y
+
+    train_x, train_y = draw(num_train)
+    test_x, test_y = draw(num_test)
+    train_x, test_x = _standardise(train_x, test_x)
+    return Dataset("synthetic", train_x, train_y, test_x, test_y, num_classes)
+
+
+def _unpickle(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"CIFAR-10 file {path!r} is not a python pickle of the CIFAR-10 format ({e})") from e
+
+
+def _get(d: dict, key: str, path: str):
+    for k in (key.encode(), key):
+        if k in d:
+            return d[k]
+    raise ValueError(f"CIFAR-10 file {path!r} has no {key!r} entry (keys: {sorted(map(str, d))[:8]})")
+
+
+def _cifar_batch(path: str) -> Tuple[np.ndarray, np.ndarray]:
+    d = _unpickle(path)
+    if not isinstance(d, dict):
+        raise ValueError(f"CIFAR-10 file {path!r} holds a {type(d).__name__}, expected a dict")
+    data = np.asarray(_get(d, "data", path))
+    labels = np.asarray(_get(d, "labels", path), dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
+        raise ValueError(f"CIFAR-10 file {path!r}: 'data' must be uint8 of shape [N, 3072], "
+                         f"got {data.dtype} {list(data.shape)}")
+    if labels.shape != (data.shape[0],) or (labels.size and (labels.min() < 0 or labels.max() > 9)):
+        raise ValueError(f"CIFAR-10 file {path!r}: 'labels' must be N={data.shape[0]} ints in 0..9")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _cifar10(data_dir: Optional[str]) -> Dataset:
+    if not data_dir:
+        raise ValueError("--data-dir is required for cifar10: a folder with data_batch_1..5, test_batch and "
+                         "batches.meta (the python version of CIFAR-10, e.g. the extracted cifar-10-batches-py)")
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"CIFAR-10 folder {data_dir!r} does not exist")
+    missing = [f for f in CIFAR10_FILES if not os.path.isfile(os.path.join(data_dir, f))]
+    if missing:
+        raise FileNotFoundError(f"CIFAR-10 folder {data_dir!r} lacks {', '.join(missing)} "
+                                f"(expected the python-pickle version: {', '.join(CIFAR10_FILES)})")
+    meta = _unpickle(os.path.join(data_dir, "batches.meta"))
+    names = _get(meta, "label_names", os.path.join(data_dir, "batches.meta")) if isinstance(meta, dict) else None
+    if names is None or len(names) != 10:
+        raise ValueError(f"CIFAR-10 file {os.path.join(data_dir, 'batches.meta')!r} must list 10 label_names")
+    parts = [_cifar_batch(os.path.join(data_dir, f"data_batch_{i}")) for i in range(1, 6)]
+    tx = np.concatenate([p[0] for p in parts])
+    ty = np.concatenate([p[1] for p in parts])
+    ex, ey = _cifar_batch(os.path.join(data_dir, "test_batch"))
+    to_f = lambda a: torch.from_numpy(a.astype(np.float32) / 255.0)  # noqa: E731
+    train_x, test_x = _standardise(to_f(tx), to_f(ex))
+    # the search's train/val halves are contiguous slices of the pool: shuffle it once, with a fixed seed
+    perm = torch.from_numpy(np.random.default_rng(0).permutation(len(ty)))
+    return Dataset("cifar10", train_x[perm], torch.from_numpy(ty)[perm], test_x, torch.from_numpy(ey), 10,
+                   augment=True)
+
+
+def load_dataset(name: str, data_dir: Optional[str] = None) -> Dataset:
+    """Load ``digits`` | ``synthetic`` | ``cifar10`` (the latter from ``data_dir``)."""
+    if name == "digits":
+        return _digits()
+    if name == "synthetic":
+        return _synthetic()
+    if name == "cifar10":
+        return _cifar10(data_dir)
+    raise ValueError(f"data must be one of {', '.join(DATASETS)}, got {name!r}")
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random crop with 4-pixel zero padding and random horizontal flip, drawn from ``g``."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (n,), generator=g)
+    dx = torch.randint(0, 9, (n,), generator=g)
+    flip = torch.rand(n, generator=g) < 0.5
+    rows = dy[:, None] + torch.arange(h)[None, :]
+    cols = dx[:, None] + torch.arange(w)[None, :]
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    # advanced indices around a slice put the indexed dims first: [n, h, w, C]
+    out = padded[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool, generator: Optional[torch.Generator] = None,
+            augment: bool = False, device: torch.device | str = "cpu", drop_last: bool = False
+            ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches of (x, y) moved to ``device``; the order and augmentation come from ``generator`` only."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = x.shape[0]
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        idx = order[start: start + batch_size]
+        xb = x[idx]
+        if augment:
+            xb = _augment(xb, generator)
+        yield xb.to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
+    return n // batch_size if drop_last and n >= batch_size else -(-n // batch_size)

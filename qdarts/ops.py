@@ -1,0 +1,182 @@
+"""The DARTS candidate operations, with every convolution a quantized composite convolution.
+
+Each conv of an op is a :class:`qdarts_kernels.nn.QuantConv2d`: one ``mixed_fake_quant`` of its
+input, one of its weight, one conv (EdMIPS composite convolution, DESIGN section 2). A
+:class:`ConvMaker` builds the convs of one op in one of three modes:
+
+- search: mixed precision over ``bits``; by default the convs of one op share a single pair of
+  logits (gamma_a, gamma_w), as the official code does; ``share_gamma=False`` gives each conv its own;
+- fixed: the bit pairs of a derived genotype, one (act_bits, weight_bits) pair per conv, in order;
+- fp32: plain ``nn.Conv2d`` (the full-precision baseline of the same architecture).
+
+Activation grid. A conv that reads a ReLU output quantizes on the unsigned grid; the pointwise conv
+after a depthwise conv reads a signed tensor and quantizes on the signed grid. ``act_grid="official"``
+reproduces the official code instead, which uses the unsigned (clamp-at-zero) grid everywhere and so
+zeroes the negative half of every depthwise output.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .genotype import PRIMITIVES
+
+__all__ = ["ConvMaker", "OPS", "build_op", "quant_convs", "ACT_GRIDS", "QUANTIZERS", "FactorizedReduce", "ReLUConvBN"]
+
+ACT_GRIDS = ("follow", "official")
+QUANTIZERS = ("paper", "lsq")
+
+
+def _quant_conv_class():
+    from qdarts_kernels.nn import QuantConv2d
+
+    return QuantConv2d
+
+
+class ConvMaker:
+    """Builds the convolutions of one op (or one preprocessing layer); see the module docstring.
+
+    Args:
+        bits: search mode: the bit-width choices (tuple of 1..4 ints).
+        pairs: fixed mode: one (act_bits, weight_bits) per conv, consumed in construction order.
+        fp32: fp32 mode.
+        quantizer: "paper" | "lsq".  act_grid: "follow" | "official".
+        share_gamma: search mode: one (gamma_a, gamma_w) pair for all convs of the op.
+    """
+
+    def __init__(self, *, bits: Optional[Sequence[int]] = None, pairs: Optional[Sequence[Tuple[int, int]]] = None,
+                 fp32: bool = False, quantizer: str = "paper", act_grid: str = "follow", share_gamma: bool = True,
+                 backend: Optional[str] = None):
+        if sum(x is not None and x is not False for x in (bits, pairs, fp32 or None)) != 1:
+            raise ValueError("ConvMaker needs exactly one of bits (search), pairs (fixed bits) or fp32=True")
+        if quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
+        if act_grid not in ACT_GRIDS:
+            raise ValueError(f"act_grid must be one of {ACT_GRIDS}, got {act_grid!r}")
+        self.bits = tuple(bits) if bits is not None else None
+        self.pairs = list(pairs) if pairs is not None else None
+        self.fp32 = fp32
+        self.quantizer = quantizer
+        self.act_grid = act_grid
+        self.backend = backend
+        self.made = 0
+        self.act_logits: Optional[nn.Parameter] = None
+        self.weight_logits: Optional[nn.Parameter] = None
+        if self.bits is not None and share_gamma and len(self.bits) > 1:
+            self.act_logits = nn.Parameter(torch.zeros(len(self.bits)))
+            self.weight_logits = nn.Parameter(torch.zeros(len(self.bits)))
+
+    def __call__(self, cin: int, cout: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 dilation: int = 1, groups: int = 1, *, signed_input: bool = False) -> nn.Conv2d:
+        index, self.made = self.made, self.made + 1
+        if self.fp32:
+            return nn.Conv2d(cin, cout, kernel_size, stride, padding, dilation, groups, bias=False)
+        if self.pairs is not None:
+            if index >= len(self.pairs):
+                raise ValueError(f"the genotype gives {len(self.pairs)} bit pairs for an op with more convs")
+            act_bits, weight_bits = self.pairs[index]
+            extra = {}
+        else:
+            act_bits = weight_bits = self.bits
+            extra = {"act_logits": self.act_logits, "weight_logits": self.weight_logits}
+        return _quant_conv_class()(
+            cin, cout, kernel_size, stride, padding, dilation, groups, bias=False,
+            weight_bits=weight_bits, act_bits=act_bits, quantizer=self.quantizer,
+            act_signed=signed_input and self.act_grid == "follow", backend=self.backend, **extra,
+        )
+
+    def finish(self, module: nn.Module) -> nn.Module:
+        """Register the shared logits on ``module`` (names gamma_a, gamma_w) and check the bit pairs were used up."""
+        if self.pairs is not None and self.made != len(self.pairs):
+            raise ValueError(f"the genotype gives {len(self.pairs)} bit pairs for an op with {self.made} convs")
+        if self.act_logits is not None:
+            module.gamma_a = self.act_logits
+            module.gamma_w = self.weight_logits
+        return module
+
+
+class ReLUConvBN(nn.Sequential):
+    def __init__(self, cin, cout, kernel_size, stride, padding, conv: ConvMaker, affine=True):
+        super().__init__(nn.ReLU(inplace=False), conv(cin, cout, kernel_size, stride, padding),
+                         nn.BatchNorm2d(cout, affine=affine))
+
+
+class DilConv(nn.Sequential):
+    def __init__(self, cin, cout, kernel_size, stride, padding, dilation, conv: ConvMaker, affine=True):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            conv(cin, cin, kernel_size, stride, padding, dilation, groups=cin),
+            conv(cin, cout, 1, signed_input=True),
+            nn.BatchNorm2d(cout, affine=affine),
+        )
+
+
+class SepConv(nn.Sequential):
+    def __init__(self, cin, cout, kernel_size, stride, padding, conv: ConvMaker, affine=True):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            conv(cin, cin, kernel_size, stride, padding, groups=cin),
+            conv(cin, cin, 1, signed_input=True),
+            nn.BatchNorm2d(cin, affine=affine),
+            nn.ReLU(inplace=False),
+            conv(cin, cin, kernel_size, 1, padding, groups=cin),
+            conv(cin, cout, 1, signed_input=True),
+            nn.BatchNorm2d(cout, affine=affine),
+        )
+
+
+class FactorizedReduce(nn.Module):
+    """Halve the resolution with two 1x1 stride-2 convs on pixel grids offset by one, concatenated."""
+
+    def __init__(self, cin, cout, conv: ConvMaker, affine=True):
+        super().__init__()
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = conv(cin, cout // 2, 1, 2)
+        self.conv_2 = conv(cin, cout - cout // 2, 1, 2)
+        self.bn = nn.BatchNorm2d(cout, affine=affine)
+
+    def forward(self, x):
+        x = self.relu(x)
+        # pad the shifted grid by one so both halves have ceil(H/2) x ceil(W/2) for odd sizes too
+        shifted = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
+        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+
+
+class Zero(nn.Module):
+    def __init__(self, stride):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x):
+        return x[:, :, :: self.stride, :: self.stride].mul(0.0)
+
+
+OPS: Dict[str, Callable[..., nn.Module]] = {
+    "none": lambda C, stride, conv, affine: Zero(stride),
+    "avg_pool_3x3": lambda C, stride, conv, affine: nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False),
+    "max_pool_3x3": lambda C, stride, conv, affine: nn.MaxPool2d(3, stride=stride, padding=1),
+    "skip_connect": lambda C, stride, conv, affine: (
+        nn.Identity() if stride == 1 else FactorizedReduce(C, C, conv, affine=affine)),
+    "sep_conv_3x3": lambda C, stride, conv, affine: SepConv(C, C, 3, stride, 1, conv, affine=affine),
+    "sep_conv_5x5": lambda C, stride, conv, affine: SepConv(C, C, 5, stride, 2, conv, affine=affine),
+    "dil_conv_3x3": lambda C, stride, conv, affine: DilConv(C, C, 3, stride, 2, 2, conv, affine=affine),
+    "dil_conv_5x5": lambda C, stride, conv, affine: DilConv(C, C, 5, stride, 4, 2, conv, affine=affine),
+}
+
+
+def build_op(name: str, C: int, stride: int, conv: ConvMaker, affine: bool = True) -> nn.Module:
+    """Op ``name`` on C channels; its convs come from ``conv``, whose shared logits it then owns."""
+    if name not in OPS:
+        raise ValueError(f"unknown op {name!r}; the candidates are {', '.join(PRIMITIVES)}")
+    return conv.finish(OPS[name](C, stride, conv, affine))
+
+
+def quant_convs(module: nn.Module) -> List[nn.Module]:
+    """The QuantConv2d modules inside ``module``, in module order."""
+    from qdarts_kernels.nn import QuantConv2d
+
+    return [m for m in module.modules() if isinstance(m, QuantConv2d)]

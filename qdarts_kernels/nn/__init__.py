@@ -1,0 +1,22 @@
+"""Drop-in quantization-aware-training modules built only on the public ops of qdarts_kernels.
+
+- :class:`MixedPrecisionFakeQuantize`: softmax-weighted mixture of fake quantizers over 1..4
+  bit-widths (LSQ learnable scales, or the paper's HWGQ / Gaussian quantizers); one fused op.
+- :class:`FakeQuantize`: single bit-width LSQ quantizer for ``torch.ao.quantization`` QConfigs.
+- :class:`QuantConv2d`, :class:`QuantLinear`: EdMIPS composite layers (fixed or mixed bits).
+- :func:`quantize_`: swap a model's ``nn.Conv2d`` / ``nn.Linear`` layers in place.
+"""
+
+from .convert import quantize_
+from .layers import QuantConv2d, QuantLinear
+from .quantizers import GAUSSIAN_STEPS, HWGQ_STEPS, FakeQuantize, MixedPrecisionFakeQuantize
+
+__all__ = [
+    "MixedPrecisionFakeQuantize",
+    "FakeQuantize",
+    "QuantConv2d",
+    "QuantLinear",
+    "quantize_",
+    "HWGQ_STEPS",
+    "GAUSSIAN_STEPS",
+]

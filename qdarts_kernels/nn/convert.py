@@ -1,0 +1,63 @@
+"""``quantize_``: swap a model's float layers for quantized ones, in place (torchao's convention)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from torch import nn
+
+from .layers import QuantConv2d, QuantLinear
+
+__all__ = ["quantize_"]
+
+_SWAPS = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+
+
+def quantize_(
+    model: nn.Module,
+    weight_bits=8,
+    act_bits=8,
+    *,
+    quantizer: str = "lsq",
+    act_signed: bool = True,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+    backend: Optional[str] = None,
+) -> nn.Module:
+    """Replace every ``nn.Conv2d`` and ``nn.Linear`` of ``model`` by a QuantConv2d / QuantLinear.
+
+    The new layers share the old layers' ``weight`` and ``bias`` Parameters (an optimizer built
+    before still updates them, and the float weights are kept); the quantizers' parameters (scales,
+    logits) are new, so build the optimizer after this call to train them. Only modules of exactly
+    these types are swapped (subclasses such as ``MultiheadAttention``'s out_proj use the weight
+    directly and are left alone), and only where ``filter_fn(module, fully_qualified_name)`` is
+    true when given.
+
+    Args:
+        weight_bits, act_bits: as for QuantConv2d (an int, or a tuple for mixed precision;
+            act_bits None leaves activations unquantized).
+        quantizer: "lsq" (default here: learnable scales, the QAT choice) or "paper".
+        act_signed: quantize activations on the signed grid. True by default because a layer's
+            input may be negative (e.g. the first layer); pass False when every quantized
+            layer's input is non-negative (after ReLU) to use the full unsigned range.
+        filter_fn: ``(module, fqn) -> bool`` choosing which matching layers to swap.
+        backend: ops backend for the quantizers, None for the automatic choice.
+
+    Returns ``model`` (modified in place).
+    """
+    if type(model) in _SWAPS:
+        raise ValueError("quantize_ swaps the children of model in place; model itself is a "
+                         f"{type(model).__name__}: wrap it in a container (e.g. nn.Sequential) first")
+    quant_kwargs = dict(weight_bits=weight_bits, act_bits=act_bits, quantizer=quantizer, act_signed=act_signed,
+                        backend=backend)
+    _swap_children(model, "", filter_fn, quant_kwargs)
+    return model
+
+
+def _swap_children(parent: nn.Module, prefix: str, filter_fn, quant_kwargs: dict) -> None:
+    for name, child in parent.named_children():
+        fqn = prefix + name
+        cls = _SWAPS.get(type(child))
+        if cls is not None and (filter_fn is None or filter_fn(child, fqn)):
+            setattr(parent, name, cls.from_float(child, **quant_kwargs))
+        else:
+            _swap_children(child, fqn + ".", filter_fn, quant_kwargs)

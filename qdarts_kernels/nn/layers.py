@@ -1,0 +1,168 @@
+"""Quantized convolution and linear layers: EdMIPS composite layers over fixed or mixed bit-widths.
+
+Because convolution (and a linear map) is bilinear,
+
+    sum_i sum_j p^a_i p^w_j conv(Q_i(x), Q_j(W)) = conv(sum_i p^a_i Q_i(x), sum_j p^w_j Q_j(W)),
+
+so one convolution on the mixed activation and the mixed weight (each one fused
+``mixed_fake_quant`` call) replaces the N_a * N_w convolutions of the naive mixed layer. With one
+bit-width each, this is ordinary quantization-aware training at fixed bits.
+
+The layers subclass ``nn.Conv2d`` / ``nn.Linear``, so their ``weight`` and ``bias`` keep their
+names and a float layer can be swapped in place (:func:`qdarts_kernels.nn.quantize_`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .quantizers import MixedPrecisionFakeQuantize
+
+__all__ = ["QuantConv2d", "QuantLinear"]
+
+#: bit-width reported for activations that are not quantized (fp32)
+UNQUANTIZED_BITS = 32.0
+
+
+class _QuantizedLayer:
+    """Quantizers, bit-width queries and MAC bookkeeping shared by QuantConv2d and QuantLinear."""
+
+    act_quant: Optional[MixedPrecisionFakeQuantize]
+    weight_quant: MixedPrecisionFakeQuantize
+
+    def _init_quantizers(self, out_channels: int, weight_bits, act_bits, quantizer: str, act_signed: bool,
+                         act_logits, weight_logits, backend, device) -> None:
+        fk = {"device": device}
+        lsq = quantizer == "lsq"
+        # LSQ weights per output channel (what PyTorch's QAT does for weights); paper weights
+        # decide per tensor / per channel themselves (per channel only with a bit-width >= 8)
+        self.weight_quant = MixedPrecisionFakeQuantize(
+            weight_bits, quantizer=quantizer, role="weight", per_channel_axis=0 if lsq else None,
+            num_channels=out_channels if lsq else None, logits=weight_logits, backend=backend, factory_kwargs=fk)
+        self.act_quant = None if act_bits is None else MixedPrecisionFakeQuantize(
+            act_bits, quantizer=quantizer, role="act", grid="signed" if act_signed else "unsigned",
+            logits=act_logits, backend=backend, factory_kwargs=fk)
+        if act_bits is None and act_logits is not None:
+            raise ValueError("act_logits were given but act_bits is None (activations not quantized)")
+        self.quantizer = quantizer
+        #: multiply-accumulates per sample of the last forward (0 before the first)
+        self.macs = 0
+
+    def expected_act_bits(self) -> Tensor:
+        """Differentiable ``sum_i p^a_i b_i``; 32 (a constant) when activations are not quantized."""
+        if self.act_quant is None:
+            return self.weight.new_tensor(UNQUANTIZED_BITS, dtype=torch.float32)
+        return self.act_quant.expected_bits()
+
+    def expected_weight_bits(self) -> Tensor:
+        """Differentiable ``sum_j p^w_j b_j``."""
+        return self.weight_quant.expected_bits()
+
+    def chosen_bits(self) -> Tuple[Optional[int], int]:
+        """(activation bits or None when not quantized, weight bits): the argmax of each set's logits."""
+        act = None if self.act_quant is None else self.act_quant.chosen_bits()
+        return act, self.weight_quant.chosen_bits()
+
+    def _quantized_input_and_weight(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        xq = x if self.act_quant is None else self.act_quant(x)
+        return xq, self.weight_quant(self.weight)
+
+    @staticmethod
+    def _check_quantizer(quantizer: str) -> None:
+        if quantizer not in ("paper", "lsq"):
+            raise ValueError(f"quantizer must be 'paper' or 'lsq', got {quantizer!r}")
+
+
+class QuantConv2d(_QuantizedLayer, nn.Conv2d):
+    """``conv(act_quant(x), weight_quant(W))``: an ``nn.Conv2d`` with fake-quantized input and weight.
+
+    Keyword arguments beyond ``nn.Conv2d``'s:
+        weight_bits, act_bits: an int (fixed) or a tuple of 1..4 ints (mixed, searched); act_bits
+            None leaves activations unquantized.
+        quantizer: "paper" (HWGQ activations, Gaussian mid-rise weights, the official code) or
+            "lsq" (learnable scales; weights per output channel); see ``quantizers``.
+        act_signed: use the signed activation grid (for inputs that can be negative).
+        act_logits, weight_logits: shared ``nn.Parameter`` logits (see MixedPrecisionFakeQuantize).
+        backend: ops backend, None for the automatic choice.
+
+    After a forward, ``macs`` holds the multiply-accumulates per sample
+    (``C_out * C_in/groups * kh * kw * H_out * W_out``) and ``input_hw`` the input's (H, W); both
+    are read from shapes, so recording them costs no sync.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 weight_bits=8, act_bits=8, quantizer: str = "paper", act_signed: bool = False,
+                 act_logits: Optional[nn.Parameter] = None, weight_logits: Optional[nn.Parameter] = None,
+                 backend: Optional[str] = None) -> None:
+        self._check_quantizer(quantizer)
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                           padding_mode, device, dtype)
+        self._init_quantizers(out_channels, weight_bits, act_bits, quantizer, act_signed, act_logits,
+                              weight_logits, backend, device)
+        kh, kw = self.kernel_size
+        self._macs_per_output_pixel = out_channels * (in_channels // groups) * kh * kw
+        self.input_hw: Optional[Tuple[int, int]] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        xq, wq = self._quantized_input_and_weight(x)
+        y = self._conv_forward(xq, wq, self.bias)
+        self.input_hw = (x.shape[-2], x.shape[-1])
+        self.macs = self._macs_per_output_pixel * y.shape[-2] * y.shape[-1]
+        return y
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, **quant_kwargs) -> "QuantConv2d":
+        """A QuantConv2d with ``conv``'s configuration that shares its weight and bias Parameters."""
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,
+                dtype=conv.weight.dtype, **quant_kwargs)
+        q.weight = conv.weight
+        q.bias = conv.bias
+        q.train(conv.training)
+        return q
+
+    def extra_repr(self) -> str:
+        return nn.Conv2d.extra_repr(self) + f", quantizer={self.quantizer!r}"
+
+
+class QuantLinear(_QuantizedLayer, nn.Linear):
+    """``linear(act_quant(x), weight_quant(W))``: an ``nn.Linear`` with fake-quantized input and weight.
+
+    Same keyword arguments as :class:`QuantConv2d`. ``macs`` = out_features * in_features times the
+    number of rows per sample (the product of x's middle dimensions; 1 for an [N, in] input).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 weight_bits=8, act_bits=8, quantizer: str = "paper", act_signed: bool = False,
+                 act_logits: Optional[nn.Parameter] = None, weight_logits: Optional[nn.Parameter] = None,
+                 backend: Optional[str] = None) -> None:
+        self._check_quantizer(quantizer)
+        nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
+        self._init_quantizers(out_features, weight_bits, act_bits, quantizer, act_signed, act_logits,
+                              weight_logits, backend, device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        xq, wq = self._quantized_input_and_weight(x)
+        y = nn.functional.linear(xq, wq, self.bias)
+        rows = 1
+        for d in x.shape[1:-1]:
+            rows = rows * d
+        self.macs = self.in_features * self.out_features * rows
+        return y
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, **quant_kwargs) -> "QuantLinear":
+        """A QuantLinear with ``linear``'s configuration that shares its weight and bias Parameters."""
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device,
+                dtype=linear.weight.dtype, **quant_kwargs)
+        q.weight = linear.weight
+        q.bias = linear.bias
+        q.train(linear.training)
+        return q
+
+    def extra_repr(self) -> str:
+        return nn.Linear.extra_repr(self) + f", quantizer={self.quantizer!r}"

@@ -1,0 +1,388 @@
+"""Fake-quantizer modules built on the public ops (one ``mixed_fake_quant`` call per forward).
+
+:class:`MixedPrecisionFakeQuantize` is the one quantizer of the family: a softmax over a set of
+1..4 bit-widths, ``y = sum_k softmax(logits)_k * Q(x; s_k, b_k)`` (DESIGN section 2), with either
+
+* ``quantizer="lsq"``: learnable scales (LSQ, Esser et al. 2020), initialised on the first batch
+  by ``s_k = 2 * mean|x| / sqrt(Qp_k)`` and trained with the gradient scaled by
+  ``1 / sqrt(n * Qp_k)`` (n = elements per scale, Qp_k = the largest positive level of bit-width
+  b_k in units of the step: 2^(b-1)-1 signed, 2^b-1 unsigned, 2^(b-1)-1/2 mid-rise; 1 for the
+  signed 1-bit grid, whose largest level is 0); or
+* ``quantizer="paper"``: the fixed quantizers of the official gradient-QDARTS / EdMIPS code, with
+  every scale computed on the device (the official code calls ``.item()`` here; we never do):
+
+  - activations, b < 8: HWGQ step per bit ``{1: 0.799, 2: 0.538, 3: 0.3217, 4: 0.185}`` on the
+    unsigned grid, ``y = D * round(clip(x, 0, (2^b - 1) D) / D)``; on the signed grid (inputs that
+    can be negative) the step of the full-Gaussian table below. Bit-widths 5..7, absent from the
+    paper, continue the table by halving the step per extra bit (the uniform-Gaussian optimum
+    shrinks by very nearly 1/2 per bit from 4 bits on).
+  - weights, b < 8: mid-rise grid, ``D_b = g_b * std(W)`` with ``g = {1: 1.596, 2: 0.996,
+    3: 0.586, 4: 0.336}`` (std unbiased, as ``Tensor.std``), and the identity (straight-through)
+    gradient to W, as in the official code.
+  - b >= 8: the scale that maps the largest magnitude to the top level, ``max|x| / Qp`` per tensor
+    for activations and ``max|W_c| / (2^(b-1) - 1/2)`` per output channel c for weights (weights
+    then use per-channel scales ``[K, C_out]``, the b < 8 rows broadcast over channels).
+
+  These scales take no gradient (they are functions of the data, not parameters).
+
+:class:`FakeQuantize` is the single-bit LSQ quantizer dressed for ``torch.ao.quantization``:
+``QConfig(activation=FakeQuantize.with_args(...), weight=FakeQuantize.with_args(...))`` works with
+``prepare_qat`` and ``convert``.
+
+Switches. Both classes subclass :class:`torch.ao.quantization.FakeQuantizeBase`, so
+``torch.ao.quantization.enable_observer / disable_observer / enable_fake_quant /
+disable_fake_quant`` apply to them. The ``uint8`` buffers of FakeQuantizeBase hold the switches in
+the ``state_dict``; the forward reads Python mirrors of them (set by the ``enable_*`` methods and
+on ``load_state_dict``), so no switch ever costs a host-device sync. Set the switches through the
+methods, not by writing the buffers. For the LSQ quantizer "observer enabled" means: the next
+forward initialises the scales from its batch if they have not been initialised yet
+(``reset_scales()`` re-arms it); the paper quantizer has no state to observe and ignores it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.ao.quantization import FakeQuantizeBase
+from torch.nn.parameter import UninitializedParameter
+
+from .. import ops
+from .._validation import grid_code, grid_params, normalize_bits
+
+__all__ = ["MixedPrecisionFakeQuantize", "FakeQuantize", "HWGQ_STEPS", "GAUSSIAN_STEPS"]
+
+#: HWGQ activation step per bit-width for a unit-variance (half-wave Gaussian) input.
+HWGQ_STEPS = {1: 0.799, 2: 0.538, 3: 0.3217, 4: 0.185}
+#: Mid-rise weight step per bit-width in units of std(W) (uniform quantizer of a unit Gaussian).
+GAUSSIAN_STEPS = {1: 1.596, 2: 0.996, 3: 0.586, 4: 0.336}
+#: From this bit-width on, the paper quantizers take their scale from the largest magnitude.
+PAPER_MAX_BITS = 8
+#: Smallest scale any data-derived initialisation produces (that of PyTorch's observers), so an
+#: all-zero batch cannot give a zero scale.
+MIN_SCALE = torch.finfo(torch.float32).eps
+
+_ROLES = ("act", "weight")
+_QUANTIZERS = ("lsq", "paper")
+
+
+def _table_step(table: dict, bits: int) -> float:
+    """Step for ``bits`` < 8 from a per-bit table, halving per bit past its last entry."""
+    last = max(table)
+    return table[bits] if bits in table else table[last] * 0.5 ** (bits - last)
+
+
+def _top_level(grid: int, bits: int) -> float:
+    """Qp: the largest positive level in units of the step (the LSQ normaliser)."""
+    qmin, qmax, z = grid_params(grid, bits)
+    top = qmax - z
+    return top if top > 0 else z - qmin
+
+
+def _other_dims(x: Tensor, axis: int) -> Tuple[int, ...]:
+    return tuple(d for d in range(x.dim()) if d != axis)
+
+
+class MixedPrecisionFakeQuantize(FakeQuantizeBase):
+    """``y = sum_k p_k * Q(x; s_k, b_k)`` with ``p = softmax(logits)``: one fused op per forward.
+
+    Args:
+        bits: one int or a tuple of 1..4 bit-widths in [1, 16].
+        grid: "signed" | "unsigned" | "midrise"; None picks the role's grid: activations
+            "unsigned"; weights "signed" (lsq) or "midrise" (paper, which requires it).
+        quantizer: "lsq" (learnable scales) or "paper" (fixed HWGQ / Gaussian steps), see the
+            module docstring.
+        role: "act" or "weight"; chooses the paper quantizer and the default grid.
+        per_channel_axis: channel dimension of x for per-channel scales (lsq), None for per
+            tensor. Paper weights with a bit-width >= 8 are always per channel along axis 0 (the
+            output channels) unless another axis is given.
+        num_channels: C for per-channel lsq scales; None creates them on the first batch (build
+            the optimizer after one forward then, or pass ``num_channels``).
+        logits: an ``nn.Parameter`` of shape [K] to share among several quantizers (e.g. the
+            convs of one DARTS op); None creates one (zeros) when K > 1. With K = 1 there are
+            no logits and probs() is [1].
+        backend: the ops backend, None for the automatic choice.
+        factory_kwargs: ``{"device": ..., "dtype": ...}`` for the parameters (what
+            ``torch.ao`` passes to weight fake-quant constructors); scales and logits are fp32
+            unless a dtype is given.
+    """
+
+    def __init__(
+        self,
+        bits=8,
+        *,
+        grid: Optional[str] = None,
+        quantizer: str = "lsq",
+        role: str = "act",
+        per_channel_axis: Optional[int] = None,
+        num_channels: Optional[int] = None,
+        logits: Optional[nn.Parameter] = None,
+        backend: Optional[str] = None,
+        factory_kwargs: Optional[dict] = None,
+    ) -> None:
+        super().__init__()
+        if quantizer not in _QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {list(_QUANTIZERS)}, got {quantizer!r}")
+        if role not in _ROLES:
+            raise ValueError(f"role must be one of {list(_ROLES)}, got {role!r}")
+        self.bits = normalize_bits(bits)
+        k = len(self.bits)
+        if grid is None:
+            grid = "unsigned" if role == "act" else ("signed" if quantizer == "lsq" else "midrise")
+        code = grid_code(grid)
+        if quantizer == "paper" and role == "weight" and grid != "midrise":
+            raise ValueError(f"the paper weight quantizer uses the midrise grid, got grid={grid!r}")
+        if quantizer == "paper" and role == "act" and grid == "midrise":
+            raise ValueError("the paper activation quantizer uses the unsigned or signed grid, got grid='midrise'")
+        if per_channel_axis is not None and (isinstance(per_channel_axis, bool) or not isinstance(per_channel_axis, int)):
+            raise ValueError(f"per_channel_axis must be an int or None, got {per_channel_axis!r}")
+        if num_channels is not None and (not isinstance(num_channels, int) or num_channels < 1):
+            raise ValueError(f"num_channels must be a positive int or None, got {num_channels!r}")
+        if num_channels is not None and per_channel_axis is None:
+            raise ValueError("num_channels is given but per_channel_axis is None (per-tensor scales)")
+        if quantizer == "paper" and role == "act" and per_channel_axis is not None:
+            raise ValueError("the paper activation quantizer is per tensor; per_channel_axis must be None")
+        if quantizer == "paper" and role == "weight" and per_channel_axis is None and max(self.bits) >= PAPER_MAX_BITS:
+            per_channel_axis = 0
+        self.grid, self.grid_code, self.quantizer, self.role = grid, code, quantizer, role
+        self.per_channel_axis = per_channel_axis
+        self.backend = backend
+        fk = dict(factory_kwargs or {})
+        device = fk.get("device")
+        pdtype = fk.get("dtype") or torch.float32
+
+        if logits is not None:
+            if k == 1:
+                raise ValueError("logits were given but there is only one bit-width")
+            if not isinstance(logits, nn.Parameter) or logits.shape != (k,):
+                raise ValueError(f"logits must be an nn.Parameter of shape [{k}], got {type(logits).__name__} "
+                                 f"of shape {list(getattr(logits, 'shape', []))}")
+            self.logits = logits
+        elif k > 1:
+            self.logits = nn.Parameter(torch.zeros(k, device=device, dtype=pdtype))
+        else:
+            self.logits = None
+        self.register_buffer("_unit_probs", torch.ones(1, device=device, dtype=pdtype), persistent=False)
+        self.register_buffer("_bits_f", torch.tensor(self.bits, device=device, dtype=torch.float32), persistent=False)
+
+        top = [_top_level(code, b) for b in self.bits]
+        if quantizer == "lsq":
+            # LSQ gradient scale 1/sqrt(n * Qp_k); the 1/sqrt(n) factor is applied per call
+            self.register_buffer("_grad_scale", torch.tensor([t**-0.5 for t in top], device=device,
+                                                             dtype=pdtype), persistent=False)
+            self.register_buffer("_init_factor", torch.tensor([2.0 / math.sqrt(t) for t in top],
+                                                              device=device, dtype=pdtype), persistent=False)
+            if per_channel_axis is None:
+                self.scales = nn.Parameter(torch.ones(k, device=device, dtype=pdtype))
+            elif num_channels is None:
+                self.scales = UninitializedParameter(device=device, dtype=pdtype)
+            else:
+                self.scales = nn.Parameter(torch.ones(k, num_channels, device=device, dtype=pdtype))
+            self.register_buffer("initialized", torch.zeros(1, dtype=torch.uint8, device=device))
+            self._register_load_state_dict_pre_hook(self._materialize_from_state_dict)
+        else:
+            table = HWGQ_STEPS if (role == "act" and grid == "unsigned") else GAUSSIAN_STEPS
+            steps = [_table_step(table, b) if b < PAPER_MAX_BITS else 1.0 for b in self.bits]
+            self.register_buffer("_steps", torch.tensor(steps, device=device, dtype=torch.float32), persistent=False)
+            self.register_buffer("_by_max", torch.tensor([b >= PAPER_MAX_BITS for b in self.bits], device=device),
+                                 persistent=False)
+            self.register_buffer("_inv_top", torch.tensor([1.0 / t for t in top], device=device), persistent=False)
+            self._any_by_max = max(self.bits) >= PAPER_MAX_BITS
+        self._fake_quant_on = True
+        self._observer_on = True
+        self._needs_init = quantizer == "lsq"
+
+    # -- switches (python mirrors of the FakeQuantizeBase buffers: no host sync in forward) -------
+
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        super().enable_fake_quant(enabled)
+        self._fake_quant_on = bool(enabled)
+
+    def enable_observer(self, enabled: bool = True) -> None:
+        super().enable_observer(enabled)
+        self._observer_on = bool(enabled)
+
+    def reset_scales(self) -> None:
+        """Re-arm the LSQ initialisation: the next forward with the observer on sets the scales."""
+        if self.quantizer != "lsq":
+            raise RuntimeError("reset_scales applies to the lsq quantizer only")
+        self.initialized.zero_()
+        self._needs_init = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # loading is not on the hot path: reading the switches back to the host here is fine
+        self._fake_quant_on = bool(self.fake_quant_enabled[0])
+        self._observer_on = bool(self.observer_enabled[0])
+        if self.quantizer == "lsq":
+            self._needs_init = not bool(self.initialized[0])
+
+    def _materialize_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "scales"
+        if isinstance(self.scales, UninitializedParameter) and key in state_dict:
+            self.scales.materialize(state_dict[key].shape)
+
+    # -- the quantizer --------------------------------------------------------------------------
+
+    @property
+    def num_bits(self) -> int:
+        """K, the number of bit-widths."""
+        return len(self.bits)
+
+    def probs(self) -> Tensor:
+        """softmax(logits), or [1] for a single bit-width."""
+        return self._unit_probs if self.logits is None else torch.softmax(self.logits, 0)
+
+    def expected_bits(self) -> Tensor:
+        """Differentiable expected bit-width ``sum_k p_k b_k`` (a 0-d tensor)."""
+        if self.logits is None:
+            return self._bits_f[0]
+        return (torch.softmax(self.logits.float(), 0) * self._bits_f).sum()
+
+    def chosen_bits(self) -> int:
+        """The bit-width of the largest logit (reads the logits back to the host)."""
+        if self.logits is None:
+            return self.bits[0]
+        return self.bits[int(torch.argmax(self.logits.detach()))]
+
+    def _axis(self, x: Tensor) -> Optional[int]:
+        ax = self.per_channel_axis
+        if ax is not None and not -x.dim() <= ax < x.dim():
+            raise ValueError(f"per_channel_axis {ax} is out of range for an input with {x.dim()} dimensions")
+        return None if ax is None else ax % x.dim()
+
+    @torch.no_grad()
+    def _init_lsq_scales(self, x: Tensor, axis: Optional[int]) -> None:
+        """LSQ rule ``s_k = 2 mean|x| / sqrt(Qp_k)``, per tensor or per channel; on the device."""
+        xa = x.detach().abs().float()
+        if axis is None:
+            mean_abs = xa.mean().reshape(1)
+            init = self._init_factor * mean_abs
+        else:
+            if isinstance(self.scales, UninitializedParameter):
+                self.scales.materialize((self.num_bits, x.shape[axis]))
+            elif self.scales.shape[1] != x.shape[axis]:
+                raise ValueError(f"x has {x.shape[axis]} channels along axis {axis} but the quantizer has "
+                                 f"{self.scales.shape[1]} per-channel scales")
+            mean_abs = xa.mean(dim=_other_dims(x, axis))
+            init = self._init_factor[:, None] * mean_abs[None, :]
+        self.scales.copy_(init.clamp_min(MIN_SCALE))
+        self.initialized.fill_(1)
+        self._needs_init = False
+
+    def _lsq_scales(self, x: Tensor, axis: Optional[int]) -> Tensor:
+        if self._needs_init and self._observer_on:
+            self._init_lsq_scales(x, axis)
+        s = self.scales
+        per_scale = x.numel() if axis is None else x.numel() // x.shape[axis]
+        g = self._grad_scale * (per_scale ** -0.5)
+        if axis is not None:
+            g = g[:, None]
+        # value exactly s (s - s.detach() is exactly 0), gradient g * ds: LSQ gradient scaling
+        return s.detach() + (s - s.detach()) * g
+
+    def _paper_scales(self, x: Tensor, axis: Optional[int]) -> Tensor:
+        xd = x.detach()
+        if self.role == "act":
+            if not self._any_by_max:
+                return self._steps
+            by_max = xd.abs().amax().float().clamp_min(MIN_SCALE) * self._inv_top
+            return torch.where(self._by_max, by_max, self._steps)
+        std = xd.float().std()
+        if axis is None:
+            return self._steps * std
+        max_c = xd.abs().amax(dim=_other_dims(xd, axis)).float()
+        by_max = (max_c[None, :] * self._inv_top[:, None]).clamp_min(MIN_SCALE)
+        return torch.where(self._by_max[:, None], by_max, (self._steps * std)[:, None])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._fake_quant_on:
+            return x
+        axis = self._axis(x)
+        probs = self.probs()
+        if self.quantizer == "lsq":
+            return ops.mixed_fake_quant(x, probs, self._lsq_scales(x, axis), self.bits, grid=self.grid,
+                                        axis=axis, backend=self.backend)
+        scales = self._paper_scales(x, axis)
+        if self.role == "act":
+            return ops.mixed_fake_quant(x, probs, scales, self.bits, grid=self.grid, axis=axis,
+                                        backend=self.backend)
+        y = ops.mixed_fake_quant(x.detach(), probs, scales, self.bits, grid=self.grid, axis=axis,
+                                 backend=self.backend)
+        # identity gradient to the weights (official code); x - x.detach() is exactly 0
+        return y + (x - x.detach()) if x.requires_grad else y
+
+    @torch.jit.unused
+    def calculate_qparams(self) -> Tuple[Tensor, Tensor]:
+        """(scale, zero_point) of the chosen bit-width, for ``torch.ao.quantization.convert``.
+
+        Defined for lsq scales on the signed and unsigned grids (zero point 0); the midrise grid
+        has no integer zero point and the paper scales depend on each batch.
+        """
+        if self.quantizer != "lsq":
+            raise RuntimeError("calculate_qparams: the paper quantizer's scales depend on each batch; "
+                               "use quantizer='lsq' for a convertible model")
+        if self.grid == "midrise":
+            raise RuntimeError("calculate_qparams: the midrise grid (zero point 1/2) has no integer qparams")
+        k = self.bits.index(self.chosen_bits())
+        scale = self.scales.detach()[k].reshape(-1).float()
+        return scale, torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
+
+    def extra_repr(self) -> str:
+        return (f"bits={self.bits}, grid={self.grid!r}, quantizer={self.quantizer!r}, role={self.role!r}, "
+                f"per_channel_axis={self.per_channel_axis}, backend={self.backend!r}")
+
+
+class FakeQuantize(MixedPrecisionFakeQuantize):
+    """Learnable (LSQ) single bit-width fake quantizer for ``torch.ao.quantization`` QAT.
+
+    ``y = Q(x; s, bits)`` on the signed (``dtype`` qint8, zero point 0, ``per_*_symmetric``) or
+    unsigned (quint8, zero point 0, ``per_*_affine``) grid, per tensor or per channel
+    (``ch_axis``), scale initialised from the first batch and learned with LSQ gradient scaling.
+    With a fixed scale this is bit for bit ``torch.fake_quantize_per_tensor_affine`` /
+    ``_per_channel_affine`` (zero point 0), and its gradients are those of
+    ``torch._fake_quantize_learnable_per_tensor_affine`` with ``grad_factor = 1/sqrt(n * Qp)``.
+
+    Use as ``QConfig(activation=FakeQuantize.with_args(bits=8, grid="unsigned"),
+    weight=FakeQuantize.with_args(bits=8, ch_axis=0))`` with ``prepare_qat``; per-channel scales
+    are created on the first batch (build the optimizer after one forward, or pass
+    ``num_channels``). ``convert`` takes ``calculate_qparams``, ``dtype``, ``qscheme``,
+    ``ch_axis``, ``quant_min`` and ``quant_max`` from it (bits <= 8 convert to int8 kernels).
+    """
+
+    def __init__(
+        self,
+        bits: int = 8,
+        *,
+        grid: str = "signed",
+        ch_axis: Optional[int] = None,
+        num_channels: Optional[int] = None,
+        backend: Optional[str] = None,
+        factory_kwargs: Optional[dict] = None,
+    ) -> None:
+        if isinstance(bits, bool) or not isinstance(bits, int):
+            raise ValueError(f"bits must be one int for FakeQuantize, got {bits!r}")
+        if grid not in ("signed", "unsigned"):
+            raise ValueError(f"grid must be 'signed' or 'unsigned' for FakeQuantize, got {grid!r}")
+        super().__init__(bits, grid=grid, quantizer="lsq", role="act", per_channel_axis=ch_axis,
+                         num_channels=num_channels, backend=backend, factory_kwargs=factory_kwargs)
+        qmin, qmax, _ = grid_params(self.grid_code, bits)
+        self.quant_min, self.quant_max = int(qmin), int(qmax)
+        signed = grid == "signed"
+        self.dtype = (torch.qint8 if signed else torch.quint8) if bits <= 8 else torch.qint32
+        per_channel = ch_axis is not None
+        self.qscheme = ((torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric) if signed
+                        else (torch.per_channel_affine if per_channel else torch.per_tensor_affine))
+        self.ch_axis = -1 if ch_axis is None else ch_axis
+        self.is_dynamic = False
+
+    @property
+    def scale(self) -> Tensor:
+        """The scale: 0-d (per tensor) or shape [C] (per channel)."""
+        return self.scales[0]
+
+    def extra_repr(self) -> str:
+        return (f"bits={self.bits[0]}, grid={self.grid!r}, quant_min={self.quant_min}, quant_max={self.quant_max}, "
+                f"qscheme={self.qscheme}, ch_axis={self.ch_axis}, backend={self.backend!r}")

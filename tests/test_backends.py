@@ -1,0 +1,288 @@
+"""Every backend against the pure-PyTorch reference: forward and every gradient.
+
+One parametrised matrix serves all backends (reference, cpu, triton, cuda; see conftest.py). The
+forward is compared *exactly* (every backend computes the same fp32 operations in the same order,
+with no fused multiply-add), so a wrong rounding tie or a wrong clamp shows up as a mismatch. The
+input gradient is exact for K = 1 (it is g * in) and within a few ulps otherwise; the reduced
+gradients (probs, scales, weights) differ from the reference only by summation order, so they are
+compared with a tolerance far below the contribution of a single wrongly quantized element.
+"""
+
+import math
+
+import pytest
+import torch
+
+import qdarts_kernels as qk
+from qdarts_kernels import reference as ref
+from qdarts_kernels._validation import grid_params, GRIDS
+
+BIT_SETS = [(8,), (2, 4), (2, 4, 8), (1, 3, 5, 16)]
+GRID_NAMES = list(GRIDS)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _scales_for(x: torch.Tensor, bits, grid: str, axis, gen) -> torch.Tensor:
+    """Per-bit scales that put part of x outside the clip range (so masks are exercised)."""
+    code = GRIDS[grid]
+    base = x.detach().float().abs().mean().clamp_min(1e-3) * 2.0
+    rows = []
+    for b in bits:
+        qmax = grid_params(code, b).qmax
+        s = base / max(qmax, 1.0)
+        if axis is None:
+            rows.append(s * (0.5 + torch.rand((), generator=gen)))
+        else:
+            rows.append(s * (0.5 + torch.rand(x.shape[axis], generator=gen)))
+    return torch.stack(rows).float()
+
+
+def _probs(k: int, gen) -> torch.Tensor:
+    return torch.softmax(torch.randn(k, generator=gen), 0)
+
+
+def _leaf(t: torch.Tensor, device, requires_grad: bool = True) -> torch.Tensor:
+    """A fresh leaf copy of t on device (never t itself, so the reference's inputs stay untouched)."""
+    return t.detach().to(device).clone().requires_grad_(requires_grad)
+
+
+def _assert_exact(actual, expected, what):
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def _grad_tol(dtype):
+    # relative tolerance of a reduction whose order differs; a single mis-quantized element of the
+    # test tensors changes these sums by far more
+    return {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}[dtype]
+
+
+def check_mixed_fake_quant(backend, device, x, probs, scales, bits, grid, axis, grad=None, needs=(True, True, True)):
+    """Compare forward and the requested gradients of one call with the reference on CPU."""
+    gen = torch.Generator().manual_seed(1)
+    xb, pb, sb = (_leaf(t, device, n) for t, n in zip((x, probs, scales), needs))
+    xr, pr, sr = (_leaf(t, "cpu", n) for t, n in zip((x, probs, scales), needs))
+    yb = qk.mixed_fake_quant(xb, pb, sb, bits, grid=grid, axis=axis, backend=backend)
+    yr = ref.mixed_fake_quant(xr, pr, sr, bits, grid=grid, axis=axis)
+    assert yb.dtype == x.dtype and yb.shape == x.shape
+    _assert_exact(yb.cpu(), yr, f"forward {backend} bits={bits} grid={grid} axis={axis} {x.dtype}")
+    if not any(needs):
+        return
+    g = grad if grad is not None else torch.randn(x.shape, generator=gen).to(x.dtype)
+    yb.backward(g.to(device))
+    yr.backward(g)
+    if needs[0]:
+        if len(bits) == 1:
+            _assert_exact(xb.grad.cpu(), xr.grad, "dx")
+        else:
+            tol = 1e-6 if x.dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(xb.grad.cpu(), xr.grad, rtol=tol, atol=tol, msg=lambda m: f"dx: {m}")
+    tol = _grad_tol(x.dtype)
+    scale = math.sqrt(max(x.numel(), 1))
+    if needs[1]:
+        torch.testing.assert_close(pb.grad.cpu(), pr.grad, rtol=tol, atol=tol * scale, equal_nan=True, msg=lambda m: f"dprobs: {m}")
+    if needs[2]:
+        torch.testing.assert_close(sb.grad.cpu(), sr.grad, rtol=tol, atol=tol * scale, equal_nan=True, msg=lambda m: f"dscales: {m}")
+
+
+@pytest.mark.parametrize("bits", BIT_SETS, ids=lambda b: "b" + "-".join(map(str, b)))
+@pytest.mark.parametrize("grid", GRID_NAMES)
+@pytest.mark.parametrize("axis", [None, 1])
+def test_mixed_fake_quant_matrix(backend_device, bits, grid, axis):
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(hash((bits, grid, axis)) % 2**31)
+    x = torch.randn(3, 5, 7, 11, generator=gen) * 2
+    scales = _scales_for(x, bits, grid, axis, gen)
+    check_mixed_fake_quant(backend, device, x, _probs(len(bits), gen), scales, bits, grid, axis)
+
+
+@pytest.mark.parametrize(
+    "shape,axis",
+    [((0,), None), ((1,), None), ((7,), None), ((4097,), None), ((0, 3), 1), ((5, 1), 1), ((13, 6), 0),
+     ((2, 3, 17, 5), -1), ((2, 3, 17, 5), 2), ((1, 1, 1), 0)],
+    ids=str,
+)
+def test_mixed_fake_quant_shapes(backend_device, shape, axis):
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=gen) * 3
+    bits = (2, 4, 8)
+    scales = _scales_for(x, bits, "signed", axis, gen) if x.numel() else torch.ones(
+        (3,) if axis is None else (3, x.shape[axis]))
+    check_mixed_fake_quant(backend, device, x, _probs(3, gen), scales, bits, "signed", axis)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("axis", [None, 0])
+def test_mixed_fake_quant_dtypes(backend_device, dtype, axis):
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(9, 301, generator=gen) * 2).to(dtype)
+    for bits in [(4,), (2, 4, 8)]:
+        scales = _scales_for(x, bits, "unsigned", axis, gen)
+        check_mixed_fake_quant(backend, device, x, _probs(len(bits), gen), scales, bits, "unsigned", axis)
+
+
+@pytest.mark.parametrize("grid", GRID_NAMES)
+def test_rounding_ties_are_half_to_even(backend_device, grid):
+    """x placed exactly on the midpoints between levels: a floor(v + 0.5) rounding fails here."""
+    backend, device = backend_device
+    z = grid_params(GRIDS[grid], 4).zero_point
+    s = 0.25  # a power of two, so x * (1/s) + z is exact and lands exactly on .5
+    n = torch.arange(-20, 21, dtype=torch.float32)
+    x = (n + 0.5 - z) * s
+    v = x / s + z
+    assert torch.equal(v - v.floor(), torch.full_like(v, 0.5))
+    scales = torch.tensor([s])
+    check_mixed_fake_quant(backend, device, x, torch.ones(1), scales, (4,), grid, None)
+    y = qk.mixed_fake_quant(x.to(device), torch.ones(1, device=device), scales.to(device), (4,), grid=grid,
+                            backend=backend).cpu()
+    qmin, qmax, _ = grid_params(GRIDS[grid], 4)
+    expected = (torch.round(v).clamp(qmin, qmax) - z) * s
+    assert torch.equal(y, expected)
+    assert not torch.equal(y, (torch.floor(v + 0.5).clamp(qmin, qmax) - z) * s)
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
+                                   (True, True, False), (False, False, False)], ids=str)
+def test_mixed_fake_quant_partial_gradients(backend_device, needs):
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 33, generator=gen)
+    bits = (2, 8)
+    check_mixed_fake_quant(backend, device, x, _probs(2, gen), _scales_for(x, bits, "midrise", 0, gen), bits,
+                           "midrise", 0, needs=needs)
+
+
+def test_mixed_fake_quant_non_contiguous(backend_device):
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(8, 12, 10, generator=gen)
+    x = base.transpose(0, 2)[:, ::2]  # non-contiguous view, shape [10, 6, 8]
+    assert not x.is_contiguous()
+    bits = (2, 4)
+    check_mixed_fake_quant(backend, device, x, _probs(2, gen), _scales_for(x, bits, "signed", 1, gen), bits,
+                           "signed", 1)
+
+
+def test_mixed_fake_quant_special_values(backend_device):
+    """NaN and +-inf behave as in the reference (no crash, no silent change)."""
+    backend, device = backend_device
+    x = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 1e-30, 3.0])
+    bits = (2, 4)
+    scales = torch.tensor([0.5, 0.125])
+    probs = torch.tensor([0.25, 0.75])
+    grad = torch.ones_like(x)
+    check_mixed_fake_quant(backend, device, x, probs, scales, bits, "signed", None, grad=grad,
+                           needs=(True, True, False))
+    finite = x[torch.isfinite(x)]
+    check_mixed_fake_quant(backend, device, finite, probs, scales, bits, "signed", None)
+
+
+def test_mixed_fake_quant_deterministic(backend_device):
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 129, generator=gen).to(device)
+    probs, scales = _probs(3, gen).to(device), _scales_for(x, (2, 4, 8), "signed", None, gen).to(device)
+    g = torch.randn(x.shape, generator=gen).to(device)
+    grads = []
+    for _ in range(2):
+        p, s = probs.clone().requires_grad_(), scales.clone().requires_grad_()
+        qk.mixed_fake_quant(x, p, s, (2, 4, 8), backend=backend).backward(g)
+        grads.append((p.grad, s.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_fake_quant_matches_torch(backend_device):
+    """Single-bit signed fake_quant is bit for bit PyTorch's fake-quant, forward and gradients."""
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(4, 6, 9, generator=gen) * 2
+    g = torch.randn(x.shape, generator=gen)
+    for bits in (2, 4, 8):
+        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        # per tensor
+        s = torch.tensor([0.0371])
+        xb, sb = _leaf(x, device), _leaf(s, device)
+        y = qk.fake_quant(xb, sb, bits, backend=backend)
+        _assert_exact(y.cpu(), torch.fake_quantize_per_tensor_affine(x, 0.0371, 0, qmin, qmax), "per-tensor fwd")
+        y.backward(g.to(device))
+        xt, st = x.clone().requires_grad_(), s.clone().requires_grad_()
+        torch._fake_quantize_learnable_per_tensor_affine(xt, st, torch.zeros(1), qmin, qmax, 1.0).backward(g)
+        _assert_exact(xb.grad.cpu(), xt.grad, "per-tensor dx")
+        torch.testing.assert_close(sb.grad.cpu(), st.grad, rtol=1e-5, atol=1e-4)
+        # per channel, on two different axes
+        for axis in (0, 2):
+            c = x.shape[axis]
+            sc = 0.02 + torch.rand(c, generator=gen) * 0.1
+            zp = torch.zeros(c, dtype=torch.int32)
+            xb, sb = _leaf(x, device), _leaf(sc, device)
+            y = qk.fake_quant(xb, sb, bits, axis=axis, backend=backend)
+            _assert_exact(y.cpu(), torch.fake_quantize_per_channel_affine(x, sc, zp, axis, qmin, qmax),
+                          "per-channel fwd")
+            y.backward(g.to(device))
+            xt, st = x.clone().requires_grad_(), sc.clone().requires_grad_()
+            torch._fake_quantize_learnable_per_channel_affine(xt, st, zp.float(), axis, qmin, qmax, 1.0).backward(g)
+            _assert_exact(xb.grad.cpu(), xt.grad, "per-channel dx")
+            torch.testing.assert_close(sb.grad.cpu(), st.grad, rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# mixed_op_sum
+# --------------------------------------------------------------------------------------------------
+
+
+def check_mixed_op_sum(backend, device, outputs, weights, needs=(True, True), stacked=False):
+    gen = torch.Generator().manual_seed(4)
+    ob = [_leaf(o, device, needs[0]) for o in outputs]
+    orf = [_leaf(o, "cpu", needs[0]) for o in outputs]
+    wb, wr = _leaf(weights, device, needs[1]), _leaf(weights, "cpu", needs[1])
+    arg = torch.stack(ob) if stacked else ob
+    yb = qk.mixed_op_sum(arg, wb, backend=backend)
+    yr = ref.mixed_op_sum(orf, wr)
+    _assert_exact(yb.cpu(), yr, f"mixed_op_sum forward {backend}")
+    if not any(needs):
+        return
+    g = torch.randn(yr.shape, generator=gen).to(yr.dtype)
+    yb.backward(g.to(device))
+    yr.backward(g)
+    if needs[0]:
+        for a, b in zip(ob, orf):
+            _assert_exact(a.grad.cpu(), b.grad, "d outputs")
+    if needs[1]:
+        tol = _grad_tol(outputs[0].dtype)
+        n = math.sqrt(max(outputs[0].numel(), 1))
+        torch.testing.assert_close(wb.grad.cpu(), wr.grad, rtol=tol, atol=tol * n)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 8])
+@pytest.mark.parametrize("shape", [(0,), (1,), (3, 7), (2, 5, 9, 7), (4099,)], ids=str)
+def test_mixed_op_sum_matrix(backend_device, k, shape):
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(k * 31 + len(shape))
+    outs = [torch.randn(shape, generator=gen) for _ in range(k)]
+    check_mixed_op_sum(backend, device, outs, torch.softmax(torch.randn(k, generator=gen), 0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mixed_op_sum_dtypes_and_stacked(backend_device, dtype):
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(8)
+    outs = [torch.randn(3, 257, generator=gen).to(dtype) for _ in range(8)]
+    w = torch.softmax(torch.randn(8, generator=gen), 0)
+    check_mixed_op_sum(backend, device, outs, w)
+    check_mixed_op_sum(backend, device, outs, w, stacked=True)
+
+
+@pytest.mark.parametrize("needs", [(True, False), (False, True), (False, False)], ids=str)
+def test_mixed_op_sum_partial_gradients(backend_device, needs):
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(6)
+    outs = [torch.randn(5, 31, generator=gen) for _ in range(3)]
+    check_mixed_op_sum(backend, device, outs, torch.rand(3, generator=gen), needs=needs)
+
+
+def test_mixed_op_sum_non_contiguous(backend_device):
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(12)
+    outs = [torch.randn(9, 14, generator=gen).t() for _ in range(4)]
+    check_mixed_op_sum(backend, device, outs, torch.rand(4, generator=gen))

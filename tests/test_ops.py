@@ -1,0 +1,258 @@
+"""The public ops as PyTorch operators: opcheck, torch.compile, gradcheck, backend choice, bad input."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import qdarts_kernels as qk
+from qdarts_kernels import reference as ref
+
+CPU_SIDE_BACKENDS = [b for b in ("reference", "cpu", "triton") if b in qk.available_backends()
+                     and (b != "triton" or os.environ.get("TRITON_INTERPRET") == "1")]
+
+
+def _mfq_args(backend, per_channel=False, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 3, 5, generator=gen) * 2).to(dtype).requires_grad_()
+    probs = torch.softmax(torch.randn(3, generator=gen), 0).requires_grad_()
+    scales = (torch.rand((3, 3) if per_channel else (3,), generator=gen) * 0.2 + 0.05).requires_grad_()
+    return (x, probs, scales, [2, 4, 8], 0, 1 if per_channel else -1, backend)
+
+
+@pytest.mark.parametrize("backend", CPU_SIDE_BACKENDS)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_opcheck_mixed_fake_quant(backend, per_channel):
+    torch.library.opcheck(torch.ops.qdarts.mixed_fake_quant.default, _mfq_args(backend, per_channel))
+
+
+@pytest.mark.parametrize("backend", CPU_SIDE_BACKENDS)
+def test_opcheck_mixed_fake_quant_backward(backend):
+    x, probs, scales, bits, grid, axis, _ = _mfq_args(backend)
+    g = torch.randn(x.shape)
+    for needs in [(True, True, True), (True, False, False), (False, True, True)]:
+        torch.library.opcheck(torch.ops.qdarts.mixed_fake_quant_backward.default,
+                              (g, x.detach(), probs.detach(), scales.detach(), bits, grid, axis, backend, *needs))
+
+
+@pytest.mark.parametrize("backend", CPU_SIDE_BACKENDS)
+def test_opcheck_mixed_op_sum(backend):
+    gen = torch.Generator().manual_seed(0)
+    outs = [torch.randn(3, 7, generator=gen).requires_grad_() for _ in range(5)]
+    w = torch.softmax(torch.randn(5, generator=gen), 0).requires_grad_()
+    torch.library.opcheck(torch.ops.qdarts.mixed_op_sum.default, (outs, w, backend))
+    g = torch.randn(3, 7, generator=gen)
+    torch.library.opcheck(torch.ops.qdarts.mixed_op_sum_backward.default,
+                          (g, [o.detach() for o in outs], w.detach(), backend, True, True))
+
+
+def test_gradcheck_reference_float64():
+    """Finite differences agree with the reference wherever the op is differentiable."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
+    probs = torch.rand(3, generator=gen, dtype=torch.float64).requires_grad_()
+    scales = torch.rand(3, 4, generator=gen, dtype=torch.float64) * 0.3 + 0.05
+    # Q is piecewise constant in x and s (its gradient there is the straight-through estimate, not
+    # the derivative), but y is exactly linear in probs.
+    assert torch.autograd.gradcheck(lambda p: ref.mixed_fake_quant(x, p, scales, (2, 4, 8), axis=1), (probs,))
+    assert torch.autograd.gradcheck(
+        lambda p: qk.mixed_fake_quant(x, p, scales, (2, 4, 8), axis=1, backend="reference"), (probs,))
+    outs = [torch.randn(2, 3, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(4)]
+    w = torch.rand(4, generator=gen, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda w, *o: ref.mixed_op_sum(list(o), w), (w, *outs))
+    assert torch.autograd.gradcheck(lambda w, *o: qk.mixed_op_sum(list(o), w, backend="reference"), (w, *outs))
+
+
+def test_straight_through_gradients_match_formula_float64():
+    """In the interior of a quantization bin, ds equals the LSQ formula and dx the clip mask."""
+    x = torch.tensor([0.26, -0.9, 5.0, -5.0], dtype=torch.float64, requires_grad=True)
+    s = torch.tensor([0.5], dtype=torch.float64, requires_grad=True)
+    y = ref.fake_quant(x, s, 3)  # signed 3 bit: q in [-4, 3]
+    y.sum().backward()
+    q = torch.tensor([1.0, -2.0, 3.0, -4.0], dtype=torch.float64)
+    inside = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    assert torch.equal(x.grad, inside)
+    expected_ds = (q - inside * x.detach() / 0.5).sum()
+    torch.testing.assert_close(s.grad, expected_ds.reshape(1))
+
+
+class _TinyQuantNet(torch.nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+        self.lin = torch.nn.Linear(16, 16)
+        self.logits = torch.nn.Parameter(torch.zeros(3))
+        self.scales = torch.nn.Parameter(torch.tensor([0.3, 0.1, 0.01]))
+        self.alpha = torch.nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        h = self.lin(x)
+        q = qk.mixed_fake_quant(h, torch.softmax(self.logits, 0), self.scales, (2, 4, 8), backend=self.backend)
+        single = qk.fake_quant(h, self.scales[2:], 8, backend=self.backend)
+        return qk.mixed_op_sum([q, torch.relu(h), single], torch.softmax(self.alpha, 0), backend=self.backend)
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_SIDE_BACKENDS if b != "triton"])
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _TinyQuantNet(backend)
+    x = torch.randn(8, 16)
+    eager = model(x)
+    eager.sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager)
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_torch_compile_inductor():
+    """Inductor (the default compiler) also traces the ops as opaque custom ops, without graph breaks."""
+    torch._dynamo.reset()
+    model = _TinyQuantNet(None)
+    x = torch.randn(8, 16)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+# --------------------------------------------------------------------------------------------------
+# backend choice
+# --------------------------------------------------------------------------------------------------
+
+
+def test_available_backends_lists_reference():
+    names = qk.available_backends()
+    assert "reference" in names
+    assert set(names) <= {"reference", "cpu", "cuda", "triton"}
+
+
+def test_backend_env_override(monkeypatch):
+    from qdarts_kernels import _backends
+
+    monkeypatch.setenv("QDARTS_BACKEND", "reference")
+    assert _backends.resolve(None, torch.device("cpu")) == "reference"
+    monkeypatch.setenv("QDARTS_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        qk.mixed_op_sum([torch.ones(2)], torch.ones(1))
+    monkeypatch.delenv("QDARTS_BACKEND")
+    expected = "cpu" if "cpu" in qk.available_backends() else "reference"
+    assert _backends.resolve(None, torch.device("cpu")) == expected
+
+
+def test_wrong_device_for_backend():
+    if not torch.cuda.is_available():
+        with pytest.raises((ValueError, RuntimeError), match="cuda"):
+            qk.mixed_op_sum([torch.ones(2)], torch.ones(1), backend="cuda")
+
+
+def test_missing_extension_falls_back_with_one_warning(tmp_path):
+    """Without _C the library still works on the reference and says so once."""
+    script = textwrap.dedent(
+        """
+        import sys, warnings, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "qdarts_kernels._C":
+                    raise ImportError("blocked for the test")
+        sys.meta_path.insert(0, Block())
+        import torch
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            import qdarts_kernels as qk
+            x = torch.randn(10)
+            ys = [qk.mixed_fake_quant(x, torch.ones(1), torch.tensor([0.1]), (4,)) for _ in range(3)]
+        msgs = [str(m.message) for m in w if "qdarts_kernels._C" in str(m.message)]
+        assert len(msgs) == 1, msgs
+        assert "cpu" not in qk.available_backends()
+        assert torch.equal(ys[0], qk.reference.mixed_fake_quant(x, torch.ones(1), torch.tensor([0.1]), (4,)))
+        print("OK")
+        """
+    )
+    env = dict(os.environ, QDARTS_BACKEND="")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input: a clear error naming the argument
+# --------------------------------------------------------------------------------------------------
+
+X = torch.randn(4, 3)
+P2 = torch.tensor([0.5, 0.5])
+S2 = torch.tensor([0.1, 0.2])
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(bits=(0, 4)), ValueError, "bits must be in"),
+        (dict(bits=(4, 17)), ValueError, "bits must be in"),
+        (dict(bits=(2, 4, 8, 16, 3), probs=torch.ones(5) / 5, scales=torch.ones(5)), ValueError, "1..4"),
+        (dict(bits=()), ValueError, "1..4"),
+        (dict(bits=(2.0, 4)), ValueError, "bits must hold ints"),
+        (dict(grid="asym"), ValueError, "grid must be one of"),
+        (dict(probs=torch.ones(3)), ValueError, "probs must have shape"),
+        (dict(scales=torch.ones(3)), ValueError, "scales must have shape"),
+        (dict(axis=1), ValueError, r"scales must have shape \[2, 3\]"),
+        (dict(axis=2, scales=torch.ones(2, 3)), ValueError, "axis 2 is out of range"),
+        (dict(scales=torch.tensor([0.1, 0.0])), ValueError, "scales must be > 0"),
+        (dict(scales=torch.tensor([0.1, -1.0])), ValueError, "scales must be > 0"),
+        (dict(scales=torch.tensor([0.1, float("nan")])), ValueError, "scales must be finite"),
+        (dict(scales=torch.tensor([float("inf"), 1.0])), ValueError, "scales must be finite"),
+        (dict(x=torch.ones(4, 3, dtype=torch.int32)), TypeError, "x must have a floating dtype"),
+        (dict(probs=torch.ones(2, dtype=torch.int64)), TypeError, "probs must have a floating dtype"),
+        (dict(x=[1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
+        (dict(probs=torch.ones(2, device="meta")), ValueError, "probs is on meta"),
+        (dict(backend="gpu"), ValueError, "backend must be one of"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_mixed_fake_quant_bad_input(kwargs, exc, match):
+    args = dict(x=X, probs=P2, scales=S2, bits=(2, 4), grid="signed", axis=None)
+    args.update(kwargs)
+    backend = args.pop("backend", None)
+    with pytest.raises(exc, match=match):
+        qk.mixed_fake_quant(args.pop("x"), args.pop("probs"), args.pop("scales"), args.pop("bits"), backend=backend,
+                            **args)
+
+
+def test_float64_needs_the_reference_backend():
+    x = torch.randn(5, dtype=torch.float64)
+    if "cpu" in qk.available_backends():
+        with pytest.raises(TypeError, match="float64"):
+            qk.fake_quant(x, torch.tensor([0.1]), 4, backend="cpu")
+    y = qk.fake_quant(x, torch.tensor([0.1], dtype=torch.float64), 4, backend="reference")
+    assert y.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "outputs,weights,exc,match",
+    [
+        ([], torch.ones(0), ValueError, "at least one"),
+        ([torch.ones(3), torch.ones(4)], torch.ones(2), ValueError, r"outputs\[1\] has shape"),
+        ([torch.ones(3), torch.ones(3, dtype=torch.float16)], torch.ones(2), TypeError, r"outputs\[1\] has dtype"),
+        ([torch.ones(3), torch.ones(3)], torch.ones(3), ValueError, "weights must have shape"),
+        ([torch.ones(3)], torch.ones(1, dtype=torch.int32), TypeError, "weights must have a floating dtype"),
+        ("abc", torch.ones(1), TypeError, "outputs must be a list"),
+        ([torch.ones(3), torch.ones(3, device="meta")], torch.ones(2), ValueError, r"outputs\[1\] is on meta"),
+    ],
+)
+def test_mixed_op_sum_bad_input(outputs, weights, exc, match):
+    with pytest.raises(exc, match=match):
+        qk.mixed_op_sum(outputs, weights)
+
+
+def test_fake_quant_bad_input():
+    with pytest.raises(ValueError, match="one element"):
+        qk.fake_quant(X, torch.ones(2), 4)
+    with pytest.raises(ValueError, match="bits must be one int"):
+        qk.fake_quant(X, torch.ones(1), (2, 4))
+    with pytest.raises(TypeError, match="scale must be a torch.Tensor"):
+        qk.fake_quant(X, 0.1, 4)

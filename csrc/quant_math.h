@@ -39,11 +39,23 @@ QD_HOST_DEVICE GridRange grid_range(int grid, int bits) {
 }
 
 // Round half to even in the current (default: to nearest even) rounding mode.
+//
+// On the host this is the add-and-subtract-2^23 trick rather than std::nearbyint: at baseline x86-64
+// (SSE2, the default clone of the CPU kernels) nearbyint is a libm call that stops the loop from
+// vectorising. For |v| < 2^23, |v| + 2^23 lies in [2^23, 2^24) where the float spacing is 1, so the
+// addition itself rounds |v| to an integer in the current rounding mode (ties to even, as 2^23 is
+// even), and subtracting 2^23 is exact; copysign restores the sign, including that of -0.0. Floats
+// with |v| >= 2^23 are integers already and NaN stays NaN (the comparison is false), so the result
+// is bit for bit std::nearbyint(v). Needs IEEE arithmetic without -ffast-math/-fassociative-math,
+// which would fold the addition and subtraction away.
 QD_HOST_DEVICE float round_half_even(float v) {
 #if defined(__CUDA_ARCH__)
   return rintf(v);
 #else
-  return std::nearbyint(v);
+  constexpr float kTwoPow23 = 8388608.0f;
+  const float magnitude = std::fabs(v);
+  const float rounded = std::copysign((magnitude + kTwoPow23) - kTwoPow23, v);
+  return magnitude < kTwoPow23 ? rounded : v;
 #endif
 }
 

@@ -170,6 +170,13 @@ class OpCase:
         return f
 
 
+def implementation(case: OpCase, impl: str) -> Callable[..., torch.Tensor]:
+    """``f(*leaves) -> y`` for ``impl``; for "compiled", ``torch.compile`` of the reference with
+    static shapes (compilation happens on the first call, one per shape and dtype)."""
+    fn = case.function(impl)
+    return torch.compile(fn, dynamic=False) if impl == COMPILED else fn
+
+
 def backends_for(device: str) -> List[str]:
     """The fused backends of ``qk.available_backends()`` that run natively on ``device``."""
     native = DEVICE_BACKENDS.get(torch.device(device).type, ())

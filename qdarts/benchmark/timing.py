@@ -29,14 +29,14 @@ def last_level_cache_bytes(device: str) -> int:
         return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or _FALLBACK_CACHE_BYTES
     best = 0
     base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for index in os.listdir(base):
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    for index in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        try:
             with open(os.path.join(base, index, "size")) as f:
                 text = f.read().strip()
-            units = {"K": 2**10, "M": 2**20, "G": 2**30}
             best = max(best, int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
-    except (OSError, ValueError, KeyError):
-        pass
+        except (OSError, ValueError, IndexError):  # entries such as "uevent" have no size
+            continue
     return best or _FALLBACK_CACHE_BYTES
 
 
@@ -122,11 +122,9 @@ def measure(
     return Timing(samples)
 
 
-def copy_bandwidth_gbps(device: str, nbytes: Optional[int] = None, budget_s: float = 2.0) -> float:
+def copy_bandwidth_gbps(device: str, nbytes: int, budget_s: float = 2.0) -> float:
     """Achieved bandwidth of ``dst.copy_(src)`` on a tensor far larger than the cache, counting the
     read and the write (2 x nbytes per copy): the practical ceiling a memory-bound kernel can reach."""
-    if nbytes is None:
-        nbytes = 1 * 2**30 if torch.device(device).type == "cuda" else 256 * 2**20
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     timing = measure(lambda _: dst.copy_(src), lambda: None, device, warmup=3, min_samples=10, budget_s=budget_s)
@@ -190,5 +188,7 @@ def environment(device: str) -> Dict[str, Any]:
         "qdarts_kernels": getattr(qdarts_kernels, "__version__", None),
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
+        # other work on the machine skews CPU timings: say how busy it was
+        "loadavg_1m_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }

@@ -7,7 +7,9 @@
   by ``s_k = 2 * mean|x| / sqrt(Qp_k)`` and trained with the gradient scaled by
   ``1 / sqrt(n * Qp_k)`` (n = elements per scale, Qp_k = the largest positive level of bit-width
   b_k in units of the step: 2^(b-1)-1 signed, 2^b-1 unsigned, 2^(b-1)-1/2 mid-rise; 1 for the
-  signed 1-bit grid, whose largest level is 0); or
+  signed 1-bit grid, whose largest level is 0), and kept >= float32 eps (clamped in place before
+  each use, as PyTorch's learnable fake quantizer does, so an optimizer step cannot make it <= 0);
+  or
 * ``quantizer="paper"``: the fixed quantizers of the official gradient-QDARTS / EdMIPS code, with
   every scale computed on the device (the official code calls ``.item()`` here; we never do):
 
@@ -188,7 +190,7 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
             self.register_buffer("_steps", torch.tensor(steps, device=device, dtype=torch.float32), persistent=False)
             self.register_buffer("_by_max", torch.tensor([b >= PAPER_MAX_BITS for b in self.bits], device=device),
                                  persistent=False)
-            self.register_buffer("_inv_top", torch.tensor([1.0 / t for t in top], device=device), persistent=False)
+            self.register_buffer("_top", torch.tensor(top, device=device), persistent=False)
             self._any_by_max = max(self.bits) >= PAPER_MAX_BITS
         self._fake_quant_on = True
         self._observer_on = True
@@ -275,6 +277,10 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
     def _lsq_scales(self, x: Tensor, axis: Optional[int]) -> Tensor:
         if self._needs_init and self._observer_on:
             self._init_lsq_scales(x, axis)
+        with torch.no_grad():
+            # an optimizer step may push a scale to <= 0; keep it positive as PyTorch's learnable
+            # fake quantizer does, in place on the device (no sync)
+            self.scales.clamp_(min=MIN_SCALE)
         s = self.scales
         per_scale = x.numel() if axis is None else x.numel() // x.shape[axis]
         g = self._grad_scale * (per_scale ** -0.5)
@@ -288,13 +294,13 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         if self.role == "act":
             if not self._any_by_max:
                 return self._steps
-            by_max = xd.abs().amax().float().clamp_min(MIN_SCALE) * self._inv_top
+            by_max = xd.abs().amax().float().clamp_min(MIN_SCALE) / self._top
             return torch.where(self._by_max, by_max, self._steps)
         std = xd.float().std()
         if axis is None:
             return self._steps * std
         max_c = xd.abs().amax(dim=_other_dims(xd, axis)).float()
-        by_max = (max_c[None, :] * self._inv_top[:, None]).clamp_min(MIN_SCALE)
+        by_max = (max_c[None, :] / self._top[:, None]).clamp_min(MIN_SCALE)
         return torch.where(self._by_max[:, None], by_max, (self._steps * std)[:, None])
 
     def forward(self, x: Tensor) -> Tensor:
@@ -338,18 +344,24 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
 class FakeQuantize(MixedPrecisionFakeQuantize):
     """Learnable (LSQ) single bit-width fake quantizer for ``torch.ao.quantization`` QAT.
 
-    ``y = Q(x; s, bits)`` on the signed (``dtype`` qint8, zero point 0, ``per_*_symmetric``) or
-    unsigned (quint8, zero point 0, ``per_*_affine``) grid, per tensor or per channel
-    (``ch_axis``), scale initialised from the first batch and learned with LSQ gradient scaling.
-    With a fixed scale this is bit for bit ``torch.fake_quantize_per_tensor_affine`` /
-    ``_per_channel_affine`` (zero point 0), and its gradients are those of
-    ``torch._fake_quantize_learnable_per_tensor_affine`` with ``grad_factor = 1/sqrt(n * Qp)``.
+    ``y = Q(x; s, bits)`` on the signed or the unsigned grid (zero point 0 in the kernel), per
+    tensor or per channel (``ch_axis``), scale initialised from the first batch and learned with
+    LSQ gradient scaling. With a fixed scale this is bit for bit
+    ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine`` with zero point 0, and its
+    gradients are those of ``torch._fake_quantize_learnable_per_tensor_affine`` with
+    ``grad_factor = 1/sqrt(n * Qp)``.
 
-    Use as ``QConfig(activation=FakeQuantize.with_args(bits=8, grid="unsigned"),
+    ``dtype`` is the integer type ``convert`` stores: the signed grid as ``torch.qint8`` (zero point
+    0) or as ``torch.quint8`` with zero point 2^(b-1) (the same levels, shifted: what PyTorch's int8
+    kernels need for activations that can be negative, ``per_tensor_symmetric``); the unsigned
+    grid as ``torch.quint8`` (zero point 0); ``torch.qint32`` for more than 8 bits. Defaults:
+    qint8 for signed, quint8 for unsigned (qint32 above 8 bits).
+
+    Use as ``QConfig(activation=FakeQuantize.with_args(bits=8, grid="signed", dtype=torch.quint8),
     weight=FakeQuantize.with_args(bits=8, ch_axis=0))`` with ``prepare_qat``; per-channel scales
     are created on the first batch (build the optimizer after one forward, or pass
     ``num_channels``). ``convert`` takes ``calculate_qparams``, ``dtype``, ``qscheme``,
-    ``ch_axis``, ``quant_min`` and ``quant_max`` from it (bits <= 8 convert to int8 kernels).
+    ``ch_axis``, ``quant_min`` and ``quant_max`` from it.
     """
 
     def __init__(
@@ -357,6 +369,7 @@ class FakeQuantize(MixedPrecisionFakeQuantize):
         bits: int = 8,
         *,
         grid: str = "signed",
+        dtype: Optional[torch.dtype] = None,
         ch_axis: Optional[int] = None,
         num_channels: Optional[int] = None,
         backend: Optional[str] = None,
@@ -368,10 +381,17 @@ class FakeQuantize(MixedPrecisionFakeQuantize):
             raise ValueError(f"grid must be 'signed' or 'unsigned' for FakeQuantize, got {grid!r}")
         super().__init__(bits, grid=grid, quantizer="lsq", role="act", per_channel_axis=ch_axis,
                          num_channels=num_channels, backend=backend, factory_kwargs=factory_kwargs)
-        qmin, qmax, _ = grid_params(self.grid_code, bits)
-        self.quant_min, self.quant_max = int(qmin), int(qmax)
         signed = grid == "signed"
-        self.dtype = (torch.qint8 if signed else torch.quint8) if bits <= 8 else torch.qint32
+        if dtype is None:
+            dtype = (torch.qint8 if signed else torch.quint8) if bits <= 8 else torch.qint32
+        allowed = ((torch.qint8, torch.quint8) if signed else (torch.quint8,)) if bits <= 8 else (torch.qint32,)
+        if dtype not in allowed:
+            raise ValueError(f"dtype must be one of {list(allowed)} for the {grid} grid at {bits} bits, got {dtype}")
+        qmin, qmax, _ = grid_params(self.grid_code, bits)
+        # the signed levels stored as quint8: shift the integer range, zero point 2^(b-1)
+        self._zero_point = 2 ** (bits - 1) if (signed and dtype == torch.quint8) else 0
+        self.quant_min, self.quant_max = int(qmin) + self._zero_point, int(qmax) + self._zero_point
+        self.dtype = dtype
         per_channel = ch_axis is not None
         self.qscheme = ((torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric) if signed
                         else (torch.per_channel_affine if per_channel else torch.per_tensor_affine))
@@ -383,6 +403,11 @@ class FakeQuantize(MixedPrecisionFakeQuantize):
         """The scale: 0-d (per tensor) or shape [C] (per channel)."""
         return self.scales[0]
 
+    @torch.jit.unused
+    def calculate_qparams(self) -> Tuple[Tensor, Tensor]:
+        scale, zero_point = super().calculate_qparams()
+        return scale, zero_point + self._zero_point
+
     def extra_repr(self) -> str:
-        return (f"bits={self.bits[0]}, grid={self.grid!r}, quant_min={self.quant_min}, quant_max={self.quant_max}, "
-                f"qscheme={self.qscheme}, ch_axis={self.ch_axis}, backend={self.backend!r}")
+        return (f"bits={self.bits[0]}, grid={self.grid!r}, dtype={self.dtype}, quant_min={self.quant_min}, "
+                f"quant_max={self.quant_max}, qscheme={self.qscheme}, ch_axis={self.ch_axis}, backend={self.backend!r}")

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Compile every CUDA source of the extension without a GPU, so that a compile error cannot land:
+#
+#   1. each csrc/cuda/*.cu with plain nvcc (no torch headers on the include path: the kernel files
+#      must not need them) for sm_80 and sm_90, with the flags the real build uses (setup.py's
+#      -std=c++17 --fmad=false and the half/bfloat16 switches torch's CUDAExtension adds);
+#   2. each csrc/cuda/*.cpp (the torch glue) with g++ -fsyntax-only against the headers of the
+#      installed torch plus the CUDA include directory. A CPU wheel of torch ships the c10/cuda
+#      headers but not the generated c10/cuda/impl/cuda_cmake_macros.h, hence
+#      -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE (that file only defines export macros).
+#
+# Environment: PYTHON (default: python) is the interpreter whose torch provides the headers;
+# CUDA_HOME (default: /usr/local/cuda, else the directory above `nvcc` on PATH);
+# QDARTS_CUDA_ARCHS (default "80 90") the SM versions to compile for.
+# Exit status 0 when everything compiles; output names each file and the time it took.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+if [[ -z "${CUDA_HOME:-}" ]]; then
+  # /usr/local/cuda first: an `nvcc` on PATH may be a wrapper script outside the toolkit.
+  if [[ -x /usr/local/cuda/bin/nvcc ]] || ! command -v nvcc >/dev/null 2>&1; then
+    CUDA_HOME=/usr/local/cuda
+  else
+    CUDA_HOME="$(cd "$(dirname "$(command -v nvcc)")/.." && pwd)"
+  fi
+fi
+NVCC="$CUDA_HOME/bin/nvcc"
+if [[ ! -x "$NVCC" ]]; then
+  echo "compile_cuda.sh: nvcc not found at $NVCC (set CUDA_HOME)" >&2
+  exit 2
+fi
+
+gencode=()
+for arch in ${QDARTS_CUDA_ARCHS:-80 90}; do
+  gencode+=(-gencode "arch=compute_${arch},code=sm_${arch}")
+done
+
+OBJ_DIR="$(mktemp -d)"
+trap 'rm -rf "$OBJ_DIR"' EXIT
+
+# The same switches as setup.py (nvcc list) and torch.utils.cpp_extension.COMMON_NVCC_FLAGS.
+nvcc_flags=(
+  -O3 -std=c++17 --fmad=false -lineinfo -I "$ROOT/csrc" -DQDARTS_WITH_CUDA=1
+  -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
+  -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr
+  --compiler-options -fPIC --threads 0 --Werror all-warnings
+)
+
+status=0
+echo "nvcc: $("$NVCC" --version | tail -n 1)"
+for src in "$ROOT"/csrc/cuda/*.cu; do
+  name="$(basename "$src")"
+  start=$SECONDS
+  if "$NVCC" -c "$src" -o "$OBJ_DIR/${name%.cu}.o" "${gencode[@]}" "${nvcc_flags[@]}"; then
+    echo "ok    nvcc $name ($((SECONDS - start)) s; archs ${QDARTS_CUDA_ARCHS:-80 90})"
+  else
+    echo "FAIL  nvcc $name" >&2
+    status=1
+  fi
+done
+
+torch_includes="$("$PYTHON" -c '
+from torch.utils.cpp_extension import include_paths
+import sysconfig
+print("\n".join(include_paths() + [sysconfig.get_paths()["include"]]))
+')"
+cxx_flags=(-fsyntax-only -std=c++17 -Wall -Wextra -Werror -I "$ROOT/csrc" -isystem "$CUDA_HOME/include"
+           -DQDARTS_WITH_CUDA=1 -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE)
+while IFS= read -r dir; do
+  cxx_flags+=(-isystem "$dir")
+done <<<"$torch_includes"
+for src in "$ROOT"/csrc/cuda/*.cpp; do
+  name="$(basename "$src")"
+  start=$SECONDS
+  if "${CXX:-g++}" "${cxx_flags[@]}" "$src"; then
+    echo "ok    ${CXX:-g++} -fsyntax-only $name ($((SECONDS - start)) s)"
+  else
+    echo "FAIL  ${CXX:-g++} -fsyntax-only $name" >&2
+    status=1
+  fi
+done
+exit $status

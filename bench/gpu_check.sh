@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The GPU check: build the extension with CUDA, run the tests on the GPU, benchmark, memcheck.
+#
+#   OUT=/path/to/output bash bench/gpu_check.sh
+#
+# Meant for a lent GPU machine (H100; torch with CUDA, triton, nvcc, ninja, pybind11, pytest and
+# pytest-benchmark installed; no network), run from anywhere in a copy of the repository. Every
+# step has its own time limit and a log under $OUT; a failing step is recorded and the next one
+# still runs. The steps stay within GPU_CHECK_BUDGET_S seconds (default 265; the README section is
+# generated after it, in seconds): a step gets at most the time that is left, and steps are skipped
+# once it is spent.
+#
+# Results under $OUT:
+#   summary.txt              one line per step: status, seconds, log file
+#   nvidia-smi.txt, versions.txt
+#   build.log, backends.log, tests.log, memcheck.log, bench.log, readme.log
+#   bench/results.json, bench/report.md, bench/*.png    (qdarts bench --quick --device cuda)
+#   bench/readme-section.md                             (the README performance section)
+set -u -o pipefail
+
+if [ -z "${OUT:-}" ]; then
+    echo "set OUT to the output folder" >&2
+    exit 2
+fi
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.." || exit 2
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON=${PYTHON:-python}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-265}
+SUMMARY="$OUT/summary.txt"
+STARTED=$(date +%s)
+FAILURES=0
+: >"$SUMMARY"
+
+# step NAME LIMIT_S COMMAND...: run COMMAND with a time limit, output to $OUT/NAME.log; never aborts.
+step() {
+    local name=$1 limit=$2 left t0 rc status
+    shift 2
+    left=$((BUDGET_S - ($(date +%s) - STARTED)))
+    if [ "$left" -lt 10 ]; then
+        printf '%-10s %-28s %5s  %s\n' "$name" "SKIPPED (budget spent)" "0s" "-" | tee -a "$SUMMARY"
+        FAILURES=$((FAILURES + 1))
+        return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    t0=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    rc=$?
+    if [ "$rc" -eq 0 ]; then
+        status=ok
+    elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        status="TIMEOUT (${limit}s)"
+    else
+        status="FAILED (exit $rc)"
+    fi
+    [ "$rc" -ne 0 ] && FAILURES=$((FAILURES + 1))
+    printf '%-10s %-28s %4ss  %s\n' "$name" "$status" "$(($(date +%s) - t0))" "$name.log" | tee -a "$SUMMARY"
+    return 0
+}
+
+versions() {
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "git: $(git rev-parse HEAD 2>/dev/null || echo 'not a git checkout')"
+    "$PYTHON" -c 'import sys, torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda); print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")'
+    "$PYTHON" -c 'import triton; print("triton", triton.__version__)' || true
+    command -v nvcc >/dev/null && nvcc --version | tail -n 2
+    gcc --version | head -n 1
+}
+
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" >>"$OUT/nvidia-smi.txt"
+versions >"$OUT/versions.txt" 2>&1
+
+# CUDA kernels for the H100 only (sm_90): the quickest build that exercises them here.
+step build 150 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 "$PYTHON" setup.py build_ext --inplace
+step backends 60 "$PYTHON" -c 'import qdarts_kernels as qk; b = qk.available_backends(); print(b); assert "cuda" in b and "triton" in b, b'
+# tests/test_backends.py runs every backend (cuda and triton on CUDA tensors here) against the reference
+step tests 120 "$PYTHON" -m pytest tests -m "not slow" -x -q -p no:cacheprovider
+SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+if [ -x "$SANITIZER" ]; then
+    step memcheck 90 "$SANITIZER" --tool memcheck --error-exitcode 1 --leak-check no "$PYTHON" bench/cuda_memcheck_run.py
+else
+    echo "memcheck   SKIPPED (compute-sanitizer not found)" | tee -a "$SUMMARY"
+fi
+# last: it saves partial results as it goes, so the budget cutting it short still leaves figures
+step bench 170 "$PYTHON" -m qdarts.benchmark --quick --device cuda --out "$OUT/bench"
+# outside the budget (seconds), and also from partial results should the benchmark have been stopped
+if [ ! -f "$OUT/bench/results.json" ]; then
+    echo "readme     SKIPPED (no bench/results.json)" | tee -a "$SUMMARY"
+elif ! timeout 30 "$PYTHON" -m qdarts.benchmark.readme "$OUT/bench/results.json" \
+    >"$OUT/bench/readme-section.md" 2>"$OUT/readme.log"; then
+    echo "readme     FAILED (see readme.log)" | tee -a "$SUMMARY"
+    FAILURES=$((FAILURES + 1))
+fi
+
+echo "total $(($(date +%s) - STARTED))s, $FAILURES step(s) not ok" | tee -a "$SUMMARY"
+[ "$FAILURES" -eq 0 ]

@@ -1,0 +1,142 @@
+// Pieces shared by the C++ CPU kernels: instruction-set clones, dtype staging, and deterministic
+// partial sums.
+//
+// Work is cut into *tiles* whose boundaries depend only on the tensor shapes (never on the number
+// of threads); at::parallel_for hands whole tiles to threads. Inside a tile, elements are processed
+// in *runs* of at most kRunLength contiguous elements, converted to fp32 when the dtype is not
+// fp32. A reduction keeps one fp32 accumulator per position of a run (so the inner loop is a plain
+// element-wise loop that vectorises, without -ffast-math) and moves those into fp64 accumulators
+// every kFlushRuns runs; each tile writes its fp64 partial sums to its own slot, and one thread adds
+// the slots up in tile order. The reduced gradients are therefore the same bits for any thread
+// count and any instruction set (the vector width changes nothing in this order), and their error
+// is that of at most kFlushRuns fp32 additions per term plus fp64 sums.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <vector>
+
+// QD_CPU_KERNEL marks the functions that hold the hot loops. On x86-64 Linux with GCC they are
+// compiled three times (baseline SSE2, x86-64-v3 = AVX2, x86-64-v4 = AVX-512) and the loader picks
+// the best clone for the machine once (an ifunc); `flatten` inlines the templated loops into each
+// clone so that they are vectorised for its instruction set. -ffp-contract=off (setup.py) keeps
+// the clones bit-identical: no clone may fuse a multiply and an add.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define QD_CPU_KERNEL __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4"), flatten))
+#elif defined(__GNUC__)
+#define QD_CPU_KERNEL __attribute__((flatten))
+#else
+#define QD_CPU_KERNEL
+#endif
+
+namespace qdarts {
+namespace cpu {
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Longest contiguous run processed at once: fp32 staging buffers and per-position accumulators of
+// this length stay in the L1 cache.
+constexpr int64_t kRunLength = 256;
+// Elements per tile (the unit of parallel work and of partial sums): fixed, so that the tiles, and
+// with them the reduced gradients, do not depend on the number of threads.
+constexpr int64_t kTileElements = 16384;
+// Runs between moves of the fp32 per-position accumulators into fp64.
+constexpr int kFlushRuns = 16;
+
+enum class Dtype { kFloat, kHalf, kBFloat16 };
+
+inline Dtype dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case c10::ScalarType::Half:
+      return Dtype::kHalf;
+    case c10::ScalarType::BFloat16:
+      return Dtype::kBFloat16;
+    default:
+      return Dtype::kFloat;  // the op's argument checks admit only these three
+  }
+}
+
+// Reads n elements of dtype `dtype` at src + offset as fp32: a pointer into src itself for fp32,
+// else the converted copy in `stage`.
+inline const float* load_fp32(Dtype dtype, const void* src, int64_t offset, int64_t n, float* stage) {
+  if (dtype == Dtype::kFloat) return static_cast<const float*>(src) + offset;
+  if (dtype == Dtype::kHalf) {
+    const c10::Half* s = static_cast<const c10::Half*>(src) + offset;
+    for (int64_t i = 0; i < n; ++i) stage[i] = static_cast<float>(s[i]);
+  } else {
+    const c10::BFloat16* s = static_cast<const c10::BFloat16*>(src) + offset;
+    for (int64_t i = 0; i < n; ++i) stage[i] = static_cast<float>(s[i]);
+  }
+  return stage;
+}
+
+// Where a kernel writes n fp32 results destined for dst + offset: dst itself for fp32, else stage
+// (then store_from_fp32 converts them).
+inline float* output_fp32(Dtype dtype, void* dst, int64_t offset, float* stage) {
+  return dtype == Dtype::kFloat ? static_cast<float*>(dst) + offset : stage;
+}
+
+// Rounds the fp32 results in `stage` to the output dtype (to nearest even, as Tensor.to does).
+inline void store_from_fp32(Dtype dtype, void* dst, int64_t offset, int64_t n, const float* stage) {
+  if (dtype == Dtype::kHalf) {
+    c10::Half* d = static_cast<c10::Half*>(dst) + offset;
+    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<c10::Half>(stage[i]);
+  } else if (dtype == Dtype::kBFloat16) {
+    c10::BFloat16* d = static_cast<c10::BFloat16*>(dst) + offset;
+    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<c10::BFloat16>(stage[i]);
+  }
+}
+
+// fp32 per-position accumulators of `rows` sums over runs of up to kRunLength positions, moved into
+// fp64 every kFlushRuns runs (see the file comment). Row r, position j is sum(r)[j]. One per
+// thread's share of tiles, reset per tile.
+class RunAccumulator {
+ public:
+  explicit RunAccumulator(int64_t rows)
+      : rows_(rows), partial_(rows * kRunLength), total_(rows * kRunLength) {}
+
+  void reset(int64_t positions) {
+    width_ = positions;
+    runs_ = 0;
+    for (int64_t r = 0; r < rows_; ++r) {
+      float* p = partial_.data() + r * kRunLength;
+      double* t = total_.data() + r * kRunLength;
+      for (int64_t j = 0; j < width_; ++j) {
+        p[j] = 0.0f;
+        t[j] = 0.0;
+      }
+    }
+  }
+  float* sum(int64_t r) { return partial_.data() + r * kRunLength; }
+  // Call after each run.
+  void end_run() {
+    if (++runs_ == kFlushRuns) flush();
+  }
+  // Moves the fp32 sums into fp64 (done by end_run; call once more before reading totals).
+  void flush() {
+    for (int64_t r = 0; r < rows_; ++r) {
+      float* p = partial_.data() + r * kRunLength;
+      double* t = total_.data() + r * kRunLength;
+      for (int64_t j = 0; j < width_; ++j) {
+        t[j] += static_cast<double>(p[j]);
+        p[j] = 0.0f;
+      }
+    }
+    runs_ = 0;
+  }
+  // fp64 sum of row r, position j (after flush()).
+  double total(int64_t r, int64_t j) const { return total_[r * kRunLength + j]; }
+
+ private:
+  int64_t rows_;
+  std::vector<float> partial_;
+  std::vector<double> total_;
+  int64_t width_ = 0;
+  int runs_ = 0;
+};
+
+}  // namespace cpu
+}  // namespace qdarts

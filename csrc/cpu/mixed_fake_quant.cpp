@@ -1,0 +1,450 @@
+// C++ CPU kernels of mixed_fake_quant_forward / mixed_fake_quant_backward (schemas in csrc/ops.cpp).
+//
+//   y  = sum_k p_k * Q_k,   Q_k = (q_k - z_k) * s_k          (csrc/quant_math.h, DESIGN section 4)
+//   dx = g * sum_k p_k * in_k
+//   dp_k = sum g * Q_k = sum_c s_kc * A_kc,                  A_kc = sum_{x in channel c} g * (q_k - z_k)
+//   ds_kc = sum g * p_k * ((q_k - z_k) - in_k * x / s_kc) = p_k * D_kc,
+//                                                            D_kc = sum_{x in c} g * ((q_k - z_k) - [in_k] t_k)
+// with t_k = x * (1/s_kc), and [in_k] t_k a select (so x = +-inf outside the range gives q - z, not
+// NaN). The backward pass reads x and g once, writes dx, and sums A and/or D in the same pass; only
+// the requested gradients are computed (the loop is a template on K and on what is needed).
+//
+// x is viewed as [outer, C, inner] (per tensor: [1, 1, numel]). Two ways to cut it into runs of
+// contiguous elements (see cpu_common.h for tiles and runs):
+//  * span path (per tensor, or inner >= kMinSpanInner): a tile holds rows x[o, c, i0:i1] of one
+//    channel c; every run has one scale per bit-width.
+//  * table path (per channel with short inner, e.g. the last axis): a run crosses channels; a tile
+//    holds a window of channels [c0, c0 + cw) of a range of rows, and when the window is the whole
+//    row (C * inner <= kRunLength) several rows are merged into one run so that runs stay long.
+// Either way the scales are read from per-position tables of the run's length, so one loop serves
+// both, and each run position j belongs to a fixed channel of the tile (its partial sums fold into
+// that channel).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/cpu_common.h"
+#include "quant_math.h"
+
+namespace qdarts {
+namespace cpu {
+namespace {
+
+// Below this many elements per channel row, a run crosses channels (table path).
+constexpr int64_t kMinSpanInner = 16;
+
+// How the tiles cover x; depends only on the shape.
+struct TilePlan {
+  int64_t outer, channels, inner;
+  bool table;              // table path (runs cross channels) or span path
+  int64_t rows_per_tile;   // outer rows per tile
+  int64_t row_tiles;       // tiles along outer per group
+  int64_t groups;          // span: channels; table: channel windows
+  int64_t n_tiles;         // groups * row_tiles * pieces; tiles of one group are consecutive
+  int64_t pieces;          // span: pieces of a row longer than a tile (else 1); table: 1
+  int64_t piece_len;       // span: elements of a row piece
+  int64_t window;          // table: channels per window; span: 1 (a tile's partial sums per row)
+  int64_t merge;           // table: rows per run when the window is the whole row; else 1
+};
+
+TilePlan make_plan(const ChannelLayout& layout) {
+  TilePlan p{};
+  p.outer = layout.outer;
+  p.channels = layout.channels;
+  p.inner = layout.inner;
+  if (p.channels == 1) {  // one scale for everything: one long row
+    p.inner *= p.outer;
+    p.outer = 1;
+  }
+  p.table = p.inner < kMinSpanInner && p.channels > 1;
+  if (!p.table) {
+    p.window = 1;
+    p.merge = 1;
+    if (p.inner >= kTileElements) {
+      p.pieces = ceil_div(p.inner, kTileElements);
+      p.piece_len = kTileElements;
+      p.rows_per_tile = 1;
+    } else {
+      p.pieces = 1;
+      p.piece_len = p.inner;
+      p.rows_per_tile = std::max<int64_t>(1, kTileElements / p.inner);
+    }
+    p.row_tiles = ceil_div(p.outer, p.rows_per_tile);
+    p.groups = p.channels;
+  } else {
+    const int64_t row_len = p.channels * p.inner;
+    if (row_len <= kRunLength) {
+      p.window = p.channels;
+      p.merge = kRunLength / row_len;
+    } else {
+      p.window = kRunLength / p.inner;  // >= kRunLength / kMinSpanInner channels
+      p.merge = 1;
+    }
+    p.pieces = 1;
+    p.piece_len = 0;
+    const int64_t run = p.merge * p.window * p.inner;
+    p.rows_per_tile = std::max<int64_t>(1, kTileElements / run) * p.merge;
+    p.row_tiles = ceil_div(p.outer, p.rows_per_tile);
+    p.groups = ceil_div(p.channels, p.window);
+  }
+  p.n_tiles = p.groups * p.row_tiles * p.pieces;
+  return p;
+}
+
+// One tile: which rows and channels it covers, its runs, and the channel of each run position.
+struct Tile {
+  const TilePlan& plan;
+  int64_t group, row_begin, row_end;
+  int64_t inner_begin, inner_end;  // span path
+  int64_t c0, cw;                  // channels [c0, c0 + cw)
+
+  Tile(const TilePlan& p, int64_t t) : plan(p) {
+    const int64_t per_group = p.row_tiles * p.pieces;
+    group = t / per_group;
+    const int64_t rem = t % per_group;
+    const int64_t row_tile = rem / p.pieces;
+    row_begin = row_tile * p.rows_per_tile;
+    row_end = std::min(p.outer, row_begin + p.rows_per_tile);
+    if (!p.table) {
+      const int64_t piece = rem % p.pieces;
+      inner_begin = piece * p.piece_len;
+      inner_end = std::min(p.inner, inner_begin + p.piece_len);
+      c0 = group;
+      cw = 1;
+    } else {
+      inner_begin = 0;
+      inner_end = p.inner;
+      c0 = group * p.window;
+      cw = std::min(p.window, p.channels - c0);
+    }
+  }
+
+  // Positions a run of this tile can have (the length of the tables and accumulators).
+  int64_t positions() const {
+    if (!plan.table) return std::min(kRunLength, inner_end - inner_begin);
+    return plan.merge * cw * plan.inner;
+  }
+  // Index of the channel of run position j, relative to c0.
+  int64_t channel_at(int64_t j) const { return plan.table ? (j % (cw * plan.inner)) / plan.inner : 0; }
+
+  // Calls run(offset, length) for each run of the tile, in a fixed order.
+  template <typename F>
+  void for_each_run(F&& run) const {
+    const TilePlan& p = plan;
+    if (!p.table) {
+      for (int64_t o = row_begin; o < row_end; ++o) {
+        const int64_t base = (o * p.channels + c0) * p.inner;
+        for (int64_t i = inner_begin; i < inner_end; i += kRunLength) {
+          run(base + i, std::min(kRunLength, inner_end - i));
+        }
+      }
+    } else if (cw == p.channels) {  // whole rows, contiguous: `merge` rows per run
+      const int64_t row_len = p.channels * p.inner;
+      for (int64_t o = row_begin; o < row_end; o += p.merge) {
+        run(o * row_len, std::min(p.merge, row_end - o) * row_len);
+      }
+    } else {
+      for (int64_t o = row_begin; o < row_end; ++o) run((o * p.channels + c0) * p.inner, cw * p.inner);
+    }
+  }
+};
+
+// Everything a tile needs, fixed per call.
+struct QuantJob {
+  TilePlan plan;
+  int k;
+  GridRange grid[kMaxBits];
+  float probs[kMaxBits];
+  const float* scales;      // [K, C]
+  const float* inv_scales;  // [K, C], 1 / scales in fp32
+  Dtype dtype;              // of x, grad, y and dx
+  const void* x;
+  const void* grad;
+  void* out;                // y (forward) or dx (backward)
+  bool need_dx, sum_a, sum_d;
+  int64_t rows;             // partial sums per channel: A rows (K if sum_a) then D rows (K if sum_d)
+  double* partials;         // [n_tiles, rows, window]
+};
+
+// Per-position tables of one tile: value of `per_channel` ([K, C]) at each run position's channel.
+void fill_table(const QuantJob& job, const Tile& tile, const float* per_channel, float* table) {
+  const int64_t n = tile.positions();
+  const int64_t channels = job.plan.channels;
+  for (int k = 0; k < job.k; ++k) {
+    for (int64_t j = 0; j < n; ++j) table[k * kRunLength + j] = per_channel[k * channels + tile.c0 + tile.channel_at(j)];
+  }
+}
+
+template <int K>
+inline void forward_run(const float* __restrict x, float* __restrict y, int64_t n, const float* __restrict inv_s,
+                        const float* __restrict s, const GridRange* grid_in, const float* probs_in) {
+  GridRange grid[K];
+  float probs[K];
+  for (int k = 0; k < K; ++k) {
+    grid[k] = grid_in[k];
+    probs[k] = probs_in[k];
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const float xv = x[j];
+    float sum = 0.0f;
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {
+      const QuantResult qr = quantize(xv, inv_s[k * kRunLength + j], grid[k]);
+      // same operations in the same order as the reference: p_k * ((q - z) * s), summed from k = 0
+      const float term = probs[k] * (qr.q_minus_z * s[k * kRunLength + j]);
+      sum = k == 0 ? term : sum + term;
+    }
+    y[j] = sum;
+  }
+}
+
+template <int K>
+void forward_tiles_k(const QuantJob& job, int64_t t_begin, int64_t t_end) {
+  alignas(64) float inv_s[kMaxBits * kRunLength];
+  alignas(64) float s[kMaxBits * kRunLength];
+  alignas(64) float x_stage[kRunLength];
+  alignas(64) float y_stage[kRunLength];
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const Tile tile(job.plan, t);
+    fill_table(job, tile, job.inv_scales, inv_s);
+    fill_table(job, tile, job.scales, s);
+    tile.for_each_run([&](int64_t offset, int64_t n) {
+      const float* xf = load_fp32(job.dtype, job.x, offset, n, x_stage);
+      float* yf = output_fp32(job.dtype, job.out, offset, y_stage);
+      forward_run<K>(xf, yf, n, inv_s, s, job.grid, job.probs);
+      store_from_fp32(job.dtype, job.out, offset, n, yf);
+    });
+  }
+}
+
+// Processes tiles [t_begin, t_end) of the forward pass (one clone per instruction set).
+QD_CPU_KERNEL void forward_tiles(const QuantJob& job, int64_t t_begin, int64_t t_end) {
+  switch (job.k) {
+    case 1: forward_tiles_k<1>(job, t_begin, t_end); break;
+    case 2: forward_tiles_k<2>(job, t_begin, t_end); break;
+    case 3: forward_tiles_k<3>(job, t_begin, t_end); break;
+    default: forward_tiles_k<4>(job, t_begin, t_end); break;
+  }
+}
+
+// acc rows: A_k at row k (if kSumA), then D_k at row (kSumA ? K : 0) + k (if kSumD); row stride
+// kRunLength.
+template <int K, bool kDx, bool kSumA, bool kSumD>
+inline void backward_run(const float* __restrict x, const float* __restrict g, float* __restrict dx, int64_t n,
+                         const float* __restrict inv_s, const GridRange* grid_in, const float* probs_in,
+                         float* __restrict acc) {
+  GridRange grid[K];
+  float probs[K];
+  for (int k = 0; k < K; ++k) {
+    grid[k] = grid_in[k];
+    probs[k] = probs_in[k];
+  }
+  constexpr int kRowD = kSumA ? K : 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float xv = x[j];
+    const float gv = g[j];
+    float weight_in = 0.0f;  // sum_k p_k * in_k
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {
+      const float inv = inv_s[k * kRunLength + j];
+      const QuantResult qr = quantize(xv, inv, grid[k]);
+      if constexpr (kDx) weight_in = weight_in + probs[k] * qr.in_range;
+      if constexpr (kSumA) acc[k * kRunLength + j] += gv * qr.q_minus_z;
+      if constexpr (kSumD) {
+        const float t_in = qr.in_range != 0.0f ? xv * inv : 0.0f;
+        acc[(kRowD + k) * kRunLength + j] += gv * (qr.q_minus_z - t_in);
+      }
+    }
+    if constexpr (kDx) dx[j] = gv * weight_in;
+  }
+}
+
+template <int K, bool kDx, bool kSumA, bool kSumD>
+void backward_tiles_impl(const QuantJob& job, int64_t t_begin, int64_t t_end) {
+  alignas(64) float inv_s[kMaxBits * kRunLength];
+  alignas(64) float x_stage[kRunLength];
+  alignas(64) float g_stage[kRunLength];
+  alignas(64) float dx_stage[kRunLength];
+  RunAccumulator acc(std::max<int64_t>(job.rows, 1));
+  const int64_t window = job.plan.window;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const Tile tile(job.plan, t);
+    const int64_t positions = tile.positions();
+    fill_table(job, tile, job.inv_scales, inv_s);
+    if (job.rows > 0) acc.reset(positions);
+    tile.for_each_run([&](int64_t offset, int64_t n) {
+      const float* xf = load_fp32(job.dtype, job.x, offset, n, x_stage);
+      const float* gf = load_fp32(job.dtype, job.grad, offset, n, g_stage);
+      float* dxf = kDx ? output_fp32(job.dtype, job.out, offset, dx_stage) : nullptr;
+      backward_run<K, kDx, kSumA, kSumD>(xf, gf, dxf, n, inv_s, job.grid, job.probs, acc.sum(0));
+      if constexpr (kDx) store_from_fp32(job.dtype, job.out, offset, n, dxf);
+      if constexpr (kSumA || kSumD) acc.end_run();
+    });
+    if constexpr (kSumA || kSumD) {
+      acc.flush();
+      double* slot = job.partials + t * job.rows * window;
+      for (int64_t r = 0; r < job.rows; ++r) {
+        for (int64_t j = 0; j < positions; ++j) slot[r * window + tile.channel_at(j)] += acc.total(r, j);
+      }
+    }
+  }
+}
+
+template <int K>
+void backward_tiles_k(const QuantJob& job, int64_t t_begin, int64_t t_end) {
+  const int what = (job.need_dx ? 4 : 0) | (job.sum_a ? 2 : 0) | (job.sum_d ? 1 : 0);
+  switch (what) {
+    case 1: backward_tiles_impl<K, false, false, true>(job, t_begin, t_end); break;
+    case 2: backward_tiles_impl<K, false, true, false>(job, t_begin, t_end); break;
+    case 3: backward_tiles_impl<K, false, true, true>(job, t_begin, t_end); break;
+    case 4: backward_tiles_impl<K, true, false, false>(job, t_begin, t_end); break;
+    case 5: backward_tiles_impl<K, true, false, true>(job, t_begin, t_end); break;
+    case 6: backward_tiles_impl<K, true, true, false>(job, t_begin, t_end); break;
+    case 7: backward_tiles_impl<K, true, true, true>(job, t_begin, t_end); break;
+    default: break;  // nothing requested: the caller does not get here
+  }
+}
+
+// Processes tiles [t_begin, t_end) of the backward pass (one clone per instruction set).
+QD_CPU_KERNEL void backward_tiles(const QuantJob& job, int64_t t_begin, int64_t t_end) {
+  switch (job.k) {
+    case 1: backward_tiles_k<1>(job, t_begin, t_end); break;
+    case 2: backward_tiles_k<2>(job, t_begin, t_end); break;
+    case 3: backward_tiles_k<3>(job, t_begin, t_end); break;
+    default: backward_tiles_k<4>(job, t_begin, t_end); break;
+  }
+}
+
+// The per-call part of a job: grids, probs, scales (checked > 0 and finite: reading them is free
+// on CPU) and their reciprocals.
+QuantJob make_job(const ChannelLayout& layout, const at::Tensor& probs, const at::Tensor& scales,
+                  c10::IntArrayRef bits, int64_t grid, std::vector<float>& inv_scales) {
+  QuantJob job{};
+  job.plan = make_plan(layout);
+  job.k = static_cast<int>(bits.size());
+  const float* p = probs.data_ptr<float>();
+  const float* s = scales.data_ptr<float>();
+  const int64_t channels = layout.channels;
+  inv_scales.resize(job.k * channels);
+  for (int k = 0; k < job.k; ++k) {
+    job.grid[k] = grid_range(static_cast<int>(grid), static_cast<int>(bits[k]));
+    job.probs[k] = p[k];
+    for (int64_t c = 0; c < channels; ++c) {
+      const float v = s[k * channels + c];
+      if (scales.dim() == 1) {
+        TORCH_CHECK(std::isfinite(v) && v > 0.0f, "scales must be finite and > 0, got scales[", k, "] = ", v);
+      } else {
+        TORCH_CHECK(std::isfinite(v) && v > 0.0f, "scales must be finite and > 0, got scales[", k, ", ", c,
+                    "] = ", v);
+      }
+      inv_scales[k * channels + c] = 1.0f / v;
+    }
+  }
+  job.scales = s;
+  job.inv_scales = inv_scales.data();
+  return job;
+}
+
+at::Tensor mixed_fake_quant_forward_cpu(const at::Tensor& x_in, const at::Tensor& probs_in,
+                                        const at::Tensor& scales_in, c10::IntArrayRef bits, int64_t grid,
+                                        int64_t axis) {
+  const ChannelLayout layout = check_mixed_fake_quant_args(x_in, probs_in, scales_in, bits, grid, axis);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor probs = probs_in.contiguous();
+  const at::Tensor scales = scales_in.contiguous();
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  std::vector<float> inv_scales;
+  QuantJob job = make_job(layout, probs, scales, bits, grid, inv_scales);
+  if (x.numel() == 0) return y;
+  job.dtype = dtype_of(x);
+  job.x = x.data_ptr();
+  job.out = y.data_ptr();
+  at::parallel_for(0, job.plan.n_tiles, 1, [&](int64_t begin, int64_t end) { forward_tiles(job, begin, end); });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_fake_quant_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& probs_in, const at::Tensor& scales_in,
+    c10::IntArrayRef bits, int64_t grid, int64_t axis, bool need_dx, bool need_dprobs, bool need_dscales) {
+  const ChannelLayout layout = check_mixed_fake_quant_args(x_in, probs_in, scales_in, bits, grid, axis);
+  check_grad_like(grad_in, x_in, "x");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor probs = probs_in.contiguous();
+  const at::Tensor scales = scales_in.contiguous();
+  std::vector<float> inv_scales;
+  QuantJob job = make_job(layout, probs, scales, bits, grid, inv_scales);
+  const int k = job.k;
+  const int64_t channels = layout.channels;
+
+  at::Tensor dx = need_dx ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
+  at::Tensor dprobs = need_dprobs ? at::zeros({k}, probs.options()) : at::empty({0}, probs.options());
+  at::Tensor dscales = need_dscales ? at::zeros(scales.sizes(), scales.options()) : at::empty({0}, scales.options());
+  if (x.numel() == 0 || !(need_dx || need_dprobs || need_dscales)) return {dx, dprobs, dscales};
+
+  job.dtype = dtype_of(x);
+  job.x = x.data_ptr();
+  job.grad = grad.data_ptr();
+  job.out = need_dx ? dx.data_ptr() : nullptr;
+  job.need_dx = need_dx;
+  job.sum_a = need_dprobs;
+  job.sum_d = need_dscales;
+  job.rows = (job.sum_a ? k : 0) + (job.sum_d ? k : 0);
+  const TilePlan& plan = job.plan;
+  std::vector<double> partials(plan.n_tiles * job.rows * plan.window, 0.0);
+  job.partials = partials.data();
+
+  at::parallel_for(0, plan.n_tiles, 1, [&](int64_t begin, int64_t end) { backward_tiles(job, begin, end); });
+
+  if (job.rows == 0) return {dx, dprobs, dscales};
+  // Sum each channel's tile partials in tile order (one thread: the same bits for any thread count).
+  const int64_t tiles_per_group = plan.row_tiles * plan.pieces;
+  std::vector<double> sums(job.rows * channels, 0.0);
+  for (int64_t c = 0; c < channels; ++c) {
+    const int64_t group = c / plan.window;
+    const int64_t slot_channel = c % plan.window;
+    for (int64_t t = group * tiles_per_group; t < (group + 1) * tiles_per_group; ++t) {
+      const double* slot = job.partials + t * job.rows * plan.window;
+      for (int64_t r = 0; r < job.rows; ++r) sums[r * channels + c] += slot[r * plan.window + slot_channel];
+    }
+  }
+  const float* s = scales.data_ptr<float>();
+  if (need_dprobs) {
+    float* dp = dprobs.data_ptr<float>();
+    for (int kk = 0; kk < k; ++kk) {
+      double total = 0.0;
+      for (int64_t c = 0; c < channels; ++c) {
+        total += static_cast<double>(s[kk * channels + c]) * sums[kk * channels + c];
+      }
+      dp[kk] = static_cast<float>(total);
+    }
+  }
+  if (need_dscales) {
+    float* ds = dscales.data_ptr<float>();
+    const int64_t row_d = need_dprobs ? k : 0;
+    for (int kk = 0; kk < k; ++kk) {
+      for (int64_t c = 0; c < channels; ++c) {
+        ds[kk * channels + c] = static_cast<float>(static_cast<double>(job.probs[kk]) * sums[(row_d + kk) * channels + c]);
+      }
+    }
+  }
+  return {dx, dprobs, dscales};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qdarts_C, CPU, m) {
+  m.impl("mixed_fake_quant_forward", &mixed_fake_quant_forward_cpu);
+  m.impl("mixed_fake_quant_backward", &mixed_fake_quant_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace qdarts

@@ -1,0 +1,116 @@
+"""``qdarts bench``: run the kernel and end-to-end benchmarks and write results.json, report.md and
+plots into ``--out``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any, Dict
+
+import torch
+
+from . import cases as case_defs
+from . import endtoend, report
+from .runner import check_targets, run_kernels
+from .timing import copy_bandwidth_gbps, environment, last_level_cache_bytes
+
+
+#: Size of the tensor copied to measure the device's copy bandwidth: far beyond any cache.
+COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="a short sweep (fewer sizes and samples; under 3 minutes on a 2-core CPU)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="device to benchmark (default: cuda when available, else cpu)")
+    parser.add_argument("--out", default="bench-results",
+                        help="output folder for results.json, report.md and the plots (default: %(default)s)")
+    parser.add_argument("--only", default=None, metavar="TEXT",
+                        help="run only the kernel cases whose id contains TEXT (e.g. mixed_op_sum, 1024x)")
+    parser.add_argument("--impls", default=None, metavar="LIST",
+                        help="comma-separated implementations to time: eager, compiled and backend names "
+                             "(default: eager, compiled and every fused backend available on the device)")
+    parser.add_argument("--skip-kernels", action="store_true", help="do not run the kernel benchmarks")
+    parser.add_argument("--skip-end-to-end", action="store_true", help="do not time the supernet search step")
+    parser.add_argument("--compile-end-to-end", action="store_true",
+                        help="also time the search step of the torch.compile'd supernet (compiling takes minutes)")
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here")
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "results.json")
+    started = time.perf_counter()
+
+    copy_bytes = COPY_BYTES[device]
+    results: Dict[str, Any] = {
+        "schema": 1,
+        "env": environment(device),
+        "quick": bool(args.quick),
+        "copy_bytes": copy_bytes,
+        "copy_gbps": copy_bandwidth_gbps(device, copy_bytes),
+        "cache_bytes": last_level_cache_bytes(device),
+        "kernels": [],
+        "targets": [],
+        "end_to_end": [],
+    }
+    _log(f"qdarts bench on {results['env']['device']}: copy bandwidth {results['copy_gbps']:.1f} GB/s")
+
+    def save() -> None:
+        # every figure carries the conditions it was measured under
+        for r in results["kernels"] + results["end_to_end"]:
+            r.update({k: results["env"][k] for k in ("device", "torch", "triton", "python", "date")})
+        report.write_json(json_path, results)
+
+    if not args.skip_kernels:
+        cases = case_defs.sweep(device, args.quick)
+        if args.only:
+            cases = [c for c in cases if args.only in c.id]
+        _log(f"kernels: {len(cases)} cases")
+
+        def partial(records):
+            results["kernels"] = records
+            save()
+
+        impls = args.impls.split(",") if args.impls else None
+        results["kernels"] = run_kernels(cases, device, quick=args.quick, copy_gbps=results["copy_gbps"],
+                                         impls=impls, on_case_done=partial, log=_log)
+        results["targets"] = check_targets(results["kernels"], device)
+        save()
+    if not args.skip_end_to_end:
+        _log("end to end: supernet search step")
+        results["end_to_end"], results["end_to_end_note"] = endtoend.run(
+            device, quick=args.quick, compiled=args.compile_end_to_end, log=_log)
+        save()
+
+    results["wall_s"] = time.perf_counter() - started
+    results["loadavg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    save()
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write(report.markdown_report(results))
+    plots = report.plot(results, args.out)
+    _log(f"wrote {json_path}, {os.path.join(args.out, 'report.md')}"
+         + "".join(f", {p}" for p in plots) + f" in {results['wall_s']:.0f} s")
+    failures = [r for r in results["kernels"] + results["end_to_end"] if "error" in r]
+    for t in results["targets"]:
+        if t["met"] is not None:
+            _log(f"target {t['op']} {t['scaling']}: {t['measured']:.2f}x (>= {t['ratio']}x: "
+                 f"{'met' if t['met'] else 'NOT met'})")
+    if failures:
+        _log(f"{len(failures)} measurement(s) failed; see 'Failures' in the report")
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="qdarts bench", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

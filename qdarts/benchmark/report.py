@@ -1,0 +1,262 @@
+"""Writes the benchmark results: ``results.json``, a Markdown report and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Dict, Iterable, List, Optional
+
+from .cases import COMPILED, EAGER, MODES
+
+MB = 2**20
+
+
+def write_json(path: str, payload: Dict[str, Any]) -> None:
+    """Atomic write (temporary file + rename), so a killed run never leaves half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".results-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _num(v: Optional[float], digits: int = 3) -> str:
+    """A figure with ``digits`` significant digits, '-' when missing."""
+    if v is None:
+        return "-"
+    if v == 0:
+        return "0"
+    return f"{v:.{digits}g}" if abs(v) < 10 ** digits else f"{v:.0f}"
+
+
+def _ratio(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _size(numel: int) -> str:
+    for unit, div in (("M", 2**20), ("K", 2**10)):
+        if numel >= div:
+            return f"{numel / div:g}{unit}"
+    return str(numel)
+
+
+def _shape(r: Dict[str, Any]) -> str:
+    return "x".join(map(str, r["shape"])) + f" ({_size(r['numel'])})"
+
+
+def _table(header: List[str], rows: Iterable[List[str]]) -> List[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _ok(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    return [r for r in records if "median_ms" in r]
+
+
+def _labels(records: List[Dict[str, Any]]) -> List[str]:
+    seen: List[str] = []
+    for r in records:
+        if r["label"] not in seen:
+            seen.append(r["label"])
+    return seen
+
+
+def _case_key(r: Dict[str, Any]):
+    return (r["label"], r["numel"], r["dtype"])
+
+
+def conditions_lines(results: Dict[str, Any]) -> List[str]:
+    env = results["env"]
+    versions = f"torch {env['torch']}" + (f" (CUDA {env['cuda']})" if env.get("cuda") else "")
+    versions += f", triton {env['triton'] or 'not installed'}, Python {env['python']}"
+    return [
+        f"- Device: {env['device']}",
+        f"- Versions: {versions}; qdarts_kernels {env['qdarts_kernels']}; {env['platform']}",
+        f"- Date: {env['date']}; sweep: {'quick' if results['quick'] else 'full'}; 1-minute load average "
+        f"{_num(env.get('loadavg_1m_start'), 2)} at the start, {_num(results.get('loadavg_1m_end'), 2)} at the end "
+        f"(other work on the machine slows CPU figures)",
+        f"- Copy bandwidth (measured, `dst.copy_(src)` of {results['copy_bytes'] // MB} MiB, read + write): "
+        f"{results['copy_gbps']:.1f} GB/s",
+        f"- Method: median and 20th/80th percentiles of per-run times; warm-up runs discarded; the "
+        f"{results['cache_bytes'] // MB} MiB last-level cache is flushed before every run (a buffer twice "
+        f"its size is rewritten) and the device synchronised; forward runs with inputs that require grad "
+        f"(as in training); backward is timed alone after an untimed forward; GB/s counts the minimum "
+        f"traffic (DESIGN section 6). `eager` = `qdarts_kernels.reference` with autograd, `compiled` = "
+        f"`torch.compile` of it (one compilation per shape and dtype).",
+    ]
+
+
+def summary_rows(records: List[Dict[str, Any]]) -> List[List[str]]:
+    """Forward+backward per case: eager, compiled, and the fastest fused backend."""
+    rows = []
+    by_case: Dict[Any, Dict[str, Dict[str, Any]]] = {}
+    for r in _ok(records):
+        if r["mode"] == "forward+backward":
+            by_case.setdefault(_case_key(r), {})[r["impl"]] = r
+    for key, impls in by_case.items():
+        fused = [r for name, r in impls.items() if name not in (EAGER, COMPILED)]
+        best = min(fused, key=lambda r: r["median_ms"]) if fused else None
+        eager, compiled = impls.get(EAGER), impls.get(COMPILED)
+        any_r = next(iter(impls.values()))
+        rows.append([
+            any_r["label"], _shape(any_r), any_r["dtype"],
+            _num(eager and eager["median_ms"]), _num(compiled and compiled["median_ms"]),
+            best["impl"] if best else "-", _num(best and best["median_ms"]),
+            _ratio(best and best["speedup_vs_eager"]), _ratio(best and best["speedup_vs_compiled"]),
+            _num(best and best["gbps"]), _num(best and best["pct_of_copy"], 2) + ("%" if best else ""),
+            " / ".join(_num(impls[n]["saved_bytes"] / MB) if n in impls else "-"
+                       for n in [EAGER, COMPILED] + ([best["impl"]] if best else [])),
+        ])
+    return rows
+
+
+SUMMARY_HEADER = [
+    "op", "shape", "dtype", "eager ms", "compiled ms", "best fused", "fused ms", "x eager", "x compiled",
+    "GB/s", "% of copy", "MB kept for backward (eager / compiled / fused)",
+]
+
+
+def markdown_report(results: Dict[str, Any]) -> str:
+    records = results["kernels"]
+    lines = ["# qdarts benchmark report", "", *conditions_lines(results), ""]
+    if results.get("targets"):
+        lines += ["## Issue-2 targets (cpu backend over the eager reference, forward+backward, fp32)", ""]
+        lines += _table(
+            ["op", "shape", "target", "measured", "met"],
+            ([t["op"] + ("" if t["scaling"] == "-" else f" {t['scaling']}"),
+              "x".join(map(str, t.get("shape", []))) or _size(t["numel"]), f">= {t['ratio']}x",
+              _ratio(t["measured"]), {True: "yes", False: "NO", None: t.get("note", "-")}[t["met"]]]
+             for t in results["targets"]),
+        )
+        lines.append("")
+    lines += ["## Summary: forward+backward", ""]
+    lines += _table(SUMMARY_HEADER, summary_rows(records))
+    lines += ["", "## Latency, speed-up and bandwidth", ""]
+    for label in _labels(_ok(records)):
+        lines += [f"### {label}", ""]
+        rows = []
+        for r in _ok(records):
+            if r["label"] == label:
+                rows.append([
+                    _shape(r), r["dtype"], r["mode"], r["impl"],
+                    f"{_num(r['median_ms'])} ({_num(r['p20_ms'])}-{_num(r['p80_ms'])})",
+                    _ratio(r["speedup_vs_eager"]), _ratio(r["speedup_vs_compiled"]),
+                    _num(r["gbps"]), _num(r["pct_of_copy"], 2) + "%",
+                ])
+        lines += _table(["shape", "dtype", "mode", "impl", "median ms (p20-p80)", "x eager", "x compiled", "GB/s",
+                         "% of copy"], rows)
+        lines.append("")
+    lines += ["## Memory kept for backward", "",
+              "Bytes of the tensors autograd saves beyond the inputs (saved-tensor hooks)"
+              + ("; on CUDA also the peak memory of one forward+backward above the memory before it." if
+                 results["env"]["device_type"] == "cuda" else "."), ""]
+    mem_rows, seen = [], set()
+    for r in _ok(records):
+        key = _case_key(r) + (r["impl"],)
+        if key in seen:
+            continue
+        seen.add(key)
+        row = [r["label"], _shape(r), r["dtype"], r["impl"], _num(r["saved_bytes"] / MB),
+               _num(r["saved_bytes"] / (r["numel"] * (4 if r["dtype"] == "fp32" else 2)), 2)]
+        if results["env"]["device_type"] == "cuda":
+            row.append(_num(r["peak_extra_bytes"] / MB) if r.get("peak_extra_bytes") is not None else "-")
+        mem_rows.append(row)
+    header = ["op", "shape", "dtype", "impl", "saved MB", "saved / size of x (one input)"]
+    if results["env"]["device_type"] == "cuda":
+        header.append("fwd+bwd peak extra MB")
+    lines += _table(header, mem_rows)
+    compile_rows = [[r["label"], _shape(r), r["dtype"], f"{r['compile_s']:.1f}"]
+                    for r in _ok(records) if r["impl"] == COMPILED and r["mode"] == MODES[0]]
+    if compile_rows:
+        lines += ["", "## torch.compile time (first forward+backward, per shape and dtype)", ""]
+        lines += _table(["op", "shape", "dtype", "compile s"], compile_rows)
+    lines += ["", *end_to_end_lines(results)]
+    errors = [r for r in records if "error" in r] + [e for e in results.get("end_to_end", []) if "error" in e]
+    if errors:
+        lines += ["", "## Failures", ""]
+        lines += [f"- {e.get('label', e.get('config'))} {e.get('impl', e.get('ops', ''))}"
+                  f" {'x'.join(map(str, e.get('shape', [])))}: {e['error']}" for e in errors]
+    return "\n".join(lines) + "\n"
+
+
+def end_to_end_lines(results: Dict[str, Any]) -> List[str]:
+    lines = ["## End to end: one search step of the supernet", ""]
+    note = results.get("end_to_end_note")
+    if note:
+        lines += [note, ""]
+    ok = [e for e in results.get("end_to_end") or [] if "median_ms" in e]
+    if not ok:
+        return lines + ["Not measured in this run."]
+    baseline = {(e["config"], e["mode"]): e for e in ok if e["ops"] == "eager"}
+
+    def times(base: Optional[Dict[str, Any]], e: Dict[str, Any], key: str) -> str:
+        return _ratio(base[key] / e[key]) if base and base.get(key) and e.get(key) else "-"
+
+    rows = []
+    for e in ok:
+        base = baseline.get((e["config"], e["mode"]))
+        rows.append([
+            e["config"], e["description"], e["ops"], e["mode"],
+            f"{_num(e['median_ms'])} ({_num(e['p20_ms'])}-{_num(e['p80_ms'])})", times(base, e, "median_ms"),
+            _num(e["saved_mb"]), times(base, e, "saved_mb"),
+            _num(e["peak_mb"]) if e.get("peak_mb") is not None else "-", times(base, e, "peak_mb"),
+        ])
+    return lines + _table(["config", "setting", "ops", "mode", "ms per step (p20-p80)", "x faster than eager",
+                           "saved MB", "x less saved", "peak MB", "x less peak"], rows)
+
+
+def plot(results: Dict[str, Any], out_dir: str) -> List[str]:
+    """speedup.png (over eager, against size) and bandwidth.png (GB/s against size, with the copy
+    bandwidth as a line), one panel per op variant and mode; fp32 solid, bf16 dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = _ok(results["kernels"])
+    labels = _labels(records)
+    if not labels:
+        return []
+    paths = []
+    for name, key, ylabel in (("speedup.png", "speedup_vs_eager", "speed-up over eager (x)"),
+                              ("bandwidth.png", "gbps", "achieved GB/s (minimum traffic)")):
+        fig, axes = plt.subplots(len(labels), len(MODES), figsize=(4.2 * len(MODES), 3.2 * len(labels)),
+                                 squeeze=False)
+        for row, label in enumerate(labels):
+            for col, mode in enumerate(MODES):
+                ax = axes[row][col]
+                series: Dict[Any, List[Any]] = {}
+                for r in records:
+                    if r["label"] == label and r["mode"] == mode and r.get(key) is not None:
+                        if key == "speedup_vs_eager" and r["impl"] == EAGER:
+                            continue
+                        series.setdefault((r["impl"], r["dtype"]), []).append((r["numel"], r[key]))
+                for (impl, dtype), pts in sorted(series.items()):
+                    pts.sort()
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                            linestyle="-" if dtype == "fp32" else "--", label=f"{impl} {dtype}")
+                if key == "gbps":
+                    ax.axhline(results["copy_gbps"], color="grey", linestyle=":", label="copy")
+                else:
+                    ax.axhline(1.0, color="grey", linestyle=":")
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_title(f"{label}\n{mode}", fontsize=9)
+                ax.set_xlabel("elements")
+                ax.set_ylabel(ylabel, fontsize=8)
+                ax.grid(True, which="both", alpha=0.3)
+                ax.legend(fontsize=7)
+        fig.suptitle(f"{results['env']['device']} - torch {results['env']['torch']}", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(out_dir, name)
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths

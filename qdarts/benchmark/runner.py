@@ -1,0 +1,180 @@
+"""The kernel benchmark sweep: every case x implementation x mode, with derived figures.
+
+Implementations compared on each case: ``eager`` (``qdarts_kernels.reference`` with ordinary
+autograd), ``compiled`` (``torch.compile`` of that same reference, compiled once per shape and
+dtype; the compile time is recorded), and each fused backend of ``qk.available_backends()`` that
+runs natively on the device (``cpu`` on CPU; ``cuda`` and ``triton`` on a GPU).
+
+Derived figures per (case, implementation, mode): achieved bandwidth = minimum traffic (see
+``cases``) / median time, its share of the device's measured copy bandwidth, the speed-up over
+eager and over compiled (ratio of medians), and, per (case, implementation), the bytes autograd
+keeps for backward beyond the inputs (and on CUDA the peak memory of forward+backward above what
+was allocated before it).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import torch
+
+from .cases import COMPILED, EAGER, OpCase, backends_for, implementation
+from .timing import CacheFlusher, Timing, measure, saved_bytes, synchronize
+
+#: Sampling per measurement: (warm-up runs, min samples, max samples, seconds budget).
+SAMPLING = {True: (2, 5, 30, 0.4), False: (3, 10, 200, 1.5)}
+
+
+def mode_functions(fn: Callable[..., torch.Tensor], leaves: List[torch.Tensor], grad: torch.Tensor):
+    """(setup, run) per mode; only ``run`` is timed (the forward of a backward timing is setup)."""
+
+    def backward(y):
+        return torch.autograd.grad(y, leaves, grad)
+
+    return {
+        "forward": (lambda: None, lambda _: fn(*leaves)),
+        "backward": (lambda: fn(*leaves), backward),
+        "forward+backward": (lambda: None, lambda _: backward(fn(*leaves))),
+    }
+
+
+def _peak_extra_bytes(fn, leaves, grad, device) -> Optional[int]:
+    """CUDA only: peak allocated memory during one forward+backward above the memory before it."""
+    if torch.device(device).type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = torch.autograd.grad(fn(*leaves), leaves, grad)
+    synchronize(device)
+    del result
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def _ms(seconds: float) -> float:
+    return seconds * 1e3
+
+
+def benchmark_case(
+    case: OpCase,
+    device: str,
+    impls: Iterable[str],
+    *,
+    quick: bool,
+    flush: Optional[Callable[[], None]],
+    copy_gbps: float,
+    log: Callable[[str], None] = print,
+) -> List[Dict[str, Any]]:
+    """Records for one case: one per (implementation, mode), or one with ``error`` when an
+    implementation fails (it is reported, and the sweep goes on)."""
+    warmup, min_samples, max_samples, budget_s = SAMPLING[quick]
+    leaves = case.make_inputs(device)
+    grad = case.grad_output(device)
+    base = {
+        "op": case.op, "scaling": case.scaling, "label": case.label, "bits": list(case.bits), "k": case.k,
+        "shape": list(case.shape), "numel": case.numel, "dtype": case.dtype_name,
+    }
+    records: List[Dict[str, Any]] = []
+    for impl in impls:
+        fn = implementation(case, impl)
+        extra: Dict[str, Any] = {}
+        try:
+            if impl == COMPILED:
+                synchronize(device)
+                t0 = time.perf_counter()
+                torch.autograd.grad(fn(*leaves), leaves, grad)  # compiles forward and backward
+                synchronize(device)
+                extra["compile_s"] = time.perf_counter() - t0
+            extra["saved_bytes"] = saved_bytes(fn, leaves)
+            extra["peak_extra_bytes"] = _peak_extra_bytes(fn, leaves, grad, device)
+            for mode, (setup, run) in mode_functions(fn, leaves, grad).items():
+                timing: Timing = measure(
+                    run, setup, device, flush=flush, warmup=warmup, min_samples=min_samples,
+                    max_samples=max_samples, budget_s=budget_s,
+                )
+                traffic = case.min_traffic_bytes(mode)
+                gbps = traffic / timing.median / 1e9
+                records.append({
+                    **base, "impl": impl, "mode": mode, **extra,
+                    "median_ms": _ms(timing.median), "p20_ms": _ms(timing.p20), "p80_ms": _ms(timing.p80),
+                    "samples": len(timing.samples), "min_traffic_bytes": traffic, "gbps": gbps,
+                    "pct_of_copy": 100.0 * gbps / copy_gbps,
+                })
+                log(f"  {case.id:<52} {impl:<9} {mode:<17} {records[-1]['median_ms']:10.3f} ms"
+                    f"  {gbps:7.1f} GB/s")
+        except Exception as e:  # one failing implementation must not stop the sweep
+            records.append({**base, "impl": impl, "error": f"{type(e).__name__}: {e}"})
+            log(f"  {case.id:<52} {impl:<9} FAILED: {type(e).__name__}: {e}")
+        finally:
+            if impl == COMPILED:
+                # every case compiles the same reference code: start each from a clean dynamo
+                # cache so that no recompile limit is hit (which would fall back to eager silently)
+                del fn
+                torch._dynamo.reset()
+    _add_speedups(records)
+    return records
+
+
+def _add_speedups(records: List[Dict[str, Any]]) -> None:
+    """speedup_vs_eager / speedup_vs_compiled = baseline median / this median, per mode."""
+    by_mode: Dict[str, Dict[str, float]] = {}
+    for r in records:
+        if "median_ms" in r:
+            by_mode.setdefault(r["mode"], {})[r["impl"]] = r["median_ms"]
+    for r in records:
+        if "median_ms" not in r:
+            continue
+        baselines = by_mode[r["mode"]]
+        for name, key in ((EAGER, "speedup_vs_eager"), (COMPILED, "speedup_vs_compiled")):
+            r[key] = baselines[name] / r["median_ms"] if name in baselines else None
+
+
+def run_kernels(
+    cases: List[OpCase],
+    device: str,
+    *,
+    quick: bool,
+    copy_gbps: float,
+    impls: Optional[List[str]] = None,
+    on_case_done: Optional[Callable[[List[Dict[str, Any]]], None]] = None,
+    log: Callable[[str], None] = print,
+) -> List[Dict[str, Any]]:
+    """Run every case; ``on_case_done(records_so_far)`` lets the caller save partial results."""
+    if impls is None:
+        impls = [EAGER, COMPILED] + backends_for(device)
+    flusher = CacheFlusher(device)
+    records: List[Dict[str, Any]] = []
+    for case in cases:
+        records += benchmark_case(case, device, impls, quick=quick, flush=flusher, copy_gbps=copy_gbps, log=log)
+        if on_case_done is not None:
+            on_case_done(records)
+    return records
+
+
+#: Issue-2 acceptance targets on CPU: fused cpu backend over the eager reference, forward+backward.
+CPU_TARGETS = (
+    {"op": "mixed_fake_quant", "scaling": "per_tensor", "numel": 4 * 2**20, "ratio": 10.0},
+    {"op": "mixed_op_sum", "scaling": "-", "numel": 2**20, "ratio": 2.5},
+)
+
+
+def check_targets(records: List[Dict[str, Any]], device: str) -> List[Dict[str, Any]]:
+    """The issue-2 targets (CPU, fp32, forward+backward, ``cpu`` backend against eager)."""
+    if torch.device(device).type != "cpu":
+        return []
+    out = []
+    for target in CPU_TARGETS:
+        found = [
+            r for r in records
+            if r.get("op") == target["op"] and r.get("scaling") == target["scaling"] and r.get("numel") == target["numel"]
+            and r.get("dtype") == "fp32" and r.get("mode") == "forward+backward" and r.get("impl") == "cpu"
+        ]
+        row = {**target, "backend": "cpu", "mode": "forward+backward", "dtype": "fp32"}
+        if found and found[0].get("speedup_vs_eager"):
+            measured = found[0]["speedup_vs_eager"]
+            row.update(shape=found[0]["shape"], measured=measured, met=measured >= target["ratio"])
+        else:
+            row.update(measured=None, met=None, note="not measured (cpu backend missing or case not in the sweep)")
+        out.append(row)
+    return out

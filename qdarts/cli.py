@@ -1,0 +1,187 @@
+"""Command line: ``qdarts search``, ``qdarts train``, ``qdarts bench`` (also ``python -m qdarts``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from dataclasses import fields
+from typing import List, Optional
+
+__all__ = ["main", "build_parser"]
+
+
+def _bits(text: str):
+    try:
+        bits = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--bits must be comma-separated ints such as 2,4,8, got {text!r}")
+    if not 1 <= len(bits) <= 4 or any(not 1 <= b <= 16 for b in bits) or len(set(bits)) != len(bits):
+        raise argparse.ArgumentTypeError(f"--bits must be 1..4 distinct bit-widths in [1, 16], got {text!r}")
+    return bits
+
+
+def _default(cls, name):
+    return next(f.default for f in fields(cls) if f.name == name)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
+    p.add_argument("--backend", default=None, choices=["reference", "cpu", "cuda", "triton"],
+                   help="qdarts_kernels backend (default: automatic)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is often fastest for the tiny digits "
+                        "convs on a busy machine)")
+    p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+
+
+def _search_parser(sub) -> None:
+    from .search import SearchConfig
+
+    d = lambda name: _default(SearchConfig, name)  # noqa: E731
+    p = sub.add_parser("search", help="search an architecture and its bit-widths (writes genotype.json)",
+                       description="Joint differentiable search of the cell architecture and the per-layer "
+                                   "activation/weight bit-widths (gradient QDARTS). Writes genotype.json, "
+                                   "history.json, PNG plots, summary.md and checkpoint.pt into --out.")
+    p.add_argument("--data", default=d("data"), choices=["digits", "synthetic", "cifar10"],
+                   help="digits: scikit-learn's bundled 8x8 digits (default, no download); synthetic: "
+                        "generated; cifar10: a local folder of the python-pickle CIFAR-10 (--data-dir)")
+    p.add_argument("--data-dir", default=None, help="folder with data_batch_1..5, test_batch, batches.meta")
+    p.add_argument("--bits", type=_bits, default=d("bits"), help="bit-width choices (default: 2,4,8)")
+    p.add_argument("--epochs", type=int, default=d("epochs"), help=f"search epochs (default: {d('epochs')})")
+    p.add_argument("--warmup-epochs", type=int, default=d("warmup_epochs"),
+                   help=f"epochs before alpha/beta start to learn (default: {d('warmup_epochs')})")
+    p.add_argument("--batch-size", type=int, default=d("batch_size"), help=f"(default: {d('batch_size')})")
+    p.add_argument("--layers", type=int, default=d("layers"), help=f"cells in the supernet (default: {d('layers')})")
+    p.add_argument("--channels", type=int, default=d("channels"), help=f"initial channels C (default: {d('channels')})")
+    p.add_argument("--partial-channels", type=int, default=d("partial_channels"),
+                   help=f"PC-DARTS K: ops see C/K channels (default: {d('partial_channels')}; 4 for CIFAR-10)")
+    p.add_argument("--quantizer", default=d("quantizer"), choices=["paper", "lsq"],
+                   help="paper: HWGQ activations + Gaussian mid-rise weights (official); lsq: learnable steps")
+    p.add_argument("--act-grid", default=d("act_grid"), choices=["follow", "official"],
+                   help="follow: signed grid after depthwise convs (default); official: unsigned everywhere")
+    p.add_argument("--gamma-per-conv", action="store_true",
+                   help="one (gamma_a, gamma_w) per conv instead of one per op (the official sharing)")
+    p.add_argument("--cost", default=d("cost"), choices=["improved", "official"],
+                   help="expected-BitOps formula (default: improved: op-probability weighted, group-aware)")
+    p.add_argument("--lambda", dest="cost_weight", type=float, default=d("cost_weight"),
+                   help=f"weight of the BitOps cost in the loss (default: {d('cost_weight')})")
+    p.add_argument("--order", default=d("order"), choices=["first", "second"], help="DARTS approximation order")
+    p.add_argument("--weight-lr", type=float, default=d("weight_lr"), help=f"(default: {d('weight_lr')})")
+    p.add_argument("--gamma-lr", type=float, default=d("gamma_lr"), help=f"(default: {d('gamma_lr')})")
+    p.add_argument("--arch-lr", type=float, default=d("arch_lr"), help=f"(default: {d('arch_lr')})")
+    p.add_argument("--seed", type=int, default=d("seed"), help=f"(default: {d('seed')})")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    _add_common(p)
+    p.set_defaults(run=_run_search)
+
+
+def _train_parser(sub) -> None:
+    from .train import TrainConfig
+
+    d = lambda name: _default(TrainConfig, name)  # noqa: E731
+    p = sub.add_parser("train", help="retrain a genotype with its fixed bits (or fp32); writes summary.json",
+                       description="Retrain the derived network of a genotype from scratch with its fixed "
+                                   "bit-widths (quantization-aware training), or in fp32 with --fp32, and "
+                                   "report test accuracy, BitOps and memory against fp32 in summary.json.")
+    p.add_argument("--genotype", required=True, help="genotype.json written by qdarts search")
+    p.add_argument("--fp32", action="store_true", help="train the same architecture in full precision")
+    p.add_argument("--epochs", type=int, default=d("epochs"), help=f"(default: {d('epochs')})")
+    p.add_argument("--batch-size", type=int, default=d("batch_size"), help=f"(default: {d('batch_size')})")
+    p.add_argument("--layers", type=int, default=None, help="cells (default: as in the search)")
+    p.add_argument("--channels", type=int, default=None, help="initial channels (default: twice the search's)")
+    p.add_argument("--lr", type=float, default=d("lr"), help=f"SGD learning rate, cosine (default: {d('lr')})")
+    p.add_argument("--auxiliary", action="store_true", help="auxiliary head at 2/3 depth (weight --aux-weight)")
+    p.add_argument("--aux-weight", type=float, default=d("aux_weight"), help=f"(default: {d('aux_weight')})")
+    p.add_argument("--drop-path", type=float, default=d("drop_path"), help=f"drop-path probability (default: {d('drop_path')})")
+    p.add_argument("--data", default=None, choices=["digits", "synthetic", "cifar10"], help="default: the search's")
+    p.add_argument("--data-dir", default=None, help="CIFAR-10 folder (default: the search's)")
+    p.add_argument("--seed", type=int, default=d("seed"), help=f"(default: {d('seed')})")
+    _add_common(p)
+    p.set_defaults(run=_run_train)
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark the kernels and the end-to-end search step (qdarts.benchmark)",
+                       description="Benchmarks of every backend against the PyTorch reference and torch.compile.")
+    try:
+        module = importlib.import_module("qdarts.benchmark.cli")
+    except ImportError as e:
+        p.set_defaults(run=lambda args: _bench_missing(e))
+        return
+    module.add_arguments(p)
+    p.set_defaults(run=module.run)
+
+
+def _bench_missing(error: Exception) -> int:
+    print(f"qdarts bench: the benchmark module qdarts.benchmark.cli is not available ({error})", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qdarts", description="Differentiable mixed-precision NAS (gradient "
+                                     "QDARTS) on fused PyTorch kernels.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{search,train,bench}")
+    _search_parser(sub)
+    _train_parser(sub)
+    _bench_parser(sub)
+    return parser
+
+
+def _setup(args) -> None:
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
+def _run_search(args) -> int:
+    from .search import SearchConfig, run_search
+
+    _setup(args)
+    config = SearchConfig(
+        data=args.data, data_dir=args.data_dir, bits=args.bits, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        batch_size=args.batch_size, layers=args.layers, channels=args.channels,
+        partial_channels=args.partial_channels, quantizer=args.quantizer, act_grid=args.act_grid,
+        share_gamma=not args.gamma_per_conv, cost=args.cost, cost_weight=args.cost_weight, order=args.order,
+        weight_lr=args.weight_lr, gamma_lr=args.gamma_lr, arch_lr=args.arch_lr, seed=args.seed,
+        device=args.device, backend=args.backend)
+    result = run_search(config, args.out, resume=args.resume, progress=not args.no_progress,
+                        plots=not args.no_plots)
+    cost, last = result["cost"], result["history"][-1]
+    print(result["genotype"].describe())
+    print(f"val accuracy {last['val_acc']:.4f}; derived BitOps {cost['bitops']:.4g} "
+          f"({cost['bitops_fp32'] / max(cost['bitops'], 1):.1f}x fewer than fp32); "
+          f"outputs in {os.path.abspath(args.out)}")
+    return 0
+
+
+def _run_train(args) -> int:
+    from .train import TrainConfig, run_train
+
+    _setup(args)
+    config = TrainConfig(
+        genotype=args.genotype, fp32=args.fp32, epochs=args.epochs, batch_size=args.batch_size, layers=args.layers,
+        channels=args.channels, lr=args.lr, auxiliary=args.auxiliary, aux_weight=args.aux_weight,
+        drop_path=args.drop_path, data=args.data, data_dir=args.data_dir, seed=args.seed, device=args.device,
+        backend=args.backend)
+    s = run_train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    print(f"test accuracy {s['test_accuracy']:.4f}; BitOps {s['bitops']:.4g} (fp32 {s['bitops_fp32']:.4g}, "
+          f"{s['bitops_reduction']:.1f}x); memory {s['memory_bytes']:.0f} B (fp32 {s['memory_bytes_fp32']:.0f} B); "
+          f"{os.path.join(os.path.abspath(args.out), 'summary.json')}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"qdarts {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,447 @@
+"""The joint architecture and bit-width search (gradient QDARTS) with per-epoch atomic checkpoints.
+
+Per step (DESIGN section 2):
+
+1. from the warm-up epoch on, alpha and beta take one Adam step on the validation cross-entropy,
+   first order (the gradient at the current weights) or DARTS second order (the gradient at the
+   weights after one virtual SGD step, with the finite-difference Hessian-vector product);
+2. weights (SGD, cosine learning rate, gradient clipping) and gamma (SGD) take one step on the
+   train split's ``CE + lambda * C(gamma)`` (alpha and beta held fixed: they learn only from the
+   validation split).
+
+Nothing in a step reads a value back to the host: the losses and accuracies are accumulated as
+tensors and read once per epoch. A run is a pure function of its config (seed included): the data
+order of epoch e comes from a generator seeded by (seed, e), the global RNG state is saved in the
+checkpoint, so resuming continues to exactly the result of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import atomic_torch_save, atomic_write_text, rng_state, seed_everything, set_rng_state
+from .cost import COST_KINDS, ExpectedCost, network_cost
+from .data import DATASETS, batches, load_dataset, num_batches
+from .derive import derive_genotype
+from .evalnet import EvalNetwork
+from .genotype import Genotype
+from .ops import ACT_GRIDS, QUANTIZERS
+from .supernet import SearchNetwork, SupernetConfig
+
+__all__ = ["SearchConfig", "Searcher", "run_search", "CHECKPOINT", "ORDERS"]
+
+CHECKPOINT = "checkpoint.pt"
+ORDERS = ("first", "second")
+
+
+@dataclass
+class SearchConfig:
+    """Every setting of a search; the defaults are tuned for the embedded digits set on a laptop CPU."""
+
+    data: str = "digits"
+    data_dir: Optional[str] = None
+    bits: Tuple[int, ...] = (2, 4, 8)
+    epochs: int = 20
+    warmup_epochs: int = 5
+    batch_size: int = 128
+    channels: int = 8
+    layers: int = 5
+    steps: int = 4
+    partial_channels: int = 2
+    quantizer: str = "paper"
+    act_grid: str = "follow"
+    share_gamma: bool = True
+    cost: str = "improved"
+    cost_weight: float = 1e-3
+    order: str = "first"
+    weight_lr: float = 0.1
+    weight_lr_min: float = 1e-3
+    weight_momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    gamma_lr: float = 0.1
+    gamma_momentum: float = 0.9
+    gamma_decay: float = 1e-3
+    arch_lr: float = 3e-3
+    arch_betas: Tuple[float, float] = (0.5, 0.999)
+    arch_decay: float = 1e-3
+    train_portion: float = 0.5
+    seed: int = 0
+    device: str = "cpu"
+    backend: Optional[str] = None
+
+    def validate(self) -> None:
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(msg)
+
+        need(self.data in DATASETS, f"data must be one of {', '.join(DATASETS)}, got {self.data!r}")
+        need(1 <= len(self.bits) <= 4 and all(isinstance(b, int) and 1 <= b <= 16 for b in self.bits),
+             f"bits must be 1..4 bit-widths in [1, 16], got {self.bits}")
+        need(len(set(self.bits)) == len(self.bits), f"bits must be distinct, got {self.bits}")
+        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        need(0 <= self.warmup_epochs, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.layers >= 1 and self.channels >= 1 and self.steps >= 2,
+             "layers and channels must be >= 1 and steps >= 2")
+        need(self.partial_channels >= 1 and self.channels % self.partial_channels == 0,
+             f"channels ({self.channels}) must be divisible by partial_channels ({self.partial_channels})")
+        need(self.quantizer in QUANTIZERS, f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        need(self.act_grid in ACT_GRIDS, f"act_grid must be one of {ACT_GRIDS}, got {self.act_grid!r}")
+        need(self.cost in COST_KINDS, f"cost must be one of {COST_KINDS}, got {self.cost!r}")
+        need(self.order in ORDERS, f"order must be one of {ORDERS}, got {self.order!r}")
+        need(self.cost_weight >= 0, f"cost_weight must be >= 0, got {self.cost_weight}")
+        need(self.device == "cpu" or self.device.startswith("cuda"), f"device must be cpu or cuda[:i], got {self.device!r}")
+        if self.device.startswith("cuda"):
+            need(torch.cuda.is_available(), f"device {self.device!r} requested but CUDA is not available")
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "SearchConfig":
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        for k in ("bits", "arch_betas"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+
+@contextmanager
+def _frozen(params: Sequence[torch.nn.Parameter]):
+    """Temporarily exclude ``params`` from autograd (no gradient is computed for them at all)."""
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _cosine(epoch: int, epochs: int, lr: float, lr_min: float) -> float:
+    return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+def _rounded(t: torch.Tensor) -> List:
+    """A tensor as nested lists of floats rounded to 6 decimals (keeps history.json small)."""
+    def walk(v):
+        return round(v, 6) if isinstance(v, float) else [walk(u) for u in v]
+
+    return walk(t.detach().cpu().double().tolist())
+
+
+class Searcher:
+    """Holds the supernet, its optimisers and the history; ``run`` performs the remaining epochs."""
+
+    def __init__(self, config: SearchConfig, out_dir: str, *, progress: bool = True):
+        config.validate()
+        self.config = config
+        self.out_dir = out_dir
+        self.progress = progress
+        self.device = torch.device(config.device)
+        self.dataset = load_dataset(config.data, config.data_dir)
+        self.train_x, self.train_y, self.val_x, self.val_y = self.dataset.search_split(config.train_portion)
+        seed_everything(config.seed)
+        self.net = SearchNetwork(SupernetConfig(
+            input_shape=self.dataset.input_shape, num_classes=self.dataset.num_classes, channels=config.channels,
+            layers=config.layers, steps=config.steps, multiplier=config.steps, partial_channels=config.partial_channels,
+            bits=tuple(config.bits), quantizer=config.quantizer, act_grid=config.act_grid,
+            share_gamma=config.share_gamma, backend=config.backend)).to(self.device)
+        self.groups = self.net.param_groups()
+        self.arch_params = self.groups["alpha"] + self.groups["beta"]
+        self.cost = ExpectedCost(self.net, config.cost)
+        c = config
+        self.opt_weights = torch.optim.SGD(self.groups["weights"], lr=c.weight_lr, momentum=c.weight_momentum,
+                                           weight_decay=c.weight_decay)
+        self.opt_gamma = torch.optim.SGD(self.groups["gamma"], lr=c.gamma_lr, momentum=c.gamma_momentum,
+                                         weight_decay=c.gamma_decay) if self.groups["gamma"] else None
+        self.opt_arch = torch.optim.Adam(self.arch_params, lr=c.arch_lr, betas=tuple(c.arch_betas),
+                                         weight_decay=c.arch_decay)
+        self.epoch = 0
+        self.history: List[Dict[str, Any]] = []
+        self.elapsed = 0.0
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.out_dir, CHECKPOINT)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "format": "qdarts-search-checkpoint",
+            "version": 1,
+            "config": asdict(self.config),
+            "epoch": self.epoch,
+            "model": self.net.state_dict(),
+            "opt_weights": self.opt_weights.state_dict(),
+            "opt_gamma": self.opt_gamma.state_dict() if self.opt_gamma else None,
+            "opt_arch": self.opt_arch.state_dict(),
+            "history": self.history,
+            "elapsed": self.elapsed,
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.net.load_state_dict(state["model"])
+        self.opt_weights.load_state_dict(state["opt_weights"])
+        if self.opt_gamma is not None:
+            self.opt_gamma.load_state_dict(state["opt_gamma"])
+        self.opt_arch.load_state_dict(state["opt_arch"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        self.elapsed = float(state.get("elapsed", 0.0))
+        set_rng_state(state["rng"])
+
+    @staticmethod
+    def read_checkpoint(out_dir: str) -> Optional[Dict[str, Any]]:
+        path = os.path.join(out_dir, CHECKPOINT)
+        if not os.path.isfile(path):
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or state.get("format") != "qdarts-search-checkpoint":
+            raise ValueError(f"{path} is not a qdarts search checkpoint")
+        return state
+
+    # ------------------------------------------------------------------ one step
+
+    def _train_loss(self, x, y):
+        logits = self.net(x)
+        ce = F.cross_entropy(logits, y)
+        loss = ce + self.config.cost_weight * self.cost() if self.config.cost_weight else ce
+        return logits, ce, loss
+
+    def _arch_step(self, xb, yb, xv, yv, lr: float) -> None:
+        if self.config.order == "first":
+            loss = F.cross_entropy(self.net(xv), yv)
+            grads = torch.autograd.grad(loss, self.arch_params, allow_unused=True)
+        else:
+            grads = self._second_order_grads(xb, yb, xv, yv, lr)
+        for p, g in zip(self.arch_params, grads):
+            p.grad = torch.zeros_like(p) if g is None else g
+        self.opt_arch.step()
+
+    def _second_order_grads(self, xb, yb, xv, yv, lr: float):
+        """DARTS eq. 7-8: grad_alpha L_val(w - lr * grad_w L_train(w)) with the finite-difference
+        Hessian-vector product ``(grad_alpha L_train(w+) - grad_alpha L_train(w-)) / 2r``,
+        ``w+- = w +- r * grad_w' L_val``, ``r = 0.01 / ||grad_w' L_val||``. The virtual step uses the
+        weight optimiser's momentum and weight decay; gamma is held fixed."""
+        c = self.config
+        weights = self.groups["weights"]
+        _, _, loss = self._train_loss(xb, yb)
+        grads_w = torch.autograd.grad(loss, weights, allow_unused=True)
+        backup = [p.detach().clone() for p in weights]
+        with torch.no_grad():
+            for p, g in zip(weights, grads_w):
+                if g is None:
+                    continue
+                step = g + c.weight_decay * p
+                buf = self.opt_weights.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    step = step + c.weight_momentum * buf
+                p.sub_(lr * step)
+        val_loss = F.cross_entropy(self.net(xv), yv)
+        grads = torch.autograd.grad(val_loss, self.arch_params + weights, allow_unused=True)
+        d_arch, d_w = grads[: len(self.arch_params)], grads[len(self.arch_params):]
+        r = 0.01 / torch.cat([g.flatten() for g in d_w if g is not None]).norm().clamp_min(1e-12)
+
+        def arch_grads_at(sign: float):
+            with torch.no_grad():
+                for p, b, g in zip(weights, backup, d_w):
+                    p.copy_(b)
+                    if g is not None:
+                        p.add_(g * (sign * r))
+            _, _, l_train = self._train_loss(xb, yb)
+            return torch.autograd.grad(l_train, self.arch_params, allow_unused=True)
+
+        g_plus, g_minus = arch_grads_at(1.0), arch_grads_at(-1.0)
+        with torch.no_grad():
+            for p, b in zip(weights, backup):
+                p.copy_(b)
+        out = []
+        for da, gp, gn in zip(d_arch, g_plus, g_minus):
+            da = torch.zeros_like(self.arch_params[len(out)]) if da is None else da
+            if gp is not None and gn is not None:
+                da = da - lr * (gp - gn) / (2 * r)
+            out.append(da)
+        return out
+
+    def _weight_step(self, xb, yb, stats: torch.Tensor) -> None:
+        self.opt_weights.zero_grad(set_to_none=True)
+        if self.opt_gamma is not None:
+            self.opt_gamma.zero_grad(set_to_none=True)
+        with _frozen(self.arch_params):
+            logits, ce, loss = self._train_loss(xb, yb)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.groups["weights"], self.config.grad_clip)
+        self.opt_weights.step()
+        if self.opt_gamma is not None:
+            self.opt_gamma.step()
+        n = yb.shape[0]
+        stats += torch.stack([ce.detach() * n, loss.detach() * n, (logits.argmax(1) == yb).sum().float(),
+                              torch.tensor(float(n), device=stats.device)])
+
+    @torch.no_grad()
+    def _evaluate(self, x, y) -> Tuple[float, float]:
+        self.net.eval()
+        stats = torch.zeros(2, device=self.device)
+        for xb, yb in batches(x, y, 256, shuffle=False, device=self.device):
+            logits = self.net(xb)
+            stats += torch.stack([F.cross_entropy(logits, yb, reduction="sum"), (logits.argmax(1) == yb).sum().float()])
+        self.net.train()
+        loss_sum, correct = stats.tolist()
+        return loss_sum / x.shape[0], correct / x.shape[0]
+
+    # ------------------------------------------------------------------ records
+
+    def gamma_table(self) -> Dict[str, Dict[str, List[float]]]:
+        """{layer name: {"act": probs, "weight": probs}} for each distinct gamma pair."""
+        table, seen, count = {}, set(), {}
+        for name, conv, _ in self.net.quant_layers():
+            key = (id(conv.act_quant.logits), id(conv.weight_quant.logits)) if len(self.config.bits) > 1 else None
+            if key is None or key in seen:
+                continue
+            seen.add(key)
+            if not self.config.share_gamma:
+                count[name] = count.get(name, -1) + 1
+                name = f"{name}.conv{count[name]}"
+            table[name] = {"act": _rounded(conv.act_quant.probs()), "weight": _rounded(conv.weight_quant.probs())}
+        return table
+
+    def _record(self, epoch: int, lr: float, stats: torch.Tensor, seconds: float) -> Dict[str, Any]:
+        ce_sum, loss_sum, correct, n = stats.tolist()
+        val_loss, val_acc = self._evaluate(self.val_x, self.val_y)
+        net = self.net
+        return {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "arch_updates": epoch >= self.config.warmup_epochs,
+            "train_ce": ce_sum / n,
+            "train_loss": loss_sum / n,
+            "train_acc": correct / n,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "expected_cost": float(self.cost().detach()),
+            "expected_bitops": float(self.cost.expected_bitops()),
+            "alpha": {"normal": _rounded(net.op_probs(False)), "reduce": _rounded(net.op_probs(True))},
+            "beta": {"normal": _rounded(net.edge_weights(net.betas_normal)),
+                     "reduce": _rounded(net.edge_weights(net.betas_reduce))},
+            "gamma": self.gamma_table(),
+            "seconds": seconds,
+        }
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, stop_after: Optional[int] = None) -> None:
+        """Run epochs ``self.epoch .. epochs-1`` (at most ``stop_after`` of them), checkpointing each."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        steps = min(num_batches(self.train_x.shape[0], c.batch_size), num_batches(self.val_x.shape[0], c.batch_size))
+        last = c.epochs if stop_after is None else min(c.epochs, self.epoch + stop_after)
+        bar = tqdm(total=c.epochs * steps, initial=self.epoch * steps, desc="search", unit="step",
+                   disable=not self.progress, dynamic_ncols=True)
+        try:
+            while self.epoch < last:
+                epoch = self.epoch
+                start = time.perf_counter()
+                lr = _cosine(epoch, c.epochs, c.weight_lr, c.weight_lr_min)
+                for group in self.opt_weights.param_groups:
+                    group["lr"] = lr
+                g_train = torch.Generator().manual_seed(c.seed * 1_000_003 + 2 * epoch)
+                g_val = torch.Generator().manual_seed(c.seed * 1_000_003 + 2 * epoch + 1)
+                stats = torch.zeros(4, device=self.device)
+                train_iter = batches(self.train_x, self.train_y, c.batch_size, shuffle=True, generator=g_train,
+                                     augment=self.dataset.augment, device=self.device)
+                val_iter = batches(self.val_x, self.val_y, c.batch_size, shuffle=True, generator=g_val,
+                                   augment=self.dataset.augment, device=self.device)
+                for _, (xb, yb), (xv, yv) in zip(range(steps), train_iter, val_iter):
+                    if epoch >= c.warmup_epochs:
+                        self._arch_step(xb, yb, xv, yv, lr)
+                    self._weight_step(xb, yb, stats)
+                    bar.update(1)
+                seconds = time.perf_counter() - start
+                record = self._record(epoch, lr, stats, seconds)
+                self.history.append(record)
+                self.elapsed += seconds
+                self.epoch += 1
+                bar.set_postfix(val_acc=f"{record['val_acc']:.3f}", exp_gbitops=f"{record['expected_bitops'] / 1e9:.3f}")
+                self.save_checkpoint()
+        finally:
+            bar.close()
+
+    def save_checkpoint(self) -> None:
+        os.makedirs(self.out_dir, exist_ok=True)
+        atomic_torch_save(self.checkpoint_path, self.state_dict())
+        atomic_write_text(os.path.join(self.out_dir, "history.json"), json.dumps(self.history))
+
+    # ------------------------------------------------------------------ results
+
+    def derive(self) -> Tuple[Genotype, Dict[str, Any]]:
+        """The genotype and the BitOps / memory of its network at the search size, against fp32."""
+        c = self.config
+        ds = self.dataset
+        info = {
+            "data": c.data,
+            "input_shape": list(ds.input_shape),
+            "num_classes": ds.num_classes,
+            "layers": c.layers,
+            "channels": c.channels,
+            "steps": c.steps,
+            "seed": c.seed,
+            "epochs": self.epoch,
+        }
+        genotype = derive_genotype(self.net, info)
+        cost = network_cost(EvalNetwork(genotype, ds.input_shape, ds.num_classes, c.channels, c.layers),
+                            ds.input_shape, device=torch.device("cpu"))
+        last = self.history[-1] if self.history else {}
+        genotype.search.update({
+            "val_acc": last.get("val_acc"),
+            "expected_bitops": last.get("expected_bitops"),
+            "derived_bitops": cost["bitops"],
+            "derived_bitops_fp32": cost["bitops_fp32"],
+            "derived_memory_bytes": cost["memory_bytes"],
+            "derived_memory_bytes_fp32": cost["memory_bytes_fp32"],
+        })
+        return genotype, cost
+
+
+def run_search(config: SearchConfig, out_dir: str, *, resume: bool = False, progress: bool = True,
+               stop_after: Optional[int] = None, plots: bool = True) -> Dict[str, Any]:
+    """Search (or resume) into ``out_dir``; write genotype.json, history.json, plots and summary.md.
+
+    Returns {"genotype": Genotype, "cost": derived network cost, "history": [...], "config": SearchConfig}.
+    With ``stop_after`` the run stops after that many epochs (a checkpoint is left, as after a kill)
+    and the final outputs are written only when the last epoch is done.
+    """
+    from .report import write_search_report
+
+    state = Searcher.read_checkpoint(out_dir)
+    if state is not None and not resume:
+        raise FileExistsError(f"{out_dir!r} already holds a search checkpoint; pass --resume to continue it "
+                              "or choose another --out")
+    if state is not None:
+        saved = SearchConfig.from_dict(state["config"])
+        saved.device = config.device  # the one setting a resumed run may change
+        config = saved
+    searcher = Searcher(config, out_dir, progress=progress)
+    if state is not None:
+        searcher.load_state_dict(state)
+    searcher.run(stop_after=stop_after)
+    result: Dict[str, Any] = {"history": searcher.history, "config": searcher.config, "searcher": searcher}
+    if searcher.epoch >= config.epochs:
+        genotype, cost = searcher.derive()
+        result.update(genotype=genotype, cost=cost)
+        os.makedirs(out_dir, exist_ok=True)
+        genotype.save(os.path.join(out_dir, "genotype.json"))
+        write_search_report(out_dir, searcher.config, searcher.history, genotype, cost, searcher.elapsed,
+                            plots=plots)
+    return result

@@ -1,0 +1,220 @@
+"""The PC-DARTS supernet with quantized candidate ops: alpha, beta, gamma_a, gamma_w as parameters.
+
+Structure (Xu et al., PC-DARTS, with every conv a mixed-precision composite convolution):
+
+- stem: fp32 3x3 conv + BN (kept full precision and out of the cost, as in the paper);
+- ``layers`` cells, reduction cells at layers//3 and 2*layers//3, ``steps`` intermediate nodes per
+  cell, every node fed by all earlier nodes and the two cell inputs (14 edges for 4 steps);
+- each edge is a :class:`MixedOp` on partial channels: the first C/K channels go through the
+  candidate ops, the rest bypass them (max-pooled on reduction edges), then a channel shuffle;
+- each node sums its input edges weighted by softmax(beta) over those inputs (edge normalisation);
+- global average pooling and an fp32 linear classifier.
+
+Parameters, in named groups (:meth:`SearchNetwork.param_groups`):
+``alpha``: alphas_normal / alphas_reduce [edges, ops]; ``beta``: betas_normal / betas_reduce
+[edges]; ``gamma``: every conv's (or op's, shared) activation and weight bit logits; ``weights``:
+everything else (conv weights, BN, LSQ scales).
+
+The mixed-op sums (ops of an edge, and edges of a node) are ``qdarts_kernels.mixed_op_sum`` calls.
+The ``none`` op outputs zeros, so it contributes nothing to the sum: it is not computed and its
+weight is dropped from the sum (mathematically identical to including it; the softmax still
+runs over all ops, so ``none`` still competes for probability mass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qdarts_kernels as qk
+
+from .genotype import PRIMITIVES, edge_nodes
+from .ops import ConvMaker, FactorizedReduce, ReLUConvBN, build_op, quant_convs
+
+__all__ = ["SearchNetwork", "SupernetConfig", "channel_shuffle", "reduction_cells"]
+
+
+@dataclass(frozen=True)
+class SupernetConfig:
+    input_shape: Tuple[int, int, int]
+    num_classes: int
+    channels: int = 16
+    layers: int = 5
+    steps: int = 4
+    multiplier: int = 4
+    stem_multiplier: int = 3
+    partial_channels: int = 4
+    bits: Tuple[int, ...] = (2, 4, 8)
+    quantizer: str = "paper"
+    act_grid: str = "follow"
+    share_gamma: bool = True
+    backend: Optional[str] = None
+
+
+def reduction_cells(layers: int) -> Tuple[int, ...]:
+    return (layers // 3, 2 * layers // 3)
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class MixedOp(nn.Module):
+    """One edge: the candidate ops (all but ``none``) on the first C/K channels, weighted-summed."""
+
+    def __init__(self, C: int, stride: int, cfg: SupernetConfig):
+        super().__init__()
+        k = cfg.partial_channels
+        if C % k:
+            raise ValueError(f"channels per cell ({C}) must be divisible by partial_channels ({k})")
+        self.k = k
+        self.stride = stride
+        self.ops = nn.ModuleList()
+        for name in PRIMITIVES[1:]:
+            maker = ConvMaker(bits=cfg.bits, quantizer=cfg.quantizer, act_grid=cfg.act_grid,
+                              share_gamma=cfg.share_gamma, backend=cfg.backend)
+            op = build_op(name, C // k, stride, maker, affine=False)
+            if "pool" in name:
+                op = nn.Sequential(op, nn.BatchNorm2d(C // k, affine=False))
+            self.ops.append(op)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``weights``: softmax(alpha) of this edge over all PRIMITIVES (``none`` first)."""
+        c = x.shape[1] // self.k
+        head = x[:, :c]
+        mixed = qk.mixed_op_sum([op(head) for op in self.ops], weights[1:])
+        if self.k == 1:
+            return mixed
+        rest = x[:, c:]
+        if self.stride == 2:
+            rest = F.max_pool2d(rest, 2, 2, ceil_mode=True)
+        return channel_shuffle(torch.cat([mixed, rest], dim=1), self.k)
+
+
+class SearchCell(nn.Module):
+    def __init__(self, C_pp: int, C_p: int, C: int, reduction: bool, reduction_prev: bool, cfg: SupernetConfig):
+        super().__init__()
+        self.reduction = reduction
+        self.steps = cfg.steps
+        self.multiplier = cfg.multiplier
+        maker = lambda: ConvMaker(bits=cfg.bits, quantizer=cfg.quantizer, act_grid=cfg.act_grid,  # noqa: E731
+                                  share_gamma=cfg.share_gamma, backend=cfg.backend)
+        m0, m1 = maker(), maker()
+        self.preprocess0 = m0.finish(FactorizedReduce(C_pp, C, m0, affine=False) if reduction_prev
+                                     else ReLUConvBN(C_pp, C, 1, 1, 0, m0, affine=False))
+        self.preprocess1 = m1.finish(ReLUConvBN(C_p, C, 1, 1, 0, m1, affine=False))
+        self.edges = nn.ModuleList(
+            MixedOp(C, 2 if reduction and inp < 2 else 1, cfg) for _, inp in edge_nodes(cfg.steps))
+
+    def forward(self, s0, s1, op_weights: torch.Tensor, edge_weights: torch.Tensor) -> torch.Tensor:
+        """op_weights [edges, ops] = softmax(alpha); edge_weights [edges] = softmax(beta) per node."""
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        offset = 0
+        for _ in range(self.steps):
+            n = len(states)
+            outs = [self.edges[offset + j](h, op_weights[offset + j]) for j, h in enumerate(states)]
+            states.append(qk.mixed_op_sum(outs, edge_weights[offset: offset + n]))
+            offset += n
+        return torch.cat(states[-self.multiplier:], dim=1)
+
+
+class SearchNetwork(nn.Module):
+    def __init__(self, cfg: SupernetConfig):
+        super().__init__()
+        self.cfg = cfg
+        c_in = cfg.input_shape[0]
+        C = cfg.channels
+        c_curr = cfg.stem_multiplier * C
+        self.stem = nn.Sequential(nn.Conv2d(c_in, c_curr, 3, padding=1, bias=False), nn.BatchNorm2d(c_curr))
+        C_pp, C_p, c_curr = c_curr, c_curr, C
+        reductions = reduction_cells(cfg.layers)
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for i in range(cfg.layers):
+            reduction = i in reductions
+            if reduction:
+                c_curr *= 2
+            cell = SearchCell(C_pp, C_p, c_curr, reduction, reduction_prev, cfg)
+            self.cells.append(cell)
+            reduction_prev = reduction
+            C_pp, C_p = C_p, cfg.multiplier * c_curr
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_p, cfg.num_classes)
+
+        n_edges = len(edge_nodes(cfg.steps))
+        n_ops = len(PRIMITIVES)
+        self.alphas_normal = nn.Parameter(1e-3 * torch.randn(n_edges, n_ops))
+        self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(n_edges, n_ops))
+        self.betas_normal = nn.Parameter(1e-3 * torch.randn(n_edges))
+        self.betas_reduce = nn.Parameter(1e-3 * torch.randn(n_edges))
+
+    # ------------------------------------------------------------------ relaxation weights
+
+    def edge_weights(self, betas: torch.Tensor) -> torch.Tensor:
+        """softmax(beta) over the inputs of each node, concatenated in edge order."""
+        parts, start = [], 0
+        for n in range(2, self.cfg.steps + 2):
+            parts.append(F.softmax(betas[start: start + n], dim=-1))
+            start += n
+        return torch.cat(parts)
+
+    def op_probs(self, reduction: bool) -> torch.Tensor:
+        return F.softmax(self.alphas_reduce if reduction else self.alphas_normal, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = {False: (self.op_probs(False), self.edge_weights(self.betas_normal)),
+                   True: (self.op_probs(True), self.edge_weights(self.betas_reduce))}
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1, *weights[cell.reduction])
+        return self.classifier(self.global_pooling(s1).flatten(1))
+
+    # ------------------------------------------------------------------ parameter groups
+
+    def alpha_parameters(self) -> List[nn.Parameter]:
+        return [self.alphas_normal, self.alphas_reduce]
+
+    def beta_parameters(self) -> List[nn.Parameter]:
+        return [self.betas_normal, self.betas_reduce]
+
+    def gamma_parameters(self) -> List[nn.Parameter]:
+        """Every distinct bit logits Parameter (shared ones once), in module order."""
+        seen, out = set(), []
+        for conv in quant_convs(self):
+            for q in (conv.act_quant, conv.weight_quant):
+                p = getattr(q, "logits", None) if q is not None else None
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def param_groups(self) -> Dict[str, List[nn.Parameter]]:
+        """{"weights", "gamma", "alpha", "beta"}: disjoint lists covering every parameter."""
+        groups = {"alpha": self.alpha_parameters(), "beta": self.beta_parameters(), "gamma": self.gamma_parameters()}
+        taken = {id(p) for ps in groups.values() for p in ps}
+        groups["weights"] = [p for p in self.parameters() if id(p) not in taken]
+        return groups
+
+    # ------------------------------------------------------------------ introspection
+
+    def quant_layers(self) -> List[Tuple[str, nn.Module, Optional[Tuple[bool, int, int]]]]:
+        """(name, conv, where) for every quantized conv in module order.
+
+        ``where`` = (reduction, edge, op index in PRIMITIVES) for convs inside a candidate op, None
+        for the preprocessing convs (always present in the derived network).
+        """
+        out = []
+        for ci, cell in enumerate(self.cells):
+            for pname in ("preprocess0", "preprocess1"):
+                for conv in quant_convs(getattr(cell, pname)):
+                    out.append((f"cells.{ci}.{pname}", conv, None))
+            for e, edge in enumerate(cell.edges):
+                for oi, op in enumerate(edge.ops):
+                    for conv in quant_convs(op):
+                        out.append((f"cells.{ci}.edges.{e}.{PRIMITIVES[oi + 1]}", conv, (cell.reduction, e, oi + 1)))
+        return out

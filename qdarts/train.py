@@ -1,0 +1,185 @@
+"""Retraining of a derived genotype from scratch with its fixed bits (QAT), or in fp32 as the baseline.
+
+The network trains on the whole training pool of the data set (the search's train and val halves)
+and is evaluated once, at the end, on the held-out test split. SGD with momentum, cosine learning
+rate, gradient clipping, optional auxiliary head and drop-path (DARTS retraining). Checkpointed
+atomically every epoch; ``resume`` continues to the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import atomic_torch_save, atomic_write_text, rng_state, seed_everything, set_rng_state
+from .cost import network_cost
+from .data import batches, load_dataset
+from .evalnet import EvalNetwork
+from .genotype import load_genotype
+from .search import _cosine
+
+__all__ = ["TrainConfig", "run_train"]
+
+CHECKPOINT = "train_checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Retraining settings; None means "as in the genotype's search" (data, layers) or a digits default."""
+
+    genotype: str
+    fp32: bool = False
+    epochs: int = 40
+    batch_size: int = 64
+    channels: Optional[int] = None
+    layers: Optional[int] = None
+    lr: float = 0.05
+    lr_min: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    auxiliary: bool = False
+    aux_weight: float = 0.4
+    drop_path: float = 0.0
+    data: Optional[str] = None
+    data_dir: Optional[str] = None
+    seed: int = 0
+    device: str = "cpu"
+    backend: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} requested but CUDA is not available")
+
+
+def _default_channels(search_channels: int) -> int:
+    """Retraining width: twice the search width (the DARTS habit: C=16 in search, 36 in evaluation)."""
+    return 2 * search_channels
+
+
+@torch.no_grad()
+def _accuracy(model, x, y, device) -> float:
+    model.eval()
+    correct = torch.zeros((), device=device)
+    for xb, yb in batches(x, y, 256, shuffle=False, device=device):
+        correct += (model(xb).argmax(1) == yb).sum()
+    model.train()
+    return float(correct) / x.shape[0]
+
+
+def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: bool = True,
+              stop_after: Optional[int] = None) -> Dict[str, Any]:
+    """Retrain ``config.genotype`` into ``out_dir``; write summary.json (and return it when finished)."""
+    from tqdm.auto import tqdm
+
+    ckpt_path = os.path.join(out_dir, CHECKPOINT)
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False) if os.path.isfile(ckpt_path) else None
+    if state is not None and not resume:
+        raise FileExistsError(f"{out_dir!r} already holds a training checkpoint; pass --resume to continue it "
+                              "or choose another --out")
+    if state is not None:
+        device = config.device
+        config = TrainConfig.from_dict(state["config"])
+        config.device = device
+    config.validate()
+    genotype = load_genotype(config.genotype)
+    search = genotype.search
+    data = config.data or search.get("data", "digits")
+    dataset = load_dataset(data, config.data_dir or search.get("data_dir"))
+    layers = config.layers or int(search.get("layers", 5))
+    channels = config.channels or _default_channels(int(search.get("channels", 8)))
+    device = torch.device(config.device)
+
+    seed_everything(config.seed)
+    model = EvalNetwork(genotype, dataset.input_shape, dataset.num_classes, channels, layers, fp32=config.fp32,
+                        auxiliary=config.auxiliary, backend=config.backend).to(device)
+    # one forward so that lazily shaped quantizer state exists before the optimiser sees the parameters
+    cost = network_cost(model, dataset.input_shape, device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    epoch, history, elapsed = 0, [], 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        epoch, history, elapsed = int(state["epoch"]), list(state["history"]), float(state["elapsed"])
+        set_rng_state(state["rng"])
+
+    n_steps = -(-dataset.train_x.shape[0] // config.batch_size)
+    last = config.epochs if stop_after is None else min(config.epochs, epoch + stop_after)
+    bar = tqdm(total=config.epochs * n_steps, initial=epoch * n_steps, desc="train (fp32)" if config.fp32 else "train",
+               unit="step", disable=not progress, dynamic_ncols=True)
+    try:
+        while epoch < last:
+            start = time.perf_counter()
+            lr = _cosine(epoch, config.epochs, config.lr, config.lr_min)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.drop_path_prob = config.drop_path * epoch / config.epochs
+            g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+            stats = torch.zeros(3, device=device)
+            for xb, yb in batches(dataset.train_x, dataset.train_y, config.batch_size, shuffle=True, generator=g,
+                                  augment=dataset.augment, device=device):
+                optimizer.zero_grad(set_to_none=True)
+                out = model(xb)
+                logits, aux = out if isinstance(out, tuple) else (out, None)
+                loss = F.cross_entropy(logits, yb)
+                if aux is not None:
+                    loss = loss + config.aux_weight * F.cross_entropy(aux, yb)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                n = yb.shape[0]
+                stats += torch.stack([loss.detach() * n, (logits.argmax(1) == yb).sum().float(),
+                                      torch.tensor(float(n), device=device)])
+                bar.update(1)
+            loss_sum, correct, n = stats.tolist()
+            seconds = time.perf_counter() - start
+            elapsed += seconds
+            epoch += 1
+            history.append({"epoch": epoch, "lr": lr, "train_loss": loss_sum / n, "train_acc": correct / n,
+                            "seconds": seconds})
+            bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}")
+            atomic_torch_save(ckpt_path, {"config": asdict(config), "epoch": epoch, "model": model.state_dict(),
+                                          "optimizer": optimizer.state_dict(), "history": history,
+                                          "elapsed": elapsed, "rng": rng_state()})
+    finally:
+        bar.close()
+    if epoch < config.epochs:
+        return {}
+    summary = {
+        "test_accuracy": _accuracy(model, dataset.test_x, dataset.test_y, device),
+        "bitops": cost["bitops"],
+        "bitops_fp32": cost["bitops_fp32"],
+        "bitops_reduction": cost["bitops_fp32"] / max(cost["bitops"], 1),
+        "memory_bytes": cost["memory_bytes"],
+        "memory_bytes_fp32": cost["memory_bytes_fp32"],
+        "macs": cost["macs"],
+        "fp32": config.fp32,
+        "data": data,
+        "layers": layers,
+        "channels": channels,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds": elapsed,
+        "history": history,
+        "bits_per_layer": cost["layers"],
+        "config": asdict(config),
+    }
+    atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,117 @@
+"""Pieces shared by the Triton kernels: rounding, output casts, tile sizes and the device guard.
+
+The same kernel source runs compiled on a GPU and under the Triton interpreter
+(``TRITON_INTERPRET=1``, CPU tensors, used by the CPU test suite). Two operations need a different
+*implementation* under the interpreter, with the same result bit for bit:
+
+- round half to even: compiled code uses libdevice ``rint`` (one ``cvt.rni`` instruction); the
+  interpreter cannot call libdevice, so it uses the add-and-subtract-2^23 identity below.
+- fp32 -> bf16: the interpreter truncates instead of rounding to nearest even, so under the
+  interpreter the cast is done on the bits; compiled code uses the hardware conversion.
+
+Everything else (indexing, masks, quantizer, reductions) is one code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+#: True when the kernels are interpreted on the CPU; ``triton.jit`` reads the same switch when a
+#: kernel is defined, so it is fixed once this module is imported.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+#: Below 2^23 an fp32 value may have a fractional part; from 2^23 on it is an integer.
+_TWO_POW_23 = tl.constexpr(8388608.0)
+
+
+@triton.jit
+def round_half_even_portable(v):
+    """``rint(v)`` (round half to even) from fp32 additions, exact wherever they are IEEE.
+
+    For 0 <= a < 2^23, ``a + 2^23`` lies in [2^23, 2^24) where the fp32 spacing is 1, so the
+    addition rounds a to an integer, ties to even (2^23 is even), and subtracting 2^23 is exact.
+    The sign is put back afterwards; |v| >= 2^23, inf and NaN pass through unchanged. The one
+    difference from rint is rint(-0.0) = -0.0 where this gives +0.0; the quantizer never rounds
+    -0.0, because v = x * inv_s + z and -0.0 + 0.0 = +0.0.
+    """
+    a = tl.abs(v)
+    ra = (a + _TWO_POW_23) - _TWO_POW_23
+    # ra * -1.0, not -ra: Triton's negation is 0.0 - ra, which turns -0.0 (rint(-0.3)) into +0.0
+    r = tl.where(v < 0.0, ra * -1.0, ra)
+    return tl.where(a < _TWO_POW_23, r, v)
+
+
+@triton.jit
+def round_half_even(v):
+    """Round fp32 ``v`` to the nearest integer, ties to even (torch.round, C nearbyint)."""
+    if _INTERPRETED:
+        return round_half_even_portable(v)
+    else:
+        return libdevice.rint(v)
+
+
+@triton.jit
+def to_bf16_rne_bits(v):
+    """fp32 -> bf16 rounded to nearest even through the bits (PyTorch's c10 rule, NaN -> 0x7FC0)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(v != v, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def cast_out(v, dtype: tl.constexpr):
+    """Cast fp32 ``v`` to the output ``dtype`` rounding to nearest even, as torch's ``.to`` does."""
+    if _INTERPRETED and dtype == tl.bfloat16:
+        return to_bf16_rne_bits(v)
+    else:
+        return v.to(dtype)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+class TileSize(NamedTuple):
+    elements: int  # elements one program handles
+    num_warps: int
+
+
+@functools.lru_cache(maxsize=None)
+def tile_size(numel: int) -> TileSize:
+    """Elements per program and warps for a memory-bound pass over ``numel`` elements.
+
+    Small tensors get small tiles, so that they still spread over many SMs; large ones get 4096
+    elements (16 per thread with 8 warps: four 16-byte loads per fp32 input) to amortise each
+    program's fixed work (index set-up, per-bit-width scale loads and partial-sum stores). The
+    compiled kernels use at most 141 registers with these tiles and spill nothing (ptxas, sm_90).
+    The break points are first choices from that reasoning, still to be confirmed by timings on an
+    H100; a table rather than ``triton.autotune`` because the partial-sum buffers are sized by the
+    tile, and autotuning would rerun the reductions on every new shape.
+    """
+    if numel <= 1 << 16:
+        return TileSize(1024, 4)
+    if numel <= 1 << 22:
+        return TileSize(2048, 4)
+    return TileSize(4096, 8)
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s GPU the current device: Triton launches on the current device."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+#: Launch options of every kernel: no FMA contraction, so that x * inv_s + z and the running sums
+#: round exactly as the reference's separate multiplications and additions do (the interpreter
+#: ignores launch options; numpy does not contract).
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}

@@ -1,0 +1,332 @@
+"""Mixed-precision fake quantization in Triton: forward and backward kernels with their wrappers.
+
+Maths (DESIGN section 4, ``qdarts_kernels.reference``), for bit-widths b_k, k = 0..K-1, K <= 4::
+
+    inv_s_k = 1 / s_k                      (fp32, correctly rounded: tl.math.div_rn)
+    v_k     = x * inv_s_k + z              (two roundings: no FMA, kernels launch without fp fusion)
+    r_k     = round_half_to_even(v_k)
+    q_k     = clamp(r_k, qmin_k, qmax_k)   (by comparisons: a NaN stays NaN, as in torch.clamp)
+    in_k    = qmin_k <= r_k <= qmax_k      (mask on the rounded value)
+    Q_k     = (q_k - z) * s_k
+    y       = p_0 Q_0;  y = y + p_k Q_k    (k = 1..K-1, the reference's order: bit-exact in fp32)
+
+Backward, g the incoming gradient, recomputing everything above from x (nothing is saved)::
+
+    dx   = g * sum_k p_k in_k
+    dp_k = sum g Q_k                                   = sum_channels s_k,c * sum g (q_k - z)
+    ds_k = sum g p_k ((q_k - z) - in_k x / s_k)        = p_k * sum g ((q_k - z) - in_k x inv_s_k)
+
+(ds summed per channel for per-channel scales.) x / s_k is taken as x * inv_s_k, the product the
+quantizer already formed; the sums are fp32 and deterministic: each program writes its partial sums
+to a buffer and a fixed-order ``torch.sum`` on the device adds the partials (no atomics, no sync).
+
+Layout. x is viewed as [outer, C, inner] around the channel axis (per tensor: [1, 1, numel]) and
+tiled as a 2-D array [R, J] in one of two ways, whichever keeps the per-channel partial sums small:
+
+- channel on rows:    R = outer * C rows of J = inner elements, channel = row % C; a tile's
+  row sums are its partial ds (one partial per row and column block);
+- channel on columns: R = outer rows of J = C * inner elements, channel = column // inner; a tile's
+  column sums are its partial ds (one per column and row block). Used when inner is small
+  (e.g. [N, C] activations with axis=1), where rows of length inner would make one partial per few
+  elements.
+
+Each program handles one [BLOCK_R, BLOCK_J] tile; its flat offsets are int64.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .._validation import grid_params
+from ._common import LAUNCH_OPTIONS, cast_out, device_guard, next_pow2, round_half_even, tile_size
+
+#: Most rows a channel-on-columns tile takes: its column sums are the partials, so taller tiles
+#: mean fewer partials (at most K / 64 floats per element).
+_MAX_BLOCK_R_COLUMNS = 64
+
+
+class Layout(NamedTuple):
+    """How x is tiled; see the module docstring."""
+
+    channel_on_rows: bool
+    outer: int
+    channels: int
+    inner: int
+    rows: int
+    cols: int
+    block_rows: int
+    block_cols: int
+    row_blocks: int
+    col_blocks: int
+    num_warps: int
+
+    @property
+    def programs(self) -> int:
+        return self.row_blocks * self.col_blocks
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_layout(outer: int, channels: int, inner: int) -> Layout:
+    """Tile shape and grid for x viewed as [outer, channels, inner]."""
+    numel = outer * channels * inner
+    tile = tile_size(numel)
+    # Partial ds sums per element: 1/min(inner, tile) with the channel on rows, 1/min(outer, 64)
+    # with the channel on columns. Per-tensor scales (outer = channels = 1) always take rows.
+    channel_on_rows = min(inner, tile.elements) >= min(outer, _MAX_BLOCK_R_COLUMNS)
+    if channel_on_rows:
+        rows, cols = outer * channels, inner
+        block_cols = min(next_pow2(cols), tile.elements)
+        block_rows = min(tile.elements // block_cols, next_pow2(rows))
+    else:
+        rows, cols = outer, channels * inner
+        block_rows = min(next_pow2(rows), _MAX_BLOCK_R_COLUMNS)
+        block_cols = min(tile.elements // block_rows, next_pow2(cols))
+    return Layout(
+        channel_on_rows, outer, channels, inner, rows, cols, block_rows, block_cols,
+        triton.cdiv(rows, block_rows), triton.cdiv(cols, block_cols), tile.num_warps,
+    )
+
+
+def layout_for(x: torch.Tensor, axis: int) -> Layout:
+    """The layout of ``x`` quantized per tensor (axis = -1) or per channel along ``axis``."""
+    if axis < 0:
+        return plan_layout(1, 1, x.numel())
+    shape = x.shape
+    return plan_layout(
+        functools.reduce(int.__mul__, shape[:axis], 1), shape[axis],
+        functools.reduce(int.__mul__, shape[axis + 1:], 1),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# device helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile(pid, rows, cols, col_blocks, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+    """This program's row and column block, its rows and columns (int64), their flat offsets
+    ``row * cols + col`` (int64: past 2^31 elements) and the in-bounds mask."""
+    pid_r = pid // col_blocks
+    pid_j = pid % col_blocks
+    row = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col = pid_j.to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J)
+    offsets = row[:, None] * cols + col[None, :]
+    mask = (row < rows)[:, None] & (col < cols)[None, :]
+    return pid_r, pid_j, row, col, offsets, mask
+
+
+@triton.jit
+def _channel_scale(S, k, row, col, cols, channels, inner, CHANNEL_ON_ROWS: tl.constexpr):
+    """s_k of each tile row (channel on rows) or each tile column (channel on columns), 1-D."""
+    if CHANNEL_ON_ROWS:
+        return tl.load(S + k * channels + row % channels)
+    else:
+        # 1.0 for columns past the end keeps 1/s finite there; those lanes are masked anyway
+        return tl.load(S + k * channels + col // inner, mask=col < cols, other=1.0)
+
+
+@triton.jit
+def _along_channel(v, CHANNEL_ON_ROWS: tl.constexpr):
+    """A per-row or per-column vector shaped to broadcast over the tile."""
+    if CHANNEL_ON_ROWS:
+        return v[:, None]
+    else:
+        return v[None, :]
+
+
+@triton.jit
+def _sum_per_channel(t, CHANNEL_ON_ROWS: tl.constexpr):
+    """Sum a tile over the axis that does not carry the channel."""
+    if CHANNEL_ON_ROWS:
+        return tl.sum(t, axis=1)
+    else:
+        return tl.sum(t, axis=0)
+
+
+@triton.jit
+def _scale_and_inverse(S, k, row, col, cols, channels, inner, CHANNEL_ON_ROWS: tl.constexpr):
+    """s_k and 1 / s_k (correctly rounded) per tile row or column, shaped to broadcast."""
+    s = _channel_scale(S, k, row, col, cols, channels, inner, CHANNEL_ON_ROWS)
+    inv_s = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    return s, _along_channel(s, CHANNEL_ON_ROWS), _along_channel(inv_s, CHANNEL_ON_ROWS)
+
+
+@triton.jit
+def _quantize(x, inv_s, qmin, qmax, zero_point):
+    """The quantizer on an fp32 tile: returns (x * inv_s, q - z, in)."""
+    x_inv_s = x * inv_s
+    r = round_half_even(x_inv_s + zero_point)
+    q = tl.where(r < qmin, qmin, r)
+    q = tl.where(q > qmax, qmax, q)
+    # qmin <= r <= qmax exactly when the clamp left r unchanged (false for a NaN r, as it must be)
+    inside = q == r
+    return x_inv_s, q - zero_point, inside
+
+
+@triton.jit
+def _weighted_level(x, P, S, k, qmin, qmax, zero_point, row, col, cols, channels, inner,
+                    CHANNEL_ON_ROWS: tl.constexpr):
+    """p_k * Q_k(x) = p_k * ((q_k - z) * s_k), rounded in this order as the reference does."""
+    _, s, inv_s = _scale_and_inverse(S, k, row, col, cols, channels, inner, CHANNEL_ON_ROWS)
+    _, q_minus_z, _ = _quantize(x, inv_s, qmin, qmax, zero_point)
+    return tl.load(P + k) * (q_minus_z * s)
+
+
+# --------------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mixed_fake_quant_forward_kernel(
+    X, Y, P, S, QMIN, QMAX, zero_point,
+    rows, cols, channels, inner, col_blocks,
+    K: tl.constexpr, CHANNEL_ON_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """y = sum_k p_k Q_k(x) on one tile: one read of x, one write of y.
+
+    QMIN, QMAX: tuples of K floats (the grid range of each bit-width); zero_point: z of the grid.
+    """
+    _, _, row, col, offsets, mask = _tile(tl.program_id(0), rows, cols, col_blocks, BLOCK_R, BLOCK_J)
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    y = _weighted_level(x, P, S, 0, QMIN[0], QMAX[0], zero_point, row, col, cols, channels, inner,
+                        CHANNEL_ON_ROWS)
+    for k in tl.static_range(1, K):
+        y = y + _weighted_level(x, P, S, k, QMIN[k], QMAX[k], zero_point, row, col, cols, channels,
+                                inner, CHANNEL_ON_ROWS)
+    tl.store(Y + offsets, cast_out(y, Y.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _grid_ranges(bits: Sequence[int], grid: int) -> Tuple[Tuple[float, ...], Tuple[float, ...], float]:
+    params = [grid_params(grid, b) for b in bits]
+    return tuple(p.qmin for p in params), tuple(p.qmax for p in params), params[0].zero_point
+
+
+def mixed_fake_quant_forward(
+    x: torch.Tensor, probs: torch.Tensor, scales: torch.Tensor, bits: Sequence[int], grid: int, axis: int
+) -> torch.Tensor:
+    """``y = sum_k probs[k] * Q(x; scales[k], bits[k])`` (prepared arguments: contiguous x in
+    fp32/fp16/bf16, contiguous fp32 probs [K] and scales [K] or [K, C]; axis -1 for per tensor)."""
+    y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y
+    lay = layout_for(x, axis)
+    qmin, qmax, zero_point = _grid_ranges(bits, grid)
+    with device_guard(x):
+        _mixed_fake_quant_forward_kernel[(lay.programs,)](
+            x, y, probs, scales, qmin, qmax, zero_point,
+            lay.rows, lay.cols, lay.channels, lay.inner, lay.col_blocks,
+            K=len(bits), CHANNEL_ON_ROWS=lay.channel_on_rows, BLOCK_R=lay.block_rows,
+            BLOCK_J=lay.block_cols, num_warps=lay.num_warps, **LAUNCH_OPTIONS,
+        )
+    return y
+
+
+# --------------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mixed_fake_quant_backward_kernel(
+    G, X, DX, P, S, PART_P, PART_S, QMIN, QMAX, zero_point,
+    rows, cols, channels, inner, col_blocks, row_blocks,
+    K: tl.constexpr, CHANNEL_ON_ROWS: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DP: tl.constexpr, NEED_DS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """dx on one tile, and this tile's partial sums of dp and ds: one read of x and g, one write
+    of dx; only the requested gradients are computed.
+
+    PART_P [programs, K]: this program's sum_tile g Q_k.
+    PART_S: channel on rows [K, col_blocks, rows], channel on columns [K, row_blocks, cols]: the
+    tile's p_k * sum g ((q_k - z) - in_k x inv_s_k) per row or per column.
+    """
+    pid = tl.program_id(0)
+    pid_r, pid_j, row, col, offsets, mask = _tile(pid, rows, cols, col_blocks, BLOCK_R, BLOCK_J)
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    # g = 0 outside the tensor makes every masked lane add nothing to the sums
+    g = tl.load(G + offsets, mask=mask, other=0.0).to(tl.float32)
+    dx_weight = tl.zeros((BLOCK_R, BLOCK_J), tl.float32)
+    for k in tl.static_range(K):
+        s_vec, _, inv_s = _scale_and_inverse(S, k, row, col, cols, channels, inner, CHANNEL_ON_ROWS)
+        x_inv_s, q_minus_z, inside = _quantize(x, inv_s, QMIN[k], QMAX[k], zero_point)
+        p = tl.load(P + k)
+        if NEED_DX:
+            dx_weight = dx_weight + tl.where(inside, p, 0.0)
+        g_level = g * q_minus_z
+        if NEED_DP:
+            dp = tl.sum(_sum_per_channel(g_level, CHANNEL_ON_ROWS) * s_vec, axis=0)
+            tl.store(PART_P + pid.to(tl.int64) * K + k, dp)
+        if NEED_DS:
+            lsq = g_level - tl.where(inside, g * x_inv_s, 0.0)
+            ds = p * _sum_per_channel(lsq, CHANNEL_ON_ROWS)
+            if CHANNEL_ON_ROWS:
+                tl.store(PART_S + (k * col_blocks + pid_j).to(tl.int64) * rows + row, ds, mask=row < rows)
+            else:
+                tl.store(PART_S + (k * row_blocks + pid_r).to(tl.int64) * cols + col, ds, mask=col < cols)
+    if NEED_DX:
+        tl.store(DX + offsets, cast_out(g * dx_weight, DX.dtype.element_ty), mask=mask)
+
+
+def mixed_fake_quant_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    probs: torch.Tensor,
+    scales: torch.Tensor,
+    bits: Sequence[int],
+    grid: int,
+    axis: int,
+    need_dx: bool,
+    need_dprobs: bool,
+    need_dscales: bool,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(dx, dprobs, dscales) of ``mixed_fake_quant``, each None unless requested; dprobs and
+    dscales fp32, summed in a fixed order (deterministic)."""
+    if not (need_dx or need_dprobs or need_dscales):
+        return None, None, None
+    k = len(bits)
+    if x.numel() == 0:
+        return (
+            torch.empty_like(x) if need_dx else None,
+            probs.new_zeros(k) if need_dprobs else None,
+            torch.zeros_like(scales) if need_dscales else None,
+        )
+    lay = layout_for(x, axis)
+    qmin, qmax, zero_point = _grid_ranges(bits, grid)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    dx = torch.empty_like(x) if need_dx else None
+    part_p = torch.empty((lay.programs, k), **f32) if need_dprobs else None
+    if not need_dscales:
+        part_s = None
+    elif lay.channel_on_rows:
+        part_s = torch.empty((k, lay.col_blocks, lay.rows), **f32)
+    else:
+        part_s = torch.empty((k, lay.row_blocks, lay.cols), **f32)
+    with device_guard(x):
+        # a pointer that is not needed is never dereferenced (constexpr flags); pass x in its place
+        _mixed_fake_quant_backward_kernel[(lay.programs,)](
+            grad, x, x if dx is None else dx, probs, scales,
+            x if part_p is None else part_p, x if part_s is None else part_s,
+            qmin, qmax, zero_point,
+            lay.rows, lay.cols, lay.channels, lay.inner, lay.col_blocks, lay.row_blocks,
+            K=k, CHANNEL_ON_ROWS=lay.channel_on_rows,
+            NEED_DX=need_dx, NEED_DP=need_dprobs, NEED_DS=need_dscales,
+            BLOCK_R=lay.block_rows, BLOCK_J=lay.block_cols, num_warps=lay.num_warps, **LAUNCH_OPTIONS,
+        )
+    dprobs = part_p.sum(dim=0) if need_dprobs else None
+    dscales = None
+    if need_dscales:
+        if lay.channel_on_rows:
+            per_channel = part_s.view(k, lay.col_blocks, lay.outer, lay.channels).sum(dim=(1, 2))
+        else:
+            per_channel = part_s.view(k, lay.row_blocks, lay.channels, lay.inner).sum(dim=(1, 3))
+        dscales = per_channel.reshape(scales.shape)
+    return dx, dprobs, dscales

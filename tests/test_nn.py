@@ -1,0 +1,399 @@
+"""qdarts_kernels.nn: quantizer modules, composite layers, quantize_ and the torch.ao QAT path.
+
+The modules use the automatic backend (the C++ kernels when built, else the reference); both are
+bit-exact in the forward pass, so the equalities below hold for either.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.ao.quantization as tq
+from torch import nn
+
+import qdarts_kernels as qk
+from qdarts_kernels import nn as qnn
+
+
+def _fq(bits, grid, per_channel, c=4, scale=None):
+    """A FakeQuantize with a fixed scale (observer off) for comparison with PyTorch's ops."""
+    fq = qnn.FakeQuantize(bits, grid=grid, ch_axis=1 if per_channel else None, num_channels=c if per_channel else None)
+    fq.disable_observer()
+    with torch.no_grad():
+        fq.scales.copy_(scale.reshape(fq.scales.shape))
+    return fq
+
+
+# ------------------------------------------------------------------------------------------------
+# FakeQuantize against PyTorch's fake-quant ops
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+@pytest.mark.parametrize("grid", ["signed", "unsigned"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fake_quantize_equals_torch_fake_quantize_bit_for_bit(bits, grid, per_channel):
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 5, 5) * 3
+    scale = torch.rand(4 if per_channel else 1) * 0.2 + 0.01
+    fq = _fq(bits, grid, per_channel, scale=scale)
+    qmin, qmax = fq.quant_min, fq.quant_max
+    if per_channel:
+        expected = torch.fake_quantize_per_channel_affine(x, scale, torch.zeros(4, dtype=torch.int32), 1, qmin, qmax)
+    else:
+        expected = torch.fake_quantize_per_tensor_affine(x, float(scale), 0, qmin, qmax)
+    torch.testing.assert_close(fq(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+def test_fake_quantize_gradients_equal_torch_learnable_fake_quant(per_channel):
+    """LSQ gradients (with LSQ gradient scaling) = PyTorch's learnable op with grad_factor 1/sqrt(n Qp)."""
+    torch.manual_seed(1)
+    c = 4
+    x = (torch.randn(8, c, 5, 5) * 2).requires_grad_()
+    g = torch.randn_like(x)
+    scale = torch.rand(c if per_channel else 1) * 0.05 + 0.01
+    fq = _fq(8, "signed", per_channel, c=c, scale=scale)
+    (fq(x) * g).sum().backward()
+
+    x_t = x.detach().clone().requires_grad_()
+    s_t = scale.clone().requires_grad_()
+    if per_channel:
+        z_t = torch.zeros(c)
+        factor = 1.0 / math.sqrt(x.numel() / c * 127)
+        y_t = torch._fake_quantize_learnable_per_channel_affine(x_t, s_t, z_t, 1, -128, 127, factor)
+    else:
+        z_t = torch.zeros(1)
+        factor = 1.0 / math.sqrt(x.numel() * 127)
+        y_t = torch._fake_quantize_learnable_per_tensor_affine(x_t, s_t, z_t, -128, 127, factor)
+    (y_t * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_t.grad, rtol=0, atol=0)
+    torch.testing.assert_close(fq.scales.grad.reshape(-1), s_t.grad, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+# LSQ initialisation and switches
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grid,top", [("signed", lambda b: 2 ** (b - 1) - 1), ("unsigned", lambda b: 2**b - 1),
+                                      ("midrise", lambda b: 2 ** (b - 1) - 0.5)])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+def test_lsq_scales_initialised_from_first_batch(grid, top, per_channel):
+    torch.manual_seed(2)
+    bits = (2, 4, 8)
+    mq = qnn.MixedPrecisionFakeQuantize(bits, grid=grid, quantizer="lsq", per_channel_axis=1 if per_channel else None)
+    x = torch.randn(6, 3, 4, 4)
+    mq(x)
+    mean_abs = x.abs().mean(dim=(0, 2, 3)) if per_channel else x.abs().mean().reshape(1)
+    expected = torch.stack([2 * mean_abs / math.sqrt(top(b)) for b in bits])
+    torch.testing.assert_close(mq.scales.detach().reshape(expected.shape), expected, rtol=1e-6, atol=0)
+    assert int(mq.initialized) == 1
+    first = mq.scales.detach().clone()
+    mq(x * 10)
+    torch.testing.assert_close(mq.scales.detach(), first, rtol=0, atol=0)
+    mq.reset_scales()
+    mq(x * 10)
+    torch.testing.assert_close(mq.scales.detach(), first * 10, rtol=1e-6, atol=0)
+
+
+def test_observer_off_keeps_scales_and_fake_quant_off_is_identity():
+    x = torch.randn(4, 8)
+    fq = qnn.FakeQuantize(4)
+    tq.disable_observer(fq)
+    fq(x)
+    assert torch.equal(fq.scales.detach(), torch.ones(1)) and int(fq.initialized) == 0
+    tq.disable_fake_quant(fq)
+    assert fq(x) is x
+
+
+def test_switches_and_scales_survive_state_dict_round_trip():
+    torch.manual_seed(3)
+    x = torch.randn(4, 8)
+    src = qnn.FakeQuantize(4, ch_axis=1)  # per-channel scales created on the first batch
+    src(x)
+    src.disable_fake_quant()
+    dst = qnn.FakeQuantize(4, ch_axis=1)
+    dst.load_state_dict(src.state_dict())
+    assert dst(x) is x
+    dst.enable_fake_quant()
+    src.enable_fake_quant()
+    torch.testing.assert_close(dst(x * 5), src(x * 5), rtol=0, atol=0)  # initialised: no re-init on x*5
+
+
+# ------------------------------------------------------------------------------------------------
+# The paper quantizers against their formulas
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 6])
+def test_paper_activation_is_hwgq(bits):
+    torch.manual_seed(4)
+    x = torch.randn(4, 3, 8, 8).requires_grad_()
+    mq = qnn.MixedPrecisionFakeQuantize(bits, quantizer="paper", role="act")
+    y = mq(x)
+    y.sum().backward()
+    step = qnn.HWGQ_STEPS.get(bits, qnn.HWGQ_STEPS[4] / 2 ** (bits - 4))
+    top = 2**bits - 1
+    xd = x.detach()
+    torch.testing.assert_close(y, step * torch.round(torch.clamp(xd, 0, top * step) / step), rtol=0, atol=0)
+    r = torch.round(xd / step)
+    torch.testing.assert_close(x.grad, ((r >= 0) & (r <= top)).float(), rtol=0, atol=0)
+
+
+def test_paper_activation_8_bits_scales_by_max():
+    torch.manual_seed(5)
+    x = torch.randn(4, 3, 8, 8).relu()
+    mq = qnn.MixedPrecisionFakeQuantize(8, quantizer="paper", role="act")
+    s = x.abs().max() / 255
+    torch.testing.assert_close(mq(x), qk.reference.fake_quant(x, s, 8, grid="unsigned"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_paper_weight_is_gaussian_midrise_with_identity_gradient(bits):
+    torch.manual_seed(6)
+    w = (torch.randn(8, 4, 3, 3) * 0.1).requires_grad_()
+    mq = qnn.MixedPrecisionFakeQuantize(bits, quantizer="paper", role="weight")
+    y = mq(w)
+    (y * torch.arange(w.numel()).reshape(w.shape)).sum().backward()
+    wd = w.detach()
+    step = qnn.GAUSSIAN_STEPS[bits] * wd.std()
+    top = (2 ** (bits - 1) - 0.5) * step
+    expected = torch.clamp((torch.round(wd / step + 0.5) - 0.5) * step, -top, top)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.testing.assert_close(w.grad, torch.arange(w.numel()).reshape(w.shape).float(), rtol=0, atol=0)
+
+
+def test_paper_weight_8_bits_scales_per_output_channel_by_max():
+    torch.manual_seed(7)
+    w = torch.randn(8, 4, 3, 3) * torch.rand(8, 1, 1, 1)
+    mq = qnn.MixedPrecisionFakeQuantize((2, 8), quantizer="paper", role="weight", logits=nn.Parameter(torch.tensor([-1e4, 0.0])))
+    s = w.abs().amax(dim=(1, 2, 3)) / 127.5
+    expected = qk.reference.fake_quant(w, s, 8, grid="midrise", axis=0)
+    torch.testing.assert_close(mq(w), expected, rtol=0, atol=0)
+    assert w.abs().amax(dim=(1, 2, 3)).equal(mq(w).abs().amax(dim=(1, 2, 3)))  # the extreme is a level
+
+
+# ------------------------------------------------------------------------------------------------
+# Composite layers
+# ------------------------------------------------------------------------------------------------
+
+
+def _paper_scales(mq, t):
+    """The paper scales from the module docstring's formulas, written out independently."""
+    rows = []
+    for b in mq.bits:
+        if mq.role == "act":
+            rows.append(t.abs().max() / (2**b - 1) if b >= 8 else torch.tensor(qnn.HWGQ_STEPS[b]))
+        elif b >= 8:
+            rows.append(t.abs().amax(dim=(1, 2, 3)) / (2 ** (b - 1) - 0.5))
+        else:
+            rows.append(qnn.GAUSSIAN_STEPS[b] * t.std() * torch.ones(t.shape[0]))
+    return rows
+
+
+@pytest.mark.parametrize("quantizer", ["lsq", "paper"])
+def test_composite_conv_equals_sum_of_pairwise_quantized_convs(quantizer):
+    """EdMIPS: conv(sum_i pa_i Q_i(x), sum_j pw_j Q_j(W)) = sum_i sum_j pa_i pw_j conv(Q_i(x), Q_j(W))."""
+    torch.manual_seed(8)
+    a_bits, w_bits = (2, 4, 8), (2, 8)
+    conv = qnn.QuantConv2d(3, 6, 3, padding=1, act_bits=a_bits, weight_bits=w_bits, quantizer=quantizer)
+    with torch.no_grad():
+        conv.act_quant.logits.copy_(torch.randn(3))
+        conv.weight_quant.logits.copy_(torch.randn(2))
+    x = torch.randn(2, 3, 9, 9).relu()
+    y = conv(x)
+    w = conv.weight.detach()
+    pa, pw = conv.act_quant.probs().detach(), conv.weight_quant.probs().detach()
+    if quantizer == "lsq":
+        sa, sw = conv.act_quant.scales.detach(), conv.weight_quant.scales.detach()
+    else:
+        sa, sw = _paper_scales(conv.act_quant, x), _paper_scales(conv.weight_quant, w)
+    expected = 0
+    for i, ba in enumerate(a_bits):
+        xq = qk.reference.fake_quant(x, sa[i], ba, grid="unsigned")
+        for j, bw in enumerate(w_bits):
+            wq = qk.reference.fake_quant(w, sw[j], bw, grid=conv.weight_quant.grid, axis=0)
+            # the bias enters every pair once; the probabilities of each set sum to one
+            expected = expected + pa[i] * pw[j] * nn.functional.conv2d(xq, wq, conv.bias, padding=1)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bits_queries_and_shared_logits():
+    shared_a, shared_w = nn.Parameter(torch.tensor([0.0, 1.0])), nn.Parameter(torch.tensor([2.0, 0.0]))
+    block = nn.Sequential(
+        qnn.QuantConv2d(4, 4, 3, groups=4, act_bits=(2, 4), weight_bits=(2, 4), act_logits=shared_a, weight_logits=shared_w),
+        qnn.QuantConv2d(4, 8, 1, act_bits=(2, 4), weight_bits=(2, 4), act_logits=shared_a, weight_logits=shared_w),
+    )
+    names = [n for n, _ in block.named_parameters()]
+    assert names.count("0.act_quant.logits") == 1 and "1.act_quant.logits" not in names
+    e = block[1].expected_act_bits() * block[1].expected_weight_bits()
+    e.backward()
+    pa, pw = torch.softmax(shared_a.detach(), 0), torch.softmax(shared_w.detach(), 0)
+    ea, ew = (pa * torch.tensor([2.0, 4.0])).sum(), (pw * torch.tensor([2.0, 4.0])).sum()
+    torch.testing.assert_close(e.detach(), ea * ew)
+    assert shared_a.grad is not None and shared_w.grad is not None
+    assert block[1].chosen_bits() == (4, 2)
+    block(torch.randn(2, 4, 10, 10))
+    assert block[0].macs == 4 * 1 * 9 * 8 * 8 and block[0].input_hw == (10, 10)
+    assert block[1].macs == 8 * 4 * 8 * 8
+    unq = qnn.QuantLinear(5, 3, act_bits=None, weight_bits=4)
+    unq(torch.randn(2, 7, 5))
+    assert unq.act_quant is None and unq.chosen_bits() == (None, 4) and unq.macs == 5 * 3 * 7
+    assert float(unq.expected_act_bits()) == 32.0
+
+
+def test_no_host_sync_in_any_quantizer_forward_or_backward():
+    """On the meta device any value read (.item(), bool(), data-dependent control flow) raises."""
+    for quantizer in ("paper", "lsq"):
+        for signed in (False, True):
+            conv = qnn.QuantConv2d(3, 8, 3, act_bits=(2, 4, 8), weight_bits=(2, 4, 8), quantizer=quantizer,
+                                   act_signed=signed, device="meta")
+            lin = qnn.QuantLinear(8, 4, act_bits=8, weight_bits=(1, 8), quantizer=quantizer, device="meta")
+            y = lin(conv(torch.randn(2, 3, 6, 6, device="meta")).mean((2, 3)))
+            y.sum().backward()
+            assert conv.weight.grad.shape == conv.weight.shape
+            assert lin.weight_quant.logits.grad.shape == (2,)
+
+
+# ------------------------------------------------------------------------------------------------
+# quantize_ and the torch.ao QAT path
+# ------------------------------------------------------------------------------------------------
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(self.features(x).flatten(1))
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+
+
+def test_quantize_swaps_layers_in_place_keeping_weights_and_changes_outputs():
+    torch.manual_seed(9)
+    model = SmallCNN()
+    x, _ = _batch()
+    ref = model(x)
+    weights = [model.features[0].weight, model.features[3].weight, model.fc.weight]
+    out = qnn.quantize_(model, weight_bits=4, act_bits=4, act_signed=False,
+                        filter_fn=lambda m, fqn: fqn != "features.3")
+    assert out is model
+    assert type(model.features[0]) is qnn.QuantConv2d and type(model.fc) is qnn.QuantLinear
+    assert type(model.features[3]) is nn.Conv2d
+    assert model.features[0].weight is weights[0] and model.fc.weight is weights[2]
+    y = model(x)
+    assert not torch.allclose(y, ref, atol=1e-3)
+    torch.testing.assert_close(y, ref, atol=0.5, rtol=0.5)  # quantized, not broken
+
+
+def test_quantize_training_steps_lower_the_loss_and_state_dict_round_trips():
+    torch.manual_seed(10)
+    model = qnn.quantize_(SmallCNN(), weight_bits=4, act_bits=8)
+    x, t = _batch()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = nn.functional.cross_entropy(model(x), t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 0.2
+    assert all(bool((p > 0).all()) for n, p in model.named_parameters() if n.endswith("scales"))
+    fresh = qnn.quantize_(SmallCNN(), weight_bits=4, act_bits=8)
+    fresh.load_state_dict(model.state_dict())
+    x2, _ = _batch(1)
+    torch.testing.assert_close(fresh(x2), model(x2), rtol=0, atol=0)
+
+
+def test_quantized_model_compiles_fullgraph_forward_and_backward():
+    torch.manual_seed(11)
+    model = qnn.quantize_(SmallCNN(), weight_bits=(2, 4), act_bits=(4, 8), act_signed=False)
+    model.features[3] = qnn.QuantConv2d(8, 16, 3, padding=1, weight_bits=(2, 8), act_bits=(2, 8), quantizer="paper")
+    eager = qnn.quantize_(SmallCNN(), weight_bits=(2, 4), act_bits=(4, 8), act_signed=False)
+    eager.features[3] = qnn.QuantConv2d(8, 16, 3, padding=1, weight_bits=(2, 8), act_bits=(2, 8), quantizer="paper")
+    eager.load_state_dict(model.state_dict())  # not yet initialised: both initialise on the batch
+    x, t = _batch()
+    compiled = torch.compile(model, fullgraph=True)
+    for m in (compiled, eager):
+        nn.functional.cross_entropy(m(x), t).backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=0, msg=name)  # scales: compiled mean|x|
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_prepare_qat_with_our_fake_quantize_then_convert_to_int8():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+            self.body = SmallCNN()
+
+        def forward(self, x):
+            return self.dequant(self.body(self.quant(x)))
+
+    torch.manual_seed(12)
+    model = Net().train()
+    # PyTorch's int8 kernels take quint8 activations: the signed levels stored with zero point 128
+    model.qconfig = tq.QConfig(activation=qnn.FakeQuantize.with_args(bits=8, grid="signed", dtype=torch.quint8),
+                               weight=qnn.FakeQuantize.with_args(bits=8, ch_axis=0))
+    tq.prepare_qat(model, inplace=True)
+    assert isinstance(model.body.features[0].weight_fake_quant, qnn.FakeQuantize)
+    assert isinstance(model.body.fc.activation_post_process, qnn.FakeQuantize)
+    x, t = _batch()
+    model(x)  # creates the per-channel weight scales
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(model(x), t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.endswith("scales"))
+    model.eval()
+    y_qat = model(x)
+    engines = torch.backends.quantized.supported_engines
+    torch.backends.quantized.engine = "x86" if "x86" in engines else ("fbgemm" if "fbgemm" in engines else "qnnpack")
+    int8 = tq.convert(model)
+    assert type(int8.body.fc).__name__ == "Linear" and int8.body.fc.__module__.startswith("torch.ao.nn.quantized")
+    assert int8.body.fc.zero_point == 128 and int8.body.fc.scale == float(model.body.fc.activation_post_process.scale)
+    torch.testing.assert_close(int8(x), y_qat, rtol=0, atol=2 * float(model.body.fc.activation_post_process.scale))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(bits=(2, 4), quantizer="hwgq"), "quantizer"),
+    (dict(bits=(2, 4), role="bias"), "role"),
+    (dict(bits=(2, 4), quantizer="paper", role="weight", grid="signed"), "midrise"),
+    (dict(bits=(2, 4), quantizer="paper", role="act", per_channel_axis=1), "per_channel_axis"),
+    (dict(bits=(2, 4), logits=nn.Parameter(torch.zeros(3))), "logits"),
+    (dict(bits=4, logits=nn.Parameter(torch.zeros(2))), "logits"),
+    (dict(bits=(2, 4), grid="ternary"), "grid"),
+    (dict(bits=(2, 17)), "bits"),
+    (dict(bits=(2, 4), num_channels=4), "num_channels"),
+])
+def test_bad_arguments_raise_naming_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        qnn.MixedPrecisionFakeQuantize(**kwargs)
+
+
+def test_bad_layer_and_quantize_arguments():
+    with pytest.raises(ValueError, match="quantizer"):
+        qnn.QuantConv2d(3, 3, 3, quantizer="dorefa")
+    with pytest.raises(ValueError, match="act_logits"):
+        qnn.QuantLinear(3, 3, act_bits=None, act_logits=nn.Parameter(torch.zeros(2)))
+    with pytest.raises(ValueError, match="grid"):
+        qnn.FakeQuantize(4, grid="midrise")
+    with pytest.raises(ValueError, match="dtype"):
+        qnn.FakeQuantize(4, grid="unsigned", dtype=torch.qint8)
+    with pytest.raises(ValueError, match="wrap"):
+        qnn.quantize_(nn.Linear(3, 3))
+    fq = qnn.MixedPrecisionFakeQuantize(4, per_channel_axis=1, num_channels=3)
+    with pytest.raises(ValueError, match="channels"):
+        fq(torch.randn(2, 5))

@@ -4,7 +4,9 @@
 #   1. each csrc/cuda/*.cu with plain nvcc (no torch headers on the include path: the kernel files
 #      must not need them) for sm_80 and sm_90, with the flags the real build uses (setup.py's
 #      -std=c++17 --fmad=false and the half/bfloat16 switches torch's CUDAExtension adds);
-#   2. each csrc/cuda/*.cpp (the torch glue) with g++ -fsyntax-only against the headers of the
+#   2. each host test tests/cuda/*_test.cu (the kernels' launch geometry and element loops, run
+#      on the CPU), built with nvcc and run;
+#   3. each csrc/cuda/*.cpp (the torch glue) with g++ -fsyntax-only against the headers of the
 #      installed torch plus the CUDA include directory. A CPU wheel of torch ships the c10/cuda
 #      headers but not the generated c10/cuda/impl/cuda_cmake_macros.h, hence
 #      -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE (that file only defines export macros).
@@ -56,6 +58,18 @@ for src in "$ROOT"/csrc/cuda/*.cu; do
     echo "ok    nvcc $name ($((SECONDS - start)) s; archs ${QDARTS_CUDA_ARCHS:-80 90})"
   else
     echo "FAIL  nvcc $name" >&2
+    status=1
+  fi
+done
+
+# Host-side tests of the kernels' index logic (tests/cuda/*_test.cu): built with nvcc, run on the CPU.
+for src in "$ROOT"/tests/cuda/*_test.cu; do
+  name="$(basename "$src")"
+  start=$SECONDS
+  if "$NVCC" "$src" -o "$OBJ_DIR/${name%.cu}" "${nvcc_flags[@]}" && "$OBJ_DIR/${name%.cu}"; then
+    echo "ok    host test $name ($((SECONDS - start)) s)"
+  else
+    echo "FAIL  host test $name" >&2
     status=1
   fi
 done

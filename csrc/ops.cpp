@@ -13,7 +13,7 @@
 
 extern "C" {
 // Importing qdarts_kernels._C from Python runs the static TORCH_LIBRARY registrations below.
-PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }

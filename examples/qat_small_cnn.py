@@ -16,7 +16,7 @@ prepare_qat quantizes each module's *output* (and the input through QuantStub), 
 layer's *input*; both place one fake quantizer per weight. Prints time per training step (median
 over the timed steps, after warm-up) and test accuracy. Runs in about half a minute on 2 CPU cores.
 
-    python examples/qat_small_cnn.py [--epochs 3] [--batch-size 64] [--backend reference|cpu]
+    python examples/qat_small_cnn.py [--epochs 3] [--batch-size 64] [--threads 1] [--backend reference|cpu]
 """
 
 from __future__ import annotations
@@ -100,8 +100,8 @@ VARIANTS = {
 }
 
 
-def train_all_and_time(variants: dict, train, test, *, epochs: int, batch_size: int, warmup: int, seed: int,
-                       backend) -> dict:
+def train_all_and_time(variants: dict, train, test, *, epochs: int, batch_size: int, lr: float, warmup: int,
+                       seed: int, backend) -> dict:
     """Train every variant on the same batches in lockstep, rotating which goes first, so that
     load from other processes on the machine falls on all of them alike."""
     runs = {}
@@ -110,7 +110,7 @@ def train_all_and_time(variants: dict, train, test, *, epochs: int, batch_size: 
         model = prepare(SmallCNN().train(), backend)
         with torch.no_grad():
             model(train[0][:batch_size])  # first batch: observers / LSQ initialisation, lazy scales
-        runs[name] = (model, torch.optim.Adam(model.parameters(), lr=1e-2), [])
+        runs[name] = (model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), [])
     x_train, y_train = train
     gen = torch.Generator().manual_seed(seed)
     names = list(runs)
@@ -141,21 +141,26 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9)")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
+    # one thread by default: this network is too small to gain from more, and timings with several
+    # threads swing widely when other processes share the cores
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default=None, help="qdarts_kernels backend (default: automatic)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.ao.quantization's notice
     warnings.filterwarnings("ignore", message=".*_C is not available.*")
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     train, test = load_digits_split(args.seed)
-    backend_used = args.backend or qk.ops._backends.resolve(None, torch.device("cpu"))
     print(f"digits: train {tuple(train[0].shape)}, test {tuple(test[0].shape)}; batch {args.batch_size}, "
           f"{args.epochs} epochs; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"qdarts_kernels backend: {backend_used}")
+          f"qdarts_kernels backend: {args.backend or 'automatic'} (available: {qk.available_backends()})")
     print(f"{'variant':<20} {'ms/step':>9} {'steps':>6} {'test acc':>9}")
     results = train_all_and_time(VARIANTS, train, test, epochs=args.epochs, batch_size=args.batch_size,
-                                 warmup=args.warmup, seed=args.seed, backend=args.backend)
+                                 lr=args.lr, warmup=args.warmup, seed=args.seed, backend=args.backend)
     for name, (t, steps, acc) in results.items():
         print(f"{name:<20} {t * 1e3:9.2f} {steps:6d} {acc:9.3f}")
 

@@ -53,6 +53,6 @@ def derive_genotype(net: SearchNetwork, search_info: Optional[Dict[str, Any]] = 
         edge_bits = [_pairs(cell.edges[edge_index(e.node, e.input)].ops[PRIMITIVES.index(e.op) - 1])
                      for e in kept[cell.reduction]]
         cells.append(CellBits(cell.reduction, _pairs(cell.preprocess0), _pairs(cell.preprocess1), edge_bits))
-    concat = list(range(2, cfg.steps + 2))[-cfg.multiplier:]
+    concat = list(range(2, cfg.steps + 2))
     return Genotype(kept[False], kept[True], concat, list(concat), cells, list(cfg.bits), cfg.quantizer,
                     cfg.act_grid, list(PRIMITIVES), dict(search_info or {}))

@@ -17,7 +17,7 @@ Format ``{"format": "qdarts-genotype", "version": 1, ...}``::
                     as normal/reduce), one [act_bits, weight_bits] pair per quantized conv of its op,
                     in the op's conv order (empty for pooling and identity)
     search          the search settings retraining needs by default (data, input_shape,
-                    num_classes, layers, channels, steps, multiplier) and the search's results
+                    num_classes, layers, channels, steps) and the search's results
 
 A network of another depth maps its cells onto the searched ones by stage and relative position
 (see :func:`Genotype.cell_bits_for`).

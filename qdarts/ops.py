@@ -93,7 +93,7 @@ class ConvMaker:
         """Register the shared logits on ``module`` (names gamma_a, gamma_w) and check the bit pairs were used up."""
         if self.pairs is not None and self.made != len(self.pairs):
             raise ValueError(f"the genotype gives {len(self.pairs)} bit pairs for an op with {self.made} convs")
-        if self.act_logits is not None:
+        if self.act_logits is not None and self.made:  # ops without convs (pooling, identity) have no bits
             module.gamma_a = self.act_logits
             module.gamma_w = self.weight_logits
         return module

@@ -152,7 +152,7 @@ class Searcher:
         seed_everything(config.seed)
         self.net = SearchNetwork(SupernetConfig(
             input_shape=self.dataset.input_shape, num_classes=self.dataset.num_classes, channels=config.channels,
-            layers=config.layers, steps=config.steps, multiplier=config.steps, partial_channels=config.partial_channels,
+            layers=config.layers, steps=config.steps, partial_channels=config.partial_channels,
             bits=tuple(config.bits), quantizer=config.quantizer, act_grid=config.act_grid,
             share_gamma=config.share_gamma, backend=config.backend)).to(self.device)
         self.groups = self.net.param_groups()

@@ -45,7 +45,6 @@ class SupernetConfig:
     channels: int = 16
     layers: int = 5
     steps: int = 4
-    multiplier: int = 4
     stem_multiplier: int = 3
     partial_channels: int = 4
     bits: Tuple[int, ...] = (2, 4, 8)
@@ -101,7 +100,6 @@ class SearchCell(nn.Module):
         super().__init__()
         self.reduction = reduction
         self.steps = cfg.steps
-        self.multiplier = cfg.multiplier
         maker = lambda: ConvMaker(bits=cfg.bits, quantizer=cfg.quantizer, act_grid=cfg.act_grid,  # noqa: E731
                                   share_gamma=cfg.share_gamma, backend=cfg.backend)
         m0, m1 = maker(), maker()
@@ -120,7 +118,7 @@ class SearchCell(nn.Module):
             outs = [self.edges[offset + j](h, op_weights[offset + j]) for j, h in enumerate(states)]
             states.append(qk.mixed_op_sum(outs, edge_weights[offset: offset + n]))
             offset += n
-        return torch.cat(states[-self.multiplier:], dim=1)
+        return torch.cat(states[2:], dim=1)  # all intermediate nodes
 
 
 class SearchNetwork(nn.Module):
@@ -142,7 +140,7 @@ class SearchNetwork(nn.Module):
             cell = SearchCell(C_pp, C_p, c_curr, reduction, reduction_prev, cfg)
             self.cells.append(cell)
             reduction_prev = reduction
-            C_pp, C_p = C_p, cfg.multiplier * c_curr
+            C_pp, C_p = C_p, cfg.steps * c_curr
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_p, cfg.num_classes)
 

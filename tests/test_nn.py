@@ -71,6 +71,35 @@ def test_fake_quantize_gradients_equal_torch_learnable_fake_quant(per_channel):
     torch.testing.assert_close(fq.scales.grad.reshape(-1), s_t.grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+def test_mixed_quantizer_is_the_mixed_op_with_softmax_probs_and_lsq_gradient_scaling(per_channel):
+    torch.manual_seed(13)
+    bits, c = (2, 4, 8), 3
+    mq = qnn.MixedPrecisionFakeQuantize(bits, grid="signed", quantizer="lsq",
+                                        per_channel_axis=1 if per_channel else None,
+                                        num_channels=c if per_channel else None)
+    x = torch.randn(5, c, 4, 4).requires_grad_()
+    g = torch.randn_like(x)
+    mq(x)  # LSQ initialisation
+    with torch.no_grad():
+        mq.logits.copy_(torch.randn(3))
+    (mq(x) * g).sum().backward()
+
+    logits = mq.logits.detach().clone().requires_grad_()
+    scales = mq.scales.detach().clone().requires_grad_()
+    x_r = x.detach().clone().requires_grad_()
+    y_r = qk.reference.mixed_fake_quant(x_r, torch.softmax(logits, 0), scales, bits, grid="signed",
+                                        axis=1 if per_channel else None)
+    (y_r * g).sum().backward()
+    n = x.numel() // c if per_channel else x.numel()
+    factor = torch.tensor([1 / math.sqrt(n * (2 ** (b - 1) - 1)) for b in bits])
+    torch.testing.assert_close(mq(x), y_r, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, x_r.grad, rtol=1e-6, atol=1e-7)  # sum_k p_k in_k: order of the sum
+    torch.testing.assert_close(mq.logits.grad, logits.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mq.scales.grad, scales.grad * (factor[:, None] if per_channel else factor),
+                               rtol=1e-5, atol=1e-7)
+
+
 # ------------------------------------------------------------------------------------------------
 # LSQ initialisation and switches
 # ------------------------------------------------------------------------------------------------
@@ -95,6 +124,17 @@ def test_lsq_scales_initialised_from_first_batch(grid, top, per_channel):
     mq.reset_scales()
     mq(x * 10)
     torch.testing.assert_close(mq.scales.detach(), first * 10, rtol=1e-6, atol=0)
+
+
+def test_scales_kept_positive_and_two_forwards_before_one_backward():
+    lin = qnn.QuantLinear(8, 4, weight_bits=(2, 4), act_bits=8, quantizer="lsq")
+    x = torch.randn(3, 8)
+    lin(x)
+    with torch.no_grad():
+        lin.weight_quant.scales[0, 0] = -1.0
+    (lin(x).sum() + lin(2 * x).sum()).backward()  # gradient accumulation over two forwards
+    assert float(lin.weight_quant.scales[0, 0]) == qnn.quantizers.MIN_SCALE
+    assert torch.isfinite(lin.weight_quant.scales.grad).all()
 
 
 def test_observer_off_keeps_scales_and_fake_quant_off_is_identity():
@@ -167,7 +207,8 @@ def test_paper_weight_is_gaussian_midrise_with_identity_gradient(bits):
 def test_paper_weight_8_bits_scales_per_output_channel_by_max():
     torch.manual_seed(7)
     w = torch.randn(8, 4, 3, 3) * torch.rand(8, 1, 1, 1)
-    mq = qnn.MixedPrecisionFakeQuantize((2, 8), quantizer="paper", role="weight", logits=nn.Parameter(torch.tensor([-1e4, 0.0])))
+    only_8_bits = nn.Parameter(torch.tensor([-1e4, 0.0]))  # softmax: exactly [0, 1]
+    mq = qnn.MixedPrecisionFakeQuantize((2, 8), quantizer="paper", role="weight", logits=only_8_bits)
     s = w.abs().amax(dim=(1, 2, 3)) / 127.5
     expected = qk.reference.fake_quant(w, s, 8, grid="midrise", axis=0)
     torch.testing.assert_close(mq(w), expected, rtol=0, atol=0)
@@ -222,7 +263,8 @@ def test_composite_conv_equals_sum_of_pairwise_quantized_convs(quantizer):
 def test_bits_queries_and_shared_logits():
     shared_a, shared_w = nn.Parameter(torch.tensor([0.0, 1.0])), nn.Parameter(torch.tensor([2.0, 0.0]))
     block = nn.Sequential(
-        qnn.QuantConv2d(4, 4, 3, groups=4, act_bits=(2, 4), weight_bits=(2, 4), act_logits=shared_a, weight_logits=shared_w),
+        qnn.QuantConv2d(4, 4, 3, groups=4, act_bits=(2, 4), weight_bits=(2, 4), act_logits=shared_a,
+                        weight_logits=shared_w),
         qnn.QuantConv2d(4, 8, 1, act_bits=(2, 4), weight_bits=(2, 4), act_logits=shared_a, weight_logits=shared_w),
     )
     names = [n for n, _ in block.named_parameters()]

@@ -13,8 +13,6 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <vector>
@@ -22,7 +20,8 @@
 // QD_CPU_KERNEL marks the functions that hold the hot loops. On x86-64 Linux with GCC they are
 // compiled three times (baseline SSE2, x86-64-v3 = AVX2, x86-64-v4 = AVX-512) and the loader picks
 // the best clone for the machine once (an ifunc); `flatten` inlines the templated loops into each
-// clone so that they are vectorised for its instruction set. -ffp-contract=off (setup.py) keeps
+// clone so that they are vectorised for its instruction set. QD_CPU_CONVERT: cloned likewise, but
+// never inlined. -ffp-contract=off (setup.py) keeps
 // the clones bit-identical: no clone may fuse a multiply and an add.
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define QD_CPU_KERNEL __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4"), flatten))
@@ -30,6 +29,13 @@
 #define QD_CPU_KERNEL __attribute__((flatten))
 #else
 #define QD_CPU_KERNEL
+#endif
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define QD_CPU_CONVERT __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4"), noinline))
+#elif defined(__GNUC__)
+#define QD_CPU_CONVERT __attribute__((noinline))
+#else
+#define QD_CPU_CONVERT
 #endif
 
 namespace qdarts {
@@ -59,17 +65,17 @@ inline Dtype dtype_of(const at::Tensor& t) {
   }
 }
 
+// Conversions between a run of fp16/bf16 elements and fp32, rounding to nearest even as Tensor.to
+// does. Kept out of line (and cloned on their own) so that the templated kernels, which call them
+// once per run, are not compiled once more per dtype.
+QD_CPU_CONVERT void convert_to_fp32(Dtype dtype, const void* src, int64_t offset, int64_t n, float* dst);
+QD_CPU_CONVERT void convert_from_fp32(Dtype dtype, const float* src, void* dst, int64_t offset, int64_t n);
+
 // Reads n elements of dtype `dtype` at src + offset as fp32: a pointer into src itself for fp32,
 // else the converted copy in `stage`.
 inline const float* load_fp32(Dtype dtype, const void* src, int64_t offset, int64_t n, float* stage) {
   if (dtype == Dtype::kFloat) return static_cast<const float*>(src) + offset;
-  if (dtype == Dtype::kHalf) {
-    const c10::Half* s = static_cast<const c10::Half*>(src) + offset;
-    for (int64_t i = 0; i < n; ++i) stage[i] = static_cast<float>(s[i]);
-  } else {
-    const c10::BFloat16* s = static_cast<const c10::BFloat16*>(src) + offset;
-    for (int64_t i = 0; i < n; ++i) stage[i] = static_cast<float>(s[i]);
-  }
+  convert_to_fp32(dtype, src, offset, n, stage);
   return stage;
 }
 
@@ -79,15 +85,8 @@ inline float* output_fp32(Dtype dtype, void* dst, int64_t offset, float* stage) 
   return dtype == Dtype::kFloat ? static_cast<float*>(dst) + offset : stage;
 }
 
-// Rounds the fp32 results in `stage` to the output dtype (to nearest even, as Tensor.to does).
 inline void store_from_fp32(Dtype dtype, void* dst, int64_t offset, int64_t n, const float* stage) {
-  if (dtype == Dtype::kHalf) {
-    c10::Half* d = static_cast<c10::Half*>(dst) + offset;
-    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<c10::Half>(stage[i]);
-  } else if (dtype == Dtype::kBFloat16) {
-    c10::BFloat16* d = static_cast<c10::BFloat16*>(dst) + offset;
-    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<c10::BFloat16>(stage[i]);
-  }
+  if (dtype != Dtype::kFloat) convert_from_fp32(dtype, stage, dst, offset, n);
 }
 
 // fp32 per-position accumulators of `rows` sums over runs of up to kRunLength positions, moved into

@@ -6,8 +6,10 @@
 //   ds_kc = sum g * p_k * ((q_k - z_k) - in_k * x / s_kc) = p_k * D_kc,
 //                                                            D_kc = sum_{x in c} g * ((q_k - z_k) - [in_k] t_k)
 // with t_k = x * (1/s_kc), and [in_k] t_k a select (so x = +-inf outside the range gives q - z, not
-// NaN). The backward pass reads x and g once, writes dx, and sums A and/or D in the same pass; only
-// the requested gradients are computed (the loop is a template on K and on what is needed).
+// NaN). The backward pass reads x and g once, writes dx, and sums A and D in the same pass; only
+// what is requested is computed (the loop is a template on K, on dx, and on the sums). A and D are
+// summed together when either dprobs or dscales is requested: the second sum costs little next to
+// the quantizers, and fewer template instances keep the build short.
 //
 // x is viewed as [outer, C, inner] (per tensor: [1, 1, numel]). Two ways to cut it into runs of
 // contiguous elements (see cpu_common.h for tiles and runs):
@@ -55,6 +57,7 @@ struct TilePlan {
   int64_t merge;           // table: rows per run when the window is the whole row; else 1
 };
 
+// `layout` must have at least one element.
 TilePlan make_plan(const ChannelLayout& layout) {
   TilePlan p{};
   p.outer = layout.outer;
@@ -169,8 +172,8 @@ struct QuantJob {
   const void* x;
   const void* grad;
   void* out;                // y (forward) or dx (backward)
-  bool need_dx, sum_a, sum_d;
-  int64_t rows;             // partial sums per channel: A rows (K if sum_a) then D rows (K if sum_d)
+  bool need_dx, need_sums;
+  int64_t rows;             // partial sums per channel: A_k at row k, D_k at row K + k (0 rows if none)
   double* partials;         // [n_tiles, rows, window]
 };
 
@@ -235,9 +238,8 @@ QD_CPU_KERNEL void forward_tiles(const QuantJob& job, int64_t t_begin, int64_t t
   }
 }
 
-// acc rows: A_k at row k (if kSumA), then D_k at row (kSumA ? K : 0) + k (if kSumD); row stride
-// kRunLength.
-template <int K, bool kDx, bool kSumA, bool kSumD>
+// acc rows (stride kRunLength): A_k at row k, D_k at row K + k.
+template <int K, bool kDx, bool kSums>
 inline void backward_run(const float* __restrict x, const float* __restrict g, float* __restrict dx, int64_t n,
                          const float* __restrict inv_s, const GridRange* grid_in, const float* probs_in,
                          float* __restrict acc) {
@@ -247,7 +249,6 @@ inline void backward_run(const float* __restrict x, const float* __restrict g, f
     grid[k] = grid_in[k];
     probs[k] = probs_in[k];
   }
-  constexpr int kRowD = kSumA ? K : 0;
   for (int64_t j = 0; j < n; ++j) {
     const float xv = x[j];
     const float gv = g[j];
@@ -257,17 +258,17 @@ inline void backward_run(const float* __restrict x, const float* __restrict g, f
       const float inv = inv_s[k * kRunLength + j];
       const QuantResult qr = quantize(xv, inv, grid[k]);
       if constexpr (kDx) weight_in = weight_in + probs[k] * qr.in_range;
-      if constexpr (kSumA) acc[k * kRunLength + j] += gv * qr.q_minus_z;
-      if constexpr (kSumD) {
+      if constexpr (kSums) {
         const float t_in = qr.in_range != 0.0f ? xv * inv : 0.0f;
-        acc[(kRowD + k) * kRunLength + j] += gv * (qr.q_minus_z - t_in);
+        acc[k * kRunLength + j] += gv * qr.q_minus_z;
+        acc[(K + k) * kRunLength + j] += gv * (qr.q_minus_z - t_in);
       }
     }
     if constexpr (kDx) dx[j] = gv * weight_in;
   }
 }
 
-template <int K, bool kDx, bool kSumA, bool kSumD>
+template <int K, bool kDx, bool kSums>
 void backward_tiles_impl(const QuantJob& job, int64_t t_begin, int64_t t_end) {
   alignas(64) float inv_s[kMaxBits * kRunLength];
   alignas(64) float x_stage[kRunLength];
@@ -284,11 +285,11 @@ void backward_tiles_impl(const QuantJob& job, int64_t t_begin, int64_t t_end) {
       const float* xf = load_fp32(job.dtype, job.x, offset, n, x_stage);
       const float* gf = load_fp32(job.dtype, job.grad, offset, n, g_stage);
       float* dxf = kDx ? output_fp32(job.dtype, job.out, offset, dx_stage) : nullptr;
-      backward_run<K, kDx, kSumA, kSumD>(xf, gf, dxf, n, inv_s, job.grid, job.probs, acc.sum(0));
+      backward_run<K, kDx, kSums>(xf, gf, dxf, n, inv_s, job.grid, job.probs, acc.sum(0));
       if constexpr (kDx) store_from_fp32(job.dtype, job.out, offset, n, dxf);
-      if constexpr (kSumA || kSumD) acc.end_run();
+      if constexpr (kSums) acc.end_run();
     });
-    if constexpr (kSumA || kSumD) {
+    if constexpr (kSums) {
       acc.flush();
       double* slot = job.partials + t * job.rows * window;
       for (int64_t r = 0; r < job.rows; ++r) {
@@ -300,16 +301,12 @@ void backward_tiles_impl(const QuantJob& job, int64_t t_begin, int64_t t_end) {
 
 template <int K>
 void backward_tiles_k(const QuantJob& job, int64_t t_begin, int64_t t_end) {
-  const int what = (job.need_dx ? 4 : 0) | (job.sum_a ? 2 : 0) | (job.sum_d ? 1 : 0);
-  switch (what) {
-    case 1: backward_tiles_impl<K, false, false, true>(job, t_begin, t_end); break;
-    case 2: backward_tiles_impl<K, false, true, false>(job, t_begin, t_end); break;
-    case 3: backward_tiles_impl<K, false, true, true>(job, t_begin, t_end); break;
-    case 4: backward_tiles_impl<K, true, false, false>(job, t_begin, t_end); break;
-    case 5: backward_tiles_impl<K, true, false, true>(job, t_begin, t_end); break;
-    case 6: backward_tiles_impl<K, true, true, false>(job, t_begin, t_end); break;
-    case 7: backward_tiles_impl<K, true, true, true>(job, t_begin, t_end); break;
-    default: break;  // nothing requested: the caller does not get here
+  if (job.need_dx && job.need_sums) {
+    backward_tiles_impl<K, true, true>(job, t_begin, t_end);
+  } else if (job.need_dx) {
+    backward_tiles_impl<K, true, false>(job, t_begin, t_end);
+  } else if (job.need_sums) {
+    backward_tiles_impl<K, false, true>(job, t_begin, t_end);
   }
 }
 
@@ -328,7 +325,7 @@ QD_CPU_KERNEL void backward_tiles(const QuantJob& job, int64_t t_begin, int64_t 
 QuantJob make_job(const ChannelLayout& layout, const at::Tensor& probs, const at::Tensor& scales,
                   c10::IntArrayRef bits, int64_t grid, std::vector<float>& inv_scales) {
   QuantJob job{};
-  job.plan = make_plan(layout);
+  if (layout.outer * layout.channels * layout.inner > 0) job.plan = make_plan(layout);  // else no tiles
   job.k = static_cast<int>(bits.size());
   const float* p = probs.data_ptr<float>();
   const float* s = scales.data_ptr<float>();
@@ -395,9 +392,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_fake_quant_backward_cpu(
   job.grad = grad.data_ptr();
   job.out = need_dx ? dx.data_ptr() : nullptr;
   job.need_dx = need_dx;
-  job.sum_a = need_dprobs;
-  job.sum_d = need_dscales;
-  job.rows = (job.sum_a ? k : 0) + (job.sum_d ? k : 0);
+  job.need_sums = need_dprobs || need_dscales;
+  job.rows = job.need_sums ? 2 * k : 0;
   const TilePlan& plan = job.plan;
   std::vector<double> partials(plan.n_tiles * job.rows * plan.window, 0.0);
   job.partials = partials.data();
@@ -429,10 +425,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_fake_quant_backward_cpu(
   }
   if (need_dscales) {
     float* ds = dscales.data_ptr<float>();
-    const int64_t row_d = need_dprobs ? k : 0;
     for (int kk = 0; kk < k; ++kk) {
       for (int64_t c = 0; c < channels; ++c) {
-        ds[kk * channels + c] = static_cast<float>(static_cast<double>(job.probs[kk]) * sums[(row_d + kk) * channels + c]);
+        ds[kk * channels + c] = static_cast<float>(static_cast<double>(job.probs[kk]) * sums[(k + kk) * channels + c]);
       }
     }
   }

@@ -80,25 +80,41 @@ __device__ __forceinline__ void store_pack(T* base, int64_t offset, const Pack<T
   *reinterpret_cast<Pack<T, N>*>(base + offset) = p;
 }
 
+// Position of one thread in its launch. The element loops take it as an argument instead of
+// reading blockIdx / threadIdx, so that tests/cuda/loops_test.cu can run them on the host for
+// every thread of a grid and check that each element is visited exactly once.
+struct ThreadCoords {
+  int64_t block_x, block_y;  // blockIdx
+  int64_t grid_x, grid_y;    // gridDim
+  int64_t thread;            // threadIdx.x; blockDim.x is kThreads
+};
+
+__device__ __forceinline__ ThreadCoords this_thread() {
+  return {blockIdx.x, blockIdx.y, gridDim.x, gridDim.y, threadIdx.x};
+}
+
 // Grid-stride loop over a flat range of n elements: body(Width<VEC>{}, offset) on every aligned
 // group of VEC elements, then body(Width<1>{}, offset) on the < VEC elements of the tail.
+#pragma nv_exec_check_disable
 template <int VEC, typename Body>
-__device__ __forceinline__ void for_each_flat(int64_t n, Body& body) {
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+QD_HOST_DEVICE void for_each_flat(int64_t n, const ThreadCoords& t, Body& body) {
+  const int64_t first = t.block_x * kThreads + t.thread;
+  const int64_t stride = t.grid_x * kThreads;
   const int64_t groups = n / VEC;
   for (int64_t u = first; u < groups; u += stride) body(Width<VEC>{}, u * VEC);
   if (VEC > 1 && first < n - groups * VEC) body(Width<1>{}, groups * VEC + first);
 }
 
-// Grid-stride loop over the elements of one channel c of a [outer, C, inner] tensor, split over
-// gridDim.y blocks (blockIdx.y is this block's split). VEC must divide inner, so a group of VEC
+// Grid-stride loop over the elements of channel c = block_x of a [outer, C, inner] tensor, split
+// over grid_y blocks (block_y is this block's split). VEC must divide inner, so a group of VEC
 // never crosses a row. The (row, position) pair is advanced without a division per step.
+#pragma nv_exec_check_disable
 template <int VEC, typename Body>
-__device__ __forceinline__ void for_each_in_channel(const ChannelView& view, int64_t c, Body& body) {
+QD_HOST_DEVICE void for_each_in_channel(const ChannelView& view, const ThreadCoords& t, Body& body) {
+  const int64_t c = t.block_x;
   const int64_t row_groups = view.inner / VEC;
-  const int64_t first = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.x;
+  const int64_t first = t.block_y * kThreads + t.thread;
+  const int64_t stride = t.grid_y * kThreads;
   const int64_t stride_rows = stride / row_groups;
   const int64_t stride_pos = stride % row_groups;
   int64_t row = first / row_groups;
@@ -116,18 +132,23 @@ __device__ __forceinline__ void for_each_in_channel(const ChannelView& view, int
 
 // Per-tensor layout: a 1-D grid over the flat tensor. Per-channel layout: grid (C, splits), each
 // block inside one channel, so that its partial sums belong to that channel alone.
+#pragma nv_exec_check_disable
 template <int VEC, bool PER_CHANNEL, typename Body>
-__device__ __forceinline__ void for_each_element(const ChannelView& view, Body& body) {
+QD_HOST_DEVICE void for_each_element(const ChannelView& view, const ThreadCoords& t, Body& body) {
   if constexpr (PER_CHANNEL) {
-    for_each_in_channel<VEC>(view, blockIdx.x, body);
+    for_each_in_channel<VEC>(view, t, body);
   } else {
-    for_each_flat<VEC>(view.numel(), body);
+    for_each_flat<VEC>(view.numel(), t, body);
   }
 }
 
-// Index of this block's row of partials: c * splits + split (per channel) or blockIdx.x.
-__device__ __forceinline__ int64_t block_row() {
-  return static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y;
+// Index of a block's row of partials: c * splits + split (per channel) or block_x (per tensor).
+// launch_sum_partials relies on this layout: channel c's rows are the segment [c * splits, (c + 1) * splits).
+QD_HOST_DEVICE int64_t block_row(const ThreadCoords& t) { return t.block_x * t.grid_y + t.block_y; }
+
+// Row of the j-th partial that launch_sum_partials adds for output segment `segment`.
+QD_HOST_DEVICE int64_t segment_row(int64_t segment, int64_t segment_length, int64_t j) {
+  return segment * segment_length + j;
 }
 
 // Sums each of the NR per-thread values over the block and writes the NR sums to out[0..NR).
@@ -173,7 +194,7 @@ inline dim3 element_grid(const ChannelView& view, int64_t cap) {
 
 inline int64_t grid_blocks(const dim3& g) { return static_cast<int64_t>(g.x) * g.y; }
 
-// out[o] = (scale ? scale[col] : 1) * sum_{j < segment_length} partials[(seg * segment_length + j)
+// out[o] = (scale ? scale[col] : 1) * sum_{j < segment_length} partials[segment_row(seg, segment_length, j)
 //          * row_length + first_column + col],  for o = col * segments + seg < num_columns * segments.
 // Summation in a fixed order (see block_sum). Defined in reduce.cu.
 void launch_sum_partials(const float* partials, int64_t row_length, int first_column, int num_columns,

@@ -59,7 +59,7 @@ int64_t mixed_fake_quant_backward_partials_size(const MixedQuantizer& quantizer,
 // Gradients of the mixed quantizer for the incoming gradient `grad` (of `dtype`, like x):
 //   dx = grad * sum_k p_k in_k                        (of `dtype`; skipped when dx is null)
 //   dprobs[k] = sum grad * Q_k                        ([K] fp32; skipped when null)
-//   dscales[k(, c)] = p_k * sum grad * ((q_k - z) - in_k * x * inv_s_k)
+//   dscales[k(, c)] = p_k * sum grad * ((q_k - z) - (in_k ? x * inv_s_k : 0))
 //                                                     ([K] or [K, C] fp32; skipped when null)
 // Q_k is recomputed from x; nothing from the forward pass is needed.
 void launch_mixed_fake_quant_backward(const void* grad, const void* x, void* dx, float* dprobs, float* dscales,

@@ -58,7 +58,7 @@ __device__ __forceinline__ float mixed_quantize(float x, const Quantizers<K>& q)
 
 // Returns dx = g * sum_k p_k in_k and adds this element's share of the reduced gradients:
 //   dprob[k]  += g * Q_k
-//   dscale[k] += g * ((q_k - z) - in_k * x * inv_s_k)    (times p_k later, once per sum)
+//   dscale[k] += g * ((q_k - z) - (in_k ? x * inv_s_k : 0))    (times p_k later, once per sum)
 template <int K, bool NEED_DX, bool NEED_DPROBS, bool NEED_DSCALES>
 __device__ __forceinline__ float mixed_quantize_backward(float x, float g, const Quantizers<K>& q,
                                                          float (&dprob)[K], float (&dscale)[K]) {
@@ -68,7 +68,8 @@ __device__ __forceinline__ float mixed_quantize_backward(float x, float g, const
     const QuantResult r = quantize(x, q.inv_scale[k], q.range[k]);
     if constexpr (NEED_DX) pass = pass + q.prob[k] * r.in_range;
     if constexpr (NEED_DPROBS) dprob[k] += g * (r.q_minus_z * q.scale[k]);
-    if constexpr (NEED_DSCALES) dscale[k] += g * (r.q_minus_z - r.in_range * (x * q.inv_scale[k]));
+    // A select, not in_k * x * inv_s: an out-of-range x = +-inf must add g * (q - z), not NaN.
+    if constexpr (NEED_DSCALES) dscale[k] += g * (r.q_minus_z - (r.in_range != 0.0f ? x * q.inv_scale[k] : 0.0f));
   }
   return g * pass;
 }
@@ -77,7 +78,7 @@ template <typename T, int K, int VEC, bool PER_CHANNEL>
 __global__ void __launch_bounds__(kThreads)
     mixed_fake_quant_forward_kernel(const T* __restrict__ x, T* __restrict__ y, QuantizerArgs args,
                                     ChannelView view) {
-  const Quantizers<K> q = load_quantizers<K>(args, PER_CHANNEL ? blockIdx.x : 0);
+  const Quantizers<K> q = load_quantizers<K>(args, PER_CHANNEL ? blockIdx.x : 0u);
   auto body = [&](auto width, int64_t offset) {
     constexpr int N = decltype(width)::value;
     const Pack<T, N> xs = load_pack<T, N>(x, offset);
@@ -86,7 +87,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < N; ++j) ys.v[j] = from_float<T>(mixed_quantize<K>(to_float(xs.v[j]), q));
     store_pack<T, N>(y, offset, ys);
   };
-  for_each_element<VEC, PER_CHANNEL>(view, body);
+  for_each_element<VEC, PER_CHANNEL>(view, this_thread(), body);
 }
 
 // Partials row of a block: [dprobs (K) if requested][dscales sums (K) if requested].
@@ -99,7 +100,7 @@ template <typename T, int K, int VEC, bool PER_CHANNEL, bool NEED_DX, bool NEED_
 __global__ void __launch_bounds__(kThreads)
     mixed_fake_quant_backward_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx,
                                      float* __restrict__ partials, QuantizerArgs args, ChannelView view) {
-  const Quantizers<K> q = load_quantizers<K>(args, PER_CHANNEL ? blockIdx.x : 0);
+  const Quantizers<K> q = load_quantizers<K>(args, PER_CHANNEL ? blockIdx.x : 0u);
   float dprob[K];
   float dscale[K];
 #pragma unroll
@@ -120,7 +121,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     if constexpr (NEED_DX) store_pack<T, N>(dx, offset, dxs);
   };
-  for_each_element<VEC, PER_CHANNEL>(view, body);
+  for_each_element<VEC, PER_CHANNEL>(view, this_thread(), body);
 
   if constexpr (NEED_DPROBS || NEED_DSCALES) {
     constexpr int kColumns = partial_columns<K, NEED_DPROBS, NEED_DSCALES>();
@@ -131,7 +132,7 @@ __global__ void __launch_bounds__(kThreads)
       if constexpr (NEED_DPROBS) sums[k] = dprob[k];
       if constexpr (NEED_DSCALES) sums[kScaleColumn + k] = dscale[k];
     }
-    block_sum<kColumns>(sums, partials + block_row() * kColumns);
+    block_sum<kColumns>(sums, partials + block_row(this_thread()) * kColumns);
   }
 }
 

@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < N; ++j) ys.v[j] = from_float<T>(acc[j]);
     store_pack<T, N>(y, offset, ys);
   };
-  for_each_flat<VEC>(numel, body);
+  for_each_flat<VEC>(numel, this_thread(), body);
 }
 
 template <typename T, int MAX_K, int VEC, bool NEED_DINPUTS, bool NEED_DWEIGHTS>
@@ -106,8 +106,8 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   };
-  for_each_flat<VEC>(numel, body);
-  if constexpr (NEED_DWEIGHTS) block_sum<MAX_K>(dw, partials + block_row() * MAX_K);
+  for_each_flat<VEC>(numel, this_thread(), body);
+  if constexpr (NEED_DWEIGHTS) block_sum<MAX_K>(dw, partials + block_row(this_thread()) * MAX_K);
 }
 
 // The compile-time bound used for `count` candidates.

@@ -13,12 +13,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t o = blockIdx.x;
   const int64_t col = o / segments;
   const int64_t seg = o % segments;
-  const float* column = partials + seg * segment_length * row_length + first_column + col;
+  const float* column = partials + first_column + col;
   float sum[1] = {0.0f};
-  for (int64_t j = threadIdx.x; j < segment_length; j += kThreads) sum[0] += column[j * row_length];
+  for (int64_t j = threadIdx.x; j < segment_length; j += kThreads) {
+    sum[0] += column[segment_row(seg, segment_length, j) * row_length];
+  }
   __shared__ float total;
   block_sum<1>(sum, &total);
-  __syncthreads();
+  // block_sum wrote `total` from thread 0, which alone reads it.
   if (threadIdx.x == 0) out[o] = scale != nullptr ? scale[col] * total : total;
 }
 

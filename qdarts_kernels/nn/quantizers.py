@@ -44,7 +44,7 @@ forward initialises the scales from its batch if they have not been initialised 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -85,6 +85,20 @@ def _top_level(grid: int, bits: int) -> float:
 
 def _other_dims(x: Tensor, axis: int) -> Tuple[int, ...]:
     return tuple(d for d in range(x.dim()) if d != axis)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``factor`` (a float, or a tensor that
+    broadcasts): the LSQ gradient scaling, at no cost in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, factor) -> Tensor:
+        ctx.factor = factor
+        return s.view_as(s)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.factor, None
 
 
 class MixedPrecisionFakeQuantize(FakeQuantizeBase):
@@ -138,7 +152,8 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
             raise ValueError(f"the paper weight quantizer uses the midrise grid, got grid={grid!r}")
         if quantizer == "paper" and role == "act" and grid == "midrise":
             raise ValueError("the paper activation quantizer uses the unsigned or signed grid, got grid='midrise'")
-        if per_channel_axis is not None and (isinstance(per_channel_axis, bool) or not isinstance(per_channel_axis, int)):
+        if per_channel_axis is not None and (isinstance(per_channel_axis, bool)
+                                             or not isinstance(per_channel_axis, int)):
             raise ValueError(f"per_channel_axis must be an int or None, got {per_channel_axis!r}")
         if num_channels is not None and (not isinstance(num_channels, int) or num_channels < 1):
             raise ValueError(f"num_channels must be a positive int or None, got {num_channels!r}")
@@ -170,8 +185,9 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         self.register_buffer("_bits_f", torch.tensor(self.bits, device=device, dtype=torch.float32), persistent=False)
 
         top = [_top_level(code, b) for b in self.bits]
+        self._tops = tuple(top)
         if quantizer == "lsq":
-            # LSQ gradient scale 1/sqrt(n * Qp_k); the 1/sqrt(n) factor is applied per call
+            # LSQ gradient scale 1/sqrt(n * Qp_k): 1/sqrt(Qp_k) here, 1/sqrt(n) per call
             self.register_buffer("_grad_scale", torch.tensor([t**-0.5 for t in top], device=device,
                                                              dtype=pdtype), persistent=False)
             self.register_buffer("_init_factor", torch.tensor([2.0 / math.sqrt(t) for t in top],
@@ -183,7 +199,6 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
             else:
                 self.scales = nn.Parameter(torch.ones(k, num_channels, device=device, dtype=pdtype))
             self.register_buffer("initialized", torch.zeros(1, dtype=torch.uint8, device=device))
-            self._register_load_state_dict_pre_hook(self._materialize_from_state_dict)
         else:
             table = HWGQ_STEPS if (role == "act" and grid == "unsigned") else GAUSSIAN_STEPS
             steps = [_table_step(table, b) if b < PAPER_MAX_BITS else 1.0 for b in self.bits]
@@ -214,17 +229,15 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         self._needs_init = True
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "scales"
+        if isinstance(getattr(self, "scales", None), UninitializedParameter) and key in state_dict:
+            self.scales.materialize(state_dict[key].shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # loading is not on the hot path: reading the switches back to the host here is fine
         self._fake_quant_on = bool(self.fake_quant_enabled[0])
         self._observer_on = bool(self.observer_enabled[0])
         if self.quantizer == "lsq":
             self._needs_init = not bool(self.initialized[0])
-
-    def _materialize_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "scales"
-        if isinstance(self.scales, UninitializedParameter) and key in state_dict:
-            self.scales.materialize(state_dict[key].shape)
 
     # -- the quantizer --------------------------------------------------------------------------
 
@@ -277,17 +290,15 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
     def _lsq_scales(self, x: Tensor, axis: Optional[int]) -> Tensor:
         if self._needs_init and self._observer_on:
             self._init_lsq_scales(x, axis)
-        with torch.no_grad():
-            # an optimizer step may push a scale to <= 0; keep it positive as PyTorch's learnable
-            # fake quantizer does, in place on the device (no sync)
-            self.scales.clamp_(min=MIN_SCALE)
-        s = self.scales
+        # an optimizer step may push a scale to <= 0; keep it positive as PyTorch's learnable fake
+        # quantizer does: in place on the device (no sync), through .data so that the version
+        # counter stays, and a graph of an earlier forward (gradient accumulation) stays valid
+        self.scales.data.clamp_(min=MIN_SCALE)
         per_scale = x.numel() if axis is None else x.numel() // x.shape[axis]
-        g = self._grad_scale * (per_scale ** -0.5)
-        if axis is not None:
-            g = g[:, None]
-        # value exactly s (s - s.detach() is exactly 0), gradient g * ds: LSQ gradient scaling
-        return s.detach() + (s - s.detach()) * g
+        if self.num_bits == 1:  # a python float: exactly PyTorch's grad_factor 1/sqrt(n * Qp)
+            return _ScaleGrad.apply(self.scales, (per_scale * self._tops[0]) ** -0.5)
+        factor = self._grad_scale * per_scale**-0.5
+        return _ScaleGrad.apply(self.scales, factor if axis is None else factor[:, None])
 
     def _paper_scales(self, x: Tensor, axis: Optional[int]) -> Tensor:
         xd = x.detach()

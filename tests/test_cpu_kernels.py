@@ -1,0 +1,296 @@
+"""Tests specific to the C++ CPU kernels (csrc/cpu/): their tiling, determinism across thread
+counts, 64-bit indexing, and the argument checks of the raw ``torch.ops.qdarts_C`` ops.
+
+The backend matrix in test_backends.py compares every backend with the reference on small shapes;
+the shapes here are chosen to cross the CPU kernels' internal boundaries (several tiles, rows split
+into pieces, runs that cross channels, channel windows, merged rows; see
+csrc/cpu/mixed_fake_quant.cpp), where an off-by-one in the tiling would show.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+import qdarts_kernels as qk
+from qdarts_kernels import reference as ref
+
+if "cpu" not in qk.available_backends():
+    pytestmark = pytest.mark.skip(reason="qdarts_kernels._C (the C++ CPU kernels) is not built")
+
+BITS = (2, 4, 8)
+
+
+def _inputs(shape, axis, seed, dtype=torch.float32, bits=BITS):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen) * 2).to(dtype)
+    k = len(bits)
+    probs = torch.softmax(torch.randn(k, generator=gen), 0)
+    c = 1 if axis is None else shape[axis]
+    base = torch.tensor([0.5, 0.1, 0.01, 0.003][:k]).reshape(k, 1)
+    scales = base * (0.5 + torch.rand(k, c, generator=gen))
+    scales = scales.reshape(k) if axis is None else scales
+    grad = torch.randn(shape, generator=gen).to(dtype)
+    return x, probs, scales, grad
+
+
+def _run(backend, x, probs, scales, grad, axis, bits=BITS):
+    xl, pl, sl = (t.clone().requires_grad_() for t in (x, probs, scales))
+    fn = ref.mixed_fake_quant if backend == "reference" else qk.mixed_fake_quant
+    kwargs = {} if backend == "reference" else {"backend": backend}
+    y = fn(xl, pl, sl, bits, axis=axis, **kwargs)
+    y.backward(grad)
+    return y.detach(), xl.grad, pl.grad, sl.grad
+
+
+# shape, axis: per tensor over several tiles; a row longer than a tile (split into pieces); rows of
+# one channel spanning runs with a tail; runs crossing channels with merged rows (outer not a
+# multiple of the merge); channel windows (C * inner > one run) with a narrower last window; inner
+# between 1 and the span threshold.
+TILING_CASES = [
+    ((70001,), None),
+    ((3, 40000), 0),
+    ((2, 16, 1030), 1),
+    ((5003, 7), 1),
+    ((900, 300), 1),
+    ((40, 70, 3), 1),
+    ((64, 33, 15), 1),
+]
+
+
+@pytest.mark.parametrize("shape,axis", TILING_CASES, ids=str)
+def test_tiling_matches_reference(shape, axis):
+    x, probs, scales, grad = _inputs(shape, axis, seed=len(shape) * 1000 + shape[-1])
+    y, dx, dp, ds = _run("cpu", x, probs, scales, grad, axis)
+    yr, dxr, dpr, dsr = _run("reference", x, probs, scales, grad, axis)
+    torch.testing.assert_close(y, yr, rtol=0, atol=0)
+    torch.testing.assert_close(dx, dxr, rtol=1e-6, atol=1e-6)
+    tol = 2e-5
+    atol = tol * math.sqrt(x.numel())
+    torch.testing.assert_close(dp, dpr, rtol=tol, atol=atol)
+    torch.testing.assert_close(ds, dsr, rtol=tol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,axis", [((70001,), None), ((900, 300), 1)], ids=str)
+def test_tiling_reduced_precision(shape, axis, dtype):
+    """Staging through fp32 buffers: the forward is still exact, the output keeps x's dtype."""
+    x, probs, scales, grad = _inputs(shape, axis, seed=5, dtype=dtype)
+    y, dx, dp, ds = _run("cpu", x, probs, scales, grad, axis)
+    yr, dxr, dpr, dsr = _run("reference", x, probs, scales, grad, axis)
+    assert y.dtype == dtype and dx.dtype == dtype
+    torch.testing.assert_close(y, yr, rtol=0, atol=0)
+    torch.testing.assert_close(dx, dxr, rtol=1e-2, atol=1e-2)
+    atol = 2e-5 * math.sqrt(x.numel())
+    torch.testing.assert_close(dp, dpr, rtol=2e-5, atol=atol)
+    torch.testing.assert_close(ds, dsr, rtol=2e-5, atol=atol)
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("shape,axis", [((70001,), None), ((3, 40000), 0), ((5003, 7), 1), ((900, 300), 1)],
+                         ids=str)
+def test_same_bits_for_any_thread_count(shape, axis, restore_threads):
+    x, probs, scales, grad = _inputs(shape, axis, seed=17)
+    results = []
+    for threads in (1, 2, 3, 5):
+        torch.set_num_threads(threads)
+        results.append(_run("cpu", x, probs, scales, grad, axis))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_mixed_op_sum_same_bits_for_any_thread_count(restore_threads):
+    gen = torch.Generator().manual_seed(3)
+    outs = [torch.randn(100003, generator=gen) for _ in range(5)]
+    w = torch.softmax(torch.randn(5, generator=gen), 0)
+    g = torch.randn(100003, generator=gen)
+    results = []
+    for threads in (1, 2, 3, 5):
+        torch.set_num_threads(threads)
+        ol = [o.clone().requires_grad_() for o in outs]
+        wl = w.clone().requires_grad_()
+        y = qk.mixed_op_sum(ol, wl, backend="cpu")
+        y.backward(g)
+        results.append([y.detach(), wl.grad] + [o.grad for o in ol])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_mixed_op_sum_many_tiles_matches_reference():
+    gen = torch.Generator().manual_seed(4)
+    outs = [torch.randn(3, 50001, generator=gen) for _ in range(8)]
+    w = torch.softmax(torch.randn(8, generator=gen), 0)
+    g = torch.randn(3, 50001, generator=gen)
+    results = []
+    for fn, kwargs in ((qk.mixed_op_sum, {"backend": "cpu"}), (ref.mixed_op_sum, {})):
+        ol = [o.clone().requires_grad_() for o in outs]
+        wl = w.clone().requires_grad_()
+        y = fn(ol, wl, **kwargs)
+        y.backward(g)
+        results.append((y.detach(), wl.grad, [o.grad for o in ol]))
+    (y, dw, douts), (yr, dwr, doutsr) = results
+    assert torch.equal(y, yr)
+    for a, b in zip(douts, doutsr):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(dw, dwr, rtol=2e-5, atol=2e-5 * math.sqrt(y.numel()))
+
+
+def test_rounding_matches_torch_round_over_the_16_bit_range():
+    """The kernels round with an add-and-subtract-2^23 trick (csrc/quant_math.h); it must equal
+    torch.round everywhere a 16-bit grid can see, ties and the sign of zero included."""
+    n = torch.arange(-(2**15), 2**15, dtype=torch.float32)
+    x = torch.cat([n, n + 0.5, n + 0.25, n + 0.75, torch.tensor([-0.0, -0.3, -0.5, 0.3, 0.5])])
+    for grid, z in (("signed", 0.0), ("midrise", 0.5)):
+        y = qk.mixed_fake_quant(x, torch.ones(1), torch.ones(1), (16,), grid=grid, backend="cpu")
+        yr = ref.mixed_fake_quant(x, torch.ones(1), torch.ones(1), (16,), grid=grid)
+        assert torch.equal(y, yr)
+        assert torch.equal(torch.signbit(y), torch.signbit(yr))
+
+
+# --------------------------------------------------------------------------------------------------
+# direct calls of the raw ops: their own argument checks
+# --------------------------------------------------------------------------------------------------
+
+_ops = torch.ops.qdarts_C if "cpu" in qk.available_backends() else None
+
+
+def _fq_args(**change):
+    args = dict(x=torch.randn(4, 5), probs=torch.tensor([0.5, 0.5]), scales=torch.tensor([0.1, 0.2]),
+                bits=[2, 4], grid=0, axis=-1)
+    args.update(change)
+    return args
+
+
+def _fq_forward(a):
+    return _ops.mixed_fake_quant_forward(a["x"], a["probs"], a["scales"], a["bits"], a["grid"], a["axis"])
+
+
+BAD_FAKE_QUANT = [
+    (dict(x=torch.randn(4, 5, dtype=torch.float64)), "x must be float32, float16 or bfloat16"),
+    (dict(x=torch.ones(4, 5, dtype=torch.int32)), "x must be float32, float16 or bfloat16"),
+    (dict(probs=torch.tensor([0.5, 0.5], dtype=torch.float64)), "probs must be float32"),
+    (dict(scales=torch.tensor([0.1, 0.2], dtype=torch.float16)), "scales must be float32"),
+    (dict(probs=torch.tensor([1.0])), "probs must have shape [2]"),
+    (dict(scales=torch.tensor([0.1, 0.2, 0.3])), "scales must have shape [2]"),
+    (dict(axis=1), "scales must have shape [2, 5]"),
+    (dict(axis=2), "axis must be -1 (per tensor) or a dimension of x in [0, 2)"),
+    (dict(axis=-2), "axis must be -1 (per tensor) or a dimension of x in [0, 2)"),
+    (dict(bits=[]), "bits must hold 1..4 bit-widths, got 0"),
+    (dict(bits=[2, 2, 2, 2, 2], probs=torch.ones(5) / 5, scales=torch.ones(5)), "bits must hold 1..4"),
+    (dict(bits=[0, 4]), "bits must be in [1, 16], got bits[0] = 0"),
+    (dict(bits=[2, 17]), "bits must be in [1, 16], got bits[1] = 17"),
+    (dict(grid=3), "grid must be 0 (signed), 1 (unsigned) or 2 (midrise), got 3"),
+    (dict(scales=torch.tensor([0.1, 0.0])), "scales must be finite and > 0, got scales[1] = 0"),
+    (dict(scales=torch.tensor([float("nan"), 0.2])), "scales must be finite and > 0, got scales[0] = nan"),
+    (dict(scales=torch.tensor([[0.1] * 5, [0.2] * 4 + [-1.0]]), axis=1),
+     "scales must be finite and > 0, got scales[1, 4] = -1"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_FAKE_QUANT, ids=lambda v: v if isinstance(v, str) else None)
+def test_raw_mixed_fake_quant_rejects_bad_arguments(change, message):
+    a = _fq_args(**change)
+    with pytest.raises(RuntimeError, match=_literal(message)):
+        _fq_forward(a)
+    with pytest.raises(RuntimeError, match=_literal(message)):
+        _ops.mixed_fake_quant_backward(torch.ones_like(a["x"]) if a["x"].is_floating_point() else a["x"],
+                                       a["x"], a["probs"], a["scales"], a["bits"], a["grid"], a["axis"],
+                                       True, True, True)
+
+
+@pytest.mark.parametrize(
+    "grad,message",
+    [(torch.ones(4, 4), "grad has shape [4, 4] but x has [4, 5]"),
+     (torch.ones(4, 5, dtype=torch.bfloat16), "grad has dtype BFloat16 but x has Float")],
+    ids=["shape", "dtype"],
+)
+def test_raw_mixed_fake_quant_backward_rejects_bad_grad(grad, message):
+    a = _fq_args()
+    with pytest.raises(RuntimeError, match=_literal(message)):
+        _ops.mixed_fake_quant_backward(grad, a["x"], a["probs"], a["scales"], a["bits"], 0, -1, True, True, True)
+
+
+def test_raw_mixed_fake_quant_backward_returns_empty_for_unneeded():
+    a = _fq_args()
+    dx, dp, ds = _ops.mixed_fake_quant_backward(torch.ones(4, 5), a["x"], a["probs"], a["scales"], a["bits"], 0,
+                                                -1, False, True, False)
+    assert dx.numel() == 0 and ds.numel() == 0
+    assert dp.shape == (2,) and dp.dtype == torch.float32
+
+
+BAD_OP_SUM = [
+    (lambda: ([], torch.ones(0)), "outputs must hold at least one tensor"),
+    (lambda: ([torch.ones(3), torch.ones(4)], torch.ones(2)), "outputs[1] has shape [4] but outputs[0] has [3]"),
+    (lambda: ([torch.ones(3), torch.ones(3, dtype=torch.float16)], torch.ones(2)),
+     "outputs[1] has dtype Half but outputs[0] has Float"),
+    (lambda: ([torch.ones(3, dtype=torch.float64)], torch.ones(1)), "outputs[0] must be float32, float16 or bfloat16"),
+    (lambda: ([torch.ones(3), torch.ones(3)], torch.ones(3)), "weights must have shape [2] (one per output)"),
+    (lambda: ([torch.ones(3)], torch.ones(1, dtype=torch.float64)), "weights must be float32"),
+]
+
+
+@pytest.mark.parametrize("make,message", BAD_OP_SUM, ids=lambda v: v if isinstance(v, str) else None)
+def test_raw_mixed_op_sum_rejects_bad_arguments(make, message):
+    outputs, weights = make()
+    with pytest.raises(RuntimeError, match=_literal(message)):
+        _ops.mixed_op_sum_forward(outputs, weights)
+    grad = torch.ones_like(outputs[0]) if outputs else torch.ones(3)
+    with pytest.raises(RuntimeError, match=_literal(message)):
+        _ops.mixed_op_sum_backward(grad, outputs, weights, True, True)
+
+
+def test_raw_mixed_op_sum_backward_rejects_bad_grad():
+    with pytest.raises(RuntimeError, match=_literal("grad has shape [4] but outputs[0] has [3]")):
+        _ops.mixed_op_sum_backward(torch.ones(4), [torch.ones(3)], torch.ones(1), True, True)
+
+
+def _literal(message: str) -> str:
+    import re
+
+    return re.escape(message)
+
+
+# --------------------------------------------------------------------------------------------------
+# 64-bit indexing
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("QDARTS_TEST_LARGE") != "1",
+                    reason="allocates ~9 GB; set QDARTS_TEST_LARGE=1 to run")
+@pytest.mark.parametrize("axis", [None, 1], ids=["per-tensor", "per-channel"])
+def test_more_than_2_to_the_31_elements(axis):
+    """A bf16 tensor of more than 2^31 elements: the elements past 2^31 are quantized with the right
+    channel's scale and their gradient lands in the right place (int32 offsets would wrap)."""
+    channels, inner = 3, 4096
+    outer = 2**31 // (channels * inner) + 2
+    x = torch.zeros(outer, channels, inner, dtype=torch.bfloat16)
+    assert x.numel() > 2**31
+    gen = torch.Generator().manual_seed(0)
+    tail = x[-3:]
+    tail.copy_(torch.randn(tail.shape, generator=gen) * 2)
+    probs = torch.tensor([0.2, 0.3, 0.5])
+    scales = torch.tensor([0.5, 0.1, 0.01]).reshape(3, 1).expand(3, channels) * torch.tensor([1.0, 1.5, 2.0])
+    scales = scales.contiguous() if axis is not None else scales[:, 0].contiguous()
+    ax = -1 if axis is None else axis
+    y = torch.ops.qdarts_C.mixed_fake_quant_forward(x, probs, scales, list(BITS), 0, ax)
+    expected = ref.mixed_fake_quant(x[-3:], probs, scales, BITS, axis=axis)
+    assert torch.equal(y[-3:], expected)
+    assert not y[:-3].any()
+    del y
+    # x as its own incoming gradient: dx = x * sum_k p_k * in_k
+    dx, _, _ = torch.ops.qdarts_C.mixed_fake_quant_backward(x, x, probs, scales, list(BITS), 0, ax, True, False,
+                                                            False)
+    xr = x[-3:].float().requires_grad_()
+    ref.mixed_fake_quant(xr, probs, scales, BITS, axis=axis).backward(x[-3:].float())
+    torch.testing.assert_close(dx[-3:].float(), xr.grad, rtol=1e-2, atol=1e-2)
+    assert not dx[:-3].any()

@@ -1,20 +1,22 @@
 """Quantization-aware training of a small CNN with qdarts_kernels.nn, timed against PyTorch's own.
 
 Data: scikit-learn's bundled handwritten digits (1797 8x8 images, no download), 80/20 split.
+Network: conv 1->16 3x3, ReLU, conv 16->32 3x3, ReLU, max-pool 2 (32x4x4), linear 512->10.
 Five trainings of the same network from the same initialisation, 8-bit weights and activations:
 
   fp32                  no quantization (reference accuracy and step time)
   ours quantize_        qdarts_kernels.nn.quantize_: QuantConv2d / QuantLinear, LSQ scales
                         (weights per output channel), activations quantized at each layer's input
   ours prepare_qat      torch.ao prepare_qat with QConfig(qdarts_kernels.nn.FakeQuantize, ...)
-  torch FakeQuantize    prepare_qat with PyTorch's default QAT qconfig
-                        (FusedMovingAvgObsFakeQuantize: observer + fake quant, fixed-point scale)
+  torch FakeQuantize    prepare_qat with PyTorch's default QAT qconfig (FusedMovingAvgObsFakeQuantize:
+                        moving-average min/max observer and fake quant in one op)
   torch LearnableFQ     prepare_qat with torch.ao's _LearnableFakeQuantize (LSQ, per-tensor
                         weights: it cannot size per-channel scales from a QConfig)
 
 prepare_qat quantizes each module's *output* (and the input through QuantStub), quantize_ each
-layer's *input*; both place one fake quantizer per weight. Prints time per training step (median
-over the timed steps, after warm-up) and test accuracy. Runs in about half a minute on 2 CPU cores.
+layer's *input*; both place one fake quantizer per weight. All five train on the same batches in
+lockstep (see train_all_and_time). Prints the time per training step (median over the steps after
+warm-up) and the test accuracy. Runs in well under a minute on 2 CPU cores.
 
     python examples/qat_small_cnn.py [--epochs 3] [--batch-size 64] [--threads 1] [--backend reference|cpu]
 """
@@ -151,6 +153,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.ao.quantization's notice
     warnings.filterwarnings("ignore", message=".*_C is not available.*")
+    warnings.filterwarnings("ignore", message="Please use quant_min and quant_max")  # torch's default qconfig
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -44,7 +44,7 @@ def grid_params(grid: int, bits: int) -> GridParams:
 
 
 def grid_code(grid: str) -> int:
-    if grid not in GRIDS:
+    if not isinstance(grid, str) or grid not in GRIDS:  # a list or an array is not hashable
         raise ValueError(f"grid must be one of {sorted(GRIDS)}, got {grid!r}")
     return GRIDS[grid]
 

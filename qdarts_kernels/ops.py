@@ -168,7 +168,9 @@ def fake_quant(
         scales = scale.reshape(1)
     else:
         scales = scale.reshape(1, -1)
-    probs = _ones(scale.dtype if scale.dtype in _KERNEL_DTYPES else torch.float32, scale.device)
+    # probs on x's device, so that a scale on another device is what the device check names
+    probs = _ones(scale.dtype if scale.dtype in _KERNEL_DTYPES else torch.float32,
+                  x.device if isinstance(x, Tensor) else scale.device)
     return mixed_fake_quant(x, probs, scales, (bits,), grid=grid, axis=axis, backend=backend)
 
 

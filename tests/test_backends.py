@@ -8,7 +8,7 @@ gradients (probs, scales, weights) differ from the reference only by summation o
 compared with a tolerance far below the contribution of a single wrongly quantized element.
 """
 
-import math
+import zlib
 
 import pytest
 import torch
@@ -50,10 +50,30 @@ def _assert_exact(actual, expected, what):
     torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
-def _grad_tol(dtype):
-    # relative tolerance of a reduction whose order differs; a single mis-quantized element of the
-    # test tensors changes these sums by far more
-    return {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}[dtype]
+def _abs_term_sums(x, probs, scales, bits, grid, axis, g):
+    """sum |g * Q_k| and sum |g * p_k * ((q_k - z) - in_k * x / s_k)| (per channel), in fp64.
+
+    The scale of each reduced gradient's rounding error: the sums may cancel to a small value while
+    their terms are large (16-bit grids with tiny scales), so tolerances are relative to these.
+    """
+    code = GRIDS[grid]
+    ax = -1 if axis is None else axis % x.dim()
+    xf, gd = x.float(), g.double()
+    dp, ds = [], []
+    for k, b in enumerate(bits):
+        s = ref.broadcast_scale(scales[k].float(), xf, ax)
+        q_minus_z, inside, inv_s = ref.quantize_parts(xf, s, b, code)
+        dp.append((gd * (q_minus_z * s).double()).abs().sum())
+        t = (gd * float(probs[k]) * (q_minus_z - torch.where(inside, xf * inv_s, 0.0)).double()).abs()
+        ds.append(t.sum() if ax < 0 else t.sum_to_size(s.shape).reshape(-1))
+    return torch.stack(dp), torch.stack(ds)
+
+
+def _assert_reduction_close(actual, expected, abs_sum, what):
+    bound = 4e-6 * abs_sum + 1e-6
+    err = (actual.double() - expected.double()).abs()
+    bad = ~(err <= bound) & ~(actual.isnan() & expected.isnan())
+    assert not bool(bad.any()), f"{what}: |error| {err[bad].tolist()} exceeds {bound[bad].tolist()}"
 
 
 def check_mixed_fake_quant(backend, device, x, probs, scales, bits, grid, axis, grad=None, needs=(True, True, True)):
@@ -76,12 +96,12 @@ def check_mixed_fake_quant(backend, device, x, probs, scales, bits, grid, axis, 
         else:
             tol = 1e-6 if x.dtype == torch.float32 else 1e-2
             torch.testing.assert_close(xb.grad.cpu(), xr.grad, rtol=tol, atol=tol, msg=lambda m: f"dx: {m}")
-    tol = _grad_tol(x.dtype)
-    scale = math.sqrt(max(x.numel(), 1))
+    if needs[1] or needs[2]:
+        dp_abs, ds_abs = _abs_term_sums(x, probs, scales, bits, grid, axis, g)
     if needs[1]:
-        torch.testing.assert_close(pb.grad.cpu(), pr.grad, rtol=tol, atol=tol * scale, equal_nan=True, msg=lambda m: f"dprobs: {m}")
+        _assert_reduction_close(pb.grad.cpu(), pr.grad, dp_abs, "dprobs")
     if needs[2]:
-        torch.testing.assert_close(sb.grad.cpu(), sr.grad, rtol=tol, atol=tol * scale, equal_nan=True, msg=lambda m: f"dscales: {m}")
+        _assert_reduction_close(sb.grad.cpu(), sr.grad, ds_abs.reshape(sr.grad.shape), "dscales")
 
 
 @pytest.mark.parametrize("bits", BIT_SETS, ids=lambda b: "b" + "-".join(map(str, b)))
@@ -89,7 +109,7 @@ def check_mixed_fake_quant(backend, device, x, probs, scales, bits, grid, axis, 
 @pytest.mark.parametrize("axis", [None, 1])
 def test_mixed_fake_quant_matrix(backend_device, bits, grid, axis):
     backend, device = backend_device
-    gen = torch.Generator().manual_seed(hash((bits, grid, axis)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((bits, grid, axis)).encode()))
     x = torch.randn(3, 5, 7, 11, generator=gen) * 2
     scales = _scales_for(x, bits, grid, axis, gen)
     check_mixed_fake_quant(backend, device, x, _probs(len(bits), gen), scales, bits, grid, axis)
@@ -249,9 +269,8 @@ def check_mixed_op_sum(backend, device, outputs, weights, needs=(True, True), st
         for a, b in zip(ob, orf):
             _assert_exact(a.grad.cpu(), b.grad, "d outputs")
     if needs[1]:
-        tol = _grad_tol(outputs[0].dtype)
-        n = math.sqrt(max(outputs[0].numel(), 1))
-        torch.testing.assert_close(wb.grad.cpu(), wr.grad, rtol=tol, atol=tol * n)
+        abs_sum = torch.stack([(g.double() * o.double()).abs().sum() for o in outputs])
+        _assert_reduction_close(wb.grad.cpu(), wr.grad, abs_sum, "d weights")
 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 8])

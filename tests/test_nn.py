@@ -173,7 +173,8 @@ def test_paper_activation_is_hwgq(bits):
     mq = qnn.MixedPrecisionFakeQuantize(bits, quantizer="paper", role="act")
     y = mq(x)
     y.sum().backward()
-    step = qnn.HWGQ_STEPS.get(bits, qnn.HWGQ_STEPS[4] / 2 ** (bits - 4))
+    steps = qnn.HWGQ_STEPS
+    step = steps.get(bits, steps[4] * (steps[4] / steps[3]) ** (bits - 4))
     top = 2**bits - 1
     xd = x.detach()
     torch.testing.assert_close(y, step * torch.round(torch.clamp(xd, 0, top * step) / step), rtol=0, atol=0)

@@ -37,22 +37,22 @@ struct TypeTag {
   using type = T;
 };
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+QD_HOST_DEVICE float to_float(float v) { return v; }
+QD_HOST_DEVICE float to_float(__half v) { return __half2float(v); }
+QD_HOST_DEVICE float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <typename T>
-__device__ __forceinline__ T from_float(float v);
+QD_HOST_DEVICE T from_float(float v);
 template <>
-__device__ __forceinline__ float from_float<float>(float v) {
+QD_HOST_DEVICE float from_float<float>(float v) {
   return v;
 }
 template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
+QD_HOST_DEVICE __half from_float<__half>(float v) {
   return __float2half_rn(v);
 }
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+QD_HOST_DEVICE __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
@@ -71,12 +71,12 @@ struct alignas(sizeof(T) * N) Pack {
 };
 
 template <typename T, int N>
-__device__ __forceinline__ Pack<T, N> load_pack(const T* base, int64_t offset) {
+QD_HOST_DEVICE Pack<T, N> load_pack(const T* base, int64_t offset) {
   return *reinterpret_cast<const Pack<T, N>*>(base + offset);
 }
 
 template <typename T, int N>
-__device__ __forceinline__ void store_pack(T* base, int64_t offset, const Pack<T, N>& p) {
+QD_HOST_DEVICE void store_pack(T* base, int64_t offset, const Pack<T, N>& p) {
   *reinterpret_cast<Pack<T, N>*>(base + offset) = p;
 }
 

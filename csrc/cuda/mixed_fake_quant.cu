@@ -6,88 +6,17 @@
 // qdarts_kernels.reference bit for bit. The backward recomputes Q_k from x; nothing else is saved.
 #include <initializer_list>
 
-#include "cuda/common.cuh"
-#include "quant_math.h"
+#include "cuda/mixed_fake_quant.cuh"
 
 namespace qdarts {
 namespace gpu {
 namespace {
 
-// Kernel argument: the per-bit grid ranges (computed on the host) and the device parameters.
-struct QuantizerArgs {
-  GridRange ranges[kMaxBits];
-  const float* probs;   // [K]
-  const float* scales;  // [K, scale_stride]
-  int64_t scale_stride; // C per channel, 1 per tensor
-};
-
-// The K quantizers of one channel (or of the whole tensor), held in registers.
-template <int K>
-struct Quantizers {
-  float scale[K];
-  float inv_scale[K];
-  float prob[K];
-  GridRange range[K];
-};
-
-template <int K>
-__device__ __forceinline__ Quantizers<K> load_quantizers(const QuantizerArgs& args, int64_t channel) {
-  Quantizers<K> q;
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    q.scale[k] = args.scales[k * args.scale_stride + channel];
-    // Correctly rounded (nvcc's default -prec-div=true), like PyTorch's inv_scale = 1 / scale.
-    q.inv_scale[k] = 1.0f / q.scale[k];
-    q.prob[k] = args.probs[k];
-    q.range[k] = args.ranges[k];
-  }
-  return q;
-}
-
-template <int K>
-__device__ __forceinline__ float mixed_quantize(float x, const Quantizers<K>& q) {
-  float y = 0.0f;
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    const QuantResult r = quantize(x, q.inv_scale[k], q.range[k]);
-    const float term = q.prob[k] * (r.q_minus_z * q.scale[k]);
-    y = k == 0 ? term : y + term;
-  }
-  return y;
-}
-
-// Returns dx = g * sum_k p_k in_k and adds this element's share of the reduced gradients:
-//   dprob[k]  += g * Q_k
-//   dscale[k] += g * ((q_k - z) - (in_k ? x * inv_s_k : 0))    (times p_k later, once per sum)
-template <int K, bool NEED_DX, bool NEED_DPROBS, bool NEED_DSCALES>
-__device__ __forceinline__ float mixed_quantize_backward(float x, float g, const Quantizers<K>& q,
-                                                         float (&dprob)[K], float (&dscale)[K]) {
-  float pass = 0.0f;
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    const QuantResult r = quantize(x, q.inv_scale[k], q.range[k]);
-    if constexpr (NEED_DX) pass = pass + q.prob[k] * r.in_range;
-    if constexpr (NEED_DPROBS) dprob[k] += g * (r.q_minus_z * q.scale[k]);
-    // A select, not in_k * x * inv_s: an out-of-range x = +-inf must add g * (q - z), not NaN.
-    if constexpr (NEED_DSCALES) dscale[k] += g * (r.q_minus_z - (r.in_range != 0.0f ? x * q.inv_scale[k] : 0.0f));
-  }
-  return g * pass;
-}
-
 template <typename T, int K, int VEC, bool PER_CHANNEL>
 __global__ void __launch_bounds__(kThreads)
     mixed_fake_quant_forward_kernel(const T* __restrict__ x, T* __restrict__ y, QuantizerArgs args,
                                     ChannelView view) {
-  const Quantizers<K> q = load_quantizers<K>(args, PER_CHANNEL ? blockIdx.x : 0u);
-  auto body = [&](auto width, int64_t offset) {
-    constexpr int N = decltype(width)::value;
-    const Pack<T, N> xs = load_pack<T, N>(x, offset);
-    Pack<T, N> ys;
-#pragma unroll
-    for (int j = 0; j < N; ++j) ys.v[j] = from_float<T>(mixed_quantize<K>(to_float(xs.v[j]), q));
-    store_pack<T, N>(y, offset, ys);
-  };
-  for_each_element<VEC, PER_CHANNEL>(view, this_thread(), body);
+  mixed_fake_quant_forward_thread<T, K, VEC, PER_CHANNEL>(x, y, args, view, this_thread());
 }
 
 // Partials row of a block: [dprobs (K) if requested][dscales sums (K) if requested].
@@ -100,7 +29,6 @@ template <typename T, int K, int VEC, bool PER_CHANNEL, bool NEED_DX, bool NEED_
 __global__ void __launch_bounds__(kThreads)
     mixed_fake_quant_backward_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx,
                                      float* __restrict__ partials, QuantizerArgs args, ChannelView view) {
-  const Quantizers<K> q = load_quantizers<K>(args, PER_CHANNEL ? blockIdx.x : 0u);
   float dprob[K];
   float dscale[K];
 #pragma unroll
@@ -108,20 +36,9 @@ __global__ void __launch_bounds__(kThreads)
     dprob[k] = 0.0f;
     dscale[k] = 0.0f;
   }
-  auto body = [&](auto width, int64_t offset) {
-    constexpr int N = decltype(width)::value;
-    const Pack<T, N> gs = load_pack<T, N>(grad, offset);
-    const Pack<T, N> xs = load_pack<T, N>(x, offset);
-    [[maybe_unused]] Pack<T, N> dxs;
-#pragma unroll
-    for (int j = 0; j < N; ++j) {
-      const float d = mixed_quantize_backward<K, NEED_DX, NEED_DPROBS, NEED_DSCALES>(
-          to_float(xs.v[j]), to_float(gs.v[j]), q, dprob, dscale);
-      if constexpr (NEED_DX) dxs.v[j] = from_float<T>(d);
-    }
-    if constexpr (NEED_DX) store_pack<T, N>(dx, offset, dxs);
-  };
-  for_each_element<VEC, PER_CHANNEL>(view, this_thread(), body);
+  const ThreadCoords t = this_thread();
+  mixed_fake_quant_backward_thread<T, K, VEC, PER_CHANNEL, NEED_DX, NEED_DPROBS, NEED_DSCALES>(
+      grad, x, dx, args, view, t, dprob, dscale);
 
   if constexpr (NEED_DPROBS || NEED_DSCALES) {
     constexpr int kColumns = partial_columns<K, NEED_DPROBS, NEED_DSCALES>();
@@ -132,17 +49,8 @@ __global__ void __launch_bounds__(kThreads)
       if constexpr (NEED_DPROBS) sums[k] = dprob[k];
       if constexpr (NEED_DSCALES) sums[kScaleColumn + k] = dscale[k];
     }
-    block_sum<kColumns>(sums, partials + block_row(this_thread()) * kColumns);
+    block_sum<kColumns>(sums, partials + block_row(t) * kColumns);
   }
-}
-
-QuantizerArgs make_args(const MixedQuantizer& quantizer, const ChannelView& view) {
-  QuantizerArgs args{};
-  for (int k = 0; k < quantizer.num_bits; ++k) args.ranges[k] = grid_range(quantizer.grid, quantizer.bits[k]);
-  args.probs = quantizer.probs;
-  args.scales = quantizer.scales;
-  args.scale_stride = view.per_channel ? view.channels : 1;
-  return args;
 }
 
 // 16-byte accesses need every pointer aligned and, per channel, groups that never cross a row.
@@ -162,7 +70,7 @@ dim3 backward_grid(const ChannelView& view, bool reduces) {
 
 void launch_mixed_fake_quant_forward(const void* x, void* y, DType dtype, const MixedQuantizer& quantizer,
                                      const ChannelView& view, cudaStream_t stream) {
-  const QuantizerArgs args = make_args(quantizer, view);
+  const QuantizerArgs args = make_quantizer_args(quantizer, view);
   const dim3 grid = element_grid(view, kElementwiseBlocks);
   dispatch_dtype(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
@@ -195,7 +103,7 @@ void launch_mixed_fake_quant_backward(const void* grad, const void* x, void* dx,
   const bool need_dprobs = dprobs != nullptr;
   const bool need_dscales = dscales != nullptr;
   if (!(need_dx || need_dprobs || need_dscales)) return;
-  const QuantizerArgs args = make_args(quantizer, view);
+  const QuantizerArgs args = make_quantizer_args(quantizer, view);
   const dim3 grid = backward_grid(view, need_dprobs || need_dscales);
   dispatch_dtype(dtype, [&](auto type) {
     using T = typename decltype(type)::type;

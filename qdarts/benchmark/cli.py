@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         _log("end to end: supernet search step")
         results["end_to_end"], results["end_to_end_note"] = endtoend.run(
             device, quick=args.quick, compiled=args.compile_end_to_end, log=_log)
+        results["end_to_end_target"] = endtoend.check_target(results["end_to_end"], device)
         save()
 
     results["wall_s"] = time.perf_counter() - started

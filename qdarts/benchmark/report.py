@@ -208,8 +208,15 @@ def end_to_end_lines(results: Dict[str, Any]) -> List[str]:
             _num(e["saved_mb"]), times(base, e, "saved_mb"),
             _num(e["peak_mb"]) if e.get("peak_mb") is not None else "-", times(base, e, "peak_mb"),
         ])
-    return lines + _table(["config", "setting", "ops", "mode", "ms per step (p20-p80)", "x faster than eager",
-                           "saved MB", "x less saved", "peak MB", "x less peak"], rows)
+    lines += _table(["config", "setting", "ops", "mode", "ms per step (p20-p80)", "x faster than eager",
+                     "saved MB", "x less saved", "peak MB", "x less peak"], rows)
+    target = results.get("end_to_end_target")
+    if target:
+        lines += ["", f"Target (issue 6, set for an H100): {target['config']}, fused ops >= {target['target']:g}x faster "
+                  f"and >= {target['target']:g}x less memory than eager reference ops: {_ratio(target['speedup'])} "
+                  f"faster, {_ratio(target['memory_ratio'])} less {target['memory'].replace('_mb', '')} memory: "
+                  f"{'met' if target['met'] else 'NOT met'}."]
+    return lines
 
 
 def plot(results: Dict[str, Any], out_dir: str) -> List[str]:

@@ -47,6 +47,10 @@ class _QuantizedLayer:
             logits=act_logits, backend=backend, factory_kwargs=fk)
         if act_bits is None and act_logits is not None:
             raise ValueError("act_logits were given but act_bits is None (activations not quantized)")
+        if act_bits is None:
+            # a buffer, so that expected_act_bits() makes no host-to-device copy per call
+            self.register_buffer("_unquantized_bits", torch.tensor(UNQUANTIZED_BITS, device=device),
+                                 persistent=False)
         self.quantizer = quantizer
         #: multiply-accumulates per sample of the last forward (0 before the first)
         self.macs = 0
@@ -54,7 +58,7 @@ class _QuantizedLayer:
     def expected_act_bits(self) -> Tensor:
         """Differentiable ``sum_i p^a_i b_i``; 32 (a constant) when activations are not quantized."""
         if self.act_quant is None:
-            return self.weight.new_tensor(UNQUANTIZED_BITS, dtype=torch.float32)
+            return self._unquantized_bits
         return self.act_quant.expected_bits()
 
     def expected_weight_bits(self) -> Tensor:

@@ -1,0 +1,93 @@
+"""The search loop: bit-for-bit reproducibility, resume, second order, atomic checkpoints; retraining."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from qdarts.search import CHECKPOINT, SearchConfig, Searcher, run_search
+from qdarts.train import TrainConfig, run_train
+
+TINY = dict(data="synthetic", epochs=2, warmup_epochs=1, batch_size=256, channels=4, layers=1, steps=2,
+            partial_channels=2, bits=(2, 4))
+
+
+def _search(out, resume=False, stop_after=None, **kw):
+    cfg = SearchConfig(**{**TINY, **kw})
+    return run_search(cfg, str(out), resume=resume, progress=False, stop_after=stop_after, plots=False)
+
+
+def _without_time(history):
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+def test_two_runs_with_one_seed_are_identical_and_another_seed_differs(tmp_path):
+    a = _search(tmp_path / "a")
+    b = _search(tmp_path / "b")
+    c = _search(tmp_path / "c", seed=1)
+    assert a["genotype"].to_dict() == b["genotype"].to_dict()
+    assert _without_time(a["history"]) == _without_time(b["history"])
+    assert _without_time(a["history"]) != _without_time(c["history"])
+    h = a["history"][-1]
+    assert {"train_loss", "train_acc", "val_acc", "expected_bitops", "alpha", "beta", "gamma"} <= set(h)
+    assert [x["arch_updates"] for x in a["history"]] == [False, True]
+    files = set(os.listdir(tmp_path / "a"))
+    assert {"genotype.json", "history.json", "summary.md", CHECKPOINT} <= files
+    assert not [f for f in files if f.endswith(".tmp")]
+
+
+def test_resume_continues_to_the_uninterrupted_result(tmp_path):
+    full = _search(tmp_path / "full")
+    first = _search(tmp_path / "cut", stop_after=1)
+    assert "genotype" not in first and not os.path.exists(tmp_path / "cut" / "genotype.json")
+    with pytest.raises(FileExistsError, match="--resume"):
+        _search(tmp_path / "cut")
+    resumed = _search(tmp_path / "cut", resume=True)
+    assert resumed["genotype"].to_dict() == full["genotype"].to_dict()
+    assert _without_time(resumed["history"]) == _without_time(full["history"])
+    a = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=False)["model"]
+    b = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_second_order_moves_alpha_and_keeps_weights_where_the_optimiser_left_them(tmp_path):
+    s = Searcher(SearchConfig(**TINY, order="second"), str(tmp_path), progress=False)
+    x, y = s.train_x[:16], s.train_y[:16]
+    s.net(x)  # convs record their MACs
+    before_w = [p.detach().clone() for p in s.groups["weights"]]
+    before_a = s.net.alphas_normal.detach().clone()
+    s._arch_step(x, y, s.val_x[:16], s.val_y[:16], lr=0.1)
+    assert not torch.equal(before_a, s.net.alphas_normal)
+    assert all(torch.equal(a, b) for a, b in zip(before_w, s.groups["weights"]))
+
+
+def test_lsq_search_runs_and_gamma_lowers_bits_under_a_strong_cost(tmp_path):
+    r = _search(tmp_path, quantizer="lsq", epochs=1, warmup_epochs=1, cost_weight=1.0, gamma_lr=1.0)
+    first_pair = next(iter(r["history"][-1]["gamma"].values()))
+    assert first_pair["weight"][0] > 0.5  # probability of 2 bits
+
+
+def test_retraining_writes_the_summary_and_resumes(tmp_path):
+    r = _search(tmp_path / "s", epochs=1, warmup_epochs=0)
+    genotype = str(tmp_path / "s" / "genotype.json")
+    cfg = dict(genotype=genotype, epochs=2, batch_size=256, channels=4)
+    full = run_train(TrainConfig(**cfg), str(tmp_path / "t"), progress=False)
+    run_train(TrainConfig(**cfg), str(tmp_path / "u"), progress=False, stop_after=1)
+    resumed = run_train(TrainConfig(**cfg), str(tmp_path / "u"), progress=False, resume=True)
+    keys = {"test_accuracy", "bitops", "bitops_fp32", "memory_bytes", "memory_bytes_fp32"}
+    assert keys <= set(json.loads((tmp_path / "t" / "summary.json").read_text()))
+    assert resumed["test_accuracy"] == full["test_accuracy"]
+    assert _without_time(resumed["history"]) == _without_time(full["history"])
+    assert full["bitops"] < full["bitops_fp32"] and r["genotype"].bit_choices == [2, 4]
+    fp32 = run_train(TrainConfig(**cfg, fp32=True), str(tmp_path / "f"), progress=False)
+    assert fp32["bitops"] == fp32["bitops_fp32"] == full["bitops_fp32"]
+
+
+def test_bad_config_is_rejected_naming_the_setting(tmp_path):
+    with pytest.raises(ValueError, match="bits must be distinct"):
+        _search(tmp_path, bits=(2, 2))
+    with pytest.raises(ValueError, match="partial_channels"):
+        _search(tmp_path, channels=6, partial_channels=4)
+    with pytest.raises(ValueError, match="order must be"):
+        _search(tmp_path, order="third")

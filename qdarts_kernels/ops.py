@@ -5,6 +5,11 @@ Each op is a ``torch.library.custom_op`` in the ``qdarts`` namespace, so ``torch
 The forward and backward are separate custom ops; the backward recomputes the quantizers from the
 saved *inputs* (x, probs, scales; or the K outputs and weights), so nothing else is kept for it.
 The backend is an argument of the op (a string), resolved once per call in Python.
+
+In eager mode the same forward and backward functions run under a plain ``autograd.Function``
+instead: the custom-op wrappers cost several hundred microseconds of Python per call, and a search
+step makes hundreds of calls. Both paths call the same ``_mfq_forward``/``_mfq_backward`` (and
+``_mos_*``) functions, so they compute the same thing; the custom ops are what compile traces.
 """
 
 from __future__ import annotations
@@ -40,14 +45,42 @@ def _empty_like_none(t: Optional[Tensor], like: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+def _mfq_forward(x: Tensor, probs: Tensor, scales: Tensor, bits, grid: int, axis: int, backend: str) -> Tensor:
+    return _backends.get(backend).mixed_fake_quant_forward(
+        x.contiguous(), _params(probs, x), _params(scales, x), tuple(bits), grid, axis
+    )
+
+
+def _mfq_backward(grad, x, probs, scales, bits, grid, axis, backend, need_dx, need_dprobs, need_dscales):
+    """(dx, dprobs, dscales) in the dtypes of x, probs, scales; None where not requested."""
+    dx, dp, ds = _backends.get(backend).mixed_fake_quant_backward(
+        grad.contiguous(), x.contiguous(), _params(probs, x), _params(scales, x), tuple(bits),
+        grid, axis, need_dx, need_dprobs, need_dscales,
+    )
+    return (dx, dp.to(probs.dtype) if dp is not None else None, ds.to(scales.dtype) if ds is not None else None)
+
+
+class _MixedFakeQuantFunction(torch.autograd.Function):
+    """Eager-mode autograd of mixed_fake_quant (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, probs, scales, bits, grid, axis, backend):
+        ctx.save_for_backward(x, probs, scales)
+        ctx.args = (bits, grid, axis, backend)
+        return _mfq_forward(x, probs, scales, bits, grid, axis, backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, probs, scales = ctx.saved_tensors
+        dx, dp, ds = _mfq_backward(grad, x, probs, scales, *ctx.args, *ctx.needs_input_grad[:3])
+        return dx, dp, ds, None, None, None, None
+
+
 @torch.library.custom_op("qdarts::mixed_fake_quant", mutates_args=())
 def _mixed_fake_quant_op(
     x: Tensor, probs: Tensor, scales: Tensor, bits: List[int], grid: int, axis: int, backend: str
 ) -> Tensor:
-    impl = _backends.get(backend)
-    return impl.mixed_fake_quant_forward(
-        x.contiguous(), _params(probs, x), _params(scales, x), tuple(bits), grid, axis
-    )
+    return _mfq_forward(x, probs, scales, bits, grid, axis, backend)
 
 
 @_mixed_fake_quant_op.register_fake
@@ -69,16 +102,8 @@ def _mixed_fake_quant_backward_op(
     need_dprobs: bool,
     need_dscales: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    impl = _backends.get(backend)
-    dx, dp, ds = impl.mixed_fake_quant_backward(
-        grad.contiguous(), x.contiguous(), _params(probs, x), _params(scales, x), tuple(bits),
-        grid, axis, need_dx, need_dprobs, need_dscales,
-    )
-    return (
-        _empty_like_none(dx, x),
-        _empty_like_none(dp.to(probs.dtype) if dp is not None else None, probs),
-        _empty_like_none(ds.to(scales.dtype) if ds is not None else None, scales),
-    )
+    dx, dp, ds = _mfq_backward(grad, x, probs, scales, bits, grid, axis, backend, need_dx, need_dprobs, need_dscales)
+    return _empty_like_none(dx, x), _empty_like_none(dp, probs), _empty_like_none(ds, scales)
 
 
 @_mixed_fake_quant_backward_op.register_fake
@@ -96,7 +121,7 @@ def _mfq_setup_context(ctx, inputs, output):
     ctx.args = (bits, grid, axis, backend)
 
 
-def _mfq_backward(ctx, grad):
+def _mfq_op_backward(ctx, grad):
     x, probs, scales = ctx.saved_tensors
     need_dx, need_dp, need_ds = ctx.needs_input_grad[:3]
     if not (need_dx or need_dp or need_ds):
@@ -109,7 +134,7 @@ def _mfq_backward(ctx, grad):
             None, None, None, None)
 
 
-_mixed_fake_quant_op.register_autograd(_mfq_backward, setup_context=_mfq_setup_context)
+_mixed_fake_quant_op.register_autograd(_mfq_op_backward, setup_context=_mfq_setup_context)
 
 
 def _check_backend_dtype(name: str, t: Tensor, arg: str) -> None:
@@ -139,7 +164,9 @@ def mixed_fake_quant(
     bits, code, ax = check_mixed_fake_quant(x, probs, scales, bits, grid, axis)
     name = _backends.resolve(backend, x.device)
     _check_backend_dtype(name, x, "x")
-    return _mixed_fake_quant_op(x, probs, scales, list(bits), code, ax, name)
+    if torch.compiler.is_compiling():
+        return _mixed_fake_quant_op(x, probs, scales, list(bits), code, ax, name)
+    return _MixedFakeQuantFunction.apply(x, probs, scales, bits, code, ax, name)
 
 
 def fake_quant(
@@ -191,10 +218,38 @@ def _ones(dtype: torch.dtype, device: torch.device) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+def _mos_forward(outputs, weights: Tensor, backend: str) -> Tensor:
+    return _backends.get(backend).mixed_op_sum_forward([o.contiguous() for o in outputs], _params(weights, outputs[0]))
+
+
+def _mos_backward(grad, outputs, weights, backend, need_doutputs, need_dweights):
+    """(list of d outputs, d weights in the weights' dtype); None where not requested."""
+    douts, dw = _backends.get(backend).mixed_op_sum_backward(
+        grad.contiguous(), [o.contiguous() for o in outputs], _params(weights, grad), need_doutputs, need_dweights
+    )
+    return douts, (dw.to(weights.dtype) if dw is not None else None)
+
+
+class _MixedOpSumFunction(torch.autograd.Function):
+    """Eager-mode autograd of mixed_op_sum; the K outputs come as separate arguments."""
+
+    @staticmethod
+    def forward(ctx, weights, backend, *outputs):
+        ctx.save_for_backward(weights, *outputs)
+        ctx.backend = backend
+        return _mos_forward(outputs, weights, backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weights, *outputs = ctx.saved_tensors
+        need_dw, need_douts = ctx.needs_input_grad[0], any(ctx.needs_input_grad[2:])
+        douts, dw = _mos_backward(grad, outputs, weights, ctx.backend, need_douts, need_dw)
+        return (dw, None, *(douts if douts is not None else [None] * len(outputs)))
+
+
 @torch.library.custom_op("qdarts::mixed_op_sum", mutates_args=())
 def _mixed_op_sum_op(outputs: List[Tensor], weights: Tensor, backend: str) -> Tensor:
-    impl = _backends.get(backend)
-    return impl.mixed_op_sum_forward([o.contiguous() for o in outputs], _params(weights, outputs[0]))
+    return _mos_forward(outputs, weights, backend)
 
 
 @_mixed_op_sum_op.register_fake
@@ -206,14 +261,10 @@ def _(outputs, weights, backend):
 def _mixed_op_sum_backward_op(
     grad: Tensor, outputs: List[Tensor], weights: Tensor, backend: str, need_doutputs: bool, need_dweights: bool
 ) -> List[Tensor]:
-    impl = _backends.get(backend)
-    douts, dw = impl.mixed_op_sum_backward(
-        grad.contiguous(), [o.contiguous() for o in outputs], _params(weights, grad), need_doutputs,
-        need_dweights,
-    )
+    douts, dw = _mos_backward(grad, outputs, weights, backend, need_doutputs, need_dweights)
     if douts is None:
         douts = [outputs[0].new_empty(0) for _ in outputs]
-    return list(douts) + [_empty_like_none(dw.to(weights.dtype) if dw is not None else None, weights)]
+    return list(douts) + [_empty_like_none(dw, weights)]
 
 
 @_mixed_op_sum_backward_op.register_fake
@@ -231,7 +282,7 @@ def _mos_setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _mos_backward(ctx, grad):
+def _mos_op_backward(ctx, grad):
     weights, *outputs = ctx.saved_tensors
     need_douts, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_douts or need_dw):
@@ -241,7 +292,7 @@ def _mos_backward(ctx, grad):
     return douts, (res[-1] if need_dw else None), None
 
 
-_mixed_op_sum_op.register_autograd(_mos_backward, setup_context=_mos_setup_context)
+_mixed_op_sum_op.register_autograd(_mos_op_backward, setup_context=_mos_setup_context)
 
 
 def mixed_op_sum(
@@ -256,4 +307,6 @@ def mixed_op_sum(
     outs = check_mixed_op_sum(outputs, weights)
     name = _backends.resolve(backend, outs[0].device)
     _check_backend_dtype(name, outs[0], "outputs")
-    return _mixed_op_sum_op(outs, weights, name)
+    if torch.compiler.is_compiling():
+        return _mixed_op_sum_op(outs, weights, name)
+    return _MixedOpSumFunction.apply(weights, name, *outs)

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -235,19 +234,11 @@ def test_meta_tensors_trace_with_the_automatic_backend(op):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=[c for c in backend_cases() if c[1] == "cpu" or torch.cuda.is_available()],
-                ids=lambda c: f"{c[0]}-{c[1]}")
-def backend_dev(request):
-    backend, device = request.param
-    require_backend(backend, device)
-    return backend, torch.device(device)
-
-
 @pytest.mark.parametrize("grad_dtype", [torch.float16, torch.float64, torch.bfloat16], ids=str)
-def test_incoming_gradient_of_another_dtype(backend_dev, grad_dtype):
+def test_incoming_gradient_of_another_dtype(backend_device, grad_dtype):
     """autograd casts an incoming gradient to the output's dtype: the gradients equal those of the
     cast gradient, in the inputs' dtypes."""
-    backend, device = backend_dev
+    backend, device = backend_device
     gen = torch.Generator().manual_seed(0)
     g = torch.randn(X.shape, generator=gen).to(grad_dtype)
     results = []
@@ -263,8 +254,8 @@ def test_incoming_gradient_of_another_dtype(backend_dev, grad_dtype):
         assert torch.equal(a, b)
 
 
-def test_no_grad_and_inference_mode_give_plain_tensors(backend_dev):
-    backend, device = backend_dev
+def test_no_grad_and_inference_mode_give_plain_tensors(backend_device):
+    backend, device = backend_device
     x, p, s = (t.to(device).clone().requires_grad_() for t in (X, P2, S2))
     for context in (torch.no_grad, torch.inference_mode):
         with context():
@@ -274,10 +265,10 @@ def test_no_grad_and_inference_mode_give_plain_tensors(backend_dev):
         assert torch.equal(y.cpu(), ref.mixed_fake_quant(X, P2, S2, (2, 4)))
 
 
-def test_input_changed_in_place_after_forward_is_refused(backend_dev):
+def test_input_changed_in_place_after_forward_is_refused(backend_device):
     """The backward recomputes from the saved inputs: changing them in place must not give silently
     wrong gradients."""
-    backend, device = backend_dev
+    backend, device = backend_device
     x = X.to(device).clone().requires_grad_()
     p = P2.to(device).clone().requires_grad_()
     for op in ("mixed_fake_quant", "mixed_op_sum"):
@@ -289,9 +280,9 @@ def test_input_changed_in_place_after_forward_is_refused(backend_dev):
             y.sum().backward()
 
 
-def test_double_backward_raises(backend_dev):
+def test_double_backward_raises(backend_device):
     """The backward ops have no derivative: a second-order gradient is refused, not silently zero."""
-    backend, device = backend_dev
+    backend, device = backend_device
     x, p, s = (t.to(device).clone().requires_grad_() for t in (X, P2, S2))
     (dp,) = torch.autograd.grad(_mfq(x=x, probs=p, scales=s, backend=backend).sum(), p, create_graph=True)
     with pytest.raises(RuntimeError, match="mixed_fake_quant_backward"):
@@ -303,16 +294,76 @@ def test_double_backward_raises(backend_dev):
 
 
 # --------------------------------------------------------------------------------------------------
-# in a child process: empty tensors, and the ops under the public functions called directly
+# in child processes: empty tensors, and the ops under the public functions called directly
 # --------------------------------------------------------------------------------------------------
 
-_CHILD_PRELUDE = """
+# Every case below is a Python call run in a child process; the children of one module run all of
+# them, and a case that kills its child is recorded with the signal while the cases after it run in
+# a new child. X, P, S, G are valid arguments (x [4, 3] fp32, probs [2], scales [2], a gradient).
+_CHILD_SETUP = """
 import json, os, sys
 import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import qdarts_kernels as qk
-from qdarts_kernels import reference as ref
+
+X = torch.randn(4, 3); P = torch.tensor([0.5, 0.5]); S = torch.tensor([0.1, 0.2]); G = torch.randn(4, 3)
+BITS = [2, 4]
+if "cpu" in qk.available_backends():
+    C = torch.ops.qdarts_C
+Q = torch.ops.qdarts
+
+
+def leaf(t, device):
+    return t.to(device).requires_grad_()
+
+
+def empty_x(backend, device, x, k, axis):
+    bits = (2, 4, 8, 3)[:k]
+    scales = torch.full((k,) if axis is None else (k, x.shape[axis]), 0.1)
+    probs = torch.full((k,), 1.0 / k)
+    xb, pb, sb = leaf(x, device), leaf(probs, device), leaf(scales, device)
+    y = qk.mixed_fake_quant(xb, pb, sb, bits, axis=axis, backend=backend)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    y.backward(torch.ones_like(y))
+    assert xb.grad.shape == x.shape
+    assert torch.equal(pb.grad.cpu(), torch.zeros(k)) and torch.equal(sb.grad.cpu(), torch.zeros_like(scales))
+    if k == 1:
+        assert qk.fake_quant(x.to(device), scales[0].to(device), bits[0], axis=axis, backend=backend).shape == x.shape
+
+
+def empty_outputs(backend, device, shape, dtype, k, stacked):
+    outs = [leaf(torch.empty(shape, dtype=dtype), device) for _ in range(k)]
+    w = leaf(torch.full((k,), 0.5), device)
+    y = qk.mixed_op_sum(torch.stack(outs) if stacked else outs, w, backend=backend)
+    assert y.shape == shape and y.dtype == dtype
+    y.backward(torch.ones_like(y))
+    assert all(o.grad.shape == shape for o in outs) and torch.equal(w.grad.cpu(), torch.zeros(k))
+
+
+def empty_everywhere(backend, device):
+    for dtype in (torch.float32, torch.bfloat16):
+        for k in (1, 3):
+            for shape, axis in [((0,), None), ((0, 3), None), ((0, 3), 1), ((3, 0), 0), ((3, 0), 1),
+                                ((2, 0, 3), 0), ((2, 0, 3), 1), ((2, 0, 3), 2), ((0, 1), -1)]:
+                print("  mixed_fake_quant", shape, "axis", axis, "K", k, dtype, flush=True)
+                empty_x(backend, device, torch.empty(shape, dtype=dtype), k, axis)
+        for k in (1, 4):
+            for shape in [(0,), (3, 0), (0, 5, 2)]:
+                for stacked in (False, True):
+                    print("  mixed_op_sum", shape, "K", k, "stacked" if stacked else "list", dtype, flush=True)
+                    empty_outputs(backend, device, shape, dtype, k, stacked)
+
+
+for name, call in json.loads(sys.argv[1]):
+    print(json.dumps({"case": name, "started": True}), flush=True)
+    try:
+        eval(call)
+        result = {"case": name, "error": None}
+    except Exception as e:
+        result = {"case": name, "error": type(e).__name__, "runtime_error": isinstance(e, RuntimeError),
+                  "message": str(e).splitlines()[0] if str(e) else ""}
+    print(json.dumps(result), flush=True)
 """
 
 
@@ -323,85 +374,39 @@ def _signal_name(returncode: int) -> str:
         return f"signal {-returncode}"
 
 
-def _run_child(body: str, *argv: str, timeout: int = 240) -> subprocess.CompletedProcess:
+def _run_cases(cases):
+    """Run (name, call) cases in child processes. Returns {name: result}; a case that killed its
+    child has result {"crashed": <signal>, "output": <what it printed last>}."""
+    results, todo = {}, list(cases)
     env = dict(os.environ, QDARTS_BACKEND="")
-    return subprocess.run([sys.executable, "-c", _CHILD_PRELUDE + textwrap.dedent(body), *argv], capture_output=True,
-                          text=True, env=env, timeout=timeout, cwd=os.path.dirname(os.path.dirname(__file__)))
+    while todo:
+        res = subprocess.run([sys.executable, "-c", _CHILD_SETUP, json.dumps(todo)], capture_output=True, text=True,
+                             env=env, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        lines = res.stdout.splitlines()
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        results.update((r["case"], r) for r in records if "started" not in r)
+        crashed = next((r["case"] for r in records if "started" in r and r["case"] not in results), None)
+        if crashed is None:
+            if records or res.returncode == 0:
+                break
+            raise AssertionError(f"the child failed before its first case:\n{res.stderr[-3000:]}")
+        died = _signal_name(res.returncode) if res.returncode < 0 else f"exit {res.returncode}: {res.stderr[-800:]}"
+        results[crashed] = {"case": crashed, "crashed": died, "output": lines[-1] if lines else ""}
+        todo = [(n, c) for n, c in todo if n not in results]
+    return results
 
 
-_EMPTY_CASES = """
-backend, device = sys.argv[1], sys.argv[2]
-
-def leaf(t):
-    return t.to(device).requires_grad_()
-
-def check(name, x, k, axis):
-    bits = (2, 4, 8, 3)[:k]
-    scales = torch.full((k,) if axis is None else (k, x.shape[axis]), 0.1)
-    probs = torch.full((k,), 1.0 / k)
-    xb, pb, sb = leaf(x), leaf(probs), leaf(scales)
-    y = qk.mixed_fake_quant(xb, pb, sb, bits, axis=axis, backend=backend)
-    assert y.shape == x.shape and y.dtype == x.dtype, name
-    y.backward(torch.ones_like(y))
-    assert xb.grad.shape == x.shape, name
-    assert torch.equal(pb.grad.cpu(), torch.zeros(k)) and torch.equal(sb.grad.cpu(), torch.zeros_like(scales)), name
-    if k == 1:
-        fq = qk.fake_quant(x.to(device), scales[0].to(device), bits[0], axis=axis, backend=backend)
-        assert fq.shape == x.shape, name
-    print("ok", name, flush=True)
-
-for dtype in (torch.float32, torch.bfloat16):
-    for k in (1, 3):
-        for shape, axis in [((0,), None), ((0, 3), None), ((0, 3), 1), ((3, 0), 0), ((3, 0), 1),
-                            ((2, 0, 3), 0), ((2, 0, 3), 1), ((2, 0, 3), 2), ((0, 1), -1)]:
-            check(f"mixed_fake_quant {list(shape)} axis={axis} K={k} {dtype}", torch.empty(shape, dtype=dtype), k, axis)
-    for k in (1, 4):
-        for shape in [(0,), (3, 0), (0, 5, 2)]:
-            for stacked in (False, True):
-                outs = [leaf(torch.empty(shape, dtype=dtype)) for _ in range(k)]
-                w = leaf(torch.full((k,), 0.5))
-                y = qk.mixed_op_sum(torch.stack(outs) if stacked else outs, w, backend=backend)
-                assert y.shape == shape and y.dtype == dtype
-                y.backward(torch.ones_like(y))
-                assert all(o.grad.shape == shape for o in outs) and torch.equal(w.grad.cpu(), torch.zeros(k))
-                print("ok mixed_op_sum", shape, "K =", k, "stacked" if stacked else "list", dtype, flush=True)
-print("ALL OK")
-"""
+def _assert_no_error(result):
+    assert "crashed" not in result, f"the process died of {result['crashed']} at {result['output']}"
+    assert result["error"] is None, f"{result['error']}: {result['message']}"
 
 
-_CPU_EMPTY_X_SIGFPE = pytest.mark.xfail(
-    strict=True,
-    reason="C++ cpu kernel: make_plan (csrc/cpu/mixed_fake_quant.cpp) divides by zero when x has no "
-           "elements (per tensor: kTileElements / inner with inner = 0; per channel with inner = 0 and "
-           "C > 1: kRunLength / (C * inner)); SIGFPE kills the process")
+def _assert_clear_error(result, match):
+    assert "crashed" not in result, f"the process died of {result['crashed']}"
+    assert result["error"] is not None, "no error was raised"
+    assert result["runtime_error"], f"{result['error']} is not a RuntimeError: {result['message']}"
+    assert match in result["message"], result["message"]
 
-
-@pytest.mark.parametrize(
-    "backend,device",
-    [pytest.param(b, d, marks=[_CPU_EMPTY_X_SIGFPE] if b == "cpu" else []) for b, d in backend_cases()],
-    ids=[f"{b}-{d}" for b, d in backend_cases()],
-)
-def test_empty_tensors_everywhere_do_not_crash(backend, device):
-    """Empty x (every place for the zero dim, per tensor and per channel, C = 0 too), K = 1 and
-    K > 1, empty mixed_op_sum outputs: right shapes, zero parameter gradients, no crash."""
-    require_backend(backend, device)
-    res = _run_child(_EMPTY_CASES, backend, device)
-    last = (res.stdout.strip().splitlines() or ["(nothing)"])[-1]
-    if res.returncode < 0:
-        pytest.fail(f"the child died of {_signal_name(res.returncode)} after: {last}")
-    assert res.returncode == 0 and "ALL OK" in res.stdout, f"after {last}:\n{res.stderr[-3000:]}"
-
-
-# The ops under the public functions take prepared arguments and are not meant to be called by
-# users, but they are reachable (torch.ops.qdarts_C.*, torch.ops.qdarts.*): bad arguments must raise
-# an error that names the argument, never read out of bounds or kill the process. Each case is
-# (name, python expression); X, P, S, G are valid arguments (x [4, 3] fp32, probs [2], scales [2]).
-_LOW_LEVEL_SETUP = """
-X = torch.randn(4, 3); P = torch.tensor([0.5, 0.5]); S = torch.tensor([0.1, 0.2]); G = torch.randn(4, 3)
-C = torch.ops.qdarts_C
-Q = torch.ops.qdarts
-BITS = [2, 4]
-"""
 
 #: torch.ops.qdarts_C.* (the compiled ops): (case, call, text the error must contain)
 COMPILED_CASES = [
@@ -454,69 +459,47 @@ CUSTOM_OP_CASES = [
     ("sum backward grad dtype", "Q.mixed_op_sum_backward(G.half(), [X, X], P, BACKEND, True, True)", "grad"),
 ]
 
-_LOW_LEVEL_RUNNER = """
-cases = json.loads(sys.argv[1])
-for name, call in cases:
-    print(json.dumps({"case": name, "started": True}), flush=True)
-    try:
-        eval(call)
-        result = {"case": name, "error": None}
-    except Exception as e:
-        result = {"case": name, "error": type(e).__name__, "runtime_error": isinstance(e, RuntimeError),
-                  "message": str(e).splitlines()[0] if str(e) else ""}
-    print(json.dumps(result), flush=True)
-"""
 
-
-def _run_cases(cases, setup):
-    """Run (name, call) cases in child processes; a case that kills its child is recorded with the
-    signal, and the remaining cases run in a new child. Returns {name: result}."""
-    results, todo = {}, list(cases)
-    while todo:
-        res = _run_child(setup + _LOW_LEVEL_RUNNER, json.dumps(todo))
-        lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-        for line in lines:
-            if "started" not in line:
-                results[line["case"]] = line
-        started = [line["case"] for line in lines if "started" in line]
-        done = set(results)
-        if res.returncode == 0 and all(name in done for name, _ in todo):
-            break
-        crashed = next((name for name in started if name not in done), None)
-        if crashed is None:  # died before the first case: the setup itself failed
-            raise AssertionError(f"child failed before any case:\n{res.stderr[-3000:]}")
-        results[crashed] = {"case": crashed, "crashed": _signal_name(res.returncode)
-                            if res.returncode < 0 else f"exit {res.returncode}: {res.stderr[-500:]}"}
-        todo = [(n, c) for n, c in todo if n not in results]
-    return results
+def _runnable(backend, device):
+    return backend in qk.available_backends() and (device == "cpu" or torch.cuda.is_available())
 
 
 @pytest.fixture(scope="module")
-def compiled_results():
-    if "cpu" not in qk.available_backends():
-        pytest.skip("the compiled extension is not built")
-    return _run_cases([(name, call) for name, call, _ in COMPILED_CASES], _LOW_LEVEL_SETUP)
+def child_results():
+    """Every child-process case of this module, run once."""
+    cases = [(f"empty: {b}-{d}", f"empty_everywhere({b!r}, {d!r})") for b, d in backend_cases() if _runnable(b, d)]
+    if "cpu" in qk.available_backends():
+        cases += [(f"compiled: {name}", call) for name, call, _ in COMPILED_CASES]
+    for backend in ("reference", "cpu", "triton"):
+        if _runnable(backend, "cpu"):
+            cases += [(f"custom op {backend}: {name}", call.replace("BACKEND", repr(backend)))
+                      for name, call, _ in CUSTOM_OP_CASES]
+    return _run_cases(cases)
 
 
-def _assert_clear_error(result, match):
-    assert "crashed" not in result, f"the process died: {result['crashed']}"
-    assert result["error"] is not None, "no error was raised"
-    assert result["runtime_error"], f"{result['error']} is not a RuntimeError: {result['message']}"
-    assert match in result["message"], result["message"]
+_CPU_EMPTY_X_SIGFPE = pytest.mark.xfail(
+    strict=True,
+    reason="C++ cpu kernel: make_plan (csrc/cpu/mixed_fake_quant.cpp) divides by zero when x has no "
+           "elements (per tensor: kTileElements / inner with inner = 0; per channel with inner = 0 and "
+           "C > 1: kRunLength / (C * inner)); SIGFPE kills the process")
+
+
+@pytest.mark.parametrize(
+    "backend,device",
+    [pytest.param(b, d, marks=[_CPU_EMPTY_X_SIGFPE] if b == "cpu" else []) for b, d in backend_cases()],
+    ids=[f"{b}-{d}" for b, d in backend_cases()],
+)
+def test_empty_tensors_everywhere_do_not_crash(child_results, backend, device):
+    """Empty x (every place for the zero dim, per tensor and per channel, C = 0 too), K = 1 and
+    K > 1, empty mixed_op_sum outputs: right shapes, zero parameter gradients, no crash."""
+    require_backend(backend, device)
+    _assert_no_error(child_results[f"empty: {backend}-{device}"])
 
 
 @pytest.mark.parametrize("case,call,match", COMPILED_CASES, ids=[c[0] for c in COMPILED_CASES])
-def test_compiled_op_bad_argument(compiled_results, case, call, match):
-    _assert_clear_error(compiled_results[case], match)
-
-
-@pytest.fixture(scope="module")
-def custom_op_results():
-    cases = []
-    for backend, device in backend_cases():
-        if device == "cpu" and backend in qk.available_backends():
-            cases += [(f"{backend}: {name}", call.replace("BACKEND", repr(backend))) for name, call, _ in CUSTOM_OP_CASES]
-    return _run_cases(cases, _LOW_LEVEL_SETUP)
+def test_compiled_op_bad_argument(child_results, case, call, match):
+    require_backend("cpu", "cpu")
+    _assert_clear_error(child_results[f"compiled: {case}"], match)
 
 
 _UNCHECKED = ("qdarts_kernels/ops.py: the custom ops hand their arguments to the backend unchecked; with a "
@@ -526,8 +509,8 @@ _UNCHECKED = ("qdarts_kernels/ops.py: the custom ops hand their arguments to the
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 @pytest.mark.parametrize("case,call,match", CUSTOM_OP_CASES, ids=[c[0] for c in CUSTOM_OP_CASES])
-def test_custom_op_bad_argument(custom_op_results, backend, case, call, match, request):
+def test_custom_op_bad_argument(child_results, backend, case, call, match, request):
     require_backend(backend, "cpu")
     if backend != "cpu":
         request.applymarker(pytest.mark.xfail(strict=True, reason=_UNCHECKED))
-    _assert_clear_error(custom_op_results[f"{backend}: {case}"], match)
+    _assert_clear_error(child_results[f"custom op {backend}: {case}"], match)

@@ -299,6 +299,25 @@ def test_no_host_sync_in_any_quantizer_forward_or_backward():
             assert lin.weight_quant.logits.grad.shape == (2,)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_host_sync_on_cuda_training_step():
+    """CUDA's sync debug mode raises on any synchronising call (.item(), bool(), nonzero, ...)."""
+    model = nn.Sequential(
+        qnn.QuantConv2d(3, 8, 3, act_bits=(2, 4, 8), weight_bits=(2, 4, 8), quantizer="paper", device="cuda"),
+        qnn.QuantConv2d(8, 8, 3, act_bits=(2, 4, 8), weight_bits=(2, 4, 8), quantizer="lsq", act_signed=True,
+                        device="cuda"),
+    )
+    x = torch.randn(2, 3, 10, 10, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):  # the first step initialises the LSQ scales
+            model(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert model[1].act_quant.scales.grad is not None
+
+
 # ------------------------------------------------------------------------------------------------
 # quantize_ and the torch.ao QAT path
 # ------------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <vector>
@@ -67,9 +69,27 @@ inline Dtype dtype_of(const at::Tensor& t) {
 
 // Conversions between a run of fp16/bf16 elements and fp32, rounding to nearest even as Tensor.to
 // does. Kept out of line (and cloned on their own) so that the templated kernels, which call them
-// once per run, are not compiled once more per dtype.
-QD_CPU_CONVERT void convert_to_fp32(Dtype dtype, const void* src, int64_t offset, int64_t n, float* dst);
-QD_CPU_CONVERT void convert_from_fp32(Dtype dtype, const float* src, void* dst, int64_t offset, int64_t n);
+// once per run, are not compiled once more per dtype. `static`: each kernel file has its own copy,
+// as the clones of a target_clones function are local symbols.
+static QD_CPU_CONVERT void convert_to_fp32(Dtype dtype, const void* src, int64_t offset, int64_t n, float* dst) {
+  if (dtype == Dtype::kHalf) {
+    const c10::Half* s = static_cast<const c10::Half*>(src) + offset;
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]);
+  } else {
+    const c10::BFloat16* s = static_cast<const c10::BFloat16*>(src) + offset;
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]);
+  }
+}
+
+static QD_CPU_CONVERT void convert_from_fp32(Dtype dtype, const float* src, void* dst, int64_t offset, int64_t n) {
+  if (dtype == Dtype::kHalf) {
+    c10::Half* d = static_cast<c10::Half*>(dst) + offset;
+    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<c10::Half>(src[i]);
+  } else {
+    c10::BFloat16* d = static_cast<c10::BFloat16*>(dst) + offset;
+    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<c10::BFloat16>(src[i]);
+  }
+}
 
 // Reads n elements of dtype `dtype` at src + offset as fp32: a pointer into src itself for fp32,
 // else the converted copy in `stage`.

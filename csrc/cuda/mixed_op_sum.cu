@@ -1,62 +1,16 @@
 // The DARTS mixed-op sum on CUDA: y = sum_k w_k * o_k over K candidate outputs, forward and backward.
-//
-// The K pointers travel in a by-value struct. K is a runtime value up to a compile-time bound
-// (4, 8, 16 or 32): the loops over k unroll to that bound with a guard, so per-k accumulators stay
-// in registers. Forward accumulation is fp32 in the reference's order (y = w_0 o_0, y = y + w_1 o_1,
-// ...) and compiled with --fmad=false, so it matches the reference bit for bit.
-#include "cuda/common.cuh"
+// The K pointers travel in a by-value struct; the per-thread code is in mixed_op_sum.cuh.
+#include "cuda/mixed_op_sum.cuh"
 
 namespace qdarts {
 namespace gpu {
 namespace {
 
-// Loads of this many candidates are issued together before their values are used, so several
-// memory requests per thread are in flight.
-constexpr int kLoadBatch = 4;
-
-template <typename T>
-struct InputPointers {
-  const T* p[kMaxOpSumInputs];
-};
-template <typename T>
-struct OutputPointers {
-  T* p[kMaxOpSumInputs];
-};
-
 template <typename T, int MAX_K, int VEC>
 __global__ void __launch_bounds__(kThreads)
     mixed_op_sum_forward_kernel(InputPointers<T> inputs, int count, const float* __restrict__ weights,
                                 T* __restrict__ y, int64_t numel) {
-  float w[MAX_K];
-#pragma unroll
-  for (int k = 0; k < MAX_K; ++k) w[k] = k < count ? weights[k] : 0.0f;
-  auto body = [&](auto width, int64_t offset) {
-    constexpr int N = decltype(width)::value;
-    float acc[N];
-#pragma unroll
-    for (int kb = 0; kb < MAX_K; kb += kLoadBatch) {
-      Pack<T, N> o[kLoadBatch];
-#pragma unroll
-      for (int b = 0; b < kLoadBatch; ++b) {
-        if (kb + b < count) o[b] = load_pack<T, N>(inputs.p[kb + b], offset);
-      }
-#pragma unroll
-      for (int b = 0; b < kLoadBatch; ++b) {
-        if (kb + b < count) {
-#pragma unroll
-          for (int j = 0; j < N; ++j) {
-            const float term = w[kb + b] * to_float(o[b].v[j]);
-            acc[j] = kb + b == 0 ? term : acc[j] + term;
-          }
-        }
-      }
-    }
-    Pack<T, N> ys;
-#pragma unroll
-    for (int j = 0; j < N; ++j) ys.v[j] = from_float<T>(acc[j]);
-    store_pack<T, N>(y, offset, ys);
-  };
-  for_each_flat<VEC>(numel, this_thread(), body);
+  mixed_op_sum_forward_thread<T, MAX_K, VEC>(inputs, count, weights, y, numel, this_thread());
 }
 
 template <typename T, int MAX_K, int VEC, bool NEED_DINPUTS, bool NEED_DWEIGHTS>
@@ -64,50 +18,13 @@ __global__ void __launch_bounds__(kThreads)
     mixed_op_sum_backward_kernel(const T* __restrict__ grad, InputPointers<T> inputs, OutputPointers<T> dinputs,
                                  int count, const float* __restrict__ weights, float* __restrict__ partials,
                                  int64_t numel) {
-  float w[MAX_K];
   float dw[MAX_K];
 #pragma unroll
-  for (int k = 0; k < MAX_K; ++k) {
-    w[k] = NEED_DINPUTS && k < count ? weights[k] : 0.0f;
-    dw[k] = 0.0f;
-  }
-  auto body = [&](auto width, int64_t offset) {
-    constexpr int N = decltype(width)::value;
-    const Pack<T, N> gs = load_pack<T, N>(grad, offset);
-    float g[N];
-#pragma unroll
-    for (int j = 0; j < N; ++j) g[j] = to_float(gs.v[j]);
-    if constexpr (NEED_DINPUTS) {
-#pragma unroll
-      for (int k = 0; k < MAX_K; ++k) {
-        if (k < count) {
-          Pack<T, N> d;
-#pragma unroll
-          for (int j = 0; j < N; ++j) d.v[j] = from_float<T>(w[k] * g[j]);
-          store_pack<T, N>(dinputs.p[k], offset, d);
-        }
-      }
-    }
-    if constexpr (NEED_DWEIGHTS) {
-#pragma unroll
-      for (int kb = 0; kb < MAX_K; kb += kLoadBatch) {
-        Pack<T, N> o[kLoadBatch];
-#pragma unroll
-        for (int b = 0; b < kLoadBatch; ++b) {
-          if (kb + b < count) o[b] = load_pack<T, N>(inputs.p[kb + b], offset);
-        }
-#pragma unroll
-        for (int b = 0; b < kLoadBatch; ++b) {
-          if (kb + b < count) {
-#pragma unroll
-            for (int j = 0; j < N; ++j) dw[kb + b] += g[j] * to_float(o[b].v[j]);
-          }
-        }
-      }
-    }
-  };
-  for_each_flat<VEC>(numel, this_thread(), body);
-  if constexpr (NEED_DWEIGHTS) block_sum<MAX_K>(dw, partials + block_row(this_thread()) * MAX_K);
+  for (int k = 0; k < MAX_K; ++k) dw[k] = 0.0f;
+  const ThreadCoords t = this_thread();
+  mixed_op_sum_backward_thread<T, MAX_K, VEC, NEED_DINPUTS, NEED_DWEIGHTS>(grad, inputs, dinputs, count, weights,
+                                                                          numel, t, dw);
+  if constexpr (NEED_DWEIGHTS) block_sum<MAX_K>(dw, partials + block_row(t) * MAX_K);
 }
 
 // The compile-time bound used for `count` candidates.

@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--impls", default=None, metavar="LIST",
                         help="comma-separated implementations to time: eager, compiled and backend names "
                              "(default: eager, compiled and every fused backend available on the device)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's own choice, normally all cores)")
     parser.add_argument("--skip-kernels", action="store_true", help="do not run the kernel benchmarks")
     parser.add_argument("--skip-end-to-end", action="store_true", help="do not time the supernet search step")
     parser.add_argument("--compile-end-to-end", action="store_true",
@@ -46,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "results.json")
     started = time.perf_counter()

@@ -203,7 +203,10 @@ def run(device: str, *, quick: bool, compiled: bool = False,
         note = f"Not measured: the search layer could not be imported ({type(e).__name__}: {e})."
         log("  " + note)
         return [], note
-    fused_backend = "reference" if "cpu" not in qk.available_backends() and device == "cpu" else "automatic"
+    if torch.device(device).type == "cuda":
+        fused_backend = "the preferred GPU backend, Triton or CUDA"
+    else:
+        fused_backend = "cpu" if "cpu" in qk.available_backends() else "reference: the C++ extension is not built"
     note = (f"Random data of the configuration's shape; first-order step (train: weights and bit logits, val: "
             f"alpha and beta). `fused` = automatic backend ({fused_backend} here); `reference` = backend "
             f"'reference' of the public ops; `eager` = `qdarts_kernels.reference` with plain autograd. "

@@ -91,7 +91,7 @@ void check_case(const ChannelView& view, int grid, const int (&bits)[K], std::mt
     }
   }
 
-  std::vector<double> dprob_want(K, 0.0), dscale_want(K * channels, 0.0), magnitude(K, 0.0);
+  std::vector<double> dprob_want(K, 0.0), dscale_want(K * channels, 0.0), magnitude(K, 1.0);
   for (int64_t e = 0; e < n; ++e) {
     const Quantizers<K> q = load_quantizers<K>(args, channel_of(e));
     const float xe = to_float(x[e]);
@@ -107,7 +107,10 @@ void check_case(const ChannelView& view, int grid, const int (&bits)[K], std::mt
     for (int k = 0; k < K; ++k) {
       dprob_want[k] += dprob[k];
       dscale_want[k * channels + channel_of(e)] += probs[k] * static_cast<double>(dscale[k]);
-      magnitude[k] += std::fabs(dprob[k]) + std::fabs(dscale[k]) + 1.0;
+      // Scale of the tolerance; the NaN element's terms are left out of it.
+      if (std::isfinite(dprob[k]) && std::isfinite(dscale[k])) {
+        magnitude[k] += std::fabs(dprob[k]) + std::fabs(dscale[k]);
+      }
     }
   }
   // The NaN element makes dprobs NaN for every k; dscales of the other channels stay finite.

@@ -4,8 +4,10 @@
 #   1. each csrc/cuda/*.cu with plain nvcc (no torch headers on the include path: the kernel files
 #      must not need them) for sm_80 and sm_90, with the flags the real build uses (setup.py's
 #      -std=c++17 --fmad=false and the half/bfloat16 switches torch's CUDAExtension adds);
-#   2. each host test tests/cuda/*_test.cu (the kernels' launch geometry and element loops, run
-#      on the CPU), built with nvcc and run;
+#      The objects are then linked into one shared library (duplicate symbols fail there);
+#   2. each host test tests/cuda/*_test.cu, built with nvcc and run on the CPU: the kernels'
+#      launch geometry and element loops, and their per-thread code for every thread of a grid
+#      against a direct computation (what a GPU alone can check is left to tests/test_cuda_backend.py);
 #   3. each csrc/cuda/*.cpp (the torch glue) with g++ -fsyntax-only against the headers of the
 #      installed torch plus the CUDA include directory. A CPU wheel of torch ships the c10/cuda
 #      headers but not the generated c10/cuda/impl/cuda_cmake_macros.h, hence
@@ -62,7 +64,19 @@ for src in "$ROOT"/csrc/cuda/*.cu; do
   fi
 done
 
-# Host-side tests of the kernels' index logic (tests/cuda/*_test.cu): built with nvcc, run on the CPU.
+# One shared library of all kernel objects: a symbol defined in two files fails here, as it would
+# when setup.py links the extension.
+if [[ $status -eq 0 ]]; then
+  start=$SECONDS
+  if "$NVCC" -shared -o "$OBJ_DIR/libqdarts_cuda_kernels.so" "$OBJ_DIR"/*.o "${gencode[@]}"; then
+    echo "ok    nvcc -shared link of the kernel objects ($((SECONDS - start)) s)"
+  else
+    echo "FAIL  nvcc -shared link of the kernel objects" >&2
+    status=1
+  fi
+fi
+
+# Host-side tests of the kernels' per-thread code (tests/cuda/*_test.cu): built with nvcc, run on the CPU.
 for src in "$ROOT"/tests/cuda/*_test.cu; do
   name="$(basename "$src")"
   start=$SECONDS

@@ -33,7 +33,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is often fastest for the tiny digits "
                         "convs on a busy machine)")
-    p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run whose checkpoint is in --out, with the settings saved there "
+                        "(only --device may change); the result equals an uninterrupted run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
 

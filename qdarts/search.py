@@ -286,8 +286,8 @@ class Searcher:
         if self.opt_gamma is not None:
             self.opt_gamma.step()
         n = yb.shape[0]
-        stats += torch.stack([ce.detach() * n, loss.detach() * n, (logits.argmax(1) == yb).sum().float(),
-                              torch.tensor(float(n), device=stats.device)])
+        stats[:3] += torch.stack([ce.detach() * n, loss.detach() * n, (logits.argmax(1) == yb).sum().float()])
+        stats[3] += n  # a Python scalar operand: no host-to-device copy
 
     @torch.no_grad()
     def _evaluate(self, x, y) -> Tuple[float, float]:
@@ -391,6 +391,7 @@ class Searcher:
         ds = self.dataset
         info = {
             "data": c.data,
+            "data_dir": c.data_dir,
             "input_shape": list(ds.input_shape),
             "num_classes": ds.num_classes,
             "layers": c.layers,

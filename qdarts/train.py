@@ -146,8 +146,8 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
                 n = yb.shape[0]
-                stats += torch.stack([loss.detach() * n, (logits.argmax(1) == yb).sum().float(),
-                                      torch.tensor(float(n), device=device)])
+                stats[:2] += torch.stack([loss.detach() * n, (logits.argmax(1) == yb).sum().float()])
+                stats[2] += n
                 bar.update(1)
             loss_sum, correct, n = stats.tolist()
             seconds = time.perf_counter() - start

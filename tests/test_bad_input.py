@@ -7,8 +7,10 @@ in a child process; a case whose child dies of a signal fails with the signal's 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,6 +57,7 @@ def _case_id(value):
         return ",".join(f"{k}={type(v).__name__ if isinstance(v, (torch.Tensor, np.ndarray)) else v!r}"
                         for k, v in value.items())
     return value if value in OPS else "-"
+
 
 # --------------------------------------------------------------------------------------------------
 # wrong types for every argument
@@ -146,12 +149,13 @@ def test_non_tensor_argument_of_wrong_type_or_value(op, kwargs, match):
     "op,kwargs,match",
     [
         # a 0-dim x has no channel axis
-        ("mixed_fake_quant", dict(x=torch.tensor(1.0), axis=0, scales=torch.ones(2, 1)), "out of range for x with 0 dim"),
-        ("mixed_fake_quant", dict(x=torch.tensor(1.0), axis=-1, scales=torch.ones(2, 1)), "out of range for x with 0 dim"),
-        ("fake_quant", dict(x=torch.tensor(1.0), axis=0, scale=torch.ones(1)), "out of range for x with 0 dim"),
+        ("mixed_fake_quant", dict(x=torch.tensor(1.0), axis=0, scales=torch.ones(2, 1)), "x with 0 dim"),
+        ("mixed_fake_quant", dict(x=torch.tensor(1.0), axis=-1, scales=torch.ones(2, 1)), "x with 0 dim"),
+        ("fake_quant", dict(x=torch.tensor(1.0), axis=0, scale=torch.ones(1)), "x with 0 dim"),
         # scales with the wrong number of dims
         ("mixed_fake_quant", dict(scales=torch.ones(2, 1)), r"scales must have shape \[2\] for per-tensor"),
-        ("mixed_fake_quant", dict(scales=torch.tensor(0.1), probs=torch.ones(1), bits=4), r"scales must have shape \[1\]"),
+        ("mixed_fake_quant", dict(scales=torch.tensor(0.1), probs=torch.ones(1), bits=4),
+         r"scales must have shape \[1\]"),
         ("mixed_fake_quant", dict(scales=torch.ones(2, 3, 1), axis=1), r"scales must have shape \[2, 3\]"),
         ("mixed_fake_quant", dict(scales=torch.ones(3), axis=1), r"scales must have shape \[2, 3\]"),
         ("mixed_fake_quant", dict(scales=torch.ones(3, 2), axis=1), r"scales must have shape \[2, 3\]"),
@@ -187,6 +191,9 @@ def test_fake_quant_per_channel_scale_must_be_one_dim(scale_shape):
 
 
 META = torch.device("meta")
+ALL_ON_META = {"mixed_fake_quant": dict(x=X.to(META), probs=P2.to(META), scales=S2.to(META)),
+               "fake_quant": dict(x=X.to(META), scale=S1.to(META)),
+               "mixed_op_sum": dict(outputs=[X.to(META)] * 2, weights=P2.to(META))}
 
 
 @pytest.mark.parametrize(
@@ -212,20 +219,14 @@ def test_arguments_on_different_devices(op, kwargs, match):
 @pytest.mark.parametrize("op", list(OPS))
 def test_kernel_backend_refuses_meta_tensors(op, backend):
     require_backend(backend, "cpu")
-    on_meta = {"mixed_fake_quant": dict(x=X.to(META), probs=P2.to(META), scales=S2.to(META)),
-               "fake_quant": dict(x=X.to(META), scale=S1.to(META)),
-               "mixed_op_sum": dict(outputs=[X.to(META)] * 2, weights=P2.to(META))}[op]
     with pytest.raises(ValueError, match=f"backend '{backend}'"):
-        OPS[op](backend=backend, **on_meta)
+        OPS[op](backend=backend, **ALL_ON_META[op])
 
 
 @pytest.mark.parametrize("op", list(OPS))
 def test_meta_tensors_trace_with_the_automatic_backend(op):
     """All arguments on meta (shape propagation, as torch.compile does): the right shape, no error."""
-    on_meta = {"mixed_fake_quant": dict(x=X.to(META), probs=P2.to(META), scales=S2.to(META)),
-               "fake_quant": dict(x=X.to(META), scale=S1.to(META)),
-               "mixed_op_sum": dict(outputs=[X.to(META)] * 2, weights=P2.to(META))}[op]
-    y = OPS[op](**on_meta)
+    y = OPS[op](**ALL_ON_META[op])
     assert y.device == META and y.shape == X.shape
 
 
@@ -280,17 +281,47 @@ def test_input_changed_in_place_after_forward_is_refused(backend_device):
             y.sum().backward()
 
 
-def test_double_backward_raises(backend_device):
-    """The backward ops have no derivative: a second-order gradient is refused, not silently zero."""
+def _second_order(op, backend, device):
+    """A gradient of a gradient: d/dp sum(dx) for mixed_fake_quant, d/d outputs[0] sum(dweights)
+    for mixed_op_sum; ``backend=None`` differentiates the pure reference."""
+    if op == "mixed_fake_quant":
+        x, p, s = (t.to(device).clone().requires_grad_() for t in (X, P2, S2))
+        f = ref.mixed_fake_quant if backend is None else functools.partial(qk.mixed_fake_quant, backend=backend)
+        (dx,) = torch.autograd.grad(f(x, p, s, (2, 4)).sum(), x, create_graph=True)
+        dx.sum().backward()
+        return p.grad
+    outs = [t.to(device).clone().requires_grad_() for t in (X, X * 2)]
+    w = P2.to(device).clone().requires_grad_()
+    f = ref.mixed_op_sum if backend is None else functools.partial(qk.mixed_op_sum, backend=backend)
+    (dw,) = torch.autograd.grad(f(outs, w).sum(), w, create_graph=True)
+    dw.sum().backward()
+    return outs[0].grad
+
+
+_NO_SECOND_ORDER = pytest.mark.xfail(
+    strict=True,
+    reason="eager backward (ops.py autograd.Function) under create_graph=True: the compiled ops (cpu, cuda) have "
+           "no autograd kernel, so the second-order gradient is silently None (only a UserWarning from "
+           "torch's autograd_not_implemented_fallback); triton's outputs have no grad_fn, so the error is "
+           "'element 0 of tensors does not require grad' (and the term is silently dropped when other terms "
+           "are summed with it). Expected: the reference's second derivative, or an error saying that the "
+           "op has none")
+
+
+@pytest.mark.filterwarnings("ignore:.*an autograd kernel was not registered:UserWarning")
+@pytest.mark.parametrize("op", ["mixed_fake_quant", "mixed_op_sum"])
+def test_second_order_gradient_is_right_or_refused(backend_device, op, request):
     backend, device = backend_device
-    x, p, s = (t.to(device).clone().requires_grad_() for t in (X, P2, S2))
-    (dp,) = torch.autograd.grad(_mfq(x=x, probs=p, scales=s, backend=backend).sum(), p, create_graph=True)
-    with pytest.raises(RuntimeError, match="mixed_fake_quant_backward"):
-        dp.sum().backward()
-    outs = [X.to(device).clone().requires_grad_() for _ in range(2)]
-    (dw,) = torch.autograd.grad(_mos(outputs=outs, weights=p, backend=backend).sum(), p, create_graph=True)
-    with pytest.raises(RuntimeError, match="mixed_op_sum_backward"):
-        dw.sum().backward()
+    if backend != "reference":
+        request.applymarker(_NO_SECOND_ORDER)
+    expected = _second_order(op, None, "cpu")
+    try:
+        actual = _second_order(op, backend, device)
+    except RuntimeError as e:
+        assert re.search("second|twice|no autograd formula", str(e)), f"unclear error: {e}"
+        return
+    assert actual is not None, "the second-order gradient is silently missing"
+    assert torch.equal(actual.cpu(), expected)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,8 +341,10 @@ import qdarts_kernels as qk
 X = torch.randn(4, 3); P = torch.tensor([0.5, 0.5]); S = torch.tensor([0.1, 0.2]); G = torch.randn(4, 3)
 BITS = [2, 4]
 if "cpu" in qk.available_backends():
-    C = torch.ops.qdarts_C
-Q = torch.ops.qdarts
+    FWD, BWD = torch.ops.qdarts_C.mixed_fake_quant_forward, torch.ops.qdarts_C.mixed_fake_quant_backward
+    SUM_FWD, SUM_BWD = torch.ops.qdarts_C.mixed_op_sum_forward, torch.ops.qdarts_C.mixed_op_sum_backward
+Q_FWD, Q_BWD = torch.ops.qdarts.mixed_fake_quant, torch.ops.qdarts.mixed_fake_quant_backward
+Q_SUM_BWD = torch.ops.qdarts.mixed_op_sum_backward
 
 
 def leaf(t, device):
@@ -408,55 +441,56 @@ def _assert_clear_error(result, match):
     assert match in result["message"], result["message"]
 
 
-#: torch.ops.qdarts_C.* (the compiled ops): (case, call, text the error must contain)
+#: torch.ops.qdarts_C.* (the compiled ops; FWD, BWD, SUM_FWD, SUM_BWD in the child): (case, call, text
+#: the error must contain)
 COMPILED_CASES = [
-    ("bits empty", "C.mixed_fake_quant_forward(X, P[:0], S[:0], [], 0, -1)", "bits must hold 1..4"),
-    ("bits 5 widths", "C.mixed_fake_quant_forward(X, torch.ones(5), torch.ones(5), [2]*5, 0, -1)", "bits must hold 1..4"),
-    ("bits 0", "C.mixed_fake_quant_forward(X, P, S, [0, 4], 0, -1)", "bits must be in"),
-    ("bits 17", "C.mixed_fake_quant_forward(X, P, S, [2, 17], 0, -1)", "bits must be in"),
-    ("bits negative", "C.mixed_fake_quant_forward(X, P, S, [-1, 4], 0, -1)", "bits must be in"),
-    ("grid 3", "C.mixed_fake_quant_forward(X, P, S, BITS, 3, -1)", "grid must be"),
-    ("grid -1", "C.mixed_fake_quant_forward(X, P, S, BITS, -1, -1)", "grid must be"),
-    ("axis 2 of 2 dims", "C.mixed_fake_quant_forward(X, P, torch.ones(2, 3), BITS, 0, 2)", "axis must be"),
-    ("axis -2", "C.mixed_fake_quant_forward(X, P, torch.ones(2, 4), BITS, 0, -2)", "axis must be"),
-    ("axis of 0-dim x", "C.mixed_fake_quant_forward(X[0, 0], P, torch.ones(2, 1), BITS, 0, 0)", "axis must be"),
-    ("x int", "C.mixed_fake_quant_forward(X.int(), P, S, BITS, 0, -1)", "x must be float32"),
-    ("x float64", "C.mixed_fake_quant_forward(X.double(), P, S, BITS, 0, -1)", "x must be float32"),
-    ("probs float64", "C.mixed_fake_quant_forward(X, P.double(), S, BITS, 0, -1)", "probs must be float32"),
-    ("scales float16", "C.mixed_fake_quant_forward(X, P, S.half(), BITS, 0, -1)", "scales must be float32"),
-    ("probs too short", "C.mixed_fake_quant_forward(X, P[:1], S, BITS, 0, -1)", "probs must have shape"),
-    ("probs 2-d", "C.mixed_fake_quant_forward(X, P[None], S, BITS, 0, -1)", "probs must have shape"),
-    ("scales per channel, axis -1", "C.mixed_fake_quant_forward(X, P, torch.ones(2, 3), BITS, 0, -1)", "scales must have shape"),
-    ("scales per tensor, axis 1", "C.mixed_fake_quant_forward(X, P, S, BITS, 0, 1)", "scales must have shape"),
-    ("scales wrong C", "C.mixed_fake_quant_forward(X, P, torch.ones(2, 4), BITS, 0, 1)", "scales must have shape"),
-    ("scale zero", "C.mixed_fake_quant_forward(X, P, torch.tensor([0.1, 0.0]), BITS, 0, -1)", "scales must be finite and > 0"),
-    ("scale negative", "C.mixed_fake_quant_forward(X, P, torch.tensor([0.1, -1.0]), BITS, 0, -1)", "scales must be finite and > 0"),
-    ("scale nan", "C.mixed_fake_quant_forward(X, P, torch.tensor([float('nan'), 1.0]), BITS, 0, -1)", "scales must be finite and > 0"),
-    ("scale inf per channel", "C.mixed_fake_quant_forward(X, P, torch.tensor([[1.0, float('inf'), 1.0]] * 2), BITS, 0, 1)", "scales must be finite and > 0"),
-    ("probs on meta", "C.mixed_fake_quant_forward(X, P.to('meta'), S, BITS, 0, -1)", "Meta tensors"),
-    ("backward grad shape", "C.mixed_fake_quant_backward(G[:2], X, P, S, BITS, 0, -1, True, True, True)", "grad has shape"),
-    ("backward grad dtype", "C.mixed_fake_quant_backward(G.half(), X, P, S, BITS, 0, -1, True, True, True)", "grad has dtype"),
-    ("backward bits 17", "C.mixed_fake_quant_backward(G, X, P, S, [2, 17], 0, -1, True, True, True)", "bits must be in"),
-    ("backward scale zero", "C.mixed_fake_quant_backward(G, X, P, torch.tensor([0.0, 1.0]), BITS, 0, -1, False, True, False)", "scales must be finite"),
-    ("sum no outputs", "C.mixed_op_sum_forward([], P[:0])", "outputs must hold at least one"),
-    ("sum shapes differ", "C.mixed_op_sum_forward([X, X[:2]], P)", "outputs[1] has shape"),
-    ("sum dtypes differ", "C.mixed_op_sum_forward([X, X.half()], P)", "outputs[1] has dtype"),
-    ("sum outputs int", "C.mixed_op_sum_forward([X.int(), X.int()], P)", "outputs[0] must be float32"),
-    ("sum weights float64", "C.mixed_op_sum_forward([X, X], P.double())", "weights must be float32"),
-    ("sum weights too long", "C.mixed_op_sum_forward([X, X], torch.ones(3))", "weights must have shape"),
-    ("sum weights 2-d", "C.mixed_op_sum_forward([X, X], P[None])", "weights must have shape"),
-    ("sum weights on meta", "C.mixed_op_sum_forward([X, X], P.to('meta'))", "Meta tensors"),
-    ("sum backward grad shape", "C.mixed_op_sum_backward(G[:2], [X, X], P, True, True)", "grad has shape"),
-    ("sum backward grad dtype", "C.mixed_op_sum_backward(G.bfloat16(), [X, X], P, True, True)", "grad has dtype"),
+    ("bits empty", "FWD(X, P[:0], S[:0], [], 0, -1)", "bits must hold 1..4"),
+    ("bits 5 widths", "FWD(X, torch.ones(5), torch.ones(5), [2]*5, 0, -1)", "bits must hold 1..4"),
+    ("bits 0", "FWD(X, P, S, [0, 4], 0, -1)", "bits must be in"),
+    ("bits 17", "FWD(X, P, S, [2, 17], 0, -1)", "bits must be in"),
+    ("bits negative", "FWD(X, P, S, [-1, 4], 0, -1)", "bits must be in"),
+    ("grid 3", "FWD(X, P, S, BITS, 3, -1)", "grid must be"),
+    ("grid -1", "FWD(X, P, S, BITS, -1, -1)", "grid must be"),
+    ("axis 2 of 2 dims", "FWD(X, P, torch.ones(2, 3), BITS, 0, 2)", "axis must be"),
+    ("axis -2", "FWD(X, P, torch.ones(2, 4), BITS, 0, -2)", "axis must be"),
+    ("axis of 0-dim x", "FWD(X[0, 0], P, torch.ones(2, 1), BITS, 0, 0)", "axis must be"),
+    ("x int", "FWD(X.int(), P, S, BITS, 0, -1)", "x must be float32"),
+    ("x float64", "FWD(X.double(), P, S, BITS, 0, -1)", "x must be float32"),
+    ("probs float64", "FWD(X, P.double(), S, BITS, 0, -1)", "probs must be float32"),
+    ("scales float16", "FWD(X, P, S.half(), BITS, 0, -1)", "scales must be float32"),
+    ("probs too short", "FWD(X, P[:1], S, BITS, 0, -1)", "probs must have shape"),
+    ("probs 2-d", "FWD(X, P[None], S, BITS, 0, -1)", "probs must have shape"),
+    ("scales per channel, axis -1", "FWD(X, P, torch.ones(2, 3), BITS, 0, -1)", "scales must have shape"),
+    ("scales per tensor, axis 1", "FWD(X, P, S, BITS, 0, 1)", "scales must have shape"),
+    ("scales wrong C", "FWD(X, P, torch.ones(2, 4), BITS, 0, 1)", "scales must have shape"),
+    ("scale zero", "FWD(X, P, torch.tensor([0.1, 0.0]), BITS, 0, -1)", "finite and > 0"),
+    ("scale negative", "FWD(X, P, torch.tensor([0.1, -1.0]), BITS, 0, -1)", "finite and > 0"),
+    ("scale nan", "FWD(X, P, torch.tensor([float('nan'), 1.0]), BITS, 0, -1)", "finite and > 0"),
+    ("scale inf per channel", "FWD(X, P, torch.tensor([[1.0, float('inf'), 1.0]] * 2), BITS, 0, 1)", "finite and > 0"),
+    ("probs on meta", "FWD(X, P.to('meta'), S, BITS, 0, -1)", "Meta tensors"),
+    ("backward grad shape", "BWD(G[:2], X, P, S, BITS, 0, -1, True, True, True)", "grad has shape"),
+    ("backward grad dtype", "BWD(G.half(), X, P, S, BITS, 0, -1, True, True, True)", "grad has dtype"),
+    ("backward bits 17", "BWD(G, X, P, S, [2, 17], 0, -1, True, True, True)", "bits must be in"),
+    ("backward scale zero", "BWD(G, X, P, torch.tensor([0.0, 1.0]), BITS, 0, -1, False, True, False)", "finite and > 0"),
+    ("sum no outputs", "SUM_FWD([], P[:0])", "outputs must hold at least one"),
+    ("sum shapes differ", "SUM_FWD([X, X[:2]], P)", "outputs[1] has shape"),
+    ("sum dtypes differ", "SUM_FWD([X, X.half()], P)", "outputs[1] has dtype"),
+    ("sum outputs int", "SUM_FWD([X.int(), X.int()], P)", "outputs[0] must be float32"),
+    ("sum weights float64", "SUM_FWD([X, X], P.double())", "weights must be float32"),
+    ("sum weights too long", "SUM_FWD([X, X], torch.ones(3))", "weights must have shape"),
+    ("sum weights 2-d", "SUM_FWD([X, X], P[None])", "weights must have shape"),
+    ("sum weights on meta", "SUM_FWD([X, X], P.to('meta'))", "Meta tensors"),
+    ("sum backward grad shape", "SUM_BWD(G[:2], [X, X], P, True, True)", "grad has shape"),
+    ("sum backward grad dtype", "SUM_BWD(G.bfloat16(), [X, X], P, True, True)", "grad has dtype"),
 ]
 
-#: torch.ops.qdarts.* (the custom ops the public functions call; the backend is an argument)
+#: torch.ops.qdarts.* (the custom ops that torch.compile traces; the backend is an argument)
 CUSTOM_OP_CASES = [
-    ("forward probs too short", "Q.mixed_fake_quant(X, P[:1], S, BITS, 0, -1, BACKEND)", "probs"),
-    ("backward grad shape", "Q.mixed_fake_quant_backward(G[:2], X, P, S, BITS, 0, -1, BACKEND, True, True, True)", "grad"),
-    ("backward grad dtype", "Q.mixed_fake_quant_backward(G.half(), X, P, S, BITS, 0, -1, BACKEND, True, True, True)", "grad"),
-    ("sum backward grad shape", "Q.mixed_op_sum_backward(G[:2], [X, X], P, BACKEND, True, True)", "grad"),
-    ("sum backward grad dtype", "Q.mixed_op_sum_backward(G.half(), [X, X], P, BACKEND, True, True)", "grad"),
+    ("forward probs too short", "Q_FWD(X, P[:1], S, BITS, 0, -1, BACKEND)", "probs"),
+    ("backward grad shape", "Q_BWD(G[:2], X, P, S, BITS, 0, -1, BACKEND, True, True, True)", "grad"),
+    ("backward grad dtype", "Q_BWD(G.half(), X, P, S, BITS, 0, -1, BACKEND, True, True, True)", "grad"),
+    ("sum backward grad shape", "Q_SUM_BWD(G[:2], [X, X], P, BACKEND, True, True)", "grad"),
+    ("sum backward grad dtype", "Q_SUM_BWD(G.half(), [X, X], P, BACKEND, True, True)", "grad"),
 ]
 
 
@@ -477,18 +511,7 @@ def child_results():
     return _run_cases(cases)
 
 
-_CPU_EMPTY_X_SIGFPE = pytest.mark.xfail(
-    strict=True,
-    reason="C++ cpu kernel: make_plan (csrc/cpu/mixed_fake_quant.cpp) divides by zero when x has no "
-           "elements (per tensor: kTileElements / inner with inner = 0; per channel with inner = 0 and "
-           "C > 1: kRunLength / (C * inner)); SIGFPE kills the process")
-
-
-@pytest.mark.parametrize(
-    "backend,device",
-    [pytest.param(b, d, marks=[_CPU_EMPTY_X_SIGFPE] if b == "cpu" else []) for b, d in backend_cases()],
-    ids=[f"{b}-{d}" for b, d in backend_cases()],
-)
+@pytest.mark.parametrize("backend,device", backend_cases(), ids=[f"{b}-{d}" for b, d in backend_cases()])
 def test_empty_tensors_everywhere_do_not_crash(child_results, backend, device):
     """Empty x (every place for the zero dim, per tensor and per channel, C = 0 too), K = 1 and
     K > 1, empty mixed_op_sum outputs: right shapes, zero parameter gradients, no crash."""

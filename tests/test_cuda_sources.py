@@ -1,6 +1,6 @@
 """The CUDA sources compile without a GPU: every kernel file with nvcc for sm_80 and sm_90, and the
-torch glue with the host compiler against the installed torch's headers; the host test of the
-kernels' launch geometry and element loops (tests/cuda/loops_test.cu) passes (.ci/compile_cuda.sh).
+torch glue with the host compiler against the installed torch's headers; and the host tests of the
+kernels' launch geometry and per-thread code (tests/cuda/*_test.cu) pass (.ci/compile_cuda.sh).
 
 The kernels themselves run on a GPU only (tests/test_backends.py with the "cuda" backend, through
 bench/gpu_check.sh); this test keeps a compile error in them from landing on a CPU-only CI.

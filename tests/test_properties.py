@@ -27,7 +27,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qdarts_kernels as qk
@@ -35,8 +35,11 @@ from qdarts_kernels import reference as ref
 from qdarts_kernels._validation import GRIDS
 from test_backends import _assert_exact, _leaf
 
+# NaN and inf inputs make numpy (the Triton interpreter) warn about invalid and overflowing operations
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+
 #: examples per backend, and the most elements a drawn x (or one output) may have
-EXAMPLES = {"reference": 40, "cpu": 120, "cuda": 120, "triton": 15}
+EXAMPLES = {"reference": 40, "cpu": 120, "cuda": 120, "triton": 30}
 MAX_NUMEL = {"reference": 20000, "cpu": 40000, "cuda": 40000, "triton": 600}
 
 DATA_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -273,9 +276,6 @@ def quant_cases(draw, max_numel: int) -> QuantCase:
 
 
 def check_quant_case(backend, device, case: QuantCase):
-    # the C++ kernels divide by zero on an empty x (SIGFPE, the whole process dies); recorded by
-    # test_bad_input.py::test_empty_x_does_not_crash, skipped here so that the other cases still run
-    assume(not (backend == "cpu" and math.prod(case.x.view.shape) == 0))
     nx, np_, ns = case.needs
     xb, pb, sb = case.x.on(device, nx), case.probs.on(device, np_), case.scales.on(device, ns)
     xr, pr, sr = case.x.for_reference(nx), case.probs.for_reference(np_), case.scales.for_reference(ns)
@@ -321,7 +321,8 @@ class SumCase(NamedTuple):
     outputs: Tuple[Arg, ...]  # K tensors, or one stacked [K, ...] tensor
     stacked: bool
     weights: Arg
-    needs: Tuple[bool, bool]
+    needs_outputs: Tuple[bool, ...]  # requires_grad of each output (of the stacked tensor when stacked)
+    needs_weights: bool
     grad_seed: int
 
 
@@ -349,33 +350,39 @@ def sum_cases(draw, max_numel: int) -> SumCase:
         return torch.where(torch.rand(n, generator=gen) < 0.2, 0.0, w)
 
     weights = draw(args((k,), weight_values, draw(st.sampled_from(PARAM_DTYPES))))
-    needs = tuple(draw(st.lists(st.booleans(), min_size=2, max_size=2)))
-    return SumCase(outputs, stacked, weights, needs, draw(st.integers(0, 2**32 - 1)))
+    needs_outputs = tuple(draw(st.lists(st.booleans(), min_size=len(outputs), max_size=len(outputs))))
+    return SumCase(outputs, stacked, weights, needs_outputs, draw(st.booleans()), draw(st.integers(0, 2**32 - 1)))
 
 
 def check_sum_case(backend, device, case: SumCase):
-    nout, nw = case.needs
-    outs_b = [o.on(device, nout) for o in case.outputs]
+    nw = case.needs_weights
+    outs_b = [o.on(device, n) for o, n in zip(case.outputs, case.needs_outputs)]
     if case.stacked:
         arg_b = outs_b[0]
-        outs_r = [_leaf(o, "cpu", nout) for o in case.outputs[0].view.apply(case.outputs[0].storage).unbind(0)]
+        stacked = case.outputs[0].view.apply(case.outputs[0].storage)
+        outs_r = [_leaf(o, "cpu", case.needs_outputs[0]) for o in stacked.unbind(0)]
     else:
         arg_b = outs_b
-        outs_r = [o.for_reference(nout) for o in case.outputs]
+        outs_r = [o.for_reference(n) for o, n in zip(case.outputs, case.needs_outputs)]
     wb, wr = case.weights.on(device, nw), case.weights.for_reference(nw)
     what = f"{backend} K={len(outs_r)} shape {list(outs_r[0].shape)} {outs_r[0].dtype} stacked={case.stacked}"
     yb = qk.mixed_op_sum(arg_b, wb, backend=backend)
     yr = ref.mixed_op_sum(outs_r, wr)
     assert yb.shape == yr.shape and yb.dtype == yr.dtype, what
     _assert_exact(yb.cpu(), yr, f"forward {what}")
-    if not any(case.needs):
+    if not (nw or any(case.needs_outputs)):
         return
     g = _grad_for(yr.shape, yr.dtype, torch.Generator().manual_seed(case.grad_seed))
     yb.backward(g.to(device))
     yr.backward(g)
-    if nout:
-        grads_b = list(outs_b[0].grad.unbind(0)) if case.stacked else [o.grad for o in outs_b]
-        for k, (a, e) in enumerate(zip(grads_b, outs_r)):
+    if case.stacked:
+        grads_b = list(outs_b[0].grad.unbind(0)) if case.needs_outputs[0] else [None] * len(outs_r)
+    else:
+        grads_b = [o.grad for o in outs_b]
+    for k, (a, e) in enumerate(zip(grads_b, outs_r)):
+        if e.grad is None:
+            assert a is None, f"d outputs[{k}] {what}: a gradient for an output that does not require one"
+        else:
             _assert_exact(a.cpu(), e.grad, f"d outputs[{k}] {what}")
     if nw:
         terms = torch.stack([(g.double() * o.detach().double()).abs().sum() for o in outs_r])

@@ -89,6 +89,9 @@ def test_batches_are_deterministic_per_generator_and_augment_keeps_shapes():
     run = lambda: [yb.tolist() for _, yb in batches(x, y, 4, shuffle=True, generator=torch.Generator().manual_seed(3))]  # noqa: E731
     assert run() == run() and sorted(sum(run(), [])) == list(range(10))
     xb, _ = next(batches(x, y, 10, shuffle=False, augment=True, generator=torch.Generator().manual_seed(0)))
-    assert xb.shape == x.shape
-    # a crop offset of 4 (no shift) without flip reproduces the image: check some sample is unchanged or shifted
-    assert not torch.equal(xb, x)
+    assert xb.shape == x.shape and not torch.equal(xb, x)
+    # every augmented image is a shifted (zero-filled) and possibly mirrored copy of its source
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for src, out in zip(padded, xb):
+        crops = [src[:, i: i + 8, j: j + 8] for i in range(9) for j in range(9)]
+        assert any(torch.equal(out, c) or torch.equal(out, c.flip(-1)) for c in crops)

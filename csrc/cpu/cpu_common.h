@@ -4,11 +4,12 @@
 // Work is cut into *tiles* whose boundaries depend only on the tensor shapes (never on the number
 // of threads); at::parallel_for hands whole tiles to threads. Inside a tile, elements are processed
 // in *runs* of at most kRunLength contiguous elements, converted to fp32 when the dtype is not
-// fp32. A reduction keeps one fp32 accumulator per position of a run (so the inner loop is a plain
-// element-wise loop that vectorises, without -ffast-math) and moves those into fp64 accumulators
-// every kFlushRuns runs; each tile writes its fp64 partial sums to its own slot, and one thread adds
-// the slots up in tile order. The reduced gradients are therefore the same bits for any thread
-// count and any instruction set (the vector width changes nothing in this order), and their error
+// fp32. A reduction keeps one fp32 accumulator per *position* (a run covers a range of positions;
+// each position belongs to one channel), so the inner loop is a plain element-wise loop that
+// vectorises without -ffast-math, and moves those into fp64 accumulators after at most kFlushRuns
+// terms each; each tile writes its fp64 partial sums to its own slot, and one thread adds the slots
+// up in tile order. The reduced gradients are therefore the same bits for any thread count and
+// any instruction set (the vector width changes nothing in this order), and their rounding error
 // is that of at most kFlushRuns fp32 additions per term plus fp64 sums.
 #pragma once
 
@@ -23,8 +24,8 @@
 // compiled three times (baseline SSE2, x86-64-v3 = AVX2, x86-64-v4 = AVX-512) and the loader picks
 // the best clone for the machine once (an ifunc); `flatten` inlines the templated loops into each
 // clone so that they are vectorised for its instruction set. QD_CPU_CONVERT: cloned likewise, but
-// never inlined. -ffp-contract=off (setup.py) keeps
-// the clones bit-identical: no clone may fuse a multiply and an add.
+// never inlined. -ffp-contract=off (setup.py) keeps the clones bit-identical: no clone may fuse a
+// multiply and an add.
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define QD_CPU_KERNEL __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4"), flatten))
 #elif defined(__GNUC__)
@@ -51,7 +52,7 @@ constexpr int64_t kRunLength = 256;
 // Elements per tile (the unit of parallel work and of partial sums): fixed, so that the tiles, and
 // with them the reduced gradients, do not depend on the number of threads.
 constexpr int64_t kTileElements = 16384;
-// Runs between moves of the fp32 per-position accumulators into fp64.
+// fp32 terms per position between moves of the per-position accumulators into fp64.
 constexpr int kFlushRuns = 16;
 
 enum class Dtype { kFloat, kHalf, kBFloat16 };
@@ -109,52 +110,57 @@ inline void store_from_fp32(Dtype dtype, void* dst, int64_t offset, int64_t n, c
   if (dtype != Dtype::kFloat) convert_from_fp32(dtype, stage, dst, offset, n);
 }
 
-// fp32 per-position accumulators of `rows` sums over runs of up to kRunLength positions, moved into
-// fp64 every kFlushRuns runs (see the file comment). Row r, position j is sum(r)[j]. One per
-// thread's share of tiles, reset per tile.
+// Per-position sums: `rows` rows of `capacity` positions. A run adds its terms at the positions it
+// covers; the fp32 sums move into fp64 before any position would take a (kFlushRuns + 1)-th term
+// (see the file comment). A "pass" is a sequence of runs over the positions that starts at
+// position 0; call begin_run(position) before each run. Row r's fp32 sums are at sum(r), with row
+// stride capacity. One accumulator serves a thread's share of tiles, reset per tile.
 class RunAccumulator {
  public:
-  explicit RunAccumulator(int64_t rows)
-      : rows_(rows), partial_(rows * kRunLength), total_(rows * kRunLength) {}
+  RunAccumulator(int64_t rows, int64_t capacity)
+      : rows_(rows), capacity_(capacity), partial_(rows * capacity), total_(rows * capacity) {}
 
   void reset(int64_t positions) {
     width_ = positions;
-    runs_ = 0;
+    passes_ = 0;
     for (int64_t r = 0; r < rows_; ++r) {
-      float* p = partial_.data() + r * kRunLength;
-      double* t = total_.data() + r * kRunLength;
+      float* p = partial_.data() + r * capacity_;
+      double* t = total_.data() + r * capacity_;
       for (int64_t j = 0; j < width_; ++j) {
         p[j] = 0.0f;
         t[j] = 0.0;
       }
     }
   }
-  float* sum(int64_t r) { return partial_.data() + r * kRunLength; }
-  // Call after each run.
-  void end_run() {
-    if (++runs_ == kFlushRuns) flush();
+  int64_t stride() const { return capacity_; }
+  float* sum(int64_t r) { return partial_.data() + r * capacity_; }
+  void begin_run(int64_t position) {
+    if (position != 0) return;
+    if (passes_ == kFlushRuns) flush();
+    ++passes_;
   }
-  // Moves the fp32 sums into fp64 (done by end_run; call once more before reading totals).
+  // Moves the fp32 sums into fp64 (begin_run does it as needed; call once more before total()).
   void flush() {
     for (int64_t r = 0; r < rows_; ++r) {
-      float* p = partial_.data() + r * kRunLength;
-      double* t = total_.data() + r * kRunLength;
+      float* p = partial_.data() + r * capacity_;
+      double* t = total_.data() + r * capacity_;
       for (int64_t j = 0; j < width_; ++j) {
         t[j] += static_cast<double>(p[j]);
         p[j] = 0.0f;
       }
     }
-    runs_ = 0;
+    passes_ = 0;
   }
   // fp64 sum of row r, position j (after flush()).
-  double total(int64_t r, int64_t j) const { return total_[r * kRunLength + j]; }
+  double total(int64_t r, int64_t j) const { return total_[r * capacity_ + j]; }
 
  private:
   int64_t rows_;
+  int64_t capacity_;
   std::vector<float> partial_;
   std::vector<double> total_;
   int64_t width_ = 0;
-  int runs_ = 0;
+  int passes_ = 0;
 };
 
 }  // namespace cpu

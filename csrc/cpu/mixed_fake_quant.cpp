@@ -11,16 +11,15 @@
 // summed together when either dprobs or dscales is requested: the second sum costs little next to
 // the quantizers, and fewer template instances keep the build short.
 //
-// x is viewed as [outer, C, inner] (per tensor: [1, 1, numel]). Two ways to cut it into runs of
-// contiguous elements (see cpu_common.h for tiles and runs):
+// x is viewed as [outer, C, inner] (per tensor: [1, 1, numel]). Each tile has a range of
+// *positions* (see cpu_common.h): the scales are read from per-position tables and the sums are
+// kept per position, and every position belongs to one channel, so one loop serves two layouts:
 //  * span path (per tensor, or inner >= kMinSpanInner): a tile holds rows x[o, c, i0:i1] of one
-//    channel c; every run has one scale per bit-width.
-//  * table path (per channel with short inner, e.g. the last axis): a run crosses channels; a tile
-//    holds a window of channels [c0, c0 + cw) of a range of rows, and when the window is the whole
-//    row (C * inner <= kRunLength) several rows are merged into one run so that runs stay long.
-// Either way the scales are read from per-position tables of the run's length, so one loop serves
-// both, and each run position j belongs to a fixed channel of the tile (its partial sums fold into
-// that channel).
+//    channel c; each run covers positions [0, n), all of channel c.
+//  * table path (per channel with short inner, e.g. the last axis): a tile holds a *block* per row:
+//    the window of channels [c0, c0 + cw) of that row, or, when a whole row is shorter than a run,
+//    `merge` consecutive rows; position j of a block is element j of it. Blocks are at most
+//    kMaxBlock elements (contiguous, so the hardware prefetcher streams them) and are cut into runs.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -40,21 +39,29 @@ namespace qdarts {
 namespace cpu {
 namespace {
 
-// Below this many elements per channel row, a run crosses channels (table path).
+// Below this many elements per channel row, the table path (a run crosses channels).
 constexpr int64_t kMinSpanInner = 16;
+// Longest block of the table path, and so the most positions of a tile.
+#ifndef QD_MAX_BLOCK
+#define QD_MAX_BLOCK 2048
+#endif
+constexpr int64_t kMaxBlock = QD_MAX_BLOCK;
+// Row stride of the per-position tables and sums: a little more than kMaxBlock, so that the rows
+// are not a multiple of 4 KiB apart and do not compete for the same L1 cache sets.
+constexpr int64_t kRowStride = kMaxBlock + 32;
 
 // How the tiles cover x; depends only on the shape.
 struct TilePlan {
   int64_t outer, channels, inner;
-  bool table;              // table path (runs cross channels) or span path
+  bool table;              // table path or span path
   int64_t rows_per_tile;   // outer rows per tile
   int64_t row_tiles;       // tiles along outer per group
   int64_t groups;          // span: channels; table: channel windows
-  int64_t n_tiles;         // groups * row_tiles * pieces; tiles of one group are consecutive
   int64_t pieces;          // span: pieces of a row longer than a tile (else 1); table: 1
   int64_t piece_len;       // span: elements of a row piece
   int64_t window;          // table: channels per window; span: 1 (a tile's partial sums per row)
-  int64_t merge;           // table: rows per run when the window is the whole row; else 1
+  int64_t merge;           // table: rows per block when the window is the whole row; else 1
+  int64_t n_tiles;         // groups * row_tiles * pieces; tiles of one group are consecutive
 };
 
 // `layout` must have at least one element.
@@ -68,57 +75,51 @@ TilePlan make_plan(const ChannelLayout& layout) {
     p.outer = 1;
   }
   p.table = p.inner < kMinSpanInner && p.channels > 1;
+  p.pieces = 1;
+  p.window = 1;
+  p.merge = 1;
   if (!p.table) {
-    p.window = 1;
-    p.merge = 1;
     if (p.inner >= kTileElements) {
       p.pieces = ceil_div(p.inner, kTileElements);
       p.piece_len = kTileElements;
       p.rows_per_tile = 1;
     } else {
-      p.pieces = 1;
       p.piece_len = p.inner;
       p.rows_per_tile = std::max<int64_t>(1, kTileElements / p.inner);
     }
-    p.row_tiles = ceil_div(p.outer, p.rows_per_tile);
     p.groups = p.channels;
   } else {
     const int64_t row_len = p.channels * p.inner;
-    if (row_len <= kRunLength) {
+    if (row_len <= kMaxBlock) {
       p.window = p.channels;
-      p.merge = kRunLength / row_len;
+      p.merge = std::max<int64_t>(1, kRunLength / row_len);
     } else {
-      p.window = kRunLength / p.inner;  // >= kRunLength / kMinSpanInner channels
-      p.merge = 1;
+      p.window = kMaxBlock / p.inner;  // < channels
     }
-    p.pieces = 1;
-    p.piece_len = 0;
-    const int64_t run = p.merge * p.window * p.inner;
-    p.rows_per_tile = std::max<int64_t>(1, kTileElements / run) * p.merge;
-    p.row_tiles = ceil_div(p.outer, p.rows_per_tile);
+    const int64_t block = p.merge * p.window * p.inner;
+    p.rows_per_tile = std::max<int64_t>(1, kTileElements / block) * p.merge;
     p.groups = ceil_div(p.channels, p.window);
   }
+  p.row_tiles = ceil_div(p.outer, p.rows_per_tile);
   p.n_tiles = p.groups * p.row_tiles * p.pieces;
   return p;
 }
 
-// One tile: which rows and channels it covers, its runs, and the channel of each run position.
+// One tile: which rows and channels it covers, its runs, and the channel of each position.
 struct Tile {
   const TilePlan& plan;
-  int64_t group, row_begin, row_end;
+  int64_t row_begin, row_end;
   int64_t inner_begin, inner_end;  // span path
   int64_t c0, cw;                  // channels [c0, c0 + cw)
 
   Tile(const TilePlan& p, int64_t t) : plan(p) {
     const int64_t per_group = p.row_tiles * p.pieces;
-    group = t / per_group;
+    const int64_t group = t / per_group;
     const int64_t rem = t % per_group;
-    const int64_t row_tile = rem / p.pieces;
-    row_begin = row_tile * p.rows_per_tile;
+    row_begin = (rem / p.pieces) * p.rows_per_tile;
     row_end = std::min(p.outer, row_begin + p.rows_per_tile);
     if (!p.table) {
-      const int64_t piece = rem % p.pieces;
-      inner_begin = piece * p.piece_len;
+      inner_begin = (rem % p.pieces) * p.piece_len;
       inner_end = std::min(p.inner, inner_begin + p.piece_len);
       c0 = group;
       cw = 1;
@@ -130,15 +131,29 @@ struct Tile {
     }
   }
 
-  // Positions a run of this tile can have (the length of the tables and accumulators).
+  // Number of positions (the length of the tables and of the sums).
   int64_t positions() const {
-    if (!plan.table) return std::min(kRunLength, inner_end - inner_begin);
-    return plan.merge * cw * plan.inner;
+    return plan.table ? plan.merge * cw * plan.inner : std::min(kRunLength, inner_end - inner_begin);
   }
-  // Index of the channel of run position j, relative to c0.
-  int64_t channel_at(int64_t j) const { return plan.table ? (j % (cw * plan.inner)) / plan.inner : 0; }
 
-  // Calls run(offset, length) for each run of the tile, in a fixed order.
+  // Calls f(j, c) for each position j in order, c its channel relative to c0 (nested loops rather
+  // than a division per position).
+  template <typename F>
+  void for_each_position(F&& f) const {
+    if (!plan.table) {
+      for (int64_t j = 0; j < positions(); ++j) f(j, 0);
+      return;
+    }
+    int64_t j = 0;
+    for (int64_t m = 0; m < plan.merge; ++m) {
+      for (int64_t c = 0; c < cw; ++c) {
+        for (int64_t i = 0; i < plan.inner; ++i) f(j++, c);
+      }
+    }
+  }
+
+  // Calls run(offset, length, position) for each run of the tile, in a fixed order; the run covers
+  // elements [offset, offset + length) of x and positions [position, position + length).
   template <typename F>
   void for_each_run(F&& run) const {
     const TilePlan& p = plan;
@@ -146,16 +161,19 @@ struct Tile {
       for (int64_t o = row_begin; o < row_end; ++o) {
         const int64_t base = (o * p.channels + c0) * p.inner;
         for (int64_t i = inner_begin; i < inner_end; i += kRunLength) {
-          run(base + i, std::min(kRunLength, inner_end - i));
+          run(base + i, std::min(kRunLength, inner_end - i), int64_t{0});
         }
       }
-    } else if (cw == p.channels) {  // whole rows, contiguous: `merge` rows per run
+      return;
+    }
+    const auto block = [&](int64_t offset, int64_t length) {
+      for (int64_t j = 0; j < length; j += kRunLength) run(offset + j, std::min(kRunLength, length - j), j);
+    };
+    if (cw == p.channels) {  // whole rows, contiguous: `merge` rows per block
       const int64_t row_len = p.channels * p.inner;
-      for (int64_t o = row_begin; o < row_end; o += p.merge) {
-        run(o * row_len, std::min(p.merge, row_end - o) * row_len);
-      }
+      for (int64_t o = row_begin; o < row_end; o += p.merge) block(o * row_len, std::min(p.merge, row_end - o) * row_len);
     } else {
-      for (int64_t o = row_begin; o < row_end; ++o) run((o * p.channels + c0) * p.inner, cw * p.inner);
+      for (int64_t o = row_begin; o < row_end; ++o) block((o * p.channels + c0) * p.inner, cw * p.inner);
     }
   }
 };
@@ -177,15 +195,19 @@ struct QuantJob {
   double* partials;         // [n_tiles, rows, window]
 };
 
-// Per-position tables of one tile: value of `per_channel` ([K, C]) at each run position's channel.
+// Row k of `table` (stride kRowStride) gets, at each position of the tile, the value of
+// `per_channel` ([K, C]) for that position's channel.
 void fill_table(const QuantJob& job, const Tile& tile, const float* per_channel, float* table) {
-  const int64_t n = tile.positions();
   const int64_t channels = job.plan.channels;
   for (int k = 0; k < job.k; ++k) {
-    for (int64_t j = 0; j < n; ++j) table[k * kRunLength + j] = per_channel[k * channels + tile.c0 + tile.channel_at(j)];
+    const float* row = per_channel + k * channels + tile.c0;
+    float* out = table + k * kRowStride;
+    tile.for_each_position([&](int64_t j, int64_t c) { out[j] = row[c]; });
   }
 }
 
+// Tables and sums are indexed by position: inv_s, s and acc point at the run's first position, with
+// row stride kRowStride.
 template <int K>
 inline void forward_run(const float* __restrict x, float* __restrict y, int64_t n, const float* __restrict inv_s,
                         const float* __restrict s, const GridRange* grid_in, const float* probs_in) {
@@ -200,9 +222,9 @@ inline void forward_run(const float* __restrict x, float* __restrict y, int64_t 
     float sum = 0.0f;
 #pragma GCC unroll 4
     for (int k = 0; k < K; ++k) {
-      const QuantResult qr = quantize(xv, inv_s[k * kRunLength + j], grid[k]);
+      const QuantResult qr = quantize(xv, inv_s[k * kRowStride + j], grid[k]);
       // same operations in the same order as the reference: p_k * ((q - z) * s), summed from k = 0
-      const float term = probs[k] * (qr.q_minus_z * s[k * kRunLength + j]);
+      const float term = probs[k] * (qr.q_minus_z * s[k * kRowStride + j]);
       sum = k == 0 ? term : sum + term;
     }
     y[j] = sum;
@@ -211,18 +233,18 @@ inline void forward_run(const float* __restrict x, float* __restrict y, int64_t 
 
 template <int K>
 void forward_tiles_k(const QuantJob& job, int64_t t_begin, int64_t t_end) {
-  alignas(64) float inv_s[kMaxBits * kRunLength];
-  alignas(64) float s[kMaxBits * kRunLength];
+  std::vector<float> inv_s(kMaxBits * kRowStride);
+  std::vector<float> s(kMaxBits * kRowStride);
   alignas(64) float x_stage[kRunLength];
   alignas(64) float y_stage[kRunLength];
   for (int64_t t = t_begin; t < t_end; ++t) {
     const Tile tile(job.plan, t);
-    fill_table(job, tile, job.inv_scales, inv_s);
-    fill_table(job, tile, job.scales, s);
-    tile.for_each_run([&](int64_t offset, int64_t n) {
+    fill_table(job, tile, job.inv_scales, inv_s.data());
+    fill_table(job, tile, job.scales, s.data());
+    tile.for_each_run([&](int64_t offset, int64_t n, int64_t position) {
       const float* xf = load_fp32(job.dtype, job.x, offset, n, x_stage);
       float* yf = output_fp32(job.dtype, job.out, offset, y_stage);
-      forward_run<K>(xf, yf, n, inv_s, s, job.grid, job.probs);
+      forward_run<K>(xf, yf, n, inv_s.data() + position, s.data() + position, job.grid, job.probs);
       store_from_fp32(job.dtype, job.out, offset, n, yf);
     });
   }
@@ -238,7 +260,7 @@ QD_CPU_KERNEL void forward_tiles(const QuantJob& job, int64_t t_begin, int64_t t
   }
 }
 
-// acc rows (stride kRunLength): A_k at row k, D_k at row K + k.
+// Sums: A_k at row k, D_k at row K + k.
 template <int K, bool kDx, bool kSums>
 inline void backward_run(const float* __restrict x, const float* __restrict g, float* __restrict dx, int64_t n,
                          const float* __restrict inv_s, const GridRange* grid_in, const float* probs_in,
@@ -255,13 +277,13 @@ inline void backward_run(const float* __restrict x, const float* __restrict g, f
     float weight_in = 0.0f;  // sum_k p_k * in_k
 #pragma GCC unroll 4
     for (int k = 0; k < K; ++k) {
-      const float inv = inv_s[k * kRunLength + j];
+      const float inv = inv_s[k * kRowStride + j];
       const QuantResult qr = quantize(xv, inv, grid[k]);
       if constexpr (kDx) weight_in = weight_in + probs[k] * qr.in_range;
       if constexpr (kSums) {
         const float t_in = qr.in_range != 0.0f ? xv * inv : 0.0f;
-        acc[k * kRunLength + j] += gv * qr.q_minus_z;
-        acc[(K + k) * kRunLength + j] += gv * (qr.q_minus_z - t_in);
+        acc[k * kRowStride + j] += gv * qr.q_minus_z;
+        acc[(K + k) * kRowStride + j] += gv * (qr.q_minus_z - t_in);
       }
     }
     if constexpr (kDx) dx[j] = gv * weight_in;
@@ -270,30 +292,30 @@ inline void backward_run(const float* __restrict x, const float* __restrict g, f
 
 template <int K, bool kDx, bool kSums>
 void backward_tiles_impl(const QuantJob& job, int64_t t_begin, int64_t t_end) {
-  alignas(64) float inv_s[kMaxBits * kRunLength];
+  std::vector<float> inv_s(kMaxBits * kRowStride);
   alignas(64) float x_stage[kRunLength];
   alignas(64) float g_stage[kRunLength];
   alignas(64) float dx_stage[kRunLength];
-  RunAccumulator acc(std::max<int64_t>(job.rows, 1));
+  RunAccumulator acc(kSums ? 2 * K : 0, kRowStride);
   const int64_t window = job.plan.window;
   for (int64_t t = t_begin; t < t_end; ++t) {
     const Tile tile(job.plan, t);
-    const int64_t positions = tile.positions();
-    fill_table(job, tile, job.inv_scales, inv_s);
-    if (job.rows > 0) acc.reset(positions);
-    tile.for_each_run([&](int64_t offset, int64_t n) {
+    fill_table(job, tile, job.inv_scales, inv_s.data());
+    if constexpr (kSums) acc.reset(tile.positions());
+    tile.for_each_run([&](int64_t offset, int64_t n, int64_t position) {
       const float* xf = load_fp32(job.dtype, job.x, offset, n, x_stage);
       const float* gf = load_fp32(job.dtype, job.grad, offset, n, g_stage);
       float* dxf = kDx ? output_fp32(job.dtype, job.out, offset, dx_stage) : nullptr;
-      backward_run<K, kDx, kSums>(xf, gf, dxf, n, inv_s, job.grid, job.probs, acc.sum(0));
+      if constexpr (kSums) acc.begin_run(position);
+      backward_run<K, kDx, kSums>(xf, gf, dxf, n, inv_s.data() + position, job.grid, job.probs,
+                                  kSums ? acc.sum(0) + position : nullptr);
       if constexpr (kDx) store_from_fp32(job.dtype, job.out, offset, n, dxf);
-      if constexpr (kSums) acc.end_run();
     });
     if constexpr (kSums) {
       acc.flush();
-      double* slot = job.partials + t * job.rows * window;
-      for (int64_t r = 0; r < job.rows; ++r) {
-        for (int64_t j = 0; j < positions; ++j) slot[r * window + tile.channel_at(j)] += acc.total(r, j);
+      double* slot = job.partials + t * 2 * K * window;
+      for (int64_t r = 0; r < 2 * K; ++r) {
+        tile.for_each_position([&](int64_t j, int64_t c) { slot[r * window + c] += acc.total(r, j); });
       }
     }
   }

@@ -78,11 +78,12 @@ void backward_tiles_impl(const SumJob& job, int64_t t_begin, int64_t t_end) {
   alignas(64) float g_stage[kRunLength];
   alignas(64) float o_stage[kRunLength];
   alignas(64) float d_stage[kRunLength];
-  RunAccumulator acc(kDweights ? job.k : 1);
+  RunAccumulator acc(kDweights ? job.k : 1, kRunLength);
   for (int64_t t = t_begin; t < t_end; ++t) {
     if constexpr (kDweights) acc.reset(std::min(kRunLength, job.numel - t * kTileElements));
     for_each_run(job, t, [&](int64_t offset, int64_t n) {
       const float* gf = load_fp32(job.dtype, job.grad, offset, n, g_stage);
+      if constexpr (kDweights) acc.begin_run(0);  // every run covers positions [0, n)
       for (int64_t k = 0; k < job.k; ++k) {
         if constexpr (kDoutputs) {
           float* df = output_fp32(job.dtype, job.doutputs[k], offset, d_stage);
@@ -93,7 +94,6 @@ void backward_tiles_impl(const SumJob& job, int64_t t_begin, int64_t t_end) {
           add_product_run(acc.sum(k), gf, load_fp32(job.dtype, job.outputs[k], offset, n, o_stage), n);
         }
       }
-      if constexpr (kDweights) acc.end_run();
     });
     if constexpr (kDweights) {
       acc.flush();

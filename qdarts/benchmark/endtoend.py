@@ -59,10 +59,10 @@ CIFAR = E2EConfig("cifar", "CIFAR size: 3x32x32, batch 64, C=16, 8 cells", (3, 3
 
 
 def plan(device: str, quick: bool) -> Tuple[List[E2EConfig], Tuple[str, ...]]:
-    """The configurations and ops kinds to time. ``--quick`` on CPU: the digits supernet, fused
-    against eager only (a step takes seconds there; CIFAR size takes tens of seconds)."""
-    if quick and torch.device(device).type == "cpu":
-        return [DIGITS], ("fused", "eager")
+    """The configurations and ops kinds to time. On CPU, where a digits step takes seconds and a
+    CIFAR-size step tens of seconds, only fused against eager, and ``--quick`` only digits."""
+    if torch.device(device).type == "cpu":
+        return ([DIGITS] if quick else [DIGITS, CIFAR]), ("fused", "eager")
     return [DIGITS, CIFAR], OPS_KINDS
 
 
@@ -182,9 +182,10 @@ def _measure_variant(cfg: E2EConfig, ops: str, device: str, quick: bool, compile
             step()
             synchronize(device)
             peak = torch.cuda.max_memory_allocated(device) / 2**20
-        # the first step above was the warm-up
-        timing = measure(lambda _: step(), lambda: None, device, warmup=0 if quick else 1,
-                         min_samples=2 if quick else 5, max_samples=20, budget_s=1.0 if quick else 10.0)
+        # the first step above was the warm-up; CPU steps are long and steady: few samples
+        few = quick or torch.device(device).type == "cpu"
+        timing = measure(lambda _: step(), lambda: None, device, warmup=0 if few else 1,
+                         min_samples=2 if few else 5, max_samples=20, budget_s=1.0 if few else 10.0)
     return {
         "config": cfg.name, "description": cfg.description, "ops": ops, "mode": "compiled" if compiled else "eager",
         "batch": cfg.batch, "input_shape": list(cfg.input_shape), "channels": cfg.channels, "layers": cfg.layers,

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any, Dict, List, Optional
 
-from .report import SUMMARY_HEADER, _ratio, _table, conditions_lines, end_to_end_lines, summary_rows
+from .report import SUMMARY_HEADER, _ratio, _size, _table, conditions_lines, end_to_end_lines, summary_rows
 
 
 def performance_section(results_list: List[Dict[str, Any]], sources: List[str]) -> str:
@@ -29,13 +28,14 @@ def performance_section(results_list: List[Dict[str, Any]], sources: List[str]) 
     ]
     for results, source in zip(results_list, sources):
         lines += ["", f"### {results['env']['device']} (`{source}`)", "", *conditions_lines(results), ""]
-        lines += _table(SUMMARY_HEADER, summary_rows(results["kernels"]))
+        if results["kernels"]:
+            lines += _table(SUMMARY_HEADER, summary_rows(results["kernels"])) + [""]
         targets = results.get("targets") or []
         if targets:
-            lines += ["", "Issue-2 targets (cpu backend over eager, forward+backward, fp32): " + "; ".join(
-                f"{t['op']} {'x'.join(map(str, t.get('shape', [])))}: {_ratio(t['measured'])} "
-                f"(target >= {t['ratio']}x)" for t in targets) + "."]
-        lines += ["", *["#" + line if line.startswith("## ") else line for line in end_to_end_lines(results)]]
+            lines += ["Issue-2 targets (cpu backend over eager, forward+backward, fp32): " + "; ".join(
+                f"{t['op']} {'x'.join(map(str, t['shape'])) if t.get('shape') else _size(t['numel'])}: "
+                f"{_ratio(t['measured'])} (target >= {t['ratio']}x)" for t in targets) + ".", ""]
+        lines += ["##" + line if line.startswith("## ") else line for line in end_to_end_lines(results)]
     return "\n".join(lines) + "\n"
 
 
@@ -47,7 +47,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for path in args.results:
         with open(path) as f:
             loaded.append(json.load(f))
-    sys.stdout.write(performance_section(loaded, [os.path.relpath(p) for p in args.results]))
+    sys.stdout.write(performance_section(loaded, args.results))
     return 0
 
 

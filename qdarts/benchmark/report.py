@@ -131,7 +131,7 @@ def markdown_report(results: Dict[str, Any]) -> str:
         lines += _table(
             ["op", "shape", "target", "measured", "met"],
             ([t["op"] + ("" if t["scaling"] == "-" else f" {t['scaling']}"),
-              "x".join(map(str, t.get("shape", []))) or _size(t["numel"]), f">= {t['ratio']}x",
+              "x".join(map(str, t["shape"])) if t.get("shape") else _size(t["numel"]), f">= {t['ratio']}x",
               _ratio(t["measured"]), {True: "yes", False: "NO", None: t.get("note", "-")}[t["met"]]]
              for t in results["targets"]),
         )

@@ -1,0 +1,59 @@
+"""The qdarts command line: help everywhere, search -> train end to end, bench delegation, errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qdarts import cli
+
+TINY = ["--data", "synthetic", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "256", "--layers", "1",
+        "--channels", "4", "--partial-channels", "2", "--bits", "2,4", "--no-progress"]
+
+
+@pytest.mark.parametrize("argv", [[], ["search"], ["train"], ["bench"]])
+def test_help_everywhere(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv + ["--help"])
+    assert e.value.code == 0
+    assert "usage: qdarts" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_cli():
+    out = subprocess.run([sys.executable, "-m", "qdarts", "--help"], capture_output=True, text=True, check=True)
+    assert "search" in out.stdout and "train" in out.stdout and "bench" in out.stdout
+
+
+def test_search_then_train_end_to_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["search", *TINY, "--out", str(run)]) == 0
+    for name in ("genotype.json", "history.json", "summary.md", "bits_per_layer.png", "op_weights.png",
+                 "accuracy_bitops.png"):
+        assert (run / name).stat().st_size > 0, name
+    assert "derived BitOps" in capsys.readouterr().out
+    out = tmp_path / "t"
+    assert cli.main(["train", "--genotype", str(run / "genotype.json"), "--epochs", "1", "--channels", "4",
+                     "--no-progress", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["bitops"] < summary["bitops_fp32"] and 0 <= summary["test_accuracy"] <= 1
+    # a second search into the same folder without --resume is refused with a clear message
+    assert cli.main(["search", *TINY, "--out", str(run)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_bad_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["search", "--bits", "2,x", "--out", str(tmp_path)])
+    assert "--bits must be comma-separated ints" in capsys.readouterr().err
+    assert cli.main(["train", "--genotype", str(tmp_path / "none.json"), "--out", str(tmp_path / "t")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["search", "--data", "cifar10", "--data-dir", str(tmp_path / "nope"), "--out",
+                     str(tmp_path / "s")]) == 2
+    assert "CIFAR-10 folder" in capsys.readouterr().err
+
+
+def test_bench_without_the_benchmark_module_fails_clearly(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "qdarts.benchmark.cli", None)  # makes the import raise ImportError
+    assert cli.main(["bench"]) == 2
+    assert "qdarts.benchmark.cli is not available" in capsys.readouterr().err

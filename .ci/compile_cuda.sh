@@ -44,12 +44,15 @@ OBJ_DIR="$(mktemp -d)"
 trap 'rm -rf "$OBJ_DIR"' EXIT
 
 # The same switches as setup.py (nvcc list) and torch.utils.cpp_extension.COMMON_NVCC_FLAGS.
-nvcc_flags=(
-  -O3 -std=c++17 --fmad=false -lineinfo -I "$ROOT/csrc" -DQDARTS_WITH_CUDA=1
+common_flags=(
+  -std=c++17 --fmad=false -I "$ROOT/csrc" -DQDARTS_WITH_CUDA=1
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
-  -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr
-  --compiler-options -fPIC --threads 0 --Werror all-warnings
+  -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr --Werror all-warnings
 )
+nvcc_flags=("${common_flags[@]}" -O3 -lineinfo --compiler-options -fPIC --threads 0)
+# The host tests run only host code: a light host optimisation and none for the unused device
+# code keep their build short (about 3x faster than -O3).
+host_test_flags=("${common_flags[@]}" -O1 -Xptxas -O0)
 
 status=0
 echo "nvcc: $("$NVCC" --version | tail -n 1)"
@@ -80,7 +83,7 @@ fi
 for src in "$ROOT"/tests/cuda/*_test.cu; do
   name="$(basename "$src")"
   start=$SECONDS
-  if "$NVCC" "$src" -o "$OBJ_DIR/${name%.cu}" "${nvcc_flags[@]}" && "$OBJ_DIR/${name%.cu}"; then
+  if "$NVCC" "$src" -o "$OBJ_DIR/${name%.cu}" "${host_test_flags[@]}" && "$OBJ_DIR/${name%.cu}"; then
     echo "ok    host test $name ($((SECONDS - start)) s)"
   else
     echo "FAIL  host test $name" >&2

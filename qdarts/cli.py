@@ -30,9 +30,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
     p.add_argument("--backend", default=None, choices=["reference", "cpu", "cuda", "triton"],
                    help="qdarts_kernels backend (default: automatic)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is often fastest for the tiny digits "
-                        "convs on a busy machine)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default: 1; the digits convs are too small to gain from more, and "
+                        "OpenMP threads spinning on a busy machine slow a step down many times; raise it "
+                        "for CIFAR-10 on a CPU)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run whose checkpoint is in --out, with the settings saved there "
                         "(only --device may change); the result equals an uninterrupted run")
@@ -136,10 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup(args) -> None:
     import torch
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
 
 
 def _run_search(args) -> int:

@@ -50,11 +50,11 @@ class SearchConfig:
     data: str = "digits"
     data_dir: Optional[str] = None
     bits: Tuple[int, ...] = (2, 4, 8)
-    epochs: int = 20
-    warmup_epochs: int = 5
+    epochs: int = 10
+    warmup_epochs: int = 3
     batch_size: int = 128
     channels: int = 8
-    layers: int = 5
+    layers: int = 3
     steps: int = 4
     partial_channels: int = 2
     quantizer: str = "paper"
@@ -68,7 +68,7 @@ class SearchConfig:
     weight_momentum: float = 0.9
     weight_decay: float = 3e-4
     grad_clip: float = 5.0
-    gamma_lr: float = 0.1
+    gamma_lr: float = 1.0
     gamma_momentum: float = 0.9
     gamma_decay: float = 1e-3
     arch_lr: float = 3e-3

@@ -103,7 +103,7 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
     search = genotype.search
     data = config.data or search.get("data", "digits")
     dataset = load_dataset(data, config.data_dir or search.get("data_dir"))
-    layers = config.layers or int(search.get("layers", 5))
+    layers = config.layers or int(search.get("layers", 3))
     channels = config.channels or _default_channels(int(search.get("channels", 8)))
     device = torch.device(config.device)
 

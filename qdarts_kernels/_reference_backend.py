@@ -1,6 +1,6 @@
 """The ``reference`` backend: the backend interface (see ``_backends``) on top of ``reference``.
 
-Forward runs the reference under no_grad; backward differentiates the reference with autograd, so
+Forward runs the reference under no_grad; backward calls the reference's own gradient formulas, so
 the gradients are by construction those of the specification.
 """
 
@@ -28,29 +28,11 @@ def mixed_fake_quant_forward(x, probs, scales, bits: Sequence[int], grid: int, a
 def mixed_fake_quant_backward(
     grad, x, probs, scales, bits, grid, axis, need_dx: bool, need_dprobs: bool, need_dscales: bool
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The contract's gradients written out (autograd is not available inside a custom op)::
-
-        dx = g * sum_k p_k in_k,  dp_k = sum(g * Q_k),  ds_k = sum(g * p_k * ((q_k - z) - in_k x / s_k))
-    """
-    md = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf, g = x.to(md), grad.to(md)
-    dx = torch.zeros_like(xf) if need_dx else None
-    dps, dss = [], []
-    for k, b in enumerate(bits):
-        s = reference.broadcast_scale(scales[k], xf, axis)
-        q_minus_z, inside, inv_s = reference.quantize_parts(xf, s, b, grid)
-        if need_dx:
-            dx = dx + probs[k] * inside
-        if need_dprobs:
-            dps.append((g * (q_minus_z * s)).sum())
-        if need_dscales:
-            per_elem = g * probs[k] * (q_minus_z - torch.where(inside, xf * inv_s, 0.0))
-            dss.append(per_elem.sum() if axis < 0 else per_elem.sum_to_size(s.shape).reshape(-1))
-    return (
-        (g * dx).to(x.dtype) if need_dx else None,
-        torch.stack(dps) if need_dprobs else None,
-        torch.stack(dss) if need_dscales else None,
+    md = probs.dtype  # fp32, or fp64 for fp64 x
+    dx, dp, ds = reference.mixed_fake_quant_grads(
+        grad.to(md), x.to(md), probs, scales, tuple(bits), grid, axis, need_dx, need_dprobs, need_dscales
     )
+    return (dx.to(x.dtype) if dx is not None else None), dp, ds
 
 
 def mixed_op_sum_forward(outputs: List[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:

@@ -158,6 +158,20 @@ def check_mixed_fake_quant(
     return bits, code, ax
 
 
+def single_bit_scales(scale, bits, axis: Optional[int]) -> torch.Tensor:
+    """``fake_quant``'s ``scale`` as the [1] or [1, C] ``scales`` of ``mixed_fake_quant``."""
+    _check_tensor(scale, "scale")
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise ValueError(f"bits must be one int for fake_quant, got {bits!r}")
+    if axis is None:
+        if scale.numel() != 1:
+            raise ValueError(f"scale must have one element for per-tensor quantization, got shape {list(scale.shape)}")
+        return scale.reshape(1)
+    if scale.dim() != 1:
+        raise ValueError(f"scale must have shape [C] for per-channel quantization, got {list(scale.shape)}")
+    return scale.reshape(1, -1)
+
+
 def check_mixed_op_sum(outputs, weights: torch.Tensor) -> Sequence[torch.Tensor]:
     """Validate ``mixed_op_sum`` arguments; returns the outputs as a list of tensors."""
     _check_tensor(weights, "weights")

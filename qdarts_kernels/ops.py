@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _backends
-from ._validation import check_mixed_fake_quant, check_mixed_op_sum
+from ._validation import check_mixed_fake_quant, check_mixed_op_sum, single_bit_scales
 
 __all__ = ["fake_quant", "mixed_fake_quant", "mixed_op_sum", "available_backends"]
 
@@ -33,6 +33,38 @@ def _params(t: Tensor, like: Tensor) -> Tensor:
     # probs, scales and weights reach the kernels as contiguous fp32 (fp64 only for the reference
     # backend on fp64 inputs, so that gradcheck sees double precision throughout)
     return t.to(torch.float64 if like.dtype == torch.float64 else torch.float32).contiguous()
+
+
+def _check_op_args(x: Tensor, probs: Tensor, scales: Tensor, bits, axis: int, grad: Optional[Tensor] = None):
+    """Cheap checks for direct calls of the custom ops (the public functions validate fully); a
+    RuntimeError like the compiled ops' TORCH_CHECKs."""
+    k = len(bits)
+    if probs.shape != (k,):
+        raise RuntimeError(f"probs must have shape [{k}], got {list(probs.shape)}")
+    expected = (k,) if axis < 0 else (k, x.shape[axis] if axis < x.dim() else -1)
+    if scales.shape != expected:
+        raise RuntimeError(f"scales must have shape {list(expected)}, got {list(scales.shape)}")
+    if grad is not None:
+        _check_grad(grad, x)
+
+
+def _check_grad(grad: Tensor, like: Tensor) -> None:
+    if grad.shape != like.shape or grad.dtype != like.dtype or grad.device != like.device:
+        raise RuntimeError(
+            f"grad must match the op's output (shape {list(like.shape)}, {like.dtype}, {like.device}), "
+            f"got shape {list(grad.shape)}, {grad.dtype}, {grad.device}"
+        )
+
+
+def _refuse_second_order(op: str, backend: str) -> None:
+    # Grad mode is on inside backward only under create_graph=True. The fused kernels compute first
+    # derivatives only; rather than return a silently wrong second derivative, say so. The
+    # reference backend's backward is made of differentiable torch ops and supports it.
+    if backend != "reference" and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: backend {backend!r} has no second derivative (backward with create_graph=True); "
+            "use backend='reference' for higher-order gradients"
+        )
 
 
 def _empty_like_none(t: Optional[Tensor], like: Tensor) -> Tensor:
@@ -71,6 +103,7 @@ class _MixedFakeQuantFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _refuse_second_order("mixed_fake_quant", ctx.args[-1])
         x, probs, scales = ctx.saved_tensors
         dx, dp, ds = _mfq_backward(grad, x, probs, scales, *ctx.args, *ctx.needs_input_grad[:3])
         return dx, dp, ds, None, None, None, None
@@ -80,6 +113,7 @@ class _MixedFakeQuantFunction(torch.autograd.Function):
 def _mixed_fake_quant_op(
     x: Tensor, probs: Tensor, scales: Tensor, bits: List[int], grid: int, axis: int, backend: str
 ) -> Tensor:
+    _check_op_args(x, probs, scales, bits, axis)
     return _mfq_forward(x, probs, scales, bits, grid, axis, backend)
 
 
@@ -102,6 +136,7 @@ def _mixed_fake_quant_backward_op(
     need_dprobs: bool,
     need_dscales: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_op_args(x, probs, scales, bits, axis, grad)
     dx, dp, ds = _mfq_backward(grad, x, probs, scales, bits, grid, axis, backend, need_dx, need_dprobs, need_dscales)
     return _empty_like_none(dx, x), _empty_like_none(dp, probs), _empty_like_none(ds, scales)
 
@@ -185,16 +220,7 @@ def fake_quant(
     ``torch.fake_quantize_per_channel_affine`` (zero point 0) bit for bit; its gradients are those
     of ``torch._fake_quantize_learnable_per_tensor_affine`` / ``_per_channel_affine``.
     """
-    if not isinstance(scale, Tensor):
-        raise TypeError(f"scale must be a torch.Tensor, got {type(scale).__name__}")
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise ValueError(f"bits must be one int for fake_quant, got {bits!r}")
-    if axis is None:
-        if scale.numel() != 1:
-            raise ValueError(f"scale must have one element for per-tensor quantization, got shape {list(scale.shape)}")
-        scales = scale.reshape(1)
-    else:
-        scales = scale.reshape(1, -1)
+    scales = single_bit_scales(scale, bits, axis)
     # probs on x's device, so that a scale on another device is what the device check names
     probs = _ones(scale.dtype if scale.dtype in _KERNEL_DTYPES else torch.float32,
                   x.device if isinstance(x, Tensor) else scale.device)
@@ -241,6 +267,7 @@ class _MixedOpSumFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _refuse_second_order("mixed_op_sum", ctx.backend)
         weights, *outputs = ctx.saved_tensors
         need_dw, need_douts = ctx.needs_input_grad[0], any(ctx.needs_input_grad[2:])
         douts, dw = _mos_backward(grad, outputs, weights, ctx.backend, need_douts, need_dw)
@@ -261,6 +288,7 @@ def _(outputs, weights, backend):
 def _mixed_op_sum_backward_op(
     grad: Tensor, outputs: List[Tensor], weights: Tensor, backend: str, need_doutputs: bool, need_dweights: bool
 ) -> List[Tensor]:
+    _check_grad(grad, outputs[0])
     douts, dw = _mos_backward(grad, outputs, weights, backend, need_doutputs, need_dweights)
     if douts is None:
         douts = [outputs[0].new_empty(0) for _ in outputs]

@@ -24,7 +24,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._validation import check_mixed_fake_quant, check_mixed_op_sum, grid_params
+from ._validation import check_mixed_fake_quant, check_mixed_op_sum, grid_params, single_bit_scales
 
 __all__ = ["fake_quant", "mixed_fake_quant", "mixed_op_sum"]
 
@@ -37,43 +37,62 @@ def quantize_parts(x: torch.Tensor, s: torch.Tensor, bits: int, grid: int):
     return torch.clamp(r, qmin, qmax) - z, (r >= qmin) & (r <= qmax), inv_s
 
 
-class _Quantize(torch.autograd.Function):
-    """``Q(x; s, b)`` with the contract's straight-through (LSQ) gradients, written out explicitly::
-
-        dx = g * in
-        ds = sum over the broadcast dims of g * ((q - z) - (x * inv_s if in else 0))
-
-    Written as a Function rather than left to autograd through ``round`` so that dx is exactly
-    ``g * in`` (autograd would multiply by ``s * (1/s)``, which is not exactly 1 in floating point)
-    and equals PyTorch's learnable fake-quant gradient bit for bit.
-    """
-
-    @staticmethod
-    def forward(ctx, x, s, bits: int, grid: int):
-        q_minus_z, inside, inv_s = quantize_parts(x, s, bits, grid)
-        ctx.save_for_backward(x, s, inv_s, q_minus_z, inside)
-        return q_minus_z * s
-
-    @staticmethod
-    def backward(ctx, g):
-        x, s, inv_s, q_minus_z, inside = ctx.saved_tensors
-        dx = ds = None
-        if ctx.needs_input_grad[0]:
-            dx = g * inside
-        if ctx.needs_input_grad[1]:
-            # a select, not inside * x * inv_s: an out-of-range x = +-inf must give (q - z), not NaN
-            per_elem = g * (q_minus_z - torch.where(inside, x * inv_s, 0.0))
-            ds = per_elem.sum_to_size(s.shape) if s.dim() else per_elem.sum()
-        return dx, ds, None, None
-
-
 def _math_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _quantize_one(x: torch.Tensor, s: torch.Tensor, bits: int, grid: int) -> torch.Tensor:
-    """``Q(x; s, b)`` in the math dtype of ``x``; ``s`` broadcasts against ``x``."""
-    return _Quantize.apply(x, s, bits, grid)
+def mixed_fake_quant_grads(grad, x, probs, scales, bits, grid: int, axis: int, need_dx, need_dprobs, need_dscales):
+    """The contract's gradients of ``mixed_fake_quant``, written out (DESIGN section 4)::
+
+        dx   = g * sum_k p_k in_k
+        dp_k = sum(g * Q_k)
+        ds_k = sum(g * p_k * ((q_k - z) - (x * inv_s_k if in_k else 0)))   (per channel when per channel)
+
+    All arguments in one math dtype (fp32, or fp64); ``axis`` is -1 for per-tensor scales. The
+    straight-through estimate is spelled out rather than left to autograd through ``round``: that
+    would give dx = g * p * s * (1/s), and s * (1/s) is not exactly 1 in floating point, while
+    PyTorch's learnable fake-quant gives exactly g * in. The select in ds (not in * x * inv_s) makes
+    an out-of-range x = +-inf contribute (q - z) rather than NaN. Returns None where not needed.
+    """
+    dx = torch.zeros_like(x) if need_dx else None
+    dps, dss = [], []
+    for k, b in enumerate(bits):
+        s = broadcast_scale(scales[k], x, axis)
+        q_minus_z, inside, inv_s = quantize_parts(x, s, b, grid)
+        if need_dx:
+            dx = dx + probs[k] * inside
+        if need_dprobs:
+            dps.append((grad * (q_minus_z * s)).sum())
+        if need_dscales:
+            per_elem = grad * probs[k] * (q_minus_z - torch.where(inside, x * inv_s, 0.0))
+            dss.append(per_elem.sum() if axis < 0 else per_elem.sum_to_size(s.shape).reshape(-1))
+    return (
+        grad * dx if need_dx else None,
+        torch.stack(dps) if need_dprobs else None,
+        torch.stack(dss) if need_dscales else None,
+    )
+
+
+class _MixedFakeQuant(torch.autograd.Function):
+    """``sum_k p_k Q(x; s_k, b_k)`` in the math dtype, with the gradients of ``mixed_fake_quant_grads``."""
+
+    @staticmethod
+    def forward(ctx, x, probs, scales, bits, grid: int, axis: int):
+        ctx.save_for_backward(x, probs, scales)
+        ctx.args = (bits, grid, axis)
+        y = None
+        for k, b in enumerate(bits):
+            s = broadcast_scale(scales[k], x, axis)
+            q_minus_z, _, _ = quantize_parts(x, s, b, grid)
+            term = probs[k] * (q_minus_z * s)
+            y = term if y is None else y + term
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, probs, scales = ctx.saved_tensors
+        dx, dp, ds = mixed_fake_quant_grads(grad, x, probs, scales, *ctx.args, *ctx.needs_input_grad[:3])
+        return dx, dp, ds, None, None, None
 
 
 def broadcast_scale(scale_row: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
@@ -114,14 +133,7 @@ def mixed_fake_quant(
     """
     bits, code, ax = check_mixed_fake_quant(x, probs, scales, bits, grid, axis)
     md = _math_dtype(x)
-    xm = x.to(md)
-    pm = probs.to(md)
-    sm = scales.to(md)
-    y = None
-    for k, b in enumerate(bits):
-        term = pm[k] * _quantize_one(xm, broadcast_scale(sm[k], xm, ax), b, code)
-        y = term if y is None else y + term
-    return y.to(x.dtype)
+    return _MixedFakeQuant.apply(x.to(md), probs.to(md), scales.to(md), bits, code, ax).to(x.dtype)
 
 
 def fake_quant(
@@ -140,15 +152,9 @@ def fake_quant(
     ``torch._fake_quantize_learnable_per_tensor_affine`` / ``_per_channel_affine`` with
     grad_factor 1:  dx = g * in,  dscale = sum(g * ((q - z) - in * x / s)).
     """
-    if not isinstance(scale, torch.Tensor):
-        raise TypeError(f"scale must be a torch.Tensor, got {type(scale).__name__}")
-    scales = scale.reshape(1, -1) if axis is not None else scale.reshape(-1)
-    if axis is None and scales.numel() != 1:
-        raise ValueError(f"scale must have one element for per-tensor quantization, got shape {list(scale.shape)}")
-    if not isinstance(bits, int) or isinstance(bits, bool):
-        raise ValueError(f"bits must be one int for fake_quant, got {bits!r}")
+    scales = single_bit_scales(scale, bits, axis)
     md = _math_dtype(x) if isinstance(x, torch.Tensor) else torch.float32
-    probs = torch.ones(1, dtype=md, device=scale.device)
+    probs = torch.ones(1, dtype=md, device=x.device if isinstance(x, torch.Tensor) else scale.device)
     return mixed_fake_quant(x, probs, scales, (bits,), grid=grid, axis=axis)
 
 

@@ -9,6 +9,7 @@ csrc/cpu/mixed_fake_quant.cpp), where an off-by-one in the tiling would show.
 
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -45,15 +46,16 @@ def _run(backend, x, probs, scales, grad, axis, bits=BITS):
 
 
 # shape, axis: per tensor over several tiles; a row longer than a tile (split into pieces); rows of
-# one channel spanning runs with a tail; runs crossing channels with merged rows (outer not a
-# multiple of the merge); channel windows (C * inner > one run) with a narrower last window; inner
-# between 1 and the span threshold.
+# one channel spanning runs with a tail; blocks of merged rows (outer not a multiple of the merge);
+# whole-row blocks longer than a run; channel windows (C * inner > kMaxBlock) with a narrower last
+# window; inner between 1 and the span threshold.
 TILING_CASES = [
     ((70001,), None),
     ((3, 40000), 0),
     ((2, 16, 1030), 1),
     ((5003, 7), 1),
     ((900, 300), 1),
+    ((70, 700, 2), 1),
     ((40, 70, 3), 1),
     ((64, 33, 15), 1),
 ]
@@ -94,7 +96,7 @@ def restore_threads():
     torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("shape,axis", [((70001,), None), ((3, 40000), 0), ((5003, 7), 1), ((900, 300), 1)],
+@pytest.mark.parametrize("shape,axis", [((70001,), None), ((3, 40000), 0), ((5003, 7), 1), ((70, 700, 2), 1)],
                          ids=str)
 def test_same_bits_for_any_thread_count(shape, axis, restore_threads):
     x, probs, scales, grad = _inputs(shape, axis, seed=17)
@@ -199,9 +201,9 @@ BAD_FAKE_QUANT = [
 @pytest.mark.parametrize("change,message", BAD_FAKE_QUANT, ids=lambda v: v if isinstance(v, str) else None)
 def test_raw_mixed_fake_quant_rejects_bad_arguments(change, message):
     a = _fq_args(**change)
-    with pytest.raises(RuntimeError, match=_literal(message)):
+    with pytest.raises(RuntimeError, match=re.escape(message)):
         _fq_forward(a)
-    with pytest.raises(RuntimeError, match=_literal(message)):
+    with pytest.raises(RuntimeError, match=re.escape(message)):
         _ops.mixed_fake_quant_backward(torch.ones_like(a["x"]) if a["x"].is_floating_point() else a["x"],
                                        a["x"], a["probs"], a["scales"], a["bits"], a["grid"], a["axis"],
                                        True, True, True)
@@ -215,7 +217,7 @@ def test_raw_mixed_fake_quant_rejects_bad_arguments(change, message):
 )
 def test_raw_mixed_fake_quant_backward_rejects_bad_grad(grad, message):
     a = _fq_args()
-    with pytest.raises(RuntimeError, match=_literal(message)):
+    with pytest.raises(RuntimeError, match=re.escape(message)):
         _ops.mixed_fake_quant_backward(grad, a["x"], a["probs"], a["scales"], a["bits"], 0, -1, True, True, True)
 
 
@@ -241,22 +243,16 @@ BAD_OP_SUM = [
 @pytest.mark.parametrize("make,message", BAD_OP_SUM, ids=lambda v: v if isinstance(v, str) else None)
 def test_raw_mixed_op_sum_rejects_bad_arguments(make, message):
     outputs, weights = make()
-    with pytest.raises(RuntimeError, match=_literal(message)):
+    with pytest.raises(RuntimeError, match=re.escape(message)):
         _ops.mixed_op_sum_forward(outputs, weights)
     grad = torch.ones_like(outputs[0]) if outputs else torch.ones(3)
-    with pytest.raises(RuntimeError, match=_literal(message)):
+    with pytest.raises(RuntimeError, match=re.escape(message)):
         _ops.mixed_op_sum_backward(grad, outputs, weights, True, True)
 
 
 def test_raw_mixed_op_sum_backward_rejects_bad_grad():
-    with pytest.raises(RuntimeError, match=_literal("grad has shape [4] but outputs[0] has [3]")):
+    with pytest.raises(RuntimeError, match=re.escape("grad has shape [4] but outputs[0] has [3]")):
         _ops.mixed_op_sum_backward(torch.ones(4), [torch.ones(3)], torch.ones(1), True, True)
-
-
-def _literal(message: str) -> str:
-    import re
-
-    return re.escape(message)
 
 
 # --------------------------------------------------------------------------------------------------

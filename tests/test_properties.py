@@ -402,19 +402,6 @@ def test_mixed_op_sum_properties(backend_device):
 SPECIAL_X = torch.tensor([0.1, 5.0, -5.0, float("nan"), float("inf"), -float("inf"), 0.0])
 SPECIAL_BITS, SPECIAL_SCALES = (2, 8), torch.tensor([0.5, 0.1])
 
-_TRITON_DROPS_NON_FINITE_PROBS = pytest.mark.xfail(
-    strict=True,
-    reason="triton backward (qdarts_kernels/triton/mixed_fake_quant.py): dx_weight += tl.where(inside, p, 0.0) "
-           "skips p_k where x is outside bit-width k's range, so a NaN/inf p_k gives a finite dx there; the "
-           "reference (and the cpu and reference backends) give g * p_k * 0 = NaN")
-
-_REFERENCE_DX_ORDER = pytest.mark.xfail(
-    strict=True,
-    reason="reference.py computes dx as sum_k (g * p_k) * in_k: for g = +-inf and a bit-width that clips x "
-           "that is inf * 0 = NaN, whereas the contract dx = g * sum_k p_k in_k (what every backend, the "
-           "reference backend included, computes) gives +-inf")
-
-
 def _special_case(backend, device, probs, grad):
     """Forward exact and every gradient with NaN/inf where the reference has them."""
     xb, pb, sb = (t.to(device).clone().requires_grad_() for t in (SPECIAL_X, probs, SPECIAL_SCALES))
@@ -433,16 +420,12 @@ def _special_case(backend, device, probs, grad):
 @pytest.mark.parametrize("special", SPECIALS, ids=str)
 def test_non_finite_probs(backend_device, special, request):
     backend, device = backend_device
-    if backend == "triton":
-        request.applymarker(_TRITON_DROPS_NON_FINITE_PROBS)
     _special_case(backend, device, torch.tensor([special, 0.5]), torch.ones_like(SPECIAL_X))
 
 
 @pytest.mark.parametrize("probs", [torch.tensor([1.0]), torch.tensor([0.25, 0.75])], ids=["K=1", "K=2"])
 def test_non_finite_incoming_gradient(backend_device, probs, request):
     backend, device = backend_device
-    if len(probs) == 2:
-        request.applymarker(_REFERENCE_DX_ORDER)
     bits = SPECIAL_BITS[: len(probs)]
     grad = torch.tensor([float("inf"), -float("inf"), float("nan"), 1.0, float("inf"), 2.0, -float("inf")])
     xb = SPECIAL_X.to(device).clone().requires_grad_()

@@ -25,6 +25,7 @@ def test_python_dash_m_runs_the_cli():
     assert "search" in out.stdout and "train" in out.stdout and "bench" in out.stdout
 
 
+@pytest.mark.slow
 def test_search_then_train_end_to_end(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["search", *TINY, "--out", str(run)]) == 0

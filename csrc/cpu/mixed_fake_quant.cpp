@@ -42,10 +42,10 @@ namespace {
 // Below this many elements per channel row, the table path (a run crosses channels).
 constexpr int64_t kMinSpanInner = 16;
 // Longest block of the table path, and so the most positions of a tile.
-#ifndef QD_MAX_BLOCK
-#define QD_MAX_BLOCK 2048
-#endif
-constexpr int64_t kMaxBlock = QD_MAX_BLOCK;
+constexpr int64_t kMaxBlock = 1024;
+// Least number of blocks in a table-path tile: a tile's partial sums are 2K per channel of its
+// window, so a tile must hold many rows of each channel for them to stay small next to the data.
+constexpr int64_t kMinTableTileBlocks = 64;
 // Row stride of the per-position tables and sums: a little more than kMaxBlock, so that the rows
 // are not a multiple of 4 KiB apart and do not compete for the same L1 cache sets.
 constexpr int64_t kRowStride = kMaxBlock + 32;
@@ -97,7 +97,7 @@ TilePlan make_plan(const ChannelLayout& layout) {
       p.window = kMaxBlock / p.inner;  // < channels
     }
     const int64_t block = p.merge * p.window * p.inner;
-    p.rows_per_tile = std::max<int64_t>(1, kTileElements / block) * p.merge;
+    p.rows_per_tile = std::max(kTileElements / block, kMinTableTileBlocks) * p.merge;
     p.groups = ceil_div(p.channels, p.window);
   }
   p.row_tiles = ceil_div(p.outer, p.rows_per_tile);
@@ -426,12 +426,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_fake_quant_backward_cpu(
   // Sum each channel's tile partials in tile order (one thread: the same bits for any thread count).
   const int64_t tiles_per_group = plan.row_tiles * plan.pieces;
   std::vector<double> sums(job.rows * channels, 0.0);
-  for (int64_t c = 0; c < channels; ++c) {
-    const int64_t group = c / plan.window;
-    const int64_t slot_channel = c % plan.window;
-    for (int64_t t = group * tiles_per_group; t < (group + 1) * tiles_per_group; ++t) {
-      const double* slot = job.partials + t * job.rows * plan.window;
-      for (int64_t r = 0; r < job.rows; ++r) sums[r * channels + c] += slot[r * plan.window + slot_channel];
+  for (int64_t t = 0; t < plan.n_tiles; ++t) {
+    const int64_t c0 = (t / tiles_per_group) * plan.window;
+    const int64_t cw = std::min(plan.window, channels - c0);
+    const double* slot = job.partials + t * job.rows * plan.window;
+    for (int64_t r = 0; r < job.rows; ++r) {
+      for (int64_t c = 0; c < cw; ++c) sums[r * channels + c0 + c] += slot[r * plan.window + c];
     }
   }
   const float* s = scales.data_ptr<float>();

@@ -260,7 +260,8 @@ def _mixed_fake_quant_backward_kernel(
         x_inv_s, q_minus_z, inside = _quantize(x, inv_s, QMIN[k], QMAX[k], zero_point)
         p = tl.load(P + k)
         if NEED_DX:
-            dx_weight = dx_weight + tl.where(inside, p, 0.0)
+            # a product, not a select: a NaN/inf p_k must reach dx even where in_k = 0 (0 * inf = NaN)
+            dx_weight = dx_weight + p * inside.to(tl.float32)
         g_level = g * q_minus_z
         if NEED_DP:
             dp = tl.sum(_sum_per_channel(g_level, CHANNEL_ON_ROWS) * s_vec, axis=0)

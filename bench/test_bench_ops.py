@@ -5,8 +5,9 @@
     pytest bench/ --benchmark-only -k "mixed_op_sum and cpu and forward+backward"
 
 Each benchmark is one (case, implementation, mode) of ``qdarts.benchmark.cases``: ``eager`` (the
-pure-PyTorch reference with autograd, straight-through round), ``compiled`` (torch.compile of it)
-and every fused backend available on the device. Tests of one case and mode share a
+pure-PyTorch reference ``qdarts_kernels.reference``), ``compiled`` (torch.compile of it), every
+fused backend available on the device, and for the quantizers ``autograd`` (the straightforward
+PyTorch code with a straight-through round: issue 2's baseline). Tests of one case and mode share a
 pytest-benchmark group, so the table compares the implementations side by side. The cache is
 flushed and the device synchronised before every round (in pytest-benchmark's untimed setup), as
 in ``qdarts bench``; the timed target ends with a device synchronisation.
@@ -19,7 +20,7 @@ import os
 import pytest
 import torch
 
-from qdarts.benchmark.cases import COMPILED, EAGER, MODES, backends_for, implementation, sweep
+from qdarts.benchmark.cases import COMPILED, MODES, implementation, implementations, sweep
 from qdarts.benchmark.runner import mode_functions
 from qdarts.benchmark.timing import CacheFlusher, synchronize
 
@@ -29,7 +30,7 @@ ROUNDS = 5 if QUICK else 20
 PARAMS = [
     pytest.param(case, impl, mode, id=f"{case.id}-{impl}-{mode}")
     for case in sweep(DEVICE, QUICK)
-    for impl in [EAGER, COMPILED] + backends_for(DEVICE)
+    for impl in implementations(case, DEVICE)
     for mode in MODES
 ]
 

@@ -113,14 +113,15 @@ def _bench_parser(sub) -> None:
     try:
         module = importlib.import_module("qdarts.benchmark.cli")
     except ImportError as e:
-        p.set_defaults(run=lambda args: _bench_missing(e))
+        reason = str(e)
+        p.set_defaults(run=lambda args: _bench_missing(reason))
         return
     module.add_arguments(p)
     p.set_defaults(run=module.run)
 
 
-def _bench_missing(error: Exception) -> int:
-    print(f"qdarts bench: the benchmark module qdarts.benchmark.cli is not available ({error})", file=sys.stderr)
+def _bench_missing(reason: str) -> int:
+    print(f"qdarts bench: the benchmark module qdarts.benchmark.cli is not available ({reason})", file=sys.stderr)
     return 2
 
 

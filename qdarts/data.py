@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["Dataset", "load_dataset", "batches", "DATASETS", "CIFAR10_FILES"]
+__all__ = ["Dataset", "load_dataset", "batches", "num_batches", "DATASETS", "CIFAR10_FILES"]
 
 DATASETS = ("digits", "synthetic", "cifar10")
 CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
@@ -203,4 +203,5 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool,
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
+    """How many batches :func:`batches` yields for ``n`` samples."""
     return n // batch_size if drop_last and n >= batch_size else -(-n // batch_size)

@@ -51,7 +51,7 @@ class ConvMaker:
     def __init__(self, *, bits: Optional[Sequence[int]] = None, pairs: Optional[Sequence[Tuple[int, int]]] = None,
                  fp32: bool = False, quantizer: str = "paper", act_grid: str = "follow", share_gamma: bool = True,
                  backend: Optional[str] = None):
-        if sum(x is not None and x is not False for x in (bits, pairs, fp32 or None)) != 1:
+        if (bits is not None) + (pairs is not None) + bool(fp32) != 1:
             raise ValueError("ConvMaker needs exactly one of bits (search), pairs (fixed bits) or fp32=True")
         if quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")

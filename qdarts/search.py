@@ -37,7 +37,7 @@ from .genotype import Genotype
 from .ops import ACT_GRIDS, QUANTIZERS
 from .supernet import SearchNetwork, SupernetConfig
 
-__all__ = ["SearchConfig", "Searcher", "run_search", "CHECKPOINT", "ORDERS"]
+__all__ = ["SearchConfig", "Searcher", "run_search", "cosine_lr", "CHECKPOINT", "ORDERS"]
 
 CHECKPOINT = "checkpoint.pt"
 ORDERS = ("first", "second")
@@ -126,7 +126,8 @@ def _frozen(params: Sequence[torch.nn.Parameter]):
             p.requires_grad_(True)
 
 
-def _cosine(epoch: int, epochs: int, lr: float, lr_min: float) -> float:
+def cosine_lr(epoch: int, epochs: int, lr: float, lr_min: float) -> float:
+    """Cosine annealing from ``lr`` at epoch 0 towards ``lr_min`` at ``epochs``."""
     return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
@@ -353,7 +354,7 @@ class Searcher:
             while self.epoch < last:
                 epoch = self.epoch
                 start = time.perf_counter()
-                lr = _cosine(epoch, c.epochs, c.weight_lr, c.weight_lr_min)
+                lr = cosine_lr(epoch, c.epochs, c.weight_lr, c.weight_lr_min)
                 for group in self.opt_weights.param_groups:
                     group["lr"] = lr
                 g_train = torch.Generator().manual_seed(c.seed * 1_000_003 + 2 * epoch)

@@ -22,7 +22,7 @@ from .cost import network_cost
 from .data import batches, load_dataset
 from .evalnet import EvalNetwork
 from .genotype import load_genotype
-from .search import _cosine
+from .search import cosine_lr
 
 __all__ = ["TrainConfig", "run_train"]
 
@@ -128,7 +128,7 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
     try:
         while epoch < last:
             start = time.perf_counter()
-            lr = _cosine(epoch, config.epochs, config.lr, config.lr_min)
+            lr = cosine_lr(epoch, config.epochs, config.lr, config.lr_min)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             model.drop_path_prob = config.drop_path * epoch / config.epochs

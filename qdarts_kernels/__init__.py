@@ -5,9 +5,9 @@ Public ops (each takes ``backend=None`` for the automatic choice, or "reference"
 """
 
 from . import _backends, reference
-from .ops import available_backends, fake_quant, mixed_fake_quant, mixed_op_sum
+from .ops import available_backends, fake_quant, mixed_fake_quant, mixed_fake_quant_grouped, mixed_op_sum
 
 _backends.warn_if_compiled_missing()
 
 __version__ = "0.1.0"
-__all__ = ["fake_quant", "mixed_fake_quant", "mixed_op_sum", "available_backends", "reference"]
+__all__ = ["fake_quant", "mixed_fake_quant", "mixed_fake_quant_grouped", "mixed_op_sum", "available_backends", "reference"]

@@ -9,8 +9,22 @@ for per-tensor; grid as its integer code)::
                               need_dx, need_dprobs, need_dscales) -> (dx | None, dprobs | None, dscales | None)
     mixed_op_sum_forward(outputs, weights) -> y
     mixed_op_sum_backward(grad, outputs, weights, need_doutputs, need_dweights) -> (list | None, dweights | None)
+    mixed_fake_quant_grouped_forward(xs, probs, scales, bits, grid, axes) -> [y_0, ..., y_{N-1}]
+    mixed_fake_quant_grouped_backward(grads, xs, probs, scales, bits, grid, axes,
+                                      need_dx, need_dprobs, need_dscales)
+        -> ([dx_0, ...] | None, dprobs | None, dscales | None)
 
 dprobs, dscales and dweights are fp32; the public ops cast them to the parameters' dtypes.
+
+The grouped pair is ``mixed_fake_quant`` of N tensors with one bit set and grid: xs and grads are
+lists of N contiguous tensors of one dtype (any shapes, 0 elements allowed); probs is one [N, K]
+tensor (row i for xs[i]); scales a list of N tensors [K] or [K, C_i]; axes a tuple of N ints, each
+axis normalised for its x (>= 0), or all -1 for per-tensor scales. y_i and dx_i are exactly those
+of the single op on (xs[i], probs[i], scales[i]); dprobs is [N, K]; dscales is ONE flat tensor, the
+concatenation of each scales[i]'s gradient flattened row-major (the public op splits it into
+views). A fused backend does all N in one kernel launch forward, and one launch plus one small
+reduction launch backward; ``loop_grouped_forward``/``loop_grouped_backward`` give the same
+results from a backend's single-tensor functions (one call per tensor).
 
 Automatic choice (``backend=None``): ``QDARTS_BACKEND`` if set; else CUDA tensors take the fastest
 GPU backend measured (``GPU_PREFERENCE``), CPU tensors the C++ ``cpu`` backend, and ``reference``
@@ -21,7 +35,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -130,3 +144,22 @@ def get(name: str):
     if mod is None:
         raise RuntimeError(f"backend {name!r} is not available here: {_failed.get(name)}")
     return mod
+
+
+def loop_grouped_forward(single_forward: Callable, xs, probs, scales, bits, grid: int, axes: Sequence[int]):
+    """The grouped forward of the interface as one ``single_forward`` call per tensor."""
+    return [single_forward(x, probs[i], s, bits, grid, ax) for i, (x, s, ax) in enumerate(zip(xs, scales, axes))]
+
+
+def loop_grouped_backward(single_backward: Callable, grads, xs, probs, scales, bits, grid: int,
+                          axes: Sequence[int], need_dx: bool, need_dprobs: bool, need_dscales: bool):
+    """The grouped backward of the interface as one ``single_backward`` call per tensor."""
+    parts = [
+        single_backward(g, x, probs[i], s, bits, grid, ax, need_dx, need_dprobs, need_dscales)
+        for i, (g, x, s, ax) in enumerate(zip(grads, xs, scales, axes))
+    ]
+    return (
+        [p[0] for p in parts] if need_dx else None,
+        torch.stack([p[1] for p in parts]) if need_dprobs else None,
+        torch.cat([p[2].reshape(-1) for p in parts]) if need_dscales else None,
+    )

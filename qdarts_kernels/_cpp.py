@@ -7,10 +7,13 @@ device they accept. A gradient that was not requested comes back from C++ as a 0
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import SimpleNamespace
 
 import torch
+
+from ._backends import loop_grouped_backward, loop_grouped_forward
 
 # Loading the library runs its static registrations: torch.ops.qdarts_C.* exist afterwards.
 importlib.import_module("qdarts_kernels._C")
@@ -42,6 +45,18 @@ def mixed_op_sum_backward(grad, outputs, weights, need_doutputs, need_dweights):
     return (list(douts) if need_doutputs else None), _none_if_empty(dw, need_dweights)
 
 
+def mixed_fake_quant_grouped_backward_cuda(grads, xs, probs, scales, bits, grid, axes, need_dx, need_dprobs,
+                                           need_dscales):
+    dxs, dp, ds = _ops.mixed_fake_quant_grouped_backward(
+        grads, xs, probs, scales, list(bits), grid, list(axes), need_dx, need_dprobs, need_dscales
+    )
+    return (list(dxs) if need_dx else None), _none_if_empty(dp, need_dprobs), _none_if_empty(ds, need_dscales)
+
+
+def mixed_fake_quant_grouped_forward_cuda(xs, probs, scales, bits, grid, axes):
+    return list(_ops.mixed_fake_quant_grouped_forward(xs, probs, scales, list(bits), grid, list(axes)))
+
+
 def _has_cuda_kernels() -> bool:
     return bool(_ops.has_cuda_kernels())
 
@@ -53,9 +68,17 @@ def backend(name: str) -> SimpleNamespace:
             raise ImportError("qdarts_kernels._C was built without its CUDA kernels")
         if not torch.cuda.is_available():
             raise ImportError("no CUDA device is available")
+    if name == "cuda":
+        grouped_forward, grouped_backward = mixed_fake_quant_grouped_forward_cuda, mixed_fake_quant_grouped_backward_cuda
+    else:
+        # the CPU kernels have no grouped op: one call per tensor costs no launch on a CPU
+        grouped_forward = functools.partial(loop_grouped_forward, mixed_fake_quant_forward)
+        grouped_backward = functools.partial(loop_grouped_backward, mixed_fake_quant_backward)
     return SimpleNamespace(
         mixed_fake_quant_forward=mixed_fake_quant_forward,
         mixed_fake_quant_backward=mixed_fake_quant_backward,
         mixed_op_sum_forward=mixed_op_sum_forward,
         mixed_op_sum_backward=mixed_op_sum_backward,
+        mixed_fake_quant_grouped_forward=grouped_forward,
+        mixed_fake_quant_grouped_backward=grouped_backward,
     )

@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import reference
+from ._backends import loop_grouped_backward, loop_grouped_forward
 from ._validation import GRIDS
 
 _GRID_NAMES = {code: name for name, code in GRIDS.items()}
@@ -50,3 +51,12 @@ def mixed_op_sum_backward(grad, outputs, weights, need_doutputs: bool, need_dwei
     if need_dweights:
         dw = torch.stack([(g * o.to(md)).sum() for o in outputs])
     return douts, dw
+
+
+def mixed_fake_quant_grouped_forward(xs, probs, scales, bits, grid, axes):
+    return loop_grouped_forward(mixed_fake_quant_forward, xs, probs, scales, bits, grid, axes)
+
+
+def mixed_fake_quant_grouped_backward(grads, xs, probs, scales, bits, grid, axes, need_dx, need_dprobs, need_dscales):
+    return loop_grouped_backward(mixed_fake_quant_backward, grads, xs, probs, scales, bits, grid, axes,
+                                 need_dx, need_dprobs, need_dscales)

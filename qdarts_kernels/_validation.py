@@ -119,43 +119,88 @@ def check_mixed_fake_quant(
     bits,
     grid: str,
     axis: Optional[int],
+    index: str = "",
 ) -> Tuple[Tuple[int, ...], int, int]:
     """Validate ``mixed_fake_quant`` arguments. Returns (bits, grid_code, axis) with axis >= 0,
-    or -1 for per-tensor scales."""
-    _check_tensor(x, "x")
-    _check_tensor(probs, "probs")
-    _check_tensor(scales, "scales")
+    or -1 for per-tensor scales. ``index`` (e.g. "[3]") is appended to the argument names in the
+    messages, for the grouped op's lists (xs[3], probs[3], scales[3])."""
+    xn, pn, sn = f"x{'s' if index else ''}{index}", f"probs{index}", f"scales{index}"
+    _check_tensor(x, xn)
+    _check_tensor(probs, pn)
+    _check_tensor(scales, sn)
     bits = normalize_bits(bits)
     code = grid_code(grid)
     k = len(bits)
-    _check_float(x, "x")
-    _check_float(probs, "probs")
-    _check_float(scales, "scales")
-    for t, name in ((probs, "probs"), (scales, "scales")):
+    _check_float(x, xn)
+    _check_float(probs, pn)
+    _check_float(scales, sn)
+    for t, name in ((probs, pn), (scales, sn)):
         if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; they must share a device")
+            raise ValueError(f"{name} is on {t.device} but {xn} is on {x.device}; they must share a device")
     if probs.shape != (k,):
-        raise ValueError(f"probs must have shape [{k}] (one probability per bit-width), got {list(probs.shape)}")
+        raise ValueError(f"{pn} must have shape [{k}] (one probability per bit-width), got {list(probs.shape)}")
     if axis is None:
         if scales.shape != (k,):
             raise ValueError(
-                f"scales must have shape [{k}] for per-tensor quantization (axis=None), got {list(scales.shape)}"
+                f"{sn} must have shape [{k}] for per-tensor quantization (axis=None), got {list(scales.shape)}"
             )
         ax = -1
     else:
         if isinstance(axis, bool) or not isinstance(axis, int):
             raise ValueError(f"axis must be an int or None, got {axis!r}")
         if not -x.dim() <= axis < x.dim() or x.dim() == 0:
-            raise ValueError(f"axis {axis} is out of range for x with {x.dim()} dimensions")
+            raise ValueError(f"axis {axis} is out of range for {xn} with {x.dim()} dimensions")
         ax = axis % x.dim()
         c = x.shape[ax]
         if scales.shape != (k, c):
             raise ValueError(
-                f"scales must have shape [{k}, {c}] for per-channel quantization along axis {axis}, "
+                f"{sn} must have shape [{k}, {c}] for per-channel quantization along axis {axis}, "
                 f"got {list(scales.shape)}"
             )
-    check_scale_values(scales)
+    check_scale_values(scales, sn)
     return bits, code, ax
+
+
+def check_mixed_fake_quant_grouped(
+    xs, probs, scales, bits, grid: str, axis: Optional[int]
+) -> Tuple[list, list, list, Tuple[int, ...], int, Tuple[int, ...]]:
+    """Validate ``mixed_fake_quant_grouped`` arguments: each (xs[i], probs[i], scales[i]) as
+    ``mixed_fake_quant`` validates one call, naming the index, and all xs of one dtype and device.
+
+    ``probs`` is a list of N tensors [K] or one tensor [N, K]. Returns (xs, probs, scales) as lists,
+    bits, the grid code and the axes (axis normalised for each x, as the single op does; all -1
+    for per-tensor scales)."""
+    lists = []
+    for value, name in ((xs, "xs"), (scales, "scales")):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{name} must be a list of tensors, got {type(value).__name__}")
+        lists.append(list(value))
+    xs, scales = lists
+    n = len(xs)
+    if n == 0:
+        raise ValueError("xs must hold at least one tensor")
+    if isinstance(probs, torch.Tensor):
+        if probs.dim() != 2 or probs.shape[0] != n:
+            raise ValueError(f"probs as one tensor must have shape [{n}, K] (one row per x), got {list(probs.shape)}")
+        probs_list = list(probs.unbind(0))
+    elif isinstance(probs, (list, tuple)):
+        probs_list = list(probs)
+    else:
+        raise TypeError(f"probs must be a list of tensors or one [N, K] tensor, got {type(probs).__name__}")
+    for value, name in ((probs_list, "probs"), (scales, "scales")):
+        if len(value) != n:
+            raise ValueError(f"{name} must hold one entry per x ({n}), got {len(value)}")
+    bits = normalize_bits(bits)
+    code = grid_code(grid)
+    axes = []
+    for i, (x, p, s) in enumerate(zip(xs, probs_list, scales)):
+        _, _, ax = check_mixed_fake_quant(x, p, s, bits, grid, axis, index=f"[{i}]")
+        if i and x.dtype != xs[0].dtype:
+            raise TypeError(f"xs[{i}] has dtype {x.dtype} but xs[0] has {xs[0].dtype}; all xs must share a dtype")
+        if i and x.device != xs[0].device:
+            raise ValueError(f"xs[{i}] is on {x.device} but xs[0] is on {xs[0].device}; all xs must share a device")
+        axes.append(ax)
+    return xs, probs_list, scales, bits, code, tuple(axes)
 
 
 def single_bit_scales(scale, bits, axis: Optional[int]) -> torch.Tensor:

@@ -20,9 +20,14 @@ import torch
 from torch import Tensor
 
 from . import _backends
-from ._validation import check_mixed_fake_quant, check_mixed_op_sum, single_bit_scales
+from ._validation import (
+    check_mixed_fake_quant,
+    check_mixed_fake_quant_grouped,
+    check_mixed_op_sum,
+    single_bit_scales,
+)
 
-__all__ = ["fake_quant", "mixed_fake_quant", "mixed_op_sum", "available_backends"]
+__all__ = ["fake_quant", "mixed_fake_quant", "mixed_fake_quant_grouped", "mixed_op_sum", "available_backends"]
 
 available_backends = _backends.available_backends
 
@@ -237,6 +242,185 @@ def _ones(dtype: torch.dtype, device: torch.device) -> Tensor:
     if t is None:
         t = _ONES[key] = torch.ones(1, dtype=dtype, device=device)
     return t
+
+
+# --------------------------------------------------------------------------------------------------
+# mixed_fake_quant_grouped
+# --------------------------------------------------------------------------------------------------
+
+
+def _mfqg_forward(xs, probs: Tensor, scales, bits, grid: int, axes, backend: str) -> List[Tensor]:
+    like = xs[0]
+    return _backends.get(backend).mixed_fake_quant_grouped_forward(
+        [x.contiguous() for x in xs], _params(probs, like), [_params(s, like) for s in scales],
+        tuple(bits), grid, tuple(axes),
+    )
+
+
+def _mfqg_backward(grads, xs, probs, scales, bits, grid, axes, backend, need_dx, need_dprobs, need_dscales):
+    """(list of dx | None, dprobs [N, K] in probs' dtype | None, flat fp32 dscales | None). The
+    custom op cannot return views of one buffer, so the callers split the flat dscales into
+    per-tensor views (``_split_like``, which also casts each to its scales' dtype)."""
+    like = xs[0]
+    dxs, dp, ds = _backends.get(backend).mixed_fake_quant_grouped_backward(
+        [g.contiguous() for g in grads], [x.contiguous() for x in xs], _params(probs, like),
+        [_params(s, like) for s in scales], tuple(bits), grid, tuple(axes), need_dx, need_dprobs, need_dscales,
+    )
+    return dxs, (dp.to(probs.dtype) if dp is not None else None), ds
+
+
+def _split_like(flat: Tensor, like: Sequence[Tensor]) -> List[Tensor]:
+    """Views of ``flat`` shaped like each tensor of ``like``, in order, each in its tensor's dtype
+    (no copy where the dtype is already that of ``flat``)."""
+    return [part.view(t.shape).to(t.dtype) for part, t in zip(flat.split([t.numel() for t in like]), like)]
+
+
+def _grads_or_zeros(grads, outputs_like) -> List[Tensor]:
+    # an output that took no part in the loss has no gradient; it contributes zero
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, outputs_like)]
+
+
+class _MixedFakeQuantGroupedFunction(torch.autograd.Function):
+    """Eager-mode autograd of mixed_fake_quant_grouped; the N xs, then the N scales, come as
+    separate arguments after ``n``."""
+
+    @staticmethod
+    def forward(ctx, probs, bits, grid, axes, backend, n, *xs_and_scales):
+        xs, scales = xs_and_scales[:n], xs_and_scales[n:]
+        ctx.save_for_backward(probs, *xs_and_scales)
+        ctx.args = (bits, grid, axes, backend)
+        ctx.n = n
+        return tuple(_mfqg_forward(xs, probs, scales, bits, grid, axes, backend))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _refuse_second_order("mixed_fake_quant_grouped", ctx.args[-1])
+        n = ctx.n
+        probs, *xs_and_scales = ctx.saved_tensors
+        xs, scales = xs_and_scales[:n], xs_and_scales[n:]
+        needs = ctx.needs_input_grad
+        need_dx, need_dp, need_ds = any(needs[6:6 + n]), needs[0], any(needs[6 + n:])
+        dxs, dp, ds = _mfqg_backward(grads, xs, probs, scales, *ctx.args, need_dx, need_dp, need_ds)
+        dxs = dxs if dxs is not None else [None] * n
+        dss = _split_like(ds, scales) if ds is not None else [None] * n
+        return (dp, None, None, None, None, None, *dxs, *dss)
+
+
+@torch.library.custom_op("qdarts::mixed_fake_quant_grouped", mutates_args=())
+def _mixed_fake_quant_grouped_op(
+    xs: List[Tensor], probs: Tensor, scales: List[Tensor], bits: List[int], grid: int, axes: List[int], backend: str
+) -> List[Tensor]:
+    _check_grouped_op_args(xs, probs, scales, bits, axes)
+    return _mfqg_forward(xs, probs, scales, bits, grid, axes, backend)
+
+
+@_mixed_fake_quant_grouped_op.register_fake
+def _(xs, probs, scales, bits, grid, axes, backend):
+    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
+
+
+def _check_grouped_op_args(xs, probs, scales, bits, axes, grads=None):
+    """Cheap checks for direct calls of the grouped custom ops (see _check_op_args)."""
+    n = len(xs)
+    if probs.shape != (n, len(bits)):
+        raise RuntimeError(f"probs must have shape [{n}, {len(bits)}], got {list(probs.shape)}")
+    if len(scales) != n or len(axes) != n or (grads is not None and len(grads) != n):
+        raise RuntimeError(f"scales, axes (and grads) must hold one entry per x ({n})")
+    for i, (x, s, ax) in enumerate(zip(xs, scales, axes)):
+        _check_op_args(x, probs[i], s, bits, ax, None if grads is None else grads[i])
+
+
+@torch.library.custom_op("qdarts::mixed_fake_quant_grouped_backward", mutates_args=())
+def _mixed_fake_quant_grouped_backward_op(
+    grads: List[Tensor],
+    xs: List[Tensor],
+    probs: Tensor,
+    scales: List[Tensor],
+    bits: List[int],
+    grid: int,
+    axes: List[int],
+    backend: str,
+    need_dx: bool,
+    need_dprobs: bool,
+    need_dscales: bool,
+) -> List[Tensor]:
+    """[dx_0 .. dx_{N-1}, dprobs [N, K], flat dscales]; 0-element tensors where not requested."""
+    _check_grouped_op_args(xs, probs, scales, bits, axes, grads)
+    dxs, dp, ds = _mfqg_backward(grads, xs, probs, scales, bits, grid, axes, backend,
+                                 need_dx, need_dprobs, need_dscales)
+    if dxs is None:
+        dxs = [x.new_empty(0) for x in xs]
+    return list(dxs) + [_empty_like_none(dp, probs), _empty_like_none(ds, scales[0])]
+
+
+@_mixed_fake_quant_grouped_backward_op.register_fake
+def _(grads, xs, probs, scales, bits, grid, axes, backend, need_dx, need_dprobs, need_dscales):
+    dxs = [torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0) for x in xs]
+    math_dtype = torch.float64 if xs[0].dtype == torch.float64 else torch.float32  # see _params
+    dscales = scales[0].new_empty(sum(s.numel() for s in scales) if need_dscales else 0, dtype=math_dtype)
+    return dxs + [torch.empty_like(probs) if need_dprobs else probs.new_empty(0), dscales]
+
+
+def _mfqg_setup_context(ctx, inputs, output):
+    xs, probs, scales, bits, grid, axes, backend = inputs
+    ctx.save_for_backward(probs, *xs, *scales)
+    ctx.args = (bits, grid, axes, backend)
+    ctx.n = len(xs)
+
+
+def _mfqg_op_backward(ctx, grads):
+    n = ctx.n
+    probs, *xs_and_scales = ctx.saved_tensors
+    xs, scales = xs_and_scales[:n], xs_and_scales[n:]
+    need_xs, need_dp, need_ss = ctx.needs_input_grad[:3]
+    need_dx, need_ds = any(need_xs), any(need_ss)
+    if not (need_dx or need_dp or need_ds):
+        return [None] * n, None, [None] * n, None, None, None, None
+    bits, grid, axes, backend = ctx.args
+    res = _mixed_fake_quant_grouped_backward_op(
+        _grads_or_zeros(grads, xs), xs, probs, scales, bits, grid, axes, backend, need_dx, need_dp, need_ds
+    )
+    return (
+        res[:n] if need_dx else [None] * n,
+        res[n] if need_dp else None,
+        _split_like(res[n + 1], scales) if need_ds else [None] * n,
+        None, None, None, None,
+    )
+
+
+_mixed_fake_quant_grouped_op.register_autograd(_mfqg_op_backward, setup_context=_mfqg_setup_context)
+
+
+def mixed_fake_quant_grouped(
+    xs: Sequence[Tensor],
+    probs: Union[Sequence[Tensor], Tensor],
+    scales: Sequence[Tensor],
+    bits: Sequence[int],
+    *,
+    grid: str = "signed",
+    axis: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> List[Tensor]:
+    """``mixed_fake_quant`` of N tensors sharing one bit set and grid, in one kernel launch.
+
+    ``ys[i] = mixed_fake_quant(xs[i], probs[i], scales[i], bits, grid=grid, axis=axis)``, bit for
+    bit forward, with the same gradients (up to the order of the sums) for xs, probs and scales.
+    Same contract as :func:`qdarts_kernels.reference.mixed_fake_quant_grouped`: xs are N >= 1
+    tensors of any shapes (0 elements allowed) of one dtype and device; probs N tensors [K] or one
+    [N, K] tensor; scales N tensors [K] (per tensor) or [K, C_i] (per channel along ``axis`` of
+    each x). The ``triton`` and ``cuda`` backends quantize all N with one launch forward, and one
+    launch plus one small reduction launch backward (instead of one launch or two per tensor); the
+    ``reference`` and ``cpu`` backends loop over the tensors. Errors name the index (``xs[3]``).
+    """
+    xs, probs_list, scales, bits, code, axes = check_mixed_fake_quant_grouped(xs, probs, scales, bits, grid, axis)
+    name = _backends.resolve(backend, xs[0].device)
+    _check_backend_dtype(name, xs[0], "xs")
+    # one [N, K] tensor for the kernels: the caller's, or a stack of the rows (autograd splits its
+    # gradient back into the rows)
+    probs_nk = probs if isinstance(probs, Tensor) else torch.stack(probs_list)
+    if torch.compiler.is_compiling():
+        return _mixed_fake_quant_grouped_op(xs, probs_nk, scales, list(bits), code, list(axes), name)
+    return list(_MixedFakeQuantGroupedFunction.apply(probs_nk, bits, code, axes, name, len(xs), *xs, *scales))
 
 
 # --------------------------------------------------------------------------------------------------

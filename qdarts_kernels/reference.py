@@ -20,13 +20,19 @@ fp64 inputs (so that ``torch.autograd.gradcheck`` can run on the reference).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 
-from ._validation import check_mixed_fake_quant, check_mixed_op_sum, grid_params, single_bit_scales
+from ._validation import (
+    check_mixed_fake_quant,
+    check_mixed_fake_quant_grouped,
+    check_mixed_op_sum,
+    grid_params,
+    single_bit_scales,
+)
 
-__all__ = ["fake_quant", "mixed_fake_quant", "mixed_op_sum"]
+__all__ = ["fake_quant", "mixed_fake_quant", "mixed_fake_quant_grouped", "mixed_op_sum"]
 
 
 def quantize_parts(x: torch.Tensor, s: torch.Tensor, bits: int, grid: int):
@@ -134,6 +140,33 @@ def mixed_fake_quant(
     bits, code, ax = check_mixed_fake_quant(x, probs, scales, bits, grid, axis)
     md = _math_dtype(x)
     return _MixedFakeQuant.apply(x.to(md), probs.to(md), scales.to(md), bits, code, ax).to(x.dtype)
+
+
+def mixed_fake_quant_grouped(
+    xs: Sequence[torch.Tensor],
+    probs: Union[Sequence[torch.Tensor], torch.Tensor],
+    scales: Sequence[torch.Tensor],
+    bits: Sequence[int],
+    *,
+    grid: str = "signed",
+    axis: Optional[int] = None,
+) -> List[torch.Tensor]:
+    """``mixed_fake_quant`` of N tensors that share one bit set and grid, by definition a loop::
+
+        ys[i] = mixed_fake_quant(xs[i], probs[i], scales[i], bits, grid=grid, axis=axis)
+
+    Args:
+        xs: N >= 1 tensors of any shapes (0 elements allowed), one dtype and one device.
+        probs: N tensors [K], or one tensor [N, K] (row i for xs[i]).
+        scales: N tensors, [K] (per tensor) or [K, C_i] with C_i = xs[i].shape[axis] (per channel).
+        bits, grid, axis: as for ``mixed_fake_quant``, shared by all N (axis is normalised for
+            each x separately, so axis=-1 means the last dimension of each).
+
+    Gradients are those of the N single calls. The fused backends compute all N in one kernel
+    launch (and one launch of a small reduction for the gradients of probs and scales).
+    """
+    xs, probs_list, scales, bits, _, _ = check_mixed_fake_quant_grouped(xs, probs, scales, bits, grid, axis)
+    return [mixed_fake_quant(x, p, s, bits, grid=grid, axis=axis) for x, p, s in zip(xs, probs_list, scales)]
 
 
 def fake_quant(

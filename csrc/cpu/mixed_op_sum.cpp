@@ -53,8 +53,14 @@ inline void add_scaled_run(float* __restrict y, const float* __restrict o, float
   for (int64_t j = 0; j < n; ++j) y[j] = y[j] + w * o[j];
 }
 
-inline void add_product_run(float* __restrict acc, const float* __restrict g, const float* __restrict o, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) acc[j] += g[j] * o[j];
+// d = w * g and/or acc += g * o, in one loop over the run.
+template <bool kDoutputs, bool kDweights>
+inline void backward_run(float* __restrict d, float* __restrict acc, const float* __restrict g,
+                         const float* __restrict o, float w, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    if constexpr (kDoutputs) d[j] = w * g[j];
+    if constexpr (kDweights) acc[j] += g[j] * o[j];
+  }
 }
 
 // Processes tiles [t_begin, t_end) of the forward pass (one clone per instruction set).
@@ -85,14 +91,10 @@ void backward_tiles_impl(const SumJob& job, int64_t t_begin, int64_t t_end) {
       const float* gf = load_fp32(job.dtype, job.grad, offset, n, g_stage);
       if constexpr (kDweights) acc.begin_run(0);  // every run covers positions [0, n)
       for (int64_t k = 0; k < job.k; ++k) {
-        if constexpr (kDoutputs) {
-          float* df = output_fp32(job.dtype, job.doutputs[k], offset, d_stage);
-          scale_run(df, gf, job.weights[k], n);
-          store_from_fp32(job.dtype, job.doutputs[k], offset, n, df);
-        }
-        if constexpr (kDweights) {
-          add_product_run(acc.sum(k), gf, load_fp32(job.dtype, job.outputs[k], offset, n, o_stage), n);
-        }
+        float* df = kDoutputs ? output_fp32(job.dtype, job.doutputs[k], offset, d_stage) : nullptr;
+        const float* of = kDweights ? load_fp32(job.dtype, job.outputs[k], offset, n, o_stage) : nullptr;
+        backward_run<kDoutputs, kDweights>(df, kDweights ? acc.sum(k) : nullptr, gf, of, job.weights[k], n);
+        if constexpr (kDoutputs) store_from_fp32(job.dtype, job.doutputs[k], offset, n, df);
       }
     });
     if constexpr (kDweights) {

@@ -2,8 +2,10 @@
 
 Shared by the ``qdarts bench`` runner and by the pytest-benchmark files under ``bench/`` so that
 both time exactly the same work. Only public APIs are used: ``qdarts_kernels.<op>(..., backend=)``
-for the fused backends and ``qdarts_kernels.reference.<op>`` (ordinary autograd, straight-through
-round) for the eager baseline, which ``torch.compile`` also compiles.
+for the fused backends and ``qdarts_kernels.reference.<op>`` for the eager baseline, which
+``torch.compile`` also compiles. The quantizers have one more baseline, ``autograd``: the
+straightforward PyTorch code (:func:`straightforward_quant`) that keeps its temporaries for backward,
+which is what issue 2's CPU targets and the eager figures of DESIGN section 6 compare against.
 
 Minimum memory traffic per element (DESIGN section 6), for fp32; tensors in a 2-byte dtype move half
 of it (the scales, probabilities and weights are negligible):
@@ -17,7 +19,7 @@ of it (the scales, probabilities and weights are negligible):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,6 +28,8 @@ import qdarts_kernels as qk
 MODES = ("forward", "backward", "forward+backward")
 EAGER = "eager"
 COMPILED = "compiled"
+#: The straightforward implementation of a quantizer (issue 2's baseline); see straightforward_quant.
+AUTOGRAD = "autograd"
 #: Backends whose kernels run on each device type (Triton on CPU only interprets: not timed).
 DEVICE_BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 
@@ -135,6 +139,13 @@ class OpCase:
         axis = 1 if self.scaling == "per_channel" else None
         backend = None if impl in (EAGER, COMPILED) else impl
         bits = self.bits
+        if impl == AUTOGRAD:
+            if self.op == "mixed_op_sum":
+                raise ValueError("the autograd baseline is defined for the quantizers; for mixed_op_sum "
+                                 "the reference is the straightforward code")
+            if self.op == "fake_quant":
+                return lambda x, scale: straightforward_quant(x, None, scale.reshape(1, -1), bits, axis)
+            return lambda x, probs, scales: straightforward_quant(x, probs, scales, bits, axis)
         if self.op == "mixed_fake_quant":
             if backend is None:
                 ref = qk.reference.mixed_fake_quant
@@ -175,6 +186,31 @@ def implementation(case: OpCase, impl: str) -> Callable[..., torch.Tensor]:
     static shapes (compilation happens on the first call, one per shape and dtype)."""
     fn = case.function(impl)
     return torch.compile(fn, dynamic=False) if impl == COMPILED else fn
+
+
+def straightforward_quant(x: torch.Tensor, probs: Optional[torch.Tensor], scales: torch.Tensor,
+                          bits: Tuple[int, ...], axis: Optional[int]) -> torch.Tensor:
+    """``sum_k p_k * s_k * clamp(round(x * (1/s_k)), -2^(b_k-1), 2^(b_k-1)-1)`` (signed grid, the
+    grid of every case here; ``probs`` None means one bit-width with weight 1) as one would write it
+    in plain PyTorch: ordinary autograd through every step and a straight-through round
+    (``v + (round(v) - v).detach()``). Autograd keeps each bit-width's temporaries for backward."""
+    xm = x.float()
+    y = None
+    for k, b in enumerate(bits):
+        s = scales[k].float()
+        if axis is not None:
+            s = s.reshape([-1 if d == axis else 1 for d in range(x.dim())])
+        v = xm * (1.0 / s)
+        q = torch.clamp(v + (torch.round(v) - v).detach(), -(2.0 ** (b - 1)), 2.0 ** (b - 1) - 1)
+        term = q * s if probs is None else probs[k] * (q * s)
+        y = term if y is None else y + term
+    return y.to(x.dtype)
+
+
+def implementations(case: OpCase, device: str) -> List[str]:
+    """What is timed on ``case``: eager, compiled, the fused backends of the device, and for the
+    quantizers the straightforward autograd code (for mixed_op_sum the reference already is that)."""
+    return [EAGER, COMPILED] + backends_for(device) + ([AUTOGRAD] if case.op != "mixed_op_sum" else [])
 
 
 def backends_for(device: str) -> List[str]:

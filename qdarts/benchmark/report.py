@@ -7,7 +7,7 @@ import os
 import tempfile
 from typing import Any, Dict, Iterable, List, Optional
 
-from .cases import COMPILED, EAGER, MODES
+from .cases import AUTOGRAD, COMPILED, EAGER, MODES
 
 MB = 2**20
 
@@ -88,8 +88,9 @@ def conditions_lines(results: Dict[str, Any]) -> List[str]:
         f"{results['cache_bytes'] // MB} MiB last-level cache is flushed before every run (a buffer twice "
         f"its size is rewritten) and the device synchronised; forward runs with inputs that require grad "
         f"(as in training); backward is timed alone after an untimed forward; GB/s counts the minimum "
-        f"traffic (DESIGN section 6). `eager` = `qdarts_kernels.reference` with autograd, `compiled` = "
-        f"`torch.compile` of it (one compilation per shape and dtype).",
+        f"traffic (DESIGN section 6). `eager` = `qdarts_kernels.reference`, `compiled` = `torch.compile` of "
+        f"it (one compilation per shape and dtype), `autograd` = the straightforward PyTorch quantizer "
+        f"(autograd through every step, straight-through round; `qdarts.benchmark.cases.straightforward_quant`).",
     ]
 
 
@@ -101,25 +102,26 @@ def summary_rows(records: List[Dict[str, Any]]) -> List[List[str]]:
         if r["mode"] == "forward+backward":
             by_case.setdefault(_case_key(r), {})[r["impl"]] = r
     for key, impls in by_case.items():
-        fused = [r for name, r in impls.items() if name not in (EAGER, COMPILED)]
+        fused = [r for name, r in impls.items() if name not in (EAGER, COMPILED, AUTOGRAD)]
         best = min(fused, key=lambda r: r["median_ms"]) if fused else None
         eager, compiled = impls.get(EAGER), impls.get(COMPILED)
         any_r = next(iter(impls.values()))
+        autograd = impls.get(AUTOGRAD)
         rows.append([
-            any_r["label"], _shape(any_r), any_r["dtype"],
+            any_r["label"], _shape(any_r), any_r["dtype"], _num(autograd and autograd["median_ms"]),
             _num(eager and eager["median_ms"]), _num(compiled and compiled["median_ms"]),
             best["impl"] if best else "-", _num(best and best["median_ms"]),
             _ratio(best and best["speedup_vs_eager"]), _ratio(best and best["speedup_vs_compiled"]),
             _num(best and best["gbps"]), _num(best and best["pct_of_copy"], 2) + ("%" if best else ""),
             " / ".join(_num(impls[n]["saved_bytes"] / MB) if n in impls else "-"
-                       for n in [EAGER, COMPILED] + ([best["impl"]] if best else [])),
+                       for n in [AUTOGRAD, EAGER, COMPILED] + ([best["impl"]] if best else [])),
         ])
     return rows
 
 
 SUMMARY_HEADER = [
-    "op", "shape", "dtype", "eager ms", "compiled ms", "best fused", "fused ms", "x eager", "x compiled",
-    "GB/s", "% of copy", "MB kept for backward (eager / compiled / fused)",
+    "op", "shape", "dtype", "autograd ms", "eager ms", "compiled ms", "best fused", "fused ms", "x eager", "x compiled",
+    "GB/s", "% of copy", "MB kept for backward (autograd / eager / compiled / fused)",
 ]
 
 
@@ -127,11 +129,12 @@ def markdown_report(results: Dict[str, Any]) -> str:
     records = results["kernels"]
     lines = ["# qdarts benchmark report", "", *conditions_lines(results), ""]
     if results.get("targets"):
-        lines += ["## Issue-2 targets (cpu backend over the eager reference, forward+backward, fp32)", ""]
+        lines += ["## Issue-2 targets (cpu backend against straightforward eager PyTorch, forward+backward, fp32)", ""]
         lines += _table(
-            ["op", "shape", "target", "measured", "met"],
+            ["op", "shape", "baseline", "baseline ms", "cpu ms", "target", "measured", "met"],
             ([t["op"] + ("" if t["scaling"] == "-" else f" {t['scaling']}"),
-              "x".join(map(str, t["shape"])) if t.get("shape") else _size(t["numel"]), f">= {t['ratio']}x",
+              "x".join(map(str, t["shape"])) if t.get("shape") else _size(t["numel"]), t["baseline"],
+              _num(t.get("baseline_ms")), _num(t.get("cpu_ms")), f">= {t['ratio']}x",
               _ratio(t["measured"]), {True: "yes", False: "NO", None: t.get("note", "-")}[t["met"]]]
              for t in results["targets"]),
         )
@@ -203,12 +206,12 @@ def end_to_end_lines(results: Dict[str, Any]) -> List[str]:
     for e in ok:
         base = baseline.get((e["config"], e["mode"]))
         rows.append([
-            e["config"], e["description"], e["ops"], e["mode"],
+            e["config"], e["description"], e["ops"], "yes" if e["mode"] == "compiled" else "no",
             f"{_num(e['median_ms'])} ({_num(e['p20_ms'])}-{_num(e['p80_ms'])})", times(base, e, "median_ms"),
             _num(e["saved_mb"]), times(base, e, "saved_mb"),
             _num(e["peak_mb"]) if e.get("peak_mb") is not None else "-", times(base, e, "peak_mb"),
         ])
-    lines += _table(["config", "setting", "ops", "mode", "ms per step (p20-p80)", "x faster than eager",
+    lines += _table(["config", "setting", "ops", "torch.compile", "ms per step (p20-p80)", "x faster than eager",
                      "saved MB", "x less saved", "peak MB", "x less peak"], rows)
     target = results.get("end_to_end_target")
     if target:

@@ -1,0 +1,238 @@
+"""mixed_fake_quant_grouped: N tensors in one call, on every backend, against the single op.
+
+Output i must equal ``mixed_fake_quant(xs[i], probs[i], scales[i], ...)`` bit for bit, and the
+gradients those of the reference up to the order of the sums (same tolerances as
+test_backends.py). The groups mix shapes (odd sizes, empty tensors, different ranks) so that the
+fused kernels' per-tensor tables, tiling and segment reductions are exercised.
+"""
+
+import zlib
+
+import pytest
+import torch
+
+import qdarts_kernels as qk
+from qdarts_kernels import reference as ref
+from test_backends import (
+    BIT_SETS,
+    GRID_NAMES,
+    _abs_term_sums,
+    _assert_exact,
+    _assert_reduction_close,
+    _leaf,
+    _probs,
+    _scales_for,
+)
+from test_ops import CPU_SIDE_BACKENDS
+
+# Groups of shapes; per channel along axis 1 or -1 (each x normalises it for itself).
+GROUPS = {
+    "one": [(5, 6, 3)],
+    "mixed": [(7, 3, 3, 3), (0, 3), (1, 1), (4, 5, 2), (2, 9)],
+    "seven": [(3, 4), (17, 2), (2, 1, 3), (0, 5, 1), (8, 3), (1, 7), (6, 2, 2)],
+    "large": [(2, 4100), (3, 5), (64, 37)],
+}
+
+
+def _group(shapes, bits, grid, axis, dtype, gen):
+    xs = [(torch.randn(s, generator=gen) * 2).to(dtype) for s in shapes]
+    scales = [
+        _scales_for(x, bits, grid, axis, gen) if x.numel()
+        else torch.ones((len(bits),) if axis is None else (len(bits), x.shape[axis]))
+        for x in xs
+    ]
+    return xs, [_probs(len(bits), gen) for _ in xs], scales
+
+
+def check_grouped(backend, device, xs, probs, scales, bits, grid, axis, needs=(True, True, True), stacked=False):
+    """Forward of every tensor exactly the single op's; gradients close to the reference's."""
+    gen = torch.Generator().manual_seed(3)
+    n = len(xs)
+    xb = [_leaf(x, device, needs[0]) for x in xs]
+    sb = [_leaf(s, device, needs[2]) for s in scales]
+    pb = _leaf(torch.stack(probs), device, needs[1]) if stacked else [_leaf(p, device, needs[1]) for p in probs]
+    ys = qk.mixed_fake_quant_grouped(xb, pb, sb, bits, grid=grid, axis=axis, backend=backend)
+    assert len(ys) == n
+    what = f"{backend} bits={bits} grid={grid} axis={axis} {xs[0].dtype}"
+    for i in range(n):
+        assert ys[i].shape == xs[i].shape and ys[i].dtype == xs[i].dtype
+        single = qk.mixed_fake_quant(xb[i].detach(), probs[i].to(device), scales[i].to(device), bits, grid=grid,
+                                     axis=axis, backend=backend)
+        _assert_exact(ys[i].cpu(), single.cpu(), f"forward[{i}] vs single op, {what}")
+        yr = ref.mixed_fake_quant(xs[i], probs[i], scales[i], bits, grid=grid, axis=axis)
+        _assert_exact(ys[i].cpu(), yr, f"forward[{i}] vs reference, {what}")
+    if not any(needs):
+        return
+    gs = [torch.randn(x.shape, generator=gen).to(x.dtype) for x in xs]
+    torch.autograd.backward(ys, [g.to(device) for g in gs])
+    dprobs = pb.grad.cpu() if stacked else None
+    for i in range(n):
+        xr, pr, sr = (_leaf(t, "cpu", need) for t, need in zip((xs[i], probs[i], scales[i]), needs))
+        ref.mixed_fake_quant(xr, pr, sr, bits, grid=grid, axis=axis).backward(gs[i])
+        if needs[0]:
+            if len(bits) == 1:
+                _assert_exact(xb[i].grad.cpu(), xr.grad, f"dx[{i}]")
+            else:
+                tol = 1e-6 if xs[i].dtype == torch.float32 else 1e-2
+                torch.testing.assert_close(xb[i].grad.cpu(), xr.grad, rtol=tol, atol=tol,
+                                           msg=lambda m: f"dx[{i}]: {m}")
+        dp_abs, ds_abs = _abs_term_sums(xs[i], probs[i], scales[i], bits, grid, axis, gs[i])
+        if needs[1]:
+            got = dprobs[i] if stacked else pb[i].grad.cpu()
+            _assert_reduction_close(got, pr.grad, dp_abs, f"dprobs[{i}]")
+        if needs[2]:
+            assert sb[i].grad.shape == scales[i].shape
+            _assert_reduction_close(sb[i].grad.cpu(), sr.grad, ds_abs.reshape(sr.grad.shape), f"dscales[{i}]")
+
+
+@pytest.mark.parametrize("group", list(GROUPS))
+@pytest.mark.parametrize("axis", [None, 1, -1])
+def test_grouped_shapes(backend_device, group, axis):
+    backend, device = backend_device
+    shapes = GROUPS[group]
+    if axis is not None:
+        shapes = [s for s in shapes if len(s) > 1]
+    bits = (2, 4, 8)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((group, axis)).encode()))
+    check_grouped(backend, device, *_group(shapes, bits, "signed", axis, torch.float32, gen), bits, "signed", axis)
+
+
+@pytest.mark.parametrize("bits", BIT_SETS, ids=lambda b: "b" + "-".join(map(str, b)))
+@pytest.mark.parametrize("grid", GRID_NAMES)
+@pytest.mark.parametrize("axis", [None, 0])
+def test_grouped_bits_and_grids(backend_device, bits, grid, axis):
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((bits, grid, axis)).encode()))
+    xs, probs, scales = _group([(3, 5, 7), (6, 11), (2, 3)], bits, grid, axis, torch.float32, gen)
+    check_grouped(backend, device, xs, probs, scales, bits, grid, axis)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("axis", [None, 1])
+def test_grouped_dtypes_and_stacked_probs(backend_device, dtype, axis):
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(17)
+    xs, probs, scales = _group([(4, 9, 3), (5, 2), (2, 33)], (2, 8), "unsigned", axis, dtype, gen)
+    check_grouped(backend, device, xs, probs, scales, (2, 8), "unsigned", axis, stacked=True)
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
+                                   (False, True, True), (False, False, False)], ids=str)
+def test_grouped_partial_gradients(backend_device, needs):
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(5)
+    xs, probs, scales = _group([(6, 33), (3, 2)], (2, 4), "midrise", 0, torch.float32, gen)
+    check_grouped(backend, device, xs, probs, scales, (2, 4), "midrise", 0, needs=needs)
+
+
+def test_grouped_unused_output_and_deterministic(backend_device):
+    """An output left out of the loss gets zero gradients; two backward passes agree bit for bit."""
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(9)
+    xs, probs, scales = _group([(40, 30), (7, 3)], (2, 4, 8), "signed", None, torch.float32, gen)
+    grads = []
+    for _ in range(2):
+        pb = _leaf(torch.stack(probs), device)
+        sb = [_leaf(s, device) for s in scales]
+        ys = qk.mixed_fake_quant_grouped([x.to(device) for x in xs], pb, sb, (2, 4, 8), backend=backend)
+        (ys[0] * 3).sum().backward()
+        grads.append((pb.grad.cpu(), [s.grad.cpu() for s in sb]))
+    assert torch.equal(grads[0][0][1], torch.zeros(3)) and torch.equal(grads[0][1][1], torch.zeros(3))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+# --------------------------------------------------------------------------------------------------
+# as a PyTorch operator
+# --------------------------------------------------------------------------------------------------
+
+
+def _op_args(backend, per_channel):
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(s, generator=gen).requires_grad_() for s in [(4, 3, 5), (2, 3), (0, 3)]]
+    probs = torch.softmax(torch.randn(3, 2, generator=gen), 1).requires_grad_()
+    scales = [(torch.rand((2, 3) if per_channel else (2,), generator=gen) * 0.2 + 0.05).requires_grad_()
+              for _ in xs]
+    return xs, probs, scales, [2, 4], 0, [1, 1, 1] if per_channel else [-1, -1, -1], backend
+
+
+@pytest.mark.parametrize("backend", CPU_SIDE_BACKENDS)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_opcheck_grouped(backend, per_channel):
+    args = _op_args(backend, per_channel)
+    torch.library.opcheck(torch.ops.qdarts.mixed_fake_quant_grouped.default, args)
+    xs, probs, scales, *rest = args
+    grads = [torch.randn(x.shape) for x in xs]
+    for needs in [(True, True, True), (False, True, False), (False, False, True)]:
+        torch.library.opcheck(torch.ops.qdarts.mixed_fake_quant_grouped_backward.default,
+                              (grads, [x.detach() for x in xs], probs.detach(), [s.detach() for s in scales],
+                               *rest, *needs))
+
+
+class _GroupedNet(torch.nn.Module):
+    """Two linear layers whose weights are quantized per channel by one grouped call."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+        self.lin1, self.lin2 = torch.nn.Linear(8, 6), torch.nn.Linear(6, 4)
+        self.logits = torch.nn.Parameter(torch.zeros(2, 3))
+        self.scales = torch.nn.ParameterList([torch.nn.Parameter(torch.full((3, c), 0.05)) for c in (6, 4)])
+
+    def forward(self, x):
+        w1, w2 = qk.mixed_fake_quant_grouped([self.lin1.weight, self.lin2.weight], torch.softmax(self.logits, 1),
+                                             list(self.scales), (2, 4, 8), axis=0, backend=self.backend)
+        return torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x, w1, self.lin1.bias)), w2,
+                                          self.lin2.bias)
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_SIDE_BACKENDS if b != "triton"])
+def test_grouped_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _GroupedNet(backend)
+    x = torch.randn(5, 8)
+    eager = model(x)
+    eager.sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager)
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g)
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input: the error names the argument and its index
+# --------------------------------------------------------------------------------------------------
+
+XS = [torch.randn(4, 3), torch.randn(2, 3)]
+PS = [torch.tensor([0.5, 0.5])] * 2
+SS = [torch.tensor([0.1, 0.2])] * 2
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(xs=[]), ValueError, "xs must hold at least one"),
+        (dict(xs=XS[0]), TypeError, "xs must be a list"),
+        (dict(xs=[XS[0], "x"]), TypeError, r"xs\[1\] must be a torch.Tensor"),
+        (dict(xs=[XS[0], XS[1].double()]), TypeError, r"xs\[1\] has dtype"),
+        (dict(xs=[XS[0], XS[1].to("meta")]), ValueError, r"probs\[1\] is on cpu but xs\[1\] is on meta"),
+        (dict(probs=PS[:1]), ValueError, "probs must hold one entry per x"),
+        (dict(probs=torch.ones(3, 2)), ValueError, r"probs as one tensor must have shape \[2, K\]"),
+        (dict(probs=[PS[0], torch.ones(3)]), ValueError, r"probs\[1\] must have shape \[2\]"),
+        (dict(scales=[SS[0], torch.ones(3)]), ValueError, r"scales\[1\] must have shape \[2\]"),
+        (dict(scales=[SS[0], torch.tensor([0.1, 0.0])]), ValueError, r"scales\[1\] must be > 0"),
+        (dict(axis=0), ValueError, r"scales\[0\] must have shape \[2, 4\]"),
+        (dict(bits=(2, 17)), ValueError, "bits must be in"),
+        (dict(grid="asym"), ValueError, "grid must be one of"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_grouped_bad_input(kwargs, exc, match):
+    args = dict(xs=XS, probs=PS, scales=SS, bits=(2, 4), grid="signed", axis=None)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        qk.mixed_fake_quant_grouped(args.pop("xs"), args.pop("probs"), args.pop("scales"), args.pop("bits"), **args)

@@ -40,6 +40,15 @@ TORCH_LIBRARY(qdarts_C, m) {
   m.def(
       "mixed_op_sum_backward(Tensor grad, Tensor[] outputs, Tensor weights, bool need_doutputs,"
       " bool need_dweights) -> (Tensor[], Tensor)");
+  // N tensors with one bit set and grid (probs [N, K], scales[i] [K] or [K, C_i], axes[i] the
+  // normalised axis of xs[i] or all -1); dscales comes back as one flat tensor, the concatenation
+  // of every scales[i]'s gradient. Implemented for CUDA only (the CPU backend loops in Python).
+  m.def(
+      "mixed_fake_quant_grouped_forward(Tensor[] xs, Tensor probs, Tensor[] scales, int[] bits, int grid,"
+      " int[] axes) -> Tensor[]");
+  m.def(
+      "mixed_fake_quant_grouped_backward(Tensor[] grads, Tensor[] xs, Tensor probs, Tensor[] scales, int[] bits,"
+      " int grid, int[] axes, bool need_dx, bool need_dprobs, bool need_dscales) -> (Tensor[], Tensor, Tensor)");
   m.def("has_cuda_kernels() -> bool", &has_cuda_kernels);
 }
 

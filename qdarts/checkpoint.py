@@ -2,37 +2,111 @@
 
 Every file is written to a temporary file in the same folder, flushed and fsynced, then moved over
 the target with ``os.replace`` (atomic on POSIX and Windows): a kill at any moment leaves either
-the previous complete file or the new complete one, never a torn one.
+the previous complete file or the new complete one, never a torn one. A kill can leave the
+temporary file itself (``.<name>.<random>.tmp``); :func:`remove_stale_temporaries` clears those
+when a run starts or resumes.
+
+Test hook: with ``QDARTS_TEST_PAUSE_BEFORE_REPLACE=N`` the N-th atomic write of the process stops
+after its temporary file is complete and before ``os.replace``: it prints
+``qdarts: paused before replacing <path>`` to stderr and sleeps, so that a test can kill it exactly
+there.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
+import sys
 import tempfile
-from typing import Any, Callable, Dict
+import time
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_torch_save", "rng_state", "set_rng_state", "seed_everything"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_torch_save", "rng_state", "set_rng_state", "seed_everything",
+           "load_checkpoint", "prepare_output_folder", "remove_stale_temporaries", "PAUSE_BEFORE_REPLACE_ENV"]
+
+PAUSE_BEFORE_REPLACE_ENV = "QDARTS_TEST_PAUSE_BEFORE_REPLACE"
+_TMP_SUFFIX = ".tmp"
+#: the names mkstemp gives atomic_write's temporaries: "." + target name + "." + 8 random characters + ".tmp"
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+_writes_done = 0
+
+
+def _pause_if_asked(path: str) -> None:
+    global _writes_done
+    _writes_done += 1
+    if os.environ.get(PAUSE_BEFORE_REPLACE_ENV) == str(_writes_done):
+        print(f"qdarts: paused before replacing {path}", file=sys.stderr, flush=True)
+        time.sleep(3600)
+
+
+def _file_mode() -> int:
+    """What ``open`` would give a new file (0o666 less the umask); mkstemp's 0o600 would hide outputs
+    from the other users of a shared run folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, then atomically move it to ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=_TMP_SUFFIX, dir=folder)
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        _pause_if_asked(path)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(folder: str) -> None:
+    """Delete the temporary files that a killed :func:`atomic_write` left in ``folder``."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if _TEMPORARY.fullmatch(name):
+            os.unlink(os.path.join(folder, name))
+
+
+def prepare_output_folder(folder: str) -> None:
+    """Create ``folder`` if needed and prove it writable (before any work is spent), removing the
+    temporaries of a killed earlier run; a ``ValueError`` names the folder otherwise."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"output folder {folder!r} cannot be written ({e.strerror or e})") from e
+    remove_stale_temporaries(folder)
+
+
+def load_checkpoint(path: str, fmt: str) -> Optional[Dict[str, Any]]:
+    """The checkpoint at ``path`` (None if there is none); a ``ValueError`` naming the file if it is
+    unreadable (truncated, not a torch file) or not a ``fmt`` checkpoint."""
+    if not os.path.isfile(path):
+        return None
+    hint = "delete it to start afresh, or choose another --out"
+    try:
+        # weights_only=False: the RNG states are NumPy objects; load checkpoints you wrote yourself only
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch.load raises whatever the unpickler meets in a torn or foreign file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"checkpoint {path!r} cannot be read ({reason}); {hint}") from e
+
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise ValueError(f"{path!r} is not a {fmt} file; {hint}")
+    return state
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -27,6 +27,15 @@ def _default(cls, name):
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    from .fastpath import COMPILE_MODES
+
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                   help="torch.compile the forward and loss as one graph (fullgraph), backward included; "
+                        "MODE: default (inductor), reduce-overhead (also CUDA-graph capture, CUDA only), "
+                        "max-autotune (default when the flag has no value: default; off without the flag)")
+    p.add_argument("--act-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="activation dtype: bf16 runs the network forward under autocast, the quantizers "
+                        "then see bf16 activations (default: fp32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
     p.add_argument("--backend", default=None, choices=["reference", "cpu", "cuda", "triton"],
                    help="qdarts_kernels backend (default: automatic)")
@@ -78,6 +87,9 @@ def _search_parser(sub) -> None:
     p.add_argument("--arch-lr", type=float, default=d("arch_lr"), help=f"(default: {d('arch_lr')})")
     p.add_argument("--seed", type=int, default=d("seed"), help=f"(default: {d('seed')})")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--grouped-weights", action=argparse.BooleanOptionalAction, default=d("grouped_weights"),
+                   help="quantize the weights of all convs in one grouped launch per step (default: on; "
+                        "--no-grouped-weights: one launch per conv, the same values)")
     _add_common(p)
     p.set_defaults(run=_run_search)
 
@@ -138,9 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup(args) -> None:
     import torch
 
+    from .distributed import init_from_env
+
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
+    args.device = init_from_env(args.device)  # under torchrun: join the group, this rank's device
+
+
+def _is_writer() -> bool:
+    """Under torchrun only rank 0 reports (every rank computes the same result)."""
+    from .distributed import current
+
+    return current().is_writer
 
 
 def _run_search(args) -> int:
@@ -153,9 +175,12 @@ def _run_search(args) -> int:
         partial_channels=args.partial_channels, quantizer=args.quantizer, act_grid=args.act_grid,
         share_gamma=not args.gamma_per_conv, cost=args.cost, cost_weight=args.cost_weight, order=args.order,
         weight_lr=args.weight_lr, gamma_lr=args.gamma_lr, arch_lr=args.arch_lr, seed=args.seed,
-        device=args.device, backend=args.backend)
+        device=args.device, backend=args.backend, grouped_weights=args.grouped_weights, act_dtype=args.act_dtype,
+        compile=args.compile)
     result = run_search(config, args.out, resume=args.resume, progress=not args.no_progress,
                         plots=not args.no_plots)
+    if not _is_writer():
+        return 0
     cost, last = result["cost"], result["history"][-1]
     print(result["genotype"].describe())
     print(f"val accuracy {last['val_acc']:.4f}; derived BitOps {cost['bitops']:.4g} "
@@ -172,8 +197,10 @@ def _run_train(args) -> int:
         genotype=args.genotype, fp32=args.fp32, epochs=args.epochs, batch_size=args.batch_size, layers=args.layers,
         channels=args.channels, lr=args.lr, auxiliary=args.auxiliary, aux_weight=args.aux_weight,
         drop_path=args.drop_path, data=args.data, data_dir=args.data_dir, seed=args.seed, device=args.device,
-        backend=args.backend)
+        backend=args.backend, act_dtype=args.act_dtype, compile=args.compile)
     s = run_train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    if not _is_writer():
+        return 0
     print(f"test accuracy {s['test_accuracy']:.4f}; BitOps {s['bitops']:.4g} (fp32 {s['bitops_fp32']:.4g}, "
           f"{s['bitops_reduction']:.1f}x); memory {s['memory_bytes']:.0f} B (fp32 {s['memory_bytes_fp32']:.0f} B); "
           f"{os.path.join(os.path.abspath(args.out), 'summary.json')}")
@@ -188,3 +215,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"qdarts {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system failed mid-run (disk full, permissions changed): not a bug
+        print(f"qdarts {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        hint = "; the last epoch's checkpoint is kept: continue with --resume" if args.command != "bench" else ""
+        print(f"qdarts {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    finally:
+        if "qdarts.distributed" in sys.modules:
+            sys.modules["qdarts.distributed"].shutdown()

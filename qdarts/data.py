@@ -105,11 +105,12 @@ def _synthetic(num_train: int = 512, num_test: int = 256, num_classes: int = 10,
 
 
 def _unpickle(path: str) -> dict:
-    try:
-        with open(path, "rb") as f:
+    with open(path, "rb") as f:
+        try:
             return pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise ValueError(f"CIFAR-10 file {path!r} is not a python pickle of the CIFAR-10 format ({e})") from e
+        except Exception as e:  # a torn or foreign file makes the unpickler raise almost anything
+            raise ValueError(f"CIFAR-10 file {path!r} is not a python pickle of the CIFAR-10 format "
+                             f"({type(e).__name__}: {e})") from e
 
 
 def _get(d: dict, key: str, path: str):
@@ -186,13 +187,27 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool, generator: Optional[torch.Generator] = None,
-            augment: bool = False, device: torch.device | str = "cpu", drop_last: bool = False
-            ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches of (x, y) moved to ``device``; the order and augmentation come from ``generator`` only."""
+            augment: bool = False, device: torch.device | str = "cpu", drop_last: bool = False,
+            shard: Tuple[int, int] = (0, 1)) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches of (x, y) moved to ``device``; the order and augmentation come from ``generator`` only.
+
+    ``shard=(rank, world_size)``: every rank draws the same permutation, cut to a multiple of
+    ``world_size`` (each rank then yields as many batches), and takes every ``world_size``-th sample
+    of it from ``rank`` on; the ranks' k-th batches together are the k-th batch of size
+    ``world_size * batch_size`` of one process. Each rank augments with its own stream, forked from
+    ``generator`` after the permutation (the same stream on every rank would crop alike).
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rank, world_size = shard
     n = x.shape[0]
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if world_size > 1:
+        order = order[: n - n % world_size][rank::world_size]
+        n = order.shape[0]
+        if augment:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            generator = torch.Generator().manual_seed(seed + rank)
     stop = n - n % batch_size if drop_last and n >= batch_size else n
     for start in range(0, stop, batch_size):
         idx = order[start: start + batch_size]
@@ -202,6 +217,7 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool,
         yield xb.to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
 
 
-def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
-    """How many batches :func:`batches` yields for ``n`` samples."""
+def num_batches(n: int, batch_size: int, drop_last: bool = False, world_size: int = 1) -> int:
+    """How many batches :func:`batches` yields for ``n`` samples (per rank, sharded over ``world_size``)."""
+    n //= world_size
     return n // batch_size if drop_last and n >= batch_size else -(-n // batch_size)

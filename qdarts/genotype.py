@@ -209,7 +209,7 @@ def load_genotype(path: str) -> Genotype:
     with open(path) as f:
         try:
             d = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from e
     return Genotype.from_dict(d, source=path)
 
@@ -222,4 +222,3 @@ def edge_index(node: int, inp: int) -> int:
 def edge_nodes(steps: int) -> List[Tuple[int, int]]:
     """(node, input) of every edge of a search cell with ``steps`` intermediate nodes, in edge order."""
     return [(n, i) for n in range(2, steps + 2) for i in range(n)]
-

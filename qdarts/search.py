@@ -28,14 +28,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_torch_save, atomic_write_text, rng_state, seed_everything, set_rng_state
+from . import distributed
+from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, prepare_output_folder, rng_state,
+                         seed_everything, set_rng_state)
 from .cost import COST_KINDS, ExpectedCost, network_cost
 from .data import DATASETS, batches, load_dataset, num_batches
 from .derive import derive_genotype
 from .evalnet import EvalNetwork
 from .genotype import Genotype
+from .fastpath import COMPILE_MODES, compiled, record_shapes
 from .ops import ACT_GRIDS, QUANTIZERS
-from .supernet import SearchNetwork, SupernetConfig
+from .supernet import ACT_DTYPES, SearchNetwork, SupernetConfig
 
 __all__ = ["SearchConfig", "Searcher", "run_search", "cosine_lr", "CHECKPOINT", "ORDERS"]
 
@@ -78,6 +81,9 @@ class SearchConfig:
     seed: int = 0
     device: str = "cpu"
     backend: Optional[str] = None
+    grouped_weights: bool = True
+    act_dtype: str = "fp32"
+    compile: Optional[str] = None
 
     def validate(self) -> None:
         def need(ok, msg):
@@ -100,6 +106,9 @@ class SearchConfig:
         need(self.cost in COST_KINDS, f"cost must be one of {COST_KINDS}, got {self.cost!r}")
         need(self.order in ORDERS, f"order must be one of {ORDERS}, got {self.order!r}")
         need(self.cost_weight >= 0, f"cost_weight must be >= 0, got {self.cost_weight}")
+        need(self.act_dtype in ACT_DTYPES, f"act_dtype must be one of {ACT_DTYPES}, got {self.act_dtype!r}")
+        need(self.compile is None or self.compile in COMPILE_MODES,
+             f"compile must be None or one of {COMPILE_MODES}, got {self.compile!r}")
         need(self.device == "cpu" or self.device.startswith("cuda"), f"device must be cpu or cuda[:i], got {self.device!r}")
         if self.device.startswith("cuda"):
             need(torch.cuda.is_available(), f"device {self.device!r} requested but CUDA is not available")
@@ -147,6 +156,9 @@ class Searcher:
         self.config = config
         self.out_dir = out_dir
         self.progress = progress
+        self.dist = distributed.current()
+        self._replicas_equal = not self.dist.enabled
+
         self.device = torch.device(config.device)
         self.dataset = load_dataset(config.data, config.data_dir)
         self.train_x, self.train_y, self.val_x, self.val_y = self.dataset.search_split(config.train_portion)
@@ -155,10 +167,17 @@ class Searcher:
             input_shape=self.dataset.input_shape, num_classes=self.dataset.num_classes, channels=config.channels,
             layers=config.layers, steps=config.steps, partial_channels=config.partial_channels,
             bits=tuple(config.bits), quantizer=config.quantizer, act_grid=config.act_grid,
-            share_gamma=config.share_gamma, backend=config.backend)).to(self.device)
+            share_gamma=config.share_gamma, backend=config.backend, grouped_weights=config.grouped_weights,
+            act_dtype=config.act_dtype)).to(self.device)
         self.groups = self.net.param_groups()
         self.arch_params = self.groups["alpha"] + self.groups["beta"]
         self.cost = ExpectedCost(self.net, config.cost)
+        if config.compile is not None:  # the cost's constant tables exist before the first trace
+            record_shapes(self.net, self.dataset.input_shape, self.device)
+            with torch.no_grad():
+                self.cost()
+        self._train_loss_fn = compiled(self._train_loss_eager, config.compile)
+        self._val_loss_fn = compiled(self._val_loss_eager, config.compile)
         c = config
         self.opt_weights = torch.optim.SGD(self.groups["weights"], lr=c.weight_lr, momentum=c.weight_momentum,
                                            weight_decay=c.weight_decay)
@@ -192,6 +211,14 @@ class Searcher:
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        try:
+            self._load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{self.checkpoint_path!r} does not fit the search it describes ({reason}); "
+                             "delete it to start afresh, or choose another --out") from e
+
+    def _load_state_dict(self, state: Dict[str, Any]) -> None:
         self.net.load_state_dict(state["model"])
         self.opt_weights.load_state_dict(state["opt_weights"])
         if self.opt_gamma is not None:
@@ -204,30 +231,36 @@ class Searcher:
 
     @staticmethod
     def read_checkpoint(out_dir: str) -> Optional[Dict[str, Any]]:
-        path = os.path.join(out_dir, CHECKPOINT)
-        if not os.path.isfile(path):
-            return None
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or state.get("format") != "qdarts-search-checkpoint":
-            raise ValueError(f"{path} is not a qdarts search checkpoint")
+        state = load_checkpoint(os.path.join(out_dir, CHECKPOINT), "qdarts-search-checkpoint")
+        if state is not None and not isinstance(state.get("config"), dict):
+            raise ValueError(f"{os.path.join(out_dir, CHECKPOINT)!r} holds no search config; delete it to start "
+                             "afresh, or choose another --out")
         return state
 
     # ------------------------------------------------------------------ one step
 
     def _train_loss(self, x, y):
+        """(logits, CE, CE + lambda * C) on a train batch; compiled with ``compile``."""
+        return self._train_loss_fn(x, y)
+
+    def _train_loss_eager(self, x, y):
         logits = self.net(x)
         ce = F.cross_entropy(logits, y)
         loss = ce + self.config.cost_weight * self.cost() if self.config.cost_weight else ce
         return logits, ce, loss
 
+    def _val_loss_eager(self, x, y):
+        return F.cross_entropy(self.net(x), y)
+
     def _arch_step(self, xb, yb, xv, yv, lr: float) -> None:
         if self.config.order == "first":
-            loss = F.cross_entropy(self.net(xv), yv)
+            loss = self._val_loss_fn(xv, yv)
             grads = torch.autograd.grad(loss, self.arch_params, allow_unused=True)
         else:
             grads = self._second_order_grads(xb, yb, xv, yv, lr)
         for p, g in zip(self.arch_params, grads):
             p.grad = torch.zeros_like(p) if g is None else g
+        distributed.all_reduce_gradients(self.arch_params)
         self.opt_arch.step()
 
     def _second_order_grads(self, xb, yb, xv, yv, lr: float):
@@ -249,7 +282,7 @@ class Searcher:
                 if buf is not None:
                     step = step + c.weight_momentum * buf
                 p.sub_(lr * step)
-        val_loss = F.cross_entropy(self.net(xv), yv)
+        val_loss = self._val_loss_fn(xv, yv)
         grads = torch.autograd.grad(val_loss, self.arch_params + weights, allow_unused=True)
         d_arch, d_w = grads[: len(self.arch_params)], grads[len(self.arch_params):]
         r = 0.01 / torch.cat([g.flatten() for g in d_w if g is not None]).norm().clamp_min(1e-12)
@@ -282,6 +315,10 @@ class Searcher:
         with _frozen(self.arch_params):
             logits, ce, loss = self._train_loss(xb, yb)
             loss.backward()
+        # the first step also hands every rank rank 0's weights: LSQ steps start from each rank's first batch
+        distributed.all_reduce_gradients(self.groups["weights"] + self.groups["gamma"],
+                                         broadcast_values=not self._replicas_equal)
+        self._replicas_equal = True
         torch.nn.utils.clip_grad_norm_(self.groups["weights"], self.config.grad_clip)
         self.opt_weights.step()
         if self.opt_gamma is not None:
@@ -294,12 +331,13 @@ class Searcher:
     def _evaluate(self, x, y) -> Tuple[float, float]:
         self.net.eval()
         stats = torch.zeros(2, device=self.device)
-        for xb, yb in batches(x, y, 256, shuffle=False, device=self.device):
+        n, r, w = x.shape[0], self.dist.rank, self.dist.world_size
+        for xb, yb in batches(x[r::w], y[r::w], 256, shuffle=False, device=self.device):
             logits = self.net(xb)
             stats += torch.stack([F.cross_entropy(logits, yb, reduction="sum"), (logits.argmax(1) == yb).sum().float()])
         self.net.train()
-        loss_sum, correct = stats.tolist()
-        return loss_sum / x.shape[0], correct / x.shape[0]
+        loss_sum, correct = self.dist.all_reduce_sum(stats).tolist()
+        return loss_sum / n, correct / n
 
     # ------------------------------------------------------------------ records
 
@@ -318,7 +356,8 @@ class Searcher:
         return table
 
     def _record(self, epoch: int, lr: float, stats: torch.Tensor, seconds: float) -> Dict[str, Any]:
-        ce_sum, loss_sum, correct, n = stats.tolist()
+        ce_sum, loss_sum, correct, n = self.dist.all_reduce_sum(stats).tolist()
+        distributed.average_buffers(self.net)
         val_loss, val_acc = self._evaluate(self.val_x, self.val_y)
         net = self.net
         return {
@@ -346,10 +385,12 @@ class Searcher:
         from tqdm.auto import tqdm
 
         c = self.config
-        steps = min(num_batches(self.train_x.shape[0], c.batch_size), num_batches(self.val_x.shape[0], c.batch_size))
+        r, w = self.dist.rank, self.dist.world_size
+        steps = min(num_batches(self.train_x.shape[0], c.batch_size, world_size=w),
+                    num_batches(self.val_x.shape[0], c.batch_size, world_size=w))
         last = c.epochs if stop_after is None else min(c.epochs, self.epoch + stop_after)
         bar = tqdm(total=c.epochs * steps, initial=self.epoch * steps, desc="search", unit="step",
-                   disable=not self.progress, dynamic_ncols=True)
+                   disable=not (self.progress and self.dist.is_writer), dynamic_ncols=True)
         try:
             while self.epoch < last:
                 epoch = self.epoch
@@ -361,9 +402,9 @@ class Searcher:
                 g_val = torch.Generator().manual_seed(c.seed * 1_000_003 + 2 * epoch + 1)
                 stats = torch.zeros(4, device=self.device)
                 train_iter = batches(self.train_x, self.train_y, c.batch_size, shuffle=True, generator=g_train,
-                                     augment=self.dataset.augment, device=self.device)
+                                     augment=self.dataset.augment, device=self.device, shard=(r, w))
                 val_iter = batches(self.val_x, self.val_y, c.batch_size, shuffle=True, generator=g_val,
-                                   augment=self.dataset.augment, device=self.device)
+                                   augment=self.dataset.augment, device=self.device, shard=(r, w))
                 for _, (xb, yb), (xv, yv) in zip(range(steps), train_iter, val_iter):
                     if epoch >= c.warmup_epochs:
                         self._arch_step(xb, yb, xv, yv, lr)
@@ -380,9 +421,12 @@ class Searcher:
             bar.close()
 
     def save_checkpoint(self) -> None:
-        os.makedirs(self.out_dir, exist_ok=True)
-        atomic_torch_save(self.checkpoint_path, self.state_dict())
-        atomic_write_text(os.path.join(self.out_dir, "history.json"), json.dumps(self.history))
+        """Rank 0 writes; the other ranks wait until the checkpoint is complete."""
+        if self.dist.is_writer:
+            os.makedirs(self.out_dir, exist_ok=True)
+            atomic_torch_save(self.checkpoint_path, self.state_dict())
+            atomic_write_text(os.path.join(self.out_dir, "history.json"), json.dumps(self.history))
+        self.dist.barrier()
 
     # ------------------------------------------------------------------ results
 
@@ -434,16 +478,21 @@ def run_search(config: SearchConfig, out_dir: str, *, resume: bool = False, prog
         saved = SearchConfig.from_dict(state["config"])
         saved.device = config.device  # the one setting a resumed run may change
         config = saved
-    searcher = Searcher(config, out_dir, progress=progress)
+    searcher = Searcher(config, out_dir, progress=progress)  # validates the config and loads the data first
+    if searcher.dist.is_writer:
+        prepare_output_folder(out_dir)
+    searcher.dist.barrier()
     if state is not None:
         searcher.load_state_dict(state)
     searcher.run(stop_after=stop_after)
     result: Dict[str, Any] = {"history": searcher.history, "config": searcher.config, "searcher": searcher}
     if searcher.epoch >= config.epochs:
-        genotype, cost = searcher.derive()
+        genotype, cost = searcher.derive()  # on every rank: the replicas are equal, so are the genotypes
         result.update(genotype=genotype, cost=cost)
-        os.makedirs(out_dir, exist_ok=True)
-        genotype.save(os.path.join(out_dir, "genotype.json"))
-        write_search_report(out_dir, searcher.config, searcher.history, genotype, cost, searcher.elapsed,
-                            plots=plots)
+        distributed.dump_rank_state(searcher.net)
+        if searcher.dist.is_writer:
+            genotype.save(os.path.join(out_dir, "genotype.json"))
+            write_search_report(out_dir, searcher.config, searcher.history, genotype, cost, searcher.elapsed,
+                                plots=plots)
+        searcher.dist.barrier()
     return result

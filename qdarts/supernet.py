@@ -15,7 +15,10 @@ Parameters, in named groups (:meth:`SearchNetwork.param_groups`):
 [edges]; ``gamma``: every conv's (or op's, shared) activation and weight bit logits; ``weights``:
 everything else (conv weights, BN, LSQ scales).
 
-The mixed-op sums (ops of an edge, and edges of a node) are ``qdarts_kernels.mixed_op_sum`` calls.
+The mixed weights of all quantized convs are computed before the cells run, in one grouped launch
+(:class:`qdarts_kernels.nn.GroupedWeightQuantizer`; ``grouped_weights=False`` lets every conv
+quantize its own weight: the same values, one launch per conv). The mixed-op sums (ops of an edge,
+and edges of a node) are ``qdarts_kernels.mixed_op_sum`` calls.
 The ``none`` op outputs zeros, so it contributes nothing to the sum: it is not computed and its
 weight is dropped from the sum (mathematically identical to including it; the softmax still
 runs over all ops, so ``none`` still competes for probability mass).
@@ -31,11 +34,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import qdarts_kernels as qk
+from qdarts_kernels.nn import GroupedWeightQuantizer, precomputed_weights
 
 from .genotype import PRIMITIVES, edge_nodes
 from .ops import ConvMaker, FactorizedReduce, ReLUConvBN, build_op, quant_convs
 
-__all__ = ["SearchNetwork", "SupernetConfig", "channel_shuffle", "reduction_cells"]
+__all__ = ["SearchNetwork", "SupernetConfig", "channel_shuffle", "reduction_cells", "ACT_DTYPES"]
+
+#: activation dtypes of the supernet forward: fp32, or bf16 under autocast
+ACT_DTYPES = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,8 @@ class SupernetConfig:
     act_grid: str = "follow"
     share_gamma: bool = True
     backend: Optional[str] = None
+    grouped_weights: bool = True
+    act_dtype: str = "fp32"
 
 
 def reduction_cells(layers: int) -> Tuple[int, ...]:
@@ -124,6 +133,8 @@ class SearchCell(nn.Module):
 class SearchNetwork(nn.Module):
     def __init__(self, cfg: SupernetConfig):
         super().__init__()
+        if cfg.act_dtype not in ACT_DTYPES:
+            raise ValueError(f"act_dtype must be one of {ACT_DTYPES}, got {cfg.act_dtype!r}")
         self.cfg = cfg
         c_in = cfg.input_shape[0]
         C = cfg.channels
@@ -150,6 +161,8 @@ class SearchNetwork(nn.Module):
         self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(n_edges, n_ops))
         self.betas_normal = nn.Parameter(1e-3 * torch.randn(n_edges))
         self.betas_reduce = nn.Parameter(1e-3 * torch.randn(n_edges))
+        convs = [conv for _, conv, _ in self.quant_layers()]
+        self.weight_quantizer = GroupedWeightQuantizer(convs) if cfg.grouped_weights and convs else None
 
     # ------------------------------------------------------------------ relaxation weights
 
@@ -165,6 +178,17 @@ class SearchNetwork(nn.Module):
         return F.softmax(self.alphas_reduce if reduction else self.alphas_normal, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (fp32). With act_dtype "bf16" the cells run under autocast: convs, pools and the
+        quantizers see bf16 activations (the parameters, mixed weights' scales and logits stay fp32)."""
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.cfg.act_dtype == "bf16"):
+            if self.weight_quantizer is None:
+                logits = self._forward(x)
+            else:
+                with precomputed_weights(self.weight_quantizer.layers, self.weight_quantizer()):
+                    logits = self._forward(x)
+        return logits.float()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = {False: (self.op_probs(False), self.edge_weights(self.betas_normal)),
                    True: (self.op_probs(True), self.edge_weights(self.betas_reduce))}
         s0 = s1 = self.stem(x)

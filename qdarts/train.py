@@ -17,16 +17,20 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_torch_save, atomic_write_text, rng_state, seed_everything, set_rng_state
+from . import distributed
+from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, prepare_output_folder, rng_state,
+                         seed_everything, set_rng_state)
 from .cost import network_cost
-from .data import batches, load_dataset
+from .data import batches, load_dataset, num_batches
 from .evalnet import EvalNetwork
+from .fastpath import COMPILE_MODES, compiled
 from .genotype import load_genotype
 from .search import cosine_lr
 
 __all__ = ["TrainConfig", "run_train"]
 
 CHECKPOINT = "train_checkpoint.pt"
+FORMAT = "qdarts-train-checkpoint"
 
 
 @dataclass
@@ -52,6 +56,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     backend: Optional[str] = None
+    act_dtype: str = "fp32"
+    compile: Optional[str] = None
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
@@ -65,6 +71,10 @@ class TrainConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.drop_path < 1.0:
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+        if self.act_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"act_dtype must be fp32 or bf16, got {self.act_dtype!r}")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be None or one of {COMPILE_MODES}, got {self.compile!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available")
 
@@ -76,12 +86,14 @@ def _default_channels(search_channels: int) -> int:
 
 @torch.no_grad()
 def _accuracy(model, x, y, device) -> float:
+    """Accuracy on (x, y); under torchrun each rank scores every W-th sample and the counts are summed."""
+    d = distributed.current()
     model.eval()
     correct = torch.zeros((), device=device)
-    for xb, yb in batches(x, y, 256, shuffle=False, device=device):
+    for xb, yb in batches(x[d.rank::d.world_size], y[d.rank::d.world_size], 256, shuffle=False, device=device):
         correct += (model(xb).argmax(1) == yb).sum()
     model.train()
-    return float(correct) / x.shape[0]
+    return float(d.all_reduce_sum(correct)) / x.shape[0]
 
 
 def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: bool = True,
@@ -90,13 +102,18 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
     from tqdm.auto import tqdm
 
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False) if os.path.isfile(ckpt_path) else None
+    dist = distributed.current()
+    state = load_checkpoint(ckpt_path, FORMAT)
     if state is not None and not resume:
         raise FileExistsError(f"{out_dir!r} already holds a training checkpoint; pass --resume to continue it "
                               "or choose another --out")
     if state is not None:
         device = config.device
-        config = TrainConfig.from_dict(state["config"])
+        try:
+            config = TrainConfig.from_dict(state["config"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{ckpt_path!r} holds no valid training config ({e}); delete it to start afresh, "
+                             "or choose another --out") from e
         config.device = device
     config.validate()
     genotype = load_genotype(config.genotype)
@@ -114,17 +131,37 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
     cost = network_cost(model, dataset.input_shape, device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
+    if dist.is_writer:
+        prepare_output_folder(out_dir)
+    dist.barrier()
     epoch, history, elapsed = 0, [], 0.0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        epoch, history, elapsed = int(state["epoch"]), list(state["history"]), float(state["elapsed"])
-        set_rng_state(state["rng"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            epoch, history, elapsed = int(state["epoch"]), list(state["history"]), float(state["elapsed"])
+            set_rng_state(state["rng"])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{ckpt_path!r} does not fit the training it describes ({reason}); delete it to "
+                             "start afresh, or choose another --out") from e
 
-    n_steps = -(-dataset.train_x.shape[0] // config.batch_size)
+    def train_loss(xb, yb):
+        """(logits, loss); the forward under bf16 autocast with act_dtype bf16, compiled with compile."""
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.act_dtype == "bf16"):
+            out = model(xb)
+        logits, aux = out if isinstance(out, tuple) else (out, None)
+        loss = F.cross_entropy(logits.float(), yb)
+        if aux is not None:
+            loss = loss + config.aux_weight * F.cross_entropy(aux.float(), yb)
+        return logits, loss
+
+    train_loss = compiled(train_loss, config.compile)
+    shard = (dist.rank, dist.world_size)
+    n_steps = num_batches(dataset.train_x.shape[0], config.batch_size, world_size=dist.world_size)
     last = config.epochs if stop_after is None else min(config.epochs, epoch + stop_after)
     bar = tqdm(total=config.epochs * n_steps, initial=epoch * n_steps, desc="train (fp32)" if config.fp32 else "train",
-               unit="step", disable=not progress, dynamic_ncols=True)
+               unit="step", disable=not (progress and dist.is_writer), dynamic_ncols=True)
     try:
         while epoch < last:
             start = time.perf_counter()
@@ -135,30 +172,30 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
             g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
             stats = torch.zeros(3, device=device)
             for xb, yb in batches(dataset.train_x, dataset.train_y, config.batch_size, shuffle=True, generator=g,
-                                  augment=dataset.augment, device=device):
+                                  augment=dataset.augment, device=device, shard=shard):
                 optimizer.zero_grad(set_to_none=True)
-                out = model(xb)
-                logits, aux = out if isinstance(out, tuple) else (out, None)
-                loss = F.cross_entropy(logits, yb)
-                if aux is not None:
-                    loss = loss + config.aux_weight * F.cross_entropy(aux, yb)
+                logits, loss = train_loss(xb, yb)
                 loss.backward()
+                distributed.all_reduce_gradients(model.parameters())
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
                 n = yb.shape[0]
                 stats[:2] += torch.stack([loss.detach() * n, (logits.argmax(1) == yb).sum().float()])
                 stats[2] += n
                 bar.update(1)
-            loss_sum, correct, n = stats.tolist()
+            loss_sum, correct, n = dist.all_reduce_sum(stats).tolist()
+            distributed.average_buffers(model)
             seconds = time.perf_counter() - start
             elapsed += seconds
             epoch += 1
             history.append({"epoch": epoch, "lr": lr, "train_loss": loss_sum / n, "train_acc": correct / n,
                             "seconds": seconds})
             bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}")
-            atomic_torch_save(ckpt_path, {"config": asdict(config), "epoch": epoch, "model": model.state_dict(),
-                                          "optimizer": optimizer.state_dict(), "history": history,
-                                          "elapsed": elapsed, "rng": rng_state()})
+            if dist.is_writer:
+                atomic_torch_save(ckpt_path, {"format": FORMAT, "config": asdict(config), "epoch": epoch,
+                                              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                              "history": history, "elapsed": elapsed, "rng": rng_state()})
+            dist.barrier()
     finally:
         bar.close()
     if epoch < config.epochs:
@@ -181,5 +218,7 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
         "bits_per_layer": cost["layers"],
         "config": asdict(config),
     }
-    atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
+    if dist.is_writer:
+        atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
+    dist.barrier()
     return summary

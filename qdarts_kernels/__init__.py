@@ -10,4 +10,11 @@ from .ops import available_backends, fake_quant, mixed_fake_quant, mixed_fake_qu
 _backends.warn_if_compiled_missing()
 
 __version__ = "0.1.0"
-__all__ = ["fake_quant", "mixed_fake_quant", "mixed_fake_quant_grouped", "mixed_op_sum", "available_backends", "reference"]
+__all__ = [
+    "fake_quant",
+    "mixed_fake_quant",
+    "mixed_fake_quant_grouped",
+    "mixed_op_sum",
+    "available_backends",
+    "reference",
+]

@@ -69,7 +69,8 @@ def backend(name: str) -> SimpleNamespace:
         if not torch.cuda.is_available():
             raise ImportError("no CUDA device is available")
     if name == "cuda":
-        grouped_forward, grouped_backward = mixed_fake_quant_grouped_forward_cuda, mixed_fake_quant_grouped_backward_cuda
+        grouped_forward = mixed_fake_quant_grouped_forward_cuda
+        grouped_backward = mixed_fake_quant_grouped_backward_cuda
     else:
         # the CPU kernels have no grouped op: one call per tensor costs no launch on a CPU
         grouped_forward = functools.partial(loop_grouped_forward, mixed_fake_quant_forward)

@@ -13,6 +13,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# One intra-op thread: the tests use small tensors, where OpenMP threads only spin (on a busy 2-core
+# machine the search tests run about 8x slower with two). Tests of thread-count determinism set
+# their own counts.
+torch.set_num_threads(1)
+
 import qdarts_kernels as qk  # noqa: E402  (after the interpreter switch)
 
 HAS_CUDA = torch.cuda.is_available()

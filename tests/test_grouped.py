@@ -3,7 +3,9 @@
 Output i must equal ``mixed_fake_quant(xs[i], probs[i], scales[i], ...)`` bit for bit, and the
 gradients those of the reference up to the order of the sums (same tolerances as
 test_backends.py). The groups mix shapes (odd sizes, empty tensors, different ranks) so that the
-fused kernels' per-tensor tables, tiling and segment reductions are exercised.
+fused kernels' per-tensor tables, tiling and segment reductions are exercised. On a GPU the last
+test checks the point of the op with the profiler: one kernel forward whatever N, the main kernel
+plus one reduction backward, and no host sync.
 """
 
 import zlib
@@ -23,15 +25,20 @@ from test_backends import (
     _probs,
     _scales_for,
 )
+from conftest import require_backend
 from test_ops import CPU_SIDE_BACKENDS
 
-# Groups of shapes; per channel along axis 1 or -1 (each x normalises it for itself).
+# Groups of shapes; per channel along axis 1 or -1 (each x normalises it for itself). "large"
+# spans several tiles per tensor per tensor, "tall" several row blocks per channel (kept apart:
+# a per-channel group with thousands of channels is slow under the Triton interpreter).
 GROUPS = {
     "one": [(5, 6, 3)],
     "mixed": [(7, 3, 3, 3), (0, 3), (1, 1), (4, 5, 2), (2, 9)],
     "seven": [(3, 4), (17, 2), (2, 1, 3), (0, 5, 1), (8, 3), (1, 7), (6, 2, 2)],
     "large": [(2, 4100), (3, 5), (64, 37)],
+    "tall": [(40, 6, 9), (130, 2)],
 }
+PER_TENSOR_ONLY, PER_CHANNEL_ONLY = {"large"}, {"tall"}
 
 
 def _group(shapes, bits, grid, axis, dtype, gen):
@@ -88,6 +95,8 @@ def check_grouped(backend, device, xs, probs, scales, bits, grid, axis, needs=(T
 @pytest.mark.parametrize("group", list(GROUPS))
 @pytest.mark.parametrize("axis", [None, 1, -1])
 def test_grouped_shapes(backend_device, group, axis):
+    if (axis is None and group in PER_CHANNEL_ONLY) or (axis is not None and group in PER_TENSOR_ONLY):
+        pytest.skip("group not used with this layout")
     backend, device = backend_device
     shapes = GROUPS[group]
     if axis is not None:
@@ -236,3 +245,58 @@ def test_grouped_bad_input(kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         qk.mixed_fake_quant_grouped(args.pop("xs"), args.pop("probs"), args.pop("scales"), args.pop("bits"), **args)
+
+
+# --------------------------------------------------------------------------------------------------
+# on a GPU: the point of the op, few launches and no host sync
+# --------------------------------------------------------------------------------------------------
+
+
+def _kernel_names(fn):
+    """Names of the CUDA kernels ``fn`` launches (copies and memsets left out)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("axis", [None, 0])
+def test_grouped_launches_once_without_sync(backend, axis):
+    """Forward is one kernel whatever N; backward is the main kernel plus one reduction; neither
+    waits for the device (sync debug mode "error")."""
+    require_backend(backend, "cuda")
+    gen = torch.Generator().manual_seed(0)
+    counts = {}
+    for n in (3, 7):
+        shapes = [(16, 8, 3, 3), (32, 16, 3, 3), (10, 64), (0, 4), (8, 3, 3, 3), (64, 32, 1, 1), (5,)][:n]
+        xs, probs, scales = _group([s for s in shapes if axis is None or len(s) > 1], (2, 4, 8), "signed", axis,
+                                   torch.float32, gen)
+        xs = [x.cuda().requires_grad_() for x in xs]
+        p = torch.stack(probs).cuda().requires_grad_()
+        ss = [s.cuda().requires_grad_() for s in scales]
+        gs = [torch.randn_like(x) for x in xs]
+
+        def forward():
+            return qk.mixed_fake_quant_grouped(xs, p, ss, (2, 4, 8), axis=axis, backend=backend)
+
+        def step():
+            torch.autograd.backward(forward(), gs)
+
+        step()  # compiles the kernels
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        forward_kernels = _kernel_names(forward)
+        assert len(forward_kernels) == 1, forward_kernels
+        step_kernels = _kernel_names(step)
+        assert sum("grouped" in name for name in step_kernels) == 3, step_kernels
+        counts[n] = len(step_kernels)
+    assert counts[3] == counts[7], counts

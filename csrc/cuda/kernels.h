@@ -66,6 +66,49 @@ void launch_mixed_fake_quant_backward(const void* grad, const void* x, void* dx,
                                       float* partials, DType dtype, const MixedQuantizer& quantizer,
                                       const ChannelView& view, cudaStream_t stream);
 
+// One tensor of a grouped mixed fake quantization (mixed_fake_quant_grouped.cu): N tensors share
+// one bit set and grid and run in one launch. The host fills the data fields, then
+// plan_mixed_fake_quant_grouped the launch geometry; the kernels read an array of these from
+// device memory and find their tensor by a binary search over block_start.
+struct GroupedTensor {
+  const void* x;
+  void* out;             // y forward, dx backward (null when dx is not requested)
+  const void* grad;      // backward only
+  const float* scales;   // this tensor's [K, C] (or [K]) scales
+  ChannelView view;
+  int64_t scale_offset;  // first float of this tensor's dscales in the concatenated dscales
+  // Launch geometry (plan_mixed_fake_quant_grouped): this tensor's blocks are
+  // [block_start, block_start + blocks) of the 1-D grid, its partial rows start at partial_row,
+  // per channel `splits` blocks per channel (per tensor splits = blocks), and its dscales
+  // segments (one per channel, or one) start at segment_start.
+  int64_t block_start;
+  int64_t blocks;
+  int64_t splits;
+  int64_t partial_row;
+  int64_t segment_start;
+};
+
+// Fills the geometry of `n` tensors for a forward (reduces = false) or a reducing backward
+// (reduces = true) launch; each tensor gets the grid its single-tensor launch would get. Returns
+// the total number of blocks; *segments receives the number of dscales segments.
+int64_t plan_mixed_fake_quant_grouped(GroupedTensor* tensors, int n, bool reduces, int64_t* segments);
+
+// quantizer.probs is [N, K] (row i for tensor i; quantizer.scales is unused: each tensor has its
+// own scales pointer); `tensors` is a device array of n planned descriptors. vectorize: every pointer 16-byte aligned
+// and, per channel, every inner a multiple of the vector width.
+void launch_mixed_fake_quant_grouped_forward(const GroupedTensor* tensors, int n, int64_t blocks, DType dtype,
+                                             const MixedQuantizer& quantizer, bool per_channel, bool vectorize,
+                                             cudaStream_t stream);
+
+// Gradients of the N tensors: dx_i into tensors[i].out (when need_dx), dprobs [N, K] and dscales
+// (the concatenation of the per-tensor [K, C_i] / [K]) when not null. partials holds
+// mixed_fake_quant_grouped_partials_size floats; one main launch, then one fixed-order sum launch.
+int64_t mixed_fake_quant_grouped_partials_size(int num_bits, int64_t blocks, bool need_dprobs, bool need_dscales);
+void launch_mixed_fake_quant_grouped_backward(const GroupedTensor* tensors, int n, int64_t blocks, int64_t segments,
+                                              bool need_dx, float* dprobs, float* dscales, float* partials,
+                                              DType dtype, const MixedQuantizer& quantizer, bool per_channel,
+                                              bool vectorize, cudaStream_t stream);
+
 // K candidate tensors of one shape and dtype, numel elements each.
 struct OpSumInputs {
   int count;                               // K, 1..kMaxOpSumInputs

@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -240,6 +242,143 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_sum_backward_cuda(const
   return {doutputs, dweights};
 }
 
+// The checked arguments of a grouped call: per-tensor descriptors (data pointers, views, dscales
+// offsets) on the host, the contiguous tensors they point into, and the shared quantizer.
+struct GroupedArgs {
+  std::vector<at::Tensor> xs;
+  std::vector<at::Tensor> scales;
+  at::Tensor probs;
+  int64_t scales_numel;
+  std::vector<gpu::GroupedTensor> tensors;
+  gpu::DType dtype;
+  gpu::MixedQuantizer quantizer;
+  bool per_channel;
+  bool vectorize;
+};
+
+GroupedArgs check_grouped(at::TensorList xs, const at::Tensor& probs, at::TensorList scales, at::IntArrayRef bits,
+                          int64_t grid, at::IntArrayRef axes) {
+  const int64_t n = static_cast<int64_t>(xs.size());
+  TORCH_CHECK(n >= 1 && n <= std::numeric_limits<int32_t>::max(), "xs must hold at least one tensor, got ", n);
+  TORCH_CHECK(static_cast<int64_t>(scales.size()) == n && static_cast<int64_t>(axes.size()) == n,
+              "scales and axes must hold one entry per x (", n, "), got ", scales.size(), " and ", axes.size());
+  const int64_t k = static_cast<int64_t>(bits.size());
+  TORCH_CHECK(probs.dim() == 2 && probs.size(0) == n && probs.size(1) == k, "probs must have shape [", n, ", ", k,
+              "], got ", probs.sizes());
+  GroupedArgs args;
+  args.probs = probs.contiguous();
+  args.per_channel = axes[0] != -1;
+  int64_t scale_offset = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK((axes[i] != -1) == args.per_channel, "axes must be all -1 (per tensor) or all >= 0, got ", axes);
+    TORCH_CHECK(xs[i].scalar_type() == xs[0].scalar_type() && xs[i].device() == xs[0].device(), "xs[", i,
+                "] has dtype ", xs[i].scalar_type(), " on ", xs[i].device(), " but xs[0] has ", xs[0].scalar_type(),
+                " on ", xs[0].device());
+    // the single op's checks, on row i of probs
+    MixedFakeQuantArgs one = check_mixed_fake_quant(xs[i], args.probs[i], scales[i], bits, grid, axes[i]);
+    args.dtype = one.dtype;
+    args.quantizer = one.quantizer;
+    gpu::GroupedTensor t{};
+    t.x = one.x.const_data_ptr();
+    t.scales = one.scales.const_data_ptr<float>();
+    t.view = one.view;
+    t.scale_offset = scale_offset;
+    scale_offset += one.scales.numel();
+    args.tensors.push_back(t);
+    args.xs.push_back(one.x);
+    args.scales.push_back(one.scales);
+  }
+  args.scales_numel = scale_offset;
+  args.quantizer.probs = args.probs.data_ptr<float>();
+  args.quantizer.scales = nullptr;  // per tensor, in the descriptors
+  return args;
+}
+
+// 16-byte accesses need every pointer aligned and, per channel, every row a multiple of the vector.
+bool can_vectorize_grouped(const GroupedArgs& args) {
+  const int64_t width = 16 / static_cast<int64_t>(args.xs[0].element_size());
+  for (const gpu::GroupedTensor& t : args.tensors) {
+    for (const void* p : {t.x, static_cast<const void*>(t.out), t.grad}) {
+      if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+    }
+    if (args.per_channel && t.view.inner % width != 0) return false;
+  }
+  return true;
+}
+
+// The descriptors on the device: one asynchronous copy from pinned memory (no host sync; the
+// caching host allocator keeps the pinned block until the copy has run).
+at::Tensor descriptors_on_device(const std::vector<gpu::GroupedTensor>& tensors, const at::Device& device) {
+  const int64_t bytes = static_cast<int64_t>(tensors.size() * sizeof(gpu::GroupedTensor));
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.mutable_data_ptr(), tensors.data(), static_cast<size_t>(bytes));
+  return host.to(device, /*non_blocking=*/true);
+}
+
+std::vector<at::Tensor> mixed_fake_quant_grouped_forward_cuda(at::TensorList xs, const at::Tensor& probs,
+                                                              at::TensorList scales, at::IntArrayRef bits,
+                                                              int64_t grid, at::IntArrayRef axes) {
+  GroupedArgs args = check_grouped(xs, probs, scales, bits, grid, axes);
+  const c10::cuda::CUDAGuard device_guard(args.xs[0].device());
+  std::vector<at::Tensor> ys;
+  for (size_t i = 0; i < args.xs.size(); ++i) {
+    ys.push_back(at::empty_like(args.xs[i], at::MemoryFormat::Contiguous));
+    args.tensors[i].out = ys.back().mutable_data_ptr();
+  }
+  int64_t segments = 0;
+  const int n = static_cast<int>(args.tensors.size());
+  const int64_t blocks = gpu::plan_mixed_fake_quant_grouped(args.tensors.data(), n, false, &segments);
+  if (blocks == 0) return ys;
+  const at::Tensor device_tensors = descriptors_on_device(args.tensors, args.xs[0].device());
+  gpu::launch_mixed_fake_quant_grouped_forward(
+      static_cast<const gpu::GroupedTensor*>(device_tensors.const_data_ptr()), n, blocks, args.dtype,
+      args.quantizer, args.per_channel, can_vectorize_grouped(args), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return ys;
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mixed_fake_quant_grouped_backward_cuda(
+    at::TensorList grads, at::TensorList xs, const at::Tensor& probs, at::TensorList scales, at::IntArrayRef bits,
+    int64_t grid, at::IntArrayRef axes, bool need_dx, bool need_dprobs, bool need_dscales) {
+  GroupedArgs args = check_grouped(xs, probs, scales, bits, grid, axes);
+  TORCH_CHECK(grads.size() == xs.size(), "grads must hold one tensor per x (", xs.size(), "), got ", grads.size());
+  const c10::cuda::CUDAGuard device_guard(args.xs[0].device());
+  const at::TensorOptions f32 = args.xs[0].options().dtype(at::kFloat);
+  std::vector<at::Tensor> gs;
+  std::vector<at::Tensor> dxs;
+  for (size_t i = 0; i < args.xs.size(); ++i) {
+    const at::Tensor& x = args.xs[i];
+    check_same_device(grads[i], x, "grad", "x");
+    TORCH_CHECK(grads[i].sizes() == x.sizes() && grads[i].scalar_type() == x.scalar_type(), "grads[", i,
+                "] must have the shape and dtype of xs[", i, "] (", x.sizes(), ", ", x.scalar_type(), "), got ",
+                grads[i].sizes(), ", ", grads[i].scalar_type());
+    gs.push_back(grads[i].contiguous());
+    args.tensors[i].grad = gs.back().const_data_ptr();
+    if (need_dx) {
+      dxs.push_back(at::empty_like(x, at::MemoryFormat::Contiguous));
+      args.tensors[i].out = dxs.back().mutable_data_ptr();
+    }
+  }
+  const int n = static_cast<int>(args.tensors.size());
+  const int k = args.quantizer.num_bits;
+  at::Tensor dprobs = need_dprobs ? at::empty({n, k}, f32) : at::empty({0}, f32);
+  at::Tensor dscales = need_dscales ? at::empty({args.scales_numel}, f32) : at::empty({0}, f32);
+  if (!(need_dx || need_dprobs || need_dscales)) return {dxs, dprobs, dscales};
+  int64_t segments = 0;
+  const int64_t blocks =
+      gpu::plan_mixed_fake_quant_grouped(args.tensors.data(), n, need_dprobs || need_dscales, &segments);
+  at::Tensor partials =
+      at::empty({gpu::mixed_fake_quant_grouped_partials_size(k, blocks, need_dprobs, need_dscales)}, f32);
+  const at::Tensor device_tensors = descriptors_on_device(args.tensors, args.xs[0].device());
+  gpu::launch_mixed_fake_quant_grouped_backward(
+      static_cast<const gpu::GroupedTensor*>(device_tensors.const_data_ptr()), n, blocks, segments, need_dx,
+      need_dprobs ? dprobs.mutable_data_ptr<float>() : nullptr,
+      need_dscales ? dscales.mutable_data_ptr<float>() : nullptr, partials.mutable_data_ptr<float>(), args.dtype,
+      args.quantizer, args.per_channel, can_vectorize_grouped(args), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dxs, dprobs, dscales};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qdarts_C, CUDA, m) {
@@ -247,6 +386,8 @@ TORCH_LIBRARY_IMPL(qdarts_C, CUDA, m) {
   m.impl("mixed_fake_quant_backward", &mixed_fake_quant_backward_cuda);
   m.impl("mixed_op_sum_forward", &mixed_op_sum_forward_cuda);
   m.impl("mixed_op_sum_backward", &mixed_op_sum_backward_cuda);
+  m.impl("mixed_fake_quant_grouped_forward", &mixed_fake_quant_grouped_forward_cuda);
+  m.impl("mixed_fake_quant_grouped_backward", &mixed_fake_quant_grouped_backward_cuda);
 }
 
 }  // namespace qdarts

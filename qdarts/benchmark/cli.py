@@ -22,7 +22,7 @@ COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="a short sweep (fewer sizes and samples; under 3 minutes on a 2-core CPU)")
+                        help="a short sweep (fewer sizes and samples; about 2-4 minutes on a 2-core CPU, depending on how busy it is)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="device to benchmark (default: cuda when available, else cpu)")
     parser.add_argument("--out", default="bench-results",
@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", default=None, metavar="TEXT",
                         help="run only the kernel cases whose id contains TEXT (e.g. mixed_op_sum, 1024x)")
     parser.add_argument("--impls", default=None, metavar="LIST",
-                        help="comma-separated implementations to time: eager, compiled and backend names "
-                             "(default: eager, compiled and every fused backend available on the device)")
+                        help="comma-separated implementations to time: eager, compiled, autograd (quantizers only) "
+                             "and backend names (default: all of them that run on the device)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's own choice, normally all cores)")
     parser.add_argument("--skip-kernels", action="store_true", help="do not run the kernel benchmarks")

@@ -5,10 +5,13 @@
 - :class:`FakeQuantize`: single bit-width LSQ quantizer for ``torch.ao.quantization`` QConfigs.
 - :class:`QuantConv2d`, :class:`QuantLinear`: EdMIPS composite layers (fixed or mixed bits).
 - :func:`quantize_`: swap a model's ``nn.Conv2d`` / ``nn.Linear`` layers in place.
+- :class:`GroupedWeightQuantizer`, :func:`precomputed_weights`: the mixed weights of many layers
+  from one grouped launch, handed to the layers for their next forwards.
 """
 
 from .convert import quantize_
-from .layers import QuantConv2d, QuantLinear
+from .grouped import GroupedWeightQuantizer
+from .layers import QuantConv2d, QuantLinear, precomputed_weights
 from .quantizers import GAUSSIAN_STEPS, HWGQ_STEPS, FakeQuantize, MixedPrecisionFakeQuantize
 
 __all__ = [
@@ -17,6 +20,8 @@ __all__ = [
     "QuantConv2d",
     "QuantLinear",
     "quantize_",
+    "GroupedWeightQuantizer",
+    "precomputed_weights",
     "HWGQ_STEPS",
     "GAUSSIAN_STEPS",
 ]

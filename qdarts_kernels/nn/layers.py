@@ -8,20 +8,25 @@ so one convolution on the mixed activation and the mixed weight (each one fused
 ``mixed_fake_quant`` call) replaces the N_a * N_w convolutions of the naive mixed layer. With one
 bit-width each, this is ordinary quantization-aware training at fixed bits.
 
+Inside :func:`precomputed_weights`, a layer uses a mixed weight handed to it instead of quantizing
+its own: :class:`qdarts_kernels.nn.GroupedWeightQuantizer` computes the mixed weights of many
+layers in one grouped launch and hands them over this way.
+
 The layers subclass ``nn.Conv2d`` / ``nn.Linear``, so their ``weight`` and ``bias`` keep their
 names and a float layer can be swapped in place (:func:`qdarts_kernels.nn.quantize_`).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .quantizers import MixedPrecisionFakeQuantize
 
-__all__ = ["QuantConv2d", "QuantLinear"]
+__all__ = ["QuantConv2d", "QuantLinear", "precomputed_weights"]
 
 #: bit-width reported for activations that are not quantized (fp32)
 UNQUANTIZED_BITS = 32.0
@@ -32,6 +37,8 @@ class _QuantizedLayer:
 
     act_quant: Optional[MixedPrecisionFakeQuantize]
     weight_quant: MixedPrecisionFakeQuantize
+    #: the mixed weight to use instead of ``weight_quant(weight)``; set only by precomputed_weights
+    weight_override: Optional[Tensor] = None
 
     def _init_quantizers(self, out_channels: int, weight_bits, act_bits, quantizer: str, act_signed: bool,
                          act_logits, weight_logits, backend, device) -> None:
@@ -72,12 +79,28 @@ class _QuantizedLayer:
 
     def _quantized_input_and_weight(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         xq = x if self.act_quant is None else self.act_quant(x)
-        return xq, self.weight_quant(self.weight)
+        wq = self.weight_override
+        return xq, (self.weight_quant(self.weight) if wq is None else wq)
 
     @staticmethod
     def _check_quantizer(quantizer: str) -> None:
         if quantizer not in ("paper", "lsq"):
             raise ValueError(f"quantizer must be 'paper' or 'lsq', got {quantizer!r}")
+
+
+@contextmanager
+def precomputed_weights(layers: Sequence[_QuantizedLayer], weights: Sequence[Tensor]) -> Iterator[None]:
+    """Within the block, ``layers[i]`` uses ``weights[i]`` as its mixed weight (it must equal what
+    ``layers[i].weight_quant(layers[i].weight)`` computes, gradients included)."""
+    if len(layers) != len(weights):
+        raise ValueError(f"precomputed_weights needs one weight per layer, got {len(weights)} for {len(layers)}")
+    for layer, w in zip(layers, weights):
+        layer.weight_override = w
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.weight_override = None
 
 
 class QuantConv2d(_QuantizedLayer, nn.Conv2d):

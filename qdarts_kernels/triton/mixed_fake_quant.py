@@ -267,7 +267,9 @@ def _mixed_fake_quant_backward_kernel(
             dp = tl.sum(_sum_per_channel(g_level, CHANNEL_ON_ROWS) * s_vec, axis=0)
             tl.store(PART_P + pid.to(tl.int64) * K + k, dp)
         if NEED_DS:
-            lsq = g_level - tl.where(inside, g * x_inv_s, 0.0)
+            # g * ((q - z) - x inv_s), as the reference: subtracting two rounded products would
+            # cancel badly at high bit-widths
+            lsq = g * (q_minus_z - tl.where(inside, x_inv_s, 0.0))
             ds = p * _sum_per_channel(lsq, CHANNEL_ON_ROWS)
             if CHANNEL_ON_ROWS:
                 tl.store(PART_S + (k * col_blocks + pid_j).to(tl.int64) * rows + row, ds, mask=row < rows)

@@ -7,12 +7,12 @@ per-tile partial sums, plus one launch of a small kernel that adds the partials 
 value in a fixed order (deterministic, no atomics, no host sync).
 
 Pointer table. The host builds one int64 table META [N, _F] from the shapes (and the data
-pointers of the call): for tensor i its programs [PROG_START, PROG_END), its data pointers (loaded
-in the kernel and cast with ``.to(tl.pointer_type(DTYPE))``; this also works under the Triton
-interpreter, where the pointers are host addresses), its tiling, its offset in the concatenated
-scales and in the partial-sum buffer. A program finds its tensor by a binary search over
-PROG_START (ceil(log2 N) scalar loads). On a GPU the table travels host -> device as one
-non-blocking copy from pinned memory, so a call never waits for the device.
+pointers of the call): for tensor i its programs [PROG_START, PROG_END), its data pointers (x, y
+or dx, g and its scales; loaded in the kernel and cast with ``.to(tl.pointer_type(DTYPE))``, which
+also works under the Triton interpreter, where the pointers are host addresses), its tiling, and
+its offsets in the concatenated dscales and in the partial-sum buffer. A program finds its tensor
+by a binary search over PROG_START (ceil(log2 N) scalar loads). On a GPU the table travels
+host -> device as one non-blocking copy from pinned memory, so a call never waits for the device.
 
 Tiling. Tensor i is viewed as a 2-D array [ROWS, COLS] whose rows each lie in one channel:
 per channel ([outer, C, inner] around ``axis``) ROWS = outer * C, COLS = inner, channel = row % C;
@@ -40,10 +40,10 @@ from ._common import LAUNCH_OPTIONS, cast_out, device_guard, next_pow2, tile_siz
 from .mixed_fake_quant import _grid_ranges, _quantize
 
 # Columns of the per-tensor table META.
-_PROG_START, _PROG_END, _X, _OUT, _G, _NUMEL, _ROWS, _COLS, _CHANNELS, _OUTER, _COL_BLOCKS = range(11)
-_SCALE_OFF, _PART_S_OFF, _CHAN_START = 11, 12, 13
-_F = 14
-_POINTER_COLUMNS = (_X, _OUT, _G)
+_PROG_START, _PROG_END, _X, _OUT, _G, _S, _NUMEL, _ROWS, _COLS, _CHANNELS, _OUTER, _COL_BLOCKS = range(12)
+_SCALE_OFF, _PART_S_OFF, _CHAN_START = 12, 13, 14
+_F = 15
+_POINTER_COLUMNS = (_X, _OUT, _G, _S)
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 #: Partial-sum rows one program of the reduction adds per step.
@@ -101,14 +101,16 @@ def plan_grouped(shapes: Tuple[Tuple[int, ...], ...], axes: Tuple[int, ...]) -> 
         programs += count
         part_s_rows += rows * col_blocks if numel else 0
         channels += chans
-        scale_off += chans  # per bit-width; scales[i] occupies K * chans floats from K * SCALE_OFF
+        scale_off += chans  # per bit-width: dscales of tensor i are K * chans floats from K * SCALE_OFF
     return GroupedPlan(block_rows, block_cols, tile.num_warps, (len(shapes) - 1).bit_length(), programs, channels,
                        part_s_rows, tuple(meta))
 
 
-def _meta_tensor(plan: GroupedPlan, pointers: Sequence[Tuple[int, int, int]], k: int,
+def _meta_tensor(plan: GroupedPlan, pointers: Sequence[Tuple[int, int, int, int]], k: int,
                  device: torch.device) -> torch.Tensor:
-    """META on ``device``: the plan's rows with this call's pointers; scale offsets scaled by K."""
+    """META on ``device``: the plan's rows with this call's pointers (x, out, grad, scales; the
+    tensors must stay alive until the kernel has run: the caller holds them); dscales offsets
+    scaled by K."""
     rows = []
     for row, ptrs in zip(plan.meta, pointers):
         row = list(row)
@@ -160,12 +162,12 @@ def _tensor_tile(META, n, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, STEPS: t
 
 
 @triton.jit
-def _row_scale(S, info, k, row):
+def _row_scale(info, k, row):
     """s_k of each tile row and 1 / s_k (correctly rounded), as [BLOCK_R] vectors."""
     channels = tl.load(info + _CHANNELS)
     rows = tl.load(info + _ROWS)
     # 1.0 past the last row keeps 1/s finite there; those lanes are masked anyway
-    s = tl.load(S + tl.load(info + _SCALE_OFF) + k * channels + row % channels, mask=row < rows, other=1.0)
+    s = tl.load(_data_pointer(info, _S, tl.float32) + k * channels + row % channels, mask=row < rows, other=1.0)
     return s, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
 
 
@@ -181,7 +183,7 @@ def _data_pointer(info, column, DTYPE: tl.constexpr):
 
 @triton.jit
 def _grouped_forward_kernel(
-    META, P, S, QMIN, QMAX, zero_point, n,
+    META, P, QMIN, QMAX, zero_point, n,
     K: tl.constexpr, DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, STEPS: tl.constexpr,
 ):
     """y_i = sum_k p_ik Q_k(x_i) on one tile of one tensor, in the single op's order."""
@@ -189,7 +191,7 @@ def _grouped_forward_kernel(
     x = tl.load(_data_pointer(info, _X, DTYPE) + offsets, mask=mask, other=0.0).to(tl.float32)
     y = tl.zeros((BLOCK_R, BLOCK_J), tl.float32)
     for k in tl.static_range(K):
-        s, inv_s = _row_scale(S, info, k, row)
+        s, inv_s = _row_scale(info, k, row)
         _, q_minus_z, _ = _quantize(x, inv_s[:, None], QMIN[k], QMAX[k], zero_point)
         term = tl.load(P + i * K + k) * (q_minus_z * s[:, None])
         if k == 0:
@@ -201,7 +203,7 @@ def _grouped_forward_kernel(
 
 @triton.jit
 def _grouped_backward_kernel(
-    META, P, S, PART_P, PART_S, QMIN, QMAX, zero_point, n,
+    META, P, PART_P, PART_S, QMIN, QMAX, zero_point, n,
     K: tl.constexpr, DTYPE: tl.constexpr, NEED_DX: tl.constexpr, NEED_DP: tl.constexpr, NEED_DS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, STEPS: tl.constexpr,
 ):
@@ -216,7 +218,7 @@ def _grouped_backward_kernel(
     part_row = (tl.load(info + _PART_S_OFF)
                 + ((row % channels) * tl.load(info + _OUTER) + row // channels) * tl.load(info + _COL_BLOCKS) + pid_j)
     for k in tl.static_range(K):
-        s, inv_s = _row_scale(S, info, k, row)
+        s, inv_s = _row_scale(info, k, row)
         x_inv_s, q_minus_z, inside = _quantize(x, inv_s[:, None], QMIN[k], QMAX[k], zero_point)
         p = tl.load(P + i * K + k)
         if NEED_DX:
@@ -226,7 +228,9 @@ def _grouped_backward_kernel(
         if NEED_DP:
             tl.store(PART_P + pid.to(tl.int64) * K + k, tl.sum(tl.sum(g_level, axis=1) * s, axis=0))
         if NEED_DS:
-            lsq = g_level - tl.where(inside, g * x_inv_s, 0.0)
+            # g * (difference), as the reference: the difference is exact where q_k ~ x / s_k
+            # (fine grids), while g * (q_k - z) - g * x / s_k would cancel two rounded products
+            lsq = g * (q_minus_z - tl.where(inside, x_inv_s, 0.0))
             tl.store(PART_S + part_row * K + k, p * tl.sum(lsq, axis=1), mask=row < tl.load(info + _ROWS))
     if NEED_DX:
         tl.store(_data_pointer(info, _OUT, DTYPE) + offsets, cast_out(g * dx_weight, DTYPE), mask=mask)
@@ -288,15 +292,15 @@ def mixed_fake_quant_grouped_forward(
     if plan.programs == 0:
         return ys
     x0 = xs[0]
-    meta = _meta_tensor(plan, [(x.data_ptr(), y.data_ptr(), 0) for x, y in zip(xs, ys)], len(bits), x0.device)
+    meta = _meta_tensor(plan, [(x.data_ptr(), y.data_ptr(), 0, s.data_ptr()) for x, y, s in zip(xs, ys, scales)],
+                        len(bits), x0.device)
     qmin, qmax, zero_point = _grid_ranges(tuple(bits), grid)
     with device_guard(x0):
         _grouped_forward_kernel[(plan.programs,)](
-            meta, probs, torch.cat([s.reshape(-1) for s in scales]), qmin, qmax, zero_point, len(xs),
+            meta, probs, qmin, qmax, zero_point, len(xs),
             K=len(bits), DTYPE=_TL_DTYPES[x0.dtype], BLOCK_R=plan.block_rows, BLOCK_J=plan.block_cols,
             STEPS=plan.search_steps, num_warps=plan.num_warps, **LAUNCH_OPTIONS,
         )
-    # xs and ys must outlive the launch: the table holds their addresses, not references
     return ys
 
 
@@ -318,16 +322,17 @@ def mixed_fake_quant_grouped_backward(
         # sums over no elements
         return dxs, (dprobs.zero_() if need_dprobs else None), (dscales.zero_() if need_dscales else None)
     outs = dxs if need_dx else xs  # a pointer that is not needed is never dereferenced
-    meta = _meta_tensor(plan, [(x.data_ptr(), o.data_ptr(), g.data_ptr()) for x, o, g in zip(xs, outs, grads)],
-                        k, x0.device)
+    meta = _meta_tensor(
+        plan, [(x.data_ptr(), o.data_ptr(), g.data_ptr(), s.data_ptr()) for x, o, g, s in zip(xs, outs, grads, scales)],
+        k, x0.device,
+    )
     p_rows = plan.programs if need_dprobs else 0
     partials = torch.empty((p_rows + (plan.part_s_rows if need_dscales else 0), k), **f32)
     part_p, part_s = partials[:p_rows], partials[p_rows:]
     qmin, qmax, zero_point = _grid_ranges(tuple(bits), grid)
-    flat_scales = torch.cat([s.reshape(-1) for s in scales])
     with device_guard(x0):
         _grouped_backward_kernel[(plan.programs,)](
-            meta, probs, flat_scales, part_p, part_s, qmin, qmax, zero_point, n,
+            meta, probs, part_p, part_s, qmin, qmax, zero_point, n,
             K=k, DTYPE=_TL_DTYPES[x0.dtype], NEED_DX=need_dx, NEED_DP=need_dprobs, NEED_DS=need_dscales,
             BLOCK_R=plan.block_rows, BLOCK_J=plan.block_cols, STEPS=plan.search_steps,
             num_warps=plan.num_warps, **LAUNCH_OPTIONS,

@@ -1,0 +1,152 @@
+"""The mixed weights of many quantized layers from one grouped launch (instead of one per layer).
+
+:class:`GroupedWeightQuantizer` takes the :class:`QuantConv2d` / :class:`QuantLinear` layers of a
+model and computes every layer's ``weight_quant(weight)`` with one ``mixed_fake_quant_grouped`` call
+per group of layers that share a quantizer configuration (bits, grid, quantizer, per-channel axis,
+backend, dtype, device; in a supernet: all of them). The inputs of that call are batched too:
+
+- probs: one softmax over the stacked distinct logits (layers that share logits share a row);
+- paper scales: the weights of one shape are stacked, and ``D_b = g_b * std(W)`` and the
+  per-channel ``max|W_c| / (2^(b-1) - 1/2)`` (bit-widths >= 8) are computed for the whole stack:
+  a few launches per distinct weight shape instead of several per layer. Each row is the same
+  reduction as the layer's own (``Tensor.std`` of the layer's weight, ``amax`` over its channel);
+  a batched reduction may sum in another order, so a scale can differ in the last bit from the
+  per-layer one (on the CPU the two are equal);
+- lsq scales: each layer's own (learnable, clamped in place): nothing to batch.
+
+The paper weights take the identity (straight-through) gradient, as in the per-layer path; here a
+single autograd function passes each mixed weight's gradient to its weight, with no launch.
+
+Use ``with precomputed_weights(q.layers, q()): model(x)``; the layers then skip their own weight
+quantization. The result equals the per-layer path forward (bit for bit where the scales are) and
+backward (up to the order of the sums for logits shared by several layers).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .layers import _QuantizedLayer
+from .quantizers import MIN_SCALE
+
+__all__ = ["GroupedWeightQuantizer"]
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the n mixed weights ``ys``; backward: each y's gradient goes unchanged both to y
+    (hence to the logits through the grouped op) and to its weight (the identity gradient)."""
+
+    @staticmethod
+    def forward(ctx, n: int, *ys_and_ws: Tensor):
+        return tuple(y.view_as(y) for y in ys_and_ws[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *grads, *grads)
+
+
+class _Group:
+    """Layers whose weight quantizers share one configuration: one grouped launch."""
+
+    def __init__(self, layers: List[_QuantizedLayer]):
+        self.layers = layers
+        self.quantizers = [layer.weight_quant for layer in layers]
+        q = self.quantizers[0]
+        self.axis = q._axis(layers[0].weight)
+        self.logits = []  # the distinct logits Parameters, and each layer's row among them
+        rows = []
+        for quantizer in self.quantizers:
+            if quantizer.logits is None:
+                continue
+            for i, p in enumerate(self.logits):
+                if p is quantizer.logits:
+                    rows.append(i)
+                    break
+            else:
+                rows.append(len(self.logits))
+                self.logits.append(quantizer.logits)
+        self._rows = rows
+        self._row_index: Dict[torch.device, Tensor] = {}
+        by_shape: Dict[Tuple[int, ...], List[int]] = {}
+        for i, layer in enumerate(layers):
+            by_shape.setdefault(tuple(layer.weight.shape), []).append(i)
+        self.by_shape = list(by_shape.values())
+
+    def _probs(self) -> Tensor:
+        """[N, K]: each layer's softmax(logits), one softmax for the distinct logits."""
+        if not self.logits:
+            return self.quantizers[0]._unit_probs.expand(len(self.layers), 1)
+        device = self.logits[0].device
+        index = self._row_index.get(device)
+        if index is None:
+            index = self._row_index[device] = torch.tensor(self._rows, device=device)
+        return torch.softmax(torch.stack(self.logits), -1).index_select(0, index)
+
+    def _paper_scales(self) -> List[Tensor]:
+        """The scales of MixedPrecisionFakeQuantize._paper_scales (weights), per stack of one shape."""
+        q = self.quantizers[0]
+        scales: List[Tensor] = [None] * len(self.layers)  # type: ignore[list-item]
+        for members in self.by_shape:
+            w = torch.stack([self.layers[i].weight.detach() for i in members]).float()
+            scaled = q._steps[None, :] * w.flatten(1).std(dim=1)[:, None]  # [G, K]
+            if self.axis is not None:
+                max_c = w.abs().amax(dim=tuple(range(2, w.dim())))  # [G, C]
+                by_max = (max_c[:, None, :] / q._top[None, :, None]).clamp_min(MIN_SCALE)
+                scaled = torch.where(q._by_max[None, :, None], by_max, scaled[:, :, None])  # [G, K, C]
+            for row, i in enumerate(members):
+                scales[i] = scaled[row]
+        return scales
+
+    def __call__(self) -> List[Tensor]:
+        q = self.quantizers[0]
+        weights = [layer.weight for layer in self.layers]
+        if q.quantizer == "lsq":
+            scales = [quantizer._lsq_scales(w, self.axis) for quantizer, w in zip(self.quantizers, weights)]
+            return ops.mixed_fake_quant_grouped(weights, self._probs(), scales, q.bits, grid=q.grid, axis=self.axis,
+                                                backend=q.backend)
+        ys = ops.mixed_fake_quant_grouped([w.detach() for w in weights], self._probs(), self._paper_scales(), q.bits,
+                                          grid=q.grid, axis=self.axis, backend=q.backend)
+        if not (torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
+            return ys
+        return list(_StraightThrough.apply(len(ys), *ys, *weights))
+
+
+class GroupedWeightQuantizer:
+    """Computes the mixed weights of ``layers`` (QuantConv2d / QuantLinear) in grouped launches.
+
+    ``quantizer()`` returns one mixed weight per layer, in the order of :attr:`layers`: each equal to
+    ``layer.weight_quant(layer.weight)`` (see the module docstring). Layers whose weight quantizer
+    is switched off (``disable_fake_quant``) get their plain weight, as in their own forward.
+    """
+
+    def __init__(self, layers: Sequence[_QuantizedLayer]):
+        self.layers = list(layers)
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, _QuantizedLayer):
+                raise TypeError(f"layers[{i}] is a {type(layer).__name__}, not a QuantConv2d or QuantLinear")
+        groups: Dict[tuple, List[int]] = {}
+        for i, layer in enumerate(self.layers):
+            q = layer.weight_quant
+            key = (q.bits, q.grid, q.quantizer, q._axis(layer.weight), q.backend, layer.weight.dtype)
+            groups.setdefault(key, []).append(i)
+        self._groups = [(members, _Group([self.layers[i] for i in members])) for members in groups.values()]
+
+    @property
+    def num_groups(self) -> int:
+        """Grouped launches per call (one per distinct quantizer configuration)."""
+        return len(self._groups)
+
+    def __call__(self) -> List[Tensor]:
+        out: List[Tensor] = [None] * len(self.layers)  # type: ignore[list-item]
+        for members, group in self._groups:
+            if not all(q._fake_quant_on for q in group.quantizers):
+                ys = [layer.weight_quant(layer.weight) for layer in group.layers]
+            else:
+                ys = group()
+            for i, y in zip(members, ys):
+                out[i] = y
+        return out

@@ -1,0 +1,282 @@
+"""Bad input to the command line: every user error ends in one clear line naming the argument or the
+file (exit status 2, or 1 for a file system failure mid-run), never a traceback, and leaves no
+half-written output or checkpoint behind (the folder is as it was before the call).
+"""
+
+import errno
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from qdarts import cli
+from qdarts.search import CHECKPOINT, SearchConfig, run_search
+from qdarts.train import CHECKPOINT as TRAIN_CHECKPOINT
+
+TINY = ["--data", "synthetic", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "256", "--layers", "1",
+        "--channels", "4", "--partial-channels", "2", "--bits", "2,4", "--no-progress", "--no-plots"]
+TRAIN_TINY = ["--epochs", "1", "--batch-size", "256", "--channels", "4", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def finished_search(tmp_path_factory):
+    """A finished one-epoch search folder: checkpoint.pt and genotype.json to corrupt in copies."""
+    out = tmp_path_factory.mktemp("search")
+    run_search(SearchConfig(data="synthetic", epochs=1, warmup_epochs=0, batch_size=256, channels=4, layers=1,
+                            steps=2, partial_channels=2, bits=(2, 4)), str(out), progress=False, plots=False)
+    return out
+
+
+def _snapshot(folder):
+    """{name: bytes} of a folder (None if it does not exist): what must not change on a refused call."""
+    if not os.path.exists(folder):
+        return None
+    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))}
+
+
+def _refused(argv, capsys, *, match, code=2):
+    """Run the CLI and check: the exit status, one stderr line that names what is wrong, no traceback."""
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse's own errors: usage line + "error:" line
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == code, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--bits", "2,x"], "--bits"),
+    (["--bits", "0"], "--bits"),
+    (["--bits", "17"], "--bits"),
+    (["--bits", "2,2"], "--bits"),
+    (["--data", "imagenet"], "--data"),
+    (["--epochs", "-1"], "epochs must be >= 1"),
+    (["--epochs", "two"], "--epochs"),
+    (["--batch-size", "0"], "batch_size must be >= 1"),
+    (["--threads", "0"], "--threads"),
+    (["--channels", "6", "--partial-channels", "4"], "partial_channels"),
+    (["--data", "cifar10"], "--data-dir is required"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_search_option(args, match, tmp_path, capsys):
+    out = tmp_path / "out"
+    _refused(["search", *TINY, *args, "--out", str(out)], capsys, match=match)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--epochs", "-1"], "epochs must be >= 1"),
+    (["--drop-path", "1.5"], "drop_path"),
+    (["--data", "nope"], "--data"),
+])
+def test_bad_train_option(args, match, finished_search, tmp_path, capsys):
+    out = tmp_path / "out"
+    _refused(["train", "--genotype", str(finished_search / "genotype.json"), *TRAIN_TINY, *args, "--out", str(out)],
+             capsys, match=match)
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------- CIFAR-10 folders
+
+def _batch(n=4, cols=3072, dtype=np.uint8, labels=None):
+    return {b"data": np.zeros((n, cols), dtype=dtype), b"labels": list(range(n)) if labels is None else labels}
+
+
+def _write_cifar(folder, *, skip=(), override=None):
+    """A CIFAR-10 python folder with 4 images per batch; ``override`` {file: raw bytes or object}."""
+    folder.mkdir()
+    files = {f"data_batch_{i}": _batch() for i in range(1, 6)}
+    files["test_batch"] = _batch()
+    files["batches.meta"] = {b"label_names": [f"c{i}".encode() for i in range(10)]}
+    files.update(override or {})
+    for name, content in files.items():
+        if name not in skip:
+            (folder / name).write_bytes(content if isinstance(content, bytes) else pickle.dumps(content))
+    return folder
+
+
+_GOOD_PICKLE = pickle.dumps(_batch())
+
+
+@pytest.mark.parametrize("case, kwargs, match", [
+    ("missing file", dict(skip=("data_batch_3",)), "lacks data_batch_3"),
+    ("truncated pickle", dict(override={"data_batch_2": _GOOD_PICKLE[: len(_GOOD_PICKLE) // 2]}), "data_batch_2"),
+    ("random bytes", dict(override={"test_batch": bytes(np.random.default_rng(0).integers(0, 256, 999,
+                                                                                           dtype=np.uint8))}),
+     "test_batch"),
+    ("empty file", dict(override={"data_batch_1": b""}), "data_batch_1"),
+    ("wrong shape", dict(override={"data_batch_4": _batch(cols=3071)}), "[N, 3072]"),
+    ("wrong dtype", dict(override={"data_batch_4": _batch(dtype=np.float32)}), "data_batch_4"),
+    ("bad labels", dict(override={"data_batch_5": _batch(labels=[0, 1, 2, 10])}), "labels"),
+    ("not a dict", dict(override={"data_batch_1": [1, 2, 3]}), "data_batch_1"),
+    ("no label names", dict(override={"batches.meta": {b"names": []}}), "batches.meta"),
+])
+def test_bad_cifar10_folder(case, kwargs, match, tmp_path, capsys):
+    data = _write_cifar(tmp_path / "cifar", **kwargs)
+    out = tmp_path / "out"
+    _refused(["search", *TINY, "--data", "cifar10", "--data-dir", str(data), "--out", str(out)], capsys,
+             match=match)
+    assert not out.exists()
+
+
+def test_missing_cifar10_folder(tmp_path, capsys):
+    _refused(["search", *TINY, "--data", "cifar10", "--data-dir", str(tmp_path / "nope"), "--out",
+              str(tmp_path / "out")], capsys, match="CIFAR-10 folder")
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+def _corrupt_truncated(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+def _corrupt_random(path):
+    path.write_bytes(bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8)))
+
+
+def _corrupt_empty(path):
+    path.write_bytes(b"")
+
+
+def _corrupt_foreign_torch_file(path):
+    torch.save({"state_dict": {"w": torch.zeros(3)}}, path)
+
+
+def _corrupt_other_config(path):
+    """A genuine checkpoint whose weights belong to another supernet than its config says."""
+    state = torch.load(path, weights_only=False)
+    state["config"]["channels"] = 8
+    torch.save(state, path)
+
+
+def _corrupt_missing_entries(path):
+    state = torch.load(path, weights_only=False)
+    del state["opt_arch"]
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (_corrupt_truncated, "cannot be read"),
+    (_corrupt_random, "cannot be read"),
+    (_corrupt_empty, "cannot be read"),
+    (_corrupt_foreign_torch_file, "is not a qdarts-search-checkpoint"),
+    (_corrupt_other_config, "does not fit"),
+    (_corrupt_missing_entries, "does not fit"),
+], ids=lambda f: f.__name__[len("_corrupt_"):] if callable(f) else None)
+@pytest.mark.parametrize("resume", [True, False], ids=["resume", "fresh"])
+def test_corrupt_search_checkpoint(corrupt, match, resume, finished_search, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / CHECKPOINT).write_bytes((finished_search / CHECKPOINT).read_bytes())
+    corrupt(out / CHECKPOINT)
+    before = _snapshot(out)
+    if not resume and match == "does not fit":
+        match = "--resume"  # a readable checkpoint is not looked into without --resume: the folder is taken
+    line = _refused(["search", *TINY, *(["--resume"] if resume else []), "--out", str(out)], capsys, match=match)
+    assert CHECKPOINT in line or "--resume" in line
+    assert _snapshot(out) == before  # nothing written, nothing deleted
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (_corrupt_truncated, "cannot be read"),
+    (_corrupt_foreign_torch_file, "is not a qdarts-train-checkpoint"),
+], ids=["truncated", "foreign"])
+def test_corrupt_train_checkpoint(corrupt, match, finished_search, tmp_path, capsys):
+    out = tmp_path / "train"
+    out.mkdir()
+    (out / TRAIN_CHECKPOINT).write_bytes((finished_search / CHECKPOINT).read_bytes())
+    corrupt(out / TRAIN_CHECKPOINT)
+    before = _snapshot(out)
+    line = _refused(["train", "--genotype", str(finished_search / "genotype.json"), *TRAIN_TINY, "--resume",
+                     "--out", str(out)], capsys, match=match)
+    assert TRAIN_CHECKPOINT in line
+    assert _snapshot(out) == before
+
+
+# ---------------------------------------------------------------------------------------- output folders
+
+def _out_under_a_file(tmp_path):
+    """Fails for root too: a path through a regular file cannot be created by anyone."""
+    (tmp_path / "file").write_text("x")
+    return tmp_path / "file" / "sub"
+
+
+def _out_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    return tmp_path / "file"
+
+
+def _out_read_only(tmp_path):
+    """Permission bits: root ignores them, so this case runs for other users only."""
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a 0o500 folder; the path-under-a-file case covers root")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    return folder
+
+
+@pytest.mark.parametrize("make_out", [_out_under_a_file, _out_is_a_file, _out_read_only],
+                         ids=["under_a_file", "is_a_file", "read_only"])
+@pytest.mark.parametrize("command", ["search", "train"])
+def test_unwritable_output_folder(make_out, command, finished_search, tmp_path, capsys):
+    out = make_out(tmp_path)
+    before = _snapshot(tmp_path)
+    argv = (["search", *TINY] if command == "search"
+            else ["train", "--genotype", str(finished_search / "genotype.json"), *TRAIN_TINY])
+    _refused([*argv, "--out", str(out)], capsys, match="cannot be written")
+    assert _snapshot(tmp_path) == before
+
+
+def test_disk_full_during_a_checkpoint_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
+    """A write that fails half-way (here: the disk fills) ends with exit status 1 and leaves neither the
+    torn file nor its temporary behind."""
+    real_save = torch.save
+
+    def save_then_fail(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    out = tmp_path / "out"
+    _refused(["search", *TINY, "--out", str(out)], capsys, match="No space left on device", code=1)
+    assert os.listdir(out) == []
+
+
+# ---------------------------------------------------------------------------------------- genotype files
+
+def _genotype_text(finished_search, edit):
+    d = json.loads((finished_search / "genotype.json").read_text())
+    return json.dumps(edit(d))
+
+
+@pytest.mark.parametrize("case, content, match", [
+    ("missing", None, "does not exist"),
+    ("empty", lambda g: "", "not valid JSON"),
+    ("truncated", lambda g: (g / "genotype.json").read_text()[:100], "not valid JSON"),
+    ("binary", lambda g: b"\x80\x81\xfe\xff" * 8, "genotype.json"),
+    ("a list", lambda g: "[1, 2]", "not a genotype file"),
+    ("wrong version", lambda g: _genotype_text(g, lambda d: {**d, "version": 99}), "unsupported genotype version"),
+    ("wrong format", lambda g: _genotype_text(g, lambda d: {**d, "format": "x"}), "not a genotype file"),
+    ("unknown op", lambda g: _genotype_text(g, lambda d: {**d, "normal": [{**d["normal"][0], "op": "conv_9x9"}]
+                                                            + d["normal"][1:]}), "unknown op"),
+    ("missing cells", lambda g: _genotype_text(g, lambda d: {k: v for k, v in d.items() if k != "cells"}),
+     "malformed genotype"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_genotype_file(case, content, match, finished_search, tmp_path, capsys):
+    path = tmp_path / "genotype.json"
+    if content is not None:
+        data = content(finished_search)
+        path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    out = tmp_path / "out"
+    line = _refused(["train", "--genotype", str(path), *TRAIN_TINY, "--out", str(out)], capsys, match=match)
+    assert "genotype" in line
+    assert not out.exists()

@@ -3,7 +3,8 @@
 Launch (one process per GPU, or several CPU processes)::
 
     torchrun --standalone --nproc-per-node 8 -m qdarts search --device cuda --out run ...
-    torchrun --nnodes 2 --node-rank 0 --rdzv-endpoint host:29500 --nproc-per-node 8 -m qdarts search ...
+    # on every node of two:
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m qdarts search ...
 
 How the ranks stay identical. The search has two forward/backward passes per step on different
 splits (alpha/beta on the val split, weights/gamma on the train split), and the second-order
@@ -12,7 +13,10 @@ every backward, including the ones whose gradients are thrown away. Instead ever
 full replica, computes gradients on its own shard of the batch, and before each optimiser step
 the gradients of the parameters that step updates are averaged over the ranks with one coalesced
 all-reduce (:func:`all_reduce_gradients`): ``g = (1/W) sum_r g_r``. With equal per-rank batches
-this is the gradient of the mean loss over the global batch, exactly what DDP computes. Every
+this is the gradient of the mean loss over the global batch, exactly what DDP computes (for the
+second-order alpha/beta step each rank makes its virtual weight step and finite-difference
+Hessian-vector product with its own shard's gradients, and the resulting alpha/beta gradients are
+averaged: the mean of the per-rank estimates, not the estimate at the global gradient). Every
 rank starts from the same seed, so the replicas start equal and, stepping with the same averaged
 gradients, stay equal (the all-reduce hands every rank the same bytes). Two things are local to a
 rank and are reconciled explicitly:
@@ -20,7 +24,6 @@ rank and are reconciled explicitly:
 - data-dependent initial values (LSQ step sizes are set from the first batch a quantizer sees):
   in the first step of a process, rank 0's parameter values are broadcast before the optimiser
   step (``all_reduce_gradients(..., broadcast_values=True)``);
-
 - BatchNorm running statistics: averaged over the ranks once per epoch (:func:`average_buffers`),
   before evaluation and the checkpoint (BatchNorm normalises each rank's batch with its own batch
   statistics in training, as DDP without SyncBatchNorm does).
@@ -48,7 +51,8 @@ from torch import nn
 __all__ = ["Dist", "current", "init_from_env", "shutdown", "all_reduce_gradients", "average_buffers",
            "dump_rank_state", "RANK_DUMP_ENV"]
 
-#: a folder; when set, every rank writes ``rank<r>.pt`` with its parameters at the end of a search (tests)
+#: a folder; when set, every rank writes ``rank<r>.pt`` with its parameters at the end of a search or a
+#: retraining (lets a test compare the replicas)
 RANK_DUMP_ENV = "QDARTS_RANK_DUMP"
 
 

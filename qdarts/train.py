@@ -158,6 +158,7 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
 
     train_loss = compiled(train_loss, config.compile)
     shard = (dist.rank, dist.world_size)
+    replicas_equal = not dist.enabled  # until the first step hands every rank rank 0's LSQ steps
     n_steps = num_batches(dataset.train_x.shape[0], config.batch_size, world_size=dist.world_size)
     last = config.epochs if stop_after is None else min(config.epochs, epoch + stop_after)
     bar = tqdm(total=config.epochs * n_steps, initial=epoch * n_steps, desc="train (fp32)" if config.fp32 else "train",
@@ -176,7 +177,8 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
                 optimizer.zero_grad(set_to_none=True)
                 logits, loss = train_loss(xb, yb)
                 loss.backward()
-                distributed.all_reduce_gradients(model.parameters())
+                distributed.all_reduce_gradients(model.parameters(), broadcast_values=not replicas_equal)
+                replicas_equal = True
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
                 n = yb.shape[0]
@@ -200,6 +202,7 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
         bar.close()
     if epoch < config.epochs:
         return {}
+    distributed.dump_rank_state(model)
     summary = {
         "test_accuracy": _accuracy(model, dataset.test_x, dataset.test_y, device),
         "bitops": cost["bitops"],

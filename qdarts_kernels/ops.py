@@ -185,6 +185,14 @@ def _check_backend_dtype(name: str, t: Tensor, arg: str) -> None:
         )
 
 
+def _checked_mixed_fake_quant_args(x, probs, scales, bits, grid, axis, backend):
+    """The validated (bits, grid code, axis, backend name) of a mixed_fake_quant call."""
+    bits, code, ax = check_mixed_fake_quant(x, probs, scales, bits, grid, axis)
+    name = _backends.resolve(backend, x.device)
+    _check_backend_dtype(name, x, "x")
+    return bits, code, ax, name
+
+
 def mixed_fake_quant(
     x: Tensor,
     probs: Tensor,
@@ -201,9 +209,7 @@ def mixed_fake_quant(
     the gradients), fused: one pass over x forward, one pass over (x, grad) backward, no per-bit
     temporaries. ``backend`` is None (automatic), "reference", "cpu", "cuda" or "triton".
     """
-    bits, code, ax = check_mixed_fake_quant(x, probs, scales, bits, grid, axis)
-    name = _backends.resolve(backend, x.device)
-    _check_backend_dtype(name, x, "x")
+    bits, code, ax, name = _checked_mixed_fake_quant_args(x, probs, scales, bits, grid, axis, backend)
     if torch.compiler.is_compiling():
         return _mixed_fake_quant_op(x, probs, scales, list(bits), code, ax, name)
     return _MixedFakeQuantFunction.apply(x, probs, scales, bits, code, ax, name)

@@ -258,20 +258,24 @@ def _genotype_text(finished_search, edit):
     return json.dumps(edit(d))
 
 
-@pytest.mark.parametrize("case, content, match", [
-    ("missing", None, "does not exist"),
-    ("empty", lambda g: "", "not valid JSON"),
-    ("truncated", lambda g: (g / "genotype.json").read_text()[:100], "not valid JSON"),
-    ("binary", lambda g: b"\x80\x81\xfe\xff" * 8, "genotype.json"),
-    ("a list", lambda g: "[1, 2]", "not a genotype file"),
-    ("wrong version", lambda g: _genotype_text(g, lambda d: {**d, "version": 99}), "unsupported genotype version"),
-    ("wrong format", lambda g: _genotype_text(g, lambda d: {**d, "format": "x"}), "not a genotype file"),
-    ("unknown op", lambda g: _genotype_text(g, lambda d: {**d, "normal": [{**d["normal"][0], "op": "conv_9x9"}]
-                                                            + d["normal"][1:]}), "unknown op"),
-    ("missing cells", lambda g: _genotype_text(g, lambda d: {k: v for k, v in d.items() if k != "cells"}),
-     "malformed genotype"),
-], ids=lambda v: v if isinstance(v, str) else None)
-def test_bad_genotype_file(case, content, match, finished_search, tmp_path, capsys):
+GENOTYPE_CASES = {
+    "missing": (None, "does not exist"),
+    "empty": (lambda g: "", "not valid JSON"),
+    "truncated": (lambda g: (g / "genotype.json").read_text()[:100], "not valid JSON"),
+    "binary": (lambda g: b"\x80\x81\xfe\xff" * 8, "genotype.json"),
+    "a_list": (lambda g: "[1, 2]", "not a genotype file"),
+    "wrong_version": (lambda g: _genotype_text(g, lambda d: {**d, "version": 99}), "unsupported genotype version"),
+    "wrong_format": (lambda g: _genotype_text(g, lambda d: {**d, "format": "x"}), "not a genotype file"),
+    "unknown_op": (lambda g: _genotype_text(g, lambda d: {**d, "normal": [{**d["normal"][0], "op": "conv_9x9"}]
+                                                           + d["normal"][1:]}), "unknown op"),
+    "missing_cells": (lambda g: _genotype_text(g, lambda d: {k: v for k, v in d.items() if k != "cells"}),
+                      "malformed genotype"),
+}
+
+
+@pytest.mark.parametrize("case", GENOTYPE_CASES)
+def test_bad_genotype_file(case, finished_search, tmp_path, capsys):
+    content, match = GENOTYPE_CASES[case]
     path = tmp_path / "genotype.json"
     if content is not None:
         data = content(finished_search)
@@ -280,3 +284,24 @@ def test_bad_genotype_file(case, content, match, finished_search, tmp_path, caps
     line = _refused(["train", "--genotype", str(path), *TRAIN_TINY, "--out", str(out)], capsys, match=match)
     assert "genotype" in line
     assert not out.exists()
+
+
+def test_outputs_get_the_usual_file_mode(finished_search):
+    """Atomic writes go through mkstemp (mode 0o600); the files must end with what open() gives
+    (0o666 less the umask), or the other users of a shared run folder cannot read the results."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("genotype.json", "history.json", "summary.md", CHECKPOINT):
+        assert (finished_search / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_ctrl_c_ends_with_a_resume_hint_and_no_traceback(tmp_path, capsys, monkeypatch):
+    from qdarts.search import Searcher
+
+    def interrupted(self, stop_after=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Searcher, "run", interrupted)
+    assert cli.main(["search", *TINY, "--out", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err

@@ -5,6 +5,7 @@ QDARTS_TEST_PAUSE_BEFORE_REPLACE hook of qdarts.checkpoint."""
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -88,30 +89,37 @@ def test_kill_inside_an_atomic_write_then_resume(write, target, uninterrupted, t
     assert len(_temporaries(out)) == 1  # the kill left the complete temporary behind
     assert not (out / "genotype.json").exists()
     epoch = torch.load(out / CHECKPOINT, weights_only=False)["epoch"]  # the previous checkpoint is whole
-    assert epoch == (write - 1) // 2
+    assert epoch == write // 2  # the checkpoint of the last epoch whose checkpoint write completed
     _finish(out)
     assert _result(out) == uninterrupted[0]
 
 
 def test_kills_at_random_moments_then_resume(uninterrupted, tmp_path):
     """Kill after a random share of an uninterrupted run's time (while importing, searching, writing:
-    wherever it falls), resume, kill again, ..., and finally let it finish. ``--resume`` on a folder
-    without a checkpoint starts afresh, so every attempt is the same command."""
+    wherever it falls), resume, kill again, and finally let it finish. ``--resume`` on a folder without
+    a checkpoint starts afresh, so every attempt is the same command. Should a fresh attempt finish
+    before its kill (the machine got faster than during the uninterrupted run), it starts over with
+    shorter times, so that at least one kill happens."""
     result, seconds = uninterrupted
     rng = random.Random(0)
     out = tmp_path / "run"
     kills = 0
-    for _ in range(2):
+    for _ in range(6):
         proc = _start(out, resume=True)
         try:
-            proc.communicate(timeout=rng.uniform(0.3, 0.9) * seconds)
+            proc.communicate(timeout=rng.uniform(0.2, 0.7) * seconds)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
             kills += 1
+            if kills == 2:
+                break
         else:
             assert proc.returncode == 0
-            break
+            if kills:
+                break
+            shutil.rmtree(out)
+            seconds /= 2
     assert kills >= 1
     _finish(out)
     assert _result(out) == result

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import qdarts
+import qdarts_kernels.nn as qnn
 
 from qdarts.search import CHECKPOINT, SearchConfig, Searcher, run_search
 from qdarts.train import TrainConfig, run_train
@@ -99,21 +100,24 @@ def test_bad_config_is_rejected_naming_the_setting(tmp_path):
         _search(tmp_path, order="third")
 
 
-def test_no_host_sync_inside_a_search_step(tmp_path, monkeypatch):
-    """The search layer never reads a tensor value back to the host within a step (losses are
-    accumulated as tensors). Reads inside qdarts_kernels are that library's business: it checks the
-    scale values of CPU tensors, which costs no device sync."""
-    s = Searcher(SearchConfig(**TINY), str(tmp_path), progress=False)
+@pytest.mark.parametrize("setting", [{}, {"grouped_weights": False}, {"act_dtype": "bf16"}, {"quantizer": "lsq"}],
+                         ids=["grouped", "per_conv", "bf16", "lsq"])
+def test_no_host_sync_inside_a_search_step(tmp_path, monkeypatch, setting):
+    """The search layer and the quantized layers never read a tensor value back to the host within a
+    step (losses are accumulated as tensors). Reads inside the ops of qdarts_kernels are that
+    library's business: it checks the scale values of CPU tensors, which costs no device sync
+    (test_search_speed runs steps on a GPU under torch.cuda.set_sync_debug_mode("error"))."""
+    s = Searcher(SearchConfig(**TINY, **setting), str(tmp_path), progress=False)
     x, y, xv, yv = s.train_x[:16], s.train_y[:16], s.val_x[:16], s.val_y[:16]
     stats = torch.zeros(4)
     s._weight_step(x, y, stats)  # first step: convs record MACs, the cost builds its constant tables
-    package = os.path.dirname(os.path.abspath(qdarts.__file__))
+    packages = {os.path.dirname(os.path.abspath(m.__file__)) for m in (qdarts, qnn)}
     reads = []
 
     def guarded(original):
         def read(self, *args, **kwargs):
             caller = sys._getframe(1).f_code.co_filename
-            if os.path.dirname(os.path.abspath(caller)) == package:
+            if os.path.dirname(os.path.abspath(caller)) in packages:
                 reads.append(caller)
             return original(self, *args, **kwargs)
         return read

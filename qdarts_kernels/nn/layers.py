@@ -24,6 +24,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .. import ops as _ops
 from .quantizers import MixedPrecisionFakeQuantize
 
 __all__ = ["QuantConv2d", "QuantLinear", "precomputed_weights"]
@@ -88,6 +89,43 @@ class _QuantizedLayer:
             raise ValueError(f"quantizer must be 'paper' or 'lsq', got {quantizer!r}")
 
 
+class _QuantizedInputConv2d(torch.autograd.Function):
+    """``conv2d(mixed_fake_quant(x), w, bias)`` that keeps x, not the mixed activation, for the
+    backward: the backward recomputes the mixed activation (one more elementwise pass over x)
+    instead of holding a second activation-sized tensor per conv from forward to backward.
+
+    Under autocast the conv runs in the autocast dtype (as ``F.conv2d`` would); the backward casts
+    its operands the same way and each gradient back to its input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, probs, scales, w, bias, quant_args, conv_args):
+        xq = _ops._mfq_forward(x, probs, scales, *quant_args)
+        y = nn.functional.conv2d(xq, w, bias, *conv_args)
+        ctx.save_for_backward(x, probs, scales, w, bias)
+        ctx.args = (quant_args, conv_args)
+        ctx.conv_dtype = y.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        quant_args, conv_args = ctx.args
+        _ops._refuse_second_order("QuantConv2d", quant_args[-1])
+        x, probs, scales, w, bias = ctx.saved_tensors
+        need_x, need_p, need_s, need_w, need_b = ctx.needs_input_grad[:5]
+        need_xq = need_x or need_p or need_s
+        dt = ctx.conv_dtype
+        xq = _ops._mfq_forward(x, probs, scales, *quant_args) if need_xq or need_w else None
+        stride, padding, dilation, groups = conv_args
+        dxq, dw, db = torch.ops.aten.convolution_backward(
+            grad.to(dt), (xq if xq is not None else x).to(dt), w.to(dt), None if bias is None else [bias.shape[0]],
+            stride, padding, dilation, False, [0, 0], groups, [need_xq, need_w, need_b])
+        dx = dp = ds = None
+        if need_xq:
+            dx, dp, ds = _ops._mfq_backward(dxq.to(x.dtype), x, probs, scales, *quant_args, need_x, need_p, need_s)
+        return (dx, dp, ds, dw.to(w.dtype) if need_w else None, db.to(bias.dtype) if need_b else None, None, None)
+
+
 @contextmanager
 def precomputed_weights(layers: Sequence[_QuantizedLayer], weights: Sequence[Tensor]) -> Iterator[None]:
     """Within the block, ``layers[i]`` uses ``weights[i]`` as its mixed weight (it must equal what
@@ -95,7 +133,8 @@ def precomputed_weights(layers: Sequence[_QuantizedLayer], weights: Sequence[Ten
     if len(layers) != len(weights):
         raise ValueError(f"precomputed_weights needs one weight per layer, got {len(weights)} for {len(layers)}")
     for layer, w in zip(layers, weights):
-        layer.weight_override = w
+        # a Parameter set as a module attribute would be registered as one: hand over a view of it
+        layer.weight_override = w.view_as(w) if isinstance(w, nn.Parameter) else w
     try:
         yield
     finally:
@@ -135,8 +174,22 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
         self.input_hw: Optional[Tuple[int, int]] = None
 
     def forward(self, x: Tensor) -> Tensor:
-        xq, wq = self._quantized_input_and_weight(x)
-        y = self._conv_forward(xq, wq, self.bias)
+        aq = self.act_quant
+        if (aq is not None and aq._fake_quant_on and self.padding_mode == "zeros" and x.dim() == 4
+                and not isinstance(self.padding, str) and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            # eager training: keep only x for the backward (see _QuantizedInputConv2d); compiled
+            # graphs leave what to keep to AOTAutograd's partitioner
+            probs, scales, axis = aq._op_inputs(x)
+            bits, code, ax, name = _ops._checked_mixed_fake_quant_args(x, probs, scales, aq.bits, aq.grid, axis,
+                                                                       aq.backend)
+            wq = self.weight_override
+            wq = self.weight_quant(self.weight) if wq is None else wq
+            y = _QuantizedInputConv2d.apply(x, probs, scales, wq, self.bias, (bits, code, ax, name),
+                                            (self.stride, self.padding, self.dilation, self.groups))
+        else:
+            xq, wq = self._quantized_input_and_weight(x)
+            y = self._conv_forward(xq, wq, self.bias)
         self.input_hw = (x.shape[-2], x.shape[-1])
         self.macs = self._macs_per_output_pixel * y.shape[-2] * y.shape[-1]
         return y

@@ -318,18 +318,18 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         by_max = (max_c[None, :] / self._top[:, None]).clamp_min(MIN_SCALE)
         return torch.where(self._by_max[:, None], by_max, (self._steps * std)[:, None])
 
+    def _op_inputs(self, x: Tensor) -> Tuple[Tensor, Tensor, Optional[int]]:
+        """(probs, scales, axis) of this forward's mixed_fake_quant call on x."""
+        axis = self._axis(x)
+        scales = self._lsq_scales(x, axis) if self.quantizer == "lsq" else self._paper_scales(x, axis)
+        return self.probs(), scales, axis
+
     def forward(self, x: Tensor) -> Tensor:
         if not self._fake_quant_on:
             return x
-        axis = self._axis(x)
-        probs = self.probs()
-        if self.quantizer == "lsq":
-            return ops.mixed_fake_quant(x, probs, self._lsq_scales(x, axis), self.bits, grid=self.grid,
-                                        axis=axis, backend=self.backend)
-        scales = self._paper_scales(x, axis)
-        if self.role == "act":
-            return ops.mixed_fake_quant(x, probs, scales, self.bits, grid=self.grid, axis=axis,
-                                        backend=self.backend)
+        probs, scales, axis = self._op_inputs(x)
+        if self.quantizer == "lsq" or self.role == "act":
+            return ops.mixed_fake_quant(x, probs, scales, self.bits, grid=self.grid, axis=axis, backend=self.backend)
         y = ops.mixed_fake_quant(x.detach(), probs, scales, self.bits, grid=self.grid, axis=axis,
                                  backend=self.backend)
         # identity gradient to the weights (official code); x - x.detach() is exactly 0

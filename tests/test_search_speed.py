@@ -1,0 +1,189 @@
+"""The fast search step: grouped weight quantization, compiled steps, bf16 activations, no host sync.
+
+Compiled steps are tested with torch.compile's ``aot_eager`` backend (forward and backward graphs
+traced with fullgraph=True through AOTAutograd, no code generation): inductor takes minutes to
+compile the supernet on a 2-core CPU. The inductor and CUDA-graph modes run only on a GPU.
+"""
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from qdarts import fastpath, search
+from qdarts.search import SearchConfig, Searcher
+from qdarts.supernet import SearchNetwork, SupernetConfig
+
+TINY_NET = SupernetConfig(input_shape=(1, 8, 8), num_classes=10, channels=4, layers=3, steps=2, partial_channels=2)
+TINY_SEARCH = dict(data="synthetic", epochs=1, warmup_epochs=0, batch_size=32, channels=4, layers=1, steps=2,
+                   partial_channels=2, bits=(2, 4))
+
+
+def _pair(**kw):
+    """The same supernet (same parameters) with grouped and with per-conv weight quantization."""
+    cfg = dataclasses.replace(TINY_NET, **kw)
+    torch.manual_seed(0)
+    grouped = SearchNetwork(dataclasses.replace(cfg, grouped_weights=True))
+    per_conv = SearchNetwork(dataclasses.replace(cfg, grouped_weights=False))
+    per_conv.load_state_dict(grouped.state_dict())
+    return grouped, per_conv
+
+
+def _batch(n=16):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+@pytest.mark.parametrize("quantizer", ["paper", "lsq"])
+@pytest.mark.parametrize("bits", [(2, 4), (2, 4, 8)], ids=["per_tensor", "per_channel_8bit"])
+def test_grouped_weights_give_the_per_conv_loss_and_gradients(bits, quantizer):
+    grouped, per_conv = _pair(bits=bits, quantizer=quantizer)
+    assert grouped.weight_quantizer.num_groups == 1 and per_conv.weight_quantizer is None
+    x, y = _batch()
+    logits_g, logits_p = grouped(x), per_conv(x)
+    assert torch.equal(logits_g, logits_p)  # the mixed weights are bit for bit the per-conv ones
+    F.cross_entropy(logits_g, y).backward()
+    F.cross_entropy(logits_p, y).backward()
+    for (name, a), b in zip(grouped.named_parameters(), per_conv.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:  # logits shared by several convs sum their gradients in another order
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6 * b.grad.abs().max().item(), msg=name)
+
+
+def _quantizer_calls(net, x, y):
+    """Calls of the mixed_fake_quant and mixed_fake_quant_grouped ops in one forward + backward."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        F.cross_entropy(net(x), y).backward()
+    names = [e.name for e in prof.events()]
+    single = names.count("_MixedFakeQuantFunction") + names.count("_QuantizedInputConv2d")  # the latter: input + conv
+    return single, names.count("_MixedFakeQuantGroupedFunction")
+
+
+def test_grouped_weights_quantize_all_conv_weights_in_one_call():
+    grouped, per_conv = _pair()
+    n_convs = len(grouped.quant_layers())
+    x, y = _batch()
+    assert _quantizer_calls(per_conv, x, y) == (2 * n_convs, 0)  # an activation and a weight per conv
+    assert _quantizer_calls(grouped, x, y) == (n_convs, 1)  # the activations, and one grouped call
+
+
+def test_a_disabled_weight_quantizer_passes_its_weight_through():
+    grouped, per_conv = _pair()
+    for net in (grouped, per_conv):
+        for _, conv, _ in net.quant_layers()[:3]:
+            conv.weight_quant.disable_fake_quant()
+    x, _ = _batch()
+    assert torch.equal(grouped(x), per_conv(x))
+
+
+def test_bf16_activations_reach_the_quantizers_and_keep_fp32_logits():
+    torch.manual_seed(0)
+    net = SearchNetwork(dataclasses.replace(TINY_NET, act_dtype="bf16"))
+    seen = []
+    for _, conv, _ in net.quant_layers():
+        conv.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))  # what act_quant sees
+    x, y = _batch()
+    logits = net(x)
+    assert logits.dtype == torch.float32 and set(seen) == {torch.bfloat16}
+    F.cross_entropy(logits, y).backward()
+    assert all(p.grad.dtype == torch.float32 for p in net.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="act_dtype"):
+        SearchNetwork(dataclasses.replace(TINY_NET, act_dtype="fp8"))
+
+
+@pytest.mark.parametrize("grouped_weights", [True, False], ids=["grouped", "per_conv"])
+def test_a_quantized_conv_keeps_only_its_input_and_weight_for_backward(grouped_weights):
+    """Per conv the backward keeps x itself (not the mixed activation: it is recomputed) and the
+    weight and mixed weight; no per-bit copy of anything (the naive mixed layer keeps one per bit)."""
+    net = _pair(bits=(2, 4, 8))[0 if grouped_weights else 1]
+    x, y = _batch(7)  # a batch size that no weight dimension has
+    kept, inputs, current = {}, {}, []
+
+    def enter(conv, args):
+        current.append(conv)
+        inputs[conv] = args[0]
+
+    for _, conv, _ in net.quant_layers():
+        conv.register_forward_pre_hook(enter)
+        conv.register_forward_hook(lambda m, args, out: current.pop() and None)
+
+    def pack(t):
+        if current:
+            kept.setdefault(current[-1], []).append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(net(x), y)
+    assert len(kept) == len(net.quant_layers())
+    for conv, tensors in kept.items():
+        activations = [t for t in tensors if t.dim() == 4 and t.shape[0] == x.shape[0]]
+        weights = [t for t in tensors if t.shape == conv.weight.shape]
+        assert [t.data_ptr() for t in activations] == [inputs[conv].data_ptr()]
+        assert len(weights) <= 2  # the mixed weight (and, per conv, the weight its quantizer read)
+    loss.backward()
+
+
+def test_the_fused_quantized_conv_equals_quantizer_then_conv():
+    """QuantConv2d's training forward (mixed activation recomputed in backward) against its parts."""
+    from qdarts_kernels.nn import QuantConv2d
+
+    torch.manual_seed(0)
+    conv = QuantConv2d(4, 6, 3, padding=1, groups=2, bias=True, act_bits=(2, 4, 8), weight_bits=(2, 4))
+    x = torch.randn(5, 4, 7, 7, requires_grad=True)
+    y = conv(x)
+    grads = torch.autograd.grad(y.square().sum(), [x, conv.weight, conv.bias, conv.act_quant.logits])
+    ref = F.conv2d(conv.act_quant(x), conv.weight_quant(conv.weight), conv.bias, 1, 1, 1, 2)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, conv.weight, conv.bias, conv.act_quant.logits])
+    assert torch.equal(y, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _steps(searcher, x, y, xv, yv):
+    stats = torch.zeros(4, device=x.device)
+    searcher._arch_step(x, y, xv, yv, lr=0.1)
+    searcher._weight_step(x, y, stats)
+    return stats
+
+
+@pytest.mark.slow
+def test_compiled_step_traces_as_one_graph_and_matches_eager(tmp_path, monkeypatch):
+    monkeypatch.setattr(search, "compiled", functools.partial(fastpath.compiled, backend="aot_eager"))
+    cfg = dict(TINY_SEARCH, layers=1)
+    eager = Searcher(SearchConfig(**cfg), str(tmp_path / "e"), progress=False)
+    comp = Searcher(SearchConfig(**cfg, compile="default"), str(tmp_path / "c"), progress=False)
+    comp.net.load_state_dict(eager.net.state_dict())
+    x, y, xv, yv = eager.train_x[:32], eager.train_y[:32], eager.val_x[:32], eager.val_y[:32]
+    eager.net(x)  # the eager searcher records the conv shapes in its first step; the compiled one did at init
+    for _ in range(2):
+        stats_e, stats_c = _steps(eager, x, y, xv, yv), _steps(comp, x, y, xv, yv)
+        torch.testing.assert_close(stats_c, stats_e, rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(comp.net.named_parameters(), eager.net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_compile_setting_is_checked():
+    with pytest.raises(ValueError, match="compile"):
+        SearchConfig(compile="fast").validate()
+    with pytest.raises(ValueError, match="act_dtype"):
+        SearchConfig(act_dtype="fp16").validate()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("grouped_weights", [True, False])
+@pytest.mark.parametrize("order", ["first", "second"])
+def test_no_device_sync_in_a_search_step_on_the_gpu(tmp_path, order, grouped_weights):
+    s = Searcher(SearchConfig(**TINY_SEARCH, order=order, device="cuda", grouped_weights=grouped_weights),
+                 str(tmp_path), progress=False)
+    x, y, xv, yv = (t[:32].cuda() for t in (s.train_x, s.train_y, s.val_x, s.val_y))
+    _steps(s, x, y, xv, yv)  # first step: the cost builds its tables, the optimisers their state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            _steps(s, x, y, xv, yv)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

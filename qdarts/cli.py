@@ -31,8 +31,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                    help="torch.compile the forward and loss as one graph (fullgraph), backward included; "
-                        "MODE: default (inductor), reduce-overhead (also CUDA-graph capture, CUDA only), "
-                        "max-autotune (default when the flag has no value: default; off without the flag)")
+                        "MODE: default (inductor; what --compile alone means), reduce-overhead (also CUDA-graph "
+                        "capture, CUDA only) or max-autotune (default: not compiled)")
     p.add_argument("--act-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="activation dtype: bf16 runs the network forward under autocast, the quantizers "
                         "then see bf16 activations (default: fp32)")

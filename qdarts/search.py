@@ -124,7 +124,7 @@ class SearchConfig:
 
 
 @contextmanager
-def _frozen(params: Sequence[torch.nn.Parameter]):
+def frozen(params: Sequence[torch.nn.Parameter]):
     """Temporarily exclude ``params`` from autograd (no gradient is computed for them at all)."""
     for p in params:
         p.requires_grad_(False)
@@ -312,7 +312,7 @@ class Searcher:
         self.opt_weights.zero_grad(set_to_none=True)
         if self.opt_gamma is not None:
             self.opt_gamma.zero_grad(set_to_none=True)
-        with _frozen(self.arch_params):
+        with frozen(self.arch_params):
             logits, ce, loss = self._train_loss(xb, yb)
             loss.backward()
         # the first step also hands every rank rank 0's weights: LSQ steps start from each rank's first batch

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 
 import qdarts_kernels as qk
 
+from qdarts.search import frozen
+
 from .timing import measure, synchronize
 
 _PUBLIC_OPS = ("fake_quant", "mixed_fake_quant", "mixed_op_sum")
@@ -113,17 +115,6 @@ def eager_reference_ops() -> Iterator[Counter]:
             setattr(mod, name, originals[name])
 
 
-@contextlib.contextmanager
-def _frozen(params: List[torch.nn.Parameter]) -> Iterator[None]:
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
 class SearchStep:
     """The supernet, its optimisers and one search step (see the module docstring), with the
     defaults of ``qdarts.search.SearchConfig`` for everything but the network's size."""
@@ -166,7 +157,7 @@ class SearchStep:
         optimizers = [self.opt_w] + ([self.opt_gamma] if self.opt_gamma else [])
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        with _frozen(self.arch):
+        with frozen(self.arch):
             self.train_loss().backward()
         torch.nn.utils.clip_grad_norm_(self.weights, self.grad_clip)
         for opt in optimizers:
@@ -190,7 +181,7 @@ class SearchStep:
                 kept[storage.data_ptr()] = storage.nbytes()
             return t
 
-        with _frozen(self.arch), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with frozen(self.arch), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = self.train_loss()
         del loss
         return sum(kept.values())

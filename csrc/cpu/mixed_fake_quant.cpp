@@ -206,17 +206,28 @@ void fill_table(const QuantJob& job, const Tile& tile, const float* per_channel,
   }
 }
 
+// Local copies of the K grids and probabilities: the loops below read them from the stack, where
+// the compiler knows nothing else writes them, so they stay in registers across the run.
+template <int K>
+struct BitParams {
+  GridRange grid[K];
+  float probs[K];
+  BitParams(const GridRange* grid_in, const float* probs_in) {
+    for (int k = 0; k < K; ++k) {
+      grid[k] = grid_in[k];
+      probs[k] = probs_in[k];
+    }
+  }
+};
+
 // Tables and sums are indexed by position: inv_s, s and acc point at the run's first position, with
 // row stride kRowStride.
 template <int K>
 inline void forward_run(const float* __restrict x, float* __restrict y, int64_t n, const float* __restrict inv_s,
                         const float* __restrict s, const GridRange* grid_in, const float* probs_in) {
-  GridRange grid[K];
-  float probs[K];
-  for (int k = 0; k < K; ++k) {
-    grid[k] = grid_in[k];
-    probs[k] = probs_in[k];
-  }
+  const BitParams<K> bp(grid_in, probs_in);
+  const GridRange* grid = bp.grid;
+  const float* probs = bp.probs;
   for (int64_t j = 0; j < n; ++j) {
     const float xv = x[j];
     float sum = 0.0f;
@@ -265,12 +276,9 @@ template <int K, bool kDx, bool kSums>
 inline void backward_run(const float* __restrict x, const float* __restrict g, float* __restrict dx, int64_t n,
                          const float* __restrict inv_s, const GridRange* grid_in, const float* probs_in,
                          float* __restrict acc) {
-  GridRange grid[K];
-  float probs[K];
-  for (int k = 0; k < K; ++k) {
-    grid[k] = grid_in[k];
-    probs[k] = probs_in[k];
-  }
+  const BitParams<K> bp(grid_in, probs_in);
+  const GridRange* grid = bp.grid;
+  const float* probs = bp.probs;
   for (int64_t j = 0; j < n; ++j) {
     const float xv = x[j];
     const float gv = g[j];

@@ -142,6 +142,14 @@ def precomputed_weights(layers: Sequence[_QuantizedLayer], weights: Sequence[Ten
             layer.weight_override = None
 
 
+def _share_parameters(q: nn.Module, source: nn.Module) -> nn.Module:
+    """Make ``q`` use ``source``'s weight and bias Parameters (not copies) and its training mode."""
+    q.weight = source.weight
+    q.bias = source.bias
+    q.train(source.training)
+    return q
+
+
 class QuantConv2d(_QuantizedLayer, nn.Conv2d):
     """``conv(act_quant(x), weight_quant(W))``: an ``nn.Conv2d`` with fake-quantized input and weight.
 
@@ -200,10 +208,7 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,
                 dtype=conv.weight.dtype, **quant_kwargs)
-        q.weight = conv.weight
-        q.bias = conv.bias
-        q.train(conv.training)
-        return q
+        return _share_parameters(q, conv)
 
     def extra_repr(self) -> str:
         return nn.Conv2d.extra_repr(self) + f", quantizer={self.quantizer!r}"
@@ -239,10 +244,7 @@ class QuantLinear(_QuantizedLayer, nn.Linear):
         """A QuantLinear with ``linear``'s configuration that shares its weight and bias Parameters."""
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device,
                 dtype=linear.weight.dtype, **quant_kwargs)
-        q.weight = linear.weight
-        q.bias = linear.bias
-        q.train(linear.training)
-        return q
+        return _share_parameters(q, linear)
 
     def extra_repr(self) -> str:
         return nn.Linear.extra_repr(self) + f", quantizer={self.quantizer!r}"

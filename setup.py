@@ -23,6 +23,7 @@ Whether CUDA is built is decided by ``torch.version.cuda`` and ``CUDA_HOME`` (nv
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -46,7 +47,17 @@ def _extensions():
     # -ffp-contract=off: a fused multiply-add in x*inv_s + z would change which way a tie rounds
     # compared with PyTorch's own fake-quant kernels; the quantizer must match them bit for bit.
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-std=c++17", "-ffp-contract=off", "-fvisibility=hidden"]
+    # -Wno-psabi: the SIMD kernels pass GCC vector types between inlined helpers; the ABI note
+    # about passing them by value concerns calls across translation units, which never happen.
+    cxx = opt + ["-std=c++17", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-psabi"]
+    # OpenMP: at::parallel_for is a header template whose OpenMP backend is a `#pragma omp parallel`
+    # compiled into *this* extension; without -fopenmp it silently runs on one thread. Linking with
+    # -fopenmp adds a dependency on libgomp.so.1, which resolves to the copy torch already loaded.
+    # Off where the compiler has no OpenMP (Apple clang): the kernels then run on one thread.
+    link = []
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if not debug:
         cxx.append("-DNDEBUG")
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -64,6 +75,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link,
         )
     else:
         ext = CppExtension(
@@ -72,6 +84,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
         )
     return [ext], {"build_ext": BuildExtension}
 

@@ -68,6 +68,22 @@ QD_HOST_DEVICE float clamp_range(float r, float lo, float hi) {
   return r > hi ? hi : r;
 }
 
+// The least and the greatest v whose rounding lies in [qmin, qmax]: in = (lo <= v <= hi) is the
+// same as qmin <= round_half_even(v) <= qmax (a tie at qmin - 0.5 rounds up to qmin when qmin is
+// even, a tie at qmax + 0.5 down to qmax when qmax is even), with one comparison per side.
+struct InRangeBounds {
+  float lo;
+  float hi;
+};
+
+inline InRangeBounds in_range_bounds(const GridRange& g) {
+  const bool qmin_even = std::fmod(g.qmin, 2.0f) == 0.0f;
+  const bool qmax_even = std::fmod(g.qmax, 2.0f) == 0.0f;
+  const float lo = g.qmin - 0.5f;
+  const float hi = g.qmax + 0.5f;
+  return {qmin_even ? lo : std::nextafter(lo, INFINITY), qmax_even ? hi : std::nextafter(hi, -INFINITY)};
+}
+
 struct QuantResult {
   float q_minus_z;  // (q - z), the integer level relative to the zero point
   float in_range;   // 1 where qmin <= r <= qmax, else 0

@@ -1,10 +1,11 @@
 """qdarts_kernels: fused mixed-precision fake quantization and DARTS mixed-op kernels.
 
 Public ops (each takes ``backend=None`` for the automatic choice, or "reference" | "cpu" | "cuda" |
-"triton"); ``qdarts_kernels.reference`` holds the same functions in pure PyTorch, the spec.
+"triton"); ``qdarts_kernels.reference`` holds the same functions in pure PyTorch, the spec;
+``qdarts_kernels.cpu_kernels`` tells what the C++ CPU kernels run on and manages their output cache.
 """
 
-from . import _backends, reference
+from . import _backends, cpu_kernels, reference
 from .ops import available_backends, fake_quant, mixed_fake_quant, mixed_fake_quant_grouped, mixed_op_sum
 
 _backends.warn_if_compiled_missing()
@@ -16,5 +17,6 @@ __all__ = [
     "mixed_fake_quant_grouped",
     "mixed_op_sum",
     "available_backends",
+    "cpu_kernels",
     "reference",
 ]

@@ -10,6 +10,8 @@ csrc/cpu/mixed_fake_quant.cpp), where an off-by-one in the tiling would show.
 import math
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -111,9 +113,9 @@ def test_same_bits_for_any_thread_count(shape, axis, restore_threads):
 
 def test_mixed_op_sum_same_bits_for_any_thread_count(restore_threads):
     gen = torch.Generator().manual_seed(3)
-    outs = [torch.randn(100003, generator=gen) for _ in range(5)]
+    outs = [torch.randn(400003, generator=gen) for _ in range(5)]  # 7 tiles of 2^16 elements
     w = torch.softmax(torch.randn(5, generator=gen), 0)
-    g = torch.randn(100003, generator=gen)
+    g = torch.randn(400003, generator=gen)
     results = []
     for threads in (1, 2, 3, 5):
         torch.set_num_threads(threads)
@@ -144,6 +146,96 @@ def test_mixed_op_sum_many_tiles_matches_reference():
     for a, b in zip(douts, doutsr):
         assert torch.equal(a, b)
     torch.testing.assert_close(dw, dwr, rtol=2e-5, atol=2e-5 * math.sqrt(y.numel()))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenMP is built in on Linux only")
+def test_kernels_run_on_every_thread(restore_threads):
+    """at::parallel_for is compiled into the extension: without OpenMP flags it runs on one thread
+    without a word (setup.py)."""
+    torch.set_num_threads(2)
+    assert qk.cpu_kernels.info()["threads"] == 2
+
+
+# The child computes every result below with the instruction set capped by QDARTS_CPU_ISA and
+# saves them; the parent compares the bits.
+_ISA_CHILD = r"""
+import sys, torch
+import qdarts_kernels as qk
+sys.path.insert(0, sys.argv[2])
+from test_cpu_kernels import _inputs, _run, TILING_CASES
+results = []
+for (shape, axis) in TILING_CASES:
+    for dtype in (torch.float32, torch.bfloat16):
+        results.append(_run("cpu", *_inputs(shape, axis, seed=7, dtype=dtype), axis))
+gen = torch.Generator().manual_seed(9)
+outs = [torch.randn(70001, generator=gen).requires_grad_() for _ in range(3)]
+w = torch.softmax(torch.randn(3, generator=gen), 0).requires_grad_()
+y = qk.mixed_op_sum(outs, w, backend="cpu")
+y.backward(torch.randn(70001, generator=gen))
+results.append([y.detach(), w.grad] + [o.grad for o in outs])
+torch.save({"isa": qk.cpu_kernels.info()["isa"], "results": results}, sys.argv[1])
+"""
+
+
+def test_same_bits_on_every_instruction_set(tmp_path):
+    """Every instruction set the CPU has gives the same bits: the reductions sum in fixed lanes
+    whatever the vector width (csrc/cpu/simd.h)."""
+    native = qk.cpu_kernels.info()["isa"]
+    levels = ["baseline", "avx2", "avx512"]
+    runs = {}
+    for level in levels[: levels.index(native) + 1]:
+        out = tmp_path / f"{level}.pt"
+        env = {**os.environ, "QDARTS_CPU_ISA": level}
+        done = subprocess.run([sys.executable, "-c", _ISA_CHILD, str(out), os.path.dirname(__file__)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[level] = torch.load(out)
+        assert runs[level]["isa"] == level
+    for level, run in runs.items():
+        for got, want in zip(run["results"], runs[native]["results"]):
+            for a, b in zip(got, want):
+                assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), level
+
+
+def test_output_cache_reuses_freed_outputs():
+    qk.cpu_kernels.empty_cache()
+    x = torch.randn(1 << 20)
+    before = qk.cpu_kernels.info()["cache"]
+    y = qk.mixed_fake_quant(x, torch.ones(1), torch.ones(1), (4,), backend="cpu")
+    ptr = y.data_ptr()
+    del y
+    assert qk.cpu_kernels.info()["cache"]["cached_bytes"] >= x.nbytes
+    y = qk.mixed_fake_quant(x, torch.ones(1), torch.ones(1), (4,), backend="cpu")
+    after = qk.cpu_kernels.info()["cache"]
+    assert y.data_ptr() == ptr and after["hits"] == before["hits"] + 1
+    assert torch.equal(y, ref.mixed_fake_quant(x, torch.ones(1), torch.ones(1), (4,)))
+    # a cached buffer is an ordinary tensor storage: writable, resizable, freed with the tensor
+    y.resize_(3 << 20).fill_(1.0)
+    assert y.sum().item() == 3 << 20
+    del y
+    qk.cpu_kernels.empty_cache()
+    assert qk.cpu_kernels.info()["cache"]["cached_bytes"] == 0
+    # small outputs do not go through the cache
+    qk.mixed_fake_quant(torch.randn(1000), torch.ones(1), torch.ones(1), (4,), backend="cpu")
+    assert qk.cpu_kernels.info()["cache"]["cached_bytes"] == 0
+
+
+_CACHE_CHILD = r"""
+import torch, qdarts_kernels as qk
+x = torch.randn(1 << 20)
+for _ in range(3):
+    qk.mixed_fake_quant(x, torch.ones(1), torch.ones(1), (4,), backend="cpu")
+print(qk.cpu_kernels.info()["cache"])
+"""
+
+
+@pytest.mark.parametrize("value,expect", [("0", "'hits': 0"), ("lots", "QDARTS_CPU_CACHE_MB must be a whole number")])
+def test_output_cache_switch(value, expect):
+    env = {**os.environ, "QDARTS_CPU_CACHE_MB": value}
+    done = subprocess.run([sys.executable, "-c", _CACHE_CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert expect in done.stdout + done.stderr
+    if value == "0":
+        assert "'cached_bytes': 0" in done.stdout
 
 
 def test_rounding_matches_torch_round_over_the_16_bit_range():

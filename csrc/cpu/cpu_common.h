@@ -1,38 +1,34 @@
-// Pieces shared by the C++ CPU kernels: instruction-set clones, dtype staging, and deterministic
-// partial sums.
+// Pieces shared by the C++ CPU kernels: dtype staging, streaming stores, and deterministic partial
+// sums.
 //
 // Work is cut into *tiles* whose boundaries depend only on the tensor shapes (never on the number
 // of threads); at::parallel_for hands whole tiles to threads. Inside a tile, elements are processed
 // in *runs* of at most kRunLength contiguous elements, converted to fp32 when the dtype is not
-// fp32. A reduction keeps one fp32 accumulator per *position* (a run covers a range of positions;
-// each position belongs to one channel), so the inner loop is a plain element-wise loop that
-// vectorises without -ffast-math, and moves those into fp64 accumulators after at most kFlushRuns
-// terms each; each tile writes its fp64 partial sums to its own slot, and one thread adds the slots
-// up in tile order. The reduced gradients are therefore the same bits for any thread count and
-// any instruction set (the vector width changes nothing in this order), and their rounding error
-// is that of at most kFlushRuns fp32 additions per term plus fp64 sums.
+// fp32. A reduction keeps its fp32 partial sums either in kLanes register lanes (simd.h: the term
+// of position j goes to lane j mod kLanes) or, where a run crosses channels, one per *position*
+// (RunAccumulator below); either way it moves them into fp64 after a few terms each, each tile
+// writes its fp64 partial sums to its own slot, and one thread adds the slots up in tile order.
+// The reduced gradients are therefore the same bits for any thread count and any instruction set
+// (the vector width changes nothing in this order), and their rounding error is that of a few
+// fp32 additions per term plus fp64 sums.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
-// QD_CPU_KERNEL marks the functions that hold the hot loops. On x86-64 Linux with GCC they are
-// compiled three times (baseline SSE2, x86-64-v3 = AVX2, x86-64-v4 = AVX-512) and the loader picks
-// the best clone for the machine once (an ifunc); `flatten` inlines the templated loops into each
-// clone so that they are vectorised for its instruction set. QD_CPU_CONVERT: cloned likewise, but
-// never inlined. -ffp-contract=off (setup.py) keeps the clones bit-identical: no clone may fuse a
-// multiply and an add.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#define QD_CPU_KERNEL __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4"), flatten))
-#elif defined(__GNUC__)
-#define QD_CPU_KERNEL __attribute__((flatten))
-#else
-#define QD_CPU_KERNEL
-#endif
+#include "cpu/simd.h"
+
+// QD_CPU_CONVERT marks the dtype conversions: on x86-64 Linux with GCC they are compiled three times
+// (baseline SSE2, x86-64-v3 = AVX2, x86-64-v4 = AVX-512) and the loader picks the best clone for the
+// machine once (an ifunc). The kernels themselves choose their instruction set in simd.h.
+// -ffp-contract=off (setup.py) keeps every instruction set bit-identical: none may fuse a multiply
+// and an add.
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define QD_CPU_CONVERT __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4"), noinline))
 #elif defined(__GNUC__)
@@ -92,23 +88,38 @@ static QD_CPU_CONVERT void convert_from_fp32(Dtype dtype, const float* src, void
   }
 }
 
-// Reads n elements of dtype `dtype` at src + offset as fp32: a pointer into src itself for fp32,
-// else the converted copy in `stage`.
-inline const float* load_fp32(Dtype dtype, const void* src, int64_t offset, int64_t n, float* stage) {
-  if (dtype == Dtype::kFloat) return static_cast<const float*>(src) + offset;
-  convert_to_fp32(dtype, src, offset, n, stage);
+inline int64_t round_up_to_lanes(int64_t n) { return ceil_div(n, kLanes) * kLanes; }
+
+// Reads n (<= kRunLength) elements of dtype `dtype` at src + offset as fp32, readable up to
+// round_up_to_lanes(n) with zeros past n (the kernels work in whole groups of kLanes; a zero x and
+// a zero gradient add nothing to any sum): a pointer into src itself for fp32 when n is a multiple
+// of kLanes, else the copy in `stage` (kRunLength floats).
+inline const float* load_run(Dtype dtype, const void* src, int64_t offset, int64_t n, float* stage) {
+  if (dtype == Dtype::kFloat) {
+    const float* p = static_cast<const float*>(src) + offset;
+    if (n % kLanes == 0) return p;
+    std::memcpy(stage, p, static_cast<size_t>(n) * sizeof(float));
+  } else {
+    convert_to_fp32(dtype, src, offset, n, stage);
+  }
+  std::fill(stage + n, stage + round_up_to_lanes(n), 0.0f);
   return stage;
 }
 
-// Where a kernel writes n fp32 results destined for dst + offset: dst itself for fp32, else stage
-// (then store_from_fp32 converts them).
-inline float* output_fp32(Dtype dtype, void* dst, int64_t offset, float* stage) {
-  return dtype == Dtype::kFloat ? static_cast<float*>(dst) + offset : stage;
+// Writes the n fp32 results in `stage` to dst + offset, converted to `dtype`; fp32 with
+// non-temporal stores when `stream` (see copy_floats in simd.h).
+inline void store_run(Dtype dtype, void* dst, int64_t offset, int64_t n, const float* stage, bool stream) {
+  if (dtype == Dtype::kFloat) {
+    copy_floats(static_cast<float*>(dst) + offset, stage, n, stream);
+  } else {
+    convert_from_fp32(dtype, stage, dst, offset, n);
+  }
 }
 
-inline void store_from_fp32(Dtype dtype, void* dst, int64_t offset, int64_t n, const float* stage) {
-  if (dtype != Dtype::kFloat) convert_from_fp32(dtype, stage, dst, offset, n);
-}
+// Outputs of at least this many bytes per call are written with non-temporal stores: far larger
+// than the private L2 caches, so the next kernel finds them in memory (or the shared L3) in any
+// case, and streaming them saves reading each output line into the cache before writing it.
+constexpr int64_t kStreamingStoreBytes = int64_t{8} << 20;
 
 // Per-position sums: `rows` rows of `capacity` positions. A run adds its terms at the positions it
 // covers; the fp32 sums move into fp64 before any position would take a (kFlushRuns + 1)-th term

@@ -11,28 +11,35 @@
 // summed together when either dprobs or dscales is requested: the second sum costs little next to
 // the quantizers, and fewer template instances keep the build short.
 //
-// x is viewed as [outer, C, inner] (per tensor: [1, 1, numel]). Each tile has a range of
-// *positions* (see cpu_common.h): the scales are read from per-position tables and the sums are
-// kept per position, and every position belongs to one channel, so one loop serves two layouts:
+// The loops themselves are in mixed_fake_quant_kernels.inc, compiled once per instruction set
+// (cpu/simd.h); large outputs come from the output cache (output_cache.h) and are written with
+// non-temporal stores.
+//
+// x is viewed as [outer, C, inner] (per tensor: [1, 1, numel]), and every tile covers one channel
+// or a window of channels, in one of two layouts:
 //  * span path (per tensor, or inner >= kMinSpanInner): a tile holds rows x[o, c, i0:i1] of one
-//    channel c; each run covers positions [0, n), all of channel c.
+//    channel c, so its scales are K numbers held in registers and its sums are kLanes lane sums in
+//    registers (simd.h), moved into fp64 after each run.
 //  * table path (per channel with short inner, e.g. the last axis): a tile holds a *block* per row:
 //    the window of channels [c0, c0 + cw) of that row, or, when a whole row is shorter than a run,
 //    `merge` consecutive rows; position j of a block is element j of it. Blocks are at most
 //    kMaxBlock elements (contiguous, so the hardware prefetcher streams them) and are cut into runs.
+//    The scales are read from per-position tables and the sums are kept per position (a
+//    RunAccumulator, cpu_common.h); every position belongs to one channel.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
 #include "cpu/cpu_common.h"
+#include "cpu/output_cache.h"
 #include "quant_math.h"
 
 namespace qdarts {
@@ -186,7 +193,9 @@ struct QuantJob {
   float probs[kMaxBits];
   const float* scales;      // [K, C]
   const float* inv_scales;  // [K, C], 1 / scales in fp32
+  InRangeBounds in_bounds[kMaxBits];
   Dtype dtype;              // of x, grad, y and dx
+  bool stream;              // non-temporal stores for y / dx
   const void* x;
   const void* grad;
   void* out;                // y (forward) or dx (backward)
@@ -206,149 +215,19 @@ void fill_table(const QuantJob& job, const Tile& tile, const float* per_channel,
   }
 }
 
-// Local copies of the K grids and probabilities: the loops below read them from the stack, where
-// the compiler knows nothing else writes them, so they stay in registers across the run.
-template <int K>
-struct BitParams {
-  GridRange grid[K];
-  float probs[K];
-  BitParams(const GridRange* grid_in, const float* probs_in) {
-    for (int k = 0; k < K; ++k) {
-      grid[k] = grid_in[k];
-      probs[k] = probs_in[k];
-    }
-  }
-};
-
-// Tables and sums are indexed by position: inv_s, s and acc point at the run's first position, with
-// row stride kRowStride.
-template <int K>
-inline void forward_run(const float* __restrict x, float* __restrict y, int64_t n, const float* __restrict inv_s,
-                        const float* __restrict s, const GridRange* grid_in, const float* probs_in) {
-  const BitParams<K> bp(grid_in, probs_in);
-  const GridRange* grid = bp.grid;
-  const float* probs = bp.probs;
-  for (int64_t j = 0; j < n; ++j) {
-    const float xv = x[j];
-    float sum = 0.0f;
-#pragma GCC unroll 4
-    for (int k = 0; k < K; ++k) {
-      const QuantResult qr = quantize(xv, inv_s[k * kRowStride + j], grid[k]);
-      // same operations in the same order as the reference: p_k * ((q - z) * s), summed from k = 0
-      const float term = probs[k] * (qr.q_minus_z * s[k * kRowStride + j]);
-      sum = k == 0 ? term : sum + term;
-    }
-    y[j] = sum;
+// Calls f(std::integral_constant<int, K>) for the job's K.
+template <typename F>
+void dispatch_k(int k, F&& f) {
+  switch (k) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
   }
 }
 
-template <int K>
-void forward_tiles_k(const QuantJob& job, int64_t t_begin, int64_t t_end) {
-  std::vector<float> inv_s(kMaxBits * kRowStride);
-  std::vector<float> s(kMaxBits * kRowStride);
-  alignas(64) float x_stage[kRunLength];
-  alignas(64) float y_stage[kRunLength];
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    const Tile tile(job.plan, t);
-    fill_table(job, tile, job.inv_scales, inv_s.data());
-    fill_table(job, tile, job.scales, s.data());
-    tile.for_each_run([&](int64_t offset, int64_t n, int64_t position) {
-      const float* xf = load_fp32(job.dtype, job.x, offset, n, x_stage);
-      float* yf = output_fp32(job.dtype, job.out, offset, y_stage);
-      forward_run<K>(xf, yf, n, inv_s.data() + position, s.data() + position, job.grid, job.probs);
-      store_from_fp32(job.dtype, job.out, offset, n, yf);
-    });
-  }
-}
-
-// Processes tiles [t_begin, t_end) of the forward pass (one clone per instruction set).
-QD_CPU_KERNEL void forward_tiles(const QuantJob& job, int64_t t_begin, int64_t t_end) {
-  switch (job.k) {
-    case 1: forward_tiles_k<1>(job, t_begin, t_end); break;
-    case 2: forward_tiles_k<2>(job, t_begin, t_end); break;
-    case 3: forward_tiles_k<3>(job, t_begin, t_end); break;
-    default: forward_tiles_k<4>(job, t_begin, t_end); break;
-  }
-}
-
-// Sums: A_k at row k, D_k at row K + k.
-template <int K, bool kDx, bool kSums>
-inline void backward_run(const float* __restrict x, const float* __restrict g, float* __restrict dx, int64_t n,
-                         const float* __restrict inv_s, const GridRange* grid_in, const float* probs_in,
-                         float* __restrict acc) {
-  const BitParams<K> bp(grid_in, probs_in);
-  const GridRange* grid = bp.grid;
-  const float* probs = bp.probs;
-  for (int64_t j = 0; j < n; ++j) {
-    const float xv = x[j];
-    const float gv = g[j];
-    float weight_in = 0.0f;  // sum_k p_k * in_k
-#pragma GCC unroll 4
-    for (int k = 0; k < K; ++k) {
-      const float inv = inv_s[k * kRowStride + j];
-      const QuantResult qr = quantize(xv, inv, grid[k]);
-      if constexpr (kDx) weight_in = weight_in + probs[k] * qr.in_range;
-      if constexpr (kSums) {
-        const float t_in = qr.in_range != 0.0f ? xv * inv : 0.0f;
-        acc[k * kRowStride + j] += gv * qr.q_minus_z;
-        acc[(K + k) * kRowStride + j] += gv * (qr.q_minus_z - t_in);
-      }
-    }
-    if constexpr (kDx) dx[j] = gv * weight_in;
-  }
-}
-
-template <int K, bool kDx, bool kSums>
-void backward_tiles_impl(const QuantJob& job, int64_t t_begin, int64_t t_end) {
-  std::vector<float> inv_s(kMaxBits * kRowStride);
-  alignas(64) float x_stage[kRunLength];
-  alignas(64) float g_stage[kRunLength];
-  alignas(64) float dx_stage[kRunLength];
-  RunAccumulator acc(kSums ? 2 * K : 0, kRowStride);
-  const int64_t window = job.plan.window;
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    const Tile tile(job.plan, t);
-    fill_table(job, tile, job.inv_scales, inv_s.data());
-    if constexpr (kSums) acc.reset(tile.positions());
-    tile.for_each_run([&](int64_t offset, int64_t n, int64_t position) {
-      const float* xf = load_fp32(job.dtype, job.x, offset, n, x_stage);
-      const float* gf = load_fp32(job.dtype, job.grad, offset, n, g_stage);
-      float* dxf = kDx ? output_fp32(job.dtype, job.out, offset, dx_stage) : nullptr;
-      if constexpr (kSums) acc.begin_run(position);
-      backward_run<K, kDx, kSums>(xf, gf, dxf, n, inv_s.data() + position, job.grid, job.probs,
-                                  kSums ? acc.sum(0) + position : nullptr);
-      if constexpr (kDx) store_from_fp32(job.dtype, job.out, offset, n, dxf);
-    });
-    if constexpr (kSums) {
-      acc.flush();
-      double* slot = job.partials + t * 2 * K * window;
-      for (int64_t r = 0; r < 2 * K; ++r) {
-        tile.for_each_position([&](int64_t j, int64_t c) { slot[r * window + c] += acc.total(r, j); });
-      }
-    }
-  }
-}
-
-template <int K>
-void backward_tiles_k(const QuantJob& job, int64_t t_begin, int64_t t_end) {
-  if (job.need_dx && job.need_sums) {
-    backward_tiles_impl<K, true, true>(job, t_begin, t_end);
-  } else if (job.need_dx) {
-    backward_tiles_impl<K, true, false>(job, t_begin, t_end);
-  } else if (job.need_sums) {
-    backward_tiles_impl<K, false, true>(job, t_begin, t_end);
-  }
-}
-
-// Processes tiles [t_begin, t_end) of the backward pass (one clone per instruction set).
-QD_CPU_KERNEL void backward_tiles(const QuantJob& job, int64_t t_begin, int64_t t_end) {
-  switch (job.k) {
-    case 1: backward_tiles_k<1>(job, t_begin, t_end); break;
-    case 2: backward_tiles_k<2>(job, t_begin, t_end); break;
-    case 3: backward_tiles_k<3>(job, t_begin, t_end); break;
-    default: backward_tiles_k<4>(job, t_begin, t_end); break;
-  }
-}
+#define QD_ISA_KERNELS "cpu/mixed_fake_quant_kernels.inc"
+#include "cpu/foreach_isa.h"
 
 // The per-call part of a job: grids, probs, scales (checked > 0 and finite: reading them is free
 // on CPU) and their reciprocals.
@@ -363,6 +242,7 @@ QuantJob make_job(const ChannelLayout& layout, const at::Tensor& probs, const at
   inv_scales.resize(job.k * channels);
   for (int k = 0; k < job.k; ++k) {
     job.grid[k] = grid_range(static_cast<int>(grid), static_cast<int>(bits[k]));
+    job.in_bounds[k] = in_range_bounds(job.grid[k]);
     job.probs[k] = p[k];
     for (int64_t c = 0; c < channels; ++c) {
       const float v = s[k * channels + c];
@@ -387,14 +267,15 @@ at::Tensor mixed_fake_quant_forward_cpu(const at::Tensor& x_in, const at::Tensor
   const at::Tensor x = x_in.contiguous();
   const at::Tensor probs = probs_in.contiguous();
   const at::Tensor scales = scales_in.contiguous();
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor y = empty_output_like(x);
   std::vector<float> inv_scales;
   QuantJob job = make_job(layout, probs, scales, bits, grid, inv_scales);
   if (x.numel() == 0) return y;
   job.dtype = dtype_of(x);
   job.x = x.data_ptr();
   job.out = y.data_ptr();
-  at::parallel_for(0, job.plan.n_tiles, 1, [&](int64_t begin, int64_t end) { forward_tiles(job, begin, end); });
+  job.stream = static_cast<int64_t>(y.nbytes()) >= kStreamingStoreBytes;
+  at::parallel_for(0, job.plan.n_tiles, 1, [&](int64_t begin, int64_t end) { QD_ISA_DISPATCH(forward_tiles, job, begin, end); });
   return y;
 }
 
@@ -412,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_fake_quant_backward_cpu(
   const int k = job.k;
   const int64_t channels = layout.channels;
 
-  at::Tensor dx = need_dx ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
+  at::Tensor dx = need_dx ? empty_output_like(x) : at::empty({0}, x.options());
   at::Tensor dprobs = need_dprobs ? at::zeros({k}, probs.options()) : at::empty({0}, probs.options());
   at::Tensor dscales = need_dscales ? at::zeros(scales.sizes(), scales.options()) : at::empty({0}, scales.options());
   if (x.numel() == 0 || !(need_dx || need_dprobs || need_dscales)) return {dx, dprobs, dscales};
@@ -422,13 +303,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_fake_quant_backward_cpu(
   job.grad = grad.data_ptr();
   job.out = need_dx ? dx.data_ptr() : nullptr;
   job.need_dx = need_dx;
+  job.stream = need_dx && static_cast<int64_t>(dx.nbytes()) >= kStreamingStoreBytes;
   job.need_sums = need_dprobs || need_dscales;
   job.rows = job.need_sums ? 2 * k : 0;
   const TilePlan& plan = job.plan;
   std::vector<double> partials(plan.n_tiles * job.rows * plan.window, 0.0);
   job.partials = partials.data();
 
-  at::parallel_for(0, plan.n_tiles, 1, [&](int64_t begin, int64_t end) { backward_tiles(job, begin, end); });
+  at::parallel_for(0, plan.n_tiles, 1, [&](int64_t begin, int64_t end) { QD_ISA_DISPATCH(backward_tiles, job, begin, end); });
 
   if (job.rows == 0) return {dx, dprobs, dscales};
   // Sum each channel's tile partials in tile order (one thread: the same bits for any thread count).

@@ -1,0 +1,142 @@
+// See output_cache.h.
+#include "cpu/output_cache.h"
+
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <unordered_map>
+
+namespace qdarts {
+namespace cpu {
+namespace {
+
+// Alignment of the cached buffers: a cache line, and enough for any vector load.
+constexpr size_t kAlignment = 64;
+
+int64_t limit_from_environment() {
+  const char* text = std::getenv("QDARTS_CPU_CACHE_MB");
+  if (text == nullptr || *text == '\0') return int64_t{1024} << 20;
+  char* end = nullptr;
+  const long long mb = std::strtoll(text, &end, 10);
+  TORCH_CHECK(end != nullptr && *end == '\0' && mb >= 0, "QDARTS_CPU_CACHE_MB must be a whole number of MiB >= 0, got '",
+              text, "'");
+  return static_cast<int64_t>(mb) << 20;
+}
+
+class OutputCache final : public c10::Allocator {
+ public:
+  OutputCache() : limit_(limit_from_environment()) {}
+
+  c10::DataPtr allocate(size_t nbytes) override {
+    const int64_t size = rounded(nbytes);
+    if (static_cast<int64_t>(nbytes) < kMinCachedBytes || limit_ == 0) {
+      return c10::GetCPUAllocator()->allocate(nbytes);
+    }
+    void* data = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.find(size);
+      if (it != free_.end()) {
+        data = it->second;
+        free_.erase(it);
+        cached_bytes_ -= size;
+        ++hits_;
+      } else {
+        ++misses_;
+      }
+    }
+    if (data == nullptr) {
+      data = std::aligned_alloc(kAlignment, static_cast<size_t>(size));
+      TORCH_CHECK(data != nullptr, "qdarts CPU kernels: out of memory allocating ", size, " bytes");
+    }
+    return {data, new Block{this, data, size}, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
+
+  std::vector<int64_t> stats() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return {cached_bytes_, limit_, hits_, misses_};
+  }
+
+  void empty() {
+    std::unordered_multimap<int64_t, void*> blocks;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      blocks.swap(free_);
+      cached_bytes_ = 0;
+    }
+    for (auto& entry : blocks) std::free(entry.second);
+  }
+
+ private:
+  struct Block {
+    OutputCache* cache;
+    void* data;
+    int64_t size;
+  };
+
+  static int64_t rounded(size_t nbytes) {
+    const int64_t n = static_cast<int64_t>(nbytes);
+    return (n + kCachedSizeQuantum - 1) / kCachedSizeQuantum * kCachedSizeQuantum;
+  }
+
+  static void release(void* context) {
+    Block* block = static_cast<Block*>(context);
+    block->cache->give_back(block->data, block->size);
+    delete block;
+  }
+
+  void give_back(void* data, int64_t size) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (cached_bytes_ + size <= limit_) {
+        free_.emplace(size, data);
+        cached_bytes_ += size;
+        return;
+      }
+    }
+    std::free(data);
+  }
+
+  const int64_t limit_;
+  std::mutex mutex_;
+  std::unordered_multimap<int64_t, void*> free_;
+  int64_t cached_bytes_ = 0;
+  int64_t hits_ = 0;
+  int64_t misses_ = 0;
+};
+
+// Never destroyed: tensors holding its buffers may be freed during interpreter shutdown, after
+// static destructors would have run.
+OutputCache& output_cache() {
+  static OutputCache* cache = new OutputCache();
+  return *cache;
+}
+
+}  // namespace
+
+at::Tensor empty_output_like(const at::Tensor& like) {
+  return at::Tensor(at::detail::empty_generic(like.sizes(), &output_cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   like.scalar_type(), c10::MemoryFormat::Contiguous));
+}
+
+std::vector<int64_t> output_cache_stats() { return output_cache().stats(); }
+
+void empty_output_cache() { output_cache().empty(); }
+
+TORCH_LIBRARY_FRAGMENT(qdarts_C, m) {
+  m.def("cpu_output_cache_stats() -> int[]", &output_cache_stats);
+  m.def("empty_cpu_output_cache() -> ()", &empty_output_cache);
+}
+
+}  // namespace cpu
+}  // namespace qdarts

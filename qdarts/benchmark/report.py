@@ -76,8 +76,12 @@ def conditions_lines(results: Dict[str, Any]) -> List[str]:
     env = results["env"]
     versions = f"torch {env['torch']}" + (f" (CUDA {env['cuda']})" if env.get("cuda") else "")
     versions += f", triton {env['triton'] or 'not installed'}, Python {env['python']}"
+    cpu_kernels = ""
+    if env.get("cpu_kernels_isa"):
+        cpu_kernels = (f"; C++ CPU kernels: {env['cpu_kernels_isa']} instruction set, {env['cpu_kernels_threads']} "
+                       f"threads, large outputs from their buffer cache (`qdarts_kernels.cpu_kernels`)")
     return [
-        f"- Device: {env['device']}",
+        f"- Device: {env['device']}{cpu_kernels}",
         f"- Versions: {versions}; qdarts_kernels {env['qdarts_kernels']}; {env['platform']}",
         f"- Date: {env['date']}; sweep: {'quick' if results['quick'] else 'full'}; 1-minute load average "
         f"{_num(env.get('loadavg_1m_start'), 2)} at the start, {_num(results.get('loadavg_1m_end'), 2)} at the end "

@@ -178,6 +178,7 @@ def environment(device: str) -> Dict[str, Any]:
         triton_version = None
     import qdarts_kernels
 
+    cpu_kernels = qdarts_kernels.cpu_kernels.info()
     return {
         "device": device_name(device),
         "device_type": torch.device(device).type,
@@ -188,6 +189,9 @@ def environment(device: str) -> Dict[str, Any]:
         "qdarts_kernels": getattr(qdarts_kernels, "__version__", None),
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
+        # the instruction set the C++ CPU kernels dispatched to, and the threads they really got
+        "cpu_kernels_isa": cpu_kernels["isa"] if cpu_kernels else None,
+        "cpu_kernels_threads": cpu_kernels["threads"] if cpu_kernels else None,
         # other work on the machine skews CPU timings: say how busy it was
         "loadavg_1m_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

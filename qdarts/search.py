@@ -32,7 +32,7 @@ from . import distributed
 from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, prepare_output_folder, rng_state,
                          seed_everything, set_rng_state)
 from .cost import COST_KINDS, ExpectedCost, network_cost
-from .data import DATASETS, batches, load_dataset, num_batches
+from .data import DATASETS, Dataset, batches, load_dataset, num_batches
 from .derive import derive_genotype
 from .evalnet import EvalNetwork
 from .genotype import Genotype
@@ -151,7 +151,10 @@ def _rounded(t: torch.Tensor) -> List:
 class Searcher:
     """Holds the supernet, its optimisers and the history; ``run`` performs the remaining epochs."""
 
-    def __init__(self, config: SearchConfig, out_dir: str, *, progress: bool = True):
+    def __init__(self, config: SearchConfig, out_dir: str, *, progress: bool = True,
+                 dataset: Optional[Dataset] = None):
+        """``dataset``: the data to search on; by default ``config.data``, loaded from ``config.data_dir``
+        (the end-to-end benchmark passes random data of the shape it times)."""
         config.validate()
         self.config = config
         self.out_dir = out_dir
@@ -160,7 +163,7 @@ class Searcher:
         self._replicas_equal = not self.dist.enabled
 
         self.device = torch.device(config.device)
-        self.dataset = load_dataset(config.data, config.data_dir)
+        self.dataset = load_dataset(config.data, config.data_dir) if dataset is None else dataset
         self.train_x, self.train_y, self.val_x, self.val_y = self.dataset.search_split(config.train_portion)
         seed_everything(config.seed)
         self.net = SearchNetwork(SupernetConfig(
@@ -308,6 +311,14 @@ class Searcher:
             out.append(da)
         return out
 
+    def step(self, xb, yb, xv, yv, lr: float, stats: torch.Tensor, *, update_arch: bool) -> None:
+        """One search step (module docstring) on a train batch (xb, yb) and a val batch (xv, yv): alpha
+        and beta first when ``update_arch`` (from the warm-up epoch on), then weights and gamma;
+        ``stats`` accumulates the train CE sum, loss sum, correct count and sample count."""
+        if update_arch:
+            self._arch_step(xb, yb, xv, yv, lr)
+        self._weight_step(xb, yb, stats)
+
     def _weight_step(self, xb, yb, stats: torch.Tensor) -> None:
         self.opt_weights.zero_grad(set_to_none=True)
         if self.opt_gamma is not None:
@@ -406,9 +417,7 @@ class Searcher:
                 val_iter = batches(self.val_x, self.val_y, c.batch_size, shuffle=True, generator=g_val,
                                    augment=self.dataset.augment, device=self.device, shard=(r, w))
                 for _, (xb, yb), (xv, yv) in zip(range(steps), train_iter, val_iter):
-                    if epoch >= c.warmup_epochs:
-                        self._arch_step(xb, yb, xv, yv, lr)
-                    self._weight_step(xb, yb, stats)
+                    self.step(xb, yb, xv, yv, lr, stats, update_arch=epoch >= c.warmup_epochs)
                     bar.update(1)
                 seconds = time.perf_counter() - start
                 record = self._record(epoch, lr, stats, seconds)

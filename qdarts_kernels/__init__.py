@@ -6,7 +6,14 @@ Public ops (each takes ``backend=None`` for the automatic choice, or "reference"
 """
 
 from . import _backends, cpu_kernels, reference
-from .ops import available_backends, fake_quant, mixed_fake_quant, mixed_fake_quant_grouped, mixed_op_sum
+from .ops import (
+    available_backends,
+    eager_reference,
+    fake_quant,
+    mixed_fake_quant,
+    mixed_fake_quant_grouped,
+    mixed_op_sum,
+)
 
 _backends.warn_if_compiled_missing()
 
@@ -17,6 +24,7 @@ __all__ = [
     "mixed_fake_quant_grouped",
     "mixed_op_sum",
     "available_backends",
+    "eager_reference",
     "cpu_kernels",
     "reference",
 ]

@@ -14,12 +14,14 @@ step makes hundreds of calls. Both paths call the same ``_mfq_forward``/``_mfq_b
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+import contextlib
+from collections import Counter
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from . import _backends
+from . import _backends, reference
 from ._validation import (
     check_mixed_fake_quant,
     check_mixed_fake_quant_grouped,
@@ -27,11 +29,54 @@ from ._validation import (
     single_bit_scales,
 )
 
-__all__ = ["fake_quant", "mixed_fake_quant", "mixed_fake_quant_grouped", "mixed_op_sum", "available_backends"]
+__all__ = [
+    "fake_quant", "mixed_fake_quant", "mixed_fake_quant_grouped", "mixed_op_sum", "available_backends",
+    "eager_reference",
+]
 
 available_backends = _backends.available_backends
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+#: Inside eager_reference(): the Counter of the calls it routes to the reference; else None. A
+#: module global rather than a context variable: torch.compile traces a read of a global (and
+#: guards on it), not ContextVar.get.
+_eager_reference_calls: Optional[Counter] = None
+
+
+@contextlib.contextmanager
+def eager_reference() -> Iterator[Counter]:
+    """Within the block, the public ops compute with :mod:`qdarts_kernels.reference` under ordinary
+    autograd, whatever their ``backend``, and so do the modules of :mod:`qdarts_kernels.nn`, which
+    call them (QuantConv2d then also stops keeping only its input for the backward): the model as
+    plain PyTorch code would run it, for debugging and as the baseline of benchmarks. Code that
+    ``torch.compile`` traces inside the block is compiled from the reference too. Yields a Counter
+    of the calls per op name (eager calls only; traced calls are not counted). Process-wide, not
+    per thread."""
+    global _eager_reference_calls
+    previous, calls = _eager_reference_calls, Counter()
+    _eager_reference_calls = calls
+    try:
+        yield calls
+    finally:
+        _eager_reference_calls = previous
+
+
+def eager_reference_active() -> bool:
+    """Whether the calling code runs inside :func:`eager_reference`."""
+    return _eager_reference_calls is not None
+
+
+def _eager_reference_op(name: str):
+    """Inside eager_reference(): the reference function for the public op ``name`` (the call
+    counted when not traced); else None."""
+    calls = _eager_reference_calls
+    if calls is None:
+        return None
+    if not torch.compiler.is_compiling():
+        calls[name] += 1
+    return getattr(reference, name)
 
 
 def _params(t: Tensor, like: Tensor) -> Tensor:
@@ -209,6 +254,9 @@ def mixed_fake_quant(
     the gradients), fused: one pass over x forward, one pass over (x, grad) backward, no per-bit
     temporaries. ``backend`` is None (automatic), "reference", "cpu", "cuda" or "triton".
     """
+    ref = _eager_reference_op("mixed_fake_quant")
+    if ref is not None:
+        return ref(x, probs, scales, bits, grid=grid, axis=axis)
     bits, code, ax, name = _checked_mixed_fake_quant_args(x, probs, scales, bits, grid, axis, backend)
     if torch.compiler.is_compiling():
         return _mixed_fake_quant_op(x, probs, scales, list(bits), code, ax, name)
@@ -231,6 +279,9 @@ def fake_quant(
     ``torch.fake_quantize_per_channel_affine`` (zero point 0) bit for bit; its gradients are those
     of ``torch._fake_quantize_learnable_per_tensor_affine`` / ``_per_channel_affine``.
     """
+    ref = _eager_reference_op("fake_quant")
+    if ref is not None:
+        return ref(x, scale, bits, grid=grid, axis=axis)
     scales = single_bit_scales(scale, bits, axis)
     # probs on x's device, so that a scale on another device is what the device check names
     probs = _ones(scale.dtype if scale.dtype in _KERNEL_DTYPES else torch.float32,
@@ -418,6 +469,9 @@ def mixed_fake_quant_grouped(
     launch plus one small reduction launch backward (instead of one launch or two per tensor); the
     ``reference`` and ``cpu`` backends loop over the tensors. Errors name the index (``xs[3]``).
     """
+    ref = _eager_reference_op("mixed_fake_quant_grouped")
+    if ref is not None:
+        return ref(xs, probs, scales, bits, grid=grid, axis=axis)
     xs, probs_list, scales, bits, code, axes = check_mixed_fake_quant_grouped(xs, probs, scales, bits, grid, axis)
     name = _backends.resolve(backend, xs[0].device)
     _check_backend_dtype(name, xs[0], "xs")
@@ -522,6 +576,9 @@ def mixed_op_sum(
     ``weights``: shape [K]. Same contract as :func:`qdarts_kernels.reference.mixed_op_sum`, fused:
     one read of each output and one write forward; backward reads g and the K outputs once.
     """
+    ref = _eager_reference_op("mixed_op_sum")
+    if ref is not None:
+        return ref(outputs, weights)
     outs = check_mixed_op_sum(outputs, weights)
     name = _backends.resolve(backend, outs[0].device)
     _check_backend_dtype(name, outs[0], "outputs")

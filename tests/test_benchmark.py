@@ -85,16 +85,6 @@ def test_failing_implementation_is_recorded_not_raised():
     assert len(records) == 1 and "no_such_backend" in records[0]["error"]
 
 
-def test_eager_reference_swap_counts_calls_and_restores():
-    original = qk.ops.mixed_fake_quant
-    x = torch.randn(8)
-    with endtoend.eager_reference_ops() as calls:
-        assert qk.ops.mixed_fake_quant is not original
-        qk.ops.mixed_fake_quant(x, torch.ones(1), torch.ones(1), (4,), backend="reference")
-    assert calls["mixed_fake_quant"] == 1
-    assert qk.ops.mixed_fake_quant is original and qk.mixed_fake_quant is original
-
-
 def test_cli_writes_results_report_plots_and_readme(tmp_path, monkeypatch, capsys):
     cli_cases = TINY[::3]
     monkeypatch.setattr(cases, "sweep", lambda device, quick: cli_cases)
@@ -127,3 +117,14 @@ def test_report_lists_failures():
                "cache_bytes": 2**20, "kernels": [{"label": "x", "impl": "cpu", "shape": [1], "error": "boom"}],
                "targets": [], "end_to_end": []}
     assert "boom" in report.markdown_report(results)
+
+
+@pytest.mark.parametrize("ops", ["fused", "reference", "eager"])
+def test_end_to_end_times_the_searchers_own_step(ops, monkeypatch):
+    calls = []
+    real_step = endtoend.Searcher.step
+    monkeypatch.setattr(endtoend.Searcher, "step", lambda self, *a, **k: calls.append(k) or real_step(self, *a, **k))
+    tiny = endtoend.E2EConfig("tiny", (1, 8, 8), 8, 4, 1, 2)
+    r = endtoend._measure_variant(tiny, ops, "cpu", quick=True, compiled=False)
+    assert r["samples"] >= 2 and r["median_ms"] > 0 and r["saved_mb"] > 0 and r["peak_mb"] is None
+    assert len(calls) == 1 + r["samples"] and all(k == {"update_arch": True} for k in calls)

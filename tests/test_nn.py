@@ -459,3 +459,45 @@ def test_bad_layer_and_quantize_arguments():
     fq = qnn.MixedPrecisionFakeQuantize(4, per_channel_axis=1, num_channels=3)
     with pytest.raises(ValueError, match="channels"):
         fq(torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("quantizer", ["lsq", "paper"])
+def test_eager_reference_runs_modules_on_the_reference_ops_with_the_same_results(quantizer):
+    """qk.eager_reference(): the QAT modules compute with qdarts_kernels.reference under ordinary
+    autograd (QuantConv2d leaves its fused input-quantizing path), with the same outputs and
+    gradients as the fused ops; outside the block nothing is routed or counted."""
+    torch.manual_seed(9)
+    conv = qnn.QuantConv2d(3, 6, 3, padding=1, act_bits=(2, 4, 8), weight_bits=(2, 8), quantizer=quantizer)
+    x = torch.randn(2, 3, 9, 9).relu().requires_grad_()
+    results = []
+    for use_reference in (False, True):
+        conv.zero_grad(set_to_none=True)
+        x.grad = None
+        with qk.eager_reference() if use_reference else torch.autograd.graph.saved_tensors_hooks(
+                lambda t: t, lambda t: t) as calls:
+            y = conv(x)
+            assert ("_QuantizedInputConv2d" in type(y.grad_fn).__name__) != use_reference
+            y.square().sum().backward()
+        results.append([y.detach(), x.grad] + [p.grad for p in conv.parameters()])
+        if use_reference:
+            assert calls["mixed_fake_quant"] >= 2 and not qk.ops.eager_reference_active()
+    for fused, referenced in zip(*results):
+        torch.testing.assert_close(referenced, fused, rtol=1e-5, atol=1e-5)
+    with qk.eager_reference() as calls:
+        qk.mixed_op_sum([x, x], torch.ones(2))
+        qk.fake_quant(x, torch.tensor([0.1]), 4)
+        qk.mixed_fake_quant_grouped([x, x], torch.ones(2, 1), [torch.ones(1), torch.ones(1)], (4,))
+    assert calls == {"mixed_op_sum": 1, "fake_quant": 1, "mixed_fake_quant_grouped": 1}
+
+
+def test_eager_reference_inside_torch_compile_traces_the_reference():
+    x = torch.randn(4, 6, requires_grad=True)
+    probs = torch.tensor([0.3, 0.7], requires_grad=True)
+    scales = torch.tensor([0.5, 0.1], requires_grad=True)
+    f = torch.compile(lambda x, p, s: qk.mixed_fake_quant(x, p, s, (2, 4)).square().sum(), backend="aot_eager",
+                      fullgraph=True)
+    with qk.eager_reference() as calls:
+        y = f(x, probs, scales)
+    expected = qk.reference.mixed_fake_quant(x, probs, scales, (2, 4)).square().sum()
+    assert torch.equal(y, expected) and not calls  # traced calls are not counted
+    torch._dynamo.reset()

@@ -144,8 +144,7 @@ def test_the_fused_quantized_conv_equals_quantizer_then_conv():
 
 def _steps(searcher, x, y, xv, yv):
     stats = torch.zeros(4, device=x.device)
-    searcher._arch_step(x, y, xv, yv, lr=0.1)
-    searcher._weight_step(x, y, stats)
+    searcher.step(x, y, xv, yv, 0.1, stats, update_arch=True)
     return stats
 
 

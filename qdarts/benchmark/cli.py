@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-kernels", action="store_true", help="do not run the kernel benchmarks")
     parser.add_argument("--skip-end-to-end", action="store_true", help="do not time the supernet search step")
     parser.add_argument("--compile-end-to-end", action="store_true",
-                        help="also time the search step of the torch.compile'd supernet (compiling takes minutes)")
+                        help="also time the search step compiled as `qdarts search --compile` runs it "
+                             "(compiling takes minutes)")
 
 
 def _log(msg: str) -> None:

@@ -1,10 +1,12 @@
 """End to end: time per search step and memory of the supernet, fused ops against the reference.
 
-One search step is the first-order step of ``qdarts.search`` (DESIGN section 2) on random data of
-the right shape (values do not change the work): forward + backward of ``CE + lambda * C(gamma)``
-on a train batch with alpha and beta frozen, an SGD step of the weights (gradient clip 5) and of
-the bit logits; then forward + backward of CE on a validation batch for the gradients of alpha and
-beta only, and an Adam step of them.
+One search step is ``qdarts.search.Searcher.step`` itself, after the warm-up (DESIGN section 2),
+with the defaults of ``SearchConfig`` (first order) but the network's size, on a fixed train and
+validation batch of random data of the right shape (values do not change the work): forward +
+backward of CE on the validation batch for the gradients of alpha and beta only, and an Adam step
+of them; then forward + backward of ``CE + lambda * C(gamma)`` on the train batch with alpha and
+beta frozen, an SGD step of the weights (gradient clip 5) and of the bit logits. Compiled, it is
+the step of ``qdarts search --compile``.
 
 The same supernet is run with three kinds of ops:
 
@@ -12,10 +14,10 @@ The same supernet is run with three kinds of ops:
   GPU backend on CUDA);
 - ``reference``: the ``reference`` backend of the public ops (``SupernetConfig(backend=
   "reference")``): the pure-PyTorch maths inside the ops' autograd functions;
-- ``eager``: the supernet calling the eager reference ops ``qdarts_kernels.reference`` directly
-  (outside the public ops and their backend dispatch). The public ops are swapped for the reference
-  functions while the network is built and run; the swap is checked (calls are counted) so a
-  supernet that bypassed it would fail loudly.
+- ``eager``: the supernet run inside ``qdarts_kernels.eager_reference()``: every public op, and
+  every QAT module that calls one, computes with ``qdarts_kernels.reference`` under ordinary
+  autograd, as plain PyTorch code would. The calls are counted, so a supernet that bypassed the
+  switch would fail loudly.
 
 Memory: on CUDA the peak allocated memory of one step (``torch.cuda.max_memory_allocated``); on
 every device the bytes autograd keeps for the backward of the training forward (saved-tensor hooks,
@@ -25,22 +27,19 @@ distinct storages, parameters and the input batch excluded), the part of the pea
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 import qdarts_kernels as qk
 
-from qdarts.search import frozen
+from qdarts.data import Dataset
+from qdarts.search import SearchConfig, Searcher
 
 from .timing import measure, synchronize
 
-_PUBLIC_OPS = ("fake_quant", "mixed_fake_quant", "mixed_op_sum")
 OPS_KINDS = ("fused", "reference", "eager")
 
 
@@ -62,8 +61,6 @@ class E2EConfig:
 
 def digits_config() -> E2EConfig:
     """The supernet of ``qdarts search`` with its defaults (the embedded digits set, 1x8x8)."""
-    from qdarts.search import SearchConfig
-
     d = SearchConfig()
     return E2EConfig("digits", (1, 8, 8), d.batch_size, d.channels, d.layers, d.partial_channels)
 
@@ -80,99 +77,38 @@ def plan(device: str, quick: bool) -> Tuple[List[E2EConfig], Tuple[str, ...]]:
     return [digits_config(), CIFAR], OPS_KINDS
 
 
-@contextlib.contextmanager
-def eager_reference_ops() -> Iterator[Counter]:
-    """Within the block, every reference to the public ops in the loaded ``qdarts_kernels`` and
-    ``qdarts`` modules calls ``qdarts_kernels.reference`` instead (ordinary autograd; the
-    ``backend`` argument is ignored). Yields a Counter of the calls made."""
-    calls: Counter = Counter()
-    originals = {name: getattr(qk.ops, name) for name in _PUBLIC_OPS}
-
-    def to_reference(name: str) -> Callable[..., torch.Tensor]:
-        ref = getattr(qk.reference, name)
-
-        def call(*args, backend=None, **kwargs):
-            calls[name] += 1
-            return ref(*args, **kwargs)
-
-        return call
-
-    replacements = {name: to_reference(name) for name in _PUBLIC_OPS}
-    patched = []
-    for mod_name, mod in list(sys.modules.items()):
-        if mod is None or not (mod_name.startswith("qdarts_kernels") or mod_name.startswith("qdarts")):
-            continue
-        if mod_name.startswith("qdarts_kernels.reference") or mod_name.startswith("qdarts.benchmark"):
-            continue
-        for name in _PUBLIC_OPS:
-            if getattr(mod, name, None) is originals[name]:
-                setattr(mod, name, replacements[name])
-                patched.append((mod, name))
-    try:
-        yield calls
-    finally:
-        for mod, name in patched:
-            setattr(mod, name, originals[name])
-
-
 class SearchStep:
-    """The supernet, its optimisers and one search step (see the module docstring), with the
-    defaults of ``qdarts.search.SearchConfig`` for everything but the network's size."""
+    """A :class:`Searcher` with the defaults of ``SearchConfig`` for everything but the network's size,
+    on one fixed train and one fixed val batch of random data; a call is one search step."""
 
-    def __init__(self, cfg: E2EConfig, device: str, backend: Optional[str], seed: int = 0):
-        from qdarts.cost import ExpectedCost
-        from qdarts.search import SearchConfig
-        from qdarts.supernet import SearchNetwork, SupernetConfig
-
-        d = SearchConfig()
-        torch.manual_seed(seed)
-        self.net = SearchNetwork(SupernetConfig(
-            input_shape=cfg.input_shape, num_classes=10, channels=cfg.channels, layers=cfg.layers,
-            steps=d.steps, partial_channels=cfg.partial_channels, bits=tuple(d.bits), quantizer=d.quantizer,
-            act_grid=d.act_grid, share_gamma=d.share_gamma, backend=backend)).to(device)
+    def __init__(self, cfg: E2EConfig, device: str, backend: Optional[str], *,
+                 compile_mode: Optional[str] = None, seed: int = 0):
+        config = SearchConfig(batch_size=cfg.batch, channels=cfg.channels, layers=cfg.layers,
+                              partial_channels=cfg.partial_channels, train_portion=0.5, seed=seed,
+                              device=device, backend=backend, compile=compile_mode)
+        # train_portion 0.5 splits these two batches' worth of samples into one train and one val batch
         gen = torch.Generator().manual_seed(seed)
-        shape = (cfg.batch, *cfg.input_shape)
-        self.batches = [(torch.randn(shape, generator=gen).to(device),
-                         torch.randint(0, 10, (cfg.batch,), generator=gen).to(device)) for _ in range(2)]
-        with torch.no_grad():
-            self.net(self.batches[0][0])  # the convs record their MACs for the cost model
-        self.cost = ExpectedCost(self.net, d.cost)
-        self.cost_weight = d.cost_weight
-        self.grad_clip = d.grad_clip
-        groups = self.net.param_groups()
-        self.weights = groups["weights"]
-        self.arch = groups["alpha"] + groups["beta"]
-        self.opt_w = torch.optim.SGD(self.weights, lr=d.weight_lr, momentum=d.weight_momentum,
-                                     weight_decay=d.weight_decay)
-        self.opt_gamma = torch.optim.SGD(groups["gamma"], lr=d.gamma_lr, momentum=d.gamma_momentum,
-                                         weight_decay=d.gamma_decay) if groups["gamma"] else None
-        self.opt_arch = torch.optim.Adam(self.arch, lr=d.arch_lr, betas=tuple(d.arch_betas),
-                                         weight_decay=d.arch_decay)
-
-    def train_loss(self) -> torch.Tensor:
-        x, y = self.batches[0]
-        return F.cross_entropy(self.net(x), y) + self.cost_weight * self.cost()
+        x = torch.randn((2 * cfg.batch, *cfg.input_shape), generator=gen)
+        y = torch.randint(0, 10, (2 * cfg.batch,), generator=gen)
+        data = Dataset("random", x, y, x[:0], y[:0], num_classes=10)  # no test split: the search never reads it
+        # out_dir is never written: the benchmark takes no checkpoint
+        self.searcher = Searcher(config, out_dir="", progress=False, dataset=data)
+        s = self.searcher
+        self.train_batch = (s.train_x.to(device), s.train_y.to(device))
+        self.val_batch = (s.val_x.to(device), s.val_y.to(device))
+        self.stats = torch.zeros(4, device=device)
 
     def __call__(self) -> None:
-        optimizers = [self.opt_w] + ([self.opt_gamma] if self.opt_gamma else [])
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        with frozen(self.arch):
-            self.train_loss().backward()
-        torch.nn.utils.clip_grad_norm_(self.weights, self.grad_clip)
-        for opt in optimizers:
-            opt.step()
-        x, y = self.batches[1]
-        grads = torch.autograd.grad(F.cross_entropy(self.net(x), y), self.arch, allow_unused=True)
-        for p, g in zip(self.arch, grads):
-            p.grad = torch.zeros_like(p) if g is None else g
-        self.opt_arch.step()
+        # lr: the first epoch's learning rate (only the second-order arch step reads it)
+        self.searcher.step(*self.train_batch, *self.val_batch, self.searcher.config.weight_lr, self.stats,
+                           update_arch=True)
 
     def saved_bytes(self) -> int:
         """Bytes autograd keeps for the backward of one training forward (parameters and the input
-        batch excluded)."""
-        own = {p.untyped_storage().data_ptr() for p in self.net.parameters()}
-        own |= {t.untyped_storage().data_ptr() for b in self.batches for t in b}
+        batch excluded), counted over one weight step of the search (which thus also updates the
+        weights)."""
+        own = {p.untyped_storage().data_ptr() for p in self.searcher.net.parameters()}
+        own |= {t.untyped_storage().data_ptr() for t in self.train_batch}
         kept: Dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -181,25 +117,23 @@ class SearchStep:
                 kept[storage.data_ptr()] = storage.nbytes()
             return t
 
-        with frozen(self.arch), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = self.train_loss()
-        del loss
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self.searcher._weight_step(*self.train_batch, self.stats)
         return sum(kept.values())
 
 
 def _measure_variant(cfg: E2EConfig, ops: str, device: str, quick: bool, compiled: bool) -> Dict[str, Any]:
     backend = {"fused": None, "reference": "reference", "eager": None}[ops]
-    swap = eager_reference_ops() if ops == "eager" else contextlib.nullcontext(None)
+    swap = qk.eager_reference() if ops == "eager" else contextlib.nullcontext(None)
     with swap as calls:
-        step = SearchStep(cfg, device, backend)
-        if compiled:
-            step.net.compile()
+        step = SearchStep(cfg, device, backend, compile_mode="default" if compiled else None)
         synchronize(device)
         t0 = time.perf_counter()
         step()  # first step: warm-up (and compilation)
         synchronize(device)
         first_s = time.perf_counter() - t0
-        if calls is not None and not (calls["mixed_fake_quant"] and calls["mixed_op_sum"]):
+        # compiled steps trace the reference without counting (qk.eager_reference)
+        if calls is not None and not compiled and not (calls["mixed_fake_quant"] and calls["mixed_op_sum"]):
             raise RuntimeError(f"the eager-reference swap did not reach the supernet's ops (calls: {dict(calls)})")
         saved = step.saved_bytes()
         peak = None

@@ -185,7 +185,7 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
         aq = self.act_quant
         if (aq is not None and aq._fake_quant_on and self.padding_mode == "zeros" and x.dim() == 4
                 and not isinstance(self.padding, str) and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
+                and not torch.compiler.is_compiling() and not _ops.eager_reference_active()):
             # eager training: keep only x for the backward (see _QuantizedInputConv2d); compiled
             # graphs leave what to keep to AOTAutograd's partitioner
             probs, scales, axis = aq._op_inputs(x)

@@ -98,7 +98,8 @@ def restore_threads():
     torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("shape,axis", [((70001,), None), ((3, 40000), 0), ((5003, 7), 1), ((70, 700, 2), 1)],
+# large enough for 5 threads: a thread gets at least 2^16 elements (kMinElementsPerThread)
+@pytest.mark.parametrize("shape,axis", [((400003,), None), ((3, 130000), 0), ((50003, 7), 1), ((300, 700, 2), 1)],
                          ids=str)
 def test_same_bits_for_any_thread_count(shape, axis, restore_threads):
     x, probs, scales, grad = _inputs(shape, axis, seed=17)

@@ -116,6 +116,17 @@ inline void store_run(Dtype dtype, void* dst, int64_t offset, int64_t n, const f
   }
 }
 
+// Least number of elements worth a thread of its own: waking a thread costs microseconds, as much
+// as a pass over a small tensor; a search on small images makes hundreds of such calls per step.
+constexpr int64_t kMinElementsPerThread = int64_t{1} << 16;
+
+// The grain of at::parallel_for over n_tiles tiles holding numel elements in all.
+inline int64_t parallel_grain(int64_t numel, int64_t n_tiles) {
+  if (n_tiles <= 0) return 1;
+  const int64_t per_tile = std::max<int64_t>(1, numel / n_tiles);
+  return std::max<int64_t>(1, ceil_div(kMinElementsPerThread, per_tile));
+}
+
 // Outputs of at least this many bytes per call are written with non-temporal stores: far larger
 // than the private L2 caches, so the next kernel finds them in memory (or the shared L3) in any
 // case, and streaming them saves reading each output line into the cache before writing it.

@@ -275,7 +275,8 @@ at::Tensor mixed_fake_quant_forward_cpu(const at::Tensor& x_in, const at::Tensor
   job.x = x.data_ptr();
   job.out = y.data_ptr();
   job.stream = static_cast<int64_t>(y.nbytes()) >= kStreamingStoreBytes;
-  at::parallel_for(0, job.plan.n_tiles, 1, [&](int64_t begin, int64_t end) { QD_ISA_DISPATCH(forward_tiles, job, begin, end); });
+  at::parallel_for(0, job.plan.n_tiles, parallel_grain(x.numel(), job.plan.n_tiles),
+                   [&](int64_t begin, int64_t end) { QD_ISA_DISPATCH(forward_tiles, job, begin, end); });
   return y;
 }
 
@@ -310,7 +311,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_fake_quant_backward_cpu(
   std::vector<double> partials(plan.n_tiles * job.rows * plan.window, 0.0);
   job.partials = partials.data();
 
-  at::parallel_for(0, plan.n_tiles, 1, [&](int64_t begin, int64_t end) { QD_ISA_DISPATCH(backward_tiles, job, begin, end); });
+  at::parallel_for(0, plan.n_tiles, parallel_grain(x.numel(), plan.n_tiles),
+                   [&](int64_t begin, int64_t end) { QD_ISA_DISPATCH(backward_tiles, job, begin, end); });
 
   if (job.rows == 0) return {dx, dprobs, dscales};
   // Sum each channel's tile partials in tile order (one thread: the same bits for any thread count).

@@ -95,7 +95,7 @@ at::Tensor mixed_op_sum_forward_cpu(at::TensorList outputs, const at::Tensor& we
   at::Tensor y = empty_output_like(outs.tensors[0]);
   job.y = y.data_ptr();
   job.stream = static_cast<int64_t>(y.nbytes()) >= kStreamingStoreBytes;
-  at::parallel_for(0, job.n_tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, job.n_tiles, parallel_grain(job.numel * job.k, job.n_tiles), [&](int64_t begin, int64_t end) {
     QD_ISA_DISPATCH(forward_tiles, job, begin, end);
   });
   return y;
@@ -128,7 +128,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_sum_backward_cpu(const 
   job.partials = partials.data();
 
   if (need_doutputs || need_dweights) {
-    at::parallel_for(0, job.n_tiles, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, job.n_tiles, parallel_grain(job.numel * job.k, job.n_tiles), [&](int64_t begin, int64_t end) {
       QD_ISA_DISPATCH(backward_tiles, job, need_doutputs, need_dweights, begin, end);
     });
   }

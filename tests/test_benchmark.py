@@ -128,3 +128,20 @@ def test_end_to_end_times_the_searchers_own_step(ops, monkeypatch):
     r = endtoend._measure_variant(tiny, ops, "cpu", quick=True, compiled=False)
     assert r["samples"] >= 2 and r["median_ms"] > 0 and r["saved_mb"] > 0 and r["peak_mb"] is None
     assert len(calls) == 1 + r["samples"] and all(k == {"update_arch": True} for k in calls)
+
+
+def test_measure_interleaved_takes_turns_and_isolates_failures():
+    order = []
+
+    def boom(_):
+        order.append("boom")
+        raise RuntimeError("kernel failed")
+
+    runs = {"a": (lambda: None, lambda _: order.append("a")), "b": (lambda: None, lambda _: order.append("b")),
+            "boom": (lambda: None, boom)}
+    result = timing.measure_interleaved(runs, "cpu", warmup=1, min_samples=3, max_samples=3, budget_s=0.0)
+    assert order == ["a", "b", "boom"] + ["a", "b"] * 3
+    assert len(result["a"].samples) == 3 and len(result["b"].samples) == 3
+    assert isinstance(result["boom"], RuntimeError)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        timing.measure(boom, lambda: None, "cpu", warmup=0, min_samples=1, max_samples=1)

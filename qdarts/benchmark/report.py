@@ -88,7 +88,9 @@ def conditions_lines(results: Dict[str, Any]) -> List[str]:
         f"(other work on the machine slows CPU figures)",
         f"- Copy bandwidth (measured, `dst.copy_(src)` of {results['copy_bytes'] // MB} MiB, read + write): "
         f"{results['copy_gbps']:.1f} GB/s",
-        f"- Method: median and 20th/80th percentiles of per-run times; warm-up runs discarded; the "
+        f"- Method: median and 20th/80th percentiles of per-run times, the implementations of a case sampled "
+        f"in turn (round-robin, so that drift of the machine's speed cancels out of the ratios); warm-up runs "
+        f"discarded; the "
         f"{results['cache_bytes'] // MB} MiB last-level cache is flushed before every run (a buffer twice "
         f"its size is rewritten) and the device synchronised; forward runs with inputs that require grad "
         f"(as in training); backward is timed alone after an untimed forward; GB/s counts the minimum "

@@ -16,12 +16,12 @@ was allocated before it).
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from .cases import AUTOGRAD, COMPILED, EAGER, OpCase, implementation, implementations
-from .timing import CacheFlusher, Timing, measure, saved_bytes, synchronize
+from .cases import AUTOGRAD, COMPILED, EAGER, MODES, OpCase, implementation, implementations
+from .timing import CacheFlusher, measure_interleaved, saved_bytes, synchronize
 
 #: Sampling per measurement: (warm-up runs, min samples, max samples, seconds budget).
 SAMPLING = {True: (2, 5, 30, 0.4), False: (3, 10, 200, 1.5)}
@@ -77,10 +77,16 @@ def benchmark_case(
         "shape": list(case.shape), "numel": case.numel, "dtype": case.dtype_name,
     }
     records: List[Dict[str, Any]] = []
+
+    def failed(impl: str, e: Exception) -> None:  # one failing implementation must not stop the sweep
+        records.append({**base, "impl": impl, "error": f"{type(e).__name__}: {e}"})
+        log(f"  {case.id:<52} {impl:<9} FAILED: {type(e).__name__}: {e}")
+
+    ready: Dict[str, Tuple[Callable[..., torch.Tensor], Dict[str, Any]]] = {}
     for impl in impls:
-        fn = implementation(case, impl)
-        extra: Dict[str, Any] = {}
         try:
+            fn = implementation(case, impl)
+            extra: Dict[str, Any] = {}
             if impl == COMPILED:
                 synchronize(device)
                 t0 = time.perf_counter()
@@ -89,30 +95,35 @@ def benchmark_case(
                 extra["compile_s"] = time.perf_counter() - t0
             extra["saved_bytes"] = saved_bytes(fn, leaves)
             extra["peak_extra_bytes"] = _peak_extra_bytes(fn, leaves, grad, device)
-            for mode, (setup, run) in mode_functions(fn, leaves, grad).items():
-                timing: Timing = measure(
-                    run, setup, device, flush=flush, warmup=warmup, min_samples=min_samples,
-                    max_samples=max_samples, budget_s=budget_s,
-                )
+            ready[impl] = (fn, extra)
+        except Exception as e:
+            failed(impl, e)
+    try:
+        for mode in MODES:
+            runs = {impl: mode_functions(fn, leaves, grad)[mode] for impl, (fn, _) in ready.items()}
+            timings = measure_interleaved(runs, device, flush=flush, warmup=warmup, min_samples=min_samples,
+                                          max_samples=max_samples, budget_s=budget_s)
+            for impl, timing in timings.items():
+                if isinstance(timing, Exception):
+                    failed(impl, timing)
+                    del ready[impl]
+                    continue
                 traffic = case.min_traffic_bytes(mode)
                 gbps = traffic / timing.median / 1e9
                 records.append({
-                    **base, "impl": impl, "mode": mode, **extra,
+                    **base, "impl": impl, "mode": mode, **ready[impl][1],
                     "median_ms": _ms(timing.median), "p20_ms": _ms(timing.p20), "p80_ms": _ms(timing.p80),
                     "samples": len(timing.samples), "min_traffic_bytes": traffic, "gbps": gbps,
                     "pct_of_copy": 100.0 * gbps / copy_gbps,
                 })
                 log(f"  {case.id:<52} {impl:<9} {mode:<17} {records[-1]['median_ms']:10.3f} ms"
                     f"  {gbps:7.1f} GB/s")
-        except Exception as e:  # one failing implementation must not stop the sweep
-            records.append({**base, "impl": impl, "error": f"{type(e).__name__}: {e}"})
-            log(f"  {case.id:<52} {impl:<9} FAILED: {type(e).__name__}: {e}")
-        finally:
-            if impl == COMPILED:
-                # every case compiles the same reference code: start each from a clean dynamo
-                # cache so that no recompile limit is hit (which would fall back to eager silently)
-                del fn
-                torch._dynamo.reset()
+    finally:
+        if COMPILED in impls:
+            # every case compiles the same reference code: start each from a clean dynamo cache so
+            # that no recompile limit is hit (which would fall back to eager silently)
+            ready.clear()
+            torch._dynamo.reset()
     _add_speedups(records)
     return records
 

@@ -9,7 +9,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -76,9 +76,8 @@ class Timing:
         return self.quantile(0.8)
 
 
-def measure(
-    run: Callable[[Any], Any],
-    setup: Callable[[], Any],
+def measure_interleaved(
+    runs: Dict[str, Tuple[Callable[[], Any], Callable[[Any], Any]]],
     device: str,
     *,
     flush: Optional[Callable[[], None]] = None,
@@ -86,40 +85,67 @@ def measure(
     min_samples: int = 5,
     max_samples: int = 50,
     budget_s: float = 2.0,
-) -> Timing:
-    """Time ``run(setup())`` repeatedly; only ``run`` is inside the timed region.
+) -> Dict[str, Union[Timing, Exception]]:
+    """Time several implementations of one piece of work, one sample of each in turn.
 
+    ``runs`` maps a name to ``(setup, run)``; only ``run(setup())`` is inside the timed region.
     Each sample: ``state = setup()`` (untimed: e.g. the forward pass before a backward-only
     timing), flush the cache, synchronise, then time ``run(state)`` up to the device finishing it
-    (CUDA events on a GPU, ``perf_counter`` after a synchronise elsewhere). ``warmup`` runs come
-    first and are discarded; sampling stops at ``max_samples`` or once ``budget_s`` seconds have
-    been spent and at least ``min_samples`` were taken.
+    (CUDA events on a GPU, ``perf_counter`` after a synchronise elsewhere). Round-robin rather than
+    one implementation after the other: on a machine whose speed drifts (a shared VM, a GPU
+    warming up), the ratios of the medians then compare samples taken side by side. ``warmup``
+    rounds come first and are discarded; sampling stops after ``max_samples`` rounds or once
+    ``budget_s`` seconds per implementation have been spent and ``min_samples`` rounds were taken.
+    An implementation that raises leaves the rotation; its entry is the exception.
     """
     on_cuda = torch.device(device).type == "cuda"
-    samples: List[float] = []
+    samples: Dict[str, List[float]] = {name: [] for name in runs}
+    failed: Dict[str, Exception] = {}
     started = time.perf_counter()
     for i in range(warmup + max_samples):
-        state = setup()
-        if flush is not None:
-            flush()
-        synchronize(device)
-        if on_cuda:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            result = run(state)
-            end.record()
-            end.synchronize()
-            seconds = begin.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            result = run(state)
-            seconds = time.perf_counter() - t0
-        del result, state
-        if i >= warmup:
-            samples.append(seconds)
-            if len(samples) >= min_samples and time.perf_counter() - started > budget_s:
-                break
-    return Timing(samples)
+        for name, (setup, run) in runs.items():
+            if name in failed:
+                continue
+            try:
+                state = setup()
+                if flush is not None:
+                    flush()
+                synchronize(device)
+                if on_cuda:
+                    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    begin.record()
+                    result = run(state)
+                    end.record()
+                    end.synchronize()
+                    seconds = begin.elapsed_time(end) / 1e3
+                else:
+                    t0 = time.perf_counter()
+                    result = run(state)
+                    seconds = time.perf_counter() - t0
+                del result, state
+            except Exception as e:  # reported per implementation; the others go on
+                failed[name] = e
+                continue
+            if i >= warmup:
+                samples[name].append(seconds)
+        rounds = i + 1 - warmup
+        if rounds >= min_samples and time.perf_counter() - started > budget_s * max(1, len(runs) - len(failed)):
+            break
+    return {name: failed.get(name) or Timing(samples[name]) for name in runs}
+
+
+def measure(
+    run: Callable[[Any], Any],
+    setup: Callable[[], Any],
+    device: str,
+    **sampling: Any,
+) -> Timing:
+    """Time ``run(setup())`` alone: :func:`measure_interleaved` with one implementation (same
+    keyword arguments); raises what ``run`` raises."""
+    result = measure_interleaved({"run": (setup, run)}, device, **sampling)["run"]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def copy_bandwidth_gbps(device: str, nbytes: int, budget_s: float = 2.0) -> float:

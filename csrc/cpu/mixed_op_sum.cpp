@@ -3,14 +3,15 @@
 //   y = sum_k w_k * o_k                  (fp32, in the order k = 0, 1, ..., K-1, as the reference)
 //   d o_k = w_k * g,   d w_k = sum g * o_k
 //
-// The K outputs are read where they are (a list, no stacking copy), once each per pass, in tiles
-// of kSumTileElements worked through one output at a time (see there): forward sums y of the tile
-// in an L2-resident buffer; backward reads g (from L2 after the first output) and o_k, writes
-// d o_k, and sums d w_k in registers: kLanes lane sums per k (simd.h), moved into fp64 after each
-// run of kRunLength elements. The tiles are fixed-size pieces of the flat tensors, so the sums do
-// not depend on the number of threads (cpu_common.h) nor, thanks to the fixed lanes, on the
-// instruction set. Large outputs are written with non-temporal stores and come from the output
-// cache (output_cache.h).
+// The K outputs are read where they are (a list, no stacking copy), once each per pass. Forward:
+// one vector of y at a time, summed over the K outputs in a register, the K streams advancing
+// together. Backward: tiles of kSumTileElements worked through one output at a time (see there):
+// g stays in L2 after the first output; each o_k is read once, each d o_k written once, and d w_k
+// summed in the same pass, in registers: kLanes lane sums per k (simd.h), moved into fp64 after
+// each run of kRunLength elements. The tiles are fixed-size pieces of the flat tensors, so the
+// sums do not depend on the number of threads (cpu_common.h) nor, thanks to the fixed lanes, on
+// the instruction set. Large outputs are written with non-temporal stores and come from the
+// output cache (output_cache.h).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -43,11 +44,10 @@ struct SumJob {
   double* partials;            // [n_tiles, K] (backward, when needed)
 };
 
-// Elements per tile. A tile is worked through one candidate output at a time (k outer): a long
-// sequential read of o_k, 256 KiB here, is what the hardware prefetchers stream at full speed,
-// while y (forward) or g (backward) of the tile stay in the L2 cache between the K passes. Runs
-// that switch between the K + 2 streams every kRunLength elements reached only half the read
-// bandwidth of the 2-core VM of bench/results.
+// Elements per tile. The backward works through a tile one candidate output at a time (k outer):
+// a long sequential read of o_k next to the write of d o_k, 256 KiB each here, while g of the tile
+// stays in the L2 cache between the K passes. On the 2-core VM of bench/results this beat both
+// reading all K outputs per run of kRunLength elements and per vector (measured side by side).
 constexpr int64_t kSumTileElements = int64_t{1} << 16;
 
 // Calls run(offset, length) for the runs of tile t.

@@ -169,9 +169,11 @@ def run(device: str, *, quick: bool, compiled: bool = False,
         fused_backend = "the preferred GPU backend, Triton or CUDA"
     else:
         fused_backend = "cpu" if "cpu" in qk.available_backends() else "reference: the C++ extension is not built"
-    note = (f"Random data of the configuration's shape; the first-order step of `qdarts search` (train batch: "
-            f"weights and bit logits; val batch: alpha and beta), its defaults otherwise. `fused` = automatic backend ({fused_backend} here); `reference` = backend "
-            f"'reference' of the public ops; `eager` = `qdarts_kernels.reference` called directly. "
+    note = (f"Random data of the configuration's shape; one step of `qdarts search` itself (`Searcher.step`, "
+            f"first order: alpha and beta on the val batch, then weights and bit logits on the train batch), its "
+            f"defaults otherwise. `fused` = automatic backend ({fused_backend} here); `reference` = backend "
+            f"'reference' of the public ops; `eager` = the same step inside `qdarts_kernels.eager_reference()` "
+            f"(every op and QAT module on the reference under plain autograd). "
             + ("Peak MB: CUDA peak allocated memory of one step." if device == "cuda"
                else "Peak memory is not measurable on CPU; 'saved MB' (kept for backward) stands for it."))
     records = []

@@ -17,6 +17,9 @@ Build switches (environment variables), all read in this file:
   MAX_JOBS                  parallel compile jobs (read by torch.utils.cpp_extension / ninja).
   QDARTS_DEBUG=1            compile with -O0 -g and assertions, for debugging the kernels.
 
+Run-time switches of the C++ CPU kernels (read in csrc/cpu/): QDARTS_CPU_ISA (simd.h) and
+QDARTS_CPU_CACHE_MB (output_cache.h).
+
 Whether CUDA is built is decided by ``torch.version.cuda`` and ``CUDA_HOME`` (nvcc), never by
 ``torch.cuda.is_available()``, so the CUDA kernels build on a machine without a GPU.
 """

@@ -198,6 +198,13 @@ def test_same_bits_on_every_instruction_set(tmp_path):
                 assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), level
 
 
+def test_bad_isa_switch_is_refused():
+    code = "import torch, qdarts_kernels as qk; qk.mixed_fake_quant(torch.ones(3), torch.ones(1), torch.ones(1), (4,))"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "QDARTS_CPU_ISA": "sse9"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "QDARTS_CPU_ISA must be avx512, avx2 or baseline, got 'sse9'" in done.stderr
+
+
 def test_output_cache_reuses_freed_outputs():
     qk.cpu_kernels.empty_cache()
     x = torch.randn(1 << 20)

@@ -25,6 +25,8 @@
 // and to rule a level out when chasing a problem.
 #pragma once
 
+#include <c10/util/Exception.h>
+
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -40,24 +42,38 @@ constexpr int kLanes = 16;
 
 enum class SimdLevel { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+// GCC 11 is the first to know the x86-64-v3/v4 targets; older compilers build the baseline only.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define QD_SIMD_X86_DISPATCH 1
 #endif
 
 inline SimdLevel detect_simd_level() {
   SimdLevel level = SimdLevel::kBaseline;
 #if defined(QD_SIMD_X86_DISPATCH)
-  if (__builtin_cpu_supports("x86-64-v4")) {
+  // The features of each level that the kernels' compiler may use (the level names themselves are
+  // known to __builtin_cpu_supports only from GCC 12 on).
+  const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                  __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") &&
+                  __builtin_cpu_supports("f16c");
+  const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+                  __builtin_cpu_supports("avx512vl");
+  if (v4) {
     level = SimdLevel::kAvx512;
-  } else if (__builtin_cpu_supports("x86-64-v3")) {
+  } else if (v3) {
     level = SimdLevel::kAvx2;
   }
 #endif
   const char* cap = std::getenv("QDARTS_CPU_ISA");
   if (cap != nullptr) {
     SimdLevel limit = level;
-    if (std::strcmp(cap, "baseline") == 0) limit = SimdLevel::kBaseline;
-    if (std::strcmp(cap, "avx2") == 0) limit = SimdLevel::kAvx2;
+    if (std::strcmp(cap, "baseline") == 0) {
+      limit = SimdLevel::kBaseline;
+    } else if (std::strcmp(cap, "avx2") == 0) {
+      limit = SimdLevel::kAvx2;
+    } else {
+      TORCH_CHECK(std::strcmp(cap, "avx512") == 0, "QDARTS_CPU_ISA must be avx512, avx2 or baseline, got '", cap, "'");
+    }
     if (static_cast<int>(limit) < static_cast<int>(level)) level = limit;
   }
   return level;

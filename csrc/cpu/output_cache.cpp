@@ -24,8 +24,8 @@ int64_t limit_from_environment() {
   if (text == nullptr || *text == '\0') return int64_t{1024} << 20;
   char* end = nullptr;
   const long long mb = std::strtoll(text, &end, 10);
-  TORCH_CHECK(end != nullptr && *end == '\0' && mb >= 0, "QDARTS_CPU_CACHE_MB must be a whole number of MiB >= 0, got '",
-              text, "'");
+  TORCH_CHECK(end != nullptr && *end == '\0' && mb >= 0,
+              "QDARTS_CPU_CACHE_MB must be a whole number of MiB >= 0, got '", text, "'");
   return static_cast<int64_t>(mb) << 20;
 }
 

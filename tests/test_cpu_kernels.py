@@ -178,6 +178,7 @@ torch.save({"isa": qk.cpu_kernels.info()["isa"], "results": results}, sys.argv[1
 """
 
 
+@pytest.mark.slow  # subprocesses, one per instruction set (bench/gpu_check.sh skips slow tests)
 def test_same_bits_on_every_instruction_set(tmp_path):
     """Every instruction set the CPU has gives the same bits: the reductions sum in fixed lanes
     whatever the vector width (csrc/cpu/simd.h)."""
@@ -198,6 +199,7 @@ def test_same_bits_on_every_instruction_set(tmp_path):
                 assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), level
 
 
+@pytest.mark.slow  # a subprocess
 def test_bad_isa_switch_is_refused():
     code = "import torch, qdarts_kernels as qk; qk.mixed_fake_quant(torch.ones(3), torch.ones(1), torch.ones(1), (4,))"
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "QDARTS_CPU_ISA": "sse9"},
@@ -237,6 +239,7 @@ print(qk.cpu_kernels.info()["cache"])
 """
 
 
+@pytest.mark.slow  # a subprocess each
 @pytest.mark.parametrize("value,expect", [("0", "'hits': 0"), ("lots", "QDARTS_CPU_CACHE_MB must be a whole number")])
 def test_output_cache_switch(value, expect):
     env = {**os.environ, "QDARTS_CPU_CACHE_MB": value}

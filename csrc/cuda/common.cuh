@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/kernels.h"
 
@@ -231,6 +232,41 @@ void dispatch_bool(bool value, F&& f) {
 template <int... Values, typename F>
 void dispatch_int(int value, F&& f) {
   (void)((value == Values ? (f(Width<Values>{}), true) : false) || ...);
+}
+
+// The compile-time configuration of a quantizer kernel: f(TypeTag<T>, Width<K>, Width<VEC>,
+// Width<PER_CHANNEL>) for the dtype, the number of bit-widths (1..4), the elements per access
+// (vector_width<T>() when vectorize(TypeTag<T>) says the pointers allow it, else 1) and whether
+// the scales are per channel.
+template <typename V, typename F>
+void dispatch_quantizer_kernel(DType dtype, int num_bits, V&& vectorize, bool per_channel, F&& f) {
+  dispatch_dtype(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    const bool vec = vectorize(type);
+    dispatch_int<1, 2, 3, 4>(num_bits, [&](auto k) {
+      dispatch_bool(vec, [&](auto v) {
+        constexpr int VEC = decltype(v)::value ? vector_width<T>() : 1;
+        dispatch_bool(per_channel, [&](auto pc) { f(type, k, Width<VEC>{}, pc); });
+      });
+    });
+  });
+}
+
+// f(Width<DX>, Width<DP>, Width<DS>) for the gradients a quantizer backward computes; nothing when
+// none is needed.
+template <typename F>
+void dispatch_quantizer_gradients(bool need_dx, bool need_dprobs, bool need_dscales, F&& f) {
+  dispatch_bool(need_dx, [&](auto dx) {
+    dispatch_bool(need_dprobs, [&](auto dp) {
+      dispatch_bool(need_dscales, [&](auto ds) {
+        // decay: inside a nested generic lambda, GCC gives a captured parameter reference type
+        if constexpr (std::decay_t<decltype(dx)>::value || std::decay_t<decltype(dp)>::value ||
+                      std::decay_t<decltype(ds)>::value) {
+          f(dx, dp, ds);
+        }
+      });
+    });
+  });
 }
 
 }  // namespace gpu

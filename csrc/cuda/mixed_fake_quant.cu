@@ -72,20 +72,12 @@ void launch_mixed_fake_quant_forward(const void* x, void* y, DType dtype, const 
                                      const ChannelView& view, cudaStream_t stream) {
   const QuantizerArgs args = make_quantizer_args(quantizer, view);
   const dim3 grid = element_grid(view, kElementwiseBlocks);
-  dispatch_dtype(dtype, [&](auto type) {
+  const auto vectorize = [&](auto type) { return can_vectorize<typename decltype(type)::type>(view, {x, y}); };
+  dispatch_quantizer_kernel(dtype, quantizer.num_bits, vectorize, view.per_channel, [&](auto type, auto k, auto vec,
+                                                                                        auto per_channel) {
     using T = typename decltype(type)::type;
-    const bool vectorize = can_vectorize<T>(view, {x, y});
-    dispatch_int<1, 2, 3, 4>(quantizer.num_bits, [&](auto k) {
-      constexpr int K = decltype(k)::value;
-      dispatch_bool(vectorize, [&](auto vec) {
-        constexpr int VEC = decltype(vec)::value ? vector_width<T>() : 1;
-        dispatch_bool(view.per_channel, [&](auto per_channel) {
-          constexpr bool PER_CHANNEL = decltype(per_channel)::value;
-          mixed_fake_quant_forward_kernel<T, K, VEC, PER_CHANNEL><<<grid, kThreads, 0, stream>>>(
-              static_cast<const T*>(x), static_cast<T*>(y), args, view);
-        });
-      });
-    });
+    mixed_fake_quant_forward_kernel<T, decltype(k)::value, decltype(vec)::value, decltype(per_channel)::value>
+        <<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(y), args, view);
   });
 }
 
@@ -105,31 +97,20 @@ void launch_mixed_fake_quant_backward(const void* grad, const void* x, void* dx,
   if (!(need_dx || need_dprobs || need_dscales)) return;
   const QuantizerArgs args = make_quantizer_args(quantizer, view);
   const dim3 grid = backward_grid(view, need_dprobs || need_dscales);
-  dispatch_dtype(dtype, [&](auto type) {
+  const auto vectorize = [&](auto type) {
+    return can_vectorize<typename decltype(type)::type>(view, {grad, x, dx});
+  };
+  dispatch_quantizer_kernel(dtype, quantizer.num_bits, vectorize, view.per_channel, [&](auto type, auto k, auto vec,
+                                                                                        auto per_channel) {
     using T = typename decltype(type)::type;
-    const bool vectorize = can_vectorize<T>(view, {grad, x, dx});
-    dispatch_int<1, 2, 3, 4>(quantizer.num_bits, [&](auto k) {
-      constexpr int K = decltype(k)::value;
-      dispatch_bool(vectorize, [&](auto vec) {
-        constexpr int VEC = decltype(vec)::value ? vector_width<T>() : 1;
-        dispatch_bool(view.per_channel, [&](auto per_channel) {
-          constexpr bool PER_CHANNEL = decltype(per_channel)::value;
-          dispatch_bool(need_dx, [&](auto dx_flag) {
-            dispatch_bool(need_dprobs, [&](auto dprobs_flag) {
-              dispatch_bool(need_dscales, [&](auto dscales_flag) {
-                constexpr bool DX = decltype(dx_flag)::value;
-                constexpr bool DP = decltype(dprobs_flag)::value;
-                constexpr bool DS = decltype(dscales_flag)::value;
-                if constexpr (DX || DP || DS) {
-                  mixed_fake_quant_backward_kernel<T, K, VEC, PER_CHANNEL, DX, DP, DS>
-                      <<<grid, kThreads, 0, stream>>>(static_cast<const T*>(grad), static_cast<const T*>(x),
-                                                      static_cast<T*>(dx), partials, args, view);
-                }
-              });
-            });
-          });
-        });
-      });
+    constexpr int K = decltype(k)::value;
+    constexpr int VEC = decltype(vec)::value;
+    constexpr bool PER_CHANNEL = decltype(per_channel)::value;
+    dispatch_quantizer_gradients(need_dx, need_dprobs, need_dscales, [&](auto dx_flag, auto dp_flag, auto ds_flag) {
+      mixed_fake_quant_backward_kernel<T, K, VEC, PER_CHANNEL, decltype(dx_flag)::value, decltype(dp_flag)::value,
+                                       decltype(ds_flag)::value>
+          <<<grid, kThreads, 0, stream>>>(static_cast<const T*>(grad), static_cast<const T*>(x),
+                                          static_cast<T*>(dx), partials, args, view);
     });
   });
 

@@ -117,19 +117,12 @@ void launch_mixed_fake_quant_grouped_forward(const GroupedTensor* tensors, int n
                                              cudaStream_t stream) {
   if (blocks == 0) return;
   const GroupedQuantizerArgs args = make_grouped_quantizer_args(quantizer);
-  dispatch_dtype(dtype, [&](auto type) {
+  const auto vectorized = [&](auto) { return vectorize; };
+  dispatch_quantizer_kernel(dtype, quantizer.num_bits, vectorized, per_channel, [&](auto type, auto k, auto vec,
+                                                                                   auto pc) {
     using T = typename decltype(type)::type;
-    dispatch_int<1, 2, 3, 4>(quantizer.num_bits, [&](auto k) {
-      constexpr int K = decltype(k)::value;
-      dispatch_bool(vectorize, [&](auto vec) {
-        constexpr int VEC = decltype(vec)::value ? vector_width<T>() : 1;
-        dispatch_bool(per_channel, [&](auto pc) {
-          constexpr bool PER_CHANNEL = decltype(pc)::value;
-          grouped_forward_kernel<T, K, VEC, PER_CHANNEL>
-              <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(tensors, n, args);
-        });
-      });
-    });
+    grouped_forward_kernel<T, decltype(k)::value, decltype(vec)::value, decltype(pc)::value>
+        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(tensors, n, args);
   });
 }
 
@@ -145,31 +138,19 @@ void launch_mixed_fake_quant_grouped_backward(const GroupedTensor* tensors, int 
   const bool need_dscales = dscales != nullptr;
   if (!(need_dx || need_dprobs || need_dscales)) return;
   const GroupedQuantizerArgs args = make_grouped_quantizer_args(quantizer);
-  dispatch_dtype(dtype, [&](auto type) {
+  const auto vectorized = [&](auto) { return vectorize; };
+  dispatch_quantizer_kernel(dtype, quantizer.num_bits, vectorized, per_channel, [&](auto type, auto k, auto vec,
+                                                                                   auto per_channel) {
     using T = typename decltype(type)::type;
-    dispatch_int<1, 2, 3, 4>(quantizer.num_bits, [&](auto k) {
-      constexpr int K = decltype(k)::value;
-      dispatch_bool(vectorize, [&](auto vec) {
-        constexpr int VEC = decltype(vec)::value ? vector_width<T>() : 1;
-        dispatch_bool(per_channel, [&](auto pc) {
-          constexpr bool PER_CHANNEL = decltype(pc)::value;
-          dispatch_bool(need_dx, [&](auto dx_flag) {
-            dispatch_bool(need_dprobs, [&](auto dprobs_flag) {
-              dispatch_bool(need_dscales, [&](auto dscales_flag) {
-                constexpr bool DX = decltype(dx_flag)::value;
-                constexpr bool DP = decltype(dprobs_flag)::value;
-                constexpr bool DS = decltype(dscales_flag)::value;
-                if constexpr (DX || DP || DS) {
-                  if (blocks > 0) {
-                    grouped_backward_kernel<T, K, VEC, PER_CHANNEL, DX, DP, DS>
-                        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(tensors, n, args, partials);
-                  }
-                }
-              });
-            });
-          });
-        });
-      });
+    constexpr int K = decltype(k)::value;
+    constexpr int VEC = decltype(vec)::value;
+    constexpr bool PER_CHANNEL = decltype(per_channel)::value;
+    dispatch_quantizer_gradients(need_dx, need_dprobs, need_dscales, [&](auto dx_flag, auto dp_flag, auto ds_flag) {
+      if (blocks > 0) {
+        grouped_backward_kernel<T, K, VEC, PER_CHANNEL, decltype(dx_flag)::value, decltype(dp_flag)::value,
+                                decltype(ds_flag)::value>
+            <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(tensors, n, args, partials);
+      }
     });
   });
   if (!(need_dprobs || need_dscales)) return;

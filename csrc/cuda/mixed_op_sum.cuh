@@ -26,6 +26,25 @@ struct OutputPointers {
   T* p[kMaxOpSumInputs];
 };
 
+// Calls f(k, pack) for k = 0, 1, ..., count - 1 in order, pack being the N elements of inputs[k] at
+// offset; the loads of each batch of kLoadBatch inputs are issued before any of them is used.
+#pragma nv_exec_check_disable
+template <typename T, int MAX_K, int N, typename F>
+QD_HOST_DEVICE void for_each_input_pack(const InputPointers<T>& inputs, int count, int64_t offset, F&& f) {
+#pragma unroll
+  for (int kb = 0; kb < MAX_K; kb += kLoadBatch) {
+    Pack<T, N> o[kLoadBatch];
+#pragma unroll
+    for (int b = 0; b < kLoadBatch; ++b) {
+      if (kb + b < count) o[b] = load_pack<T, N>(inputs.p[kb + b], offset);
+    }
+#pragma unroll
+    for (int b = 0; b < kLoadBatch; ++b) {
+      if (kb + b < count) f(kb + b, o[b]);
+    }
+  }
+}
+
 // One thread's share of the forward launch: y = sum_k w_k * inputs[k] on this thread's elements.
 #pragma nv_exec_check_disable
 template <typename T, int MAX_K, int VEC>
@@ -38,24 +57,13 @@ QD_HOST_DEVICE void mixed_op_sum_forward_thread(InputPointers<T> inputs, int cou
   auto body = [&](auto width, int64_t offset) {
     constexpr int N = decltype(width)::value;
     float acc[N];
+    for_each_input_pack<T, MAX_K, N>(inputs, count, offset, [&](int k, const Pack<T, N>& o) {
 #pragma unroll
-    for (int kb = 0; kb < MAX_K; kb += kLoadBatch) {
-      Pack<T, N> o[kLoadBatch];
-#pragma unroll
-      for (int b = 0; b < kLoadBatch; ++b) {
-        if (kb + b < count) o[b] = load_pack<T, N>(inputs.p[kb + b], offset);
+      for (int j = 0; j < N; ++j) {
+        const float term = w[k] * to_float(o.v[j]);
+        acc[j] = k == 0 ? term : acc[j] + term;
       }
-#pragma unroll
-      for (int b = 0; b < kLoadBatch; ++b) {
-        if (kb + b < count) {
-#pragma unroll
-          for (int j = 0; j < N; ++j) {
-            const float term = w[kb + b] * to_float(o[b].v[j]);
-            acc[j] = kb + b == 0 ? term : acc[j] + term;
-          }
-        }
-      }
-    }
+    });
     Pack<T, N> ys;
 #pragma unroll
     for (int j = 0; j < N; ++j) ys.v[j] = from_float<T>(acc[j]);
@@ -93,21 +101,10 @@ QD_HOST_DEVICE void mixed_op_sum_backward_thread(const T* __restrict__ grad, Inp
       }
     }
     if constexpr (NEED_DWEIGHTS) {
+      for_each_input_pack<T, MAX_K, N>(inputs, count, offset, [&](int k, const Pack<T, N>& o) {
 #pragma unroll
-      for (int kb = 0; kb < MAX_K; kb += kLoadBatch) {
-        Pack<T, N> o[kLoadBatch];
-#pragma unroll
-        for (int b = 0; b < kLoadBatch; ++b) {
-          if (kb + b < count) o[b] = load_pack<T, N>(inputs.p[kb + b], offset);
-        }
-#pragma unroll
-        for (int b = 0; b < kLoadBatch; ++b) {
-          if (kb + b < count) {
-#pragma unroll
-            for (int j = 0; j < N; ++j) dw[kb + b] += g[j] * to_float(o[b].v[j]);
-          }
-        }
-      }
+        for (int j = 0; j < N; ++j) dw[k] += g[j] * to_float(o.v[j]);
+      });
     }
   };
   for_each_flat<VEC>(numel, t, body);

@@ -50,7 +50,9 @@ def _run(backend, x, probs, scales, grad, axis, bits=BITS):
 # shape, axis: per tensor over several tiles; a row longer than a tile (split into pieces); rows of
 # one channel spanning runs with a tail; blocks of merged rows (outer not a multiple of the merge);
 # whole-row blocks longer than a run; channel windows (C * inner > kMaxBlock) with a narrower last
-# window; inner between 1 and the span threshold.
+# window; inner between 1 and the span threshold; outputs of at least 2 MiB, written in place with
+# non-temporal stores (kStreamingStoreBytes, csrc/cpu/cpu_common.h) but for runs that are not whole
+# lane groups (a tail, short channel rows), which go through the staging buffer.
 TILING_CASES = [
     ((70001,), None),
     ((3, 40000), 0),
@@ -60,6 +62,8 @@ TILING_CASES = [
     ((70, 700, 2), 1),
     ((40, 70, 3), 1),
     ((64, 33, 15), 1),
+    ((524301,), None),
+    ((2, 7, 37451), 1),
 ]
 
 
@@ -130,11 +134,14 @@ def test_mixed_op_sum_same_bits_for_any_thread_count(restore_threads):
             assert torch.equal(a, b)
 
 
-def test_mixed_op_sum_many_tiles_matches_reference():
+# many tiles with a ragged last one; outputs of >= 2 MiB, written with non-temporal stores
+# (kStreamingStoreBytes, csrc/cpu/cpu_common.h) in place but for the staged tail
+@pytest.mark.parametrize("shape,k", [((3, 50001), 8), ((524301,), 3)], ids=str)
+def test_mixed_op_sum_many_tiles_matches_reference(shape, k):
     gen = torch.Generator().manual_seed(4)
-    outs = [torch.randn(3, 50001, generator=gen) for _ in range(8)]
-    w = torch.softmax(torch.randn(8, generator=gen), 0)
-    g = torch.randn(3, 50001, generator=gen)
+    outs = [torch.randn(shape, generator=gen) for _ in range(k)]
+    w = torch.softmax(torch.randn(k, generator=gen), 0)
+    g = torch.randn(shape, generator=gen)
     results = []
     for fn, kwargs in ((qk.mixed_op_sum, {"backend": "cpu"}), (ref.mixed_op_sum, {})):
         ol = [o.clone().requires_grad_() for o in outs]

@@ -10,6 +10,7 @@
 #pragma GCC target("arch=x86-64-v4")
 namespace isa_avx512 {
 constexpr int kWidth = 16;
+#define QD_ISA_WIDTH 16
 #include "cpu/simd_vector.inc"
 #include QD_ISA_KERNELS
 }  // namespace isa_avx512
@@ -19,6 +20,7 @@ constexpr int kWidth = 16;
 #pragma GCC target("arch=x86-64-v3")
 namespace isa_avx2 {
 constexpr int kWidth = 8;
+#define QD_ISA_WIDTH 8
 #include "cpu/simd_vector.inc"
 #include QD_ISA_KERNELS
 }  // namespace isa_avx2
@@ -27,6 +29,7 @@ constexpr int kWidth = 8;
 
 namespace isa_baseline {
 constexpr int kWidth = 4;
+#define QD_ISA_WIDTH 4
 #include "cpu/simd_vector.inc"
 #include QD_ISA_KERNELS
 }  // namespace isa_baseline

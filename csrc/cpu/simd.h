@@ -34,6 +34,11 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+// GCC declares the AVX2/AVX-512 intrinsics whatever the command-line target; the kernels compiled
+// for those instruction sets (foreach_isa.h) use their non-temporal stores.
+#include <immintrin.h>
+#endif
 
 namespace qdarts {
 namespace cpu {

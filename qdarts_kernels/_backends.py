@@ -15,6 +15,9 @@ for per-tensor; grid as its integer code)::
         -> ([dx_0, ...] | None, dprobs | None, dscales | None)
 
 dprobs, dscales and dweights are fp32; the public ops cast them to the parameters' dtypes.
+mixed_op_sum_backward reads ``outputs`` only for dweights: without need_dweights they may be K
+stand-ins of the outputs' shape, dtype and device (the public op then passes grad K times, having
+kept no outputs for backward).
 
 The grouped pair is ``mixed_fake_quant`` of N tensors with one bit set and grid: xs and grads are
 lists of N contiguous tensors of one dtype (any shapes, 0 elements allowed); probs is one [N, K]

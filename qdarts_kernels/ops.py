@@ -493,11 +493,27 @@ def _mos_forward(outputs, weights: Tensor, backend: str) -> Tensor:
 
 
 def _mos_backward(grad, outputs, weights, backend, need_doutputs, need_dweights):
-    """(list of d outputs, d weights in the weights' dtype); None where not requested."""
+    """(list of d outputs, d weights in the weights' dtype); None where not requested. ``outputs``
+    may be the stand-ins of :func:`_mos_saved_outputs` when d weights are not requested."""
+    grad = grad.contiguous()
     douts, dw = _backends.get(backend).mixed_op_sum_backward(
-        grad.contiguous(), [o.contiguous() for o in outputs], _params(weights, grad), need_doutputs, need_dweights
+        grad, [o.contiguous() for o in outputs], _params(weights, grad), need_doutputs, need_dweights
     )
     return douts, (dw.to(weights.dtype) if dw is not None else None)
+
+
+def _mos_kept_outputs(outputs: Sequence[Tensor], need_dweights: bool) -> Tuple[Tensor, ...]:
+    # The K outputs are read by the backward only for d weights, so they are kept for it only when
+    # the weights need a gradient. In the weight step of a search (alpha frozen) they do not, and
+    # the candidate outputs are then about a quarter of what the whole supernet would keep.
+    return tuple(outputs) if need_dweights else ()
+
+
+def _mos_saved_outputs(kept: Sequence[Tensor], grad: Tensor, k: int) -> List[Tensor]:
+    # The outputs kept by _mos_kept_outputs, or K stand-ins when none were: the backends read the
+    # outputs only for d weights, and otherwise only their number, shape, dtype and device, which
+    # are grad's (see _backends).
+    return list(kept) if kept else [grad] * k
 
 
 class _MixedOpSumFunction(torch.autograd.Function):
@@ -505,14 +521,16 @@ class _MixedOpSumFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weights, backend, *outputs):
-        ctx.save_for_backward(weights, *outputs)
+        ctx.save_for_backward(weights, *_mos_kept_outputs(outputs, ctx.needs_input_grad[0]))
         ctx.backend = backend
+        ctx.k = len(outputs)
         return _mos_forward(outputs, weights, backend)
 
     @staticmethod
     def backward(ctx, grad):
         _refuse_second_order("mixed_op_sum", ctx.backend)
-        weights, *outputs = ctx.saved_tensors
+        weights, *kept = ctx.saved_tensors
+        outputs = _mos_saved_outputs(kept, grad, ctx.k)
         need_dw, need_douts = ctx.needs_input_grad[0], any(ctx.needs_input_grad[2:])
         douts, dw = _mos_backward(grad, outputs, weights, ctx.backend, need_douts, need_dw)
         return (dw, None, *(douts if douts is not None else [None] * len(outputs)))
@@ -550,12 +568,16 @@ def _(grad, outputs, weights, backend, need_doutputs, need_dweights):
 
 def _mos_setup_context(ctx, inputs, output):
     outputs, weights, backend = inputs
-    ctx.save_for_backward(weights, *outputs)
+    # weights.requires_grad, not ctx.needs_input_grad: during the forward the latter is indexed by
+    # torch.library's flattened arguments (the K outputs first), a layout of its internals
+    ctx.save_for_backward(weights, *_mos_kept_outputs(outputs, weights.requires_grad))
     ctx.backend = backend
+    ctx.k = len(outputs)
 
 
 def _mos_op_backward(ctx, grad):
-    weights, *outputs = ctx.saved_tensors
+    weights, *kept = ctx.saved_tensors
+    outputs = _mos_saved_outputs(kept, grad, ctx.k)
     need_douts, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_douts or need_dw):
         return None, None, None

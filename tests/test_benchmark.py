@@ -128,6 +128,9 @@ def test_end_to_end_times_the_searchers_own_step(ops, monkeypatch):
     r = endtoend._measure_variant(tiny, ops, "cpu", quick=True, compiled=False)
     assert r["samples"] >= 2 and r["median_ms"] > 0 and r["saved_mb"] > 0 and r["peak_mb"] is None
     assert len(calls) == 1 + r["samples"] and all(k == {"update_arch": True} for k in calls)
+    # the arch half keeps the candidate outputs for the gradient of alpha; the weight half has no use for them
+    assert r["saved_mb_arch"] > r["saved_mb_weight"] > 0
+    assert r["saved_mb"] == max(r["saved_mb_arch"], r["saved_mb_weight"])
 
 
 def test_measure_interleaved_takes_turns_and_isolates_failures():

@@ -49,6 +49,48 @@ def test_opcheck_mixed_op_sum(backend):
                           (g, [o.detach() for o in outs], w.detach(), backend, True, True))
 
 
+@pytest.mark.parametrize("backend", CPU_SIDE_BACKENDS)
+def test_opcheck_mixed_op_sum_frozen_weights(backend):
+    """Weights without a gradient (the weight step of a search): the outputs are not kept, the
+    backward gets stand-ins (see ops._mos_saved_outputs)."""
+    gen = torch.Generator().manual_seed(1)
+    outs = [torch.randn(3, 7, generator=gen).requires_grad_() for _ in range(4)]
+    torch.library.opcheck(torch.ops.qdarts.mixed_op_sum.default, (outs, torch.rand(4, generator=gen), backend))
+
+
+@pytest.mark.parametrize("backend", CPU_SIDE_BACKENDS)
+@pytest.mark.parametrize("custom_op", [False, True], ids=["eager", "custom_op"])
+def test_mixed_op_sum_keeps_outputs_only_for_the_weight_gradient(backend, custom_op):
+    """The backward reads the K outputs only for d weights: with frozen weights they are not kept for
+    it, and d outputs are still right."""
+    gen = torch.Generator().manual_seed(2)
+    outs = [torch.randn(4, 9, generator=gen).requires_grad_() for _ in range(3)]
+    g = torch.randn(4, 9, generator=gen)
+    storages = {o.untyped_storage().data_ptr() for o in outs}
+    for weights_need_grad in (False, True):
+        w = torch.softmax(torch.randn(3, generator=gen), 0).requires_grad_(weights_need_grad)
+        kept = set()
+
+        def pack(t):
+            kept.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if custom_op:
+                y = torch.ops.qdarts.mixed_op_sum(outs, w, backend)
+            else:
+                y = qk.mixed_op_sum(outs, w, backend=backend)
+        assert (kept & storages) == (storages if weights_need_grad else set())
+        grads = torch.autograd.grad(y, outs + ([w] if weights_need_grad else []), g)
+        wr = w.detach().requires_grad_(weights_need_grad)
+        outs_r = [o.detach().requires_grad_() for o in outs]
+        expected = torch.autograd.grad(ref.mixed_op_sum(outs_r, wr), outs_r + ([wr] if weights_need_grad else []), g)
+        for a, b in zip(grads[:3], expected[:3]):
+            assert torch.equal(a, b)
+        if weights_need_grad:
+            torch.testing.assert_close(grads[3], expected[3], rtol=1e-6, atol=1e-6)
+
+
 def test_gradcheck_reference_float64():
     """Finite differences agree with the reference wherever the op is differentiable."""
     gen = torch.Generator().manual_seed(0)

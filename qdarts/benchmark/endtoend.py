@@ -20,8 +20,9 @@ The same supernet is run with three kinds of ops:
   switch would fail loudly.
 
 Memory: on CUDA the peak allocated memory of one step (``torch.cuda.max_memory_allocated``); on
-every device the bytes autograd keeps for the backward of the training forward (saved-tensor hooks,
-distinct storages, parameters and the input batch excluded), the part of the peak the ops control.
+every device the bytes autograd keeps for backward in the arch half and in the weight half of the
+step (saved-tensor hooks, distinct storages, parameters and the input batches excluded), the part
+of the peak the ops control; ``saved_mb`` is the larger of the two.
 """
 
 from __future__ import annotations
@@ -103,12 +104,20 @@ class SearchStep:
         self.searcher.step(*self.train_batch, *self.val_batch, self.searcher.config.weight_lr, self.stats,
                            update_arch=True)
 
-    def saved_bytes(self) -> int:
-        """Bytes autograd keeps for the backward of one training forward (parameters and the input
-        batch excluded), counted over one weight step of the search (which thus also updates the
-        weights)."""
+    def saved_bytes(self) -> Dict[str, int]:
+        """Bytes autograd keeps for backward in each half of a step, ``{"arch": ..., "weight": ...}``
+        (parameters and the input batches excluded; one count per distinct storage), counted over
+        one arch step and one weight step of the search (which thus also update the parameters).
+        The halves keep different tensors (the arch step keeps the candidate outputs for the
+        gradient of alpha, the weight step does not), and the larger one bounds the peak."""
+        s = self.searcher
+        lr = s.config.weight_lr
+        return {"arch": self._kept_bytes(lambda: s._arch_step(*self.train_batch, *self.val_batch, lr)),
+                "weight": self._kept_bytes(lambda: s._weight_step(*self.train_batch, self.stats))}
+
+    def _kept_bytes(self, run: Callable[[], None]) -> int:
         own = {p.untyped_storage().data_ptr() for p in self.searcher.net.parameters()}
-        own |= {t.untyped_storage().data_ptr() for t in self.train_batch}
+        own |= {t.untyped_storage().data_ptr() for t in self.train_batch + self.val_batch}
         kept: Dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -118,7 +127,7 @@ class SearchStep:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            self.searcher._weight_step(*self.train_batch, self.stats)
+            run()
         return sum(kept.values())
 
 
@@ -150,7 +159,8 @@ def _measure_variant(cfg: E2EConfig, ops: str, device: str, quick: bool, compile
         "config": cfg.name, "description": cfg.description, "ops": ops, "mode": "compiled" if compiled else "eager",
         "batch": cfg.batch, "input_shape": list(cfg.input_shape), "channels": cfg.channels, "layers": cfg.layers,
         "median_ms": timing.median * 1e3, "p20_ms": timing.p20 * 1e3, "p80_ms": timing.p80 * 1e3,
-        "samples": len(timing.samples), "first_step_s": first_s, "saved_mb": saved / 2**20, "peak_mb": peak,
+        "samples": len(timing.samples), "first_step_s": first_s, "saved_mb": max(saved.values()) / 2**20,
+        "saved_mb_arch": saved["arch"] / 2**20, "saved_mb_weight": saved["weight"] / 2**20, "peak_mb": peak,
     }
 
 
@@ -174,8 +184,9 @@ def run(device: str, *, quick: bool, compiled: bool = False,
             f"defaults otherwise. `fused` = automatic backend ({fused_backend} here); `reference` = backend "
             f"'reference' of the public ops; `eager` = the same step inside `qdarts_kernels.eager_reference()` "
             f"(every op and QAT module on the reference under plain autograd). "
+            "'saved MB': kept for backward by the larger half of the step (arch half / weight half in brackets). "
             + ("Peak MB: CUDA peak allocated memory of one step." if device == "cuda"
-               else "Peak memory is not measurable on CPU; 'saved MB' (kept for backward) stands for it."))
+               else "Peak memory is not measurable on CPU; 'saved MB' stands for it."))
     records = []
     cfgs, kinds = plan(device, quick)
     for cfg in cfgs:

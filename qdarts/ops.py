@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdarts_kernels.nn import OutputKeepingBatchNorm2d
+
 from .genotype import PRIMITIVES
 
 __all__ = ["ConvMaker", "OPS", "build_op", "quant_convs", "ACT_GRIDS", "QUANTIZERS", "FactorizedReduce", "ReLUConvBN"]
@@ -102,7 +104,7 @@ class ConvMaker:
 class ReLUConvBN(nn.Sequential):
     def __init__(self, cin, cout, kernel_size, stride, padding, conv: ConvMaker, affine=True):
         super().__init__(nn.ReLU(inplace=False), conv(cin, cout, kernel_size, stride, padding),
-                         nn.BatchNorm2d(cout, affine=affine))
+                         OutputKeepingBatchNorm2d(cout, affine=affine))
 
 
 class DilConv(nn.Sequential):
@@ -111,7 +113,7 @@ class DilConv(nn.Sequential):
             nn.ReLU(inplace=False),
             conv(cin, cin, kernel_size, stride, padding, dilation, groups=cin),
             conv(cin, cout, 1, signed_input=True),
-            nn.BatchNorm2d(cout, affine=affine),
+            OutputKeepingBatchNorm2d(cout, affine=affine),
         )
 
 
@@ -121,11 +123,11 @@ class SepConv(nn.Sequential):
             nn.ReLU(inplace=False),
             conv(cin, cin, kernel_size, stride, padding, groups=cin),
             conv(cin, cin, 1, signed_input=True),
-            nn.BatchNorm2d(cin, affine=affine),
+            OutputKeepingBatchNorm2d(cin, affine=affine),
             nn.ReLU(inplace=False),
             conv(cin, cin, kernel_size, 1, padding, groups=cin),
             conv(cin, cout, 1, signed_input=True),
-            nn.BatchNorm2d(cout, affine=affine),
+            OutputKeepingBatchNorm2d(cout, affine=affine),
         )
 
 
@@ -137,7 +139,7 @@ class FactorizedReduce(nn.Module):
         self.relu = nn.ReLU(inplace=False)
         self.conv_1 = conv(cin, cout // 2, 1, 2)
         self.conv_2 = conv(cin, cout - cout // 2, 1, 2)
-        self.bn = nn.BatchNorm2d(cout, affine=affine)
+        self.bn = OutputKeepingBatchNorm2d(cout, affine=affine)
 
     def forward(self, x):
         x = self.relu(x)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qdarts_kernels as qk
-from qdarts_kernels.nn import GroupedWeightQuantizer, precomputed_weights
+from qdarts_kernels.nn import GroupedWeightQuantizer, OutputKeepingBatchNorm2d, precomputed_weights
 
 from .genotype import PRIMITIVES, edge_nodes
 from .ops import ConvMaker, FactorizedReduce, ReLUConvBN, build_op, quant_convs
@@ -88,7 +88,7 @@ class MixedOp(nn.Module):
                               share_gamma=cfg.share_gamma, backend=cfg.backend)
             op = build_op(name, C // k, stride, maker, affine=False)
             if "pool" in name:
-                op = nn.Sequential(op, nn.BatchNorm2d(C // k, affine=False))
+                op = nn.Sequential(op, OutputKeepingBatchNorm2d(C // k, affine=False))
             self.ops.append(op)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

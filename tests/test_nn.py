@@ -501,3 +501,88 @@ def test_eager_reference_inside_torch_compile_traces_the_reference():
     expected = qk.reference.mixed_fake_quant(x, probs, scales, (2, 4)).square().sum()
     assert torch.equal(y, expected) and not calls  # traced calls are not counted
     torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------------------
+# OutputKeepingBatchNorm2d
+# --------------------------------------------------------------------------------------------------
+
+
+def _bn_pair(channels, dtype, **kwargs):
+    torch.manual_seed(0)
+    return qnn.OutputKeepingBatchNorm2d(channels, **kwargs).to(dtype), nn.BatchNorm2d(channels, **kwargs).to(dtype)
+
+
+def _kept_storages(fn, x):
+    kept = []
+
+    def pack(t):
+        kept.append(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(x)
+    return y, set(kept)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(4, 5, 7, 6), (1, 3, 1, 9), (9, 2, 3, 1)], ids=str)
+@pytest.mark.parametrize("setting", ["train", "affine", "eval"])
+def test_output_keeping_batchnorm_matches_batchnorm(dtype, shape, setting):
+    """The same outputs, running statistics and gradients as nn.BatchNorm2d; in training without
+    affine parameters it keeps its output and not its input for backward, otherwise it is
+    nn.BatchNorm2d (which keeps the input)."""
+    ours, plain = _bn_pair(shape[1], dtype, affine=setting == "affine")
+    if setting == "eval":
+        ours.running_mean.uniform_(-1, 1)
+        ours.running_var.uniform_(0.5, 2)
+        plain.load_state_dict(ours.state_dict())
+        ours.eval()
+        plain.eval()
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, generator=gen, dtype=dtype) * 3 + 1)
+    g = torch.randn(shape, generator=gen, dtype=dtype)
+    grads = []
+    for m in (ours, plain):
+        xl = x.clone().requires_grad_()
+        y, kept = _kept_storages(m, xl)
+        keeps_output = y.untyped_storage().data_ptr() in kept and xl.untyped_storage().data_ptr() not in kept
+        assert keeps_output == (m is ours and setting == "train")
+        y.backward(g)
+        grads.append((y.detach(), xl.grad, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()))
+    (y, dx, mean, var, n), (yr, dxr, meanr, varr, nr) = grads
+    assert torch.equal(y, yr) and torch.equal(mean, meanr) and torch.equal(var, varr) and torch.equal(n, nr)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(dx, dxr, rtol=8 * eps, atol=8 * eps * dxr.abs().max().item())
+
+
+def test_output_keeping_batchnorm_gradcheck_float64():
+    bn = qnn.OutputKeepingBatchNorm2d(3, affine=False).double()
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(bn, (x,))
+
+
+def test_output_keeping_batchnorm_is_plain_batchnorm_in_eager_reference():
+    bn = qnn.OutputKeepingBatchNorm2d(3, affine=False)
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    with qk.eager_reference():
+        y, kept = _kept_storages(bn, x)
+    assert x.untyped_storage().data_ptr() in kept and "NativeBatchNorm" in type(y.grad_fn).__name__
+
+
+def test_output_keeping_batchnorm_compiles_fullgraph():
+    torch._dynamo.reset()
+    ours, plain = _bn_pair(4, torch.float32, affine=False)
+    conv = nn.Conv2d(3, 4, 3)
+    x = torch.randn(2, 3, 8, 8)
+    r = torch.randn(2, 4, 6, 6)  # a loss whose gradient does not cancel (sum(o^2) is constant for a normalised o)
+    results = []
+    for m in (torch.compile(nn.Sequential(conv, ours), backend="aot_eager", fullgraph=True), nn.Sequential(conv, plain)):
+        conv.zero_grad()
+        y = m(x)
+        (y * r).sum().backward()
+        results.append((y.detach(), conv.weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6 * results[1][1].abs().max().item())
+    assert torch.equal(ours.running_mean, plain.running_mean) and torch.equal(ours.running_var, plain.running_var)
+    torch._dynamo.reset()

@@ -7,8 +7,11 @@
 - :func:`quantize_`: swap a model's ``nn.Conv2d`` / ``nn.Linear`` layers in place.
 - :class:`GroupedWeightQuantizer`, :func:`precomputed_weights`: the mixed weights of many layers
   from one grouped launch, handed to the layers for their next forwards.
+- :class:`OutputKeepingBatchNorm2d`: ``nn.BatchNorm2d`` that keeps its output, not its input, for
+  backward (training, affine=False): one activation less where the output is kept anyway.
 """
 
+from .batchnorm import OutputKeepingBatchNorm2d
 from .convert import quantize_
 from .grouped import GroupedWeightQuantizer
 from .layers import QuantConv2d, QuantLinear, precomputed_weights
@@ -22,6 +25,7 @@ __all__ = [
     "quantize_",
     "GroupedWeightQuantizer",
     "precomputed_weights",
+    "OutputKeepingBatchNorm2d",
     "HWGQ_STEPS",
     "GAUSSIAN_STEPS",
 ]

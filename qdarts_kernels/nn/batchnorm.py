@@ -1,0 +1,61 @@
+"""Batch normalisation that keeps its output, not its input, for backward.
+
+In training, a batch norm without affine parameters computes ``o = (x - mean) * invstd`` per
+channel over (N, H, W), and its input gradient needs only ``o`` and ``invstd``::
+
+    dx = invstd * (g - mean(g) - o * mean(g * o))        (means per channel over N, H, W)
+
+which is PyTorch's own batch-norm backward evaluated at ``o`` instead of ``(x - mean) * invstd``:
+``native_batch_norm_backward`` with input ``o``, mean 0, inverse std 1 and ``invstd`` in the place of
+the affine weight. Keeping ``o`` instead of ``x`` changes nothing where ``x`` is used by nothing
+else, and saves a whole activation where ``o`` is kept anyway: in a DARTS supernet each candidate
+op ends with such a batch norm (affine=False in the search), and ``mixed_op_sum`` keeps the
+candidates' outputs for the gradient of alpha. Plain ``nn.BatchNorm2d`` keeps both the convolution
+output it normalises and, through the mixed sum, its output.
+
+:class:`OutputKeepingBatchNorm2d` is an ``nn.BatchNorm2d`` (same parameters, buffers and state
+dict) that takes this path in training with batch statistics and affine=False, and is plain
+``nn.BatchNorm2d`` otherwise, and inside :func:`qdarts_kernels.eager_reference` (the plain-PyTorch
+baseline). The forward is PyTorch's batch norm itself; running statistics are updated as by
+``nn.BatchNorm2d``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops as _ops
+
+__all__ = ["OutputKeepingBatchNorm2d"]
+
+
+class _BatchNormKeepingOutput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, running_mean, running_var, momentum: float, eps: float):
+        out, _, invstd = torch.native_batch_norm(x, None, None, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(out, invstd)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, invstd = ctx.saved_tensors
+        dx, _, _ = torch.ops.aten.native_batch_norm_backward(
+            grad, out, invstd, None, None, torch.zeros_like(invstd), torch.ones_like(invstd), True, ctx.eps,
+            [True, False, False],
+        )
+        return dx, None, None, None, None
+
+
+class OutputKeepingBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose training forward without affine parameters keeps its output, not
+    its input, for backward (see the module docstring)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (not self.training or self.affine or not self.track_running_stats or self.momentum is None
+                or not (torch.is_grad_enabled() and x.requires_grad) or _ops.eager_reference_active()):
+            return super().forward(x)
+        self._check_input_dim(x)
+        self.num_batches_tracked.add_(1)
+        return _BatchNormKeepingOutput.apply(x, self.running_mean, self.running_var, self.momentum, self.eps)

@@ -27,7 +27,8 @@ from qdarts_kernels.nn import OutputKeepingBatchNorm2d
 
 from .genotype import PRIMITIVES
 
-__all__ = ["ConvMaker", "OPS", "build_op", "quant_convs", "ACT_GRIDS", "QUANTIZERS", "FactorizedReduce", "ReLUConvBN"]
+__all__ = ["ConvMaker", "OPS", "RELU_FIRST", "build_op", "quant_convs", "ACT_GRIDS", "QUANTIZERS", "FactorizedReduce",
+           "ReLUConvBN"]
 
 ACT_GRIDS = ("follow", "official")
 QUANTIZERS = ("paper", "lsq")
@@ -108,9 +109,10 @@ class ReLUConvBN(nn.Sequential):
 
 
 class DilConv(nn.Sequential):
-    def __init__(self, cin, cout, kernel_size, stride, padding, dilation, conv: ConvMaker, affine=True):
+    def __init__(self, cin, cout, kernel_size, stride, padding, dilation, conv: ConvMaker, affine=True,
+                 leading_relu=True):
         super().__init__(
-            nn.ReLU(inplace=False),
+            *([nn.ReLU(inplace=False)] if leading_relu else []),
             conv(cin, cin, kernel_size, stride, padding, dilation, groups=cin),
             conv(cin, cout, 1, signed_input=True),
             OutputKeepingBatchNorm2d(cout, affine=affine),
@@ -118,9 +120,9 @@ class DilConv(nn.Sequential):
 
 
 class SepConv(nn.Sequential):
-    def __init__(self, cin, cout, kernel_size, stride, padding, conv: ConvMaker, affine=True):
+    def __init__(self, cin, cout, kernel_size, stride, padding, conv: ConvMaker, affine=True, leading_relu=True):
         super().__init__(
-            nn.ReLU(inplace=False),
+            *([nn.ReLU(inplace=False)] if leading_relu else []),
             conv(cin, cin, kernel_size, stride, padding, groups=cin),
             conv(cin, cin, 1, signed_input=True),
             OutputKeepingBatchNorm2d(cin, affine=affine),
@@ -163,18 +165,25 @@ OPS: Dict[str, Callable[..., nn.Module]] = {
     "max_pool_3x3": lambda C, stride, conv, affine: nn.MaxPool2d(3, stride=stride, padding=1),
     "skip_connect": lambda C, stride, conv, affine: (
         nn.Identity() if stride == 1 else FactorizedReduce(C, C, conv, affine=affine)),
-    "sep_conv_3x3": lambda C, stride, conv, affine: SepConv(C, C, 3, stride, 1, conv, affine=affine),
-    "sep_conv_5x5": lambda C, stride, conv, affine: SepConv(C, C, 5, stride, 2, conv, affine=affine),
-    "dil_conv_3x3": lambda C, stride, conv, affine: DilConv(C, C, 3, stride, 2, 2, conv, affine=affine),
-    "dil_conv_5x5": lambda C, stride, conv, affine: DilConv(C, C, 5, stride, 4, 2, conv, affine=affine),
+    "sep_conv_3x3": lambda C, stride, conv, affine, **kw: SepConv(C, C, 3, stride, 1, conv, affine=affine, **kw),
+    "sep_conv_5x5": lambda C, stride, conv, affine, **kw: SepConv(C, C, 5, stride, 2, conv, affine=affine, **kw),
+    "dil_conv_3x3": lambda C, stride, conv, affine, **kw: DilConv(C, C, 3, stride, 2, 2, conv, affine=affine, **kw),
+    "dil_conv_5x5": lambda C, stride, conv, affine, **kw: DilConv(C, C, 5, stride, 4, 2, conv, affine=affine, **kw),
 }
 
+#: The ops that begin with a ReLU of their input (see build_op's leading_relu).
+RELU_FIRST = frozenset({"sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"})
 
-def build_op(name: str, C: int, stride: int, conv: ConvMaker, affine: bool = True) -> nn.Module:
-    """Op ``name`` on C channels; its convs come from ``conv``, whose shared logits it then owns."""
+
+def build_op(name: str, C: int, stride: int, conv: ConvMaker, affine: bool = True,
+             leading_relu: bool = True) -> nn.Module:
+    """Op ``name`` on C channels; its convs come from ``conv``, whose shared logits it then owns.
+    ``leading_relu=False`` leaves out the ReLU an op of RELU_FIRST begins with: the caller feeds it
+    the ReLU of its input (the supernet's edges compute it once for their four such ops)."""
     if name not in OPS:
         raise ValueError(f"unknown op {name!r}; the candidates are {', '.join(PRIMITIVES)}")
-    return conv.finish(OPS[name](C, stride, conv, affine))
+    kwargs = {} if leading_relu or name not in RELU_FIRST else {"leading_relu": False}
+    return conv.finish(OPS[name](C, stride, conv, affine, **kwargs))
 
 
 def quant_convs(module: nn.Module) -> List[nn.Module]:

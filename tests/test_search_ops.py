@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 import qdarts_kernels as qk
 from qdarts.genotype import PRIMITIVES
-from qdarts.ops import ConvMaker, build_op, quant_convs
-from qdarts.supernet import SearchNetwork, SupernetConfig, channel_shuffle
+from qdarts.ops import RELU_FIRST, ConvMaker, build_op, quant_convs
+from qdarts.supernet import MixedOp, SearchNetwork, SupernetConfig, channel_shuffle
 from qdarts_kernels.nn import MixedPrecisionFakeQuantize
 
 CONV_COUNT = {"max_pool_3x3": 0, "avg_pool_3x3": 0, "skip_connect": 0, "sep_conv_3x3": 4, "sep_conv_5x5": 4,
@@ -27,6 +27,34 @@ def test_ops_shapes_conv_counts_and_shared_gamma(name, stride):
         assert all(c.act_quant.logits is op.gamma_a and c.weight_quant.logits is op.gamma_w for c in convs)
         names = dict(op.named_parameters())
         assert names["gamma_a"] is op.gamma_a and "0.act_quant.logits" not in "".join(names)
+
+
+@pytest.mark.parametrize("name", sorted(RELU_FIRST))
+@pytest.mark.parametrize("stride", [1, 2])
+def test_op_without_its_leading_relu_on_the_relu_of_its_input_is_the_op(name, stride):
+    """What the supernet's edges do: one ReLU of the edge input for the four ops that begin with one."""
+    whole = build_op(name, 4, stride, ConvMaker(bits=(2, 4)), affine=False)
+    bare = build_op(name, 4, stride, ConvMaker(bits=(2, 4)), affine=False, leading_relu=False)
+    assert len(bare) == len(whole) - 1 and isinstance(whole[0], torch.nn.ReLU)
+    bare.load_state_dict(dict(zip(bare.state_dict(), whole.state_dict().values())))  # same order, keys shifted
+    x = torch.randn(2, 4, 7, 7, requires_grad=True)
+    g = torch.randn(2, 4, 4 if stride == 2 else 7, 4 if stride == 2 else 7)
+    y_whole, y_bare = whole(x), bare(torch.relu(x))
+    assert torch.equal(y_whole, y_bare)
+    assert torch.equal(torch.autograd.grad(y_whole, x, g)[0], torch.autograd.grad(y_bare, x, g)[0])
+
+
+def test_an_edge_makes_one_relu_of_its_input_for_its_ops():
+    cfg = SupernetConfig(input_shape=(1, 8, 8), num_classes=10, channels=8, layers=1, bits=(2, 4), partial_channels=1)
+    y = MixedOp(8, 1, cfg)(torch.randn(2, 8, 6, 6, requires_grad=True), torch.softmax(torch.randn(len(PRIMITIVES)), 0))
+    nodes, todo = [], [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in nodes:
+            nodes.append(node)
+            todo += [n for n, _ in node.next_functions]
+    # the edge's own ReLU, and the second ReLU inside each of the two separable convs
+    assert sum(type(n).__name__ == "ReluBackward0" for n in nodes) == 3
 
 
 def test_activation_grid_follows_the_input_or_the_official_clamp():

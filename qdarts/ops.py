@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qdarts_kernels.nn import OutputKeepingBatchNorm2d
+from qdarts_kernels.nn import InputKeepingMaxPool2d, OutputKeepingBatchNorm2d
 
 from .genotype import PRIMITIVES
 
@@ -162,7 +162,7 @@ class Zero(nn.Module):
 OPS: Dict[str, Callable[..., nn.Module]] = {
     "none": lambda C, stride, conv, affine: Zero(stride),
     "avg_pool_3x3": lambda C, stride, conv, affine: nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False),
-    "max_pool_3x3": lambda C, stride, conv, affine: nn.MaxPool2d(3, stride=stride, padding=1),
+    "max_pool_3x3": lambda C, stride, conv, affine: InputKeepingMaxPool2d(3, stride=stride, padding=1),
     "skip_connect": lambda C, stride, conv, affine: (
         nn.Identity() if stride == 1 else FactorizedReduce(C, C, conv, affine=affine)),
     "sep_conv_3x3": lambda C, stride, conv, affine, **kw: SepConv(C, C, 3, stride, 1, conv, affine=affine, **kw),

@@ -586,3 +586,40 @@ def test_output_keeping_batchnorm_compiles_fullgraph():
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6 * results[1][1].abs().max().item())
     assert torch.equal(ours.running_mean, plain.running_mean) and torch.equal(ours.running_var, plain.running_var)
     torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------------------
+# InputKeepingMaxPool2d
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=3, stride=1, padding=1), dict(kernel_size=3, stride=2, padding=1),
+                                    dict(kernel_size=2, stride=2, ceil_mode=True),
+                                    dict(kernel_size=(3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1))], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_input_keeping_max_pool_matches_max_pool_bit_for_bit(kwargs, dtype):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 9, 7, generator=gen, dtype=dtype).round()  # rounded: windows with tied maxima
+    g = torch.randn(nn.MaxPool2d(**kwargs)(x).shape, generator=gen, dtype=dtype)
+    results = []
+    for pool in (qnn.InputKeepingMaxPool2d(**kwargs), nn.MaxPool2d(**kwargs)):
+        xl = x.clone().requires_grad_()
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.dtype) or t, lambda t: t):
+            y = pool(xl)
+        assert (torch.int64 in kept) == (type(pool) is nn.MaxPool2d)  # no argmax indices kept
+        y.backward(g)
+        results.append((y.detach(), xl.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_input_keeping_max_pool_is_plain_max_pool_in_eager_reference_and_compiles():
+    pool = qnn.InputKeepingMaxPool2d(3, stride=1, padding=1)
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    with qk.eager_reference():
+        assert "MaxPool2DWithIndices" in type(pool(x).grad_fn).__name__
+    torch._dynamo.reset()
+    compiled = torch.compile(pool, fullgraph=True, backend="aot_eager")
+    g = torch.randn(2, 3, 6, 6)
+    assert torch.equal(torch.autograd.grad(compiled(x), x, g)[0], torch.autograd.grad(nn.MaxPool2d(3, 1, 1)(x), x, g)[0])
+    torch._dynamo.reset()

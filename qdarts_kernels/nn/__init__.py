@@ -9,11 +9,13 @@
   from one grouped launch, handed to the layers for their next forwards.
 - :class:`OutputKeepingBatchNorm2d`: ``nn.BatchNorm2d`` that keeps its output, not its input, for
   backward (training, affine=False): one activation less where the output is kept anyway.
+- :class:`InputKeepingMaxPool2d`: ``nn.MaxPool2d`` that keeps no argmax indices for backward.
 """
 
 from .batchnorm import OutputKeepingBatchNorm2d
 from .convert import quantize_
 from .grouped import GroupedWeightQuantizer
+from .pooling import InputKeepingMaxPool2d
 from .layers import QuantConv2d, QuantLinear, precomputed_weights
 from .quantizers import GAUSSIAN_STEPS, HWGQ_STEPS, FakeQuantize, MixedPrecisionFakeQuantize
 
@@ -26,6 +28,7 @@ __all__ = [
     "GroupedWeightQuantizer",
     "precomputed_weights",
     "OutputKeepingBatchNorm2d",
+    "InputKeepingMaxPool2d",
     "HWGQ_STEPS",
     "GAUSSIAN_STEPS",
 ]

@@ -39,7 +39,7 @@ import qdarts_kernels as qk
 from qdarts.data import Dataset
 from qdarts.search import SearchConfig, Searcher
 
-from .timing import measure, synchronize
+from .timing import kept_bytes, measure, synchronize
 
 OPS_KINDS = ("fused", "reference", "eager")
 
@@ -116,19 +116,7 @@ class SearchStep:
                 "weight": self._kept_bytes(lambda: s._weight_step(*self.train_batch, self.stats))}
 
     def _kept_bytes(self, run: Callable[[], None]) -> int:
-        own = {p.untyped_storage().data_ptr() for p in self.searcher.net.parameters()}
-        own |= {t.untyped_storage().data_ptr() for t in self.train_batch + self.val_batch}
-        kept: Dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in own:
-                kept[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            run()
-        return sum(kept.values())
+        return kept_bytes(run, [*self.searcher.net.parameters(), *self.train_batch, *self.val_batch])
 
 
 def _measure_variant(cfg: E2EConfig, ops: str, device: str, quick: bool, compiled: bool) -> Dict[str, Any]:

@@ -9,7 +9,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -157,26 +157,31 @@ def copy_bandwidth_gbps(device: str, nbytes: int, budget_s: float = 2.0) -> floa
     return 2 * nbytes / timing.median / 1e9
 
 
-def saved_bytes(fn: Callable[..., torch.Tensor], leaves: Sequence[torch.Tensor]) -> int:
-    """Bytes of the tensors autograd keeps for backward beyond the inputs themselves.
+def kept_bytes(run: Callable[[], Any], exclude: Iterable[torch.Tensor]) -> int:
+    """Bytes of the tensors autograd keeps for backward while ``run()`` runs, one count per distinct
+    storage, not counting the storages of ``exclude`` (what the caller holds anyway).
 
-    Counted with ``torch.autograd.graph.saved_tensors_hooks`` (which also sees the tensors saved by
-    compiled graphs and custom ops), one count per distinct storage; storages of the inputs are not
-    counted, since the caller holds them anyway.
+    Counted with ``torch.autograd.graph.saved_tensors_hooks``, which also sees the tensors saved by
+    compiled graphs and custom ops.
     """
-    inputs = {t.untyped_storage().data_ptr() for t in leaves}
+    held = {t.untyped_storage().data_ptr() for t in exclude}
     kept: Dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in inputs:
+        if storage.data_ptr() not in held:
             kept[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = fn(*leaves)
-    del y
+        run()
     return sum(kept.values())
+
+
+def saved_bytes(fn: Callable[..., torch.Tensor], leaves: Sequence[torch.Tensor]) -> int:
+    """Bytes of the tensors autograd keeps for the backward of ``fn(*leaves)`` beyond the inputs
+    themselves (see :func:`kept_bytes`)."""
+    return kept_bytes(lambda: fn(*leaves), leaves)
 
 
 def device_name(device: str) -> str:

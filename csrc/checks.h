@@ -13,12 +13,13 @@
 
 #include <cstdint>
 
+#include "quant_math.h"
+
 namespace qdarts {
 
 constexpr int64_t kMinBitsArg = 1;
 constexpr int64_t kMaxBitsArg = 16;
 constexpr int64_t kMaxBitWidths = 4;  // K of mixed_fake_quant; equal to kMaxBits in quant_math.h
-constexpr int64_t kNumGrids = 3;      // signed, unsigned, midrise
 
 // x viewed as [outer, channels, inner] with the per-channel axis in the middle; per tensor it is
 // [1, 1, numel] (one "channel").
@@ -63,7 +64,8 @@ inline ChannelLayout check_mixed_fake_quant_args(const at::Tensor& x, const at::
     TORCH_CHECK(bits[i] >= kMinBitsArg && bits[i] <= kMaxBitsArg, "bits must be in [", kMinBitsArg, ", ",
                 kMaxBitsArg, "], got bits[", i, "] = ", bits[i]);
   }
-  TORCH_CHECK(grid >= 0 && grid < kNumGrids, "grid must be 0 (signed), 1 (unsigned) or 2 (midrise), got ", grid);
+  TORCH_CHECK(grid >= 0 && grid < kNumGrids, "grid must be 0 (signed), 1 (unsigned), 2 (midrise) or 3 (relu), got ",
+              grid);
   TORCH_CHECK(probs.dim() == 1 && probs.size(0) == k, "probs must have shape [", k,
               "] (one probability per bit-width), got ", probs.sizes());
   if (axis == -1) {

@@ -4,7 +4,7 @@
 // the raw kernels and take already-validated, contiguous arguments (they re-check cheaply anyway).
 //
 // Conventions shared by every implementation:
-//   grid  0 = signed, 1 = unsigned, 2 = midrise (see csrc/quant_math.h)
+//   grid  0 = signed, 1 = unsigned, 2 = midrise, 3 = relu (see csrc/quant_math.h)
 //   axis  -1 for per-tensor scales ([K]); else the channel dim of x for per-channel scales ([K, C])
 //   probs, scales, weights: float32; x, grad, outputs: float32 / float16 / bfloat16
 //   a gradient that was not requested is returned as a 0-element tensor.

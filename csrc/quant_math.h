@@ -4,6 +4,11 @@
 //   v = x * inv_s + z,  r = rint(v) (half to even),  q = clamp(r, qmin, qmax),
 //   Q = (q - z) * s,    in = (qmin <= r <= qmax)
 //
+// The relu grid is the unsigned grid applied to relu(x), with the ReLU's gradient folded into `in`
+// (0 where x <= 0): GridRange::x_floor is 0 there and -inf on the other grids, where the two extra
+// operations it costs change nothing (x < -inf is never true, and x > -inf fails only for -inf and
+// NaN, which are out of range anyway).
+//
 // Both builds disable floating-point contraction (-ffp-contract=off, nvcc --fmad=false): an FMA in
 // x * inv_s + z would round a tie differently from PyTorch's fake-quant kernels.
 #pragma once
@@ -23,20 +28,28 @@ constexpr int kMaxBits = 4;  // K, the number of bit-widths one mixed quantizer 
 constexpr int kGridSigned = 0;
 constexpr int kGridUnsigned = 1;
 constexpr int kGridMidrise = 2;
+constexpr int kGridRelu = 3;
+constexpr int kNumGrids = 4;
 
 struct GridRange {
   float qmin;
   float qmax;
   float zero_point;
+  float x_floor;  // x < x_floor quantizes as 0, and in = 0 unless x > x_floor: 0 (relu grid) or -inf
 };
 
-// Integer range and zero point of `grid` at `bits` (1..16).
+// Integer range, zero point and input floor of `grid` at `bits` (1..16).
 QD_HOST_DEVICE GridRange grid_range(int grid, int bits) {
   const float half = static_cast<float>(1 << (bits - 1));
-  if (grid == kGridSigned) return {-half, half - 1.0f, 0.0f};
-  if (grid == kGridUnsigned) return {0.0f, static_cast<float>((1 << bits) - 1), 0.0f};
-  return {-half + 1.0f, half, 0.5f};
+  const float unsigned_max = static_cast<float>((1 << bits) - 1);
+  if (grid == kGridSigned) return {-half, half - 1.0f, 0.0f, -INFINITY};
+  if (grid == kGridUnsigned) return {0.0f, unsigned_max, 0.0f, -INFINITY};
+  if (grid == kGridRelu) return {0.0f, unsigned_max, 0.0f, 0.0f};
+  return {-half + 1.0f, half, 0.5f, -INFINITY};
 }
+
+// relu(x) on the relu grid (as torch.relu: -0.0 and NaN stay), x itself on the others.
+QD_HOST_DEVICE float floored_input(float x, const GridRange& g) { return x < g.x_floor ? 0.0f : x; }
 
 // Round half to even in the current (default: to nearest even) rounding mode.
 //
@@ -90,10 +103,10 @@ struct QuantResult {
 };
 
 QD_HOST_DEVICE QuantResult quantize(float x, float inv_s, const GridRange& g) {
-  const float v = x * inv_s + g.zero_point;
+  const float v = floored_input(x, g) * inv_s + g.zero_point;
   const float r = round_half_even(v);
   const float q = clamp_range(r, g.qmin, g.qmax);
-  const float in = (r >= g.qmin && r <= g.qmax) ? 1.0f : 0.0f;
+  const float in = (r >= g.qmin && r <= g.qmax && x > g.x_floor) ? 1.0f : 0.0f;
   return {q - g.zero_point, in};
 }
 

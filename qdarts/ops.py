@@ -9,8 +9,10 @@ input, one of its weight, one conv (EdMIPS composite convolution, DESIGN section
 - fixed: the bit pairs of a derived genotype, one (act_bits, weight_bits) pair per conv, in order;
 - fp32: plain ``nn.Conv2d`` (the full-precision baseline of the same architecture).
 
-Activation grid. A conv that reads a ReLU output quantizes on the unsigned grid; the pointwise conv
-after a depthwise conv reads a signed tensor and quantizes on the signed grid. ``act_grid="official"``
+Activation grid. A conv that reads a ReLU output takes the ReLU into its activation quantizer
+(``fuse_relu``: grid "relu", the unsigned grid applied to relu(x); the same values and gradients as
+the ReLU followed by the conv, without the ReLU's output kept for backward); the pointwise conv after
+a depthwise conv reads a signed tensor and quantizes on the signed grid. ``act_grid="official"``
 reproduces the official code instead, which uses the unsigned (clamp-at-zero) grid everywhere and so
 zeroes the negative half of every depthwise output.
 """
@@ -27,11 +29,19 @@ from qdarts_kernels.nn import InputKeepingMaxPool2d, OutputKeepingBatchNorm2d
 
 from .genotype import PRIMITIVES
 
-__all__ = ["ConvMaker", "OPS", "RELU_FIRST", "build_op", "quant_convs", "ACT_GRIDS", "QUANTIZERS", "FactorizedReduce",
-           "ReLUConvBN"]
+__all__ = ["ConvMaker", "OPS", "build_op", "quant_convs", "ACT_GRIDS", "QUANTIZERS", "FactorizedReduce", "ReLUConvBN",
+           "ReLUConv2d"]
 
 ACT_GRIDS = ("follow", "official")
 QUANTIZERS = ("paper", "lsq")
+
+
+class ReLUConv2d(nn.Conv2d):
+    """``conv2d(relu(x))``: the full-precision counterpart of a QuantConv2d with ``fuse_relu``
+    (the same parameter names as ``nn.Conv2d``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.relu(x))
 
 
 def _quant_conv_class():
@@ -74,10 +84,14 @@ class ConvMaker:
             self.weight_logits = nn.Parameter(torch.zeros(len(self.bits)))
 
     def __call__(self, cin: int, cout: int, kernel_size: int, stride: int = 1, padding: int = 0,
-                 dilation: int = 1, groups: int = 1, *, signed_input: bool = False) -> nn.Conv2d:
+                 dilation: int = 1, groups: int = 1, *, signed_input: bool = False,
+                 relu_input: bool = False) -> nn.Conv2d:
+        """One conv; ``signed_input``: its input can be negative (signed grid); ``relu_input``: it
+        applies a ReLU to its input first (folded into the activation quantizer)."""
         index, self.made = self.made, self.made + 1
         if self.fp32:
-            return nn.Conv2d(cin, cout, kernel_size, stride, padding, dilation, groups, bias=False)
+            return (ReLUConv2d if relu_input else nn.Conv2d)(cin, cout, kernel_size, stride, padding, dilation, groups,
+                                                             bias=False)
         if self.pairs is not None:
             if index >= len(self.pairs):
                 raise ValueError(f"the genotype gives {len(self.pairs)} bit pairs for an op with more convs")
@@ -89,7 +103,8 @@ class ConvMaker:
         return _quant_conv_class()(
             cin, cout, kernel_size, stride, padding, dilation, groups, bias=False,
             weight_bits=weight_bits, act_bits=act_bits, quantizer=self.quantizer,
-            act_signed=signed_input and self.act_grid == "follow", backend=self.backend, **extra,
+            act_signed=signed_input and self.act_grid == "follow", fuse_relu=relu_input, backend=self.backend,
+            **extra,
         )
 
     def finish(self, module: nn.Module) -> nn.Module:
@@ -102,50 +117,55 @@ class ConvMaker:
         return module
 
 
+# The ReLUs of the DARTS ops below are folded into the conv after them (relu_input=True).
+
+
 class ReLUConvBN(nn.Sequential):
+    """ReLU, conv, batch norm."""
+
     def __init__(self, cin, cout, kernel_size, stride, padding, conv: ConvMaker, affine=True):
-        super().__init__(nn.ReLU(inplace=False), conv(cin, cout, kernel_size, stride, padding),
+        super().__init__(conv(cin, cout, kernel_size, stride, padding, relu_input=True),
                          OutputKeepingBatchNorm2d(cout, affine=affine))
 
 
 class DilConv(nn.Sequential):
-    def __init__(self, cin, cout, kernel_size, stride, padding, dilation, conv: ConvMaker, affine=True,
-                 leading_relu=True):
+    """ReLU, dilated depthwise conv, pointwise conv, batch norm."""
+
+    def __init__(self, cin, cout, kernel_size, stride, padding, dilation, conv: ConvMaker, affine=True):
         super().__init__(
-            *([nn.ReLU(inplace=False)] if leading_relu else []),
-            conv(cin, cin, kernel_size, stride, padding, dilation, groups=cin),
+            conv(cin, cin, kernel_size, stride, padding, dilation, groups=cin, relu_input=True),
             conv(cin, cout, 1, signed_input=True),
             OutputKeepingBatchNorm2d(cout, affine=affine),
         )
 
 
 class SepConv(nn.Sequential):
-    def __init__(self, cin, cout, kernel_size, stride, padding, conv: ConvMaker, affine=True, leading_relu=True):
+    """Twice: ReLU, depthwise conv, pointwise conv, batch norm (the first depthwise conv strided)."""
+
+    def __init__(self, cin, cout, kernel_size, stride, padding, conv: ConvMaker, affine=True):
         super().__init__(
-            *([nn.ReLU(inplace=False)] if leading_relu else []),
-            conv(cin, cin, kernel_size, stride, padding, groups=cin),
+            conv(cin, cin, kernel_size, stride, padding, groups=cin, relu_input=True),
             conv(cin, cin, 1, signed_input=True),
             OutputKeepingBatchNorm2d(cin, affine=affine),
-            nn.ReLU(inplace=False),
-            conv(cin, cin, kernel_size, 1, padding, groups=cin),
+            conv(cin, cin, kernel_size, 1, padding, groups=cin, relu_input=True),
             conv(cin, cout, 1, signed_input=True),
             OutputKeepingBatchNorm2d(cout, affine=affine),
         )
 
 
 class FactorizedReduce(nn.Module):
-    """Halve the resolution with two 1x1 stride-2 convs on pixel grids offset by one, concatenated."""
+    """Halve the resolution with two 1x1 stride-2 convs on pixel grids offset by one, concatenated
+    (after a ReLU, folded into both convs)."""
 
     def __init__(self, cin, cout, conv: ConvMaker, affine=True):
         super().__init__()
-        self.relu = nn.ReLU(inplace=False)
-        self.conv_1 = conv(cin, cout // 2, 1, 2)
-        self.conv_2 = conv(cin, cout - cout // 2, 1, 2)
+        self.conv_1 = conv(cin, cout // 2, 1, 2, relu_input=True)
+        self.conv_2 = conv(cin, cout - cout // 2, 1, 2, relu_input=True)
         self.bn = OutputKeepingBatchNorm2d(cout, affine=affine)
 
     def forward(self, x):
-        x = self.relu(x)
         # pad the shifted grid by one so both halves have ceil(H/2) x ceil(W/2) for odd sizes too
+        # (padding with zeros commutes with the ReLU that conv_2 applies)
         shifted = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
         return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
 
@@ -165,25 +185,18 @@ OPS: Dict[str, Callable[..., nn.Module]] = {
     "max_pool_3x3": lambda C, stride, conv, affine: InputKeepingMaxPool2d(3, stride=stride, padding=1),
     "skip_connect": lambda C, stride, conv, affine: (
         nn.Identity() if stride == 1 else FactorizedReduce(C, C, conv, affine=affine)),
-    "sep_conv_3x3": lambda C, stride, conv, affine, **kw: SepConv(C, C, 3, stride, 1, conv, affine=affine, **kw),
-    "sep_conv_5x5": lambda C, stride, conv, affine, **kw: SepConv(C, C, 5, stride, 2, conv, affine=affine, **kw),
-    "dil_conv_3x3": lambda C, stride, conv, affine, **kw: DilConv(C, C, 3, stride, 2, 2, conv, affine=affine, **kw),
-    "dil_conv_5x5": lambda C, stride, conv, affine, **kw: DilConv(C, C, 5, stride, 4, 2, conv, affine=affine, **kw),
+    "sep_conv_3x3": lambda C, stride, conv, affine: SepConv(C, C, 3, stride, 1, conv, affine=affine),
+    "sep_conv_5x5": lambda C, stride, conv, affine: SepConv(C, C, 5, stride, 2, conv, affine=affine),
+    "dil_conv_3x3": lambda C, stride, conv, affine: DilConv(C, C, 3, stride, 2, 2, conv, affine=affine),
+    "dil_conv_5x5": lambda C, stride, conv, affine: DilConv(C, C, 5, stride, 4, 2, conv, affine=affine),
 }
 
-#: The ops that begin with a ReLU of their input (see build_op's leading_relu).
-RELU_FIRST = frozenset({"sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"})
 
-
-def build_op(name: str, C: int, stride: int, conv: ConvMaker, affine: bool = True,
-             leading_relu: bool = True) -> nn.Module:
-    """Op ``name`` on C channels; its convs come from ``conv``, whose shared logits it then owns.
-    ``leading_relu=False`` leaves out the ReLU an op of RELU_FIRST begins with: the caller feeds it
-    the ReLU of its input (the supernet's edges compute it once for their four such ops)."""
+def build_op(name: str, C: int, stride: int, conv: ConvMaker, affine: bool = True) -> nn.Module:
+    """Op ``name`` on C channels; its convs come from ``conv``, whose shared logits it then owns."""
     if name not in OPS:
         raise ValueError(f"unknown op {name!r}; the candidates are {', '.join(PRIMITIVES)}")
-    kwargs = {} if leading_relu or name not in RELU_FIRST else {"leading_relu": False}
-    return conv.finish(OPS[name](C, stride, conv, affine, **kwargs))
+    return conv.finish(OPS[name](C, stride, conv, affine))
 
 
 def quant_convs(module: nn.Module) -> List[nn.Module]:

@@ -37,7 +37,7 @@ import qdarts_kernels as qk
 from qdarts_kernels.nn import GroupedWeightQuantizer, OutputKeepingBatchNorm2d, precomputed_weights
 
 from .genotype import PRIMITIVES, edge_nodes
-from .ops import RELU_FIRST, ConvMaker, FactorizedReduce, ReLUConvBN, build_op, quant_convs
+from .ops import ConvMaker, FactorizedReduce, ReLUConvBN, build_op, quant_convs
 
 __all__ = ["SearchNetwork", "SupernetConfig", "channel_shuffle", "reduction_cells", "ACT_DTYPES"]
 
@@ -86,21 +86,16 @@ class MixedOp(nn.Module):
         for name in PRIMITIVES[1:]:
             maker = ConvMaker(bits=cfg.bits, quantizer=cfg.quantizer, act_grid=cfg.act_grid,
                               share_gamma=cfg.share_gamma, backend=cfg.backend)
-            op = build_op(name, C // k, stride, maker, affine=False, leading_relu=False)
+            op = build_op(name, C // k, stride, maker, affine=False)
             if "pool" in name:
                 op = nn.Sequential(op, OutputKeepingBatchNorm2d(C // k, affine=False))
             self.ops.append(op)
-        # the four ops that begin with a ReLU get it from forward, computed once: one ReLU output kept
-        # for backward per edge instead of one per op (the same values and gradients)
-        self.relu_first = tuple(name in RELU_FIRST for name in PRIMITIVES[1:])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``weights``: softmax(alpha) of this edge over all PRIMITIVES (``none`` first)."""
         c = x.shape[1] // self.k
         head = x[:, :c]
-        relu_head = torch.relu(head)
-        mixed = qk.mixed_op_sum([op(relu_head if r else head) for op, r in zip(self.ops, self.relu_first)],
-                                weights[1:])
+        mixed = qk.mixed_op_sum([op(head) for op in self.ops], weights[1:])
         if self.k == 1:
             return mixed
         rest = x[:, c:]

@@ -15,7 +15,10 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import torch
 
 #: Grid name -> code used by the compiled and Triton kernels.
-GRIDS = {"signed": 0, "unsigned": 1, "midrise": 2}
+GRIDS = {"signed": 0, "unsigned": 1, "midrise": 2, "relu": 3}
+#: The grid that quantizes relu(x) on the unsigned grid (a ReLU folded into the quantizer).
+RELU_GRID = GRIDS["relu"]
+UNSIGNED_GRID = GRIDS["unsigned"]
 #: Floating dtypes the kernels accept for x, outputs and gradients.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Bit-width range and number of bit-widths per mixed quantizer.
@@ -35,11 +38,12 @@ def grid_params(grid: int, bits: int) -> GridParams:
     signed   z=0,   q in [-2^(b-1), 2^(b-1)-1]
     unsigned z=0,   q in [0, 2^b-1]
     midrise  z=0.5, q in [-2^(b-1)+1, 2^(b-1)]  (levels +-0.5 ... +-(2^(b-1)-0.5), EdMIPS weights)
+    relu     the unsigned grid, applied to relu(x) (see reference.quantize_parts)
     """
     half = float(2 ** (bits - 1))
     if grid == 0:
         return GridParams(-half, half - 1.0, 0.0)
-    if grid == 1:
+    if grid in (UNSIGNED_GRID, RELU_GRID):
         return GridParams(0.0, float(2**bits - 1), 0.0)
     return GridParams(-half + 1.0, half, 0.5)
 

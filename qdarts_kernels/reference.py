@@ -14,6 +14,10 @@ Quantizer ``Q(x; s, b)`` on a grid with integer range [qmin, qmax] and zero poin
     Q     = (q - z) * s
     in    = (qmin <= r <= qmax)        (the mask is taken on the rounded value, as in PyTorch)
 
+The ``relu`` grid is ``Q(relu(x))`` on the unsigned grid with the ReLU's gradient folded in:
+``in`` is also 0 where x <= 0 (exactly ``torch.relu`` followed by the unsigned quantizer, values,
+zero signs and gradients alike; a quantized layer after a ReLU then keeps x, not the ReLU's output).
+
 Arithmetic is fp32 for fp32/fp16/bf16 inputs (results cast back to the input dtype) and fp64 for
 fp64 inputs (so that ``torch.autograd.gradcheck`` can run on the reference).
 """
@@ -28,6 +32,8 @@ from ._validation import (
     check_mixed_fake_quant,
     check_mixed_fake_quant_grouped,
     check_mixed_op_sum,
+    RELU_GRID,
+    UNSIGNED_GRID,
     grid_params,
     single_bit_scales,
 )
@@ -37,6 +43,9 @@ __all__ = ["fake_quant", "mixed_fake_quant", "mixed_fake_quant_grouped", "mixed_
 
 def quantize_parts(x: torch.Tensor, s: torch.Tensor, bits: int, grid: int):
     """The pieces of ``Q(x; s, b)``: ``(q - z, in, inv_s)``, so that ``Q = (q - z) * s``."""
+    if grid == RELU_GRID:
+        q_minus_z, inside, inv_s = quantize_parts(torch.relu(x), s, bits, UNSIGNED_GRID)
+        return q_minus_z, inside & (x > 0), inv_s  # relu's gradient: 0 where x <= 0
     qmin, qmax, z = grid_params(grid, bits)
     inv_s = 1.0 / s
     r = torch.round(x * inv_s + z)  # round half to even
@@ -126,7 +135,7 @@ def mixed_fake_quant(
         probs: shape [K], the weight of each bit-width (usually a softmax; not renormalised here).
         scales: shape [K] (per tensor) or [K, C] with C = x.shape[axis] (per channel).
         bits: K in 1..4 bit-widths, each in [1, 16].
-        grid: "signed" | "unsigned" | "midrise" (see module docstring).
+        grid: "signed" | "unsigned" | "midrise" | "relu" (see module docstring).
         axis: channel dimension of x for per-channel scales, None for per-tensor.
 
     Gradients (g = incoming gradient)::

@@ -162,6 +162,65 @@ def test_rounding_ties_are_half_to_even(backend_device, grid):
     assert not torch.equal(y, (torch.floor(v + 0.5).clamp(qmin, qmax) - z) * s)
 
 
+#: Inputs where the relu grid's floor can go wrong: zeros of both signs, the smallest denormals
+#: (x * inv_s underflows to 0 for the scale 4 below, yet x > 0 passes the gradient), ties at
+#: +-0.5 levels, negatives that round to level 0 (in range for the unsigned grid, not for relu),
+#: infinities; NaN separately (it makes the reduced gradients NaN).
+RELU_FLOOR_VALUES = [-0.0, 0.0, -1e-45, 1e-45, -0.1, -0.125, 0.125, -0.375, 0.375, -1.0, 0.9, 3.0, 100.0, -100.0,
+                     float("inf"), float("-inf")]
+
+
+def _relu_floor_input(dtype, with_nan: bool) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(11)
+    special = torch.tensor(RELU_FLOOR_VALUES + ([float("nan")] if with_nan else []))
+    x = torch.cat([special, torch.randn(6 * 29 - special.numel(), generator=gen) * 2]).reshape(6, 29)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("axis", [None, 0])
+def test_relu_grid_at_the_floor(backend_device, dtype, axis):
+    """The relu grid equals relu followed by the unsigned grid where it matters most: at and
+    around x = 0, zero signs included."""
+    backend, device = backend_device
+    scales = torch.tensor([[4.0], [0.25], [1.0]]) if axis is None else torch.tensor([[4.0] * 6, [0.25] * 6,
+                                                                                      [0.5, 1, 2, 3, 4, 5]])
+    scales = scales.reshape(3) if axis is None else scales
+    probs = torch.tensor([0.2, 0.5, 0.3])
+    x = _relu_floor_input(dtype, with_nan=False)
+    check_mixed_fake_quant(backend, device, x, probs, scales, (2, 4, 8), "relu", axis)
+    check_mixed_fake_quant(backend, device, x, probs[:1] / probs[0], scales[:1], (4,), "relu", axis)  # dx exact
+    xn = _relu_floor_input(dtype, with_nan=True)
+    check_mixed_fake_quant(backend, device, xn, probs, scales, (2, 4, 8), "relu", axis, needs=(True, False, False))
+    y = qk.mixed_fake_quant(xn.to(device), probs.to(device), scales.to(device), (2, 4, 8), grid="relu", axis=axis,
+                            backend=backend).cpu()
+    want = ref.mixed_fake_quant(torch.relu(xn), probs, scales, (2, 4, 8), grid="unsigned", axis=axis)
+    number = ~want.isnan()  # the sign of a NaN is not specified (bf16 relu flips it)
+    assert torch.equal(torch.signbit(y)[number], torch.signbit(want)[number]), "zero signs differ from relu + unsigned"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, *DTYPES], ids=str)
+@pytest.mark.parametrize("axis", [None, 0])
+def test_reference_relu_grid_is_relu_then_unsigned(dtype, axis):
+    """The spec of the relu grid: torch.relu, then the unsigned grid; the same values (zero signs
+    included) and the same gradients (up to the sign of a zero gradient) as autograd through the two."""
+    x = _relu_floor_input(dtype, with_nan=False)
+    probs = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    scales = (torch.tensor([4.0, 0.25, 1.0]) if axis is None else torch.rand(3, 6) + 0.1).to(probs.dtype)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    results = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, probs, scales)]
+        xin, p, s = leaves
+        y = (ref.mixed_fake_quant(xin, p, s, (2, 4, 8), grid="relu", axis=axis) if fused
+             else ref.mixed_fake_quant(torch.relu(xin), p, s, (2, 4, 8), grid="unsigned", axis=axis))
+        results.append((y, *torch.autograd.grad(y, leaves, g)))
+    (y, *grads), (y_want, *grads_want) = results
+    assert torch.equal(y, y_want) and torch.equal(torch.signbit(y), torch.signbit(y_want))
+    for got, want in zip(grads, grads_want):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
                                    (True, True, False), (False, False, False)], ids=str)
 def test_mixed_fake_quant_partial_gradients(backend_device, needs):

@@ -434,7 +434,7 @@ COMPILED_CASES = [
     ("bits 0", "FWD(X, P, S, [0, 4], 0, -1)", "bits must be in"),
     ("bits 17", "FWD(X, P, S, [2, 17], 0, -1)", "bits must be in"),
     ("bits negative", "FWD(X, P, S, [-1, 4], 0, -1)", "bits must be in"),
-    ("grid 3", "FWD(X, P, S, BITS, 3, -1)", "grid must be"),
+    ("grid 4", "FWD(X, P, S, BITS, 4, -1)", "grid must be"),
     ("grid -1", "FWD(X, P, S, BITS, -1, -1)", "grid must be"),
     ("axis 2 of 2 dims", "FWD(X, P, torch.ones(2, 3), BITS, 0, 2)", "axis must be"),
     ("axis -2", "FWD(X, P, torch.ones(2, 4), BITS, 0, -2)", "axis must be"),

@@ -38,11 +38,11 @@ def _inputs(shape, axis, seed, dtype=torch.float32, bits=BITS):
     return x, probs, scales, grad
 
 
-def _run(backend, x, probs, scales, grad, axis, bits=BITS):
+def _run(backend, x, probs, scales, grad, axis, bits=BITS, grid="signed"):
     xl, pl, sl = (t.clone().requires_grad_() for t in (x, probs, scales))
     fn = ref.mixed_fake_quant if backend == "reference" else qk.mixed_fake_quant
     kwargs = {} if backend == "reference" else {"backend": backend}
-    y = fn(xl, pl, sl, bits, axis=axis, **kwargs)
+    y = fn(xl, pl, sl, bits, grid=grid, axis=axis, **kwargs)
     y.backward(grad)
     return y.detach(), xl.grad, pl.grad, sl.grad
 
@@ -67,11 +67,12 @@ TILING_CASES = [
 ]
 
 
+@pytest.mark.parametrize("grid", ["signed", "relu"])  # the relu grid has kernels of its own (kRelu)
 @pytest.mark.parametrize("shape,axis", TILING_CASES, ids=str)
-def test_tiling_matches_reference(shape, axis):
+def test_tiling_matches_reference(shape, axis, grid):
     x, probs, scales, grad = _inputs(shape, axis, seed=len(shape) * 1000 + shape[-1])
-    y, dx, dp, ds = _run("cpu", x, probs, scales, grad, axis)
-    yr, dxr, dpr, dsr = _run("reference", x, probs, scales, grad, axis)
+    y, dx, dp, ds = _run("cpu", x, probs, scales, grad, axis, grid=grid)
+    yr, dxr, dpr, dsr = _run("reference", x, probs, scales, grad, axis, grid=grid)
     torch.testing.assert_close(y, yr, rtol=0, atol=0)
     torch.testing.assert_close(dx, dxr, rtol=1e-6, atol=1e-6)
     tol = 2e-5
@@ -175,6 +176,7 @@ results = []
 for (shape, axis) in TILING_CASES:
     for dtype in (torch.float32, torch.bfloat16):
         results.append(_run("cpu", *_inputs(shape, axis, seed=7, dtype=dtype), axis))
+    results.append(_run("cpu", *_inputs(shape, axis, seed=8), axis, grid="relu"))
 gen = torch.Generator().manual_seed(9)
 outs = [torch.randn(70001, generator=gen).requires_grad_() for _ in range(3)]
 w = torch.softmax(torch.randn(3, generator=gen), 0).requires_grad_()
@@ -300,7 +302,7 @@ BAD_FAKE_QUANT = [
     (dict(bits=[2, 2, 2, 2, 2], probs=torch.ones(5) / 5, scales=torch.ones(5)), "bits must hold 1..4"),
     (dict(bits=[0, 4]), "bits must be in [1, 16], got bits[0] = 0"),
     (dict(bits=[2, 17]), "bits must be in [1, 16], got bits[1] = 17"),
-    (dict(grid=3), "grid must be 0 (signed), 1 (unsigned) or 2 (midrise), got 3"),
+    (dict(grid=4), "grid must be 0 (signed), 1 (unsigned), 2 (midrise) or 3 (relu), got 4"),
     (dict(scales=torch.tensor([0.1, 0.0])), "scales must be finite and > 0, got scales[1] = 0"),
     (dict(scales=torch.tensor([float("nan"), 0.2])), "scales must be finite and > 0, got scales[0] = nan"),
     (dict(scales=torch.tensor([[0.1] * 5, [0.2] * 4 + [-1.0]]), axis=1),

@@ -126,6 +126,43 @@ def test_lsq_scales_initialised_from_first_batch(grid, top, per_channel):
     torch.testing.assert_close(mq.scales.detach(), first * 10, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("quantizer", ["lsq", "paper"])
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+def test_fuse_relu_is_relu_then_the_unsigned_layer(quantizer, layer):
+    """fuse_relu=True: the layer on relu(x), bit for bit (forward and every gradient), with the
+    scales observed on relu(x) (LSQ initialisation; the by-max scale of 8 bits); with fake
+    quantization off, relu(x) goes to the layer unquantized."""
+    torch.manual_seed(4)
+    make = ((lambda **kw: qnn.QuantConv2d(3, 5, 3, padding=1, weight_bits=(2, 4), act_bits=(2, 4, 8), **kw))
+            if layer == "conv" else (lambda **kw: qnn.QuantLinear(6, 5, weight_bits=(2, 4), act_bits=(2, 4, 8), **kw)))
+    fused, explicit = make(quantizer=quantizer, fuse_relu=True), make(quantizer=quantizer)
+    explicit.load_state_dict(fused.state_dict())
+    assert fused.act_quant.grid == "relu" and explicit.act_quant.grid == "unsigned"
+    x = torch.randn((4, 3, 6, 6) if layer == "conv" else (4, 6)) - 0.3
+    for fake_quant in (True, False):
+        for m in (fused, explicit):
+            m.act_quant.enable_fake_quant(fake_quant)
+        xf, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y, y_want = fused(xf), explicit(torch.relu(xe))
+        assert torch.equal(y, y_want)
+        g = torch.randn_like(y)
+        got = torch.autograd.grad(y, [xf, *fused.parameters()], g, allow_unused=True)
+        want = torch.autograd.grad(y_want, [xe, *explicit.parameters()], g, allow_unused=True)
+        for a, b in zip(got, want):
+            assert (a is None and b is None) or torch.equal(a, b)
+    if quantizer == "lsq":  # initialised on relu(x): mean |x| would give larger scales
+        assert torch.equal(fused.act_quant.scales, explicit.act_quant.scales)
+
+
+def test_relu_grid_is_for_activations_only_and_excludes_signed():
+    with pytest.raises(ValueError, match="relu"):
+        qnn.MixedPrecisionFakeQuantize((2, 4), grid="relu", role="weight")
+    with pytest.raises(ValueError, match="act_signed"):
+        qnn.QuantConv2d(3, 3, 3, fuse_relu=True, act_signed=True)
+    with pytest.raises(ValueError, match="act_bits"):
+        qnn.QuantLinear(3, 3, fuse_relu=True, act_bits=None)
+
+
 def test_scales_kept_positive_and_two_forwards_before_one_backward():
     lin = qnn.QuantLinear(8, 4, weight_bits=(2, 4), act_bits=8, quantizer="lsq")
     x = torch.randn(3, 8)

@@ -1,14 +1,17 @@
 """qdarts.ops and qdarts.supernet: quantized DARTS ops, shared gammas, grids, parameter groups."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import qdarts_kernels as qk
 from qdarts.genotype import PRIMITIVES
-from qdarts.ops import RELU_FIRST, ConvMaker, build_op, quant_convs
+from qdarts.ops import ConvMaker, ReLUConv2d, ReLUConvBN, build_op, quant_convs
 from qdarts.supernet import MixedOp, SearchNetwork, SupernetConfig, channel_shuffle
-from qdarts_kernels.nn import MixedPrecisionFakeQuantize
+from qdarts_kernels._validation import GRIDS
+from qdarts_kernels.nn import MixedPrecisionFakeQuantize, QuantConv2d
 
 CONV_COUNT = {"max_pool_3x3": 0, "avg_pool_3x3": 0, "skip_connect": 0, "sep_conv_3x3": 4, "sep_conv_5x5": 4,
               "dil_conv_3x3": 2, "dil_conv_5x5": 2}
@@ -29,22 +32,57 @@ def test_ops_shapes_conv_counts_and_shared_gamma(name, stride):
         assert names["gamma_a"] is op.gamma_a and "0.act_quant.logits" not in "".join(names)
 
 
-@pytest.mark.parametrize("name", sorted(RELU_FIRST))
+def _unfold_relus(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` in which every conv that folds a ReLU into its input quantizer
+    (QuantConv2d with grid "relu", ReLUConv2d) is an explicit nn.ReLU followed by the same conv on
+    the unsigned grid (a plain nn.Conv2d), with the same parameters."""
+    module = copy.deepcopy(module)
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, QuantConv2d) and child.act_quant.grid == "relu":
+                child.act_quant.grid, child.act_quant.grid_code = "unsigned", GRIDS["unsigned"]
+                setattr(parent, name, torch.nn.Sequential(torch.nn.ReLU(), child))
+            elif isinstance(child, ReLUConv2d):
+                conv = torch.nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                                       child.padding, child.dilation, child.groups, bias=False)
+                conv.weight = child.weight
+                setattr(parent, name, torch.nn.Sequential(torch.nn.ReLU(), conv))
+    return module
+
+
+@pytest.mark.parametrize("name", ["sep_conv_3x3", "dil_conv_5x5", "skip_connect", "relu_conv_bn"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_op_without_its_leading_relu_on_the_relu_of_its_input_is_the_op(name, stride):
-    """What the supernet's edges do: one ReLU of the edge input for the four ops that begin with one."""
-    whole = build_op(name, 4, stride, ConvMaker(bits=(2, 4)), affine=False)
-    bare = build_op(name, 4, stride, ConvMaker(bits=(2, 4)), affine=False, leading_relu=False)
-    assert len(bare) == len(whole) - 1 and isinstance(whole[0], torch.nn.ReLU)
-    bare.load_state_dict(dict(zip(bare.state_dict(), whole.state_dict().values())))  # same order, keys shifted
+@pytest.mark.parametrize("mode", ["search", "fixed", "fp32", "official"])
+def test_folded_relu_is_relu_then_conv(name, stride, mode):
+    """Every ReLU of the DARTS ops is folded into the conv after it: the same output and the same
+    gradients (input and parameters) as the explicit ReLU followed by the conv."""
+    if name == "skip_connect" and stride == 1:
+        pytest.skip("a stride-1 skip connection is the identity")
+    maker = {"search": lambda: ConvMaker(bits=(2, 4)), "official": lambda: ConvMaker(bits=(2, 8), act_grid="official"),
+             "fixed": lambda: ConvMaker(pairs=[(4, 2), (8, 4), (2, 2), (4, 8)][: 4 if "sep" in name else
+                                                                                 1 if name == "relu_conv_bn" else 2]),
+             "fp32": lambda: ConvMaker(fp32=True)}[mode]()
+    if name == "relu_conv_bn":
+        op = ReLUConvBN(4, 6, 3, stride, 1, maker, affine=False)
+    else:
+        op = build_op(name, 4, stride, maker, affine=False)
+    explicit = _unfold_relus(op)
+    assert sum(isinstance(m, torch.nn.ReLU) for m in explicit.modules()) > 0
     x = torch.randn(2, 4, 7, 7, requires_grad=True)
-    g = torch.randn(2, 4, 4 if stride == 2 else 7, 4 if stride == 2 else 7)
-    y_whole, y_bare = whole(x), bare(torch.relu(x))
-    assert torch.equal(y_whole, y_bare)
-    assert torch.equal(torch.autograd.grad(y_whole, x, g)[0], torch.autograd.grad(y_bare, x, g)[0])
+    y, y_explicit = op(x), explicit(x)
+    assert torch.equal(y, y_explicit)
+    g = torch.randn_like(y)
+    params = [p for p in op.parameters() if p.requires_grad]
+    got = torch.autograd.grad(y, [x, *params], g, allow_unused=True)
+    want = torch.autograd.grad(y_explicit, [x, *explicit.parameters()], g, allow_unused=True)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert (a is None and b is None) or torch.equal(a, b)
 
 
-def test_an_edge_makes_one_relu_of_its_input_for_its_ops():
+def test_an_edge_keeps_no_relu_output():
+    """The ReLUs of an edge's ops are folded into their convs: no ReLU node (and no ReLU output
+    kept for backward) in the edge's graph."""
     cfg = SupernetConfig(input_shape=(1, 8, 8), num_classes=10, channels=8, layers=1, bits=(2, 4), partial_channels=1)
     y = MixedOp(8, 1, cfg)(torch.randn(2, 8, 6, 6, requires_grad=True), torch.softmax(torch.randn(len(PRIMITIVES)), 0))
     nodes, todo = [], [y.grad_fn]
@@ -53,16 +91,16 @@ def test_an_edge_makes_one_relu_of_its_input_for_its_ops():
         if node is not None and node not in nodes:
             nodes.append(node)
             todo += [n for n, _ in node.next_functions]
-    # the edge's own ReLU, and the second ReLU inside each of the two separable convs
-    assert sum(type(n).__name__ == "ReluBackward0" for n in nodes) == 3
+    assert not any(type(n).__name__ == "ReluBackward0" for n in nodes)
+    assert sum(type(n).__name__ == "_QuantizedInputConv2dBackward" for n in nodes) == 12
 
 
 def test_activation_grid_follows_the_input_or_the_official_clamp():
     follow = quant_convs(build_op("sep_conv_3x3", 4, 1, ConvMaker(bits=(2, 4))))
-    # relu -> depthwise (unsigned), depthwise -> pointwise (signed), twice
-    assert [c.act_quant.grid for c in follow] == ["unsigned", "signed", "unsigned", "signed"]
+    # relu -> depthwise (the relu folded in: relu grid), depthwise -> pointwise (signed), twice
+    assert [c.act_quant.grid for c in follow] == ["relu", "signed", "relu", "signed"]
     official = quant_convs(build_op("sep_conv_3x3", 4, 1, ConvMaker(bits=(2, 4), act_grid="official")))
-    assert [c.act_quant.grid for c in official] == ["unsigned"] * 4
+    assert [c.act_quant.grid for c in official] == ["relu", "unsigned", "relu", "unsigned"]
 
 
 def test_gamma_per_conv_and_fixed_pairs():

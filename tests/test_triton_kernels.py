@@ -368,11 +368,11 @@ def _compile_for_sm90() -> dict:
         x = torch.empty(shape, dtype=dtype)
         lay = mfq.layout_for(x, axis)
         bits = (2, 4, 8)
-        qmin, qmax, zero_point = mfq._grid_ranges(bits, GRIDS["midrise"])
+        qmin, qmax, zero_point, relu = mfq._grid_ranges(bits, GRIDS["midrise"])
         probs = torch.empty(3)
         scales = torch.empty(3) if axis < 0 else torch.empty(3, shape[axis])
         part_p, part_s = torch.empty(lay.programs, 3), torch.empty(3, lay.col_blocks, lay.rows)
-        common = dict(K=3, CHANNEL_ON_ROWS=lay.channel_on_rows, BLOCK_R=lay.block_rows, BLOCK_J=lay.block_cols,
+        common = dict(K=3, CHANNEL_ON_ROWS=lay.channel_on_rows, RELU=relu, BLOCK_R=lay.block_rows, BLOCK_J=lay.block_cols,
                       num_warps=lay.num_warps, grid=(1,), **LAUNCH_OPTIONS)
         out[name + "_forward"] = features(mfq._mixed_fake_quant_forward_kernel.warmup(
             x, x, probs, scales, qmin, qmax, zero_point, lay.rows, lay.cols, lay.channels, lay.inner,

@@ -189,6 +189,7 @@ struct Tile {
 struct QuantJob {
   TilePlan plan;
   int k;
+  bool relu;                // the relu grid (quant_math.h): quantize relu(x), in = 0 where x <= 0
   GridRange grid[kMaxBits];
   float probs[kMaxBits];
   const float* scales;      // [K, C]
@@ -215,14 +216,21 @@ void fill_table(const QuantJob& job, const Tile& tile, const float* per_channel,
   }
 }
 
-// Calls f(std::integral_constant<int, K>) for the job's K.
+// Calls f(std::integral_constant<int, K>, std::bool_constant<relu>) for the job's K and grid.
 template <typename F>
-void dispatch_k(int k, F&& f) {
-  switch (k) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, 4>{}); break;
+void dispatch_k_relu(const QuantJob& job, F&& f) {
+  const auto with_k = [&](auto relu) {
+    switch (job.k) {
+      case 1: f(std::integral_constant<int, 1>{}, relu); break;
+      case 2: f(std::integral_constant<int, 2>{}, relu); break;
+      case 3: f(std::integral_constant<int, 3>{}, relu); break;
+      default: f(std::integral_constant<int, 4>{}, relu); break;
+    }
+  };
+  if (job.relu) {
+    with_k(std::true_type{});
+  } else {
+    with_k(std::false_type{});
   }
 }
 
@@ -236,6 +244,7 @@ QuantJob make_job(const ChannelLayout& layout, const at::Tensor& probs, const at
   QuantJob job{};
   if (layout.outer * layout.channels * layout.inner > 0) job.plan = make_plan(layout);  // else no tiles
   job.k = static_cast<int>(bits.size());
+  job.relu = grid == kGridRelu;
   const float* p = probs.data_ptr<float>();
   const float* s = scales.data_ptr<float>();
   const int64_t channels = layout.channels;

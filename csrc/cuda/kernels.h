@@ -31,7 +31,7 @@ constexpr int kMaxOpSumInputs = 32;
 struct MixedQuantizer {
   int num_bits;            // K, 1..kMaxBits
   int bits[kMaxBits];      // each in [1, 16]
-  int grid;                // kGridSigned / kGridUnsigned / kGridMidrise
+  int grid;                // kGridSigned / kGridUnsigned / kGridMidrise / kGridRelu
   const float* probs;      // [K]
   const float* scales;     // [K] (per tensor) or [K, C] (per channel)
 };

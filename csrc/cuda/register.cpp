@@ -69,8 +69,8 @@ MixedFakeQuantArgs check_mixed_fake_quant(const at::Tensor& x, const at::Tensor&
   check_float32_param(scales, x, "scales");
   const int64_t k = static_cast<int64_t>(bits.size());
   TORCH_CHECK(k >= 1 && k <= kMaxBits, "bits must hold 1..", kMaxBits, " bit-widths, got ", k);
-  TORCH_CHECK(grid == kGridSigned || grid == kGridUnsigned || grid == kGridMidrise,
-              "grid must be 0 (signed), 1 (unsigned) or 2 (midrise), got ", grid);
+  TORCH_CHECK(grid >= 0 && grid < kNumGrids, "grid must be 0 (signed), 1 (unsigned), 2 (midrise) or 3 (relu), got ",
+              grid);
   args.quantizer.num_bits = static_cast<int>(k);
   args.quantizer.grid = static_cast<int>(grid);
   for (int64_t i = 0; i < k; ++i) {

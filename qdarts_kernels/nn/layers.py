@@ -42,7 +42,11 @@ class _QuantizedLayer:
     weight_override: Optional[Tensor] = None
 
     def _init_quantizers(self, out_channels: int, weight_bits, act_bits, quantizer: str, act_signed: bool,
-                         act_logits, weight_logits, backend, device) -> None:
+                         fuse_relu: bool, act_logits, weight_logits, backend, device) -> None:
+        if fuse_relu and act_signed:
+            raise ValueError("fuse_relu quantizes relu(x) on the unsigned grid; it excludes act_signed=True")
+        if fuse_relu and act_bits is None:
+            raise ValueError("fuse_relu folds the ReLU into the activation quantizer; it needs act_bits")
         fk = {"device": device}
         lsq = quantizer == "lsq"
         # LSQ weights per output channel (what PyTorch's QAT does for weights); paper weights
@@ -51,7 +55,8 @@ class _QuantizedLayer:
             weight_bits, quantizer=quantizer, role="weight", per_channel_axis=0 if lsq else None,
             num_channels=out_channels if lsq else None, logits=weight_logits, backend=backend, factory_kwargs=fk)
         self.act_quant = None if act_bits is None else MixedPrecisionFakeQuantize(
-            act_bits, quantizer=quantizer, role="act", grid="signed" if act_signed else "unsigned",
+            act_bits, quantizer=quantizer, role="act",
+            grid="relu" if fuse_relu else ("signed" if act_signed else "unsigned"),
             logits=act_logits, backend=backend, factory_kwargs=fk)
         if act_bits is None and act_logits is not None:
             raise ValueError("act_logits were given but act_bits is None (activations not quantized)")
@@ -159,6 +164,10 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
         quantizer: "paper" (HWGQ activations, Gaussian mid-rise weights, the official code) or
             "lsq" (learnable scales; weights per output channel); see ``quantizers``.
         act_signed: use the signed activation grid (for inputs that can be negative).
+        fuse_relu: compute ``conv(act_quant(relu(x)), ...)``: a ReLU before the layer folded into
+            the activation quantizer (grid "relu"): the values and gradients of ``nn.ReLU``
+            followed by the layer, without the ReLU's output (the layer keeps x for backward,
+            which the network usually holds anyway).
         act_logits, weight_logits: shared ``nn.Parameter`` logits (see MixedPrecisionFakeQuantize).
         backend: ops backend, None for the automatic choice.
 
@@ -169,13 +178,13 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 weight_bits=8, act_bits=8, quantizer: str = "paper", act_signed: bool = False,
+                 weight_bits=8, act_bits=8, quantizer: str = "paper", act_signed: bool = False, fuse_relu: bool = False,
                  act_logits: Optional[nn.Parameter] = None, weight_logits: Optional[nn.Parameter] = None,
                  backend: Optional[str] = None) -> None:
         self._check_quantizer(quantizer)
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                            padding_mode, device, dtype)
-        self._init_quantizers(out_channels, weight_bits, act_bits, quantizer, act_signed, act_logits,
+        self._init_quantizers(out_channels, weight_bits, act_bits, quantizer, act_signed, fuse_relu, act_logits,
                               weight_logits, backend, device)
         kh, kw = self.kernel_size
         self._macs_per_output_pixel = out_channels * (in_channels // groups) * kh * kw
@@ -222,12 +231,12 @@ class QuantLinear(_QuantizedLayer, nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 weight_bits=8, act_bits=8, quantizer: str = "paper", act_signed: bool = False,
+                 weight_bits=8, act_bits=8, quantizer: str = "paper", act_signed: bool = False, fuse_relu: bool = False,
                  act_logits: Optional[nn.Parameter] = None, weight_logits: Optional[nn.Parameter] = None,
                  backend: Optional[str] = None) -> None:
         self._check_quantizer(quantizer)
         nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
-        self._init_quantizers(out_features, weight_bits, act_bits, quantizer, act_signed, act_logits,
+        self._init_quantizers(out_features, weight_bits, act_bits, quantizer, act_signed, fuse_relu, act_logits,
                               weight_logits, backend, device)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -110,8 +110,12 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
 
     Args:
         bits: one int or a tuple of 1..4 bit-widths in [1, 16].
-        grid: "signed" | "unsigned" | "midrise"; None picks the role's grid: activations
-            "unsigned"; weights "signed" (lsq) or "midrise" (paper, which requires it).
+        grid: "signed" | "unsigned" | "midrise" | "relu"; None picks the role's grid: activations
+            "unsigned"; weights "signed" (lsq) or "midrise" (paper, which requires it). "relu"
+            (activations only) quantizes relu(x) on the unsigned grid: a ReLU before the
+            quantizer folded into it (the same values and gradients, without the ReLU's output
+            tensor); the scales are observed on relu(x), and with fake quantization disabled the
+            forward is relu(x).
         quantizer: "lsq" (learnable scales) or "paper" (fixed HWGQ / Gaussian steps), see the
             module docstring.
         role: "act" or "weight"; chooses the paper quantizer and the default grid.
@@ -154,6 +158,9 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         code = grid_code(grid)
         if quantizer == "paper" and role == "weight" and grid != "midrise":
             raise ValueError(f"the paper weight quantizer uses the midrise grid, got grid={grid!r}")
+        if role == "weight" and grid == "relu":
+            raise ValueError("grid='relu' folds a ReLU of the input into an activation quantizer; "
+                             "it is not a weight grid")
         if quantizer == "paper" and role == "act" and grid == "midrise":
             raise ValueError("the paper activation quantizer uses the unsigned or signed grid, got grid='midrise'")
         if per_channel_axis is not None and (isinstance(per_channel_axis, bool)
@@ -204,7 +211,7 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
                 self.scales = nn.Parameter(torch.ones(k, num_channels, device=device, dtype=pdtype))
             self.register_buffer("initialized", torch.zeros(1, dtype=torch.uint8, device=device))
         else:
-            table = HWGQ_STEPS if (role == "act" and grid == "unsigned") else GAUSSIAN_STEPS
+            table = HWGQ_STEPS if (role == "act" and grid in ("unsigned", "relu")) else GAUSSIAN_STEPS
             steps = [_table_step(table, b) if b < PAPER_MAX_BITS else 1.0 for b in self.bits]
             self.register_buffer("_steps", torch.tensor(steps, device=device, dtype=torch.float32), persistent=False)
             self.register_buffer("_by_max", torch.tensor([b >= PAPER_MAX_BITS for b in self.bits], device=device),
@@ -275,7 +282,7 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
     @torch.no_grad()
     def _init_lsq_scales(self, x: Tensor, axis: Optional[int]) -> None:
         """LSQ rule ``s_k = 2 mean|x| / sqrt(Qp_k)``, per tensor or per channel; on the device."""
-        xa = x.detach().abs().float()
+        xa = self._magnitudes(x.detach()).float()
         if axis is None:
             mean_abs = xa.mean().reshape(1)
             init = self._init_factor * mean_abs
@@ -290,6 +297,10 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         self.scales.copy_(init.clamp_min(MIN_SCALE))
         self.initialized.fill_(1)
         self._needs_init = False
+
+    def _magnitudes(self, x: Tensor) -> Tensor:
+        """What the scales are observed on: |x|, or relu(x) on the relu grid (the quantizer's input)."""
+        return torch.relu(x) if self.grid == "relu" else x.abs()
 
     def _lsq_scales(self, x: Tensor, axis: Optional[int]) -> Tensor:
         if self._needs_init and self._observer_on:
@@ -309,7 +320,7 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         if self.role == "act":
             if not self._any_by_max:
                 return self._steps
-            by_max = (xd.abs().amax().float() / self._top).clamp_min(MIN_SCALE)
+            by_max = (self._magnitudes(xd).amax().float() / self._top).clamp_min(MIN_SCALE)
             return torch.where(self._by_max, by_max, self._steps)
         std = xd.float().std()
         if axis is None:
@@ -326,7 +337,7 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._fake_quant_on:
-            return x
+            return torch.relu(x) if self.grid == "relu" else x  # the folded ReLU stays
         probs, scales, axis = self._op_inputs(x)
         if self.quantizer == "lsq" or self.role == "act":
             return ops.mixed_fake_quant(x, probs, scales, self.bits, grid=self.grid, axis=axis, backend=self.backend)

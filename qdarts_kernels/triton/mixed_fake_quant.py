@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._validation import grid_params
+from .._validation import RELU_GRID, grid_params
 from ._common import LAUNCH_OPTIONS, cast_out, device_guard, next_pow2, round_half_even, tile_size
 
 #: Most rows a channel-on-columns tile takes: its column sums are the partials, so taller tiles
@@ -158,23 +158,29 @@ def _scale_and_inverse(S, k, row, col, cols, channels, inner, CHANNEL_ON_ROWS: t
 
 
 @triton.jit
-def _quantize(x, inv_s, qmin, qmax, zero_point):
-    """The quantizer on an fp32 tile: returns (x * inv_s, q - z, in)."""
-    x_inv_s = x * inv_s
+def _quantize(x, inv_s, qmin, qmax, zero_point, RELU: tl.constexpr):
+    """The quantizer on an fp32 tile: returns (x * inv_s, q - z, in). RELU (the relu grid):
+    quantize relu(x) (as torch.relu: -0.0 and NaN stay) and take in = 0 where x <= 0."""
+    if RELU:
+        x_inv_s = tl.where(x < 0.0, 0.0, x) * inv_s
+    else:
+        x_inv_s = x * inv_s
     r = round_half_even(x_inv_s + zero_point)
     q = tl.where(r < qmin, qmin, r)
     q = tl.where(q > qmax, qmax, q)
     # qmin <= r <= qmax exactly when the clamp left r unchanged (false for a NaN r, as it must be)
     inside = q == r
+    if RELU:
+        inside = inside & (x > 0.0)
     return x_inv_s, q - zero_point, inside
 
 
 @triton.jit
 def _weighted_level(x, P, S, k, qmin, qmax, zero_point, row, col, cols, channels, inner,
-                    CHANNEL_ON_ROWS: tl.constexpr):
+                    CHANNEL_ON_ROWS: tl.constexpr, RELU: tl.constexpr):
     """p_k * Q_k(x) = p_k * ((q_k - z) * s_k), rounded in this order as the reference does."""
     _, s, inv_s = _scale_and_inverse(S, k, row, col, cols, channels, inner, CHANNEL_ON_ROWS)
-    _, q_minus_z, _ = _quantize(x, inv_s, qmin, qmax, zero_point)
+    _, q_minus_z, _ = _quantize(x, inv_s, qmin, qmax, zero_point, RELU)
     return tl.load(P + k) * (q_minus_z * s)
 
 
@@ -187,26 +193,29 @@ def _weighted_level(x, P, S, k, qmin, qmax, zero_point, row, col, cols, channels
 def _mixed_fake_quant_forward_kernel(
     X, Y, P, S, QMIN, QMAX, zero_point,
     rows, cols, channels, inner, col_blocks,
-    K: tl.constexpr, CHANNEL_ON_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+    K: tl.constexpr, CHANNEL_ON_ROWS: tl.constexpr, RELU: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_J: tl.constexpr,
 ):
     """y = sum_k p_k Q_k(x) on one tile: one read of x, one write of y.
 
-    QMIN, QMAX: tuples of K floats (the grid range of each bit-width); zero_point: z of the grid.
+    QMIN, QMAX: tuples of K floats (the grid range of each bit-width); zero_point: z of the grid;
+    RELU: the relu grid (see _quantize).
     """
     _, _, row, col, offsets, mask = _tile(tl.program_id(0), rows, cols, col_blocks, BLOCK_R, BLOCK_J)
     x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
     y = _weighted_level(x, P, S, 0, QMIN[0], QMAX[0], zero_point, row, col, cols, channels, inner,
-                        CHANNEL_ON_ROWS)
+                        CHANNEL_ON_ROWS, RELU)
     for k in tl.static_range(1, K):
         y = y + _weighted_level(x, P, S, k, QMIN[k], QMAX[k], zero_point, row, col, cols, channels,
-                                inner, CHANNEL_ON_ROWS)
+                                inner, CHANNEL_ON_ROWS, RELU)
     tl.store(Y + offsets, cast_out(y, Y.dtype.element_ty), mask=mask)
 
 
 @functools.lru_cache(maxsize=None)
-def _grid_ranges(bits: Sequence[int], grid: int) -> Tuple[Tuple[float, ...], Tuple[float, ...], float]:
+def _grid_ranges(bits: Sequence[int], grid: int) -> Tuple[Tuple[float, ...], Tuple[float, ...], float, bool]:
+    """(QMIN, QMAX, zero_point, RELU) of the kernels."""
     params = [grid_params(grid, b) for b in bits]
-    return tuple(p.qmin for p in params), tuple(p.qmax for p in params), params[0].zero_point
+    return tuple(p.qmin for p in params), tuple(p.qmax for p in params), params[0].zero_point, grid == RELU_GRID
 
 
 def mixed_fake_quant_forward(
@@ -218,12 +227,12 @@ def mixed_fake_quant_forward(
     if x.numel() == 0:
         return y
     lay = layout_for(x, axis)
-    qmin, qmax, zero_point = _grid_ranges(bits, grid)
+    qmin, qmax, zero_point, relu = _grid_ranges(bits, grid)
     with device_guard(x):
         _mixed_fake_quant_forward_kernel[(lay.programs,)](
             x, y, probs, scales, qmin, qmax, zero_point,
             lay.rows, lay.cols, lay.channels, lay.inner, lay.col_blocks,
-            K=len(bits), CHANNEL_ON_ROWS=lay.channel_on_rows, BLOCK_R=lay.block_rows,
+            K=len(bits), CHANNEL_ON_ROWS=lay.channel_on_rows, RELU=relu, BLOCK_R=lay.block_rows,
             BLOCK_J=lay.block_cols, num_warps=lay.num_warps, **LAUNCH_OPTIONS,
         )
     return y
@@ -238,7 +247,7 @@ def mixed_fake_quant_forward(
 def _mixed_fake_quant_backward_kernel(
     G, X, DX, P, S, PART_P, PART_S, QMIN, QMAX, zero_point,
     rows, cols, channels, inner, col_blocks, row_blocks,
-    K: tl.constexpr, CHANNEL_ON_ROWS: tl.constexpr,
+    K: tl.constexpr, CHANNEL_ON_ROWS: tl.constexpr, RELU: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DP: tl.constexpr, NEED_DS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
@@ -257,7 +266,7 @@ def _mixed_fake_quant_backward_kernel(
     dx_weight = tl.zeros((BLOCK_R, BLOCK_J), tl.float32)
     for k in tl.static_range(K):
         s_vec, _, inv_s = _scale_and_inverse(S, k, row, col, cols, channels, inner, CHANNEL_ON_ROWS)
-        x_inv_s, q_minus_z, inside = _quantize(x, inv_s, QMIN[k], QMAX[k], zero_point)
+        x_inv_s, q_minus_z, inside = _quantize(x, inv_s, QMIN[k], QMAX[k], zero_point, RELU)
         p = tl.load(P + k)
         if NEED_DX:
             # a product, not a select: a NaN/inf p_k must reach dx even where in_k = 0 (0 * inf = NaN)
@@ -303,7 +312,7 @@ def mixed_fake_quant_backward(
             torch.zeros_like(scales) if need_dscales else None,
         )
     lay = layout_for(x, axis)
-    qmin, qmax, zero_point = _grid_ranges(bits, grid)
+    qmin, qmax, zero_point, relu = _grid_ranges(bits, grid)
     f32 = dict(dtype=torch.float32, device=x.device)
     dx = torch.empty_like(x) if need_dx else None
     part_p = torch.empty((lay.programs, k), **f32) if need_dprobs else None
@@ -320,7 +329,7 @@ def mixed_fake_quant_backward(
             x if part_p is None else part_p, x if part_s is None else part_s,
             qmin, qmax, zero_point,
             lay.rows, lay.cols, lay.channels, lay.inner, lay.col_blocks, lay.row_blocks,
-            K=k, CHANNEL_ON_ROWS=lay.channel_on_rows,
+            K=k, CHANNEL_ON_ROWS=lay.channel_on_rows, RELU=relu,
             NEED_DX=need_dx, NEED_DP=need_dprobs, NEED_DS=need_dscales,
             BLOCK_R=lay.block_rows, BLOCK_J=lay.block_cols, num_warps=lay.num_warps, **LAUNCH_OPTIONS,
         )

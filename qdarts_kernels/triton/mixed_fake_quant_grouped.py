@@ -184,7 +184,7 @@ def _data_pointer(info, column, DTYPE: tl.constexpr):
 @triton.jit
 def _grouped_forward_kernel(
     META, P, QMIN, QMAX, zero_point, n,
-    K: tl.constexpr, DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, STEPS: tl.constexpr,
+    K: tl.constexpr, DTYPE: tl.constexpr, RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, STEPS: tl.constexpr,
 ):
     """y_i = sum_k p_ik Q_k(x_i) on one tile of one tensor, in the single op's order."""
     _, i, info, _, row, offsets, mask = _tensor_tile(META, n, BLOCK_R, BLOCK_J, STEPS)
@@ -192,7 +192,7 @@ def _grouped_forward_kernel(
     y = tl.zeros((BLOCK_R, BLOCK_J), tl.float32)
     for k in tl.static_range(K):
         s, inv_s = _row_scale(info, k, row)
-        _, q_minus_z, _ = _quantize(x, inv_s[:, None], QMIN[k], QMAX[k], zero_point)
+        _, q_minus_z, _ = _quantize(x, inv_s[:, None], QMIN[k], QMAX[k], zero_point, RELU)
         term = tl.load(P + i * K + k) * (q_minus_z * s[:, None])
         if k == 0:
             y = term
@@ -204,7 +204,7 @@ def _grouped_forward_kernel(
 @triton.jit
 def _grouped_backward_kernel(
     META, P, PART_P, PART_S, QMIN, QMAX, zero_point, n,
-    K: tl.constexpr, DTYPE: tl.constexpr, NEED_DX: tl.constexpr, NEED_DP: tl.constexpr, NEED_DS: tl.constexpr,
+    K: tl.constexpr, DTYPE: tl.constexpr, RELU: tl.constexpr, NEED_DX: tl.constexpr, NEED_DP: tl.constexpr, NEED_DS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, STEPS: tl.constexpr,
 ):
     """dx_i on one tile and the tile's partial sums of dp and ds (see the module docstring)."""
@@ -219,7 +219,7 @@ def _grouped_backward_kernel(
                 + ((row % channels) * tl.load(info + _OUTER) + row // channels) * tl.load(info + _COL_BLOCKS) + pid_j)
     for k in tl.static_range(K):
         s, inv_s = _row_scale(info, k, row)
-        x_inv_s, q_minus_z, inside = _quantize(x, inv_s[:, None], QMIN[k], QMAX[k], zero_point)
+        x_inv_s, q_minus_z, inside = _quantize(x, inv_s[:, None], QMIN[k], QMAX[k], zero_point, RELU)
         p = tl.load(P + i * K + k)
         if NEED_DX:
             # a product, not a select: a NaN/inf p_k must reach dx even where in_k = 0 (0 * inf = NaN)
@@ -294,11 +294,11 @@ def mixed_fake_quant_grouped_forward(
     x0 = xs[0]
     meta = _meta_tensor(plan, [(x.data_ptr(), y.data_ptr(), 0, s.data_ptr()) for x, y, s in zip(xs, ys, scales)],
                         len(bits), x0.device)
-    qmin, qmax, zero_point = _grid_ranges(tuple(bits), grid)
+    qmin, qmax, zero_point, relu = _grid_ranges(tuple(bits), grid)
     with device_guard(x0):
         _grouped_forward_kernel[(plan.programs,)](
             meta, probs, qmin, qmax, zero_point, len(xs),
-            K=len(bits), DTYPE=_TL_DTYPES[x0.dtype], BLOCK_R=plan.block_rows, BLOCK_J=plan.block_cols,
+            K=len(bits), DTYPE=_TL_DTYPES[x0.dtype], RELU=relu, BLOCK_R=plan.block_rows, BLOCK_J=plan.block_cols,
             STEPS=plan.search_steps, num_warps=plan.num_warps, **LAUNCH_OPTIONS,
         )
     return ys
@@ -329,11 +329,11 @@ def mixed_fake_quant_grouped_backward(
     p_rows = plan.programs if need_dprobs else 0
     partials = torch.empty((p_rows + (plan.part_s_rows if need_dscales else 0), k), **f32)
     part_p, part_s = partials[:p_rows], partials[p_rows:]
-    qmin, qmax, zero_point = _grid_ranges(tuple(bits), grid)
+    qmin, qmax, zero_point, relu = _grid_ranges(tuple(bits), grid)
     with device_guard(x0):
         _grouped_backward_kernel[(plan.programs,)](
             meta, probs, part_p, part_s, qmin, qmax, zero_point, n,
-            K=k, DTYPE=_TL_DTYPES[x0.dtype], NEED_DX=need_dx, NEED_DP=need_dprobs, NEED_DS=need_dscales,
+            K=k, DTYPE=_TL_DTYPES[x0.dtype], RELU=relu, NEED_DX=need_dx, NEED_DP=need_dprobs, NEED_DS=need_dscales,
             BLOCK_R=plan.block_rows, BLOCK_J=plan.block_cols, STEPS=plan.search_steps,
             num_warps=plan.num_warps, **LAUNCH_OPTIONS,
         )

@@ -53,10 +53,12 @@ void check_case(const ChannelView& view, int grid, const int (&bits)[K], std::mt
     x[e] = from_float<T>(2.0f * normal(rng));
     g[e] = from_float<T>(normal(rng));
   }
-  if (n > 3) {  // special values
+  if (n > 5) {  // special values
     x[1] = from_float<T>(INFINITY);
     x[2] = from_float<T>(-INFINITY);
     x[3] = from_float<T>(NAN);
+    x[4] = from_float<T>(-0.0f);
+    x[5] = from_float<T>(-0.01f);
   }
   std::vector<float> probs(K), scales(K * channels);
   for (float& p : probs) p = 0.1f + uniform(rng);
@@ -158,12 +160,43 @@ void check_dtype(std::mt19937& rng) {
   check_flags<T, 3, kVec, true>(ChannelView{3, 4, 16, true}, kGridUnsigned, bits3, rng);
   check_flags<T, 1, kVec, true>(ChannelView{1, 7, 2304, true}, kGridSigned, bits1, rng);
   check_flags<T, 4, 1, true>(ChannelView{2, 3, 1001, true}, kGridMidrise, bits4, rng);
+  check_flags<T, 3, kVec, false>(ChannelView{1, 1, 4103, false}, kGridRelu, bits3, rng);
+  check_flags<T, 4, 1, true>(ChannelView{3, 5, 77, true}, kGridRelu, bits4, rng);
+}
+
+bool same_bits(float a, float b) { return same_value(a, b) && std::signbit(a) == std::signbit(b); }
+
+// quantize() on the relu grid is the unsigned grid applied to relu(x) (torch.relu: -0.0 and NaN
+// stay), with in = 0 where x <= 0; the values an elementwise kernel could get wrong at the floor.
+void check_relu_grid() {
+  const float inputs[] = {-0.0f, 0.0f, -1e-45f, 1e-45f, -0.1f, -0.125f, 0.125f, 0.375f, 7.9f,
+                          100.0f, -100.0f, INFINITY, -INFINITY, NAN};
+  for (int bits : {1, 2, 4, 8, 16}) {
+    const GridRange relu = grid_range(kGridRelu, bits);
+    const GridRange unsigned_grid = grid_range(kGridUnsigned, bits);
+    for (float inv_s : {4.0f, 1.0f, 0.25f}) {
+      for (float x : inputs) {
+        ++checks;
+        const float relu_x = x < 0.0f ? 0.0f : x;
+        const QuantResult got = quantize(x, inv_s, relu);
+        const QuantResult want = quantize(relu_x, inv_s, unsigned_grid);
+        const float want_in = x > 0.0f ? want.in_range : 0.0f;
+        if (!same_bits(got.q_minus_z, want.q_minus_z) || got.in_range != want_in) {
+          if (++failures <= 20) {
+            std::printf("FAIL relu grid bits=%d inv_s=%g x=%g: got (%g, %g) want (%g, %g)\n", bits, inv_s, x,
+                        got.q_minus_z, got.in_range, want.q_minus_z, want_in);
+          }
+        }
+      }
+    }
+  }
 }
 
 }  // namespace
 
 int main() {
   std::mt19937 rng(1234);
+  check_relu_grid();
   check_dtype<float>(rng);
   check_dtype<__half>(rng);
   check_dtype<__nv_bfloat16>(rng);

@@ -119,18 +119,34 @@ def test_report_lists_failures():
     assert "boom" in report.markdown_report(results)
 
 
+TINY_SUPERNET = endtoend.E2EConfig("tiny", (1, 8, 8), 8, 4, 1, 2)
+
+
 @pytest.mark.parametrize("ops", ["fused", "reference", "eager"])
 def test_end_to_end_times_the_searchers_own_step(ops, monkeypatch):
     calls = []
     real_step = endtoend.Searcher.step
     monkeypatch.setattr(endtoend.Searcher, "step", lambda self, *a, **k: calls.append(k) or real_step(self, *a, **k))
-    tiny = endtoend.E2EConfig("tiny", (1, 8, 8), 8, 4, 1, 2)
-    r = endtoend._measure_variant(tiny, ops, "cpu", quick=True, compiled=False)
+    (r,) = endtoend._measure_config(TINY_SUPERNET, [ops], "cpu", quick=True, compiled=False, log=lambda _: None)
     assert r["samples"] >= 2 and r["median_ms"] > 0 and r["saved_mb"] > 0 and r["peak_mb"] is None
     assert len(calls) == 1 + r["samples"] and all(k == {"update_arch": True} for k in calls)
     # the arch half keeps the candidate outputs for the gradient of alpha; the weight half has no use for them
     assert r["saved_mb_arch"] > r["saved_mb_weight"] > 0
     assert r["saved_mb"] == max(r["saved_mb_arch"], r["saved_mb_weight"])
+
+
+def test_end_to_end_variants_take_turns_each_with_its_own_ops(monkeypatch):
+    steps = []
+    real_step = endtoend.Searcher.step
+    monkeypatch.setattr(endtoend.Searcher, "step", lambda self, *a, **k: steps.append(
+        (id(self), qk.ops.eager_reference_active())) or real_step(self, *a, **k))
+    fused, eager = endtoend._measure_config(TINY_SUPERNET, ["fused", "eager"], "cpu", quick=True, compiled=False,
+                                            log=lambda _: None)
+    n = fused["samples"]
+    assert eager["samples"] == n >= 2
+    first, timed = steps[:2], steps[2:]  # each variant's warm-up step, then one timed step of each in turn
+    assert first[0][0] != first[1][0] and [active for _, active in first] == [False, True]
+    assert timed == first * n
 
 
 def test_measure_interleaved_takes_turns_and_isolates_failures():

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -39,7 +39,7 @@ import qdarts_kernels as qk
 from qdarts.data import Dataset
 from qdarts.search import SearchConfig, Searcher
 
-from .timing import kept_bytes, measure, synchronize
+from .timing import kept_bytes, measure_interleaved, synchronize
 
 OPS_KINDS = ("fused", "reference", "eager")
 
@@ -119,14 +119,22 @@ class SearchStep:
         return kept_bytes(run, [*self.searcher.net.parameters(), *self.train_batch, *self.val_batch])
 
 
-def _measure_variant(cfg: E2EConfig, ops: str, device: str, quick: bool, compiled: bool) -> Dict[str, Any]:
+def _prepare_variant(cfg: E2EConfig, ops: str, device: str, compiled: bool) -> Tuple[Dict[str, Any], Callable]:
+    """Build one variant, take its first step (warm-up, and compilation), count what it keeps for
+    backward and (on CUDA) its peak memory; returns that record and ``run(_)``, one timed step."""
     backend = {"fused": None, "reference": "reference", "eager": None}[ops]
-    swap = qk.eager_reference() if ops == "eager" else contextlib.nullcontext(None)
-    with swap as calls:
+
+    def swap():
+        return qk.eager_reference() if ops == "eager" else contextlib.nullcontext(None)
+
+    on_cuda = torch.device(device).type == "cuda"
+    # what the variants prepared before this one hold (they stay alive to be timed in turn)
+    held_by_others = torch.cuda.memory_allocated(device) if on_cuda else 0
+    with swap() as calls:
         step = SearchStep(cfg, device, backend, compile_mode="default" if compiled else None)
         synchronize(device)
         t0 = time.perf_counter()
-        step()  # first step: warm-up (and compilation)
+        step()
         synchronize(device)
         first_s = time.perf_counter() - t0
         # compiled steps trace the reference without counting (qk.eager_reference)
@@ -134,22 +142,59 @@ def _measure_variant(cfg: E2EConfig, ops: str, device: str, quick: bool, compile
             raise RuntimeError(f"the eager-reference swap did not reach the supernet's ops (calls: {dict(calls)})")
         saved = step.saved_bytes()
         peak = None
-        if torch.device(device).type == "cuda":
+        if on_cuda:
             torch.cuda.reset_peak_memory_stats(device)
             step()
             synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device) / 2**20
-        # the first step above was the warm-up; CPU steps are long and steady: few samples
-        few = quick or torch.device(device).type == "cpu"
-        timing = measure(lambda _: step(), lambda: None, device, warmup=0 if few else 1,
-                         min_samples=2 if few else 5, max_samples=20, budget_s=1.0 if few else 10.0)
-    return {
+            peak = (torch.cuda.max_memory_allocated(device) - held_by_others) / 2**20
+
+    def run(_):
+        with swap():
+            step()
+
+    record = {
         "config": cfg.name, "description": cfg.description, "ops": ops, "mode": "compiled" if compiled else "eager",
         "batch": cfg.batch, "input_shape": list(cfg.input_shape), "channels": cfg.channels, "layers": cfg.layers,
-        "median_ms": timing.median * 1e3, "p20_ms": timing.p20 * 1e3, "p80_ms": timing.p80 * 1e3,
-        "samples": len(timing.samples), "first_step_s": first_s, "saved_mb": max(saved.values()) / 2**20,
+        "first_step_s": first_s, "saved_mb": max(saved.values()) / 2**20,
         "saved_mb_arch": saved["arch"] / 2**20, "saved_mb_weight": saved["weight"] / 2**20, "peak_mb": peak,
     }
+    return record, run
+
+
+def _measure_config(cfg: E2EConfig, kinds: Sequence[str], device: str, quick: bool, compiled: bool,
+                    log: Callable[[str], None]) -> List[Dict[str, Any]]:
+    """The records of one configuration's variants, timed one step of each in turn (as the kernel
+    benchmarks are), so that on a machine whose speed drifts their ratio compares steps taken side
+    by side. A variant that fails is reported, and the others still run."""
+    mode = "compiled" if compiled else "eager"
+    records: Dict[str, Dict[str, Any]] = {}
+    runs = {}
+    for ops in kinds:
+        try:
+            records[ops], run = _prepare_variant(cfg, ops, device, compiled)
+            runs[ops] = (lambda: None, run)
+        except Exception as e:
+            records[ops] = {"config": cfg.name, "description": cfg.description, "ops": ops, "mode": mode,
+                            "error": f"{type(e).__name__}: {e}"}
+    # CPU steps take seconds and the first step was the warm-up: a few rounds
+    cpu = torch.device(device).type == "cpu"
+    timings = measure_interleaved(runs, device, warmup=0 if cpu else 1, min_samples=(2 if quick else 3) if cpu else 5,
+                                  max_samples=20, budget_s=1.0 if cpu or quick else 10.0) if runs else {}
+    for ops in kinds:
+        r = records[ops]
+        timing = timings.get(ops)
+        if isinstance(timing, Exception):
+            r = records[ops] = {"config": cfg.name, "description": cfg.description, "ops": ops, "mode": mode,
+                                "error": f"{type(timing).__name__}: {timing}"}
+        elif timing is not None:
+            r.update(median_ms=timing.median * 1e3, p20_ms=timing.p20 * 1e3, p80_ms=timing.p80 * 1e3,
+                     samples=len(timing.samples))
+        if "error" in r:
+            log(f"  {cfg.name:<7} {ops:<9} FAILED: {r['error']}")
+        else:
+            log(f"  {cfg.name:<7} {ops:<9} {mode:<8} {r['median_ms']:9.1f} ms/step  saved {r['saved_mb']:.0f} MB"
+                + (f"  peak {r['peak_mb']:.0f} MB" if r["peak_mb"] else ""))
+    return [records[ops] for ops in kinds]
 
 
 def run(device: str, *, quick: bool, compiled: bool = False,
@@ -171,7 +216,8 @@ def run(device: str, *, quick: bool, compiled: bool = False,
             f"first order: alpha and beta on the val batch, then weights and bit logits on the train batch), its "
             f"defaults otherwise. `fused` = automatic backend ({fused_backend} here); `reference` = backend "
             f"'reference' of the public ops; `eager` = the same step inside `qdarts_kernels.eager_reference()` "
-            f"(every op and QAT module on the reference under plain autograd). "
+            f"(every op and QAT module on the reference under plain autograd). The variants of a configuration "
+            f"are timed one step of each in turn, after one warm-up step each. "
             "'saved MB': kept for backward by the larger half of the step (arch half / weight half in brackets). "
             + ("Peak MB: CUDA peak allocated memory of one step." if device == "cuda"
                else "Peak memory is not measurable on CPU; 'saved MB' stands for it."))
@@ -179,18 +225,9 @@ def run(device: str, *, quick: bool, compiled: bool = False,
     cfgs, kinds = plan(device, quick)
     for cfg in cfgs:
         for mode in ((False, True) if compiled else (False,)):
-            for ops in kinds:
-                try:
-                    r = _measure_variant(cfg, ops, device, quick, mode)
-                    log(f"  {cfg.name:<7} {ops:<9} {r['mode']:<8} {r['median_ms']:9.1f} ms/step  "
-                        f"saved {r['saved_mb']:.0f} MB" + (f"  peak {r['peak_mb']:.0f} MB" if r["peak_mb"] else ""))
-                except Exception as e:  # reported, and the other variants still run
-                    r = {"config": cfg.name, "description": cfg.description, "ops": ops,
-                         "mode": "compiled" if mode else "eager", "error": f"{type(e).__name__}: {e}"}
-                    log(f"  {cfg.name:<7} {ops:<9} FAILED: {r['error']}")
-                records.append(r)
-                if torch.device(device).type == "cuda":
-                    torch.cuda.empty_cache()
+            records += _measure_config(cfg, kinds, device, quick, mode, log)
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
     return records, note
 
 

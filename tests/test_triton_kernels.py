@@ -363,12 +363,12 @@ def _compile_for_sm90() -> dict:
         }
 
     out = {}
-    for name, dtype, shape, axis in [("mfq_f32_tensor", torch.float32, (1 << 22,), -1),
-                                     ("mfq_bf16_channel", torch.bfloat16, (256, 16, 1024), 1)]:
+    for name, dtype, shape, axis, grid in [("mfq_f32_tensor", torch.float32, (1 << 22,), -1, "midrise"),
+                                           ("mfq_bf16_channel", torch.bfloat16, (256, 16, 1024), 1, "relu")]:
         x = torch.empty(shape, dtype=dtype)
         lay = mfq.layout_for(x, axis)
         bits = (2, 4, 8)
-        qmin, qmax, zero_point, relu = mfq._grid_ranges(bits, GRIDS["midrise"])
+        qmin, qmax, zero_point, relu = mfq._grid_ranges(bits, GRIDS[grid])
         probs = torch.empty(3)
         scales = torch.empty(3) if axis < 0 else torch.empty(3, shape[axis])
         part_p, part_s = torch.empty(lay.programs, 3), torch.empty(3, lay.col_blocks, lay.rows)

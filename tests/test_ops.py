@@ -15,18 +15,19 @@ CPU_SIDE_BACKENDS = [b for b in ("reference", "cpu", "triton") if b in qk.availa
                      and (b != "triton" or os.environ.get("TRITON_INTERPRET") == "1")]
 
 
-def _mfq_args(backend, per_channel=False, dtype=torch.float32):
+def _mfq_args(backend, per_channel=False, dtype=torch.float32, grid=0):
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(4, 3, 5, generator=gen) * 2).to(dtype).requires_grad_()
     probs = torch.softmax(torch.randn(3, generator=gen), 0).requires_grad_()
     scales = (torch.rand((3, 3) if per_channel else (3,), generator=gen) * 0.2 + 0.05).requires_grad_()
-    return (x, probs, scales, [2, 4, 8], 0, 1 if per_channel else -1, backend)
+    return (x, probs, scales, [2, 4, 8], grid, 1 if per_channel else -1, backend)
 
 
 @pytest.mark.parametrize("backend", CPU_SIDE_BACKENDS)
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_opcheck_mixed_fake_quant(backend, per_channel):
-    torch.library.opcheck(torch.ops.qdarts.mixed_fake_quant.default, _mfq_args(backend, per_channel))
+@pytest.mark.parametrize("grid", [0, 3], ids=["signed", "relu"])
+def test_opcheck_mixed_fake_quant(backend, per_channel, grid):
+    torch.library.opcheck(torch.ops.qdarts.mixed_fake_quant.default, _mfq_args(backend, per_channel, grid=grid))
 
 
 @pytest.mark.parametrize("backend", CPU_SIDE_BACKENDS)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qdarts_kernels as qk
-from qdarts_kernels.nn import GroupedWeightQuantizer, OutputKeepingBatchNorm2d, precomputed_weights
+from qdarts_kernels.nn import GroupedWeightQuantizer, InputKeepingMaxPool2d, OutputKeepingBatchNorm2d, precomputed_weights
 
 from .genotype import PRIMITIVES, edge_nodes
 from .ops import ConvMaker, FactorizedReduce, ReLUConvBN, build_op, quant_convs
@@ -90,6 +90,8 @@ class MixedOp(nn.Module):
             if "pool" in name:
                 op = nn.Sequential(op, OutputKeepingBatchNorm2d(C // k, affine=False))
             self.ops.append(op)
+        # the bypassed channels of a reduction edge: max-pooled, keeping (the node state) no indices
+        self.bypass_pool = InputKeepingMaxPool2d(2, 2, ceil_mode=True) if stride == 2 else None
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``weights``: softmax(alpha) of this edge over all PRIMITIVES (``none`` first)."""
@@ -99,8 +101,8 @@ class MixedOp(nn.Module):
         if self.k == 1:
             return mixed
         rest = x[:, c:]
-        if self.stride == 2:
-            rest = F.max_pool2d(rest, 2, 2, ceil_mode=True)
+        if self.bypass_pool is not None:
+            rest = self.bypass_pool(rest)
         return channel_shuffle(torch.cat([mixed, rest], dim=1), self.k)
 
 

@@ -80,19 +80,27 @@ def test_folded_relu_is_relu_then_conv(name, stride, mode):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
-def test_an_edge_keeps_no_relu_output():
+@pytest.mark.parametrize("stride,partial", [(1, 1), (2, 2)])
+def test_an_edge_keeps_no_relu_output_and_no_pool_indices(stride, partial):
     """The ReLUs of an edge's ops are folded into their convs: no ReLU node (and no ReLU output
-    kept for backward) in the edge's graph."""
-    cfg = SupernetConfig(input_shape=(1, 8, 8), num_classes=10, channels=8, layers=1, bits=(2, 4), partial_channels=1)
-    y = MixedOp(8, 1, cfg)(torch.randn(2, 8, 6, 6, requires_grad=True), torch.softmax(torch.randn(len(PRIMITIVES)), 0))
+    kept for backward) in the edge's graph; its max pools (the candidate op, and on a reduction
+    edge the pool of the bypassed channels) keep no indices."""
+    cfg = SupernetConfig(input_shape=(1, 8, 8), num_classes=10, channels=8, layers=1, bits=(2, 4),
+                         partial_channels=partial)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    y = MixedOp(8, stride, cfg)(x, torch.softmax(torch.randn(len(PRIMITIVES)), 0))
     nodes, todo = [], [y.grad_fn]
     while todo:
         node = todo.pop()
         if node is not None and node not in nodes:
             nodes.append(node)
             todo += [n for n, _ in node.next_functions]
-    assert not any(type(n).__name__ == "ReluBackward0" for n in nodes)
-    assert sum(type(n).__name__ == "_QuantizedInputConv2dBackward" for n in nodes) == 12
+    names = [type(n).__name__ for n in nodes]
+    assert "ReluBackward0" not in names and "MaxPool2DWithIndicesBackward0" not in names
+    assert names.count("_MaxPool2dKeepingInputBackward") == (2 if partial > 1 and stride == 2 else 1)
+    assert names.count("_QuantizedInputConv2dBackward") == 12 + (2 if stride == 2 else 0)  # + factorized reduce
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
 
 
 def test_activation_grid_follows_the_input_or_the_official_clamp():

@@ -16,7 +16,8 @@ Backward, g the incoming gradient, recomputing everything above from x (nothing 
     dp_k = sum g Q_k                                   = sum_channels s_k,c * sum g (q_k - z)
     ds_k = sum g p_k ((q_k - z) - in_k x / s_k)        = p_k * sum g ((q_k - z) - in_k x inv_s_k)
 
-(ds summed per channel for per-channel scales.) x / s_k is taken as x * inv_s_k, the product the
+(ds summed per channel for per-channel scales.) On the relu grid (RELU) x stands for relu(x) above
+and in_k also needs x > 0 (the ReLU's gradient). x / s_k is taken as x * inv_s_k, the product the
 quantizer already formed; the sums are fp32 and deterministic: each program writes its partial sums
 to a buffer and a fixed-order ``torch.sum`` on the device adds the partials (no atomics, no sync).
 

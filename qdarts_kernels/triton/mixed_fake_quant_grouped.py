@@ -184,7 +184,8 @@ def _data_pointer(info, column, DTYPE: tl.constexpr):
 @triton.jit
 def _grouped_forward_kernel(
     META, P, QMIN, QMAX, zero_point, n,
-    K: tl.constexpr, DTYPE: tl.constexpr, RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, STEPS: tl.constexpr,
+    K: tl.constexpr, DTYPE: tl.constexpr, RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+    STEPS: tl.constexpr,
 ):
     """y_i = sum_k p_ik Q_k(x_i) on one tile of one tensor, in the single op's order."""
     _, i, info, _, row, offsets, mask = _tensor_tile(META, n, BLOCK_R, BLOCK_J, STEPS)
@@ -204,8 +205,8 @@ def _grouped_forward_kernel(
 @triton.jit
 def _grouped_backward_kernel(
     META, P, PART_P, PART_S, QMIN, QMAX, zero_point, n,
-    K: tl.constexpr, DTYPE: tl.constexpr, RELU: tl.constexpr, NEED_DX: tl.constexpr, NEED_DP: tl.constexpr, NEED_DS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, STEPS: tl.constexpr,
+    K: tl.constexpr, DTYPE: tl.constexpr, RELU: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DP: tl.constexpr, NEED_DS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, STEPS: tl.constexpr,
 ):
     """dx_i on one tile and the tile's partial sums of dp and ds (see the module docstring)."""
     pid, i, info, pid_j, row, offsets, mask = _tensor_tile(META, n, BLOCK_R, BLOCK_J, STEPS)

@@ -4,6 +4,7 @@ The modules use the automatic backend (the C++ kernels when built, else the refe
 bit-exact in the forward pass, so the equalities below hold for either.
 """
 
+import copy
 import math
 
 import pytest
@@ -391,6 +392,44 @@ def test_quantize_swaps_layers_in_place_keeping_weights_and_changes_outputs():
     y = model(x)
     assert not torch.allclose(y, ref, atol=1e-3)
     torch.testing.assert_close(y, ref, atol=0.5, rtol=0.5)  # quantized, not broken
+
+
+def test_quantize_fuse_relu_folds_a_relu_before_a_layer_with_the_same_results():
+    """quantize_(fuse_relu=True): each nn.ReLU directly before a swapped layer of a Sequential
+    becomes an Identity and the layer quantizes relu(x): the same outputs and gradients as without
+    folding (on the unsigned grid), less kept for backward. A ReLU before a layer filter_fn leaves
+    alone, and one not followed by a layer, stay."""
+    torch.manual_seed(12)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True),
+                        nn.Conv2d(8, 4, 1), nn.ReLU(), nn.Flatten(), nn.ReLU(), nn.Linear(4 * 36, 10), nn.ReLU(),
+                        nn.Linear(10, 5))
+    skip_last = lambda m, fqn: fqn != "10"  # noqa: E731
+    plain = qnn.quantize_(copy.deepcopy(net), weight_bits=4, act_bits=(4, 8), act_signed=False, filter_fn=skip_last)
+    folded = qnn.quantize_(net, weight_bits=4, act_bits=(4, 8), act_signed=False, filter_fn=skip_last, fuse_relu=True)
+    kinds = [type(m).__name__ for m in folded]
+    assert kinds == ["QuantConv2d", "Identity", "QuantConv2d", "Identity", "QuantConv2d", "ReLU", "Flatten",
+                     "Identity", "QuantLinear", "ReLU", "Linear"]
+    assert [m.act_quant.grid for m in folded if isinstance(m, (qnn.QuantConv2d, qnn.QuantLinear))] == \
+        ["unsigned", "relu", "relu", "relu"]
+    x, g = torch.randn(2, 3, 6, 6), torch.randn(2, 5)
+    kept = []
+    for model in (plain, folded):
+        xi = x.clone().requires_grad_()
+        counted = {}
+
+        def count(t):
+            counted[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            y = model(xi)
+        kept.append(sum(counted.values()))
+        model.results = (y, *torch.autograd.grad(y, [xi, *model.parameters()], g))
+    for a, b in zip(plain.results, folded.results):
+        assert torch.equal(a, b)
+    assert kept[1] < kept[0]
+    with pytest.raises(ValueError, match="act_bits"):
+        qnn.quantize_(nn.Sequential(nn.ReLU(), nn.Linear(3, 3)), act_bits=None, fuse_relu=True)
 
 
 def test_quantize_training_steps_lower_the_loss_and_state_dict_round_trips():

@@ -22,6 +22,7 @@ def quantize_(
     act_signed: bool = True,
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     backend: Optional[str] = None,
+    fuse_relu: bool = False,
 ) -> nn.Module:
     """Replace every ``nn.Conv2d`` and ``nn.Linear`` of ``model`` by a QuantConv2d / QuantLinear.
 
@@ -41,23 +42,37 @@ def quantize_(
             layer's input is non-negative (after ReLU) to use the full unsigned range.
         filter_fn: ``(module, fqn) -> bool`` choosing which matching layers to swap.
         backend: ops backend for the quantizers, None for the automatic choice.
+        fuse_relu: inside an ``nn.Sequential``, an ``nn.ReLU`` directly followed by a swapped layer
+            is folded into that layer's activation quantizer (``fuse_relu=True``, the relu grid)
+            and replaced by ``nn.Identity``: the same values and gradients (an in-place ReLU
+            included: in a chain its input has no other reader), and one activation-sized tensor
+            less kept for backward per fold. Needs ``act_bits``.
 
     Returns ``model`` (modified in place).
     """
+    if fuse_relu and act_bits is None:
+        raise ValueError("fuse_relu folds ReLUs into the activation quantizers; it needs act_bits")
     if type(model) in _SWAPS:
         raise ValueError("quantize_ swaps the children of model in place; model itself is a "
                          f"{type(model).__name__}: wrap it in a container (e.g. nn.Sequential) first")
     quant_kwargs = dict(weight_bits=weight_bits, act_bits=act_bits, quantizer=quantizer, act_signed=act_signed,
                         backend=backend)
-    _swap_children(model, "", filter_fn, quant_kwargs)
+    _swap_children(model, "", filter_fn, quant_kwargs, fuse_relu)
     return model
 
 
-def _swap_children(parent: nn.Module, prefix: str, filter_fn, quant_kwargs: dict) -> None:
-    for name, child in parent.named_children():
+def _swap_children(parent: nn.Module, prefix: str, filter_fn, quant_kwargs: dict, fuse_relu: bool) -> None:
+    previous = None  # (name, module) of the sibling before, in a Sequential
+    for name, child in list(parent.named_children()):
         fqn = prefix + name
         cls = _SWAPS.get(type(child))
         if cls is not None and (filter_fn is None or filter_fn(child, fqn)):
-            setattr(parent, name, cls.from_float(child, **quant_kwargs))
+            fold = fuse_relu and isinstance(parent, nn.Sequential) and previous is not None \
+                and type(previous[1]) is nn.ReLU
+            kwargs = dict(quant_kwargs, fuse_relu=True, act_signed=False) if fold else quant_kwargs
+            setattr(parent, name, cls.from_float(child, **kwargs))
+            if fold:
+                setattr(parent, previous[0], nn.Identity())
         else:
-            _swap_children(child, fqn + ".", filter_fn, quant_kwargs)
+            _swap_children(child, fqn + ".", filter_fn, quant_kwargs, fuse_relu)
+        previous = (name, child)

@@ -320,7 +320,9 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         if self.role == "act":
             if not self._any_by_max:
                 return self._steps
-            by_max = (self._magnitudes(xd).amax().float() / self._top).clamp_min(MIN_SCALE)
+            # max relu(x) = relu(max x): no activation-sized temporary on the relu grid (every forward)
+            largest = xd.amax().clamp_min(0) if self.grid == "relu" else xd.abs().amax()
+            by_max = (largest.float() / self._top).clamp_min(MIN_SCALE)
             return torch.where(self._by_max, by_max, self._steps)
         std = xd.float().std()
         if axis is None:

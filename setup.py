@@ -13,8 +13,14 @@ Build switches (environment variables), all read in this file:
   QDARTS_FORCE_CUDA=1       build the CUDA kernels even when torch reports no CUDA version (needs
                             a CUDA build of torch's headers and libraries; for cross-building).
   TORCH_CUDA_ARCH_LIST      GPU architectures to compile for (read by torch.utils.cpp_extension);
-                            defaults here to "8.0;9.0" (A100 and H100) when unset.
+                            defaults here to "8.0;9.0+PTX" when unset: machine code for the
+                            A100 and H100, and sm_90 PTX that the driver compiles for newer GPUs
+                            at load time (without it they would find no kernel image).
   MAX_JOBS                  parallel compile jobs (read by torch.utils.cpp_extension / ninja).
+  CUDA_HOME                 the CUDA toolkit (read by torch.utils.cpp_extension). When unset, torch
+                            takes the directory above the `nvcc` on PATH; where that is a wrapper
+                            outside the toolkit (no include/cuda_runtime.h there), this file sets it
+                            to /usr/local/cuda if the toolkit is there, else stops with an error.
   QDARTS_DEBUG=1            compile with -O0 -g and assertions, for debugging the kernels.
 
 Run-time switches of the C++ CPU kernels (read in csrc/cpu/): QDARTS_CPU_ISA (simd.h) and
@@ -37,10 +43,30 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0") == "1"
 
 
+def _has_cuda_headers(home) -> bool:
+    return home is not None and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
+
+
+def _locate_cuda_toolkit() -> None:
+    """Sets CUDA_HOME where torch's own guess (the directory above `nvcc` on PATH) holds no CUDA
+    headers but /usr/local/cuda does: an `nvcc` wrapper script in /usr/local/bin, as some images
+    have, would otherwise make the C++ glue fail on `cuda_runtime.h` after the kernels compiled."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+    if not _has_cuda_headers(guess) and _has_cuda_headers("/usr/local/cuda"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
 def _extensions():
     if _flag("QDARTS_SKIP_EXTENSION"):
         return [], {}
     import torch  # noqa: F401  (needed only to build the extension)
+
+    _locate_cuda_toolkit()
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     debug = _flag("QDARTS_DEBUG")
@@ -66,8 +92,11 @@ def _extensions():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []
+    if with_cuda and not _has_cuda_headers(CUDA_HOME):
+        sys.exit(f"qdarts setup.py: the CUDA toolkit at CUDA_HOME={CUDA_HOME!r} has no include/cuda_runtime.h; "
+                 "set CUDA_HOME to the toolkit, or QDARTS_SKIP_CUDA=1 to build the CPU kernels only")
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         define_macros.append(("QDARTS_WITH_CUDA", "1"))
         # --fmad=false for the same reason as -ffp-contract=off above.

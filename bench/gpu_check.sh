@@ -13,8 +13,8 @@
 # Results under $OUT:
 #   summary.txt              one line per step: status, seconds, log file
 #   nvidia-smi.txt, versions.txt
-#   build.log, backends.log, tests.log, memcheck.log, bench.log, readme.log
-#   bench/results.json, bench/report.md, bench/*.png    (qdarts bench --quick --device cuda)
+#   build.log, backends.log, tests.log, bench.log, e2e.log, memcheck.log, readme.log
+#   bench/results.json, bench/report.md, bench/*.png    (qdarts bench --quick --device cuda, in two parts)
 #   bench/readme-section.md                             (the README performance section)
 set -u -o pipefail
 
@@ -78,14 +78,17 @@ step backends 60 "$PYTHON" -c 'import qdarts_kernels as qk; b = qk.available_bac
 # Not here: tests/test_cuda_sources.py, nvcc compiling every .cu once more for sm_80/sm_90 (CI does; the
 # build step above has compiled them for this GPU) -- 96 of the 171 s the rest takes on the 2-core CI VM.
 step tests 120 "$PYTHON" -m pytest tests -m "not slow" --ignore=tests/test_cuda_sources.py -x -q -p no:cacheprovider
+# the kernel figures, then the search step (issue 6's fused-against-eager CIFAR step, issue 9's batch 64/256 x
+# bits matrix) as a separate step appending to the same results: each keeps what it measured if cut short
+step bench 100 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-end-to-end --out "$OUT/bench"
+step e2e 130 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-kernels --append --out "$OUT/bench"
+# last, with what is left of the budget: compute-sanitizer over the CUDA and Triton kernels
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 if [ -x "$SANITIZER" ]; then
     step memcheck 90 "$SANITIZER" --tool memcheck --error-exitcode 1 --leak-check no "$PYTHON" bench/cuda_memcheck_run.py
 else
     echo "memcheck   SKIPPED (compute-sanitizer not found)" | tee -a "$SUMMARY"
 fi
-# last: it saves partial results as it goes, so the budget cutting it short still leaves figures
-step bench 170 "$PYTHON" -m qdarts.benchmark --quick --device cuda --out "$OUT/bench"
 # outside the budget (seconds), and also from partial results should the benchmark have been stopped
 if [ ! -f "$OUT/bench/results.json" ]; then
     echo "readme     SKIPPED (no bench/results.json)" | tee -a "$SUMMARY"

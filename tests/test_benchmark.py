@@ -112,6 +112,31 @@ def test_cli_writes_results_report_plots_and_readme(tmp_path, monkeypatch, capsy
     assert section.startswith("## Performance") and "mixed_op_sum K=8" in section
 
 
+def test_cli_append_runs_the_end_to_end_part_into_the_kernel_part_s_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(cases, "sweep", lambda device, quick: TINY[3:])
+    monkeypatch.setattr(runner, "SAMPLING", {True: (1, 2, 2, 0.0)})
+    monkeypatch.setattr(cli, "COPY_BYTES", {"cpu": 16 * 2**20})
+    monkeypatch.setattr(endtoend, "plan", lambda device, quick: [(TINY_SUPERNET, ("fused",))])
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    base = ["--quick", "--device", "cpu", "--out", str(tmp_path), "--impls", "eager"]
+    assert cli.run(parser.parse_args(base + ["--skip-end-to-end"])) == 0
+    kernels = json.loads((tmp_path / "results.json").read_text())["kernels"]
+    assert cli.run(parser.parse_args(base + ["--skip-kernels", "--append"])) == 0
+    both = json.loads((tmp_path / "results.json").read_text())
+    assert both["kernels"] == kernels and [e["config"] for e in both["end_to_end"]] == ["tiny"]
+    text = (tmp_path / "report.md").read_text()
+    assert "## Latency" in text and "tiny" in text
+    # without --append the skipped part is not carried over
+    assert cli.run(parser.parse_args(base + ["--skip-kernels"])) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["kernels"] == []
+    # results of another device are refused
+    both["env"]["device"] = "some GPU"
+    (tmp_path / "results.json").write_text(json.dumps(both))
+    with pytest.raises(SystemExit, match="some GPU"):
+        cli.run(parser.parse_args(base + ["--skip-kernels", "--append"]))
+
+
 def test_report_lists_failures():
     results = {"env": timing.environment("cpu"), "quick": True, "copy_bytes": 2**20, "copy_gbps": 1.0,
                "cache_bytes": 2**20, "kernels": [{"label": "x", "impl": "cpu", "shape": [1], "error": "boom"}],
@@ -147,6 +172,68 @@ def test_end_to_end_variants_take_turns_each_with_its_own_ops(monkeypatch):
     first, timed = steps[:2], steps[2:]  # each variant's warm-up step, then one timed step of each in turn
     assert first[0][0] != first[1][0] and [active for _, active in first] == [False, True]
     assert timed == first * n
+
+
+def test_end_to_end_plan_covers_the_search_step_matrix():
+    """CPU: fused against eager (digits only with --quick); CUDA: the three kinds on digits and CIFAR,
+    then issue 9's CIFAR-size matrix (batch 64 and 256, bits 2,4,8 and 2,4) with the fused ops."""
+    assert [(c.name, k) for c, k in endtoend.plan("cpu", quick=True)] == [("digits", ("fused", "eager"))]
+    assert [c.name for c, _ in endtoend.plan("cpu", quick=False)] == ["digits", "cifar"]
+    gpu = endtoend.plan("cuda", quick=True)
+    assert [k for _, k in gpu[:2]] == [endtoend.OPS_KINDS] * 2
+    cifar = [(c.batch, c.bits) for c, kinds in gpu if c.input_shape == (3, 32, 32) and "fused" in kinds]
+    assert sorted(cifar) == sorted((b, bits) for b in (64, 256) for bits in ((2, 4, 8), (2, 4)))
+    assert all(c.layers == 8 and c.channels == 16 and c.partial_channels == 4 for c, _ in gpu[1:])
+    assert endtoend.CIFAR.description.endswith("bits 2,4,8")
+
+
+def test_end_to_end_saves_after_each_configuration_and_reports_steps_per_second(monkeypatch):
+    tiny_bits24 = endtoend.replace(TINY_SUPERNET, name="tiny-bits24", bits=(2, 4))
+    monkeypatch.setattr(endtoend, "plan", lambda device, quick: [(TINY_SUPERNET, ("fused",)), (tiny_bits24, ("fused",))])
+    saved = []
+    records, note = endtoend.run("cpu", quick=True, log=lambda _: None, on_config_done=lambda r: saved.append(list(r)))
+    assert [len(r) for r in saved] == [1, 2] and saved[-1] == records
+    assert [r["bits"] for r in records] == [[2, 4, 8], [2, 4]]
+    for r in records:
+        assert r["steps_per_s"] == pytest.approx(1e3 / r["median_ms"]) and r["compile_mode"] is None
+    results = {"end_to_end": records, "end_to_end_note": note}
+    text = "\n".join(report.end_to_end_lines(results))
+    assert "steps/s" in text and "bits 2,4," in text and "tiny-bits24" in text
+
+
+def test_compiled_end_to_end_falls_back_to_plain_inductor_when_graph_capture_fails(monkeypatch):
+    tried = []
+
+    def prepare(cfg, ops, device, compile_mode):
+        tried.append(compile_mode)
+        if compile_mode == "reduce-overhead":
+            raise RuntimeError("capture failed")
+        return {"config": cfg.name, "description": cfg.description, "ops": ops, "mode": "compiled",
+                "compile_mode": compile_mode, "peak_mb": None, "saved_mb": 1.0}, lambda _: None
+
+    monkeypatch.setattr(endtoend, "_prepare_variant", prepare)
+    monkeypatch.setattr(endtoend, "compile_mode_for", lambda device: "reduce-overhead")
+    (r,) = endtoend._measure_config(TINY_SUPERNET, ["fused"], "cpu", quick=True, compiled=True, log=lambda _: None)
+    assert tried == ["reduce-overhead", "default"]
+    assert r["compile_mode"] == "default" and "capture failed" in r["fallback_from"] and r["median_ms"] > 0
+
+
+def test_search_step_targets_take_the_faster_mode_and_check_peak_memory_at_batch_256():
+    def rec(batch, mode, ms, peak, bits=(2, 4, 8)):
+        cfg = endtoend.replace(endtoend.CIFAR, batch=batch, bits=bits)
+        return {"config": cfg.name, "description": cfg.description, "ops": "fused", "mode": mode, "batch": batch,
+                "bits": list(bits), "input_shape": [3, 32, 32], "layers": 8, "median_ms": ms, "p20_ms": ms,
+                "p80_ms": ms, "peak_mb": peak, "saved_mb": 1.0, "saved_mb_arch": 1.0, "saved_mb_weight": 0.5}
+
+    records = [rec(64, "eager", 400.0, 900.0), rec(64, "compiled", 120.0, 800.0),
+               rec(256, "eager", 900.0, 4000.0), rec(256, "compiled", 300.0, 12000.0),
+               rec(256, "compiled", 10.0, 100.0, bits=(2, 4))]  # another bit set: not the target's
+    assert endtoend.check_step_targets(records, "cpu") == []
+    t64, t256 = endtoend.check_step_targets(records, "cuda")
+    assert (t64["mode"], t64["step_s"], t64["met"]) == ("compiled", 0.12, True)
+    assert (t256["mode"], t256["step_s"], t256["peak_mb"], t256["met"]) == ("compiled", 0.3, 12000.0, False)
+    text = "\n".join(report.end_to_end_lines({"end_to_end": records, "step_targets": [t64, t256]}))
+    assert "issue 9" in text and "NOT met" in text
 
 
 def test_measure_interleaved_takes_turns_and_isolates_failures():

@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for torch (default: torch's own choice, normally all cores)")
     parser.add_argument("--skip-kernels", action="store_true", help="do not run the kernel benchmarks")
     parser.add_argument("--skip-end-to-end", action="store_true", help="do not time the supernet search step")
+    parser.add_argument("--append", action="store_true",
+                        help="keep what OUT/results.json (from an earlier run on the same device) holds for the parts "
+                             "this run skips (--skip-kernels / --skip-end-to-end), so that the two parts can run as "
+                             "separate steps, each with its own time limit, into one report")
     parser.add_argument("--compile-end-to-end", action="store_true",
                         help="also time the search step compiled as `qdarts search --compile` runs it "
                              "(compiling takes minutes)")
@@ -43,6 +47,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
+
+
+#: What each part of a run writes into results.json.
+_KERNEL_KEYS = ("kernels", "targets")
+_END_TO_END_KEYS = ("end_to_end", "end_to_end_note", "end_to_end_target", "step_targets")
+
+
+def _keep_skipped_parts(results: Dict[str, Any], json_path: str, args: argparse.Namespace) -> None:
+    """--append: take from the earlier results.json the parts this run skips."""
+    earlier = report.read_json(json_path)
+    device = earlier.get("env", {}).get("device")
+    if device != results["env"]["device"]:
+        raise SystemExit(f"--append: {json_path} was measured on {device!r}, this run is on "
+                         f"{results['env']['device']!r}; use another --out")
+    for skipped, keys in ((args.skip_kernels, _KERNEL_KEYS), (args.skip_end_to_end, _END_TO_END_KEYS)):
+        if skipped:
+            results.update({k: earlier[k] for k in keys if k in earlier})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,12 +90,15 @@ def run(args: argparse.Namespace) -> int:
         "targets": [],
         "end_to_end": [],
     }
+    if args.append and os.path.exists(json_path):
+        _keep_skipped_parts(results, json_path, args)
     _log(f"qdarts bench on {results['env']['device']}: copy bandwidth {results['copy_gbps']:.1f} GB/s")
 
     def save() -> None:
-        # every figure carries the conditions it was measured under
+        # every figure carries the conditions it was measured under (kept ones, those of their own run)
         for r in results["kernels"] + results["end_to_end"]:
-            r.update({k: results["env"][k] for k in ("device", "torch", "triton", "python", "date")})
+            for k in ("device", "torch", "triton", "python", "date"):
+                r.setdefault(k, results["env"][k])
         report.write_json(json_path, results)
 
     if not args.skip_kernels:
@@ -94,9 +118,15 @@ def run(args: argparse.Namespace) -> int:
         save()
     if not args.skip_end_to_end:
         _log("end to end: supernet search step")
+
+        def partial_end_to_end(records):
+            results["end_to_end"] = records
+            save()
+
         results["end_to_end"], results["end_to_end_note"] = endtoend.run(
-            device, quick=args.quick, compiled=args.compile_end_to_end, log=_log)
+            device, quick=args.quick, compiled=args.compile_end_to_end, log=_log, on_config_done=partial_end_to_end)
         results["end_to_end_target"] = endtoend.check_target(results["end_to_end"], device)
+        results["step_targets"] = endtoend.check_step_targets(results["end_to_end"], device)
         save()
 
     results["wall_s"] = time.perf_counter() - started
@@ -112,6 +142,10 @@ def run(args: argparse.Namespace) -> int:
         if t["met"] is not None:
             _log(f"target {t['op']} {t['scaling']}: {t['measured']:.2f}x (>= {t['ratio']}x: "
                  f"{'met' if t['met'] else 'NOT met'})")
+    for t in results.get("step_targets", []):
+        _log(f"target search step: {t['config']}: {t['step_s']:.3f} s (<= {t['limit_s']} s)"
+             + (f", peak {t['peak_mb']:.0f} MB (<= {t['peak_limit_mb']:.0f} MB)" if t["peak_limit_mb"] else "")
+             + f": {'met' if t['met'] else 'NOT met'}")
     if failures:
         _log(f"{len(failures)} measurement(s) failed; see 'Failures' in the report")
         return 1

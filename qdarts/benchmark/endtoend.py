@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -52,30 +52,43 @@ class E2EConfig:
     channels: int
     layers: int
     partial_channels: int
+    bits: Tuple[int, ...] = SearchConfig.bits
 
     @property
     def description(self) -> str:
         c, h, w = self.input_shape
         return (f"{c}x{h}x{w}, batch {self.batch}, C={self.channels}, {self.layers} cells, "
-                f"partial channels 1/{self.partial_channels}")
+                f"partial channels 1/{self.partial_channels}, bits {','.join(map(str, self.bits))}")
 
 
 def digits_config() -> E2EConfig:
     """The supernet of ``qdarts search`` with its defaults (the embedded digits set, 1x8x8)."""
     d = SearchConfig()
-    return E2EConfig("digits", (1, 8, 8), d.batch_size, d.channels, d.layers, d.partial_channels)
+    return E2EConfig("digits", (1, 8, 8), d.batch_size, d.channels, d.layers, d.partial_channels, d.bits)
 
 
-#: CIFAR size as in the official search (C=16, 8 cells, partial channels 1/4) at batch 64.
+#: CIFAR size as in the official search (C=16, 8 cells, partial channels 1/4) at batch 64, bits 2,4,8:
+#: the configuration of issue 6's fused-against-eager target.
 CIFAR = E2EConfig("cifar", (3, 32, 32), 64, 16, 8, 4)
+#: The CIFAR-size search step at the batches and bit sets of issue 9 (measured on CUDA, fused ops only):
+#: batch 64 and 256, bits (2,4,8) and (2,4); CIFAR itself is the first of them.
+SEARCH_STEP_MATRIX = (CIFAR, replace(CIFAR, name="cifar-b256", batch=256),
+                      replace(CIFAR, name="cifar-bits24", bits=(2, 4)),
+                      replace(CIFAR, name="cifar-b256-bits24", batch=256, bits=(2, 4)))
+#: issue 9's limits for the fused step, bits 2,4,8, on an H100: seconds per step by batch, and peak memory
+STEP_LIMIT_S = {64: 0.15, 256: 0.35}
+PEAK_LIMIT_MB = 10 * 1024
 
 
-def plan(device: str, quick: bool) -> Tuple[List[E2EConfig], Tuple[str, ...]]:
-    """The configurations and ops kinds to time. On CPU, where a digits step takes seconds and a
-    CIFAR-size step tens of seconds, only fused against eager, and ``--quick`` only digits."""
+def plan(device: str, quick: bool) -> List[Tuple[E2EConfig, Tuple[str, ...]]]:
+    """The configurations to time, each with the ops kinds to compare on it. On CPU, where a digits
+    step takes seconds and a CIFAR-size step tens of seconds, only fused against eager, and
+    ``--quick`` only digits. On CUDA all three kinds on digits and CIFAR, then the rest of the
+    search-step matrix with the fused ops."""
     if torch.device(device).type == "cpu":
-        return ([digits_config()] if quick else [digits_config(), CIFAR]), ("fused", "eager")
-    return [digits_config(), CIFAR], OPS_KINDS
+        return [(cfg, ("fused", "eager")) for cfg in ([digits_config()] if quick else [digits_config(), CIFAR])]
+    return ([(digits_config(), OPS_KINDS), (CIFAR, OPS_KINDS)]
+            + [(cfg, ("fused",)) for cfg in SEARCH_STEP_MATRIX if cfg is not CIFAR])
 
 
 class SearchStep:
@@ -85,7 +98,7 @@ class SearchStep:
     def __init__(self, cfg: E2EConfig, device: str, backend: Optional[str], *,
                  compile_mode: Optional[str] = None, seed: int = 0):
         config = SearchConfig(batch_size=cfg.batch, channels=cfg.channels, layers=cfg.layers,
-                              partial_channels=cfg.partial_channels, train_portion=0.5, seed=seed,
+                              partial_channels=cfg.partial_channels, bits=tuple(cfg.bits), train_portion=0.5, seed=seed,
                               device=device, backend=backend, compile=compile_mode)
         # train_portion 0.5 splits these two batches' worth of samples into one train and one val batch
         gen = torch.Generator().manual_seed(seed)
@@ -119,9 +132,12 @@ class SearchStep:
         return kept_bytes(run, [*self.searcher.net.parameters(), *self.train_batch, *self.val_batch])
 
 
-def _prepare_variant(cfg: E2EConfig, ops: str, device: str, compiled: bool) -> Tuple[Dict[str, Any], Callable]:
-    """Build one variant, take its first step (warm-up, and compilation), count what it keeps for
-    backward and (on CUDA) its peak memory; returns that record and ``run(_)``, one timed step."""
+def _prepare_variant(cfg: E2EConfig, ops: str, device: str,
+                     compile_mode: Optional[str]) -> Tuple[Dict[str, Any], Callable]:
+    """Build one variant (compiled in ``compile_mode`` unless None), take its first step (warm-up,
+    and compilation), count what it keeps for backward and (on CUDA) its peak memory; returns that
+    record and ``run(_)``, one timed step."""
+    compiled = compile_mode is not None
     backend = {"fused": None, "reference": "reference", "eager": None}[ops]
 
     def swap():
@@ -131,7 +147,7 @@ def _prepare_variant(cfg: E2EConfig, ops: str, device: str, compiled: bool) -> T
     # what the variants prepared before this one hold (they stay alive to be timed in turn)
     held_by_others = torch.cuda.memory_allocated(device) if on_cuda else 0
     with swap() as calls:
-        step = SearchStep(cfg, device, backend, compile_mode="default" if compiled else None)
+        step = SearchStep(cfg, device, backend, compile_mode=compile_mode)
         synchronize(device)
         t0 = time.perf_counter()
         step()
@@ -154,7 +170,9 @@ def _prepare_variant(cfg: E2EConfig, ops: str, device: str, compiled: bool) -> T
 
     record = {
         "config": cfg.name, "description": cfg.description, "ops": ops, "mode": "compiled" if compiled else "eager",
-        "batch": cfg.batch, "input_shape": list(cfg.input_shape), "channels": cfg.channels, "layers": cfg.layers,
+        "compile_mode": compile_mode,
+        "batch": cfg.batch, "bits": list(cfg.bits), "input_shape": list(cfg.input_shape), "channels": cfg.channels,
+        "layers": cfg.layers,
         "first_step_s": first_s, "saved_mb": max(saved.values()) / 2**20,
         "saved_mb_arch": saved["arch"] / 2**20, "saved_mb_weight": saved["weight"] / 2**20, "peak_mb": peak,
     }
@@ -169,13 +187,22 @@ def _measure_config(cfg: E2EConfig, kinds: Sequence[str], device: str, quick: bo
     mode = "compiled" if compiled else "eager"
     records: Dict[str, Dict[str, Any]] = {}
     runs = {}
+    # compiled: the benchmark's mode, and should it fail (CUDA-graph capture), plain inductor
+    compile_modes = [None] if not compiled else list(dict.fromkeys([compile_mode_for(device), "default"]))
     for ops in kinds:
-        try:
-            records[ops], run = _prepare_variant(cfg, ops, device, compiled)
-            runs[ops] = (lambda: None, run)
-        except Exception as e:
+        failures = []
+        for compile_mode in compile_modes:
+            try:
+                records[ops], run = _prepare_variant(cfg, ops, device, compile_mode)
+                runs[ops] = (lambda: None, run)
+                break
+            except Exception as e:
+                failures.append(f"{compile_mode or 'eager'}: {type(e).__name__}: {e}")
+        if ops not in runs:
             records[ops] = {"config": cfg.name, "description": cfg.description, "ops": ops, "mode": mode,
-                            "error": f"{type(e).__name__}: {e}"}
+                            "error": "; ".join(failures)}
+        elif failures:
+            records[ops]["fallback_from"] = "; ".join(failures)
     # CPU steps take seconds and the first step was the warm-up: a few rounds
     cpu = torch.device(device).type == "cpu"
     timings = measure_interleaved(runs, device, warmup=0 if cpu else 1, min_samples=(2 if quick else 3) if cpu else 5,
@@ -188,7 +215,7 @@ def _measure_config(cfg: E2EConfig, kinds: Sequence[str], device: str, quick: bo
                                 "error": f"{type(timing).__name__}: {timing}"}
         elif timing is not None:
             r.update(median_ms=timing.median * 1e3, p20_ms=timing.p20 * 1e3, p80_ms=timing.p80 * 1e3,
-                     samples=len(timing.samples))
+                     steps_per_s=1.0 / timing.median, samples=len(timing.samples))
         if "error" in r:
             log(f"  {cfg.name:<7} {ops:<9} FAILED: {r['error']}")
         else:
@@ -197,9 +224,12 @@ def _measure_config(cfg: E2EConfig, kinds: Sequence[str], device: str, quick: bo
     return [records[ops] for ops in kinds]
 
 
-def run(device: str, *, quick: bool, compiled: bool = False,
-        log: Callable[[str], None] = print) -> Tuple[List[Dict[str, Any]], Optional[str]]:
-    """Records for each config x ops kind (x compiled when asked), and a note for the report."""
+def run(device: str, *, quick: bool, compiled: bool = False, log: Callable[[str], None] = print,
+        on_config_done: Optional[Callable[[List[Dict[str, Any]]], None]] = None
+        ) -> Tuple[List[Dict[str, Any]], Optional[str]]:
+    """Records for each config x ops kind (x compiled when asked), and a note for the report.
+    ``on_config_done(records so far)`` after each configuration, so that a caller can save partial
+    results (a run cut short by a time limit keeps what it measured)."""
     try:
         import qdarts.cost  # noqa: F401
         import qdarts.search  # noqa: F401
@@ -208,7 +238,8 @@ def run(device: str, *, quick: bool, compiled: bool = False,
         note = f"Not measured: the search layer could not be imported ({type(e).__name__}: {e})."
         log("  " + note)
         return [], note
-    if torch.device(device).type == "cuda":
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda:
         fused_backend = "the preferred GPU backend, Triton or CUDA"
     else:
         fused_backend = "cpu" if "cpu" in qk.available_backends() else "reference: the C++ extension is not built"
@@ -218,17 +249,25 @@ def run(device: str, *, quick: bool, compiled: bool = False,
             f"'reference' of the public ops; `eager` = the same step inside `qdarts_kernels.eager_reference()` "
             f"(every op and QAT module on the reference under plain autograd). The variants of a configuration "
             f"are timed one step of each in turn, after one warm-up step each. "
+            f"torch.compile: the step of `qdarts search --compile {compile_mode_for(device)}`. "
             "'saved MB': kept for backward by the larger half of the step (arch half / weight half in brackets). "
-            + ("Peak MB: CUDA peak allocated memory of one step." if device == "cuda"
+            + ("Peak MB: CUDA peak allocated memory of one step." if on_cuda
                else "Peak memory is not measurable on CPU; 'saved MB' stands for it."))
-    records = []
-    cfgs, kinds = plan(device, quick)
-    for cfg in cfgs:
+    records: List[Dict[str, Any]] = []
+    for cfg, kinds in plan(device, quick):
         for mode in ((False, True) if compiled else (False,)):
             records += _measure_config(cfg, kinds, device, quick, mode, log)
-            if torch.device(device).type == "cuda":
+            if on_cuda:
                 torch.cuda.empty_cache()
+            if on_config_done is not None:
+                on_config_done(records)
     return records, note
+
+
+def compile_mode_for(device: str) -> str:
+    """The ``--compile`` mode the benchmark times: with CUDA-graph capture on a GPU (a step replays
+    its graphs instead of launching thousands of kernels), inductor alone on a CPU."""
+    return "reduce-overhead" if torch.device(device).type == "cuda" else "default"
 
 
 def check_target(records: List[Dict[str, Any]], device: str) -> Optional[Dict[str, Any]]:
@@ -246,3 +285,26 @@ def check_target(records: List[Dict[str, Any]], device: str) -> Optional[Dict[st
     met = speedup >= 2.0 and memory_ratio is not None and memory_ratio >= 2.0
     return {"config": f"CIFAR size ({CIFAR.description})", "speedup": speedup, "memory": memory_key,
             "memory_ratio": memory_ratio, "target": 2.0, "met": met}
+
+
+def check_step_targets(records: List[Dict[str, Any]], device: str) -> List[Dict[str, Any]]:
+    """Issue 9's targets (set for an H100): the CIFAR-size fused step with bits 2,4,8 within
+    STEP_LIMIT_S at batch 64 and 256, and within PEAK_LIMIT_MB of peak memory at batch 256; the
+    faster of the eager and compiled steps counts. CUDA only (empty elsewhere)."""
+    if torch.device(device).type != "cuda":
+        return []
+    targets = []
+    for batch, limit_s in STEP_LIMIT_S.items():
+        runs = [r for r in records if r.get("ops") == "fused" and "median_ms" in r and r.get("batch") == batch
+                and tuple(r.get("bits", ())) == CIFAR.bits and r.get("input_shape") == list(CIFAR.input_shape)
+                and r.get("layers") == CIFAR.layers]
+        if not runs:
+            continue
+        best = min(runs, key=lambda r: r["median_ms"])
+        peak_limit = PEAK_LIMIT_MB if batch == 256 else None
+        met = best["median_ms"] / 1e3 <= limit_s and (
+            peak_limit is None or (best["peak_mb"] is not None and best["peak_mb"] <= peak_limit))
+        targets.append({"config": best["description"], "mode": best["mode"], "step_s": best["median_ms"] / 1e3,
+                        "limit_s": limit_s, "peak_mb": best["peak_mb"], "peak_limit_mb": peak_limit, "met": met})
+    return targets
+

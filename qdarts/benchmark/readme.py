@@ -11,11 +11,11 @@ end-to-end search step.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any, Dict, List, Optional
 
-from .report import SUMMARY_HEADER, _ratio, _size, _table, conditions_lines, end_to_end_lines, summary_rows
+from .report import (SUMMARY_HEADER, _ratio, _size, _table, conditions_lines, end_to_end_lines, read_json,
+                     summary_rows)
 
 
 def performance_section(results_list: List[Dict[str, Any]], sources: List[str]) -> str:
@@ -44,10 +44,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qdarts.benchmark.readme", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", help="results.json files written by `qdarts bench`")
     args = parser.parse_args(argv)
-    loaded = []
-    for path in args.results:
-        with open(path) as f:
-            loaded.append(json.load(f))
+    loaded = [read_json(path) for path in args.results]
     sys.stdout.write(performance_section(loaded, args.results))
     return 0
 

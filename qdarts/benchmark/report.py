@@ -12,6 +12,18 @@ from .cases import AUTOGRAD, COMPILED, EAGER, MODES
 MB = 2**20
 
 
+def read_json(path: str) -> Dict[str, Any]:
+    """A results.json written by write_json; a clear error if it is not one."""
+    try:
+        with open(path) as f:
+            payload = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"cannot read benchmark results {path}: {e}") from None
+    if not isinstance(payload, dict) or "env" not in payload:
+        raise SystemExit(f"{path} is not a results.json of `qdarts bench`")
+    return payload
+
+
 def write_json(path: str, payload: Dict[str, Any]) -> None:
     """Atomic write (temporary file + rename), so a killed run never leaves half a file."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -218,11 +230,12 @@ def end_to_end_lines(results: Dict[str, Any]) -> List[str]:
         base = baseline.get((e["config"], e["mode"]))
         rows.append([
             e["config"], e["description"], e["ops"], "yes" if e["mode"] == "compiled" else "no",
-            f"{_num(e['median_ms'])} ({_num(e['p20_ms'])}-{_num(e['p80_ms'])})", times(base, e, "median_ms"),
+            f"{_num(e['median_ms'])} ({_num(e['p20_ms'])}-{_num(e['p80_ms'])})", _num(1e3 / e["median_ms"]),
+            times(base, e, "median_ms"),
             _saved_cell(e), times(base, e, "saved_mb"),
             _num(e["peak_mb"]) if e.get("peak_mb") is not None else "-", times(base, e, "peak_mb"),
         ])
-    lines += _table(["config", "setting", "ops", "torch.compile", "ms per step (p20-p80)", "x faster than eager",
+    lines += _table(["config", "setting", "ops", "torch.compile", "ms per step (p20-p80)", "steps/s", "x faster than eager",
                      "saved MB", "x less saved", "peak MB", "x less peak"], rows)
     target = results.get("end_to_end_target")
     if target:
@@ -230,6 +243,10 @@ def end_to_end_lines(results: Dict[str, Any]) -> List[str]:
                   f"and >= {target['target']:g}x less memory than eager reference ops: {_ratio(target['speedup'])} "
                   f"faster, {_ratio(target['memory_ratio'])} less {target['memory'].replace('_mb', '')} memory: "
                   f"{'met' if target['met'] else 'NOT met'}."]
+    for t in results.get("step_targets") or []:
+        peak = (f" and <= {_num(t['peak_limit_mb'])} MB peak: {_num(t['peak_mb'])} MB" if t["peak_limit_mb"] else "")
+        lines += ["", f"Target (issue 9, set for an H100): {t['config']}, fused, <= {t['limit_s']:g} s per step{peak}; "
+                  f"measured {t['step_s']:.3f} s ({t['mode']}): {'met' if t['met'] else 'NOT met'}."]
     return lines
 
 
@@ -273,7 +290,8 @@ def plot(results: Dict[str, Any], out_dir: str) -> List[str]:
                 ax.set_xlabel("elements")
                 ax.set_ylabel(ylabel, fontsize=8)
                 ax.grid(True, which="both", alpha=0.3)
-                ax.legend(fontsize=7)
+                if series or key == "gbps":  # a speed-up panel with eager alone has no series
+                    ax.legend(fontsize=7)
         fig.suptitle(f"{results['env']['device']} - torch {results['env']['torch']}", fontsize=10)
         fig.tight_layout()
         path = os.path.join(out_dir, name)

@@ -1,0 +1,75 @@
+"""bench/gpu_check.sh, the one script a lent GPU machine runs, checked on CPU with a stand-in Python.
+
+Device time is scarce (one run per session, and a rerun at most), so a mistake in the script's
+plumbing -- a misspelt flag, a step out of order, a budget that skips the benchmarks -- must show up
+here. The stand-in records every command; for `python -m qdarts.benchmark ...` it parses the
+arguments with the real `qdarts bench` parser, so an unknown or malformed flag fails the step.
+"""
+
+import os
+import stat
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
+
+STAND_IN = """#!/usr/bin/env bash
+printf '%s\\n' "$*" >> "$STAND_IN_LOG"
+if [ "$1" = "-m" ] && [ "$2" = "qdarts.benchmark" ]; then
+    shift 2
+    exec "{python}" -c 'import argparse, sys
+from qdarts.benchmark import cli
+parser = argparse.ArgumentParser()
+cli.add_arguments(parser)
+parser.parse_args(sys.argv[1:])' "$@"
+fi
+exit 0
+"""
+
+
+def _run(tmp_path, budget_s):
+    stand_in = tmp_path / "python"
+    stand_in.write_text(STAND_IN.format(python=sys.executable))
+    stand_in.chmod(stand_in.stat().st_mode | stat.S_IXUSR)
+    out, log = tmp_path / "out", tmp_path / "commands.log"
+    env = dict(os.environ, OUT=str(out), PYTHON=str(stand_in), STAND_IN_LOG=str(log),
+               GPU_CHECK_BUDGET_S=str(budget_s), CUDA_HOME=str(tmp_path / "no-cuda"), PYTHONPATH=ROOT,
+               # no compute-sanitizer (nor nvidia-smi) on this PATH
+               PATH=os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not os.path.isfile(
+                   os.path.join(p, "compute-sanitizer"))))
+    proc = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    summary = (out / "summary.txt").read_text().splitlines()
+    commands = log.read_text().splitlines() if log.exists() else []
+    return proc, summary, commands
+
+
+def test_steps_run_in_order_with_flags_the_benchmark_cli_accepts(tmp_path):
+    proc, summary, commands = _run(tmp_path, budget_s=200)
+    steps = [line.split()[0] for line in summary]
+    assert steps == ["build", "backends", "tests", "bench", "e2e", "memcheck", "readme", "total"], summary
+    status = {line.split()[0]: line.split()[1] for line in summary}
+    assert all(status[s] == "ok" for s in ("build", "backends", "tests", "bench", "e2e")), summary
+    assert status["memcheck"] == "SKIPPED"
+    bench = [c for c in commands if c.startswith("-m qdarts.benchmark ")]
+    assert len(bench) == 2
+    assert "--skip-end-to-end" in bench[0] and "--device cuda" in bench[0]
+    assert "--skip-kernels --append" in bench[1] and bench[0].split("--out")[1] == bench[1].split("--out")[1]
+    assert any(c.startswith("setup.py build_ext --inplace") for c in commands)
+    # no results.json from the stand-in, so the README section is skipped, and that is said
+    assert status["readme"] == "SKIPPED"
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_spent_budget_skips_the_remaining_steps_and_fails(tmp_path):
+    proc, summary, commands = _run(tmp_path, budget_s=5)
+    assert all("SKIPPED (budget spent)" in line for line in summary[:5]), summary
+    assert not any(c.startswith("setup.py") or c.startswith("-m") for c in commands)
+    assert proc.returncode != 0
+
+
+def test_the_script_needs_an_output_folder():
+    env = dict(os.environ)
+    env.pop("OUT", None)
+    proc = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "set OUT" in proc.stderr

@@ -88,8 +88,9 @@ def _search_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=d("seed"), help=f"(default: {d('seed')})")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--grouped-weights", action=argparse.BooleanOptionalAction, default=d("grouped_weights"),
-                   help="quantize the weights of all convs in one grouped launch per step (default: on; "
-                        "--no-grouped-weights: one launch per conv, the same values)")
+                   help="quantize the weights of all convs in one grouped launch per step, and take the "
+                        "activation quantizers' bit probabilities in one softmax (default: on; "
+                        "--no-grouped-weights: launches per conv, the same values)")
     _add_common(p)
     p.set_defaults(run=_run_search)
 

@@ -16,8 +16,11 @@ Parameters, in named groups (:meth:`SearchNetwork.param_groups`):
 everything else (conv weights, BN, LSQ scales).
 
 The mixed weights of all quantized convs are computed before the cells run, in one grouped launch
-(:class:`qdarts_kernels.nn.GroupedWeightQuantizer`; ``grouped_weights=False`` lets every conv
-quantize its own weight: the same values, one launch per conv). The mixed-op sums (ops of an edge,
+(:class:`qdarts_kernels.nn.GroupedWeightQuantizer`), and so are the activation quantizers' bit
+probabilities, in one softmax (:class:`qdarts_kernels.nn.GroupedBitProbs`); ``grouped_weights=False``
+lets every conv quantize its own weight and take its own softmax: the same values, launches per conv.
+Every edge reading a node state works on the same first C/K channels, copied once per state
+(:func:`partial_head`). The mixed-op sums (ops of an edge,
 and edges of a node) are ``qdarts_kernels.mixed_op_sum`` calls.
 The ``none`` op outputs zeros, so it contributes nothing to the sum: it is not computed and its
 weight is dropped from the sum (mathematically identical to including it; the softmax still
@@ -26,6 +29,7 @@ runs over all ops, so ``none`` still competes for probability mass).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -34,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import qdarts_kernels as qk
-from qdarts_kernels.nn import GroupedWeightQuantizer, InputKeepingMaxPool2d, OutputKeepingBatchNorm2d, precomputed_weights
+from qdarts_kernels.nn import (GroupedBitProbs, GroupedWeightQuantizer, InputKeepingMaxPool2d, OutputKeepingBatchNorm2d,
+                              precomputed_probs, precomputed_weights)
 
 from .genotype import PRIMITIVES, edge_nodes
 from .ops import ConvMaker, FactorizedReduce, ReLUConvBN, build_op, quant_convs
@@ -72,6 +77,17 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
+def partial_head(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The first C/k channels of x, which an edge's candidate ops work on, as a contiguous tensor.
+
+    Every op of every edge that reads a node state reads this same slice. Copied once and shared,
+    the ops' kernels get a contiguous input: a channel slice of an NCHW batch is strided, and each
+    quantized conv (and the mixed-op sum, for skip_connect) would copy it again in forward and in
+    backward (2464 activation copies of a CIFAR-size search step become 224). It also keeps less for
+    backward: the 1/k copy instead of the whole state the slice would hold on to."""
+    return x[:, : x.shape[1] // k].contiguous()
+
+
 class MixedOp(nn.Module):
     """One edge: the candidate ops (all but ``none``) on the first C/K channels, weighted-summed."""
 
@@ -93,14 +109,15 @@ class MixedOp(nn.Module):
         # the bypassed channels of a reduction edge: max-pooled, keeping (the node state) no indices
         self.bypass_pool = InputKeepingMaxPool2d(2, 2, ceil_mode=True) if stride == 2 else None
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``weights``: softmax(alpha) of this edge over all PRIMITIVES (``none`` first)."""
-        c = x.shape[1] // self.k
-        head = x[:, :c]
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, head: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``weights``: softmax(alpha) of this edge over all PRIMITIVES (``none`` first); ``head``:
+        ``partial_head(x, k)`` when the caller has it (it is the same for every edge reading x)."""
+        if head is None:
+            head = partial_head(x, self.k)
         mixed = qk.mixed_op_sum([op(head) for op in self.ops], weights[1:])
         if self.k == 1:
             return mixed
-        rest = x[:, c:]
+        rest = x[:, head.shape[1]:]
         if self.bypass_pool is not None:
             rest = self.bypass_pool(rest)
         return channel_shuffle(torch.cat([mixed, rest], dim=1), self.k)
@@ -123,10 +140,13 @@ class SearchCell(nn.Module):
     def forward(self, s0, s1, op_weights: torch.Tensor, edge_weights: torch.Tensor) -> torch.Tensor:
         """op_weights [edges, ops] = softmax(alpha); edge_weights [edges] = softmax(beta) per node."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
+        heads: List[torch.Tensor] = []  # partial_head of each state, made when an edge first reads it
+        k = self.edges[0].k
         offset = 0
         for _ in range(self.steps):
             n = len(states)
-            outs = [self.edges[offset + j](h, op_weights[offset + j]) for j, h in enumerate(states)]
+            heads += [partial_head(s, k) for s in states[len(heads):]]
+            outs = [self.edges[offset + j](h, op_weights[offset + j], heads[j]) for j, h in enumerate(states)]
             states.append(qk.mixed_op_sum(outs, edge_weights[offset: offset + n]))
             offset += n
         return torch.cat(states[2:], dim=1)  # all intermediate nodes
@@ -165,6 +185,8 @@ class SearchNetwork(nn.Module):
         self.betas_reduce = nn.Parameter(1e-3 * torch.randn(n_edges))
         convs = [conv for _, conv, _ in self.quant_layers()]
         self.weight_quantizer = GroupedWeightQuantizer(convs) if cfg.grouped_weights and convs else None
+        act_quants = [conv.act_quant for conv in convs if conv.act_quant is not None]
+        self.act_probs = GroupedBitProbs(act_quants) if cfg.grouped_weights and act_quants else None
 
     # ------------------------------------------------------------------ relaxation weights
 
@@ -182,12 +204,13 @@ class SearchNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (fp32). With act_dtype "bf16" the cells run under autocast: convs, pools and the
         quantizers see bf16 activations (the parameters, mixed weights' scales and logits stay fp32)."""
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.cfg.act_dtype == "bf16"):
-            if self.weight_quantizer is None:
-                logits = self._forward(x)
-            else:
-                with precomputed_weights(self.weight_quantizer.layers, self.weight_quantizer()):
-                    logits = self._forward(x)
+        with contextlib.ExitStack() as grouped, torch.autocast(x.device.type, dtype=torch.bfloat16,
+                                                               enabled=self.cfg.act_dtype == "bf16"):
+            if self.weight_quantizer is not None:
+                grouped.enter_context(precomputed_weights(self.weight_quantizer.layers, self.weight_quantizer()))
+            if self.act_probs is not None:
+                grouped.enter_context(precomputed_probs(self.act_probs.quantizers, self.act_probs.probs()))
+            logits = self._forward(x)
         return logits.float()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

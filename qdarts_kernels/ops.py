@@ -509,11 +509,13 @@ def _mos_kept_outputs(outputs: Sequence[Tensor], need_dweights: bool) -> Tuple[T
     return tuple(outputs) if need_dweights else ()
 
 
-def _mos_saved_outputs(kept: Sequence[Tensor], grad: Tensor, k: int) -> List[Tensor]:
-    # The outputs kept by _mos_kept_outputs, or K stand-ins when none were: the backends read the
-    # outputs only for d weights, and otherwise only their number, shape, dtype and device, which
-    # are grad's (see _backends).
-    return list(kept) if kept else [grad] * k
+def _mos_saved_outputs(kept: Sequence[Tensor], grad: Tensor, k: int) -> Tuple[Tensor, List[Tensor]]:
+    """(grad made contiguous, the outputs kept by _mos_kept_outputs, or K stand-ins when none were):
+    the backends read the outputs only for d weights, and otherwise only their number, shape, dtype
+    and device, which are grad's (see _backends). The stand-ins are the contiguous grad itself, so
+    that a strided grad (a slice of a concatenation's gradient) is copied once, not K + 1 times."""
+    grad = grad.contiguous()
+    return grad, (list(kept) if kept else [grad] * k)
 
 
 class _MixedOpSumFunction(torch.autograd.Function):
@@ -530,7 +532,7 @@ class _MixedOpSumFunction(torch.autograd.Function):
     def backward(ctx, grad):
         _refuse_second_order("mixed_op_sum", ctx.backend)
         weights, *kept = ctx.saved_tensors
-        outputs = _mos_saved_outputs(kept, grad, ctx.k)
+        grad, outputs = _mos_saved_outputs(kept, grad, ctx.k)
         need_dw, need_douts = ctx.needs_input_grad[0], any(ctx.needs_input_grad[2:])
         douts, dw = _mos_backward(grad, outputs, weights, ctx.backend, need_douts, need_dw)
         return (dw, None, *(douts if douts is not None else [None] * len(outputs)))
@@ -577,7 +579,7 @@ def _mos_setup_context(ctx, inputs, output):
 
 def _mos_op_backward(ctx, grad):
     weights, *kept = ctx.saved_tensors
-    outputs = _mos_saved_outputs(kept, grad, ctx.k)
+    grad, outputs = _mos_saved_outputs(kept, grad, ctx.k)
     need_douts, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_douts or need_dw):
         return None, None, None

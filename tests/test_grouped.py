@@ -300,3 +300,57 @@ def test_grouped_launches_once_without_sync(backend, axis):
         assert sum("grouped" in name for name in step_kernels) == 3, step_kernels
         counts[n] = len(step_kernels)
     assert counts[3] == counts[7], counts
+
+
+# ---------------------------------------------------------------------------------- GroupedBitProbs
+
+
+def test_grouped_bit_probs_equal_each_quantizer_s_softmax_and_its_gradients():
+    from qdarts_kernels.nn import GroupedBitProbs, MixedPrecisionFakeQuantize, precomputed_probs
+
+    torch.manual_seed(0)
+    shared = torch.nn.Parameter(torch.randn(3))
+    quantizers = [MixedPrecisionFakeQuantize((2, 4, 8)), MixedPrecisionFakeQuantize((2, 4, 8), logits=shared),
+                  MixedPrecisionFakeQuantize((2, 4)), MixedPrecisionFakeQuantize(8),  # no logits: left out
+                  MixedPrecisionFakeQuantize((2, 4, 8), logits=shared)]
+    for q in quantizers:
+        if q.logits is not None:
+            q.logits.data.normal_()
+    grouped = GroupedBitProbs(quantizers)
+    assert grouped.quantizers == [quantizers[i] for i in (0, 1, 2, 4)]
+    rows = grouped.probs()
+    assert rows[1] is rows[3]  # shared logits, one row
+    for q, row in zip(grouped.quantizers, rows):
+        assert torch.equal(row, torch.softmax(q.logits, 0))
+    x = torch.randn(64)
+    weights = torch.randn(len(grouped.quantizers), 1)
+
+    def loss(use_grouped):
+        for q in grouped.quantizers:
+            q.logits.grad = None
+        probs = grouped.probs() if use_grouped else [q.probs() for q in grouped.quantizers]
+        with precomputed_probs(grouped.quantizers, probs):
+            out = sum((w * q(x)).sum() for w, q in zip(weights, grouped.quantizers))
+        out.backward()
+        return out.detach(), [q.logits.grad.clone() for q in grouped.quantizers]
+
+    (out_g, grads_g), (out_p, grads_p) = loss(True), loss(False)
+    assert torch.equal(out_g, out_p)
+    for a, b in zip(grads_g, grads_p):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)  # shared logits: their terms summed in another order
+    assert all(q.probs_override is None for q in quantizers)  # reset after the block
+
+
+def test_precomputed_probs_resets_on_error_and_checks_lengths():
+    from qdarts_kernels.nn import MixedPrecisionFakeQuantize, precomputed_probs
+
+    q = MixedPrecisionFakeQuantize((2, 4))
+    with pytest.raises(ValueError, match="one row per quantizer"):
+        with precomputed_probs([q], []):
+            pass
+    with pytest.raises(RuntimeError, match="inside"):
+        with precomputed_probs([q], [torch.tensor([0.25, 0.75])]):
+            assert torch.equal(q.probs(), torch.tensor([0.25, 0.75]))
+            raise RuntimeError("inside")
+    assert q.probs_override is None and torch.equal(q.probs(), torch.full((2,), 0.5))
+

@@ -70,6 +70,59 @@ def test_grouped_weights_quantize_all_conv_weights_in_one_call():
     assert _quantizer_calls(grouped, x, y) == (n_convs, 1)  # the activations, and one grouped call
 
 
+def _dispatched(net, x, y, names, phases=("forward", "backward")):
+    """How many times each aten op of ``names`` runs in the forward and in the backward of ``net``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts = {phase: dict.fromkeys(names, 0) for phase in phases}
+
+    class Count(TorchDispatchMode):
+        def __init__(self, phase):
+            super().__init__()
+            self.counts = counts[phase]
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in self.counts:
+                self.counts[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count("forward"):
+        loss = F.cross_entropy(net(x), y)
+    with Count("backward"):
+        loss.backward()
+    return counts
+
+
+def test_grouped_bit_probabilities_take_one_softmax_per_step():
+    grouped, per_conv = _pair(share_gamma=False)
+    n_convs = len(grouped.quant_layers())
+    x, y = _batch()
+    arch = 2 + 2 * grouped.cfg.steps  # alpha (normal, reduce), beta (each node, normal and reduce)
+    # per conv: the activation's and the weight's softmax; grouped: one for all activations, one for all
+    # weights, whatever the number of convs; forward and backward alike
+    for net, quantizers in ((per_conv, 2 * n_convs), (grouped, 2)):
+        counts = _dispatched(net, x, y, ["_softmax", "_softmax_backward_data"])
+        assert counts["forward"]["_softmax"] == counts["backward"]["_softmax_backward_data"] == arch + quantizers
+
+
+def test_edges_share_one_contiguous_copy_of_each_state_s_partial_channels():
+    """Every edge reading a node state works on the same first C/K channels (supernet.partial_head):
+    one copy per state read by an edge, none inside the quantized convs or the mixed-op sums, forward
+    or backward (a strided slice would be copied by each of them)."""
+    net, _ = _pair()
+    x, y = _batch()
+    states_read_per_cell = net.cfg.steps + 1  # the two cell inputs and every node but the last
+    shuffles = sum(len(cell.edges) for cell in net.cells)  # each edge's channel shuffle is a copy too
+    sliced = _dispatched(net, x, y, ["clone"])
+    assert sliced["forward"]["clone"] == net.cfg.layers * states_read_per_cell + shuffles
+    unsliced = _dispatched(_pair(partial_channels=1)[0], x, y, ["clone"])
+    assert unsliced["forward"]["clone"] == 0
+    # backward, per edge: the shuffle's gradient, and the edge sum's gradient (a slice of the
+    # concatenation's) made contiguous once for the mixed-op sum (not once per candidate op)
+    assert sliced["backward"]["clone"] - unsliced["backward"]["clone"] == 2 * shuffles
+
+
 def test_a_disabled_weight_quantizer_passes_its_weight_through():
     grouped, per_conv = _pair()
     for net in (grouped, per_conv):

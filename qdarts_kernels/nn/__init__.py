@@ -7,6 +7,8 @@
 - :func:`quantize_`: swap a model's ``nn.Conv2d`` / ``nn.Linear`` layers in place.
 - :class:`GroupedWeightQuantizer`, :func:`precomputed_weights`: the mixed weights of many layers
   from one grouped launch, handed to the layers for their next forwards.
+- :class:`GroupedBitProbs`, :func:`precomputed_probs`: the bit probabilities of many quantizers
+  from one softmax, handed to the quantizers likewise.
 - :class:`OutputKeepingBatchNorm2d`: ``nn.BatchNorm2d`` that keeps its output, not its input, for
   backward (training, affine=False): one activation less where the output is kept anyway.
 - :class:`InputKeepingMaxPool2d`: ``nn.MaxPool2d`` that keeps no argmax indices for backward.
@@ -14,7 +16,7 @@
 
 from .batchnorm import OutputKeepingBatchNorm2d
 from .convert import quantize_
-from .grouped import GroupedWeightQuantizer
+from .grouped import GroupedBitProbs, GroupedWeightQuantizer, precomputed_probs
 from .pooling import InputKeepingMaxPool2d
 from .layers import QuantConv2d, QuantLinear, precomputed_weights
 from .quantizers import GAUSSIAN_STEPS, HWGQ_STEPS, FakeQuantize, MixedPrecisionFakeQuantize
@@ -26,6 +28,8 @@ __all__ = [
     "QuantLinear",
     "quantize_",
     "GroupedWeightQuantizer",
+    "GroupedBitProbs",
+    "precomputed_probs",
     "precomputed_weights",
     "OutputKeepingBatchNorm2d",
     "InputKeepingMaxPool2d",

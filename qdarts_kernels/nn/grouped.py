@@ -24,16 +24,80 @@ backward (up to the order of the sums for logits shared by several layers).
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import ops
 from .layers import _QuantizedLayer
-from .quantizers import MIN_SCALE
+from .quantizers import MIN_SCALE, MixedPrecisionFakeQuantize
 
-__all__ = ["GroupedWeightQuantizer"]
+__all__ = ["GroupedWeightQuantizer", "GroupedBitProbs", "precomputed_probs"]
+
+
+def _distinct_logits(quantizers: Sequence[MixedPrecisionFakeQuantize]) -> Tuple[List[Tensor], List[int]]:
+    """(the distinct logits Parameters of ``quantizers`` in first-use order, each quantizer's index
+    among them); quantizers without logits (one bit-width) are skipped."""
+    logits: List[Tensor] = []
+    rows = []
+    for quantizer in quantizers:
+        if quantizer.logits is None:
+            continue
+        for i, p in enumerate(logits):
+            if p is quantizer.logits:
+                rows.append(i)
+                break
+        else:
+            rows.append(len(logits))
+            logits.append(quantizer.logits)
+    return logits, rows
+
+
+class GroupedBitProbs:
+    """The bit-width probabilities ``softmax(logits)`` of many quantizers in one softmax per number
+    of bit-widths, instead of one softmax (and one softmax backward) per quantizer and forward.
+
+    ``probs()`` returns one row per quantizer with logits (:attr:`quantizers`), in that order;
+    quantizers that share logits get the same row. Use ``with precomputed_probs(g.quantizers,
+    g.probs()): model(x)``. The rows equal each quantizer's own ``probs()`` bit for bit (softmax is
+    computed row by row), and so do the logits' gradients up to the order in which the gradients of
+    quantizers sharing logits are summed.
+    """
+
+    def __init__(self, quantizers: Sequence[MixedPrecisionFakeQuantize]):
+        self.quantizers = [q for q in quantizers if q.logits is not None]
+        by_k: Dict[Tuple[int, torch.dtype], List[int]] = {}
+        for i, q in enumerate(self.quantizers):
+            by_k.setdefault((q.logits.shape[0], q.logits.dtype), []).append(i)
+        self._groups = []
+        for members in by_k.values():
+            logits, rows = _distinct_logits([self.quantizers[i] for i in members])
+            self._groups.append((members, logits, rows))
+
+    def probs(self) -> List[Tensor]:
+        out: List[Tensor] = [None] * len(self.quantizers)  # type: ignore[list-item]
+        for members, logits, rows in self._groups:
+            distinct = torch.softmax(torch.stack(logits), -1).unbind(0)
+            for i, row in zip(members, rows):
+                out[i] = distinct[row]
+        return out
+
+
+@contextmanager
+def precomputed_probs(quantizers: Sequence[MixedPrecisionFakeQuantize], probs: Sequence[Tensor]) -> Iterator[None]:
+    """Within the block, ``quantizers[i].probs()`` returns ``probs[i]`` (which must equal its own
+    softmax(logits), gradients included: see :class:`GroupedBitProbs`)."""
+    if len(quantizers) != len(probs):
+        raise ValueError(f"precomputed_probs needs one row per quantizer, got {len(probs)} for {len(quantizers)}")
+    for q, p in zip(quantizers, probs):
+        q.probs_override = p
+    try:
+        yield
+    finally:
+        for q in quantizers:
+            q.probs_override = None
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -57,19 +121,7 @@ class _Group:
         self.quantizers = [layer.weight_quant for layer in layers]
         q = self.quantizers[0]
         self.axis = q._axis(layers[0].weight)
-        self.logits = []  # the distinct logits Parameters, and each layer's row among them
-        rows = []
-        for quantizer in self.quantizers:
-            if quantizer.logits is None:
-                continue
-            for i, p in enumerate(self.logits):
-                if p is quantizer.logits:
-                    rows.append(i)
-                    break
-            else:
-                rows.append(len(self.logits))
-                self.logits.append(quantizer.logits)
-        self._rows = rows
+        self.logits, self._rows = _distinct_logits(self.quantizers)
         self._row_index: Dict[torch.device, Tensor] = {}
         by_shape: Dict[Tuple[int, ...], List[int]] = {}
         for i, layer in enumerate(layers):

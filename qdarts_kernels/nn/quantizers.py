@@ -133,6 +133,9 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
             unless a dtype is given.
     """
 
+    #: softmax(logits) to use instead of computing it; set only by grouped.precomputed_probs
+    probs_override: Optional[Tensor] = None
+
     def __init__(
         self,
         bits=8,
@@ -258,7 +261,9 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         return len(self.bits)
 
     def probs(self) -> Tensor:
-        """softmax(logits), or [1] for a single bit-width."""
+        """softmax(logits), or [1] for a single bit-width (or what precomputed_probs handed over)."""
+        if self.probs_override is not None:
+            return self.probs_override
         return self._unit_probs if self.logits is None else torch.softmax(self.logits, 0)
 
     def expected_bits(self) -> Tensor:
@@ -320,8 +325,9 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         if self.role == "act":
             if not self._any_by_max:
                 return self._steps
-            # max relu(x) = relu(max x): no activation-sized temporary on the relu grid (every forward)
-            largest = xd.amax().clamp_min(0) if self.grid == "relu" else xd.abs().amax()
+            # relu grid: max relu(x) = relu(max x), and relu(m) / top clamped at MIN_SCALE > 0 is m / top
+            # so clamped (NaN stays NaN): no activation-sized temporary, and no separate relu launch
+            largest = xd.amax() if self.grid == "relu" else xd.abs().amax()
             by_max = (largest.float() / self._top).clamp_min(MIN_SCALE)
             return torch.where(self._by_max, by_max, self._steps)
         std = xd.float().std()

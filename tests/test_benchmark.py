@@ -154,7 +154,9 @@ def test_end_to_end_times_the_searchers_own_step(ops, monkeypatch):
     monkeypatch.setattr(endtoend.Searcher, "step", lambda self, *a, **k: calls.append(k) or real_step(self, *a, **k))
     (r,) = endtoend._measure_config(TINY_SUPERNET, [ops], "cpu", quick=True, compiled=False, log=lambda _: None)
     assert r["samples"] >= 2 and r["median_ms"] > 0 and r["saved_mb"] > 0 and r["peak_mb"] is None
-    assert len(calls) == 1 + r["samples"] and all(k == {"update_arch": True} for k in calls)
+    assert r["ops_per_step"] > 0 and "launches_per_step" not in r and "counts_error" not in r
+    # the warm-up step, the step whose ops are counted, then the timed ones
+    assert len(calls) == 2 + r["samples"] and all(k == {"update_arch": True} for k in calls)
     # the arch half keeps the candidate outputs for the gradient of alpha; the weight half has no use for them
     assert r["saved_mb_arch"] > r["saved_mb_weight"] > 0
     assert r["saved_mb"] == max(r["saved_mb_arch"], r["saved_mb_weight"])
@@ -169,7 +171,10 @@ def test_end_to_end_variants_take_turns_each_with_its_own_ops(monkeypatch):
                                             log=lambda _: None)
     n = fused["samples"]
     assert eager["samples"] == n >= 2
-    first, timed = steps[:2], steps[2:]  # each variant's warm-up step, then one timed step of each in turn
+    # each variant's warm-up and counted steps, then one timed step of each in turn
+    prepared, timed = steps[:4], steps[4:]
+    assert prepared[0] == prepared[1] and prepared[2] == prepared[3]
+    first = [prepared[0], prepared[2]]
     assert first[0][0] != first[1][0] and [active for _, active in first] == [False, True]
     assert timed == first * n
 
@@ -234,6 +239,28 @@ def test_search_step_targets_take_the_faster_mode_and_check_peak_memory_at_batch
     assert (t256["mode"], t256["step_s"], t256["peak_mb"], t256["met"]) == ("compiled", 0.3, 12000.0, False)
     text = "\n".join(report.end_to_end_lines({"end_to_end": records, "step_targets": [t64, t256]}))
     assert "issue 9" in text and "NOT met" in text
+
+
+def test_dispatched_ops_count_work_not_views_and_launch_counts_read_profiler_events():
+    x = torch.randn(4, 4, requires_grad=True)
+
+    def run():
+        y = (x.t().reshape(16) * 2).sum()  # views (t, reshape of a copy...), one mul, one sum, then backward
+        y.backward()
+
+    n = timing.dispatched_ops(run)
+    with torch.no_grad():
+        assert timing.dispatched_ops(lambda: x.view(16).detach()) == 0
+    assert 2 <= n <= 8  # forward mul and sum (plus the reshape's copy), their backward ops; no views
+
+    class Event:
+        def __init__(self, name, device_type=torch.autograd.DeviceType.CPU):
+            self.name, self.device_type = name, device_type
+
+    gpu = torch.autograd.DeviceType.CUDA
+    events = [Event("cudaLaunchKernel"), Event("cuLaunchKernel"), Event("cudaGraphLaunch"), Event("aten::add"),
+              Event("void kernel<float>", gpu), Event("triton_poi_fused", gpu), Event("memcpy", gpu)]
+    assert timing.count_launches(events) == {"launches": 3, "kernels": 3}
 
 
 def test_measure_interleaved_takes_turns_and_isolates_failures():

@@ -39,7 +39,7 @@ import qdarts_kernels as qk
 from qdarts.data import Dataset
 from qdarts.search import SearchConfig, Searcher
 
-from .timing import kept_bytes, measure_interleaved, synchronize
+from .timing import cuda_launches, dispatched_ops, kept_bytes, measure_interleaved, synchronize
 
 OPS_KINDS = ("fused", "reference", "eager")
 
@@ -157,6 +157,7 @@ def _prepare_variant(cfg: E2EConfig, ops: str, device: str,
         if calls is not None and not compiled and not (calls["mixed_fake_quant"] and calls["mixed_op_sum"]):
             raise RuntimeError(f"the eager-reference swap did not reach the supernet's ops (calls: {dict(calls)})")
         saved = step.saved_bytes()
+        counts = _launch_counts(step, device, compiled)
         peak = None
         if on_cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -175,8 +176,25 @@ def _prepare_variant(cfg: E2EConfig, ops: str, device: str,
         "layers": cfg.layers,
         "first_step_s": first_s, "saved_mb": max(saved.values()) / 2**20,
         "saved_mb_arch": saved["arch"] / 2**20, "saved_mb_weight": saved["weight"] / 2**20, "peak_mb": peak,
+        **counts,
     }
     return record, run
+
+
+def _launch_counts(step: "SearchStep", device: str, compiled: bool) -> Dict[str, Any]:
+    """What one step launches: ``ops_per_step`` (ops dispatched that do work, eager steps only), and on
+    CUDA ``launches_per_step`` / ``gpu_kernels_per_step`` from the profiler. A count that fails is
+    recorded as such; the step's other figures stand."""
+    counts: Dict[str, Any] = {}
+    try:
+        if not compiled:
+            counts["ops_per_step"] = dispatched_ops(step)
+        if torch.device(device).type == "cuda":
+            launched = cuda_launches(step)
+            counts.update(launches_per_step=launched["launches"], gpu_kernels_per_step=launched["kernels"])
+    except Exception as e:  # the profiler or a dispatch mode refusing this step: say so, keep the timing
+        counts["counts_error"] = f"{type(e).__name__}: {e}"
+    return counts
 
 
 def _measure_config(cfg: E2EConfig, kinds: Sequence[str], device: str, quick: bool, compiled: bool,
@@ -251,6 +269,9 @@ def run(device: str, *, quick: bool, compiled: bool = False, log: Callable[[str]
             f"are timed one step of each in turn, after one warm-up step each. "
             f"torch.compile: the step of `qdarts search --compile {compile_mode_for(device)}`. "
             "'saved MB': kept for backward by the larger half of the step (arch half / weight half in brackets). "
+            "'ops': ATen and custom ops that do work dispatched in one eager step (views and allocations not "
+            "counted; on a GPU each launches at least one kernel); on CUDA, the launches the profiler saw (and, in "
+            "brackets, the kernels run). "
             + ("Peak MB: CUDA peak allocated memory of one step." if on_cuda
                else "Peak memory is not measurable on CPU; 'saved MB' stands for it."))
     records: List[Dict[str, Any]] = []

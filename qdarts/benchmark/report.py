@@ -212,6 +212,14 @@ def _saved_cell(e: Dict[str, Any]) -> str:
     return f"{_num(e['saved_mb'])} ({_num(e['saved_mb_arch'])} / {_num(e['saved_mb_weight'])})"
 
 
+def _launch_cell(e: Dict[str, Any]) -> str:
+    """Ops dispatched per step (eager steps), and on CUDA the launches and kernels the profiler saw."""
+    parts = [str(e["ops_per_step"])] if e.get("ops_per_step") is not None else ["-"]
+    if e.get("launches_per_step") is not None:
+        parts.append(f"{e['launches_per_step']} ({e['gpu_kernels_per_step']})")
+    return " / ".join(parts)
+
+
 def end_to_end_lines(results: Dict[str, Any]) -> List[str]:
     lines = ["## End to end: one search step of the supernet", ""]
     note = results.get("end_to_end_note")
@@ -234,9 +242,10 @@ def end_to_end_lines(results: Dict[str, Any]) -> List[str]:
             times(base, e, "median_ms"),
             _saved_cell(e), times(base, e, "saved_mb"),
             _num(e["peak_mb"]) if e.get("peak_mb") is not None else "-", times(base, e, "peak_mb"),
+            _launch_cell(e),
         ])
     lines += _table(["config", "setting", "ops", "torch.compile", "ms per step (p20-p80)", "steps/s", "x faster than eager",
-                     "saved MB", "x less saved", "peak MB", "x less peak"], rows)
+                     "saved MB", "x less saved", "peak MB", "x less peak", "ops / launches (kernels) per step"], rows)
     target = results.get("end_to_end_target")
     if target:
         lines += ["", f"Target (issue 6, set for an H100): {target['config']}, fused ops >= {target['target']:g}x faster "

@@ -178,6 +178,60 @@ def kept_bytes(run: Callable[[], Any], exclude: Iterable[torch.Tensor]) -> int:
     return sum(kept.values())
 
 
+#: Ops that launch no kernel: they only make a tensor (views are recognised by their schema).
+_NO_WORK_OPS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view",
+                          "is_same_size", "_reshape_alias", "lift_fresh"})
+
+
+def dispatched_ops(run: Callable[[], Any]) -> int:
+    """How many ATen and custom ops that do work ``run()`` dispatches (views and bare allocations
+    not counted), through autograd's backward too. On a GPU each such op launches at least one
+    kernel from the host, so this is an eager step's launch count, counted the same way on any
+    device; compiled code should not be run under it (it would see the graph's ops re-dispatched)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    count = 0
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal count
+            if not func.is_view and func.overloadpacket.__name__ not in _NO_WORK_OPS:
+                count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        run()
+    return count
+
+
+#: Host-side calls that launch GPU work, as the profiler names them (runtime and driver API; Triton
+#: launches through the driver; a CUDA-graph replay is one launch).
+CUDA_LAUNCH_CALLS = frozenset({"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                               "cudaGraphLaunch", "cudaLaunchCooperativeKernel"})
+
+
+def cuda_launches(run: Callable[[], Any]) -> Dict[str, int]:
+    """``{"launches": host-side launch calls, "kernels": kernels run on the GPU}`` of one ``run()``,
+    from the profiler (a step replayed from CUDA graphs makes few launches for many kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    return count_launches(prof.events())
+
+
+def count_launches(events: Iterable[Any]) -> Dict[str, int]:
+    """The counts of :func:`cuda_launches` from profiler events (``name``, ``device_type``)."""
+    launches = kernels = 0
+    for e in events:
+        if e.name in CUDA_LAUNCH_CALLS:
+            launches += 1
+        elif getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            kernels += 1
+    return {"launches": launches, "kernels": kernels}
+
+
 def saved_bytes(fn: Callable[..., torch.Tensor], leaves: Sequence[torch.Tensor]) -> int:
     """Bytes of the tensors autograd keeps for the backward of ``fn(*leaves)`` beyond the inputs
     themselves (see :func:`kept_bytes`)."""

@@ -121,10 +121,12 @@ def test_cli_append_runs_the_end_to_end_part_into_the_kernel_part_s_results(tmp_
     cli.add_arguments(parser)
     base = ["--quick", "--device", "cpu", "--out", str(tmp_path), "--impls", "eager"]
     assert cli.run(parser.parse_args(base + ["--skip-end-to-end"])) == 0
-    kernels = json.loads((tmp_path / "results.json").read_text())["kernels"]
+    first = json.loads((tmp_path / "results.json").read_text())
+    kernels = first["kernels"]
     assert cli.run(parser.parse_args(base + ["--skip-kernels", "--append"])) == 0
     both = json.loads((tmp_path / "results.json").read_text())
     assert both["kernels"] == kernels and [e["config"] for e in both["end_to_end"]] == ["tiny"]
+    assert both["copy_gbps"] == first["copy_gbps"]  # the kernels' shares of copy bandwidth stay consistent
     text = (tmp_path / "report.md").read_text()
     assert "## Latency" in text and "tiny" in text
     # without --append the skipped part is not carried over

@@ -50,7 +50,7 @@ def _log(msg: str) -> None:
 
 
 #: What each part of a run writes into results.json.
-_KERNEL_KEYS = ("kernels", "targets")
+_KERNEL_KEYS = ("kernels", "targets", "copy_bytes", "copy_gbps", "cache_bytes")  # the kernels' % of copy
 _END_TO_END_KEYS = ("end_to_end", "end_to_end_note", "end_to_end_target", "step_targets")
 
 

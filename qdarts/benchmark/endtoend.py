@@ -266,7 +266,7 @@ def run(device: str, *, quick: bool, compiled: bool = False, log: Callable[[str]
             f"defaults otherwise. `fused` = automatic backend ({fused_backend} here); `reference` = backend "
             f"'reference' of the public ops; `eager` = the same step inside `qdarts_kernels.eager_reference()` "
             f"(every op and QAT module on the reference under plain autograd). The variants of a configuration "
-            f"are timed one step of each in turn, after one warm-up step each. "
+            f"are timed one step of each in turn, after a warm-up step and a counted step (ops) each. "
             f"torch.compile: the step of `qdarts search --compile {compile_mode_for(device)}`. "
             "'saved MB': kept for backward by the larger half of the step (arch half / weight half in brackets). "
             "'ops': ATen and custom ops that do work dispatched in one eager step (views and allocations not "

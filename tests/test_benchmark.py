@@ -187,7 +187,8 @@ def test_end_to_end_plan_covers_the_search_step_matrix():
     assert [(c.name, k) for c, k in endtoend.plan("cpu", quick=True)] == [("digits", ("fused", "eager"))]
     assert [c.name for c, _ in endtoend.plan("cpu", quick=False)] == ["digits", "cifar"]
     gpu = endtoend.plan("cuda", quick=True)
-    assert [(c.name, k) for c, k in gpu[:1] + gpu[-1:]] == [("cifar", endtoend.OPS_KINDS), ("digits", endtoend.OPS_KINDS)]
+    assert [(c.name, k) for c, k in gpu[:1] + gpu[-1:]] == [("cifar", endtoend.OPS_KINDS),
+                                                            ("digits", endtoend.OPS_KINDS)]
     cifar = [(c.batch, c.bits) for c, kinds in gpu if c.input_shape == (3, 32, 32) and "fused" in kinds]
     assert sorted(cifar) == sorted((b, bits) for b in (64, 256) for bits in ((2, 4, 8), (2, 4)))
     assert all(c.layers == 8 and c.channels == 16 and c.partial_channels == 4 for c, _ in gpu[:-1])
@@ -196,7 +197,8 @@ def test_end_to_end_plan_covers_the_search_step_matrix():
 
 def test_end_to_end_saves_after_each_configuration_and_reports_steps_per_second(monkeypatch):
     tiny_bits24 = endtoend.replace(TINY_SUPERNET, name="tiny-bits24", bits=(2, 4))
-    monkeypatch.setattr(endtoend, "plan", lambda device, quick: [(TINY_SUPERNET, ("fused",)), (tiny_bits24, ("fused",))])
+    monkeypatch.setattr(endtoend, "plan",
+                        lambda device, quick: [(TINY_SUPERNET, ("fused",)), (tiny_bits24, ("fused",))])
     saved = []
     records, note = endtoend.run("cpu", quick=True, log=lambda _: None, on_config_done=lambda r: saved.append(list(r)))
     assert [len(r) for r in saved] == [1, 2] and saved[-1] == records

@@ -244,8 +244,9 @@ def end_to_end_lines(results: Dict[str, Any]) -> List[str]:
             _num(e["peak_mb"]) if e.get("peak_mb") is not None else "-", times(base, e, "peak_mb"),
             _launch_cell(e),
         ])
-    lines += _table(["config", "setting", "ops", "torch.compile", "ms per step (p20-p80)", "steps/s", "x faster than eager",
-                     "saved MB", "x less saved", "peak MB", "x less peak", "ops / launches (kernels) per step"], rows)
+    lines += _table(["config", "setting", "ops", "torch.compile", "ms per step (p20-p80)", "steps/s",
+                     "x faster than eager", "saved MB", "x less saved", "peak MB", "x less peak",
+                     "ops / launches (kernels) per step"], rows)
     target = results.get("end_to_end_target")
     if target:
         lines += ["", f"Target (issue 6, set for an H100): {target['config']}, fused ops >= {target['target']:g}x faster "

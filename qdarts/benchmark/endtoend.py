@@ -224,9 +224,12 @@ def _measure_config(cfg: E2EConfig, kinds: Sequence[str], device: str, quick: bo
                             "error": "; ".join(failures)}
         elif failures:
             records[ops]["fallback_from"] = "; ".join(failures)
-    # CPU steps take seconds and the first step was the warm-up: a few rounds
+    # CPU steps take seconds and the first step was the warm-up: a few rounds; on a GPU --quick takes
+    # 3 rounds too (an eager-reference CIFAR-size step is seconds of launches there), a full run 5 or more
     cpu = torch.device(device).type == "cpu"
-    timings = measure_interleaved(runs, device, warmup=0 if cpu else 1, min_samples=(2 if quick else 3) if cpu else 5,
+    rounds = (2 if quick else 3) if cpu else (3 if quick else 5)
+    # the steps taken while preparing (warm-up, counted, memory) warmed every variant up already
+    timings = measure_interleaved(runs, device, warmup=0 if cpu or quick else 1, min_samples=rounds,
                                   max_samples=20, budget_s=1.0 if cpu or quick else 10.0) if runs else {}
     for ops in kinds:
         r = records[ops]

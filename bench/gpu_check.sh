@@ -13,7 +13,7 @@
 # Results under $OUT:
 #   summary.txt              one line per step: status, seconds, log file
 #   nvidia-smi.txt, versions.txt
-#   build.log, backends.log, tests.log, bench.log, e2e.log, memcheck.log, readme.log
+#   build.log, backends.log, tests.log, bench.log, e2e.log, profile.log, memcheck.log, readme.log
 #   bench/results.json, bench/report.md, bench/*.png    (qdarts bench --quick --device cuda, in two parts)
 #   bench/readme-section.md                             (the README performance section)
 set -u -o pipefail
@@ -26,7 +26,8 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PYTHON=${PYTHON:-python}
+# the GPU machine's Python with torch is python3 (there is no plain python there)
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-265}
 SUMMARY="$OUT/summary.txt"
 STARTED=$(date +%s)
@@ -77,11 +78,18 @@ step backends 60 "$PYTHON" -c 'import qdarts_kernels as qk; b = qk.available_bac
 # tests/test_backends.py runs every backend (cuda and triton on CUDA tensors here) against the reference.
 # Not here: tests/test_cuda_sources.py, nvcc compiling every .cu once more for sm_80/sm_90 (CI does; the
 # build step above has compiled them for this GPU) -- 96 of the 171 s the rest takes on the 2-core CI VM.
-step tests 120 "$PYTHON" -m pytest tests -m "not slow" --ignore=tests/test_cuda_sources.py -x -q -p no:cacheprovider
+# Spread over 8 processes when pytest-xdist is there (the GPU machine has 16 cores; the suite's search tests
+# are CPU work). Up to 25 failures are listed rather than stopping at the first: a rerun costs device time.
+XDIST=()
+"$PYTHON" -c 'import xdist' >/dev/null 2>&1 && XDIST=(-n 8)
+step tests 150 "$PYTHON" -m pytest tests -m "not slow" --ignore=tests/test_cuda_sources.py "${XDIST[@]}" \
+    --maxfail=25 -q -rfE -p no:cacheprovider
 # the kernel figures, then the search step (issue 6's fused-against-eager CIFAR step, issue 9's batch 64/256 x
 # bits matrix) as a separate step appending to the same results: each keeps what it measured if cut short
 step bench 100 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-end-to-end --out "$OUT/bench"
-step e2e 130 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-kernels --append --out "$OUT/bench"
+step e2e 150 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-kernels --append --out "$OUT/bench"
+# where the fused CIFAR-size step's time goes at batch 256 (host against GPU busy time, ops by time)
+step profile 45 "$PYTHON" -m qdarts.benchmark.profile --device cuda --config cifar-b256
 # last, with what is left of the budget: compute-sanitizer over the CUDA and Triton kernels
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 if [ -x "$SANITIZER" ]; then

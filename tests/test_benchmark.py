@@ -282,3 +282,18 @@ def test_measure_interleaved_takes_turns_and_isolates_failures():
     assert isinstance(result["boom"], RuntimeError)
     with pytest.raises(RuntimeError, match="kernel failed"):
         timing.measure(boom, lambda: None, "cpu", warmup=0, min_samples=1, max_samples=1)
+
+
+def test_profile_reports_one_step_sorted_by_host_time(capsys):
+    from qdarts.benchmark import profile
+
+    tiny = endtoend.E2EConfig("tiny", (1, 8, 8), batch=8, channels=4, layers=1, partial_channels=2, bits=(2, 4))
+    text = profile.profile_step(tiny, "cpu", rows=5)
+    assert "config: tiny" in text and "step wall time under the profiler" in text
+    assert "## by self host time" in text and "## by self device time" not in text  # no device on CPU
+    # a search step runs convolutions and the quantizers' op
+    assert "convolution" in text and "mixed_fake_quant" in text
+    # the command line knows the end-to-end benchmark's configurations
+    assert set(profile.configs()) >= {"digits", "cifar", "cifar-b256"}
+    with pytest.raises(SystemExit):
+        profile.parser().parse_args(["--config", "no-such-config"])

@@ -1,4 +1,4 @@
-"""A tiny run of every op on the ``cuda`` backend, for ``compute-sanitizer --tool memcheck``.
+"""A tiny run of every op on the ``cuda`` backend (the grouped quantizer too), for ``compute-sanitizer --tool memcheck``.
 
 Odd sizes (not multiples of any vector width or block), per-tensor and per-channel scales on
 several axes, K = 1..4, fp32 and bf16, forward and every gradient, so that an out-of-bounds access
@@ -53,6 +53,25 @@ def main() -> int:
                 want = grads(lambda *a: qk.reference.mixed_fake_quant(*a, bits, axis=axis), leaves, grad)
                 check(f"mixed_fake_quant {dtype} {shape} axis={axis} bits={bits}", got, want, dtype, 2, x.numel())
                 runs += 1
+        for axis in (None, 1):  # the grouped op: tensors of odd, different sizes in one launch
+            shapes, bits = ((4, 3, 5, 5), (7, 3, 3, 3), (2, 3, 1, 1), (1, 3, 2049, 1)), (2, 4, 8)
+            xs = [torch.randn(s, device=dev, dtype=dtype) for s in shapes]
+            probs = [torch.softmax(torch.randn(3, device=dev), 0) for _ in shapes]
+            scales = [torch.rand(3, device=dev) * 0.5 + 0.05 if axis is None else
+                      torch.rand(3, s[axis], device=dev) * 0.5 + 0.05 for s in shapes]
+            leaves = [t.requires_grad_() for t in xs + probs + scales]
+            n = len(shapes)
+
+            def flat(ys):
+                return torch.cat([y.flatten() for y in ys])
+
+            grad = torch.randn(sum(x.numel() for x in xs), device=dev, dtype=dtype)
+            got = grads(lambda *a: flat(qk.mixed_fake_quant_grouped(list(a[:n]), list(a[n:2 * n]), list(a[2 * n:]),
+                                                                    bits, axis=axis, backend="cuda")), leaves, grad)
+            want = grads(lambda *a: flat([qk.reference.mixed_fake_quant(a[i], a[n + i], a[2 * n + i], bits, axis=axis)
+                                          for i in range(n)]), leaves, grad)
+            check(f"mixed_fake_quant_grouped {dtype} axis={axis}", got, want, dtype, 1 + n, max(x.numel() for x in xs))
+            runs += 1
         for k in (1, 3, 8):
             shape = (5, 3, 13, 7)
             outs = [torch.randn(shape, device=dev, dtype=dtype).requires_grad_() for _ in range(k)]

@@ -75,6 +75,14 @@ versions >"$OUT/versions.txt" 2>&1
 # CUDA kernels for the H100 only (sm_90): the quickest build that exercises them here.
 step build 150 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 "$PYTHON" setup.py build_ext --inplace
 step backends 60 "$PYTHON" -c 'import qdarts_kernels as qk; b = qk.available_backends(); print(b); assert "cuda" in b and "triton" in b, b'
+# The figures first, then the tests: a run cut short loses the tests' verdict, which CI gives in part
+# (every backend against the reference on CPU), rather than figures nothing else can give. The kernel
+# figures, then the search step (issue 6's fused-against-eager CIFAR step, issue 9's batch 64/256 x bits
+# matrix) as a separate step appending to the same results: each keeps what it measured if cut short.
+step bench 100 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-end-to-end --out "$OUT/bench"
+step e2e 170 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-kernels --append --out "$OUT/bench"
+# where the fused CIFAR-size step's time goes at batch 256 (host against GPU busy time, ops by time)
+step profile 45 "$PYTHON" -m qdarts.benchmark.profile --device cuda --config cifar-b256
 # tests/test_backends.py runs every backend (cuda and triton on CUDA tensors here) against the reference.
 # Not here: tests/test_cuda_sources.py, nvcc compiling every .cu once more for sm_80/sm_90 (CI does; the
 # build step above has compiled them for this GPU) -- 96 of the 171 s the rest takes on the 2-core CI VM.
@@ -84,12 +92,6 @@ XDIST=()
 "$PYTHON" -c 'import xdist' >/dev/null 2>&1 && XDIST=(-n 8)
 step tests 150 "$PYTHON" -m pytest tests -m "not slow" --ignore=tests/test_cuda_sources.py "${XDIST[@]}" \
     --maxfail=25 -q -rfE -p no:cacheprovider
-# the kernel figures, then the search step (issue 6's fused-against-eager CIFAR step, issue 9's batch 64/256 x
-# bits matrix) as a separate step appending to the same results: each keeps what it measured if cut short
-step bench 100 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-end-to-end --out "$OUT/bench"
-step e2e 150 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-kernels --append --out "$OUT/bench"
-# where the fused CIFAR-size step's time goes at batch 256 (host against GPU busy time, ops by time)
-step profile 45 "$PYTHON" -m qdarts.benchmark.profile --device cuda --config cifar-b256
 # last, with what is left of the budget: compute-sanitizer over the CUDA and Triton kernels
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 if [ -x "$SANITIZER" ]; then

@@ -51,11 +51,22 @@ def _mos(**kwargs):
 OPS = {"mixed_fake_quant": _mfq, "fake_quant": _fq, "mixed_op_sum": _mos}
 
 
+def _describe(v):
+    """An argument in a test id: arrays by type and device, never by their (random) values, so that
+    every process collecting the tests (pytest-xdist) gets the same ids."""
+    if isinstance(v, torch.Tensor):
+        return "Tensor" if v.device.type == "cpu" else f"Tensor({v.device.type})"
+    if isinstance(v, np.ndarray):
+        return type(v).__name__
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_describe(e) for e in v) + "]"
+    return repr(v)
+
+
 def _case_id(value):
     """Test ids: the op's name and the arguments that differ from the valid call, not the message."""
     if isinstance(value, dict):
-        return ",".join(f"{k}={type(v).__name__ if isinstance(v, (torch.Tensor, np.ndarray)) else v!r}"
-                        for k, v in value.items())
+        return ",".join(f"{k}={_describe(v)}" for k, v in value.items())
     return value if value in OPS else "-"
 
 

@@ -182,13 +182,17 @@ def test_end_to_end_variants_take_turns_each_with_its_own_ops(monkeypatch):
 
 
 def test_end_to_end_plan_covers_the_search_step_matrix():
-    """CPU: fused against eager (digits only with --quick); CUDA: the three kinds on CIFAR, issue 9's
-    CIFAR-size matrix (batch 64 and 256, bits 2,4,8 and 2,4) with the fused ops, then digits."""
+    """CPU: fused against eager (digits only with --quick); CUDA: the fused and eager ops (all three
+    kinds without --quick) on CIFAR, issue 9's CIFAR-size matrix (batch 64 and 256, bits 2,4,8 and
+    2,4) with the fused ops, then digits."""
     assert [(c.name, k) for c, k in endtoend.plan("cpu", quick=True)] == [("digits", ("fused", "eager"))]
     assert [c.name for c, _ in endtoend.plan("cpu", quick=False)] == ["digits", "cifar"]
+    full = endtoend.plan("cuda", quick=False)
+    assert [(c.name, k) for c, k in full[:1] + full[-1:]] == [("cifar", endtoend.OPS_KINDS),
+                                                              ("digits", endtoend.OPS_KINDS)]
     gpu = endtoend.plan("cuda", quick=True)
-    assert [(c.name, k) for c, k in gpu[:1] + gpu[-1:]] == [("cifar", endtoend.OPS_KINDS),
-                                                            ("digits", endtoend.OPS_KINDS)]
+    assert [(c.name, k) for c, k in gpu[:1] + gpu[-1:]] == [("cifar", ("fused", "eager")),
+                                                            ("digits", ("fused", "eager"))]
     cifar = [(c.batch, c.bits) for c, kinds in gpu if c.input_shape == (3, 32, 32) and "fused" in kinds]
     assert sorted(cifar) == sorted((b, bits) for b in (64, 256) for bits in ((2, 4, 8), (2, 4)))
     assert all(c.layers == 8 and c.channels == 16 and c.partial_channels == 4 for c, _ in gpu[:-1])
@@ -213,7 +217,7 @@ def test_end_to_end_saves_after_each_configuration_and_reports_steps_per_second(
 def test_compiled_end_to_end_falls_back_to_plain_inductor_when_graph_capture_fails(monkeypatch):
     tried = []
 
-    def prepare(cfg, ops, device, compile_mode):
+    def prepare(cfg, ops, device, compile_mode, backend=None):
         tried.append(compile_mode)
         if compile_mode == "reduce-overhead":
             raise RuntimeError("capture failed")
@@ -225,6 +229,29 @@ def test_compiled_end_to_end_falls_back_to_plain_inductor_when_graph_capture_fai
     (r,) = endtoend._measure_config(TINY_SUPERNET, ["fused"], "cpu", quick=True, compiled=True, log=lambda _: None)
     assert tried == ["reduce-overhead", "default"]
     assert r["compile_mode"] == "default" and "capture failed" in r["fallback_from"] and r["median_ms"] > 0
+
+
+def test_fused_end_to_end_on_a_gpu_falls_back_to_the_other_gpu_backend(monkeypatch):
+    """A fused step whose automatic backend fails on the GPU is timed on the other GPU backend, and the
+    failure is recorded with the figure; the eager reference is tried once."""
+    tried = []
+
+    def prepare(cfg, ops, device, compile_mode, backend=None):
+        tried.append((ops, backend))
+        if ops == "fused" and backend in (None, "cuda"):
+            raise RuntimeError("kernel failed")
+        return {"config": cfg.name, "description": cfg.description, "ops": ops, "mode": "eager", "backend": backend,
+                "compile_mode": None, "peak_mb": 1.0, "saved_mb": 1.0}, lambda _: None
+
+    monkeypatch.setattr(endtoend, "_prepare_variant", prepare)
+    monkeypatch.setattr(endtoend.qk, "available_backends", lambda: ["reference", "cuda", "triton"])
+    monkeypatch.setattr(endtoend, "measure_interleaved",
+                        lambda runs, device, **kw: {name: timing.Timing([0.1, 0.2, 0.3]) for name in runs})
+    fused, eager = endtoend._measure_config(TINY_SUPERNET, ["fused", "eager"], "cuda", quick=True, compiled=False,
+                                            log=lambda _: None)
+    assert tried == [("fused", None), ("fused", "triton"), ("eager", None)]
+    assert fused["backend"] == "triton" and "kernel failed" in fused["fallback_from"] and fused["median_ms"] == 200
+    assert "fallback_from" not in eager
 
 
 def test_search_step_targets_take_the_faster_mode_and_check_peak_memory_at_batch_256():
@@ -297,3 +324,25 @@ def test_profile_reports_one_step_sorted_by_host_time(capsys):
     assert set(profile.configs()) >= {"digits", "cifar", "cifar-b256"}
     with pytest.raises(SystemExit):
         profile.parser().parse_args(["--config", "no-such-config"])
+
+
+def test_hidden_launches_time_the_device_not_the_host():
+    """hide_launch: on a GPU the events time the kernels, and the host's time to issue them is
+    recorded beside; a run that sleeps 1 ms on the host before one tiny kernel takes about 1 ms of
+    host time and far less device time. On CPU there is nothing to hide: wall time, no host samples."""
+    import time
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.zeros(1024, device=device)
+
+    def run(_):
+        time.sleep(1e-3)
+        return x.add_(1.0)
+
+    measured = timing.measure_interleaved({"run": (lambda: None, run)}, device, warmup=1, min_samples=5,
+                                           max_samples=5, hide_launch=True)["run"]
+    if device == "cpu":
+        assert measured.host_samples == [] and measured.host_median is None and measured.median >= 1e-3
+    else:
+        assert len(measured.host_samples) == 5 and measured.host_median >= 1e-3
+        assert measured.median < 0.5e-3, measured.samples

@@ -53,7 +53,7 @@ def _run(tmp_path, budget_s):
 def test_steps_run_in_order_with_flags_the_benchmark_cli_accepts(tmp_path):
     proc, summary, commands = _run(tmp_path, budget_s=200)
     steps = [line.split()[0] for line in summary]
-    assert steps == ["build", "backends", "tests", "bench", "e2e", "profile", "memcheck", "readme",
+    assert steps == ["build", "backends", "bench", "e2e", "profile", "tests", "memcheck", "readme",
                      "total"], summary
     status = {line.split()[0]: line.split()[1] for line in summary}
     assert all(status[s] == "ok" for s in ("build", "backends", "tests", "bench", "e2e", "profile")), summary

@@ -12,7 +12,7 @@ import torch
 
 from . import cases as case_defs
 from . import endtoend, report
-from .runner import check_targets, run_kernels
+from .runner import check_gpu_targets, check_targets, run_kernels
 from .timing import copy_bandwidth_gbps, environment, last_level_cache_bytes
 
 
@@ -50,7 +50,7 @@ def _log(msg: str) -> None:
 
 
 #: What each part of a run writes into results.json.
-_KERNEL_KEYS = ("kernels", "targets", "copy_bytes", "copy_gbps", "cache_bytes")  # the kernels' % of copy
+_KERNEL_KEYS = ("kernels", "targets", "gpu_targets", "copy_bytes", "copy_gbps", "cache_bytes")  # the kernels' % of copy
 _END_TO_END_KEYS = ("end_to_end", "end_to_end_note", "end_to_end_target", "step_targets")
 
 
@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         "cache_bytes": last_level_cache_bytes(device),
         "kernels": [],
         "targets": [],
+        "gpu_targets": [],
         "end_to_end": [],
     }
     if args.append and os.path.exists(json_path):
@@ -115,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         results["kernels"] = run_kernels(cases, device, quick=args.quick, copy_gbps=results["copy_gbps"],
                                          impls=impls, on_case_done=partial, log=_log)
         results["targets"] = check_targets(results["kernels"], device)
+        results["gpu_targets"] = check_gpu_targets(results["kernels"], device)
         save()
     if not args.skip_end_to_end:
         _log("end to end: supernet search step")
@@ -142,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
         if t["met"] is not None:
             _log(f"target {t['op']} {t['scaling']}: {t['measured']:.2f}x (>= {t['ratio']}x: "
                  f"{'met' if t['met'] else 'NOT met'})")
+    for t in results.get("gpu_targets", []):
+        _log("target " + report.gpu_target_text(t))
     for t in results.get("step_targets", []):
         _log(f"target search step: {t['config']}: {t['step_s']:.3f} s (<= {t['limit_s']} s)"
              + (f", peak {t['peak_mb']:.0f} MB (<= {t['peak_limit_mb']:.0f} MB)" if t["peak_limit_mb"] else "")

@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import qdarts_kernels as qk
+from qdarts_kernels._backends import resolve as resolve_backend
 
 from qdarts.data import Dataset
 from qdarts.search import SearchConfig, Searcher
@@ -84,12 +85,14 @@ def plan(device: str, quick: bool) -> List[Tuple[E2EConfig, Tuple[str, ...]]]:
     """The configurations to time, each with the ops kinds to compare on it. On CPU, where a digits
     step takes seconds and a CIFAR-size step tens of seconds, only fused against eager, and
     ``--quick`` only digits. On CUDA the issue targets first (results are saved after each
-    configuration, so a run cut short keeps them): CIFAR with all three kinds, the rest of the
-    search-step matrix with the fused ops, then digits with all three kinds."""
+    configuration, so a run cut short keeps them): CIFAR with the fused and the eager-reference ops
+    (all three kinds without ``--quick``: an eager CIFAR-size step takes seconds there, being
+    launch-bound), the rest of the search-step matrix with the fused ops, then digits."""
     if torch.device(device).type == "cpu":
         return [(cfg, ("fused", "eager")) for cfg in ([digits_config()] if quick else [digits_config(), CIFAR])]
-    return ([(CIFAR, OPS_KINDS)] + [(cfg, ("fused",)) for cfg in SEARCH_STEP_MATRIX if cfg is not CIFAR]
-            + [(digits_config(), OPS_KINDS)])
+    kinds = ("fused", "eager") if quick else OPS_KINDS
+    return ([(CIFAR, kinds)] + [(cfg, ("fused",)) for cfg in SEARCH_STEP_MATRIX if cfg is not CIFAR]
+            + [(digits_config(), kinds)])
 
 
 class SearchStep:
@@ -133,13 +136,14 @@ class SearchStep:
         return kept_bytes(run, [*self.searcher.net.parameters(), *self.train_batch, *self.val_batch])
 
 
-def _prepare_variant(cfg: E2EConfig, ops: str, device: str,
-                     compile_mode: Optional[str]) -> Tuple[Dict[str, Any], Callable]:
-    """Build one variant (compiled in ``compile_mode`` unless None), take its first step (warm-up,
-    and compilation), count what it keeps for backward and (on CUDA) its peak memory; returns that
-    record and ``run(_)``, one timed step."""
+def _prepare_variant(cfg: E2EConfig, ops: str, device: str, compile_mode: Optional[str],
+                     backend: Optional[str] = None) -> Tuple[Dict[str, Any], Callable]:
+    """Build one variant (compiled in ``compile_mode`` unless None; ``backend`` of the fused ops,
+    None for the automatic choice), take its first step (warm-up, and compilation), count what it
+    keeps for backward and (on CUDA) its peak memory; returns that record and ``run(_)``, one
+    timed step."""
     compiled = compile_mode is not None
-    backend = {"fused": None, "reference": "reference", "eager": None}[ops]
+    backend = {"fused": backend, "reference": "reference", "eager": None}[ops]
 
     def swap():
         return qk.eager_reference() if ops == "eager" else contextlib.nullcontext(None)
@@ -175,6 +179,7 @@ def _prepare_variant(cfg: E2EConfig, ops: str, device: str,
     record = {
         "config": cfg.name, "description": cfg.description, "ops": ops, "mode": "compiled" if compiled else "eager",
         "compile_mode": compile_mode,
+        "backend": resolve_backend(backend, torch.device(device)) if ops == "fused" else backend,
         "batch": cfg.batch, "bits": list(cfg.bits), "input_shape": list(cfg.input_shape), "channels": cfg.channels,
         "layers": cfg.layers,
         "first_step_s": first_s, "saved_mb": max(saved.values()) / 2**20,
@@ -208,17 +213,23 @@ def _measure_config(cfg: E2EConfig, kinds: Sequence[str], device: str, quick: bo
     mode = "compiled" if compiled else "eager"
     records: Dict[str, Dict[str, Any]] = {}
     runs = {}
-    # compiled: the benchmark's mode, and should it fail (CUDA-graph capture), plain inductor
+    # compiled: the benchmark's mode, and should it fail (CUDA-graph capture), plain inductor; the fused
+    # ops on a GPU: the automatic backend, and should it fail, each other GPU backend (a figure for the
+    # step rather than none; the failure is recorded with it)
     compile_modes = [None] if not compiled else list(dict.fromkeys([compile_mode_for(device), "default"]))
+    on_gpu = torch.device(device).type == "cuda"
     for ops in kinds:
         failures = []
-        for compile_mode in compile_modes:
+        backends = [None] + [b for b in ("triton", "cuda") if b in qk.available_backends()] if (
+            ops == "fused" and on_gpu) else [None]
+        for compile_mode, backend in ((m, b) for b in backends for m in compile_modes):
             try:
-                records[ops], run = _prepare_variant(cfg, ops, device, compile_mode)
+                records[ops], run = _prepare_variant(cfg, ops, device, compile_mode, backend)
                 runs[ops] = (lambda: None, run)
                 break
             except Exception as e:
-                failures.append(f"{compile_mode or 'eager'}: {type(e).__name__}: {e}")
+                failures.append(f"{compile_mode or 'eager'}{'' if backend is None else ' on ' + backend}: "
+                                f"{type(e).__name__}: {e}")
         if ops not in runs:
             records[ops] = {"config": cfg.name, "description": cfg.description, "ops": ops, "mode": mode,
                             "error": "; ".join(failures)}
@@ -264,7 +275,7 @@ def run(device: str, *, quick: bool, compiled: bool = False, log: Callable[[str]
         return [], note
     on_cuda = torch.device(device).type == "cuda"
     if on_cuda:
-        fused_backend = "the preferred GPU backend, Triton or CUDA"
+        fused_backend = f"{resolve_backend(None, torch.device(device))}, the faster GPU backend"
     else:
         fused_backend = "cpu" if "cpu" in qk.available_backends() else "reference: the C++ extension is not built"
     note = (f"Random data of the configuration's shape; one step of `qdarts search` itself (`Searcher.step`, "

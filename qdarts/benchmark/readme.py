@@ -14,8 +14,8 @@ import argparse
 import sys
 from typing import Any, Dict, List, Optional
 
-from .report import (SUMMARY_HEADER, _ratio, _size, _table, conditions_lines, end_to_end_lines, read_json,
-                     summary_rows)
+from .report import (SUMMARY_HEADER, _ratio, _size, _table, conditions_lines, end_to_end_lines, gpu_target_text,
+                     read_json, summary_rows)
 
 
 def performance_section(results_list: List[Dict[str, Any]], sources: List[str]) -> str:
@@ -36,6 +36,9 @@ def performance_section(results_list: List[Dict[str, Any]], sources: List[str]) 
             lines += ["Issue-2 targets (cpu backend over eager, forward+backward, fp32): " + "; ".join(
                 f"{t['op']} {'x'.join(map(str, t['shape'])) if t.get('shape') else _size(t['numel'])}: "
                 f"{_ratio(t['measured'])} (target >= {t['ratio']}x)" for t in targets) + ".", ""]
+        gpu_targets = results.get("gpu_targets") or []
+        if gpu_targets:
+            lines += ["Issue-3/4 targets: " + "; ".join(gpu_target_text(t) for t in gpu_targets) + ".", ""]
         lines += ["##" + line if line.startswith("## ") else line for line in end_to_end_lines(results)]
     return "\n".join(lines) + "\n"
 

@@ -62,6 +62,30 @@ def _shape(r: Dict[str, Any]) -> str:
     return "x".join(map(str, r["shape"])) + f" ({_size(r['numel'])})"
 
 
+_METRIC_TEXT = {"pct_of_copy": ("% of copy bandwidth", "{:.0f}%"), "speedup_vs_compiled": ("x torch.compile", "{:.1f}x")}
+
+
+def gpu_target_text(t: Dict[str, Any]) -> str:
+    """One issue-3/4 target row (``runner.check_gpu_targets``) in words."""
+    name, fmt = _METRIC_TEXT[t["metric"]]
+    measured = "not measured" if t["measured"] is None else fmt.format(t["measured"])
+    verdict = {True: "met", False: "NOT met", None: "-"}[t["met"]]
+    return (f"{t['op']}{'' if t['scaling'] == '-' else ' ' + t['scaling']} {_size(t['numel'])} fp32 forward+backward, "
+            f"{t['backend']}: {measured} (target >= {fmt.format(t['min'])} {name.lstrip('%x ')}): {verdict}")
+
+
+def _gpu_target_table(targets: List[Dict[str, Any]]) -> List[str]:
+    rows = []
+    for t in targets:
+        name, fmt = _METRIC_TEXT[t["metric"]]
+        rows.append([t["op"] + ("" if t["scaling"] == "-" else f" {t['scaling']}"),
+                     "x".join(map(str, t["shape"])) if t.get("shape") else _size(t["numel"]), t["backend"],
+                     _num(t.get("ms")), _num(t.get("host_ms")), f">= {fmt.format(t['min'])} {name.lstrip('%x ')}",
+                     "-" if t["measured"] is None else fmt.format(t["measured"]),
+                     {True: "yes", False: "NO", None: "-"}[t["met"]]])
+    return _table(["op", "shape", "backend", "device ms", "host ms", "target", "measured", "met"], rows)
+
+
 def _table(header: List[str], rows: Iterable[List[str]]) -> List[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -157,9 +181,18 @@ def markdown_report(results: Dict[str, Any]) -> str:
              for t in results["targets"]),
         )
         lines.append("")
+    if results.get("gpu_targets"):
+        lines += ["## Issue-3/4 targets (each GPU backend, forward+backward, fp32)", ""]
+        lines += _gpu_target_table(results["gpu_targets"]) + [""]
     lines += ["## Summary: forward+backward", ""]
     lines += _table(SUMMARY_HEADER, summary_rows(records))
+    host_column = any("host_ms" in r for r in records)
     lines += ["", "## Latency, speed-up and bandwidth", ""]
+    if host_column:
+        lines += ["Device time: each run's launches are issued while the GPU is still busy (a busy-wait queued "
+                  "before the start event), so the events time the kernels back to back, as in a network whose "
+                  "host runs ahead; 'host ms' is the host's time to issue the run. Where host ms exceeds the "
+                  "device time, the op run alone is bound by the host.", ""]
     for label in _labels(_ok(records)):
         lines += [f"### {label}", ""]
         rows = []
@@ -170,9 +203,9 @@ def markdown_report(results: Dict[str, Any]) -> str:
                     f"{_num(r['median_ms'])} ({_num(r['p20_ms'])}-{_num(r['p80_ms'])})",
                     _ratio(r["speedup_vs_eager"]), _ratio(r["speedup_vs_compiled"]),
                     _num(r["gbps"]), _num(r["pct_of_copy"], 2) + "%",
-                ])
+                ] + ([_num(r.get("host_ms"))] if host_column else []))
         lines += _table(["shape", "dtype", "mode", "impl", "median ms (p20-p80)", "x eager", "x compiled", "GB/s",
-                         "% of copy"], rows)
+                         "% of copy"] + (["host ms"] if host_column else []), rows)
         lines.append("")
     lines += ["## Memory kept for backward", "",
               "Bytes of the tensors autograd saves beyond the inputs (saved-tensor hooks)"

@@ -101,8 +101,9 @@ def benchmark_case(
     try:
         for mode in MODES:
             runs = {impl: mode_functions(fn, leaves, grad)[mode] for impl, (fn, _) in ready.items()}
+            # on a GPU the device's time (launches issued ahead), the host's time to issue beside it
             timings = measure_interleaved(runs, device, flush=flush, warmup=warmup, min_samples=min_samples,
-                                          max_samples=max_samples, budget_s=budget_s)
+                                          max_samples=max_samples, budget_s=budget_s, hide_launch=True)
             for impl, timing in timings.items():
                 if isinstance(timing, Exception):
                     failed(impl, timing)
@@ -115,6 +116,7 @@ def benchmark_case(
                     "median_ms": _ms(timing.median), "p20_ms": _ms(timing.p20), "p80_ms": _ms(timing.p80),
                     "samples": len(timing.samples), "min_traffic_bytes": traffic, "gbps": gbps,
                     "pct_of_copy": 100.0 * gbps / copy_gbps,
+                    **({"host_ms": _ms(timing.host_median)} if timing.host_samples else {}),
                 })
                 log(f"  {case.id:<52} {impl:<9} {mode:<17} {records[-1]['median_ms']:10.3f} ms"
                     f"  {gbps:7.1f} GB/s")
@@ -193,4 +195,35 @@ def check_targets(records: List[Dict[str, Any]], device: str) -> List[Dict[str, 
         else:
             row.update(measured=None, met=None, note="not measured (cpu backend missing or case not in the sweep)")
         out.append(row)
+    return out
+
+
+#: Issue-3/4 acceptance targets on a GPU (set for an H100), fp32, forward+backward, for each fused GPU
+#: backend: ``pct_of_copy`` = share of the measured copy bandwidth at the minimum traffic,
+#: ``speedup_vs_compiled`` = torch.compile of the reference's time / the backend's.
+GPU_TARGETS = (
+    {"op": "mixed_fake_quant", "scaling": "per_tensor", "numel": 32 * 2**20, "metric": "pct_of_copy", "min": 80.0},
+    {"op": "mixed_fake_quant", "scaling": "per_tensor", "numel": 4 * 2**20, "metric": "speedup_vs_compiled",
+     "min": 10.0},
+    {"op": "mixed_op_sum", "scaling": "-", "numel": 4 * 2**20, "metric": "pct_of_copy", "min": 80.0},
+)
+GPU_BACKENDS = ("triton", "cuda")
+
+
+def check_gpu_targets(records: List[Dict[str, Any]], device: str) -> List[Dict[str, Any]]:
+    """The issue-3/4 targets (CUDA only), one row per target and GPU backend."""
+    if torch.device(device).type != "cuda":
+        return []
+    out = []
+    for target in GPU_TARGETS:
+        for backend in GPU_BACKENDS:
+            row = {**target, "backend": backend, "mode": "forward+backward", "dtype": "fp32", "measured": None,
+                   "met": None}
+            for r in records:
+                if (r.get("op"), r.get("scaling"), r.get("numel"), r.get("dtype"), r.get("mode"), r.get("impl")) == (
+                        target["op"], target["scaling"], target["numel"], "fp32", "forward+backward", backend):
+                    measured = r.get(target["metric"])
+                    row.update(shape=r["shape"], ms=r.get("median_ms"), host_ms=r.get("host_ms"), measured=measured,
+                               met=None if measured is None else measured >= target["min"])
+            out.append(row)
     return out

@@ -39,10 +39,10 @@ import triton.language as tl
 from ._common import LAUNCH_OPTIONS, cast_out, device_guard, next_pow2, tile_size
 from .mixed_fake_quant import _grid_ranges, _quantize
 
-# Columns of the per-tensor table META.
-_PROG_START, _PROG_END, _X, _OUT, _G, _S, _NUMEL, _ROWS, _COLS, _CHANNELS, _OUTER, _COL_BLOCKS = range(12)
-_SCALE_OFF, _PART_S_OFF, _CHAN_START = 12, 13, 14
-_F = 15
+# Columns of the per-tensor table META; constexpr because the kernels read them (compiled Triton reads
+# no other globals) and the host indexes its rows with them.
+(_PROG_START, _PROG_END, _X, _OUT, _G, _S, _NUMEL, _ROWS, _COLS, _CHANNELS, _OUTER, _COL_BLOCKS, _SCALE_OFF,
+ _PART_S_OFF, _CHAN_START, _F) = (tl.constexpr(column) for column in range(16))
 _POINTER_COLUMNS = (_X, _OUT, _G, _S)
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -92,7 +92,7 @@ def plan_grouped(shapes: Tuple[Tuple[int, ...], ...], axes: Tuple[int, ...]) -> 
             rows, cols, outer = triton.cdiv(numel, block_cols), block_cols, triton.cdiv(numel, block_cols)
         col_blocks = triton.cdiv(cols, block_cols)
         count = triton.cdiv(rows, block_rows) * col_blocks if numel else 0
-        row = [0] * _F
+        row = [0] * _F.value
         row[_PROG_START], row[_PROG_END] = programs, programs + count
         row[_NUMEL], row[_ROWS], row[_COLS], row[_CHANNELS] = numel, rows, cols, chans
         row[_OUTER], row[_COL_BLOCKS] = outer, col_blocks

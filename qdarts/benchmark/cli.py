@@ -10,6 +10,8 @@ from typing import Any, Dict
 
 import torch
 
+from qdarts_kernels._backends import resolve as resolve_backend
+
 from . import cases as case_defs
 from . import endtoend, report
 from .runner import check_gpu_targets, check_targets, run_kernels
@@ -122,14 +124,16 @@ def run(args: argparse.Namespace) -> int:
         _log("end to end: supernet search step")
 
         def partial_end_to_end(records):
+            # the targets with every save: a run stopped by a time limit keeps its verdicts too
             results["end_to_end"] = records
+            results["end_to_end_target"] = endtoend.check_target(records, device)
+            results["step_targets"] = endtoend.check_step_targets(records, device)
             save()
 
-        results["end_to_end"], results["end_to_end_note"] = endtoend.run(
+        results["end_to_end_note"] = endtoend.method_note(device, resolve_backend(None, torch.device(device)))
+        records, results["end_to_end_note"] = endtoend.run(
             device, quick=args.quick, compiled=args.compile_end_to_end, log=_log, on_config_done=partial_end_to_end)
-        results["end_to_end_target"] = endtoend.check_target(results["end_to_end"], device)
-        results["step_targets"] = endtoend.check_step_targets(results["end_to_end"], device)
-        save()
+        partial_end_to_end(records)
 
     results["wall_s"] = time.perf_counter() - started
     results["loadavg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

@@ -274,11 +274,27 @@ def run(device: str, *, quick: bool, compiled: bool = False, log: Callable[[str]
         log("  " + note)
         return [], note
     on_cuda = torch.device(device).type == "cuda"
+    note = method_note(device, resolve_backend(None, torch.device(device)))
+    records: List[Dict[str, Any]] = []
+    for cfg, kinds in plan(device, quick):
+        for mode in ((False, True) if compiled else (False,)):
+            records += _measure_config(cfg, kinds, device, quick, mode, log)
+            if on_cuda:
+                torch.cuda.empty_cache()
+            if on_config_done is not None:
+                on_config_done(records)
+    return records, note
+
+
+def method_note(device: str, fused_backend: str) -> str:
+    """How the end-to-end figures on ``device`` were taken, for the report (``fused_backend``: the
+    backend the automatic choice gave the fused ops there)."""
+    on_cuda = torch.device(device).type == "cuda"
     if on_cuda:
-        fused_backend = f"{resolve_backend(None, torch.device(device))}, the faster GPU backend"
-    else:
-        fused_backend = "cpu" if "cpu" in qk.available_backends() else "reference: the C++ extension is not built"
-    note = (f"Random data of the configuration's shape; one step of `qdarts search` itself (`Searcher.step`, "
+        fused_backend += ", the faster GPU backend"
+    elif fused_backend != "cpu":
+        fused_backend += ": the C++ extension is not built"
+    return (f"Random data of the configuration's shape; one step of `qdarts search` itself (`Searcher.step`, "
             f"first order: alpha and beta on the val batch, then weights and bit logits on the train batch), its "
             f"defaults otherwise. `fused` = automatic backend ({fused_backend} here); `reference` = backend "
             f"'reference' of the public ops; `eager` = the same step inside `qdarts_kernels.eager_reference()` "
@@ -291,15 +307,6 @@ def run(device: str, *, quick: bool, compiled: bool = False, log: Callable[[str]
             "brackets, the kernels run). "
             + ("Peak MB: CUDA peak allocated memory of one step." if on_cuda
                else "Peak memory is not measurable on CPU; 'saved MB' stands for it."))
-    records: List[Dict[str, Any]] = []
-    for cfg, kinds in plan(device, quick):
-        for mode in ((False, True) if compiled else (False,)):
-            records += _measure_config(cfg, kinds, device, quick, mode, log)
-            if on_cuda:
-                torch.cuda.empty_cache()
-            if on_config_done is not None:
-                on_config_done(records)
-    return records, note
 
 
 def compile_mode_for(device: str) -> str:

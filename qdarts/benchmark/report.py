@@ -128,11 +128,15 @@ def conditions_lines(results: Dict[str, Any]) -> List[str]:
         f"in turn (round-robin, so that drift of the machine's speed cancels out of the ratios); warm-up runs "
         f"discarded; the "
         f"{results['cache_bytes'] // MB} MiB last-level cache is flushed before every run (a buffer twice "
-        f"its size is rewritten) and the device synchronised; forward runs with inputs that require grad "
-        f"(as in training); backward is timed alone after an untimed forward; GB/s counts the minimum "
-        f"traffic (DESIGN section 6). `eager` = `qdarts_kernels.reference`, `compiled` = `torch.compile` of "
-        f"it (one compilation per shape and dtype), `autograd` = the straightforward PyTorch quantizer "
-        f"(autograd through every step, straight-through round; `qdarts.benchmark.cases.straightforward_quant`).",
+        f"its size is rewritten) and the device synchronised"
+        + ("; on the GPU each run's launches are issued behind a busy-wait kernel, so that the figures are the "
+           "device's time (the host's time to issue the run is the 'host ms' column)"
+           if any("host_ms" in r for r in results["kernels"]) else "")
+        + "; forward runs with inputs that require grad "
+        "(as in training); backward is timed alone after an untimed forward; GB/s counts the minimum "
+        "traffic (DESIGN section 6). `eager` = `qdarts_kernels.reference`, `compiled` = `torch.compile` of "
+        "it (one compilation per shape and dtype), `autograd` = the straightforward PyTorch quantizer "
+        "(autograd through every step, straight-through round; `qdarts.benchmark.cases.straightforward_quant`).",
     ]
 
 

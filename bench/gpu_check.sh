@@ -80,7 +80,8 @@ step backends 60 "$PYTHON" -c 'import qdarts_kernels as qk; b = qk.available_bac
 # figures, then the search step (issue 6's fused-against-eager CIFAR step, issue 9's batch 64/256 x bits
 # matrix) as a separate step appending to the same results: each keeps what it measured if cut short.
 step bench 100 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-end-to-end --out "$OUT/bench"
-step e2e 170 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-kernels --append --out "$OUT/bench"
+step e2e 200 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-kernels --append --cuda-graph-end-to-end \
+    --out "$OUT/bench"
 # where the fused CIFAR-size step's time goes at batch 256 (host against GPU busy time, ops by time)
 step profile 45 "$PYTHON" -m qdarts.benchmark.profile --device cuda --config cifar-b256
 # tests/test_backends.py runs every backend (cuda and triton on CUDA tensors here) against the reference.

@@ -47,7 +47,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "for CIFAR-10 on a CPU)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run whose checkpoint is in --out, with the settings saved there "
-                        "(only --device may change); the result equals an uninterrupted run")
+                        "(only --device and, for a search, --cuda-graph may change); the result equals an uninterrupted run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
 
@@ -93,6 +93,10 @@ def _search_parser(sub) -> None:
                    help="quantize the weights of all convs in one grouped launch per step, and take the "
                         "activation quantizers' bit probabilities in one softmax (default: on; "
                         "--no-grouped-weights: launches per conv, the same values)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each search step from a CUDA graph (CUDA, first order, one process): the "
+                        "eager step recorded once per epoch and batch shape after 3 eager steps, then one "
+                        "launch per step instead of tens of thousands; not with --compile")
     _add_common(p)
     p.set_defaults(run=_run_search)
 
@@ -179,7 +183,7 @@ def _run_search(args) -> int:
         share_gamma=not args.gamma_per_conv, cost=args.cost, cost_weight=args.cost_weight, order=args.order,
         weight_lr=args.weight_lr, gamma_lr=args.gamma_lr, arch_lr=args.arch_lr, seed=args.seed,
         device=args.device, backend=args.backend, grouped_weights=args.grouped_weights, act_dtype=args.act_dtype,
-        compile=args.compile)
+        compile=args.compile, cuda_graph=args.cuda_graph)
     result = run_search(config, args.out, resume=args.resume, progress=not args.no_progress,
                         plots=not args.no_plots)
     if not _is_writer():

@@ -36,6 +36,7 @@ from .data import DATASETS, Dataset, batches, load_dataset, num_batches
 from .derive import derive_genotype
 from .evalnet import EvalNetwork
 from .genotype import Genotype
+from .cudagraph import GraphedStep
 from .fastpath import COMPILE_MODES, compiled, record_shapes
 from .ops import ACT_GRIDS, QUANTIZERS
 from .supernet import ACT_DTYPES, SearchNetwork, SupernetConfig
@@ -84,6 +85,7 @@ class SearchConfig:
     grouped_weights: bool = True
     act_dtype: str = "fp32"
     compile: Optional[str] = None
+    cuda_graph: bool = False
 
     def validate(self) -> None:
         def need(ok, msg):
@@ -110,6 +112,11 @@ class SearchConfig:
         need(self.compile is None or self.compile in COMPILE_MODES,
              f"compile must be None or one of {COMPILE_MODES}, got {self.compile!r}")
         need(self.device == "cpu" or self.device.startswith("cuda"), f"device must be cpu or cuda[:i], got {self.device!r}")
+        if self.cuda_graph:
+            need(self.device.startswith("cuda"), f"cuda_graph needs a CUDA device, got device {self.device!r}")
+            need(self.compile is None, f"cuda_graph and compile ({self.compile!r}) exclude each other: compile "
+                 "reduce-overhead captures CUDA graphs of its own")
+            need(self.order == "first", f"cuda_graph needs order 'first', got {self.order!r}")
         if self.device.startswith("cuda"):
             need(torch.cuda.is_available(), f"device {self.device!r} requested but CUDA is not available")
 
@@ -186,8 +193,12 @@ class Searcher:
                                            weight_decay=c.weight_decay)
         self.opt_gamma = torch.optim.SGD(self.groups["gamma"], lr=c.gamma_lr, momentum=c.gamma_momentum,
                                          weight_decay=c.gamma_decay) if self.groups["gamma"] else None
+        # capturable: its step count lives on the device, so that a CUDA graph can replay the update
         self.opt_arch = torch.optim.Adam(self.arch_params, lr=c.arch_lr, betas=tuple(c.arch_betas),
-                                         weight_decay=c.arch_decay)
+                                         weight_decay=c.arch_decay, capturable=c.cuda_graph)
+        if c.cuda_graph and self.dist.enabled:
+            raise ValueError("cuda_graph runs in one process: its graphs do not capture the gradient all-reduce")
+        self._graphed = GraphedStep(self._graph_step, self.learning_rates) if c.cuda_graph else None
         self.epoch = 0
         self.history: List[Dict[str, Any]] = []
         self.elapsed = 0.0
@@ -314,10 +325,25 @@ class Searcher:
     def step(self, xb, yb, xv, yv, lr: float, stats: torch.Tensor, *, update_arch: bool) -> None:
         """One search step (module docstring) on a train batch (xb, yb) and a val batch (xv, yv): alpha
         and beta first when ``update_arch`` (from the warm-up epoch on), then weights and gamma;
-        ``stats`` accumulates the train CE sum, loss sum, correct count and sample count."""
+        ``stats`` accumulates the train CE sum, loss sum, correct count and sample count. With
+        ``cuda_graph`` the step is replayed from a CUDA graph (:mod:`qdarts.cudagraph`)."""
+        if self._graphed is not None:
+            self._graphed(xb, yb, xv, yv, stats, update_arch)
+            return
         if update_arch:
             self._arch_step(xb, yb, xv, yv, lr)
         self._weight_step(xb, yb, stats)
+
+    def _graph_step(self, xb, yb, xv, yv, stats: torch.Tensor, update_arch: bool) -> None:
+        """The step that :class:`GraphedStep` captures (first order: the arch step reads no lr)."""
+        if update_arch:
+            self._arch_step(xb, yb, xv, yv, self.config.weight_lr)
+        self._weight_step(xb, yb, stats)
+
+    def learning_rates(self) -> Tuple[float, ...]:
+        """Every optimiser's learning rates: a captured step holds them as constants."""
+        optimisers = (self.opt_weights, self.opt_gamma, self.opt_arch)
+        return tuple(float(g["lr"]) for opt in optimisers if opt is not None for g in opt.param_groups)
 
     def _weight_step(self, xb, yb, stats: torch.Tensor) -> None:
         self.opt_weights.zero_grad(set_to_none=True)
@@ -485,7 +511,8 @@ def run_search(config: SearchConfig, out_dir: str, *, resume: bool = False, prog
                               "or choose another --out")
     if state is not None:
         saved = SearchConfig.from_dict(state["config"])
-        saved.device = config.device  # the one setting a resumed run may change
+        # the settings a resumed run may change: where and how the step runs, not what it computes
+        saved.device, saved.cuda_graph = config.device, config.cuda_graph
         config = saved
     searcher = Searcher(config, out_dir, progress=progress)  # validates the config and loads the data first
     if searcher.dist.is_writer:

@@ -154,7 +154,7 @@ def test_end_to_end_times_the_searchers_own_step(ops, monkeypatch):
     calls = []
     real_step = endtoend.Searcher.step
     monkeypatch.setattr(endtoend.Searcher, "step", lambda self, *a, **k: calls.append(k) or real_step(self, *a, **k))
-    (r,) = endtoend._measure_config(TINY_SUPERNET, [ops], "cpu", quick=True, compiled=False, log=lambda _: None)
+    (r,) = endtoend._measure_config(TINY_SUPERNET, [ops], "cpu", quick=True, mode="eager", log=lambda _: None)
     assert r["samples"] >= 2 and r["median_ms"] > 0 and r["saved_mb"] > 0 and r["peak_mb"] is None
     assert r["ops_per_step"] > 0 and "launches_per_step" not in r and "counts_error" not in r
     # the warm-up step, the step whose ops are counted, then the timed ones
@@ -169,7 +169,7 @@ def test_end_to_end_variants_take_turns_each_with_its_own_ops(monkeypatch):
     real_step = endtoend.Searcher.step
     monkeypatch.setattr(endtoend.Searcher, "step", lambda self, *a, **k: steps.append(
         (id(self), qk.ops.eager_reference_active())) or real_step(self, *a, **k))
-    fused, eager = endtoend._measure_config(TINY_SUPERNET, ["fused", "eager"], "cpu", quick=True, compiled=False,
+    fused, eager = endtoend._measure_config(TINY_SUPERNET, ["fused", "eager"], "cpu", quick=True, mode="eager",
                                             log=lambda _: None)
     n = fused["samples"]
     assert eager["samples"] == n >= 2
@@ -199,6 +199,21 @@ def test_end_to_end_plan_covers_the_search_step_matrix():
     assert endtoend.CIFAR.description.endswith("bits 2,4,8")
 
 
+def test_graphed_steps_time_the_fused_ops_and_with_quick_replace_the_eager_matrix():
+    modes = endtoend.step_modes
+    assert modes(endtoend.CIFAR, ("fused", "eager"), "cuda", True, False, False) == [("eager", ("fused", "eager"))]
+    assert modes(endtoend.CIFAR, ("fused", "eager"), "cuda", True, True, True) == [
+        ("eager", ("fused", "eager")), ("compiled", ("fused", "eager")), ("graphed", ("fused",))]
+    b256 = endtoend.SEARCH_STEP_MATRIX[1]
+    assert modes(b256, ("fused",), "cuda", True, False, True) == [("graphed", ("fused",))]
+    assert modes(b256, ("fused",), "cuda", False, False, True) == [("eager", ("fused",)), ("graphed", ("fused",))]
+    assert modes(endtoend.digits_config(), ("fused", "eager"), "cuda", True, False, True)[0][0] == "eager"
+    with pytest.raises(ValueError, match="CUDA"):
+        modes(endtoend.CIFAR, ("fused",), "cpu", True, False, True)
+    with pytest.raises(SystemExit, match="--cuda-graph-end-to-end needs --device cuda"):
+        cli.main(["--device", "cpu", "--cuda-graph-end-to-end", "--out", "unused"])
+
+
 def test_end_to_end_saves_after_each_configuration_and_reports_steps_per_second(monkeypatch):
     tiny_bits24 = endtoend.replace(TINY_SUPERNET, name="tiny-bits24", bits=(2, 4))
     monkeypatch.setattr(endtoend, "plan",
@@ -217,7 +232,7 @@ def test_end_to_end_saves_after_each_configuration_and_reports_steps_per_second(
 def test_compiled_end_to_end_falls_back_to_plain_inductor_when_graph_capture_fails(monkeypatch):
     tried = []
 
-    def prepare(cfg, ops, device, compile_mode, backend=None):
+    def prepare(cfg, ops, device, compile_mode, backend=None, cuda_graph=False):
         tried.append(compile_mode)
         if compile_mode == "reduce-overhead":
             raise RuntimeError("capture failed")
@@ -226,7 +241,7 @@ def test_compiled_end_to_end_falls_back_to_plain_inductor_when_graph_capture_fai
 
     monkeypatch.setattr(endtoend, "_prepare_variant", prepare)
     monkeypatch.setattr(endtoend, "compile_mode_for", lambda device: "reduce-overhead")
-    (r,) = endtoend._measure_config(TINY_SUPERNET, ["fused"], "cpu", quick=True, compiled=True, log=lambda _: None)
+    (r,) = endtoend._measure_config(TINY_SUPERNET, ["fused"], "cpu", quick=True, mode="compiled", log=lambda _: None)
     assert tried == ["reduce-overhead", "default"]
     assert r["compile_mode"] == "default" and "capture failed" in r["fallback_from"] and r["median_ms"] > 0
 
@@ -236,7 +251,7 @@ def test_fused_end_to_end_on_a_gpu_falls_back_to_the_other_gpu_backend(monkeypat
     failure is recorded with the figure; the eager reference is tried once."""
     tried = []
 
-    def prepare(cfg, ops, device, compile_mode, backend=None):
+    def prepare(cfg, ops, device, compile_mode, backend=None, cuda_graph=False):
         tried.append((ops, backend))
         if ops == "fused" and backend in (None, "cuda"):
             raise RuntimeError("kernel failed")
@@ -247,7 +262,7 @@ def test_fused_end_to_end_on_a_gpu_falls_back_to_the_other_gpu_backend(monkeypat
     monkeypatch.setattr(endtoend.qk, "available_backends", lambda: ["reference", "cuda", "triton"])
     monkeypatch.setattr(endtoend, "measure_interleaved",
                         lambda runs, device, **kw: {name: timing.Timing([0.1, 0.2, 0.3]) for name in runs})
-    fused, eager = endtoend._measure_config(TINY_SUPERNET, ["fused", "eager"], "cuda", quick=True, compiled=False,
+    fused, eager = endtoend._measure_config(TINY_SUPERNET, ["fused", "eager"], "cuda", quick=True, mode="eager",
                                             log=lambda _: None)
     assert tried == [("fused", None), ("fused", "triton"), ("eager", None)]
     assert fused["backend"] == "triton" and "kernel failed" in fused["fallback_from"] and fused["median_ms"] == 200

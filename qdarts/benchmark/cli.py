@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-end-to-end", action="store_true",
                         help="also time the search step compiled as `qdarts search --compile` runs it "
                              "(compiling takes minutes)")
+    parser.add_argument("--cuda-graph-end-to-end", action="store_true",
+                        help="also time the fused search step replayed from CUDA graphs, as `qdarts search "
+                             "--cuda-graph` runs it (CUDA only; with --quick the rest of the batch x bits matrix "
+                             "is timed graphed only)")
 
 
 def _log(msg: str) -> None:
@@ -72,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here")
+    if args.cuda_graph_end_to_end and torch.device(device).type != "cuda":
+        raise SystemExit(f"--cuda-graph-end-to-end needs --device cuda, got {device!r}")
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit(f"--threads must be >= 1, got {args.threads}")
@@ -132,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
 
         results["end_to_end_note"] = endtoend.method_note(device, resolve_backend(None, torch.device(device)))
         records, results["end_to_end_note"] = endtoend.run(
-            device, quick=args.quick, compiled=args.compile_end_to_end, log=_log, on_config_done=partial_end_to_end)
+            device, quick=args.quick, compiled=args.compile_end_to_end, graphed=args.cuda_graph_end_to_end, log=_log,
+            on_config_done=partial_end_to_end)
         partial_end_to_end(records)
 
     results["wall_s"] = time.perf_counter() - started

@@ -100,10 +100,10 @@ class SearchStep:
     on one fixed train and one fixed val batch of random data; a call is one search step."""
 
     def __init__(self, cfg: E2EConfig, device: str, backend: Optional[str], *,
-                 compile_mode: Optional[str] = None, seed: int = 0):
+                 compile_mode: Optional[str] = None, cuda_graph: bool = False, seed: int = 0):
         config = SearchConfig(batch_size=cfg.batch, channels=cfg.channels, layers=cfg.layers,
                               partial_channels=cfg.partial_channels, bits=tuple(cfg.bits), train_portion=0.5, seed=seed,
-                              device=device, backend=backend, compile=compile_mode)
+                              device=device, backend=backend, compile=compile_mode, cuda_graph=cuda_graph)
         # train_portion 0.5 splits these two batches' worth of samples into one train and one val batch
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn((2 * cfg.batch, *cfg.input_shape), generator=gen)
@@ -137,12 +137,14 @@ class SearchStep:
 
 
 def _prepare_variant(cfg: E2EConfig, ops: str, device: str, compile_mode: Optional[str],
-                     backend: Optional[str] = None) -> Tuple[Dict[str, Any], Callable]:
-    """Build one variant (compiled in ``compile_mode`` unless None; ``backend`` of the fused ops,
-    None for the automatic choice), take its first step (warm-up, and compilation), count what it
-    keeps for backward and (on CUDA) its peak memory; returns that record and ``run(_)``, one
-    timed step."""
+                     backend: Optional[str] = None, cuda_graph: bool = False) -> Tuple[Dict[str, Any], Callable]:
+    """Build one variant (compiled in ``compile_mode`` unless None, replayed from CUDA graphs with
+    ``cuda_graph``; ``backend`` of the fused ops, None for the automatic choice), take its first
+    step (warm-up, and compilation; with ``cuda_graph`` the eager warm-up steps and the capture),
+    count what it keeps for backward and (on CUDA) its peak memory; returns that record and
+    ``run(_)``, one timed step."""
     compiled = compile_mode is not None
+    mode = "compiled" if compiled else "graphed" if cuda_graph else "eager"
     backend = {"fused": backend, "reference": "reference", "eager": None}[ops]
 
     def swap():
@@ -152,50 +154,67 @@ def _prepare_variant(cfg: E2EConfig, ops: str, device: str, compile_mode: Option
     # what the variants prepared before this one hold (they stay alive to be timed in turn)
     held_by_others = torch.cuda.memory_allocated(device) if on_cuda else 0
     with swap() as calls:
-        step = SearchStep(cfg, device, backend, compile_mode=compile_mode)
+        step = SearchStep(cfg, device, backend, compile_mode=compile_mode, cuda_graph=cuda_graph)
         synchronize(device)
         t0 = time.perf_counter()
         step()
         synchronize(device)
         first_s = time.perf_counter() - t0
+        capture_s = None
+        graphed = step.searcher._graphed
+        if graphed is not None:  # the remaining eager warm-up steps, then the step that captures
+            while graphed.captures == 0:
+                t0 = time.perf_counter()
+                step()
+                synchronize(device)
+                capture_s = time.perf_counter() - t0
         # compiled steps trace the reference without counting (qk.eager_reference)
         if calls is not None and not compiled and not (calls["mixed_fake_quant"] and calls["mixed_op_sum"]):
             raise RuntimeError(f"the eager-reference swap did not reach the supernet's ops (calls: {dict(calls)})")
-        saved = step.saved_bytes()
-        # on a GPU only the fused step's launches are profiled (the reference ones take many seconds
-        # under the dispatch counter and the profiler; their op counts are the CPU run's)
-        counts = _launch_counts(step, device, compiled) if ops == "fused" or not on_cuda else {}
+        # saved_bytes: the arch half and the weight half of one eager step, each under the saved-tensor
+        # hooks. On CUDA the peak of a step is read over them (a step of its own would cost an
+        # eager-reference CIFAR-size variant 9 s on the H100); a graphed step's over one replay
+        # (its memory is the graphs' pools), before the eager halves allocate beside them.
         peak = None
         if on_cuda:
             torch.cuda.reset_peak_memory_stats(device)
-            step()
+            if graphed is not None:
+                step()
+                synchronize(device)
+                peak = (torch.cuda.max_memory_allocated(device) - held_by_others) / 2**20
+        saved = step.saved_bytes()
+        if on_cuda and peak is None:
             synchronize(device)
             peak = (torch.cuda.max_memory_allocated(device) - held_by_others) / 2**20
+        # on a GPU only the fused step's launches are profiled (the reference ones take many seconds
+        # under the dispatch counter and the profiler; their op counts are the CPU run's)
+        counts = _launch_counts(step, device, mode != "eager") if ops == "fused" or not on_cuda else {}
 
     def run(_):
         with swap():
             step()
 
     record = {
-        "config": cfg.name, "description": cfg.description, "ops": ops, "mode": "compiled" if compiled else "eager",
-        "compile_mode": compile_mode,
+        "config": cfg.name, "description": cfg.description, "ops": ops, "mode": mode, "compile_mode": compile_mode,
         "backend": resolve_backend(backend, torch.device(device)) if ops == "fused" else backend,
         "batch": cfg.batch, "bits": list(cfg.bits), "input_shape": list(cfg.input_shape), "channels": cfg.channels,
         "layers": cfg.layers,
-        "first_step_s": first_s, "saved_mb": max(saved.values()) / 2**20,
+        "first_step_s": first_s, **({"capture_step_s": capture_s} if capture_s is not None else {}),
+        "saved_mb": max(saved.values()) / 2**20,
         "saved_mb_arch": saved["arch"] / 2**20, "saved_mb_weight": saved["weight"] / 2**20, "peak_mb": peak,
         **counts,
     }
     return record, run
 
 
-def _launch_counts(step: "SearchStep", device: str, compiled: bool) -> Dict[str, Any]:
-    """What one step launches: ``ops_per_step`` (ops dispatched that do work, eager steps only), and on
-    CUDA ``launches_per_step`` / ``gpu_kernels_per_step`` from the profiler. A count that fails is
-    recorded as such; the step's other figures stand."""
+def _launch_counts(step: "SearchStep", device: str, recorded: bool) -> Dict[str, Any]:
+    """What one step launches: ``ops_per_step`` (ops dispatched that do work, eager steps only: not
+    ``recorded`` by compilation or capture), and on CUDA ``launches_per_step`` /
+    ``gpu_kernels_per_step`` from the profiler. A count that fails is recorded as such; the step's
+    other figures stand."""
     counts: Dict[str, Any] = {}
     try:
-        if not compiled:
+        if not recorded:
             counts["ops_per_step"] = dispatched_ops(step)
         if torch.device(device).type == "cuda":
             launched = cuda_launches(step)
@@ -205,12 +224,13 @@ def _launch_counts(step: "SearchStep", device: str, compiled: bool) -> Dict[str,
     return counts
 
 
-def _measure_config(cfg: E2EConfig, kinds: Sequence[str], device: str, quick: bool, compiled: bool,
+def _measure_config(cfg: E2EConfig, kinds: Sequence[str], device: str, quick: bool, mode: str,
                     log: Callable[[str], None]) -> List[Dict[str, Any]]:
-    """The records of one configuration's variants, timed one step of each in turn (as the kernel
-    benchmarks are), so that on a machine whose speed drifts their ratio compares steps taken side
-    by side. A variant that fails is reported, and the others still run."""
-    mode = "compiled" if compiled else "eager"
+    """The records of one configuration's variants in ``mode`` (one of STEP_MODES), timed one step
+    of each in turn (as the kernel benchmarks are), so that on a machine whose speed drifts their
+    ratio compares steps taken side by side. A variant that fails is reported, and the others
+    still run."""
+    compiled = mode == "compiled"
     records: Dict[str, Dict[str, Any]] = {}
     runs = {}
     # compiled: the benchmark's mode, and should it fail (CUDA-graph capture), plain inductor; the fused
@@ -224,7 +244,8 @@ def _measure_config(cfg: E2EConfig, kinds: Sequence[str], device: str, quick: bo
             ops == "fused" and on_gpu) else [None]
         for compile_mode, backend in ((m, b) for b in backends for m in compile_modes):
             try:
-                records[ops], run = _prepare_variant(cfg, ops, device, compile_mode, backend)
+                records[ops], run = _prepare_variant(cfg, ops, device, compile_mode, backend,
+                                                     cuda_graph=mode == "graphed")
                 runs[ops] = (lambda: None, run)
                 break
             except Exception as e:
@@ -259,10 +280,32 @@ def _measure_config(cfg: E2EConfig, kinds: Sequence[str], device: str, quick: bo
     return [records[ops] for ops in kinds]
 
 
-def run(device: str, *, quick: bool, compiled: bool = False, log: Callable[[str], None] = print,
+#: How a step runs: eagerly, compiled (``qdarts search --compile``), replayed from CUDA graphs
+#: (``qdarts search --cuda-graph``).
+STEP_MODES = ("eager", "compiled", "graphed")
+
+
+def step_modes(cfg: E2EConfig, kinds: Sequence[str], device: str, quick: bool, compiled: bool,
+               graphed: bool) -> List[Tuple[str, Tuple[str, ...]]]:
+    """The (mode, ops kinds) of ``cfg`` to time: eager always, compiled when asked, graphed when asked
+    (CUDA only; the fused ops only: the eager-reference baseline is the plain eager step). With
+    ``--quick`` and graphed steps, the rest of issue 9's matrix is timed graphed only."""
+    if graphed and torch.device(device).type != "cuda":
+        raise ValueError(f"graphed steps (CUDA graphs) need a CUDA device, got {device!r}")
+    matrix_only = cfg in SEARCH_STEP_MATRIX and cfg is not CIFAR
+    modes = [] if (quick and graphed and matrix_only) else [("eager", tuple(kinds))]
+    if compiled:
+        modes.append(("compiled", tuple(kinds)))
+    if graphed and "fused" in kinds:
+        modes.append(("graphed", ("fused",)))
+    return modes
+
+
+def run(device: str, *, quick: bool, compiled: bool = False, graphed: bool = False,
+        log: Callable[[str], None] = print,
         on_config_done: Optional[Callable[[List[Dict[str, Any]]], None]] = None
         ) -> Tuple[List[Dict[str, Any]], Optional[str]]:
-    """Records for each config x ops kind (x compiled when asked), and a note for the report.
+    """Records for each config x mode x ops kind (:func:`step_modes`), and a note for the report.
     ``on_config_done(records so far)`` after each configuration, so that a caller can save partial
     results (a run cut short by a time limit keeps what it measured)."""
     try:
@@ -277,8 +320,8 @@ def run(device: str, *, quick: bool, compiled: bool = False, log: Callable[[str]
     note = method_note(device, resolve_backend(None, torch.device(device)))
     records: List[Dict[str, Any]] = []
     for cfg, kinds in plan(device, quick):
-        for mode in ((False, True) if compiled else (False,)):
-            records += _measure_config(cfg, kinds, device, quick, mode, log)
+        for mode, mode_kinds in step_modes(cfg, kinds, device, quick, compiled, graphed):
+            records += _measure_config(cfg, mode_kinds, device, quick, mode, log)
             if on_cuda:
                 torch.cuda.empty_cache()
             if on_config_done is not None:
@@ -300,12 +343,13 @@ def method_note(device: str, fused_backend: str) -> str:
             f"'reference' of the public ops; `eager` = the same step inside `qdarts_kernels.eager_reference()` "
             f"(every op and QAT module on the reference under plain autograd). The variants of a configuration "
             f"are timed one step of each in turn, after a warm-up step and a counted step (ops) each. "
-            f"torch.compile: the step of `qdarts search --compile {compile_mode_for(device)}`. "
+            f"torch.compile: the step of `qdarts search --compile {compile_mode_for(device)}`; graphed: the step of "
+            "`qdarts search --cuda-graph` (replayed from CUDA graphs, after 3 eager steps and a capture). "
             "'saved MB': kept for backward by the larger half of the step (arch half / weight half in brackets). "
             "'ops': ATen and custom ops that do work dispatched in one eager step (views and allocations not "
             "counted; on a GPU each launches at least one kernel); on CUDA, the launches the profiler saw (and, in "
             "brackets, the kernels run). "
-            + ("Peak MB: CUDA peak allocated memory of one step." if on_cuda
+            + ("Peak MB: CUDA peak allocated memory of one step (for graphed steps, of one replay)." if on_cuda
                else "Peak memory is not measurable on CPU; 'saved MB' stands for it."))
 
 
@@ -335,7 +379,7 @@ def check_target(records: List[Dict[str, Any]], device: str) -> Optional[Dict[st
 def check_step_targets(records: List[Dict[str, Any]], device: str) -> List[Dict[str, Any]]:
     """Issue 9's targets (set for an H100): the CIFAR-size fused step with bits 2,4,8 within
     STEP_LIMIT_S at batch 64 and 256, and within PEAK_LIMIT_MB of peak memory at batch 256; the
-    faster of the eager and compiled steps counts. CUDA only (empty elsewhere)."""
+    fastest of the eager, compiled and graphed steps counts. CUDA only (empty elsewhere)."""
     if torch.device(device).type != "cuda":
         return []
     targets = []

@@ -1,0 +1,122 @@
+"""``--cuda-graph``: a search step replayed from CUDA graphs (qdarts.cudagraph).
+
+On CPU the plumbing runs with a stand-in capture that behaves as a CUDA graph does: capturing
+records the step without computing anything (the searcher's state is restored afterwards) and
+fixes the learning rates, replaying re-runs what was recorded on the static inputs. The graphed
+search must then take exactly the steps of the eager one, bit for bit. On a GPU the real capture
+is checked against the eager step, with no host sync during replays.
+"""
+
+import copy
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from qdarts.cudagraph import GraphedStep
+from qdarts.search import SearchConfig, Searcher
+
+TINY = dict(data="synthetic", epochs=1, warmup_epochs=0, batch_size=16, channels=4, layers=1, steps=2,
+            partial_channels=2, bits=(2, 4))
+
+
+def _batches(s, n, device="cpu"):
+    """n (train, val) batch pairs of 16 samples, different ones each step."""
+    return [tuple(t[16 * i:16 * (i + 1)].to(device) for t in (s.train_x, s.train_y, s.val_x, s.val_y))
+            for i in range(n)]
+
+
+class RecordingCapture:
+    """``capture`` for GraphedStep on CPU, with a CUDA graph's semantics (module docstring)."""
+
+    def __init__(self, searcher):
+        self.searcher = searcher
+        self.captured = 0
+
+    def _state(self):
+        s = self.searcher
+        opts = [o for o in (s.opt_weights, s.opt_gamma, s.opt_arch) if o is not None]
+        return copy.deepcopy(s.net.state_dict()), [copy.deepcopy(o.state_dict()) for o in opts], opts
+
+    def __call__(self, fn):
+        net_state, opt_states, opts = self._state()
+        fn()  # a capture records the kernels; here the step runs, then its effects are undone
+        self.searcher.net.load_state_dict(net_state)
+        for o, st in zip(opts, opt_states):
+            o.load_state_dict(st)
+        self.captured += 1
+        learning_rates = self.searcher.learning_rates()
+
+        def replay():
+            assert self.searcher.learning_rates() == learning_rates, "replayed after a learning-rate change"
+            fn()
+
+        return SimpleNamespace(replay=replay)
+
+
+def _graphed(searcher, warmup=2):
+    capture = RecordingCapture(searcher)
+    return GraphedStep(searcher._graph_step, searcher.learning_rates, warmup=warmup, capture=capture,
+                       warmup_context=nullcontext), capture
+
+
+def test_graphed_steps_equal_eager_steps_and_recapture_when_a_learning_rate_changes(tmp_path):
+    eager = Searcher(SearchConfig(**TINY), str(tmp_path / "e"), progress=False)
+    graphed = Searcher(SearchConfig(**TINY), str(tmp_path / "g"), progress=False)
+    step, capture = _graphed(graphed)
+    plan = [(True, 0.1)] * 4 + [(True, 0.05)] * 2 + [(False, 0.05)] * 2
+    for (xb, yb, xv, yv), (update_arch, lr) in zip(_batches(eager, len(plan)), plan):
+        stats_e, stats_g = torch.zeros(4), torch.zeros(4)
+        for s in (eager, graphed):
+            for group in s.opt_weights.param_groups:
+                group["lr"] = lr
+        eager.step(xb, yb, xv, yv, lr, stats_e, update_arch=update_arch)
+        step(xb, yb, xv, yv, stats_g, update_arch)
+        assert torch.equal(stats_g, stats_e)
+        for (name, a), b in zip(graphed.net.named_parameters(), eager.net.parameters()):
+            assert torch.equal(a, b), name
+    # 2 warm-up steps; then lr 0.1 arch+weights, lr 0.05 arch+weights, lr 0.05 weights only
+    assert (capture.captured, step.captures, step.replays) == (3, 3, 6)
+
+
+def test_a_new_batch_shape_gets_its_own_graph(tmp_path):
+    s = Searcher(SearchConfig(**TINY), str(tmp_path), progress=False)
+    step, _ = _graphed(s, warmup=1)
+    (xb, yb, xv, yv), = _batches(s, 1)
+    for batch in (xb, xb, xb[:7]):
+        step(batch, yb[:batch.shape[0]], xv, yv, torch.zeros(4), True)
+    assert (step.captures, step.replays) == (2, 2)
+    with pytest.raises(ValueError, match="warmup"):
+        GraphedStep(s._graph_step, s.learning_rates, warmup=0)
+
+
+def test_cuda_graph_setting_is_checked():
+    with pytest.raises(ValueError, match="cuda_graph needs a CUDA device"):
+        SearchConfig(**TINY, cuda_graph=True).validate()
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="exclude each other"):
+            SearchConfig(**TINY, cuda_graph=True, device="cuda", compile="default").validate()
+        with pytest.raises(ValueError, match="order 'first'"):
+            SearchConfig(**TINY, cuda_graph=True, device="cuda", order="second").validate()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replays_the_eager_step_without_host_syncs(tmp_path):
+    eager = Searcher(SearchConfig(**TINY, device="cuda"), str(tmp_path / "e"), progress=False)
+    graphed = Searcher(SearchConfig(**TINY, device="cuda", cuda_graph=True), str(tmp_path / "g"), progress=False)
+    batches = _batches(eager, 6, "cuda")
+    stats_e, stats_g = torch.zeros(4, device="cuda"), torch.zeros(4, device="cuda")
+    for i, (xb, yb, xv, yv) in enumerate(batches):
+        eager.step(xb, yb, xv, yv, 0.1, stats_e, update_arch=True)
+        if i == 4:  # warm-up (3) and capture (1) done: replays must not wait for the device
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            graphed.step(xb, yb, xv, yv, 0.1, stats_g, update_arch=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert graphed._graphed.captures == 1 and graphed._graphed.replays == 3
+    torch.testing.assert_close(stats_g, stats_e, rtol=1e-4, atol=1e-4)
+    for (name, a), b in zip(graphed.net.named_parameters(), eager.net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)

@@ -44,8 +44,9 @@ import torch
 
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
 #: Order in which GPU backends are preferred for CUDA tensors: the faster first. On the H100 the
-#: cuda backend was faster than triton in every case of the kernel benchmark, forward, backward
-#: and both, fp32 and bf16 (0.59x-0.86x of triton's time; bench/results/h100-*.json).
+#: cuda backend took less time than triton in every case of a host-inclusive run of the kernel
+#: benchmark (0.59x-0.86x), and less device time in all but two cases, within 10 % there
+#: (README, Status; bench/results/h100-2026-11-27.json).
 GPU_PREFERENCE = ("cuda", "triton", "reference")
 
 _loaded: Dict[str, object] = {}

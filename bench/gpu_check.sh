@@ -82,8 +82,9 @@ step backends 60 "$PYTHON" -c 'import qdarts_kernels as qk; b = qk.available_bac
 step bench 100 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-end-to-end --out "$OUT/bench"
 step e2e 200 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-kernels --append --cuda-graph-end-to-end \
     --out "$OUT/bench"
-# where the fused CIFAR-size step's time goes at batch 256 (host against GPU busy time, ops by time)
-step profile 45 "$PYTHON" -m qdarts.benchmark.profile --device cuda --config cifar-b256
+# where the fused CIFAR-size step's time goes (host against GPU busy time, ops by time) and what its peak
+# memory holds beyond what autograd keeps, at batch 64 (issue 6's peak-memory ratio)
+step profile 60 "$PYTHON" -m qdarts.benchmark.profile --device cuda --config cifar --memory
 # tests/test_backends.py runs every backend (cuda and triton on CUDA tensors here) against the reference.
 # Not here: tests/test_cuda_sources.py, nvcc compiling every .cu once more for sm_80/sm_90 (CI does; the
 # build step above has compiled them for this GPU) -- 96 of the 171 s the rest takes on the 2-core CI VM.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -118,31 +118,35 @@ def check_scale_values(scales: torch.Tensor, name: str = "scales") -> None:
 
 def check_mixed_fake_quant(
     x: torch.Tensor,
-    probs: torch.Tensor,
+    probs: Optional[torch.Tensor],
     scales: torch.Tensor,
     bits,
     grid: str,
     axis: Optional[int],
     index: str = "",
+    probs_checked: bool = False,
 ) -> Tuple[Tuple[int, ...], int, int]:
     """Validate ``mixed_fake_quant`` arguments. Returns (bits, grid_code, axis) with axis >= 0,
     or -1 for per-tensor scales. ``index`` (e.g. "[3]") is appended to the argument names in the
-    messages, for the grouped op's lists (xs[3], probs[3], scales[3])."""
+    messages, for the grouped op's lists (xs[3], probs[3], scales[3]); ``probs_checked``: the
+    caller checked the probabilities (the grouped op's one [N, K] tensor), ``probs`` is None."""
     xn, pn, sn = f"x{'s' if index else ''}{index}", f"probs{index}", f"scales{index}"
     _check_tensor(x, xn)
-    _check_tensor(probs, pn)
+    if not probs_checked:
+        _check_tensor(probs, pn)
     _check_tensor(scales, sn)
     bits = normalize_bits(bits)
     code = grid_code(grid)
     k = len(bits)
     _check_float(x, xn)
-    _check_float(probs, pn)
     _check_float(scales, sn)
     for t, name in ((probs, pn), (scales, sn)):
-        if t.device != x.device:
+        if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but {xn} is on {x.device}; they must share a device")
-    if probs.shape != (k,):
-        raise ValueError(f"{pn} must have shape [{k}] (one probability per bit-width), got {list(probs.shape)}")
+    if not probs_checked:
+        _check_float(probs, pn)
+        if probs.shape != (k,):
+            raise ValueError(f"{pn} must have shape [{k}] (one probability per bit-width), got {list(probs.shape)}")
     if axis is None:
         if scales.shape != (k,):
             raise ValueError(
@@ -167,13 +171,13 @@ def check_mixed_fake_quant(
 
 def check_mixed_fake_quant_grouped(
     xs, probs, scales, bits, grid: str, axis: Optional[int]
-) -> Tuple[list, list, list, Tuple[int, ...], int, Tuple[int, ...]]:
+) -> Tuple[list, Union[list, torch.Tensor], list, Tuple[int, ...], int, Tuple[int, ...]]:
     """Validate ``mixed_fake_quant_grouped`` arguments: each (xs[i], probs[i], scales[i]) as
     ``mixed_fake_quant`` validates one call, naming the index, and all xs of one dtype and device.
 
-    ``probs`` is a list of N tensors [K] or one tensor [N, K]. Returns (xs, probs, scales) as lists,
-    bits, the grid code and the axes (axis normalised for each x, as the single op does; all -1
-    for per-tensor scales)."""
+    ``probs`` is a list of N tensors [K] or one tensor [N, K]. Returns xs and scales as lists, probs
+    as given (a list, or the [N, K] tensor), bits, the grid code and the axes (axis normalised for
+    each x, as the single op does; all -1 for per-tensor scales)."""
     lists = []
     for value, name in ((xs, "xs"), (scales, "scales")):
         if not isinstance(value, (list, tuple)):
@@ -183,28 +187,36 @@ def check_mixed_fake_quant_grouped(
     n = len(xs)
     if n == 0:
         raise ValueError("xs must hold at least one tensor")
-    if isinstance(probs, torch.Tensor):
-        if probs.dim() != 2 or probs.shape[0] != n:
-            raise ValueError(f"probs as one tensor must have shape [{n}, K] (one row per x), got {list(probs.shape)}")
-        probs_list = list(probs.unbind(0))
-    elif isinstance(probs, (list, tuple)):
-        probs_list = list(probs)
-    else:
-        raise TypeError(f"probs must be a list of tensors or one [N, K] tensor, got {type(probs).__name__}")
-    for value, name in ((probs_list, "probs"), (scales, "scales")):
-        if len(value) != n:
-            raise ValueError(f"{name} must hold one entry per x ({n}), got {len(value)}")
     bits = normalize_bits(bits)
     code = grid_code(grid)
+    if isinstance(probs, torch.Tensor):
+        # one check of the whole [N, K] tensor: splitting it into N rows only to check each costs the
+        # search step some 50 ms of autograd views
+        if probs.dim() != 2 or probs.shape[0] != n or probs.shape[1] != len(bits):
+            raise ValueError(f"probs as one tensor must have shape [{n}, {len(bits)}] (one row per x, one "
+                             f"probability per bit-width), got {list(probs.shape)}")
+        _check_float(probs, "probs")
+        _check_tensor(xs[0], "xs[0]")
+        if probs.device != xs[0].device:
+            raise ValueError(f"probs is on {probs.device} but xs[0] is on {xs[0].device}; they must share a device")
+        rows: list = [None] * n
+    elif isinstance(probs, (list, tuple)):
+        probs = rows = list(probs)
+    else:
+        raise TypeError(f"probs must be a list of tensors or one [N, K] tensor, got {type(probs).__name__}")
+    for value, name in ((rows, "probs"), (scales, "scales")):
+        if len(value) != n:
+            raise ValueError(f"{name} must hold one entry per x ({n}), got {len(value)}")
     axes = []
-    for i, (x, p, s) in enumerate(zip(xs, probs_list, scales)):
-        _, _, ax = check_mixed_fake_quant(x, p, s, bits, grid, axis, index=f"[{i}]")
+    for i, (x, p, s) in enumerate(zip(xs, rows, scales)):
+        _, _, ax = check_mixed_fake_quant(x, p, s, bits, grid, axis, index=f"[{i}]",
+                                          probs_checked=isinstance(probs, torch.Tensor))
         if i and x.dtype != xs[0].dtype:
             raise TypeError(f"xs[{i}] has dtype {x.dtype} but xs[0] has {xs[0].dtype}; all xs must share a dtype")
         if i and x.device != xs[0].device:
             raise ValueError(f"xs[{i}] is on {x.device} but xs[0] is on {xs[0].device}; all xs must share a device")
         axes.append(ax)
-    return xs, probs_list, scales, bits, code, tuple(axes)
+    return xs, probs, scales, bits, code, tuple(axes)
 
 
 def single_bit_scales(scale, bits, axis: Optional[int]) -> torch.Tensor:

@@ -472,12 +472,12 @@ def mixed_fake_quant_grouped(
     ref = _eager_reference_op("mixed_fake_quant_grouped")
     if ref is not None:
         return ref(xs, probs, scales, bits, grid=grid, axis=axis)
-    xs, probs_list, scales, bits, code, axes = check_mixed_fake_quant_grouped(xs, probs, scales, bits, grid, axis)
+    xs, probs, scales, bits, code, axes = check_mixed_fake_quant_grouped(xs, probs, scales, bits, grid, axis)
     name = _backends.resolve(backend, xs[0].device)
     _check_backend_dtype(name, xs[0], "xs")
     # one [N, K] tensor for the kernels: the caller's, or a stack of the rows (autograd splits its
     # gradient back into the rows)
-    probs_nk = probs if isinstance(probs, Tensor) else torch.stack(probs_list)
+    probs_nk = probs if isinstance(probs, Tensor) else torch.stack(probs)
     if torch.compiler.is_compiling():
         return _mixed_fake_quant_grouped_op(xs, probs_nk, scales, list(bits), code, list(axes), name)
     return list(_MixedFakeQuantGroupedFunction.apply(probs_nk, bits, code, axes, name, len(xs), *xs, *scales))

@@ -174,8 +174,9 @@ def mixed_fake_quant_grouped(
     Gradients are those of the N single calls. The fused backends compute all N in one kernel
     launch (and one launch of a small reduction for the gradients of probs and scales).
     """
-    xs, probs_list, scales, bits, _, _ = check_mixed_fake_quant_grouped(xs, probs, scales, bits, grid, axis)
-    return [mixed_fake_quant(x, p, s, bits, grid=grid, axis=axis) for x, p, s in zip(xs, probs_list, scales)]
+    xs, probs, scales, bits, _, _ = check_mixed_fake_quant_grouped(xs, probs, scales, bits, grid, axis)
+    rows = probs.unbind(0) if isinstance(probs, torch.Tensor) else probs
+    return [mixed_fake_quant(x, p, s, bits, grid=grid, axis=axis) for x, p, s in zip(xs, rows, scales)]
 
 
 def fake_quant(

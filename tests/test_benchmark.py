@@ -330,7 +330,7 @@ def test_profile_reports_one_step_sorted_by_host_time(capsys):
     from qdarts.benchmark import profile
 
     tiny = endtoend.E2EConfig("tiny", (1, 8, 8), batch=8, channels=4, layers=1, partial_channels=2, bits=(2, 4))
-    text = profile.profile_step(tiny, "cpu", rows=5)
+    text = profile.profile_step(tiny, "cpu", rows=1000)  # every op: which ones lead depends on the machine
     assert "config: tiny" in text and "step wall time under the profiler" in text
     assert "## by self host time" in text and "## by self device time" not in text  # no device on CPU
     # a search step runs convolutions and the quantizers' op
@@ -361,3 +361,26 @@ def test_hidden_launches_time_the_device_not_the_host():
     else:
         assert len(measured.host_samples) == 5 and measured.host_median >= 1e-3
         assert measured.median < 0.5e-3, measured.samples
+
+
+def test_memory_at_peak_sums_what_is_alive_at_the_largest_total_by_site():
+    from qdarts.benchmark import profile
+
+    def frame(file, line):
+        return [{"filename": "/x/torch/nn/functional.py", "line": 1, "name": "conv2d"},
+                {"filename": f"/repo/qdarts/{file}", "line": line, "name": "forward"}]
+
+    events = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": frame("ops.py", 10)},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": frame("supernet.py", 20)},
+        {"action": "free_requested", "addr": 1, "size": 100},  # not yet free: the stream may still use it
+        {"action": "alloc", "addr": 3, "size": 30, "frames": frame("ops.py", 10)},
+        {"action": "free_completed", "addr": 1, "size": 100},
+        {"action": "alloc", "addr": 4, "size": 60, "frames": []},
+        {"action": "free_completed", "addr": 99, "size": 7},  # allocated before the trace began
+    ]
+    peak, by_site = profile.memory_at_peak(events)
+    assert peak == 180  # 100 + 50 + 30, before addr 1 is freed
+    assert by_site == {"qdarts/ops.py:10 forward": 130, "qdarts/supernet.py:20 forward": 50}
+    with pytest.raises(SystemExit, match="--memory needs a CUDA device"):
+        profile.main(["--device", "cpu", "--memory", "--config", "digits"])

@@ -1,6 +1,6 @@
 """Where a search step's time goes: the profiler's view of one step of the fused supernet.
 
-    python -m qdarts.benchmark.profile --device cuda --config cifar-b256 [--rows 25]
+    python -m qdarts.benchmark.profile --device cuda --config cifar-b256 [--rows 25] [--memory]
 
 Two warm-up steps, then one profiled step (``torch.profiler``, host and, on CUDA, device activity).
 Prints the step's wall time, the GPU's busy time (the kernels' summed durations: one stream, so
@@ -8,6 +8,10 @@ they do not overlap), the host-side launch calls and the kernels run, then the o
 device time and by self host time. A step whose GPU busy time is a small part of its wall time is
 bound by the host (Python, dispatch and launches), not by arithmetic or memory traffic: the
 question issue 9 asks of the remaining time.
+
+``--memory`` (CUDA): what is allocated at the peak of a step, by the line of qdarts code that
+asked for it, from the CUDA allocator's trace (``torch.cuda.memory._record_memory_history``): the
+part of the peak beyond what autograd keeps for backward (issue 6's peak-memory ratio).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -62,18 +66,82 @@ def profile_step(cfg: E2EConfig, device: str, backend: Optional[str] = None, row
     return "\n".join(lines)
 
 
+def _allocation_site(frames: List[Dict[str, Any]]) -> str:
+    """The innermost frame of qdarts code that asked for an allocation (else the innermost frame)."""
+    for f in frames:
+        if "qdarts" in f.get("filename", ""):
+            return f"{f['filename'].rsplit('/', 2)[-2]}/{f['filename'].rsplit('/', 1)[-1]}:{f.get('line')} {f.get('name')}"
+    if frames:
+        return f"{frames[0].get('filename', '?').rsplit('/', 1)[-1]}:{frames[0].get('line')} {frames[0].get('name')}"
+    return "(no stack)"
+
+
+def memory_at_peak(events: List[Dict[str, Any]]) -> Tuple[int, Dict[str, int]]:
+    """From the allocator trace of ``torch.cuda.memory._snapshot()`` (``device_traces[i]``: events with
+    ``action`` alloc / free_completed, ``addr``, ``size``, ``frames``): the largest number of bytes
+    allocated at once during the trace, and what was alive then, summed by allocation site."""
+    live: Dict[int, Tuple[int, str]] = {}
+    total = peak = 0
+    at_peak: Dict[int, Tuple[int, str]] = {}
+    for e in events:
+        if e["action"] == "alloc":
+            live[e["addr"]] = (e["size"], _allocation_site(e.get("frames") or []))
+            total += e["size"]
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif e["action"] == "free_completed" and e["addr"] in live:
+            total -= live.pop(e["addr"])[0]
+    by_site: Dict[str, int] = {}
+    for size, site in at_peak.values():
+        by_site[site] = by_site.get(site, 0) + size
+    return peak, dict(sorted(by_site.items(), key=lambda kv: -kv[1]))
+
+
+def memory_report(cfg: E2EConfig, device: str, backend: Optional[str] = None, rows: int = 25) -> str:
+    """What is allocated at the peak of one step of ``cfg`` (CUDA): allocations made during the step,
+    by the qdarts line that asked for them, on top of what the step starts with (parameters,
+    optimiser states, the batches)."""
+    step = SearchStep(cfg, device, backend)
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize(device)
+    start = torch.cuda.memory_allocated(device)
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+    try:
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    peak, by_site = memory_at_peak(snapshot["device_traces"][torch.device(device).index or 0])
+    lines = [f"config: {cfg.name} ({cfg.description}), device {device}",
+             f"allocated when the step starts: {start / 2**20:.1f} MB; the step's peak "
+             f"(max_memory_allocated): {torch.cuda.max_memory_allocated(device) / 2**20:.1f} MB; allocated by the "
+             f"step and alive at its peak: {peak / 2**20:.1f} MB, by site:"]
+    lines += [f"  {size / 2**20:9.1f} MB  {site}" for site, size in list(by_site.items())[:rows]]
+    return "\n".join(lines)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m qdarts.benchmark.profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--config", default="cifar", choices=sorted(configs()))
     p.add_argument("--backend", default=None, help="backend of the public ops (default: the automatic choice)")
     p.add_argument("--rows", type=int, default=25, help="rows of each table")
+    p.add_argument("--memory", action="store_true",
+                   help="also list what is allocated at the step's peak, by allocation site (CUDA only)")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
-    print(profile_step(configs()[args.config], args.device, args.backend, args.rows))
+    if args.memory and torch.device(args.device).type != "cuda":
+        raise SystemExit(f"--memory needs a CUDA device, got --device {args.device}")
+    print(profile_step(configs()[args.config], args.device, args.backend, args.rows), flush=True)
+    if args.memory:
+        print("\n## memory at the peak of a step\n" + memory_report(configs()[args.config], args.device, args.backend,
+                                                                  args.rows), flush=True)
     return 0
 
 

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .. import ops
 from .layers import _QuantizedLayer
-from .quantizers import MIN_SCALE, MixedPrecisionFakeQuantize
+from .quantizers import MIN_SCALE, MixedPrecisionFakeQuantize, set_plain_attribute
 
 __all__ = ["GroupedWeightQuantizer", "GroupedBitProbs", "precomputed_probs"]
 
@@ -92,12 +92,12 @@ def precomputed_probs(quantizers: Sequence[MixedPrecisionFakeQuantize], probs: S
     if len(quantizers) != len(probs):
         raise ValueError(f"precomputed_probs needs one row per quantizer, got {len(probs)} for {len(quantizers)}")
     for q, p in zip(quantizers, probs):
-        q.probs_override = p
+        set_plain_attribute(q, "probs_override", p)
     try:
         yield
     finally:
         for q in quantizers:
-            q.probs_override = None
+            set_plain_attribute(q, "probs_override", None)
 
 
 class _StraightThrough(torch.autograd.Function):

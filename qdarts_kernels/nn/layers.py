@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops as _ops
-from .quantizers import MixedPrecisionFakeQuantize
+from .quantizers import MixedPrecisionFakeQuantize, set_plain_attribute
 
 __all__ = ["QuantConv2d", "QuantLinear", "precomputed_weights"]
 
@@ -138,13 +138,12 @@ def precomputed_weights(layers: Sequence[_QuantizedLayer], weights: Sequence[Ten
     if len(layers) != len(weights):
         raise ValueError(f"precomputed_weights needs one weight per layer, got {len(weights)} for {len(layers)}")
     for layer, w in zip(layers, weights):
-        # a Parameter set as a module attribute would be registered as one: hand over a view of it
-        layer.weight_override = w.view_as(w) if isinstance(w, nn.Parameter) else w
+        set_plain_attribute(layer, "weight_override", w)  # never registered, even when w is a Parameter
     try:
         yield
     finally:
         for layer in layers:
-            layer.weight_override = None
+            set_plain_attribute(layer, "weight_override", None)
 
 
 def _share_parameters(q: nn.Module, source: nn.Module) -> nn.Module:
@@ -207,8 +206,8 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
         else:
             xq, wq = self._quantized_input_and_weight(x)
             y = self._conv_forward(xq, wq, self.bias)
-        self.input_hw = (x.shape[-2], x.shape[-1])
-        self.macs = self._macs_per_output_pixel * y.shape[-2] * y.shape[-1]
+        set_plain_attribute(self, "input_hw", (x.shape[-2], x.shape[-1]))
+        set_plain_attribute(self, "macs", self._macs_per_output_pixel * y.shape[-2] * y.shape[-1])
         return y
 
     @classmethod

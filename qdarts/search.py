@@ -130,6 +130,18 @@ class SearchConfig:
         return cls(**kw)
 
 
+def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
+    """Make an Adam-like optimizer (graph-)capturable or not after the fact: the flag in every param
+    group, and each ``step`` count where that mode keeps it (on the parameter's device when
+    capturable, a CPU scalar otherwise)."""
+    for group in optimizer.param_groups:
+        group["capturable"] = capturable
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and "step" in state:
+                state["step"] = state["step"].to(p.device if capturable else "cpu")
+
+
 @contextmanager
 def frozen(params: Sequence[torch.nn.Parameter]):
     """Temporarily exclude ``params`` from autograd (no gradient is computed for them at all)."""
@@ -238,6 +250,9 @@ class Searcher:
         if self.opt_gamma is not None:
             self.opt_gamma.load_state_dict(state["opt_gamma"])
         self.opt_arch.load_state_dict(state["opt_arch"])
+        # the checkpoint's param_groups carry the capturable flag of the run that wrote it; a resumed run
+        # may switch cuda_graph (run_search), so the arch optimiser follows this run's setting
+        set_capturable(self.opt_arch, self.config.cuda_graph)
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
         self.elapsed = float(state.get("elapsed", 0.0))

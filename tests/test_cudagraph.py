@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from qdarts.cudagraph import GraphedStep
-from qdarts.search import SearchConfig, Searcher
+from qdarts.search import SearchConfig, Searcher, set_capturable
 
 TINY = dict(data="synthetic", epochs=1, warmup_epochs=0, batch_size=16, channels=4, layers=1, steps=2,
             partial_channels=2, bits=(2, 4))
@@ -120,3 +120,19 @@ def test_cuda_graph_replays_the_eager_step_without_host_syncs(tmp_path):
     torch.testing.assert_close(stats_g, stats_e, rtol=1e-4, atol=1e-4)
     for (name, a), b in zip(graphed.net.named_parameters(), eager.net.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_the_arch_optimiser_follows_the_cuda_graph_setting_of_a_resumed_run():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    set_capturable(opt, True)
+    assert opt.param_groups[0]["capturable"] and opt.state[p]["step"].device == p.device
+    opt.load_state_dict(state)  # a checkpoint of a run without graphs: capturable False again
+    assert not opt.param_groups[0]["capturable"]
+    set_capturable(opt, False)
+    assert opt.state[p]["step"].device.type == "cpu" and float(opt.state[p]["step"]) == 1.0
+    opt.step()  # still a working Adam
+    assert float(opt.state[p]["step"]) == 2.0

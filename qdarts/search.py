@@ -32,11 +32,11 @@ from . import distributed
 from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, prepare_output_folder, rng_state,
                          seed_everything, set_rng_state)
 from .cost import COST_KINDS, ExpectedCost, network_cost
+from .cudagraph import GraphedStep
 from .data import DATASETS, Dataset, batches, load_dataset, num_batches
 from .derive import derive_genotype
 from .evalnet import EvalNetwork
 from .genotype import Genotype
-from .cudagraph import GraphedStep
 from .fastpath import COMPILE_MODES, compiled, record_shapes
 from .ops import ACT_GRIDS, QUANTIZERS
 from .supernet import ACT_DTYPES, SearchNetwork, SupernetConfig
@@ -344,16 +344,17 @@ class Searcher:
         ``cuda_graph`` the step is replayed from a CUDA graph (:mod:`qdarts.cudagraph`)."""
         if self._graphed is not None:
             self._graphed(xb, yb, xv, yv, stats, update_arch)
-            return
+        else:
+            self._eager_step(xb, yb, xv, yv, lr, stats, update_arch)
+
+    def _eager_step(self, xb, yb, xv, yv, lr: float, stats: torch.Tensor, update_arch: bool) -> None:
         if update_arch:
             self._arch_step(xb, yb, xv, yv, lr)
         self._weight_step(xb, yb, stats)
 
     def _graph_step(self, xb, yb, xv, yv, stats: torch.Tensor, update_arch: bool) -> None:
         """The step that :class:`GraphedStep` captures (first order: the arch step reads no lr)."""
-        if update_arch:
-            self._arch_step(xb, yb, xv, yv, self.config.weight_lr)
-        self._weight_step(xb, yb, stats)
+        self._eager_step(xb, yb, xv, yv, self.config.weight_lr, stats, update_arch)
 
     def learning_rates(self) -> Tuple[float, ...]:
         """Every optimiser's learning rates: a captured step holds them as constants."""

@@ -228,6 +228,23 @@ def test_paper_activation_8_bits_scales_by_max():
     torch.testing.assert_close(mq(x), qk.reference.fake_quant(x, s, 8, grid="unsigned"), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("grid", ["relu", "unsigned", "signed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paper_activation_scales_are_the_max_scaled_or_the_table_step_bit_for_bit(grid, dtype):
+    """The mixed activation scales: max|x| / top (at least MIN_SCALE) for the bit-widths scaled by the
+    max, the HWGQ / Gaussian table step for the others, exactly as the three-step formula gives them
+    (the quantizer computes them in fewer launches); zero and tiny inputs included."""
+    torch.manual_seed(6)
+    bits = (2, 4, 8)
+    mq = qnn.MixedPrecisionFakeQuantize(bits, quantizer="paper", role="act", grid=grid)
+    for x in (torch.randn(4, 3, 5, 5), torch.zeros(2, 3), torch.full((7,), 1e-30), -torch.rand(9) * 1e3):
+        x = x.to(dtype)
+        largest = (x.amax() if grid == "relu" else x.abs().amax()).float()
+        by_max = (largest / mq._top).clamp_min(torch.finfo(torch.float32).eps)
+        want = torch.where(mq._by_max, by_max, mq._steps)
+        assert torch.equal(mq._paper_scales(x, None), want), (x.flatten()[:3], mq._paper_scales(x, None), want)
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_paper_weight_is_gaussian_midrise_with_identity_gradient(bits):
     torch.manual_seed(6)

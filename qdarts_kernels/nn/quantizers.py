@@ -227,6 +227,12 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
             self.register_buffer("_by_max", torch.tensor([b >= PAPER_MAX_BITS for b in self.bits], device=device),
                                  persistent=False)
             self.register_buffer("_top", torch.tensor(top, device=device), persistent=False)
+            # the activation scales in two launches after the max (see _paper_scales)
+            by_max = [b >= PAPER_MAX_BITS for b in self.bits]
+            self.register_buffer("_top_or_inf", torch.tensor([t if m else math.inf for t, m in zip(top, by_max)],
+                                                             device=device, dtype=torch.float32), persistent=False)
+            self.register_buffer("_floor_or_step", torch.tensor([MIN_SCALE if m else v for v, m in zip(steps, by_max)],
+                                                                device=device, dtype=torch.float32), persistent=False)
             self._any_by_max = max(self.bits) >= PAPER_MAX_BITS
         self._fake_quant_on = True
         self._observer_on = True
@@ -333,10 +339,13 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
             if not self._any_by_max:
                 return self._steps
             # relu grid: max relu(x) = relu(max x), and relu(m) / top clamped at MIN_SCALE > 0 is m / top
-            # so clamped (NaN stays NaN): no activation-sized temporary, and no separate relu launch
-            largest = xd.amax() if self.grid == "relu" else xd.abs().amax()
-            by_max = (largest.float() / self._top).clamp_min(MIN_SCALE)
-            return torch.where(self._by_max, by_max, self._steps)
+            # so clamped (NaN stays NaN): no activation-sized temporary, and no separate relu launch;
+            # otherwise max |x| as one reduction (the inf-norm), not abs then amax
+            largest = xd.amax() if self.grid == "relu" else torch.linalg.vector_norm(xd, ord=math.inf)
+            # max(largest / top_k, MIN_SCALE) for the bit-widths scaled by the max, step_k for the others
+            # (largest / inf = 0 < step_k): two launches instead of three. A non-finite largest makes the
+            # others' scales NaN too, where the output is NaN anyway through the max-scaled bit-widths.
+            return torch.maximum(largest.float() / self._top_or_inf, self._floor_or_step)
         std = xd.float().std()
         if axis is None:
             return self._steps * std

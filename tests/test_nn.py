@@ -663,6 +663,32 @@ def test_output_keeping_batchnorm_is_plain_batchnorm_in_eager_reference():
     assert x.untyped_storage().data_ptr() in kept and "NativeBatchNorm" in type(y.grad_fn).__name__
 
 
+def test_batch_norms_counted_together_count_what_ran_in_one_add_per_count(monkeypatch):
+    bns = [qnn.OutputKeepingBatchNorm2d(3, affine=False) for _ in range(4)]
+    idle, evaluated = bns[2], bns[3]
+    evaluated.eval()
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    adds = []
+    foreach_add = torch._foreach_add_
+    monkeypatch.setattr(torch, "_foreach_add_", lambda ts, n: (adds.append((len(ts), n)), foreach_add(ts, n)))
+    with qnn.counted_together():
+        with qnn.counted_together():  # nested: counted by the outer block
+            bns[0](x)
+        bns[0](x)
+        bns[1](x)
+        evaluated(x)  # eval: no batch counted, as nn.BatchNorm2d
+        assert all(int(b.num_batches_tracked) == 0 for b in bns)
+    assert [int(b.num_batches_tracked) for b in bns] == [2, 1, 0, 0] and idle is bns[2]
+    assert sorted(adds) == [(1, 1), (1, 2)]
+    bns[1](x)  # outside a block: counted at once
+    assert int(bns[1].num_batches_tracked) == 2
+    with pytest.raises(RuntimeError, match="stop"):
+        with qnn.counted_together():
+            bns[1](x)
+            raise RuntimeError("stop")
+    assert int(bns[1].num_batches_tracked) == 3
+
+
 def test_output_keeping_batchnorm_compiles_fullgraph():
     torch._dynamo.reset()
     ours, plain = _bn_pair(4, torch.float32, affine=False)

@@ -10,11 +10,12 @@
 - :class:`GroupedBitProbs`, :func:`precomputed_probs`: the bit probabilities of many quantizers
   from one softmax, handed to the quantizers likewise.
 - :class:`OutputKeepingBatchNorm2d`: ``nn.BatchNorm2d`` that keeps its output, not its input, for
-  backward (training, affine=False): one activation less where the output is kept anyway.
+  backward (training, affine=False): one activation less where the output is kept anyway;
+  :func:`counted_together`: their batch counts in one launch.
 - :class:`InputKeepingMaxPool2d`: ``nn.MaxPool2d`` that keeps no argmax indices for backward.
 """
 
-from .batchnorm import OutputKeepingBatchNorm2d
+from .batchnorm import OutputKeepingBatchNorm2d, counted_together
 from .convert import quantize_
 from .grouped import GroupedBitProbs, GroupedWeightQuantizer, precomputed_probs
 from .pooling import InputKeepingMaxPool2d
@@ -32,6 +33,7 @@ __all__ = [
     "precomputed_probs",
     "precomputed_weights",
     "OutputKeepingBatchNorm2d",
+    "counted_together",
     "InputKeepingMaxPool2d",
     "HWGQ_STEPS",
     "GAUSSIAN_STEPS",

@@ -10,6 +10,7 @@ import os
 import stat
 import subprocess
 import sys
+import tarfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
@@ -66,6 +67,8 @@ def test_steps_run_in_order_with_flags_the_benchmark_cli_accepts(tmp_path):
     # no results.json from the stand-in, so the README section is skipped, and that is said
     assert status["readme"] == "SKIPPED"
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as archive:  # everything in one file too
+        assert {"./summary.txt", "./versions.txt", "./build.log"} <= set(archive.getnames())
 
 
 def test_a_spent_budget_skips_the_remaining_steps_and_fails(tmp_path):

@@ -109,7 +109,7 @@ def test_cuda_graph_replays_the_eager_step_without_host_syncs(tmp_path):
     stats_e, stats_g = torch.zeros(4, device="cuda"), torch.zeros(4, device="cuda")
     for i, (xb, yb, xv, yv) in enumerate(batches):
         eager.step(xb, yb, xv, yv, 0.1, stats_e, update_arch=True)
-        if i == 4:  # warm-up (3) and capture (1) done: replays must not wait for the device
+        if i >= 4:  # warm-up (3) and capture (1) done: replays must not wait for the device
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
         try:

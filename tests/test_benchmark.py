@@ -361,6 +361,11 @@ def test_hidden_launches_time_the_device_not_the_host():
     else:
         assert len(measured.host_samples) == 5 and measured.host_median >= 1e-3
         assert measured.median < 0.5e-3, measured.samples
+        assert timing.busy_wait_seconds() > 1e-3  # longer than the 1 ms sleep it hid
+    # the report marks the runs whose host took longer than the wait hid
+    assert report._host_cell({"host_ms": 5.0, "launch_wait_ms": 4.0}) == "5 *"
+    assert report._host_cell({"host_ms": 0.4, "launch_wait_ms": 4.0}) == "0.4"
+    assert report._host_cell({}) == "-"
 
 
 def test_memory_at_peak_sums_what_is_alive_at_the_largest_total_by_site():

@@ -65,6 +65,12 @@ def _shape(r: Dict[str, Any]) -> str:
 _METRIC_TEXT = {"pct_of_copy": ("% of copy bandwidth", "{:.0f}%"), "speedup_vs_compiled": ("x torch.compile", "{:.1f}x")}
 
 
+def _host_cell(r: Dict[str, Any]) -> str:
+    """'host ms' of a record, marked * where the host took longer than the busy-wait hid."""
+    host, wait = r.get("host_ms"), r.get("launch_wait_ms")
+    return _num(host) + (" *" if host is not None and wait is not None and host > wait else "")
+
+
 def gpu_target_text(t: Dict[str, Any]) -> str:
     """One issue-3/4 target row (``runner.check_gpu_targets``) in words."""
     name, fmt = _METRIC_TEXT[t["metric"]]
@@ -196,7 +202,8 @@ def markdown_report(results: Dict[str, Any]) -> str:
         lines += ["Device time: each run's launches are issued while the GPU is still busy (a busy-wait queued "
                   "before the start event), so the events time the kernels back to back, as in a network whose "
                   "host runs ahead; 'host ms' is the host's time to issue the run. Where host ms exceeds the "
-                  "device time, the op run alone is bound by the host.", ""]
+                  "device time, the op run alone is bound by the host; a * marks a run whose host took longer "
+                  "than the busy-wait hid, so that its device time includes waiting for the host.", ""]
     for label in _labels(_ok(records)):
         lines += [f"### {label}", ""]
         rows = []
@@ -207,7 +214,7 @@ def markdown_report(results: Dict[str, Any]) -> str:
                     f"{_num(r['median_ms'])} ({_num(r['p20_ms'])}-{_num(r['p80_ms'])})",
                     _ratio(r["speedup_vs_eager"]), _ratio(r["speedup_vs_compiled"]),
                     _num(r["gbps"]), _num(r["pct_of_copy"], 2) + "%",
-                ] + ([_num(r.get("host_ms"))] if host_column else []))
+                ] + ([_host_cell(r)] if host_column else []))
         lines += _table(["shape", "dtype", "mode", "impl", "median ms (p20-p80)", "x eager", "x compiled", "GB/s",
                          "% of copy"] + (["host ms"] if host_column else []), rows)
         lines.append("")

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from .cases import AUTOGRAD, COMPILED, EAGER, MODES, OpCase, implementation, implementations
-from .timing import CacheFlusher, measure_interleaved, saved_bytes, synchronize
+from .timing import CacheFlusher, busy_wait_seconds, measure_interleaved, saved_bytes, synchronize
 
 #: Sampling per measurement: (warm-up runs, min samples, max samples, seconds budget).
 SAMPLING = {True: (2, 5, 30, 0.4), False: (3, 10, 200, 1.5)}
@@ -116,7 +116,8 @@ def benchmark_case(
                     "median_ms": _ms(timing.median), "p20_ms": _ms(timing.p20), "p80_ms": _ms(timing.p80),
                     "samples": len(timing.samples), "min_traffic_bytes": traffic, "gbps": gbps,
                     "pct_of_copy": 100.0 * gbps / copy_gbps,
-                    **({"host_ms": _ms(timing.host_median)} if timing.host_samples else {}),
+                    **({"host_ms": _ms(timing.host_median), "launch_wait_ms": _ms(busy_wait_seconds())}
+                       if timing.host_samples else {}),
                 })
                 log(f"  {case.id:<52} {impl:<9} {mode:<17} {records[-1]['median_ms']:10.3f} ms"
                     f"  {gbps:7.1f} GB/s")

@@ -1,4 +1,5 @@
-"""A tiny run of every op on the ``cuda`` backend (the grouped quantizer too), for ``compute-sanitizer --tool memcheck``.
+"""A tiny run of every op on the ``cuda`` backend (the grouped quantizer too), for
+``compute-sanitizer --tool memcheck``.
 
 Odd sizes (not multiples of any vector width or block), per-tensor and per-channel scales on
 several axes, K = 1..4, fp32 and bf16, forward and every gradient, so that an out-of-bounds access

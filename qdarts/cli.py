@@ -47,7 +47,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "for CIFAR-10 on a CPU)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run whose checkpoint is in --out, with the settings saved there "
-                        "(only --device and, for a search, --cuda-graph may change); the result equals an uninterrupted run")
+                        "(only --device and, for a search, --cuda-graph may change); the result equals an "
+                        "uninterrupted run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
 

@@ -68,12 +68,12 @@ def profile_step(cfg: E2EConfig, device: str, backend: Optional[str] = None, row
 
 def _allocation_site(frames: List[Dict[str, Any]]) -> str:
     """The innermost frame of qdarts code that asked for an allocation (else the innermost frame)."""
-    for f in frames:
-        if "qdarts" in f.get("filename", ""):
-            return f"{f['filename'].rsplit('/', 2)[-2]}/{f['filename'].rsplit('/', 1)[-1]}:{f.get('line')} {f.get('name')}"
-    if frames:
-        return f"{frames[0].get('filename', '?').rsplit('/', 1)[-1]}:{frames[0].get('line')} {frames[0].get('name')}"
-    return "(no stack)"
+    if not frames:
+        return "(no stack)"
+    f = next((f for f in frames if "qdarts" in f.get("filename", "")), None)
+    where = "/".join(f["filename"].rsplit("/", 2)[-2:]) if f else frames[0].get("filename", "?").rsplit("/", 1)[-1]
+    f = f or frames[0]
+    return f"{where}:{f.get('line')} {f.get('name')}"
 
 
 def memory_at_peak(events: List[Dict[str, Any]]) -> Tuple[int, Dict[str, int]]:

@@ -62,7 +62,8 @@ def _shape(r: Dict[str, Any]) -> str:
     return "x".join(map(str, r["shape"])) + f" ({_size(r['numel'])})"
 
 
-_METRIC_TEXT = {"pct_of_copy": ("% of copy bandwidth", "{:.0f}%"), "speedup_vs_compiled": ("x torch.compile", "{:.1f}x")}
+_METRIC_TEXT = {"pct_of_copy": ("% of copy bandwidth", "{:.0f}%"),
+                "speedup_vs_compiled": ("x torch.compile", "{:.1f}x")}
 
 
 def _host_cell(r: Dict[str, Any]) -> str:

@@ -1,5 +1,5 @@
-"""A tiny run of every op on the ``cuda`` backend (the grouped quantizer too), for
-``compute-sanitizer --tool memcheck``.
+"""A tiny run of every op on the ``cuda`` backend (the grouped quantizer too) and of the Triton
+batch norm, for ``compute-sanitizer --tool memcheck``.
 
 Odd sizes (not multiples of any vector width or block), per-tensor and per-channel scales on
 several axes, K = 1..4, fp32 and bf16, forward and every gradient, so that an out-of-bounds access
@@ -14,6 +14,7 @@ import sys
 import torch
 
 import qdarts_kernels as qk
+from qdarts_kernels.nn import OutputKeepingBatchNorm2d
 
 
 def check(name: str, got, want, dtype: torch.dtype, elementwise: int, numel: int) -> None:
@@ -82,8 +83,15 @@ def main() -> int:
             want = grads(lambda *a: qk.reference.mixed_op_sum(list(a[:-1]), a[-1]), outs + [w], grad)
             check(f"mixed_op_sum {dtype} K={k}", got, want, dtype, 1 + k, outs[0].numel())
             runs += 1
+        for shape in ((5, 3, 13, 7), (3, 2, 1, 1), (2, 1, 4099, 3), (300, 2, 9, 9)):  # the Triton batch norm
+            x = torch.randn(shape, device=dev, dtype=dtype).requires_grad_()
+            grad = torch.randn(shape, device=dev, dtype=dtype)
+            ours = OutputKeepingBatchNorm2d(shape[1], affine=False, backend="triton").to(dev)
+            plain = torch.nn.BatchNorm2d(shape[1], affine=False).to(dev)
+            check(f"batch_norm {dtype} {shape}", grads(ours, [x], grad), grads(plain, [x], grad), dtype, 2, x.numel())
+            runs += 1
     torch.cuda.synchronize()
-    print(f"{runs} cuda-backend runs checked against the reference")
+    print(f"{runs} runs (cuda backend, Triton batch norm) checked against the reference")
     return 0
 
 

@@ -96,7 +96,7 @@ def warn_if_compiled_missing() -> None:
         )
 
 
-def _runnable(name: str) -> bool:
+def runnable(name: str) -> bool:
     # Triton compiles for GPUs only; on a machine without one it runs solely in its interpreter
     if name == "triton" and not (_triton_interpreting() or torch.cuda.is_available()):
         return False
@@ -105,7 +105,7 @@ def _runnable(name: str) -> bool:
 
 def available_backends() -> List[str]:
     """Names of the backends that can run here (``triton`` on CPU only under TRITON_INTERPRET=1)."""
-    return [n for n in BACKEND_NAMES if _runnable(n)]
+    return [n for n in BACKEND_NAMES if runnable(n)]
 
 
 def _triton_interpreting() -> bool:

@@ -86,7 +86,7 @@ def test_failing_implementation_is_recorded_not_raised():
 
 
 def test_cli_writes_results_report_plots_and_readme(tmp_path, monkeypatch, capsys):
-    cli_cases = TINY[::3]
+    cli_cases = TINY[::3] + [OpCase("batch_norm", "-", (2, 4, 8, 8))]
     monkeypatch.setattr(cases, "sweep", lambda device, quick: cli_cases)
     # few samples and a small copy: this checks the plumbing, not the figures
     monkeypatch.setattr(runner, "SAMPLING", {True: (1, 2, 2, 0.0)})
@@ -110,6 +110,18 @@ def test_cli_writes_results_report_plots_and_readme(tmp_path, monkeypatch, capsy
     assert readme.main([str(tmp_path / "results.json")]) == 0
     section = capsys.readouterr().out
     assert section.startswith("## Performance") and "mixed_op_sum K=8" in section
+    assert "batch_norm training" in text
+
+
+def test_batch_norm_case_implementations_agree_with_pytorchs():
+    case = OpCase("batch_norm", "-", (3, 4, 5, 5))
+    assert case.id == "batch_norm-3x4x5x5-fp32" and case.min_traffic_bytes("forward+backward") == 20 * case.numel
+    gpu_impls = cases.implementations(case, "cuda")
+    assert gpu_impls[:2] == [EAGER, cases.COMPILED] and set(gpu_impls[2:]) <= {"triton"}
+    leaves = case.make_inputs("cpu")
+    want = case.function(EAGER)(*leaves)
+    for impl in ["reference"] + (["triton"] if "triton" in qk.available_backends() else []):
+        torch.testing.assert_close(case.function(impl)(*leaves), want, rtol=1e-5, atol=1e-5)
 
 
 def test_cli_append_runs_the_end_to_end_part_into_the_kernel_part_s_results(tmp_path, monkeypatch):

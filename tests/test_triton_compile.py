@@ -110,6 +110,25 @@ def _exercise_every_kernel():
             outputs = torch.randn(k, 4, 9, generator=gen).to(dtype).requires_grad_()
             weights = torch.softmax(torch.randn(k, generator=gen), 0).requires_grad_()
             qk.mixed_op_sum(outputs, weights, backend="triton").float().sum().backward()
+        _exercise_batch_norm(dtype, gen)
+
+
+def _exercise_batch_norm(dtype, gen):
+    """The batch-norm kernels, with and without running statistics, one and several tiles per
+    reduction program (the latter from a smaller program budget)."""
+    from qdarts_kernels.triton import batch_norm
+
+    budget = batch_norm._REDUCE_PROGRAMS
+    try:
+        for batch_norm._REDUCE_PROGRAMS in (budget, 2):
+            batch_norm.plan.cache_clear()
+            x = torch.randn(3, 2, 5, 7, generator=gen).to(dtype)
+            for running in ((torch.zeros(2), torch.ones(2)), (None, None)):
+                y, invstd = batch_norm.batch_norm_train_forward(x, *running, 0.1, 1e-5)
+                batch_norm.batch_norm_train_backward(torch.ones_like(y), y, invstd)
+    finally:
+        batch_norm._REDUCE_PROGRAMS = budget
+        batch_norm.plan.cache_clear()
 
 
 def _to_json(value):
@@ -151,8 +170,8 @@ def test_every_recorded_kernel_compiles_for_sm90(recorded_launches):
     specs = [{"module": fn.__module__, "kernel": fn.__name__, "signature": {k: _to_json(v) for k, v in sig.items()},
               "constexprs": {k: _to_json(v) for k, v in ce.items()}, "options": opts}
              for fn, sig, ce, opts in recorded_launches.values()]
-    # the forward, backward and reduction kernels of all three ops were launched
-    assert len({s["kernel"] for s in specs}) >= 6, specs
+    # the forward, backward and reduction kernels of all ops and of the batch norm were launched
+    assert len({s["kernel"] for s in specs}) >= 10, specs
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, __file__], input=json.dumps(specs), capture_output=True, text=True,

@@ -388,6 +388,21 @@ def _compile_for_sm90() -> dict:
     out["mos_bf16_forward"] = features(mos._mixed_op_sum_forward_kernel.warmup(outs, w, outs[0], numel, **common))
     out["mos_bf16_backward"] = features(mos._mixed_op_sum_backward_kernel.warmup(
         outs[0], outs, outs, w, part_w, numel, NEED_DOUTPUTS=True, NEED_DWEIGHTS=True, **common))
+    # the batch norm on the CIFAR-size supernet's first-cell tensors (256 x 4 x 32 x 32)
+    from qdarts_kernels.triton import batch_norm as bn
+
+    n, c, s = 256, 4, 1024
+    p = bn.plan(n, c, s)
+    x, stats = torch.empty(n, c, s), torch.empty(c)
+    part3, part2 = torch.empty(c, p.partials, 3), torch.empty(c, p.partials, 2)
+    sizes = (n, c, s, p.tiles_s, p.tiles, p.partials)
+    common = dict(BLOCK_N=p.block_n, BLOCK_S=p.block_s, num_warps=p.num_warps, grid=(1,), **LAUNCH_OPTIONS)
+    out["bn_statistics"] = features(bn._statistics_kernel.warmup(x, part3, *sizes, ROUNDS=p.rounds, **common))
+    out["bn_normalize"] = features(bn._normalize_kernel.warmup(
+        x, x, part3, stats, stats, stats, 0.1, 1e-5, *sizes, UPDATE_RUNNING=True, P_BLOCK=p.partials_block, **common))
+    out["bn_grad_sums"] = features(bn._grad_sums_kernel.warmup(x, x, part2, *sizes, ROUNDS=p.rounds, **common))
+    out["bn_grad_input"] = features(bn._grad_input_kernel.warmup(
+        x, x, x, part2, stats, float(n * s), *sizes, P_BLOCK=p.partials_block, **common))
     return out
 
 
@@ -414,6 +429,9 @@ def test_compiled_ptx_for_sm90():
     for name in ("mfq_f32_tensor_forward", "mfq_f32_tensor_backward"):
         assert ptx[name]["ld_v4"] > 0, name
     assert ptx["mos_bf16_forward"]["ld_v4"] > 0  # 8 bf16 per 16 B load
+    for name in ("bn_statistics", "bn_normalize", "bn_grad_sums", "bn_grad_input"):
+        assert ptx[name]["ld_v4"] > 0, name
+    assert ptx["bn_normalize"]["div_rn"] > 0  # invstd = 1 / sqrt(var + eps), correctly rounded
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--compile-sm90"]:

@@ -14,6 +14,12 @@ of it (the scales, probabilities and weights are negligible):
                                     write dx), forward+backward 20 B, whatever K
     mixed_op_sum, K inputs          forward (K+1)*4 B, backward (2K+1)*4 B (read g and the K
                                     outputs, write K gradients), forward+backward (3K+2)*4 B
+    batch_norm (training, no        forward 8 B (read x, write y), backward 12 B (read g and y,
+    affine parameters)              write dx), forward+backward 20 B
+
+The batch norm is the one a DARTS supernet ends each candidate op with, on few channels: the
+module :class:`qdarts_kernels.nn.OutputKeepingBatchNorm2d` with its Triton kernels against PyTorch's
+``F.batch_norm`` (eager: PyTorch's CUDA kernels; compiled: inductor's), on CUDA tensors only.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ COMPILED = "compiled"
 AUTOGRAD = "autograd"
 #: Backends whose kernels run on each device type (Triton on CPU only interprets: not timed).
 DEVICE_BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+#: Backends with kernels of their own for each op (the batch norm has Triton kernels only).
+OP_BACKENDS = {"batch_norm": ("triton",)}
 
 MFQ_BITS = (2, 4, 8)
 FQ_BITS = 4
@@ -46,8 +54,8 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 class OpCase:
     """One op on one input shape and dtype.
 
-    ``op`` is "mixed_fake_quant", "fake_quant" or "mixed_op_sum"; ``scaling`` is "per_tensor" or
-    "per_channel" (channel axis 1 of an NCHW tensor) for the quantizers and "-" for mixed_op_sum;
+    ``op`` is "mixed_fake_quant", "fake_quant", "mixed_op_sum" or "batch_norm"; ``scaling`` is
+    "per_tensor" or "per_channel" (channel axis 1 of an NCHW tensor) for the quantizers and "-" else;
     ``shape`` is the shape of x (or of each of the K outputs).
     """
 
@@ -80,6 +88,8 @@ class OpCase:
         """The op variant, without size or dtype: the unit of one report table."""
         if self.op == "mixed_op_sum":
             return f"mixed_op_sum K={self.k}"
+        if self.op == "batch_norm":
+            return "batch_norm training, affine=False"
         bits = ",".join(map(str, self.bits))
         return f"{self.op} bits=({bits}) {self.scaling.replace('_', ' ')}"
 
@@ -88,7 +98,8 @@ class OpCase:
         """A short identifier for test ids and file names."""
         shape = "x".join(map(str, self.shape))
         scaling = "" if self.scaling == "-" else f"-{self.scaling}"
-        return f"{self.op}{scaling}-K{self.k}-{shape}-{self.dtype_name}"
+        k = "" if self.op == "batch_norm" else f"-K{self.k}"
+        return f"{self.op}{scaling}{k}-{shape}-{self.dtype_name}"
 
     def min_traffic_bytes(self, mode: str) -> int:
         """Bytes a perfect kernel must move for ``mode`` (see the module docstring)."""
@@ -96,7 +107,7 @@ class OpCase:
         if self.op == "mixed_op_sum":
             k = self.k
             per_elem = {"forward": (k + 1) * 4, "backward": (2 * k + 1) * 4, "forward+backward": (3 * k + 2) * 4}
-        else:
+        else:  # the quantizers and the batch norm
             per_elem = {"forward": 8, "backward": 12, "forward+backward": 20}
         return int(per_elem[mode] * scale * self.numel)
 
@@ -108,7 +119,9 @@ class OpCase:
         def randn(*shape):
             return torch.randn(*shape, generator=gen).to(device=device, dtype=self.dtype)
 
-        if self.op == "mixed_op_sum":
+        if self.op == "batch_norm":
+            leaves = [randn(*self.shape)]
+        elif self.op == "mixed_op_sum":
             outputs = [randn(*self.shape) for _ in range(self.k)]
             weights = torch.softmax(torch.randn(self.k, generator=gen), 0).to(device)
             leaves = outputs + [weights]
@@ -139,6 +152,8 @@ class OpCase:
         axis = 1 if self.scaling == "per_channel" else None
         backend = None if impl in (EAGER, COMPILED) else impl
         bits = self.bits
+        if self.op == "batch_norm":
+            return _batch_norm_function(self.shape[1], impl)
         if impl == AUTOGRAD:
             if self.op == "mixed_op_sum":
                 raise ValueError("the autograd baseline is defined for the quantizers; for mixed_op_sum "
@@ -207,10 +222,31 @@ def straightforward_quant(x: torch.Tensor, probs: Optional[torch.Tensor], scales
     return y.to(x.dtype)
 
 
+def _batch_norm_function(channels: int, impl: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A training batch norm over ``channels`` without affine parameters: PyTorch's own for eager
+    and compiled, else the module on the backend's kernels (running statistics on the device of
+    the first input)."""
+    if impl in (EAGER, COMPILED):
+        stats: List[torch.Tensor] = []
+
+        def f(x):
+            if not stats:
+                stats.extend([torch.zeros(channels, device=x.device), torch.ones(channels, device=x.device)])
+            return torch.nn.functional.batch_norm(x, stats[0], stats[1], training=True)
+
+        return f
+    from qdarts_kernels.nn import OutputKeepingBatchNorm2d
+
+    module = OutputKeepingBatchNorm2d(channels, affine=False, backend=impl)
+    return lambda x: module.to(x.device)(x)
+
+
 def implementations(case: OpCase, device: str) -> List[str]:
-    """What is timed on ``case``: eager, compiled, the fused backends of the device, and for the
-    quantizers the straightforward autograd code (for mixed_op_sum the reference already is that)."""
-    return [EAGER, COMPILED] + backends_for(device) + ([AUTOGRAD] if case.op != "mixed_op_sum" else [])
+    """What is timed on ``case``: eager, compiled, the fused backends of the device (those with
+    kernels for the op), and for the quantizers the straightforward autograd code (for mixed_op_sum
+    the reference already is that)."""
+    backends = [b for b in backends_for(device) if b in OP_BACKENDS.get(case.op, (b,))]
+    return [EAGER, COMPILED] + backends + ([AUTOGRAD] if case.op not in ("mixed_op_sum", "batch_norm") else [])
 
 
 def backends_for(device: str) -> List[str]:
@@ -230,6 +266,9 @@ def _nchw(numel: int, channels: int = 64) -> Tuple[int, int, int, int]:
 M = 2**20
 #: The DESIGN section 6 anchor shape of mixed_fake_quant on the H100 (33.5M elements).
 ANCHOR_33M = (256, 128, 32, 32)
+#: The batch norms of a CIFAR-size supernet at batch 256: 4 partial channels of the first cells'
+#: 32x32 maps, and 32 full channels of a reduction cell's 16x16 maps.
+_BATCH_NORM_SHAPES = ((256, 4, 32, 32), (256, 32, 16, 16))
 #: Size sweeps (shapes of x, or of each mixed-op input), keyed by (device type, quick). The H100
 #: anchors are 4.2M and 33.5M (mixed_fake_quant) and 1M and 4.2M (mixed_op_sum, 16 and 64
 #: channels); the CPU sweeps include the issue-2 targets (4M for mixed_fake_quant, 1M for
@@ -248,11 +287,13 @@ _SWEEPS: Dict[Tuple[str, bool], Dict[str, Sequence[Tuple[int, ...]]]] = {
     ("cuda", True): {
         "mfq_pt": (_nchw(4 * M), ANCHOR_33M), "mfq_pc": (_nchw(4 * M),), "fq_pt": (_nchw(4 * M),),
         "mos": (_nchw(M, 16), _nchw(4 * M)),
+        "bn": _BATCH_NORM_SHAPES[:1],
     },
     ("cuda", False): {
         "mfq_pt": (_nchw(M // 4), _nchw(M), _nchw(4 * M), ANCHOR_33M), "mfq_pc": (_nchw(4 * M), ANCHOR_33M),
         "fq_pt": (_nchw(4 * M), ANCHOR_33M), "fq_pc": (_nchw(4 * M),),
         "mos": (_nchw(M, 16), _nchw(4 * M), _nchw(16 * M)),
+        "bn": _BATCH_NORM_SHAPES,
     },
 }
 _FAMILIES = {
@@ -261,6 +302,7 @@ _FAMILIES = {
     "fq_pt": ("fake_quant", "per_tensor"),
     "fq_pc": ("fake_quant", "per_channel"),
     "mos": ("mixed_op_sum", "-"),
+    "bn": ("batch_norm", "-"),
 }
 
 
@@ -273,5 +315,6 @@ def sweep(device: str, quick: bool) -> List[OpCase]:
         OpCase(*_FAMILIES[family], shape, dtype)
         for family, shapes in _SWEEPS[(kind, quick)].items()
         for shape in shapes
-        for dtype in dtypes
+        # the quick sweep's batch norm in fp32 only: each dtype costs two more inductor compiles
+        for dtype in (dtypes[:1] if quick and family == "bn" else dtypes)
     ]

@@ -22,12 +22,14 @@ baseline). The forward is PyTorch's batch norm itself; running statistics are up
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Dict, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
+from .. import _backends
 from .. import ops as _ops
 
 __all__ = ["OutputKeepingBatchNorm2d", "counted_together"]
@@ -59,33 +61,58 @@ def counted_together() -> Iterator[None]:
             torch._foreach_add_(tensors, n)
 
 
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_kernels(backend: Optional[str], x: Tensor, running_mean: Tensor):
+    """The Triton batch-norm kernels if this call takes them (see the module docstring), else None."""
+    if x.dtype not in _TRITON_DTYPES or running_mean.dtype != torch.float32 or torch.compiler.is_compiling():
+        return None
+    name = _backends.resolve(backend, x.device)
+    if not (name == "triton" or (name == "cuda" and x.device.type == "cuda")) or not _backends.runnable("triton"):
+        return None
+    from ..triton import batch_norm
+
+    return batch_norm
+
+
 class _BatchNormKeepingOutput(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, running_mean, running_var, momentum: float, eps: float, unit_stats):
-        out, _, invstd = torch.native_batch_norm(x, None, None, running_mean, running_var, True, momentum, eps)
+    def forward(ctx, x, running_mean, running_var, momentum: float, eps: float, unit_stats, kernels):
+        if kernels is not None:
+            out, invstd = kernels.batch_norm_train_forward(x.contiguous(), running_mean, running_var, momentum, eps)
+        else:
+            out, _, invstd = torch.native_batch_norm(x, None, None, running_mean, running_var, True, momentum, eps)
         ctx.save_for_backward(out, invstd, unit_stats)
         ctx.eps = eps
+        ctx.kernels = kernels
         return out
 
     @staticmethod
     def backward(ctx, grad):
         out, invstd, unit_stats = ctx.saved_tensors
+        # under create_graph=True PyTorch's backward, made of differentiable ops, gives the second
+        # derivative; the Triton kernels give first derivatives only
+        if ctx.kernels is not None and not torch.is_grad_enabled():
+            return ctx.kernels.batch_norm_train_backward(grad.contiguous(), out, invstd), None, None, None, None, None, None
         if unit_stats.dtype == invstd.dtype and unit_stats.device == invstd.device:
             mean, inv = unit_stats[0], unit_stats[1]
         else:  # a module cast to another dtype than its statistics' (fp64 input, or .half() on the module)
             mean, inv = torch.zeros_like(invstd), torch.ones_like(invstd)
         dx, _, _ = torch.ops.aten.native_batch_norm_backward(
             grad, out, invstd, None, None, mean, inv, True, ctx.eps, [True, False, False])
-        return dx, None, None, None, None, None
+        return dx, None, None, None, None, None, None
 
 
 class OutputKeepingBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` whose training forward without affine parameters keeps its output, not
-    its input, for backward (see the module docstring)."""
+    its input, for backward (see the module docstring). ``backend`` (an attribute too): the ops
+    backend whose kernels it takes on that path, None for the automatic choice."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None) -> None:
+                 track_running_stats: bool = True, device=None, dtype=None, backend: Optional[str] = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.backend = backend
         # mean 0 and inverse std 1 of the normalised output, made once rather than in every backward
         # (two launches per batch norm per step, over a thousand in a CIFAR-size supernet step)
         unit = torch.stack([torch.zeros(num_features, device=device), torch.ones(num_features, device=device)])
@@ -96,9 +123,12 @@ class OutputKeepingBatchNorm2d(nn.BatchNorm2d):
                 or not (torch.is_grad_enabled() and x.requires_grad) or _ops.eager_reference_active()):
             return super().forward(x)
         self._check_input_dim(x)
+        if x.shape[0] * math.prod(x.shape[2:]) == 1:  # as F.batch_norm: a variance of one value per channel is undefined
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
         if _deferred_counts is None or torch.compiler.is_compiling():
             self.num_batches_tracked.add_(1)
         else:
             _deferred_counts[self] = _deferred_counts.get(self, 0) + 1
+        kernels = _triton_kernels(self.backend, x, self.running_mean) if x.numel() else None
         return _BatchNormKeepingOutput.apply(x, self.running_mean, self.running_var, self.momentum, self.eps,
-                                             self._unit_stats)
+                                             self._unit_stats, kernels)

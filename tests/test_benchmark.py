@@ -399,5 +399,17 @@ def test_memory_at_peak_sums_what_is_alive_at_the_largest_total_by_site():
     peak, by_site = profile.memory_at_peak(events)
     assert peak == 180  # 100 + 50 + 30, before addr 1 is freed
     assert by_site == {"qdarts/ops.py:10 forward": 130, "qdarts/supernet.py:20 forward": 50}
-    with pytest.raises(SystemExit, match="--memory needs a CUDA device"):
-        profile.main(["--device", "cpu", "--memory", "--config", "digits"])
+
+
+def test_cpu_memory_report_finds_what_a_step_keeps():
+    """On CPU the peak comes from the profiler's allocation events, by autograd function: a search
+    step's peak holds at least what the larger half of the step keeps for backward, most of it under
+    the batch norms (their outputs) and the quantized convs (their inputs)."""
+    from qdarts.benchmark import profile
+
+    report = profile.memory_report(TINY_SUPERNET, "cpu")
+    peak_mb = float(report.split("alive at its peak: ")[1].split(" MB")[0])
+    kept = endtoend.SearchStep(TINY_SUPERNET, "cpu", None).saved_bytes()
+    assert peak_mb >= max(kept.values()) / 2**20 * 0.95, report
+    sites = report.split("by site:")[1]
+    assert "_BatchNormKeepingOutput > aten::empty" in sites and "_QuantizedInputConv2d > aten::empty" in sites, report

@@ -9,9 +9,11 @@ device time and by self host time. A step whose GPU busy time is a small part of
 bound by the host (Python, dispatch and launches), not by arithmetic or memory traffic: the
 question issue 9 asks of the remaining time.
 
-``--memory`` (CUDA): what is allocated at the peak of a step, by the line of qdarts code that
-asked for it, from the CUDA allocator's trace (``torch.cuda.memory._record_memory_history``): the
-part of the peak beyond what autograd keeps for backward (issue 6's peak-memory ratio).
+``--memory``: what is allocated at the peak of a step. On CUDA by the line of qdarts code that
+asked for it, from the CUDA allocator's trace (``torch.cuda.memory._record_memory_history``); on
+CPU by the autograd function or op that asked for it, from the profiler's allocation events. The
+part of the peak beyond what autograd keeps for backward is issue 6's peak-memory question (on
+this CPU the fused CIFAR-size step's peak is what it keeps, 1297 against 1292 MB at batch 64).
 """
 
 from __future__ import annotations
@@ -76,16 +78,47 @@ def _allocation_site(frames: List[Dict[str, Any]]) -> str:
     return f"{where}:{f.get('line')} {f.get('name')}"
 
 
+def _op_site(stack: List[str]) -> str:
+    """The autograd function or qdarts op (the innermost) and the op that allocated, of a profiler
+    op stack (outermost first)."""
+    caller = next((name for name in reversed(stack[:-1]) if name.startswith(("qdarts", "_")) or "Backward" in name),
+                  "-")
+    return f"{caller} > {stack[-1] if stack else '-'}"
+
+
+def cpu_allocations(event_tree) -> List[Dict[str, Any]]:
+    """The CPU allocations and frees of a profiled run (``profile(profile_memory=True)``:
+    ``prof.profiler.kineto_results.experimental_event_tree()``) in time order, as the events of
+    :func:`memory_at_peak`, each allocation with the ``site`` of :func:`_op_site`."""
+    from torch._C._profiler import _EventType
+
+    found: List[Tuple[int, Dict[str, Any]]] = []
+    pending = [(root, []) for root in event_tree]
+    while pending:
+        event, stack = pending.pop()
+        if event.tag == _EventType.Allocation:
+            f = event.extra_fields
+            if f.device.type == "cpu":
+                action = "alloc" if f.alloc_size > 0 else "free_completed"
+                found.append((event.start_time_ns, {"action": action, "addr": f.ptr, "size": abs(f.alloc_size),
+                                                    "site": _op_site(stack)}))
+            continue
+        pending.extend((child, stack + [event.name]) for child in event.children)
+    found.sort(key=lambda te: te[0])
+    return [e for _, e in found]
+
+
 def memory_at_peak(events: List[Dict[str, Any]]) -> Tuple[int, Dict[str, int]]:
-    """From the allocator trace of ``torch.cuda.memory._snapshot()`` (``device_traces[i]``: events with
-    ``action`` alloc / free_completed, ``addr``, ``size``, ``frames``): the largest number of bytes
-    allocated at once during the trace, and what was alive then, summed by allocation site."""
+    """From an allocator trace (``torch.cuda.memory._snapshot()``'s ``device_traces[i]``, or
+    :func:`cpu_allocations`: events with ``action`` alloc / free_completed, ``addr``, ``size`` and
+    either ``frames`` or a ``site``): the largest number of bytes allocated at once during the
+    trace, and what was alive then, summed by allocation site."""
     live: Dict[int, Tuple[int, str]] = {}
     total = peak = 0
     at_peak: Dict[int, Tuple[int, str]] = {}
     for e in events:
         if e["action"] == "alloc":
-            live[e["addr"]] = (e["size"], _allocation_site(e.get("frames") or []))
+            live[e["addr"]] = (e["size"], e.get("site") or _allocation_site(e.get("frames") or []))
             total += e["size"]
             if total > peak:
                 peak, at_peak = total, dict(live)
@@ -98,27 +131,34 @@ def memory_at_peak(events: List[Dict[str, Any]]) -> Tuple[int, Dict[str, int]]:
 
 
 def memory_report(cfg: E2EConfig, device: str, backend: Optional[str] = None, rows: int = 25) -> str:
-    """What is allocated at the peak of one step of ``cfg`` (CUDA): allocations made during the step,
-    by the qdarts line that asked for them, on top of what the step starts with (parameters,
-    optimiser states, the batches)."""
+    """What is allocated at the peak of one step of ``cfg``: allocations made during the step, by
+    the site that asked for them (see the module docstring), on top of what the step starts with
+    (parameters, optimiser states, the batches)."""
     step = SearchStep(cfg, device, backend)
     for _ in range(2):
         step()
-    torch.cuda.synchronize(device)
-    start = torch.cuda.memory_allocated(device)
-    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
-    try:
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
+    lines = [f"config: {cfg.name} ({cfg.description}), device {device}"]
+    if torch.device(device).type == "cpu":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        peak, by_site = memory_at_peak(cpu_allocations(prof.profiler.kineto_results.experimental_event_tree()))
+    else:
         torch.cuda.synchronize(device)
-        snapshot = torch.cuda.memory._snapshot()
-    finally:
-        torch.cuda.memory._record_memory_history(enabled=None)
-    peak, by_site = memory_at_peak(snapshot["device_traces"][torch.device(device).index or 0])
-    lines = [f"config: {cfg.name} ({cfg.description}), device {device}",
-             f"allocated when the step starts: {start / 2**20:.1f} MB; the step's peak "
-             f"(max_memory_allocated): {torch.cuda.max_memory_allocated(device) / 2**20:.1f} MB; allocated by the "
-             f"step and alive at its peak: {peak / 2**20:.1f} MB, by site:"]
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+        try:
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            torch.cuda.synchronize(device)
+            snapshot = torch.cuda.memory._snapshot()
+        finally:
+            torch.cuda.memory._record_memory_history(enabled=None)
+        peak, by_site = memory_at_peak(snapshot["device_traces"][torch.device(device).index or 0])
+        lines.append(f"allocated when the step starts: {start / 2**20:.1f} MB; the step's peak "
+                     f"(max_memory_allocated): {torch.cuda.max_memory_allocated(device) / 2**20:.1f} MB")
+    lines.append(f"allocated by the step and alive at its peak: {peak / 2**20:.1f} MB, by site:")
     lines += [f"  {size / 2**20:9.1f} MB  {site}" for site, size in list(by_site.items())[:rows]]
     return "\n".join(lines)
 
@@ -130,14 +170,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, help="backend of the public ops (default: the automatic choice)")
     p.add_argument("--rows", type=int, default=25, help="rows of each table")
     p.add_argument("--memory", action="store_true",
-                   help="also list what is allocated at the step's peak, by allocation site (CUDA only)")
+                   help="also list what is allocated at the step's peak, by allocation site")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
-    if args.memory and torch.device(args.device).type != "cuda":
-        raise SystemExit(f"--memory needs a CUDA device, got --device {args.device}")
     print(profile_step(configs()[args.config], args.device, args.backend, args.rows), flush=True)
     if args.memory:
         print("\n## memory at the peak of a step\n" + memory_report(configs()[args.config], args.device, args.backend,

@@ -1,5 +1,5 @@
 """A tiny run of every op on the ``cuda`` backend (the grouped quantizer too) and of the Triton
-batch norm, for ``compute-sanitizer --tool memcheck``.
+batch norm and depthwise-conv weight gradient, for ``compute-sanitizer --tool memcheck``.
 
 Odd sizes (not multiples of any vector width or block), per-tensor and per-channel scales on
 several axes, K = 1..4, fp32 and bf16, forward and every gradient, so that an out-of-bounds access
@@ -15,6 +15,7 @@ import torch
 
 import qdarts_kernels as qk
 from qdarts_kernels.nn import OutputKeepingBatchNorm2d
+from qdarts_kernels.triton import depthwise_conv
 
 
 def check(name: str, got, want, dtype: torch.dtype, elementwise: int, numel: int) -> None:
@@ -90,8 +91,19 @@ def main() -> int:
             plain = torch.nn.BatchNorm2d(shape[1], affine=False).to(dev)
             check(f"batch_norm {dtype} {shape}", grads(ours, [x], grad), grads(plain, [x], grad), dtype, 2, x.numel())
             runs += 1
+        for k, stride, padding, dilation in ((3, 1, 1, 1), (5, 2, 2, 1), (3, 2, 2, 2), (5, 1, 4, 2)):  # depthwise dw
+            x = torch.randn(3, 5, 13, 11, device=dev, dtype=dtype)
+            weight = torch.randn(5, 1, k, k, device=dev)
+            args = ((stride, stride), (padding, padding), (dilation, dilation))
+            y = torch.nn.functional.conv2d(x.float(), weight, None, *args, 5)
+            grad = torch.randn(y.shape, device=dev, dtype=dtype)
+            got = depthwise_conv.depthwise_conv2d_weight_grad(grad, x, (k, k), *args)
+            want = torch.ops.aten.convolution_backward(grad.float(), x.float(), weight, None, *args, False, [0, 0], 5,
+                                                       [False, True, False])[1]
+            check(f"depthwise weight grad {dtype} k={k} s={stride} d={dilation}", [got], [want], dtype, 0, y.numel())
+            runs += 1
     torch.cuda.synchronize()
-    print(f"{runs} runs (cuda backend, Triton batch norm) checked against the reference")
+    print(f"{runs} runs (cuda backend, Triton batch norm and depthwise weight gradient) checked against the reference")
     return 0
 
 

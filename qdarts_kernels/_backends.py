@@ -144,6 +144,15 @@ def resolve(backend: Optional[str], device: torch.device) -> str:
     return "reference"
 
 
+def takes_triton_only_kernels(backend: Optional[str], device: torch.device) -> bool:
+    """Whether a call on ``device`` with ops backend ``backend`` (None: the automatic choice) takes
+    the kernels that only the Triton backend has (the few-channel batch norm and depthwise-conv
+    weight gradient of ``qdarts_kernels.triton``), rather than PyTorch's: with backend triton, or
+    cuda on a CUDA device (the fused GPU backends), when Triton runs here."""
+    name = resolve(backend, device)
+    return (name == "triton" or (name == "cuda" and device.type == "cuda")) and runnable("triton")
+
+
 def get(name: str):
     mod = _load(name)
     if mod is None:

@@ -1,4 +1,4 @@
-"""Every Triton kernel the public ops launch compiles for the H100 (sm_90), without a GPU.
+"""Every Triton kernel the public ops and modules launch compiles for the H100 (sm_90), without a GPU.
 
 The interpreter (how the Triton tests run on CPU) executes a kernel's Python body and so accepts
 code that the compiler refuses: a global that is not ``tl.constexpr``, an op missing for a dtype, a
@@ -111,6 +111,7 @@ def _exercise_every_kernel():
             weights = torch.softmax(torch.randn(k, generator=gen), 0).requires_grad_()
             qk.mixed_op_sum(outputs, weights, backend="triton").float().sum().backward()
         _exercise_batch_norm(dtype, gen)
+        _exercise_depthwise_conv(dtype, gen)
 
 
 def _exercise_batch_norm(dtype, gen):
@@ -129,6 +130,19 @@ def _exercise_batch_norm(dtype, gen):
     finally:
         batch_norm._REDUCE_PROGRAMS = budget
         batch_norm.plan.cache_clear()
+
+
+def _exercise_depthwise_conv(dtype, gen):
+    """The depthwise weight-gradient kernel on DARTS' separable and dilated convs (3x3 and 5x5,
+    stride 1 and 2)."""
+    from qdarts_kernels.triton import depthwise_conv
+
+    x = torch.randn(2, 3, 9, 9, generator=gen).to(dtype)
+    for k, stride, padding, dilation in ((3, 1, 1, 1), (5, 2, 2, 1), (3, 1, 2, 2), (5, 2, 4, 2)):
+        ho = (9 + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+        grad = torch.randn(2, 3, ho, ho, generator=gen).to(dtype)
+        depthwise_conv.depthwise_conv2d_weight_grad(grad, x, (k, k), (stride, stride), (padding, padding),
+                                                    (dilation, dilation))
 
 
 def _to_json(value):
@@ -170,8 +184,9 @@ def test_every_recorded_kernel_compiles_for_sm90(recorded_launches):
     specs = [{"module": fn.__module__, "kernel": fn.__name__, "signature": {k: _to_json(v) for k, v in sig.items()},
               "constexprs": {k: _to_json(v) for k, v in ce.items()}, "options": opts}
              for fn, sig, ce, opts in recorded_launches.values()]
-    # the forward, backward and reduction kernels of all ops and of the batch norm were launched
-    assert len({s["kernel"] for s in specs}) >= 10, specs
+    # the forward, backward and reduction kernels of all ops, the batch norm's and the depthwise
+    # weight gradient's were launched
+    assert len({s["kernel"] for s in specs}) >= 11, specs
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, __file__], input=json.dumps(specs), capture_output=True, text=True,

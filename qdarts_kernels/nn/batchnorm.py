@@ -66,10 +66,8 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _triton_kernels(backend: Optional[str], x: Tensor, running_mean: Tensor):
     """The Triton batch-norm kernels if this call takes them (see the module docstring), else None."""
-    if x.dtype not in _TRITON_DTYPES or running_mean.dtype != torch.float32 or torch.compiler.is_compiling():
-        return None
-    name = _backends.resolve(backend, x.device)
-    if not (name == "triton" or (name == "cuda" and x.device.type == "cuda")) or not _backends.runnable("triton"):
+    if (x.dtype not in _TRITON_DTYPES or running_mean.dtype != torch.float32 or torch.compiler.is_compiling()
+            or not _backends.takes_triton_only_kernels(backend, x.device)):
         return None
     from ..triton import batch_norm
 
@@ -94,7 +92,8 @@ class _BatchNormKeepingOutput(torch.autograd.Function):
         # under create_graph=True PyTorch's backward, made of differentiable ops, gives the second
         # derivative; the Triton kernels give first derivatives only
         if ctx.kernels is not None and not torch.is_grad_enabled():
-            return ctx.kernels.batch_norm_train_backward(grad.contiguous(), out, invstd), None, None, None, None, None, None
+            dx = ctx.kernels.batch_norm_train_backward(grad.contiguous(), out, invstd)
+            return dx, None, None, None, None, None, None
         if unit_stats.dtype == invstd.dtype and unit_stats.device == invstd.device:
             mean, inv = unit_stats[0], unit_stats[1]
         else:  # a module cast to another dtype than its statistics' (fp64 input, or .half() on the module)
@@ -123,7 +122,7 @@ class OutputKeepingBatchNorm2d(nn.BatchNorm2d):
                 or not (torch.is_grad_enabled() and x.requires_grad) or _ops.eager_reference_active()):
             return super().forward(x)
         self._check_input_dim(x)
-        if x.shape[0] * math.prod(x.shape[2:]) == 1:  # as F.batch_norm: a variance of one value per channel is undefined
+        if x.shape[0] * math.prod(x.shape[2:]) == 1:  # as F.batch_norm: one value per channel has no variance
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
         if _deferred_counts is None or torch.compiler.is_compiling():
             self.num_batches_tracked.add_(1)

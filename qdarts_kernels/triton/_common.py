@@ -104,6 +104,20 @@ def tile_size(numel: int) -> TileSize:
     return TileSize(4096, 8)
 
 
+#: Programs a per-channel reduction aims at in all: enough to fill an H100 (132 SMs) several
+#: times, few enough that a program merging one channel's partials reads at most this many.
+REDUCE_PROGRAMS = 1024
+
+
+def split_channel_reduction(items: int, channels: int, budget: int = REDUCE_PROGRAMS) -> tuple:
+    """(partials, rounds): each of ``channels`` reductions over ``items`` work items (tiles) is
+    split over ``partials`` programs, each taking ``rounds`` items (item p + r * partials in round
+    r; some past the last, empty). ``rounds`` is a power of two, a constant of the kernels (so
+    that few sizes are compiled), and ``partials`` as few as then take all items."""
+    rounds = next_pow2(triton.cdiv(items, max(1, budget // channels)))
+    return triton.cdiv(items, rounds), rounds
+
+
 def device_guard(t: torch.Tensor):
     """Make ``t``'s GPU the current device: Triton launches on the current device."""
     if t.device.type == "cuda":

@@ -37,13 +37,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LAUNCH_OPTIONS, cast_out, device_guard, next_pow2
+from ._common import LAUNCH_OPTIONS, REDUCE_PROGRAMS, cast_out, device_guard, next_pow2, split_channel_reduction
 
 #: Elements of one tile (a [BLOCK_N, BLOCK_S] block of one channel).
 _TILE = 4096
-#: Programs the reduction passes aim at in all: enough to fill an H100 (132 SMs) several times,
-#: few enough that each normalising program merges at most this many partials of its channel.
-_REDUCE_PROGRAMS = 1024
+#: Reduction programs in all (see ``split_channel_reduction``); tests lower it.
+_REDUCE_PROGRAMS = REDUCE_PROGRAMS
 
 
 class Plan(NamedTuple):
@@ -67,10 +66,7 @@ def plan(n: int, c: int, s: int) -> Plan:
     block_n = min(next_pow2(n), max(1, _TILE // block_s))
     tiles_s = triton.cdiv(s, block_s)
     tiles = triton.cdiv(n, block_n) * tiles_s
-    # the tiles one reduction program takes (a constant of the kernel: a power of two, so that
-    # few sizes are compiled), then as few programs as take them all
-    rounds = next_pow2(triton.cdiv(tiles, max(1, _REDUCE_PROGRAMS // c)))
-    partials = triton.cdiv(tiles, rounds)
+    partials, rounds = split_channel_reduction(tiles, c, _REDUCE_PROGRAMS)
     return Plan(block_n, block_s, tiles_s, tiles, partials, next_pow2(partials), rounds,
                 8 if block_n * block_s >= _TILE else 4)
 

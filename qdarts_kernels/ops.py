@@ -342,10 +342,11 @@ class _MixedFakeQuantGroupedFunction(torch.autograd.Function):
     separate arguments after ``n``."""
 
     @staticmethod
-    def forward(ctx, probs, bits, grid, axes, backend, n, *xs_and_scales):
+    def forward(ctx, probs, bits, grid, axes, backend, straight_through, n, *xs_and_scales):
         xs, scales = xs_and_scales[:n], xs_and_scales[n:]
         ctx.save_for_backward(probs, *xs_and_scales)
         ctx.args = (bits, grid, axes, backend)
+        ctx.straight_through = straight_through
         ctx.n = n
         return tuple(_mfqg_forward(xs, probs, scales, bits, grid, axes, backend))
 
@@ -356,23 +357,30 @@ class _MixedFakeQuantGroupedFunction(torch.autograd.Function):
         probs, *xs_and_scales = ctx.saved_tensors
         xs, scales = xs_and_scales[:n], xs_and_scales[n:]
         needs = ctx.needs_input_grad
-        need_dx, need_dp, need_ds = any(needs[6:6 + n]), needs[0], any(needs[6 + n:])
-        dxs, dp, ds = _mfqg_backward(grads, xs, probs, scales, *ctx.args, need_dx, need_dp, need_ds)
+        need_dx, need_dp, need_ds = any(needs[7:7 + n]), needs[0], any(needs[7 + n:])
+        kernel_dx = need_dx and not ctx.straight_through
+        if kernel_dx or need_dp or need_ds:
+            dxs, dp, ds = _mfqg_backward(grads, xs, probs, scales, *ctx.args, kernel_dx, need_dp, need_ds)
+        else:
+            dxs = dp = ds = None
+        if need_dx and ctx.straight_through:
+            dxs = grads  # the identity: each incoming gradient as it is (None for an unused output)
         dxs = dxs if dxs is not None else [None] * n
         dss = _split_like(ds, scales) if ds is not None else [None] * n
-        return (dp, None, None, None, None, None, *dxs, *dss)
+        return (dp, None, None, None, None, None, None, *dxs, *dss)
 
 
 @torch.library.custom_op("qdarts::mixed_fake_quant_grouped", mutates_args=())
 def _mixed_fake_quant_grouped_op(
-    xs: List[Tensor], probs: Tensor, scales: List[Tensor], bits: List[int], grid: int, axes: List[int], backend: str
+    xs: List[Tensor], probs: Tensor, scales: List[Tensor], bits: List[int], grid: int, axes: List[int], backend: str,
+    straight_through: bool,
 ) -> List[Tensor]:
     _check_grouped_op_args(xs, probs, scales, bits, axes)
     return _mfqg_forward(xs, probs, scales, bits, grid, axes, backend)
 
 
 @_mixed_fake_quant_grouped_op.register_fake
-def _(xs, probs, scales, bits, grid, axes, backend):
+def _(xs, probs, scales, bits, grid, axes, backend, straight_through):
     return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
 
 
@@ -419,9 +427,10 @@ def _(grads, xs, probs, scales, bits, grid, axes, backend, need_dx, need_dprobs,
 
 
 def _mfqg_setup_context(ctx, inputs, output):
-    xs, probs, scales, bits, grid, axes, backend = inputs
+    xs, probs, scales, bits, grid, axes, backend, straight_through = inputs
     ctx.save_for_backward(probs, *xs, *scales)
     ctx.args = (bits, grid, axes, backend)
+    ctx.straight_through = straight_through
     ctx.n = len(xs)
 
 
@@ -431,17 +440,22 @@ def _mfqg_op_backward(ctx, grads):
     xs, scales = xs_and_scales[:n], xs_and_scales[n:]
     need_xs, need_dp, need_ss = ctx.needs_input_grad[:3]
     need_dx, need_ds = any(need_xs), any(need_ss)
-    if not (need_dx or need_dp or need_ds):
-        return [None] * n, None, [None] * n, None, None, None, None
-    bits, grid, axes, backend = ctx.args
-    res = _mixed_fake_quant_grouped_backward_op(
-        _grads_or_zeros(grads, xs), xs, probs, scales, bits, grid, axes, backend, need_dx, need_dp, need_ds
-    )
+    kernel_dx = need_dx and not ctx.straight_through
+    res = None
+    if kernel_dx or need_dp or need_ds:
+        bits, grid, axes, backend = ctx.args
+        res = _mixed_fake_quant_grouped_backward_op(
+            _grads_or_zeros(grads, xs), xs, probs, scales, bits, grid, axes, backend, kernel_dx, need_dp, need_ds
+        )
+    if not need_dx:
+        dxs = [None] * n
+    else:
+        dxs = list(grads) if ctx.straight_through else res[:n]  # straight through: the identity
     return (
-        res[:n] if need_dx else [None] * n,
+        dxs,
         res[n] if need_dp else None,
         _split_like(res[n + 1], scales) if need_ds else [None] * n,
-        None, None, None, None,
+        None, None, None, None, None,
     )
 
 
@@ -457,6 +471,7 @@ def mixed_fake_quant_grouped(
     grid: str = "signed",
     axis: Optional[int] = None,
     backend: Optional[str] = None,
+    straight_through: bool = False,
 ) -> List[Tensor]:
     """``mixed_fake_quant`` of N tensors sharing one bit set and grid, in one kernel launch.
 
@@ -468,19 +483,23 @@ def mixed_fake_quant_grouped(
     each x). The ``triton`` and ``cuda`` backends quantize all N with one launch forward, and one
     launch plus one small reduction launch backward (instead of one launch or two per tensor); the
     ``reference`` and ``cpu`` backends loop over the tensors. Errors name the index (``xs[3]``).
+    ``straight_through``: the gradient of each x is its output's gradient as it is (the identity,
+    as the paper's weight quantizers take it; no kernel computes it), the values are unchanged.
     """
     ref = _eager_reference_op("mixed_fake_quant_grouped")
     if ref is not None:
-        return ref(xs, probs, scales, bits, grid=grid, axis=axis)
+        return ref(xs, probs, scales, bits, grid=grid, axis=axis, straight_through=straight_through)
     xs, probs, scales, bits, code, axes = check_mixed_fake_quant_grouped(xs, probs, scales, bits, grid, axis)
     name = _backends.resolve(backend, xs[0].device)
     _check_backend_dtype(name, xs[0], "xs")
     # one [N, K] tensor for the kernels: the caller's, or a stack of the rows (autograd splits its
     # gradient back into the rows)
     probs_nk = probs if isinstance(probs, Tensor) else torch.stack(probs)
+    straight_through = bool(straight_through)
     if torch.compiler.is_compiling():
-        return _mixed_fake_quant_grouped_op(xs, probs_nk, scales, list(bits), code, list(axes), name)
-    return list(_MixedFakeQuantGroupedFunction.apply(probs_nk, bits, code, axes, name, len(xs), *xs, *scales))
+        return _mixed_fake_quant_grouped_op(xs, probs_nk, scales, list(bits), code, list(axes), name, straight_through)
+    return list(_MixedFakeQuantGroupedFunction.apply(probs_nk, bits, code, axes, name, straight_through, len(xs), *xs,
+                                                     *scales))
 
 
 # --------------------------------------------------------------------------------------------------

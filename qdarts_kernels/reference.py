@@ -159,10 +159,16 @@ def mixed_fake_quant_grouped(
     *,
     grid: str = "signed",
     axis: Optional[int] = None,
+    straight_through: bool = False,
 ) -> List[torch.Tensor]:
     """``mixed_fake_quant`` of N tensors that share one bit set and grid, by definition a loop::
 
         ys[i] = mixed_fake_quant(xs[i], probs[i], scales[i], bits, grid=grid, axis=axis)
+
+    With ``straight_through`` the gradient of each x is the identity (the straight-through
+    estimator that the paper's weight quantizers take), and the same values are returned::
+
+        ys[i] = mixed_fake_quant(xs[i].detach(), ...) + (xs[i] - xs[i].detach())   (+ 0: bit for bit)
 
     Args:
         xs: N >= 1 tensors of any shapes (0 elements allowed), one dtype and one device.
@@ -176,7 +182,10 @@ def mixed_fake_quant_grouped(
     """
     xs, probs, scales, bits, _, _ = check_mixed_fake_quant_grouped(xs, probs, scales, bits, grid, axis)
     rows = probs.unbind(0) if isinstance(probs, torch.Tensor) else probs
-    return [mixed_fake_quant(x, p, s, bits, grid=grid, axis=axis) for x, p, s in zip(xs, rows, scales)]
+    if not straight_through:
+        return [mixed_fake_quant(x, p, s, bits, grid=grid, axis=axis) for x, p, s in zip(xs, rows, scales)]
+    return [mixed_fake_quant(x.detach(), p, s, bits, grid=grid, axis=axis) + (x - x.detach())
+            for x, p, s in zip(xs, rows, scales)]
 
 
 def fake_quant(

@@ -167,9 +167,10 @@ def _op_args(backend, per_channel):
 
 @pytest.mark.parametrize("backend", CPU_SIDE_BACKENDS)
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_opcheck_grouped(backend, per_channel):
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_opcheck_grouped(backend, per_channel, straight_through):
     args = _op_args(backend, per_channel)
-    torch.library.opcheck(torch.ops.qdarts.mixed_fake_quant_grouped.default, args)
+    torch.library.opcheck(torch.ops.qdarts.mixed_fake_quant_grouped.default, args + (straight_through,))
     xs, probs, scales, *rest = args
     grads = [torch.randn(x.shape) for x in xs]
     for needs in [(True, True, True), (False, True, False), (False, False, True)]:
@@ -181,25 +182,28 @@ def test_opcheck_grouped(backend, per_channel):
 class _GroupedNet(torch.nn.Module):
     """Two linear layers whose weights are quantized per channel by one grouped call."""
 
-    def __init__(self, backend):
+    def __init__(self, backend, straight_through=False):
         super().__init__()
         self.backend = backend
+        self.straight_through = straight_through
         self.lin1, self.lin2 = torch.nn.Linear(8, 6), torch.nn.Linear(6, 4)
         self.logits = torch.nn.Parameter(torch.zeros(2, 3))
         self.scales = torch.nn.ParameterList([torch.nn.Parameter(torch.full((3, c), 0.05)) for c in (6, 4)])
 
     def forward(self, x):
         w1, w2 = qk.mixed_fake_quant_grouped([self.lin1.weight, self.lin2.weight], torch.softmax(self.logits, 1),
-                                             list(self.scales), (2, 4, 8), axis=0, backend=self.backend)
+                                             list(self.scales), (2, 4, 8), axis=0, backend=self.backend,
+                                             straight_through=self.straight_through)
         return torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x, w1, self.lin1.bias)), w2,
                                           self.lin2.bias)
 
 
+@pytest.mark.parametrize("straight_through", [False, True])
 @pytest.mark.parametrize("backend", [b for b in CPU_SIDE_BACKENDS if b != "triton"])
-def test_grouped_torch_compile_fullgraph(backend):
+def test_grouped_torch_compile_fullgraph(backend, straight_through):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = _GroupedNet(backend)
+    model = _GroupedNet(backend, straight_through)
     x = torch.randn(5, 8)
     eager = model(x)
     eager.sum().backward()
@@ -210,6 +214,38 @@ def test_grouped_torch_compile_fullgraph(backend):
     torch.testing.assert_close(out, eager)
     for p, g in zip(model.parameters(), eager_grads):
         torch.testing.assert_close(p.grad, g)
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_grouped_straight_through(backend_device, axis):
+    """The same values; each x's gradient is its output's gradient as it is (also on the
+    reference, and for an output outside the loss: none); probs and scales get the same gradients
+    as without, bit for bit."""
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(7)
+    xs = [torch.randn(s, generator=gen) for s in [(5, 3, 2), (4, 3), (6, 3, 1, 1)]]
+    probs = torch.softmax(torch.randn(3, 3, generator=gen), 1)
+    scales = [torch.rand((3,) if axis is None else (3, x.shape[0]), generator=gen) * 0.3 + 0.05 for x in xs]
+    gs = [torch.randn(x.shape, generator=gen).to(device) for x in xs]
+    results = {}
+    for name, fn, st in [("plain", qk.mixed_fake_quant_grouped, False), ("st", qk.mixed_fake_quant_grouped, True),
+                         ("reference", ref.mixed_fake_quant_grouped, True)]:
+        xl = [x.to(device, copy=True).requires_grad_() for x in xs]
+        pl = probs.to(device, copy=True).requires_grad_()
+        sl = [t.to(device, copy=True).requires_grad_() for t in scales]
+        kwargs = {} if fn is ref.mixed_fake_quant_grouped else {"backend": backend}
+        ys = fn(xl, pl, sl, (2, 4, 8), axis=axis, straight_through=st, **kwargs)
+        torch.autograd.backward(ys[:2], gs[:2])  # the last output takes no part
+        results[name] = (ys, [x.grad for x in xl], pl.grad, [t.grad for t in sl])
+    plain, st, reference = results["plain"], results["st"], results["reference"]
+    for y, y_st, y_ref in zip(plain[0], st[0], reference[0]):
+        assert torch.equal(y, y_st) and torch.equal(y_ref.cpu(), y_st.cpu())
+    for got in (st, reference):
+        assert torch.equal(got[1][0], gs[0]) and torch.equal(got[1][1], gs[1])
+        assert got[1][2] is None or torch.equal(got[1][2], torch.zeros_like(xs[2]).to(device))
+    assert not torch.equal(plain[1][0], gs[0])  # the quantizer's own gradient differs
+    assert torch.equal(st[2], plain[2]) and all(torch.equal(a, b) for a, b in zip(st[3][:2], plain[3][:2]))
+    torch.testing.assert_close(reference[2].cpu(), st[2].cpu(), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------

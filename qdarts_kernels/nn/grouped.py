@@ -14,8 +14,9 @@ backend, dtype, device; in a supernet: all of them). The inputs of that call are
   per-layer one (on the CPU the two are equal);
 - lsq scales: each layer's own (learnable, clamped in place): nothing to batch.
 
-The paper weights take the identity (straight-through) gradient, as in the per-layer path; here a
-single autograd function passes each mixed weight's gradient to its weight, with no launch.
+The paper weights take the identity (straight-through) gradient, as in the per-layer path: the
+grouped op's ``straight_through`` hands each mixed weight's gradient to its weight as it is, with no
+launch and no copy.
 
 Use ``with precomputed_weights(q.layers, q()): model(x)``; the layers then skip their own weight
 quantization. The result equals the per-layer path forward (bit for bit where the scales are) and
@@ -100,19 +101,6 @@ def precomputed_probs(quantizers: Sequence[MixedPrecisionFakeQuantize], probs: S
             set_plain_attribute(q, "probs_override", None)
 
 
-class _StraightThrough(torch.autograd.Function):
-    """Forward: the n mixed weights ``ys``; backward: each y's gradient goes unchanged both to y
-    (hence to the logits through the grouped op) and to its weight (the identity gradient)."""
-
-    @staticmethod
-    def forward(ctx, n: int, *ys_and_ws: Tensor):
-        return tuple(y.view_as(y) for y in ys_and_ws[:n])
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return (None, *grads, *grads)
-
-
 class _Group:
     """Layers whose weight quantizers share one configuration: one grouped launch."""
 
@@ -160,11 +148,8 @@ class _Group:
             scales = [quantizer._lsq_scales(w, self.axis) for quantizer, w in zip(self.quantizers, weights)]
             return ops.mixed_fake_quant_grouped(weights, self._probs(), scales, q.bits, grid=q.grid, axis=self.axis,
                                                 backend=q.backend)
-        ys = ops.mixed_fake_quant_grouped([w.detach() for w in weights], self._probs(), self._paper_scales(), q.bits,
-                                          grid=q.grid, axis=self.axis, backend=q.backend)
-        if not (torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
-            return ys
-        return list(_StraightThrough.apply(len(ys), *ys, *weights))
+        return ops.mixed_fake_quant_grouped(weights, self._probs(), self._paper_scales(), q.bits, grid=q.grid,
+                                            axis=self.axis, backend=q.backend, straight_through=True)
 
 
 class GroupedWeightQuantizer:

@@ -39,7 +39,7 @@ from torch import nn
 
 import qdarts_kernels as qk
 from qdarts_kernels.nn import (GroupedBitProbs, GroupedWeightQuantizer, InputKeepingMaxPool2d, OutputKeepingBatchNorm2d,
-                              counted_together, precomputed_probs, precomputed_weights)
+                               counted_together, precomputed_probs, precomputed_weights, shared_activation_scales)
 
 from .genotype import PRIMITIVES, edge_nodes
 from .ops import ConvMaker, FactorizedReduce, ReLUConvBN, build_op, quant_convs
@@ -212,8 +212,9 @@ class SearchNetwork(nn.Module):
         quantizers see bf16 activations (the parameters, mixed weights' scales and logits stay fp32)."""
         with contextlib.ExitStack() as grouped, torch.autocast(x.device.type, dtype=torch.bfloat16,
                                                                enabled=self.cfg.act_dtype == "bf16"):
-            if not torch.compiler.is_compiling():  # one launch for every batch norm's batch count
-                grouped.enter_context(counted_together())
+            if not torch.compiler.is_compiling():  # one launch for every batch norm's batch count,
+                grouped.enter_context(counted_together())  # one set of scales per quantized input
+                grouped.enter_context(shared_activation_scales())
             if self.weight_quantizer is not None:
                 grouped.enter_context(precomputed_weights(self.weight_quantizer.layers, self.weight_quantizer()))
             if self.act_probs is not None:

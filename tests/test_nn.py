@@ -742,3 +742,24 @@ def test_input_keeping_max_pool_is_plain_max_pool_in_eager_reference_and_compile
     g = torch.randn(2, 3, 6, 6)
     assert torch.equal(torch.autograd.grad(compiled(x), x, g)[0], torch.autograd.grad(nn.MaxPool2d(3, 1, 1)(x), x, g)[0])
     torch._dynamo.reset()
+
+
+def test_shared_activation_scales_once_per_input_and_configuration():
+    """Inside the block a second quantizer of the same configuration on the same input takes the
+    first one's scales (the same tensor); another input, an input changed in place, another
+    configuration, or no block, computes its own; the values are those it would compute itself."""
+    q1, q2 = (qnn.MixedPrecisionFakeQuantize((2, 4, 8), quantizer="paper", role="act", grid="relu") for _ in range(2))
+    q4 = qnn.MixedPrecisionFakeQuantize((2, 4, 8), quantizer="paper", role="act", grid="signed")
+    x = torch.randn(2, 3, 4, 4)
+    other = x.clone()
+    own = q2._op_inputs(x)[1]
+    with qnn.shared_activation_scales():
+        first = q1._op_inputs(x)[1]
+        with qnn.shared_activation_scales():  # nested: the outer block's
+            assert q2._op_inputs(x)[1] is first
+        assert q2._op_inputs(other)[1] is not first and q4._op_inputs(x)[1] is not first
+        assert torch.equal(first, own)
+        x.mul_(2)  # a new version: computed anew
+        again = q2._op_inputs(x)[1]
+        assert again is not first and torch.equal(again, q1._op_inputs(x.clone())[1])
+    assert q2._op_inputs(x)[1] is not q1._op_inputs(x)[1]

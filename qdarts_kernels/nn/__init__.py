@@ -13,6 +13,8 @@
   backward (training, affine=False): one activation less where the output is kept anyway;
   :func:`counted_together`: their batch counts in one launch.
 - :class:`InputKeepingMaxPool2d`: ``nn.MaxPool2d`` that keeps no argmax indices for backward.
+- :func:`shared_activation_scales`: paper activation quantizers of one configuration on the same
+  input compute its scales once.
 """
 
 from .batchnorm import OutputKeepingBatchNorm2d, counted_together
@@ -20,7 +22,7 @@ from .convert import quantize_
 from .grouped import GroupedBitProbs, GroupedWeightQuantizer, precomputed_probs
 from .pooling import InputKeepingMaxPool2d
 from .layers import QuantConv2d, QuantLinear, precomputed_weights
-from .quantizers import GAUSSIAN_STEPS, HWGQ_STEPS, FakeQuantize, MixedPrecisionFakeQuantize
+from .quantizers import GAUSSIAN_STEPS, HWGQ_STEPS, FakeQuantize, MixedPrecisionFakeQuantize, shared_activation_scales
 
 __all__ = [
     "MixedPrecisionFakeQuantize",
@@ -35,6 +37,7 @@ __all__ = [
     "OutputKeepingBatchNorm2d",
     "counted_together",
     "InputKeepingMaxPool2d",
+    "shared_activation_scales",
     "HWGQ_STEPS",
     "GAUSSIAN_STEPS",
 ]

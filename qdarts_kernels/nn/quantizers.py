@@ -46,7 +46,8 @@ forward initialises the scales from its batch if they have not been initialised 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from contextlib import contextmanager
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +57,7 @@ from torch.nn.parameter import UninitializedParameter
 from .. import ops
 from .._validation import grid_code, grid_params, normalize_bits
 
-__all__ = ["MixedPrecisionFakeQuantize", "FakeQuantize", "HWGQ_STEPS", "GAUSSIAN_STEPS"]
+__all__ = ["MixedPrecisionFakeQuantize", "FakeQuantize", "HWGQ_STEPS", "GAUSSIAN_STEPS", "shared_activation_scales"]
 
 #: HWGQ activation step per bit-width for a unit-variance (half-wave Gaussian) input.
 HWGQ_STEPS = {1: 0.799, 2: 0.538, 3: 0.3217, 4: 0.185}
@@ -70,6 +71,32 @@ MIN_SCALE = torch.finfo(torch.float32).eps
 
 _ROLES = ("act", "weight")
 _QUANTIZERS = ("lsq", "paper")
+
+
+#: Within shared_activation_scales(): the paper activation scales computed in the block, by (id of
+#: the input, bits, grid): the input itself, its version then, the scales.
+_shared_scales: Optional[Dict[tuple, Tuple[Tensor, int, Tensor]]] = None
+
+
+@contextmanager
+def shared_activation_scales() -> Iterator[None]:
+    """Within the block, paper activation quantizers of one configuration (bits, grid) that
+    quantize the same input compute its scales once (the scales depend on the input and the
+    configuration only). In a DARTS supernet the first conv of every candidate op of every edge
+    reading a node state quantizes the same partial-channel copy of it: some 50 quantizers per cell
+    on 5 inputs, each otherwise spending 3 launches on the same scales. An input is the same while
+    it is the same tensor object at the same version (the block keeps the inputs it saw, so their
+    ids are not reused within it). Nested blocks share the outermost one's scales; torch.compile
+    traces every quantizer's own."""
+    global _shared_scales
+    if _shared_scales is not None:
+        yield
+        return
+    _shared_scales = {}
+    try:
+        yield
+    finally:
+        _shared_scales = None
 
 
 def set_plain_attribute(module: torch.nn.Module, name: str, value) -> None:
@@ -338,20 +365,33 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         if self.role == "act":
             if not self._any_by_max:
                 return self._steps
-            # relu grid: max relu(x) = relu(max x), and relu(m) / top clamped at MIN_SCALE > 0 is m / top
-            # so clamped (NaN stays NaN): no activation-sized temporary, and no separate relu launch;
-            # otherwise max |x| as one reduction (the inf-norm), not abs then amax
-            largest = xd.amax() if self.grid == "relu" else torch.linalg.vector_norm(xd, ord=math.inf)
-            # max(largest / top_k, MIN_SCALE) for the bit-widths scaled by the max, step_k for the others
-            # (largest / inf = 0 < step_k): two launches instead of three. A non-finite largest makes the
-            # others' scales NaN too, where the output is NaN anyway through the max-scaled bit-widths.
-            return torch.maximum(largest.float() / self._top_or_inf, self._floor_or_step)
+            shared = _shared_scales if not torch.compiler.is_compiling() else None
+            if shared is not None:
+                key = (id(x), self.bits, self.grid)
+                seen = shared.get(key)
+                if seen is not None and seen[0] is x and seen[1] == x._version:
+                    return seen[2]
+                scales = self._max_scaled_act_scales(xd)
+                shared[key] = (x, x._version, scales)
+                return scales
+            return self._max_scaled_act_scales(xd)
         std = xd.float().std()
         if axis is None:
             return self._steps * std
         max_c = xd.abs().amax(dim=_other_dims(xd, axis)).float()
         by_max = (max_c[None, :] / self._top[:, None]).clamp_min(MIN_SCALE)
         return torch.where(self._by_max[:, None], by_max, (self._steps * std)[:, None])
+
+    def _max_scaled_act_scales(self, xd: Tensor) -> Tensor:
+        """The paper activation scales of a configuration with a bit-width scaled by the max."""
+        # relu grid: max relu(x) = relu(max x), and relu(m) / top clamped at MIN_SCALE > 0 is m / top
+        # so clamped (NaN stays NaN): no activation-sized temporary, and no separate relu launch;
+        # otherwise max |x| as one reduction (the inf-norm), not abs then amax
+        largest = xd.amax() if self.grid == "relu" else torch.linalg.vector_norm(xd, ord=math.inf)
+        # max(largest / top_k, MIN_SCALE) for the bit-widths scaled by the max, step_k for the others
+        # (largest / inf = 0 < step_k): two launches instead of three. A non-finite largest makes the
+        # others' scales NaN too, where the output is NaN anyway through the max-scaled bit-widths.
+        return torch.maximum(largest.float() / self._top_or_inf, self._floor_or_step)
 
     def _op_inputs(self, x: Tensor) -> Tuple[Tensor, Tensor, Optional[int]]:
         """(probs, scales, axis) of this forward's mixed_fake_quant call on x."""

@@ -148,7 +148,12 @@ def takes_triton_only_kernels(backend: Optional[str], device: torch.device) -> b
     """Whether a call on ``device`` with ops backend ``backend`` (None: the automatic choice) takes
     the kernels that only the Triton backend has (the few-channel batch norm and depthwise-conv
     weight gradient of ``qdarts_kernels.triton``), rather than PyTorch's: with backend triton, or
-    cuda on a CUDA device (the fused GPU backends), when Triton runs here."""
+    cuda on a CUDA device (the fused GPU backends), when Triton runs here, unless
+    ``QDARTS_FEW_CHANNEL_KERNELS=0``. That switch is for timing both: the Triton kernels take less GPU
+    time, but one launch more each than PyTorch's, host time that a host-bound eager step on a GPU
+    pays and a step replayed from a CUDA graph does not."""
+    if os.environ.get("QDARTS_FEW_CHANNEL_KERNELS", "1") == "0":
+        return False
     name = resolve(backend, device)
     return (name == "triton" or (name == "cuda" and device.type == "cuda")) and runnable("triton")
 

@@ -198,6 +198,9 @@ def test_module_kernel_choice(monkeypatch):
     assert automatic == [batch_norm if DEVICE.type == "cuda" else None]
     monkeypatch.setenv("QDARTS_BACKEND", "triton")
     assert _kernels_chosen(monkeypatch, qnn.OutputKeepingBatchNorm2d(3, affine=False).to(DEVICE), x) == [batch_norm]
+    monkeypatch.setenv("QDARTS_FEW_CHANNEL_KERNELS", "0")  # the switch for timing PyTorch's
+    assert _kernels_chosen(monkeypatch, qnn.OutputKeepingBatchNorm2d(3, affine=False).to(DEVICE), x) == [None]
+    monkeypatch.delenv("QDARTS_FEW_CHANNEL_KERNELS")
     # an fp64 module (or input) takes PyTorch's kernels
     assert _kernels_chosen(monkeypatch, qnn.OutputKeepingBatchNorm2d(3, affine=False).double().to(DEVICE),
                            x.detach().double().requires_grad_()) == [None]

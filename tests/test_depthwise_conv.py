@@ -113,3 +113,5 @@ def test_quantized_depthwise_conv_takes_the_kernel_on_the_triton_backend(monkeyp
     torch.testing.assert_close(dw, dw_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6)
     assert _quant_conv_weight_grad("triton", 1, monkeypatch)[2] == 0  # a dense conv: PyTorch's
+    monkeypatch.setenv("QDARTS_FEW_CHANNEL_KERNELS", "0")  # the switch for timing PyTorch's
+    assert _quant_conv_weight_grad("triton", 4, monkeypatch)[2] == 0

@@ -16,8 +16,18 @@ output it normalises and, through the mixed sum, its output.
 :class:`OutputKeepingBatchNorm2d` is an ``nn.BatchNorm2d`` (same parameters, buffers and state
 dict) that takes this path in training with batch statistics and affine=False, and is plain
 ``nn.BatchNorm2d`` otherwise, and inside :func:`qdarts_kernels.eager_reference` (the plain-PyTorch
-baseline). The forward is PyTorch's batch norm itself; running statistics are updated as by
-``nn.BatchNorm2d``.
+baseline). Running statistics are updated as by ``nn.BatchNorm2d``.
+
+On that path the statistics and the normalisation come from one of two sets of kernels:
+
+- PyTorch's ``native_batch_norm`` and its backward: on CPU, with backend ``reference`` or ``cpu``,
+  without Triton, for fp64, under ``torch.compile`` (which generates its own), for a second
+  derivative (create_graph=True), and with ``QDARTS_FEW_CHANNEL_KERNELS=0``;
+- the Triton kernels of :mod:`qdarts_kernels.triton.batch_norm`, which split each channel over many
+  programs: on CUDA tensors with backend ``triton``, ``cuda`` or the automatic choice (the fused GPU
+  backends; there is no CUDA C++ batch norm), and on CPU tensors with backend ``triton`` under
+  ``TRITON_INTERPRET=1`` (the tests). PyTorch's CUDA kernels reduce a channel in one thread block,
+  which leaves most of a GPU idle on tensors with few channels.
 """
 
 from __future__ import annotations

@@ -184,8 +184,15 @@ def mixed_fake_quant_grouped(
     rows = probs.unbind(0) if isinstance(probs, torch.Tensor) else probs
     if not straight_through:
         return [mixed_fake_quant(x, p, s, bits, grid=grid, axis=axis) for x, p, s in zip(xs, rows, scales)]
-    return [mixed_fake_quant(x.detach(), p, s, bits, grid=grid, axis=axis) + (x - x.detach())
+    return [with_identity_gradient(mixed_fake_quant(x.detach(), p, s, bits, grid=grid, axis=axis), x)
             for x, p, s in zip(xs, rows, scales)]
+
+
+def with_identity_gradient(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y``'s values with ``x``'s gradient passing through unchanged (the straight-through
+    estimator): ``y + (x - x.detach())``, where ``x - x.detach()`` is exactly 0 for finite x, so
+    the values are y's bit for bit. y itself keeps its own gradients (those of the probabilities)."""
+    return y + (x - x.detach())
 
 
 def fake_quant(

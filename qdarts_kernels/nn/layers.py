@@ -99,7 +99,8 @@ def _depthwise_weight_grad(backend: str, x: Tensor, w: Tensor, groups: int, grad
     """The Triton depthwise-conv weight-gradient kernels if this conv's weight gradient takes them
     (a depthwise conv on the fused GPU backends, not traced by torch.compile), else None: PyTorch's
     CUDA kernel sums each (channel, tap) in one thread block, which leaves a GPU idle on few channels."""
-    if torch.compiler.is_compiling() or not _backends.takes_triton_only_kernels(backend, x.device):
+    if (groups == 1 or torch.compiler.is_compiling()  # most convs are dense: decided without the backend
+            or not _backends.takes_triton_only_kernels(backend, x.device)):
         return None
     from ..triton import depthwise_conv
 
@@ -134,15 +135,15 @@ class _QuantizedInputConv2d(torch.autograd.Function):
         dt = ctx.conv_dtype
         xq = _ops._mfq_forward(x, probs, scales, *quant_args) if need_xq or need_w else None
         stride, padding, dilation, groups = conv_args
-        conv_input = (xq if xq is not None else x).to(dt)
+        grad, conv_input = grad.to(dt), (xq if xq is not None else x).to(dt)
         depthwise = _depthwise_weight_grad(quant_args[-1], conv_input, w, groups, grad) if need_w else None
         dxq = dw = db = None
         if need_xq or need_b or (need_w and depthwise is None):
             dxq, dw, db = torch.ops.aten.convolution_backward(
-                grad.to(dt), conv_input, w.to(dt), None if bias is None else [bias.shape[0]],
+                grad, conv_input, w.to(dt), None if bias is None else [bias.shape[0]],
                 stride, padding, dilation, False, [0, 0], groups, [need_xq, need_w and depthwise is None, need_b])
         if depthwise is not None:
-            dw = depthwise.depthwise_conv2d_weight_grad(grad.to(dt).contiguous(), conv_input.contiguous(), w.shape[2:],
+            dw = depthwise.depthwise_conv2d_weight_grad(grad.contiguous(), conv_input.contiguous(), w.shape[2:],
                                                         stride, padding, dilation)
         dx = dp = ds = None
         if need_xq:

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.ao.quantization import FakeQuantizeBase
 from torch.nn.parameter import UninitializedParameter
 
-from .. import ops
+from .. import ops, reference
 from .._validation import grid_code, grid_params, normalize_bits
 
 __all__ = ["MixedPrecisionFakeQuantize", "FakeQuantize", "HWGQ_STEPS", "GAUSSIAN_STEPS", "shared_activation_scales"]
@@ -407,8 +407,8 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
             return ops.mixed_fake_quant(x, probs, scales, self.bits, grid=self.grid, axis=axis, backend=self.backend)
         y = ops.mixed_fake_quant(x.detach(), probs, scales, self.bits, grid=self.grid, axis=axis,
                                  backend=self.backend)
-        # identity gradient to the weights (official code); x - x.detach() is exactly 0
-        return y + (x - x.detach()) if x.requires_grad else y
+        # identity gradient to the weights (official code)
+        return reference.with_identity_gradient(y, x) if x.requires_grad else y
 
     @torch.jit.unused
     def calculate_qparams(self) -> Tuple[Tensor, Tensor]:

@@ -24,16 +24,18 @@ def _ops():
 
 
 def info() -> Optional[Dict[str, Any]]:
-    """``{"isa", "threads", "cache": {"cached_bytes", "limit_bytes", "hits", "misses"}}``, or None
-    when the compiled extension is not available."""
+    """``{"isa", "threads", "cache": {"cached_bytes", "limit_bytes", "hits", "misses",
+    "in_use_bytes"}}``, or None when the compiled extension is not available. ``in_use_bytes``: the
+    outputs now alive that came from the cache (the profiler's memory view counts them too)."""
     ops = _ops()
     if ops is None:
         return None
-    cached, limit, hits, misses = ops.cpu_output_cache_stats()
+    cached, limit, hits, misses, in_use = ops.cpu_output_cache_stats()
     return {
         "isa": ops.cpu_simd_level(),
         "threads": int(ops.cpu_parallel_threads()),
-        "cache": {"cached_bytes": cached, "limit_bytes": limit, "hits": hits, "misses": misses},
+        "cache": {"cached_bytes": cached, "limit_bytes": limit, "hits": hits, "misses": misses,
+                  "in_use_bytes": in_use},
     }
 
 

@@ -3,6 +3,9 @@
 import argparse
 import json
 import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -111,6 +114,7 @@ def test_cli_writes_results_report_plots_and_readme(tmp_path, monkeypatch, capsy
     section = capsys.readouterr().out
     assert section.startswith("## Performance") and "mixed_op_sum K=8" in section
     assert "batch_norm training" in text
+    assert results["host_allocator_settled"] and "settle_host_allocator" in text
 
 
 def test_batch_norm_case_implementations_agree_with_pytorchs():
@@ -139,12 +143,19 @@ def test_cli_append_runs_the_end_to_end_part_into_the_kernel_part_s_results(tmp_
     both = json.loads((tmp_path / "results.json").read_text())
     assert both["kernels"] == kernels and [e["config"] for e in both["end_to_end"]] == ["tiny"]
     assert both["copy_gbps"] == first["copy_gbps"]  # the kernels' shares of copy bandwidth stay consistent
+    assert both["host_allocator_settled"]
     text = (tmp_path / "report.md").read_text()
     assert "## Latency" in text and "tiny" in text
     # without --append the skipped part is not carried over
     assert cli.run(parser.parse_args(base + ["--skip-kernels"])) == 0
     assert json.loads((tmp_path / "results.json").read_text())["kernels"] == []
     # results of another device are refused
+    # kernel figures of a run that did not settle the allocator are not reported as settled
+    del both["host_allocator_settled"]
+    (tmp_path / "results.json").write_text(json.dumps(both))
+    assert cli.run(parser.parse_args(base + ["--skip-kernels", "--append"])) == 0
+    assert not json.loads((tmp_path / "results.json").read_text())["host_allocator_settled"]
+    assert "settle_host_allocator" not in (tmp_path / "report.md").read_text()
     both["env"]["device"] = "some GPU"
     (tmp_path / "results.json").write_text(json.dumps(both))
     with pytest.raises(SystemExit, match="some GPU"):
@@ -413,3 +424,32 @@ def test_cpu_memory_report_finds_what_a_step_keeps():
     assert peak_mb >= max(kept.values()) / 2**20 * 0.95, report
     sites = report.split("by site:")[1]
     assert "_BatchNormKeepingOutput > aten::empty" in sites and "_QuantizedInputConv2d > aten::empty" in sites, report
+
+
+
+_FAULTS_PER_ROUND = """
+import resource, torch
+from qdarts.benchmark.timing import settle_host_allocator
+
+settle_host_allocator()
+faults = []
+for _ in range(12):  # as eager code does: six 4 MiB temporaries alive at once, every page touched, then freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    temporaries = [torch.ones(2**20) for _ in range(6)]
+    del temporaries
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(*faults)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
+def test_settled_host_allocator_serves_eager_temporaries_without_page_faults():
+    # A fresh process (this one's allocator has been settled by earlier tests). Unsettled, a fresh
+    # process faults in all ~6100 pages every round (the heap trimmed after each), or in some runs in
+    # the first three rounds only; settled, once (the heap growing), and now and then one tensor's
+    # 1024 pages later on.
+    out = subprocess.run([sys.executable, "-c", _FAULTS_PER_ROUND], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    faults = [int(f) for f in out.stdout.split()]
+    assert faults[0] >= 6 * 2**20 // 4096 * 0.9, f"the first round grows the heap: {faults}"
+    assert sum(faults[1:]) <= 2 * 1024, f"page faults per round after settle_host_allocator(): {faults}"

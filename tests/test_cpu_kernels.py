@@ -227,6 +227,7 @@ def test_output_cache_reuses_freed_outputs():
     y = qk.mixed_fake_quant(x, torch.ones(1), torch.ones(1), (4,), backend="cpu")
     after = qk.cpu_kernels.info()["cache"]
     assert y.data_ptr() == ptr and after["hits"] == before["hits"] + 1
+    assert after["in_use_bytes"] == before["in_use_bytes"] + x.nbytes
     assert torch.equal(y, ref.mixed_fake_quant(x, torch.ones(1), torch.ones(1), (4,)))
     # a cached buffer is an ordinary tensor storage: writable, resizable, freed with the tensor
     y.resize_(3 << 20).fill_(1.0)
@@ -237,6 +238,17 @@ def test_output_cache_reuses_freed_outputs():
     # small outputs do not go through the cache
     qk.mixed_fake_quant(torch.randn(1000), torch.ones(1), torch.ones(1), (4,), backend="cpu")
     assert qk.cpu_kernels.info()["cache"]["cached_bytes"] == 0
+
+
+def test_profiler_memory_view_counts_cached_outputs():
+    # cache hit and miss alike: the profiler sees what PyTorch's own allocator would report
+    x = torch.randn(1 << 20)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(2):
+            y = qk.mixed_op_sum([x, x], torch.ones(2), backend="cpu")
+            del y
+    sizes = [e.cpu_memory_usage for e in prof.events() if e.name == "[memory]" or "mixed_op_sum_forward" in e.name]
+    assert sizes.count(x.nbytes) == 2 and sizes.count(-x.nbytes) == 2, sizes
 
 
 _CACHE_CHILD = r"""

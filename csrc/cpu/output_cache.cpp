@@ -55,6 +55,7 @@ class OutputCache final : public c10::Allocator {
       data = std::aligned_alloc(kAlignment, static_cast<size_t>(size));
       TORCH_CHECK(data != nullptr, "qdarts CPU kernels: out of memory allocating ", size, " bytes");
     }
+    report_to_profiler(data, size);
     return {data, new Block{this, data, size}, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -64,7 +65,7 @@ class OutputCache final : public c10::Allocator {
 
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return {cached_bytes_, limit_, hits_, misses_};
+    return {cached_bytes_, limit_, hits_, misses_, in_use_bytes_};
   }
 
   void empty() {
@@ -95,7 +96,25 @@ class OutputCache final : public c10::Allocator {
     delete block;
   }
 
+  // What PyTorch's own CPU allocator does for each allocation and free, so that the profiler's
+  // memory view (profile_memory=True, qdarts.benchmark.profile --memory) counts these outputs too:
+  // the size handed out or given back, and the bytes in use and held (in use + cached) after it.
+  void report_to_profiler(void* data, int64_t delta) {
+    int64_t in_use = 0, held = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      in_use_bytes_ += delta;
+      in_use = in_use_bytes_;
+      held = in_use_bytes_ + cached_bytes_;
+    }
+    if (c10::memoryProfilingEnabled()) {
+      c10::reportMemoryUsageToProfiler(data, delta, static_cast<size_t>(in_use), static_cast<size_t>(held),
+                                       c10::Device(c10::DeviceType::CPU));
+    }
+  }
+
   void give_back(void* data, int64_t size) {
+    report_to_profiler(data, -size);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       if (cached_bytes_ + size <= limit_) {
@@ -111,6 +130,7 @@ class OutputCache final : public c10::Allocator {
   std::mutex mutex_;
   std::unordered_multimap<int64_t, void*> free_;
   int64_t cached_bytes_ = 0;
+  int64_t in_use_bytes_ = 0;  // handed out and not yet given back
   int64_t hits_ = 0;
   int64_t misses_ = 0;
 };

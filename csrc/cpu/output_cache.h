@@ -32,7 +32,7 @@ constexpr int64_t kCachedSizeQuantum = int64_t{64} << 10;
 // An uninitialised contiguous tensor with the sizes, dtype and device (CPU) of `like`.
 at::Tensor empty_output_like(const at::Tensor& like);
 
-// {bytes of cached free buffers, limit in bytes, hits, misses}.
+// {bytes of cached free buffers, limit in bytes, hits, misses, bytes of buffers in use}.
 std::vector<int64_t> output_cache_stats();
 
 // Returns every cached free buffer to the system.

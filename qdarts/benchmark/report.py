@@ -139,6 +139,10 @@ def conditions_lines(results: Dict[str, Any]) -> List[str]:
         + ("; on the GPU each run's launches are issued behind a busy-wait kernel, so that the figures are the "
            "device's time (the host's time to issue the run is the 'host ms' column)"
            if any("host_ms" in r for r in results["kernels"]) else "")
+        + ("; before the first case one ~30 MiB block is allocated and freed, so that glibc's malloc serves the "
+           "multi-megabyte temporaries of eager code from its heap, not from fresh page-faulting mappings, "
+           "whatever ran before (`qdarts.benchmark.timing.settle_host_allocator`)"
+           if results.get("host_allocator_settled") else "")
         + "; forward runs with inputs that require grad "
         "(as in training); backward is timed alone after an untimed forward; GB/s counts the minimum "
         "traffic (DESIGN section 6). `eager` = `qdarts_kernels.reference`, `compiled` = `torch.compile` of "

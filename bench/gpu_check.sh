@@ -16,9 +16,10 @@
 # Results under $OUT:
 #   summary.txt              one line per step: status, seconds, log file
 #   nvidia-smi.txt, versions.txt
-#   build.log, backends.log, tests.log, bench.log, e2e.log, profile.log, memcheck.log, readme.log
+#   build.log, backends.log, bench.log, e2e.log, profile.log, tests.log, tune.log, memcheck.log, readme.log
 #   bench/results.json, bench/report.md, bench/*.png    (qdarts bench --quick --device cuda, in two parts)
 #   bench/readme-section.md                             (the README performance section)
+#   tune/tune.json, tune/tune.md                        (python -m qdarts.benchmark.tune: Triton tiles)
 #   gpu_check.tar.gz                                     (all of the above in one archive)
 set -u -o pipefail
 
@@ -98,6 +99,8 @@ XDIST=()
 "$PYTHON" -c 'import xdist' >/dev/null 2>&1 && XDIST=(-n 8)
 step tests 150 "$PYTHON" -m pytest tests -m "not slow" --ignore=tests/test_cuda_sources.py "${XDIST[@]}" \
     --maxfail=25 -q -rfE -p no:cacheprovider
+# the Triton kernels' candidate tiles at the issue-3 sizes (the measured table tile_size is to take)
+step tune 60 "$PYTHON" -m qdarts.benchmark.tune --device cuda --out "$OUT/tune"
 # last, with what is left of the budget: compute-sanitizer over the CUDA and Triton kernels
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 if [ -x "$SANITIZER" ]; then

@@ -453,3 +453,25 @@ def test_settled_host_allocator_serves_eager_temporaries_without_page_faults():
     faults = [int(f) for f in out.stdout.split()]
     assert faults[0] >= 6 * 2**20 // 4096 * 0.9, f"the first round grows the heap: {faults}"
     assert sum(faults[1:]) <= 2 * 1024, f"page faults per round after settle_host_allocator(): {faults}"
+
+
+@pytest.mark.skipif("triton" not in qk.available_backends() or torch.cuda.is_available(),
+                    reason="the Triton interpreter's smoke run (on a GPU, bench/gpu_check.sh runs the tuner)")
+def test_tile_tuner_times_every_candidate_of_every_kernel(tmp_path, capsys):
+    from qdarts.benchmark import tune
+    from qdarts_kernels.triton._common import TUNABLE_KERNELS
+
+    assert tune.main(["--device", "cpu", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "tune.json").read_text())
+    records = results["records"]
+    assert {r["kernel"] for r in records} == set(TUNABLE_KERNELS)
+    assert all("median_ms" in r for r in records), [r for r in records if "error" in r]
+    for kernel in TUNABLE_KERNELS:
+        tiles = [(r["elements"], r["num_warps"]) for r in records if r["kernel"] == kernel]
+        assert set(tiles) == {tuple(t) for t in tune.CANDIDATES}
+    # one fastest and one current tile marked per kernel and case
+    groups = {(r["kernel"], r["case"]) for r in records}
+    rows = [line.rstrip() for line in (tmp_path / "tune.md").read_text().splitlines() if line.startswith("| mixed_")]
+    assert len(rows) == len(records)
+    assert sum(row.endswith(("| * |", "| * current |")) for row in rows) == len(groups)
+    assert sum(row.endswith("current |") for row in rows) == len(groups)

@@ -17,12 +17,14 @@ SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
 
 STAND_IN = """#!/usr/bin/env bash
 printf '%s\\n' "$*" >> "$STAND_IN_LOG"
-if [ "$1" = "-m" ] && [ "$2" = "qdarts.benchmark.profile" ]; then
-    shift 2
-    exec "{python}" -c 'import sys
-from qdarts.benchmark.profile import parser
-parser().parse_args(sys.argv[1:])' "$@"
-fi
+for tool in profile tune; do
+    if [ "$1" = "-m" ] && [ "$2" = "qdarts.benchmark.$tool" ]; then
+        shift 2
+        exec "{python}" -c "import sys
+from qdarts.benchmark.$tool import parser
+parser().parse_args(sys.argv[1:])" "$@"
+    fi
+done
 if [ "$1" = "-m" ] && [ "$2" = "qdarts.benchmark" ]; then
     shift 2
     exec "{python}" -c 'import argparse, sys
@@ -54,10 +56,10 @@ def _run(tmp_path, budget_s):
 def test_steps_run_in_order_with_flags_the_benchmark_cli_accepts(tmp_path):
     proc, summary, commands = _run(tmp_path, budget_s=200)
     steps = [line.split()[0] for line in summary]
-    assert steps == ["build", "backends", "bench", "e2e", "profile", "tests", "memcheck", "readme",
+    assert steps == ["build", "backends", "bench", "e2e", "profile", "tests", "tune", "memcheck", "readme",
                      "total"], summary
     status = {line.split()[0]: line.split()[1] for line in summary}
-    assert all(status[s] == "ok" for s in ("build", "backends", "tests", "bench", "e2e", "profile")), summary
+    assert all(status[s] == "ok" for s in ("build", "backends", "tests", "bench", "e2e", "profile", "tune")), summary
     assert status["memcheck"] == "SKIPPED"
     bench = [c for c in commands if c.startswith("-m qdarts.benchmark ")]
     assert len(bench) == 2
@@ -73,7 +75,7 @@ def test_steps_run_in_order_with_flags_the_benchmark_cli_accepts(tmp_path):
 
 def test_a_spent_budget_skips_the_remaining_steps_and_fails(tmp_path):
     proc, summary, commands = _run(tmp_path, budget_s=5)
-    assert all("SKIPPED (budget spent)" in line for line in summary[:6]), summary
+    assert all("SKIPPED (budget spent)" in line for line in summary[:7]), summary
     assert not any(c.startswith("setup.py") or c.startswith("-m") for c in commands)
     assert proc.returncode != 0
 

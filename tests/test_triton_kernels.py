@@ -32,10 +32,11 @@ from qdarts_kernels import _reference_backend as reference_backend  # noqa: E402
 from qdarts_kernels import reference as ref  # noqa: E402
 from qdarts_kernels._validation import GRIDS  # noqa: E402
 from qdarts_kernels.triton._common import (  # noqa: E402
-    cast_out, next_pow2, round_half_even, round_half_even_portable, tile_size,
+    TileSize, cast_out, next_pow2, round_half_even, round_half_even_portable, tile_override, tile_size,
 )
 from qdarts_kernels.triton.mixed_fake_quant import _tile, layout_for  # noqa: E402
 from qdarts_kernels.triton.mixed_op_sum import _flat_block  # noqa: E402
+from qdarts.benchmark.tune import CANDIDATES as TUNE_CANDIDATES  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -202,7 +203,7 @@ LAYOUT_CASES = [
 @pytest.mark.parametrize("shape,axis,on_rows", LAYOUT_CASES, ids=str)
 def test_layout_covers_the_tensor_and_keeps_partials_few(shape, axis, on_rows):
     x = torch.empty(shape, device="meta")
-    lay = layout_for(x, -1 if axis is None else axis)
+    lay = layout_for(x, -1 if axis is None else axis, "mixed_fake_quant_backward")
     numel = x.numel()
     assert lay.channel_on_rows == on_rows
     assert lay.rows * lay.cols == numel
@@ -260,7 +261,7 @@ def test_reductions_over_many_programs(shape, axis, dtype):
     probs = torch.softmax(torch.randn(3, generator=gen), 0)
     channels = () if axis is None else (shape[axis],)
     scales = 0.05 + 0.3 * torch.rand((3, *channels), generator=gen)
-    lay = layout_for(x, -1 if axis is None else axis)
+    lay = layout_for(x, -1 if axis is None else axis, "mixed_fake_quant_backward")
     assert lay.programs >= 3
 
     runs = []
@@ -366,7 +367,7 @@ def _compile_for_sm90() -> dict:
     for name, dtype, shape, axis, grid in [("mfq_f32_tensor", torch.float32, (1 << 22,), -1, "midrise"),
                                            ("mfq_bf16_channel", torch.bfloat16, (256, 16, 1024), 1, "relu")]:
         x = torch.empty(shape, dtype=dtype)
-        lay = mfq.layout_for(x, axis)
+        lay = mfq.layout_for(x, axis, "mixed_fake_quant_backward")
         bits = (2, 4, 8)
         qmin, qmax, zero_point, relu = mfq._grid_ranges(bits, GRIDS[grid])
         probs = torch.empty(3)
@@ -436,3 +437,62 @@ def test_compiled_ptx_for_sm90():
 
 if __name__ == "__main__" and sys.argv[1:] == ["--compile-sm90"]:
     print(json.dumps(_compile_for_sm90()))
+
+
+# --------------------------------------------------------------------------------------------------
+# candidate tiles (qdarts.benchmark.tune): every one computes the same as the reference
+# --------------------------------------------------------------------------------------------------
+
+
+def test_tile_override_applies_to_its_kernel_only_and_is_checked():
+    x = torch.empty(1 << 23, device="meta")
+    default = layout_for(x, -1, "mixed_fake_quant_backward")
+    with tile_override("mixed_fake_quant_backward", TileSize(1024, 4)):
+        assert layout_for(x, -1, "mixed_fake_quant_backward").block_cols == 1024
+        assert layout_for(x, -1, "mixed_fake_quant_backward").num_warps == 4
+        assert layout_for(x, -1, "mixed_fake_quant_forward") == default
+    assert layout_for(x, -1, "mixed_fake_quant_backward") == default
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        with tile_override("mixed_fake_quant_grouped", TileSize(1024, 4)):
+            pass
+    with pytest.raises(ValueError, match="tile must be"):
+        with tile_override("mixed_op_sum_forward", TileSize(1000, 4)):
+            pass
+
+
+@pytest.mark.parametrize("tile", TUNE_CANDIDATES, ids=lambda t: f"{t.elements}x{t.num_warps}")
+def test_every_candidate_tile_matches_the_reference(tile):
+    # sizes beyond the largest tile, so that every candidate takes several programs and a ragged end
+    gen = torch.Generator().manual_seed(tile.elements + tile.num_warps)
+    bits = (2, 4, 8)
+    probs = torch.softmax(torch.randn(3, generator=gen), 0)
+    cases = [((3 * 8192 + 5,), None, torch.empty(3).uniform_(0.05, 0.3, generator=gen)),
+             ((3, 5, 1031), 1, torch.empty(3, 5).uniform_(0.05, 0.3, generator=gen))]
+    for shape, axis, scales in cases:
+        x = torch.randn(shape, generator=gen) * 2
+        g = torch.randn(shape, generator=gen)
+        want_y = ref.mixed_fake_quant(x, probs, scales, bits, axis=axis)
+        leaves = [t.to(DEVICE).clone().requires_grad_() for t in (x, probs, scales)]
+        ref_leaves = [t.clone().requires_grad_() for t in (x, probs, scales)]
+        with tile_override("mixed_fake_quant_forward", tile), tile_override("mixed_fake_quant_backward", tile):
+            y = qk.mixed_fake_quant(*leaves, bits, axis=axis, backend="triton")
+            got = torch.autograd.grad(y, leaves, g.to(DEVICE))
+        want = torch.autograd.grad(ref.mixed_fake_quant(*ref_leaves, bits, axis=axis), ref_leaves, g)
+        assert torch.equal(y.cpu(), want_y)
+        assert torch.equal(got[0].cpu(), want[0])  # dx: exact
+        for a, b in zip(got[1:], want[1:]):  # sums in another order
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-4)
+    outs = [torch.randn(8192 + 17, generator=gen) for _ in range(3)]
+    w = torch.softmax(torch.randn(3, generator=gen), 0)
+    g = torch.randn(8192 + 17, generator=gen)
+    leaves = [t.to(DEVICE).clone().requires_grad_() for t in (*outs, w)]
+    ref_leaves = [t.clone().requires_grad_() for t in (*outs, w)]
+    with tile_override("mixed_op_sum_forward", tile), tile_override("mixed_op_sum_backward", tile):
+        y = qk.mixed_op_sum(leaves[:3], leaves[3], backend="triton")
+        got = torch.autograd.grad(y, leaves, g.to(DEVICE))
+    want_y = ref.mixed_op_sum(ref_leaves[:3], ref_leaves[3])
+    want = torch.autograd.grad(want_y, ref_leaves, g)
+    assert torch.equal(y.detach().cpu(), want_y.detach())
+    for a, b in zip(got[:3], want[:3]):
+        assert torch.equal(a.cpu(), b)
+    torch.testing.assert_close(got[3].cpu(), want[3], rtol=1e-5, atol=1e-4)

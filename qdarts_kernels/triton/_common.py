@@ -85,23 +85,59 @@ class TileSize(NamedTuple):
     num_warps: int
 
 
-@functools.lru_cache(maxsize=None)
-def tile_size(numel: int) -> TileSize:
-    """Elements per program and warps for a memory-bound pass over ``numel`` elements.
+#: The kernels whose tile :func:`tile_size` chooses, each on its own (``qdarts.benchmark.tune`` times
+#: candidate tiles per kernel; :func:`tile_override` applies one).
+TUNABLE_KERNELS = ("mixed_fake_quant_forward", "mixed_fake_quant_backward", "mixed_op_sum_forward",
+                   "mixed_op_sum_backward")
 
-    Small tensors get small tiles, so that they still spread over many SMs; large ones get 4096
-    elements (16 per thread with 8 warps: four 16-byte loads per fp32 input) to amortise each
-    program's fixed work (index set-up, per-bit-width scale loads and partial-sum stores). The
-    compiled kernels use at most 141 registers with these tiles and spill nothing (ptxas, sm_90).
-    The break points are first choices from that reasoning, still to be confirmed by timings on an
-    H100; a table rather than ``triton.autotune`` because the partial-sum buffers are sized by the
-    tile, and autotuning would rerun the reductions on every new shape.
-    """
+#: Set by :func:`tile_override` only.
+_tile_overrides = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _default_tile_size(numel: int) -> TileSize:
     if numel <= 1 << 16:
         return TileSize(1024, 4)
     if numel <= 1 << 22:
         return TileSize(2048, 4)
     return TileSize(4096, 8)
+
+
+def tile_size(numel: int, kernel: str = "") -> TileSize:
+    """Elements per program and warps for a memory-bound pass of ``kernel`` over ``numel`` elements.
+
+    Small tensors get small tiles, so that they still spread over many SMs; large ones get 4096
+    elements (16 per thread with 8 warps: four 16-byte loads per fp32 input) to amortise each
+    program's fixed work (index set-up, per-bit-width scale loads and partial-sum stores). The
+    compiled kernels use at most 141 registers with these tiles and spill nothing (ptxas, sm_90).
+    The break points are first choices from that reasoning, the same for every kernel, still to be
+    confirmed per kernel by ``python -m qdarts.benchmark.tune`` on an H100 (bench/gpu_check.sh runs
+    it); a table rather than ``triton.autotune`` because the partial-sum buffers are sized by the
+    tile, and autotuning would rerun the reductions on every new shape. ``kernel`` (one of
+    TUNABLE_KERNELS, or "" for the others) selects a :func:`tile_override` in force.
+    """
+    override = _tile_overrides.get(kernel)
+    return override if override is not None else _default_tile_size(numel)
+
+
+@contextlib.contextmanager
+def tile_override(kernel: str, tile: TileSize):
+    """Launch ``kernel`` (one of TUNABLE_KERNELS) with ``tile`` for every size inside the block
+    (for timing candidate tiles, and for tests)."""
+    if kernel not in TUNABLE_KERNELS:
+        raise ValueError(f"kernel must be one of {TUNABLE_KERNELS}, got {kernel!r}")
+    elements, warps = tile
+    if elements < 16 or elements & (elements - 1) or warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"tile must be (power-of-two elements >= 16, warps in 1..32 a power of two), got {tile!r}")
+    before = _tile_overrides.get(kernel)
+    _tile_overrides[kernel] = TileSize(elements, warps)
+    try:
+        yield
+    finally:
+        if before is None:
+            del _tile_overrides[kernel]
+        else:
+            _tile_overrides[kernel] = before
 
 
 #: Programs a per-channel reduction aims at in all: enough to fill an H100 (132 SMs) several

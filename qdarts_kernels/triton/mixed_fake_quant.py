@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .._validation import RELU_GRID, grid_params
-from ._common import LAUNCH_OPTIONS, cast_out, device_guard, next_pow2, round_half_even, tile_size
+from ._common import LAUNCH_OPTIONS, TileSize, cast_out, device_guard, next_pow2, round_half_even, tile_size
 
 #: Most rows a channel-on-columns tile takes: its column sums are the partials, so taller tiles
 #: mean fewer partials (at most K / 64 floats per element).
@@ -72,10 +72,8 @@ class Layout(NamedTuple):
 
 
 @functools.lru_cache(maxsize=4096)
-def plan_layout(outer: int, channels: int, inner: int) -> Layout:
-    """Tile shape and grid for x viewed as [outer, channels, inner]."""
-    numel = outer * channels * inner
-    tile = tile_size(numel)
+def plan_layout(outer: int, channels: int, inner: int, tile: TileSize) -> Layout:
+    """Tile shape and grid for x viewed as [outer, channels, inner], programs of ``tile``."""
     # Partial ds sums per element: 1/min(inner, tile) with the channel on rows, 1/min(outer, 64)
     # with the channel on columns. Per-tensor scales (outer = channels = 1) always take rows.
     channel_on_rows = min(inner, tile.elements) >= min(outer, _MAX_BLOCK_R_COLUMNS)
@@ -93,14 +91,16 @@ def plan_layout(outer: int, channels: int, inner: int) -> Layout:
     )
 
 
-def layout_for(x: torch.Tensor, axis: int) -> Layout:
-    """The layout of ``x`` quantized per tensor (axis = -1) or per channel along ``axis``."""
+def layout_for(x: torch.Tensor, axis: int, kernel: str) -> Layout:
+    """The layout of ``x`` quantized per tensor (axis = -1) or per channel along ``axis``, for
+    ``kernel`` ("mixed_fake_quant_forward" or "mixed_fake_quant_backward": each has its tile)."""
+    tile = tile_size(x.numel(), kernel)
     if axis < 0:
-        return plan_layout(1, 1, x.numel())
+        return plan_layout(1, 1, x.numel(), tile)
     shape = x.shape
     return plan_layout(
         functools.reduce(int.__mul__, shape[:axis], 1), shape[axis],
-        functools.reduce(int.__mul__, shape[axis + 1:], 1),
+        functools.reduce(int.__mul__, shape[axis + 1:], 1), tile,
     )
 
 
@@ -227,7 +227,7 @@ def mixed_fake_quant_forward(
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
-    lay = layout_for(x, axis)
+    lay = layout_for(x, axis, "mixed_fake_quant_forward")
     qmin, qmax, zero_point, relu = _grid_ranges(bits, grid)
     with device_guard(x):
         _mixed_fake_quant_forward_kernel[(lay.programs,)](
@@ -312,7 +312,7 @@ def mixed_fake_quant_backward(
             probs.new_zeros(k) if need_dprobs else None,
             torch.zeros_like(scales) if need_dscales else None,
         )
-    lay = layout_for(x, axis)
+    lay = layout_for(x, axis, "mixed_fake_quant_backward")
     qmin, qmax, zero_point, relu = _grid_ranges(bits, grid)
     f32 = dict(dtype=torch.float32, device=x.device)
     dx = torch.empty_like(x) if need_dx else None

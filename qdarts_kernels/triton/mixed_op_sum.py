@@ -65,7 +65,7 @@ def mixed_op_sum_forward(outputs: Sequence[torch.Tensor], weights: torch.Tensor)
     numel = first.numel()
     if numel == 0:
         return y
-    tile = tile_size(numel)
+    tile = tile_size(numel, "mixed_op_sum_forward")
     with device_guard(first):
         _mixed_op_sum_forward_kernel[(triton.cdiv(numel, tile.elements),)](
             tuple(outputs), weights, y, numel,
@@ -89,7 +89,7 @@ def mixed_op_sum_backward(
     douts = [torch.empty_like(grad) for _ in range(k)] if need_doutputs else None
     if numel == 0:
         return douts, (weights.new_zeros(k, dtype=torch.float32) if need_dweights else None)
-    tile = tile_size(numel)
+    tile = tile_size(numel, "mixed_op_sum_backward")
     programs = triton.cdiv(numel, tile.elements)
     part_w = torch.empty((programs, k), dtype=torch.float32, device=grad.device) if need_dweights else None
     with device_guard(grad):

@@ -37,13 +37,14 @@ exit 0
 """
 
 
-def _run(tmp_path, budget_s):
+def _run(tmp_path, budget_s, steps=None):
     stand_in = tmp_path / "python"
     stand_in.write_text(STAND_IN.format(python=sys.executable))
     stand_in.chmod(stand_in.stat().st_mode | stat.S_IXUSR)
     out, log = tmp_path / "out", tmp_path / "commands.log"
     env = dict(os.environ, OUT=str(out), PYTHON=str(stand_in), STAND_IN_LOG=str(log),
                GPU_CHECK_BUDGET_S=str(budget_s), CUDA_HOME=str(tmp_path / "no-cuda"), PYTHONPATH=ROOT,
+               **({"GPU_CHECK_STEPS": steps} if steps else {}),
                # no compute-sanitizer (nor nvidia-smi) on this PATH
                PATH=os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not os.path.isfile(
                    os.path.join(p, "compute-sanitizer"))))
@@ -71,6 +72,17 @@ def test_steps_run_in_order_with_flags_the_benchmark_cli_accepts(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as archive:  # everything in one file too
         assert {"./summary.txt", "./versions.txt", "./build.log"} <= set(archive.getnames())
+
+
+def test_selected_steps_run_alone(tmp_path):
+    proc, summary, commands = _run(tmp_path, budget_s=200, steps="tests,tune")
+    status = {line.split()[0]: " ".join(line.split()[1:4]) for line in summary}
+    assert status["tests"].startswith("ok") and status["tune"].startswith("ok"), summary
+    for name in ("build", "backends", "bench", "e2e", "profile"):
+        assert status[name] == "SKIPPED (not selected)", summary
+    assert not any(c.startswith("setup.py") or c.startswith("-m qdarts.benchmark ") for c in commands)
+    assert any(c.startswith("-m pytest tests") for c in commands) and any("qdarts.benchmark.tune" in c for c in commands)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_a_spent_budget_skips_the_remaining_steps_and_fails(tmp_path):

@@ -86,14 +86,15 @@ def _op_site(stack: List[str]) -> str:
     return f"{caller} > {stack[-1] if stack else '-'}"
 
 
-def cpu_allocations(event_tree) -> List[Dict[str, Any]]:
+def cpu_allocations(event_tree, sites: bool = True) -> List[Dict[str, Any]]:
     """The CPU allocations and frees of a profiled run (``profile(profile_memory=True)``:
     ``prof.profiler.kineto_results.experimental_event_tree()``) in time order, as the events of
-    :func:`memory_at_peak`, each allocation with the ``site`` of :func:`_op_site`."""
+    :func:`memory_at_peak`, each allocation with the ``site`` of :func:`_op_site` (with ``sites``;
+    else "-": the op stacks are most of the walk's time)."""
     from torch._C._profiler import _EventType
 
     found: List[Tuple[int, Dict[str, Any]]] = []
-    pending = [(root, []) for root in event_tree]
+    pending = [(root, [] if sites else None) for root in event_tree]
     while pending:
         event, stack = pending.pop()
         if event.tag == _EventType.Allocation:
@@ -101,9 +102,9 @@ def cpu_allocations(event_tree) -> List[Dict[str, Any]]:
             if f.device.type == "cpu":
                 action = "alloc" if f.alloc_size > 0 else "free_completed"
                 found.append((event.start_time_ns, {"action": action, "addr": f.ptr, "size": abs(f.alloc_size),
-                                                    "site": _op_site(stack)}))
+                                                    "site": _op_site(stack) if sites else "-"}))
             continue
-        pending.extend((child, stack + [event.name]) for child in event.children)
+        pending.extend((child, stack + [event.name] if sites else None) for child in event.children)
     found.sort(key=lambda te: te[0])
     return [e for _, e in found]
 

@@ -12,8 +12,9 @@
 # kernel benchmarks 72 s (since then a batch-norm case was added: two more torch.compile runs), the
 # search-step part over 170 s (its eager-reference CIFAR step is 9 s of launches a step). So the build,
 # both benchmark parts and the profile take about 7 minutes, and the tests (150 s), the tile tuner
-# (60 s) and memcheck (90 s) 5 more: more than the 600 s a lent machine's command may run. Run it as two
-# commands (GPU_CHECK_STEPS below), each with GPU_CHECK_BUDGET_S=570 and its own OUT.
+# (90 s; it compiles 42 kernel variants) and memcheck (90 s) 5.5 more: more than the 600 s a lent
+# machine's command may run. Run it as two commands (GPU_CHECK_STEPS below), each with
+# GPU_CHECK_BUDGET_S=570 and its own OUT.
 #
 # Results under $OUT:
 #   summary.txt              one line per step: status, seconds, log file
@@ -42,8 +43,9 @@ FAILURES=0
 : >"$SUMMARY"
 
 # GPU_CHECK_STEPS: the steps to run, comma-separated (default: all), so that the work can be split over
-# two commands of at most 600 s each, e.g. "build,backends,bench,e2e,profile" then "tests,tune,memcheck"
-# (a warm machine keeps the build; the README section step always runs).
+# two commands of at most 600 s each: "build,backends,bench,e2e,profile", then
+# "build,backends,tests,tune,memcheck" (the second build is a no-op where the machine kept the first's
+# output, and rebuilds where it was given back in between; the README section step always runs).
 STEPS=${GPU_CHECK_STEPS:-all}
 
 # step NAME LIMIT_S COMMAND...: run COMMAND with a time limit, output to $OUT/NAME.log; never aborts.
@@ -110,8 +112,9 @@ XDIST=()
 "$PYTHON" -c 'import xdist' >/dev/null 2>&1 && XDIST=(-n 8)
 step tests 150 "$PYTHON" -m pytest tests -m "not slow" --ignore=tests/test_cuda_sources.py "${XDIST[@]}" \
     --maxfail=25 -q -rfE -p no:cacheprovider
-# the Triton kernels' candidate tiles at the issue-3 sizes (the measured table tile_size is to take)
-step tune 60 "$PYTHON" -m qdarts.benchmark.tune --device cuda --out "$OUT/tune"
+# the Triton kernels' candidate tiles at the issue-3 sizes (the measured table tile_size is to take);
+# tune.json is written after each kernel and size, so a run cut short keeps what it measured
+step tune 90 "$PYTHON" -m qdarts.benchmark.tune --device cuda --out "$OUT/tune"
 # last, with what is left of the budget: compute-sanitizer over the CUDA and Triton kernels
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 if [ -x "$SANITIZER" ]; then

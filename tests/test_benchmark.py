@@ -138,8 +138,12 @@ def test_cli_append_runs_the_end_to_end_part_into_the_kernel_part_s_results(tmp_
     base = ["--quick", "--device", "cpu", "--out", str(tmp_path), "--impls", "eager"]
     assert cli.run(parser.parse_args(base + ["--skip-end-to-end"])) == 0
     first = json.loads((tmp_path / "results.json").read_text())
+    for r in first["kernels"]:  # as if measured earlier (one run's figures all carry its date)
+        r["date"] = "2000-01-01T00:00:00Z"
+    (tmp_path / "results.json").write_text(json.dumps(first))
     kernels = first["kernels"]
     assert cli.run(parser.parse_args(base + ["--skip-kernels", "--append"])) == 0
+    assert "kernel figures from 2000-01-01T00:00:00Z" in (tmp_path / "report.md").read_text()
     both = json.loads((tmp_path / "results.json").read_text())
     assert both["kernels"] == kernels and [e["config"] for e in both["end_to_end"]] == ["tiny"]
     assert both["copy_gbps"] == first["copy_gbps"]  # the kernels' shares of copy bandwidth stay consistent
@@ -188,6 +192,15 @@ def test_end_to_end_times_the_searchers_own_step(ops, monkeypatch):
     # the arch half keeps the candidate outputs for the gradient of alpha; the weight half has no use for them
     assert r["saved_mb_arch"] > r["saved_mb_weight"] > 0
     assert r["saved_mb"] == max(r["saved_mb_arch"], r["saved_mb_weight"])
+
+
+def test_end_to_end_keeps_the_timing_when_the_cpu_peak_cannot_be_measured(monkeypatch):
+    def refuse(step):
+        raise RuntimeError("profiler already running")
+
+    monkeypatch.setattr(endtoend, "step_allocation_peak_bytes", refuse)
+    (r,) = endtoend._measure_config(TINY_SUPERNET, ["fused"], "cpu", quick=True, mode="eager", log=lambda _: None)
+    assert r["median_ms"] > 0 and r["peak_mb"] is None and "profiler already running" in r["peak_error"]
 
 
 def test_end_to_end_variants_take_turns_each_with_its_own_ops(monkeypatch):

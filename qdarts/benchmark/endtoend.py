@@ -21,9 +21,10 @@ The same supernet is run with three kinds of ops:
 
 Memory: on CUDA the peak allocated memory of one step (``torch.cuda.max_memory_allocated``), on
 CPU the most bytes allocated during one step and alive at once (profiler allocation events:
-:func:`step_allocation_peak_bytes`); on every device the bytes autograd keeps for backward in the arch half and in the weight half of the
-step (saved-tensor hooks, distinct storages, parameters and the input batches excluded), the part
-of the peak the ops control; ``saved_mb`` is the larger of the two.
+:func:`step_allocation_peak_bytes`); on every device the bytes autograd keeps for backward in the
+arch half and in the weight half of the step (saved-tensor hooks, distinct storages, parameters
+and the input batches excluded), the part of the peak the ops control; ``saved_mb`` is the larger
+of the two.
 """
 
 from __future__ import annotations
@@ -187,8 +188,12 @@ def _prepare_variant(cfg: E2EConfig, ops: str, device: str, compile_mode: Option
         if on_cuda and peak is None:
             synchronize(device)
             peak = (torch.cuda.max_memory_allocated(device) - held_by_others) / 2**20
-        elif not on_cuda:
-            peak = step_allocation_peak_bytes(step) / 2**20
+        peak_error = None
+        if not on_cuda:
+            try:
+                peak = step_allocation_peak_bytes(step) / 2**20
+            except Exception as e:  # the profiler refusing (e.g. one already running): no peak, the rest stands
+                peak_error = f"{type(e).__name__}: {e}"
         # on a GPU only the fused step's launches are profiled (the reference ones take many seconds
         # under the dispatch counter and the profiler; their op counts are the CPU run's)
         counts = _launch_counts(step, device, mode != "eager") if ops == "fused" or not on_cuda else {}
@@ -205,6 +210,7 @@ def _prepare_variant(cfg: E2EConfig, ops: str, device: str, compile_mode: Option
         "first_step_s": first_s, **({"capture_step_s": capture_s} if capture_s is not None else {}),
         "saved_mb": max(saved.values()) / 2**20,
         "saved_mb_arch": saved["arch"] / 2**20, "saved_mb_weight": saved["weight"] / 2**20, "peak_mb": peak,
+        **({"peak_error": peak_error} if peak_error else {}),
         **counts,
     }
     return record, run

@@ -115,6 +115,18 @@ def _case_key(r: Dict[str, Any]):
     return (r["label"], r["numel"], r["dtype"])
 
 
+def _earlier_parts(results: Dict[str, Any]) -> str:
+    """Where ``--append`` kept a part measured by an earlier run: when it was measured (each figure
+    carries its own date; the conditions above are this run's)."""
+    notes = []
+    this_run = results["env"]["date"]
+    for part, key in (("kernel figures", "kernels"), ("end-to-end figures", "end_to_end")):
+        dates = sorted({r["date"] for r in results.get(key, []) if r.get("date") and r["date"] != this_run})
+        if dates:
+            notes.append(f"{part} from {' and '.join(dates)}")
+    return f" (this run; {', '.join(notes)}, an earlier run's, kept by --append)" if notes else ""
+
+
 def conditions_lines(results: Dict[str, Any]) -> List[str]:
     env = results["env"]
     versions = f"torch {env['torch']}" + (f" (CUDA {env['cuda']})" if env.get("cuda") else "")
@@ -126,7 +138,8 @@ def conditions_lines(results: Dict[str, Any]) -> List[str]:
     return [
         f"- Device: {env['device']}{cpu_kernels}",
         f"- Versions: {versions}; qdarts_kernels {env['qdarts_kernels']}; {env['platform']}",
-        f"- Date: {env['date']}; sweep: {'quick' if results['quick'] else 'full'}; 1-minute load average "
+        f"- Date: {env['date']}{_earlier_parts(results)}; sweep: {'quick' if results['quick'] else 'full'}; "
+        f"1-minute load average "
         f"{_num(env.get('loadavg_1m_start'), 2)} at the start, {_num(results.get('loadavg_1m_end'), 2)} at the end "
         f"(other work on the machine slows CPU figures)",
         f"- Copy bandwidth (measured, `dst.copy_(src)` of {results['copy_bytes'] // MB} MiB, read + write): "

@@ -221,13 +221,9 @@ def step_allocation_peak_bytes(step: Callable[[], None]) -> int:
     events (``profile_memory``; PyTorch's CPU allocator and the C++ kernels' output cache report to
     it), walked in time order. What the step starts with (parameters, gradients, optimiser state,
     batches) is not in it: CPU memory has no counter like CUDA's ``max_memory_allocated``."""
-    from torch.profiler import ProfilerActivity, profile
+    from .profile import cpu_memory_at_peak  # profile builds on this module
 
-    from .profile import cpu_allocations, memory_at_peak
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    return memory_at_peak(cpu_allocations(prof.profiler.kineto_results.experimental_event_tree(), sites=False))[0]
+    return cpu_memory_at_peak(step, sites=False)[0]
 
 
 def _launch_counts(step: "SearchStep", device: str, recorded: bool) -> Dict[str, Any]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -109,6 +109,16 @@ def cpu_allocations(event_tree, sites: bool = True) -> List[Dict[str, Any]]:
     return [e for _, e in found]
 
 
+def cpu_memory_at_peak(run: Callable[[], Any], sites: bool = True) -> Tuple[int, Dict[str, int]]:
+    """:func:`memory_at_peak` of the CPU allocations ``run()`` makes, from the profiler's allocation
+    events (PyTorch's CPU allocator and the C++ kernels' output cache report to it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    return memory_at_peak(cpu_allocations(prof.profiler.kineto_results.experimental_event_tree(), sites))
+
+
 def memory_at_peak(events: List[Dict[str, Any]]) -> Tuple[int, Dict[str, int]]:
     """From an allocator trace (``torch.cuda.memory._snapshot()``'s ``device_traces[i]``, or
     :func:`cpu_allocations`: events with ``action`` alloc / free_completed, ``addr``, ``size`` and
@@ -140,11 +150,7 @@ def memory_report(cfg: E2EConfig, device: str, backend: Optional[str] = None, ro
         step()
     lines = [f"config: {cfg.name} ({cfg.description}), device {device}"]
     if torch.device(device).type == "cpu":
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            step()
-        peak, by_site = memory_at_peak(cpu_allocations(prof.profiler.kineto_results.experimental_event_tree()))
+        peak, by_site = cpu_memory_at_peak(step)
     else:
         torch.cuda.synchronize(device)
         start = torch.cuda.memory_allocated(device)

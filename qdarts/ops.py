@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qdarts_kernels.nn import InputKeepingMaxPool2d, OutputKeepingBatchNorm2d
+from qdarts_kernels.nn import InputKeepingMaxPool2d, OutputKeepingBatchNorm2d, chained_quant_convs
 
 from .genotype import PRIMITIVES
 
@@ -128,7 +128,18 @@ class ReLUConvBN(nn.Sequential):
                          OutputKeepingBatchNorm2d(cout, affine=affine))
 
 
-class DilConv(nn.Sequential):
+class _DepthwisePointwiseBN(nn.Sequential):
+    """(depthwise conv, pointwise conv, batch norm) one or more times; each conv pair runs as
+    :func:`qdarts_kernels.nn.chained_quant_convs` (the depthwise output is recomputed in the
+    backward, not kept from forward to backward)."""
+
+    def forward(self, x):
+        for i in range(0, len(self), 3):
+            x = self[i + 2](chained_quant_convs(self[i], self[i + 1], x))
+        return x
+
+
+class DilConv(_DepthwisePointwiseBN):
     """ReLU, dilated depthwise conv, pointwise conv, batch norm."""
 
     def __init__(self, cin, cout, kernel_size, stride, padding, dilation, conv: ConvMaker, affine=True):
@@ -139,7 +150,7 @@ class DilConv(nn.Sequential):
         )
 
 
-class SepConv(nn.Sequential):
+class SepConv(_DepthwisePointwiseBN):
     """Twice: ReLU, depthwise conv, pointwise conv, batch norm (the first depthwise conv strided)."""
 
     def __init__(self, cin, cout, kernel_size, stride, padding, conv: ConvMaker, affine=True):

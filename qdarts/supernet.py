@@ -44,7 +44,8 @@ from qdarts_kernels.nn import (GroupedBitProbs, GroupedWeightQuantizer, InputKee
 from .genotype import PRIMITIVES, edge_nodes
 from .ops import ConvMaker, FactorizedReduce, ReLUConvBN, build_op, quant_convs
 
-__all__ = ["SearchNetwork", "SupernetConfig", "channel_shuffle", "reduction_cells", "ACT_DTYPES"]
+__all__ = ["SearchNetwork", "SupernetConfig", "MixedOp", "channel_shuffle", "mixed_node", "reduction_cells",
+           "shuffled_cat", "ACT_DTYPES"]
 
 #: activation dtypes of the supernet forward: fp32, or bf16 under autocast
 ACT_DTYPES = ("fp32", "bf16")
@@ -84,15 +85,50 @@ def partial_head(x: torch.Tensor, k: int) -> torch.Tensor:
     the ops' kernels get a contiguous input: a channel slice of an NCHW batch is strided, and each
     quantized conv (and the mixed-op sum, for skip_connect) would copy it again in forward and in
     backward (2688 activation copies in a CIFAR-size search step become 224). The convs keep the 1/k
-    copy for backward instead of the whole state the slice would hold on to: less kept, except for
-    the inputs of a reduction cell, whose bypass pools keep the whole state anyway (1292 vs 1317 MB
-    for the CIFAR-size step, 60.9 vs 60.5 MB for the digits default, which has 2 reduction cells
-    of 3)."""
+    copy for backward instead of the whole state the slice would hold on to, which in the weight
+    half of a search step nothing else keeps."""
     return x[:, : x.shape[1] // k].contiguous()
 
 
+def shuffled_cat(head: torch.Tensor, rest: torch.Tensor, groups: int) -> torch.Tensor:
+    """``channel_shuffle(torch.cat([head, rest], 1), groups)`` written by one copy instead of two:
+    the concatenation is made in the shuffled order directly (rest has groups - 1 times the
+    channels of head)."""
+    n, h, height, width = head.shape
+    parts = [head.unsqueeze(2), rest.unflatten(1, (groups - 1, h)).transpose(1, 2)]  # [n, h, 1 | groups-1, H, W]
+    return torch.cat(parts, dim=2).view(n, groups * h, height, width)
+
+
+def mixed_node(candidates: List[List[torch.Tensor]], bypassed: List[torch.Tensor], op_weights: torch.Tensor,
+               edge_weights: torch.Tensor, k: int) -> torch.Tensor:
+    """A node state, ``sum_j edge_weights[j] * edge_j``, from the edges' parts.
+
+    Edge j (:class:`MixedOp`) is ``channel_shuffle(cat(sum_o op_weights[j, o] * candidates[j][o],
+    bypassed[j][:, C/k:]), k)``: its candidate ops' outputs on the first C/k channels of its input
+    state (``op_weights`` [edges, PRIMITIVES], ``none`` first and skipped: it outputs zeros) and
+    its input state (max-pooled on a reduction edge), whose other channels bypass the ops. Shuffle
+    and concatenation only place channels, so the sum over edges is taken before them, as two
+    mixed-op sums: the candidates' with the coefficients ``edge_weights[j] * op_weights[j, o]``,
+    and the bypassed states' with ``edge_weights``. The same value as summing the edges (up to the
+    order of fp32 additions), but no edge output is made: the node's sum kept every edge output
+    (all C channels) for the gradient of beta, where now it reads tensors kept anyway (candidate
+    outputs, node states) and one state per intermediate node: the CIFAR-size search step (batch
+    64) kept 1292 MB for the arch half, 1111 MB so (2^20 bytes; fewer launches too, and one copy
+    per node, not two per edge). With k == 1 nothing bypasses and ``bypassed`` is unused.
+    """
+    coefficients = (edge_weights[:, None] * op_weights[:, 1:]).flatten()
+    head = qk.mixed_op_sum([o for outs in candidates for o in outs], coefficients)
+    if k == 1:
+        return head
+    # the sum over all channels of the (contiguous) states, then its bypassed channels: no strided copy
+    rest = qk.mixed_op_sum(bypassed, edge_weights)[:, head.shape[1]:]
+    return shuffled_cat(head, rest, k)
+
+
 class MixedOp(nn.Module):
-    """One edge: the candidate ops (all but ``none``) on the first C/K channels, weighted-summed."""
+    """One edge: the candidate ops (all but ``none``) on the first C/K channels, weighted-summed;
+    the other channels bypass them (max-pooled on a reduction edge); then a channel shuffle. A cell
+    sums its edges per node through :func:`mixed_node`, from :meth:`candidates` and :meth:`bypass`."""
 
     def __init__(self, C: int, stride: int, cfg: SupernetConfig):
         super().__init__()
@@ -109,21 +145,22 @@ class MixedOp(nn.Module):
             if "pool" in name:
                 op = nn.Sequential(op, OutputKeepingBatchNorm2d(C // k, affine=False))
             self.ops.append(op)
-        # the bypassed channels of a reduction edge: max-pooled, keeping (the node state) no indices
+        # a reduction edge's input, max-pooled for its bypassed channels, keeping (the node state) no indices
         self.bypass_pool = InputKeepingMaxPool2d(2, 2, ceil_mode=True) if stride == 2 else None
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, head: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``weights``: softmax(alpha) of this edge over all PRIMITIVES (``none`` first); ``head``:
-        ``partial_head(x, k)`` when the caller has it (it is the same for every edge reading x)."""
-        if head is None:
-            head = partial_head(x, self.k)
-        mixed = qk.mixed_op_sum([op(head) for op in self.ops], weights[1:])
-        if self.k == 1:
-            return mixed
-        rest = x[:, head.shape[1]:]
-        if self.bypass_pool is not None:
-            rest = self.bypass_pool(rest)
-        return channel_shuffle(torch.cat([mixed, rest], dim=1), self.k)
+    def candidates(self, head: torch.Tensor) -> List[torch.Tensor]:
+        """The candidate ops' outputs on ``head`` = ``partial_head(x, k)``."""
+        return [op(head) for op in self.ops]
+
+    def bypass(self, x: torch.Tensor) -> torch.Tensor:
+        """The input state as its bypassed channels take it (all channels; see :func:`mixed_node`)."""
+        return self.bypass_pool(x) if self.bypass_pool is not None else x
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """This edge alone; ``weights``: softmax(alpha) of this edge over all PRIMITIVES (``none`` first)."""
+        head = partial_head(x, self.k)
+        bypassed = [self.bypass(x)] if self.k > 1 else []
+        return mixed_node([self.candidates(head)], bypassed, weights[None], weights.new_ones(1), self.k)
 
 
 class SearchCell(nn.Module):
@@ -143,14 +180,21 @@ class SearchCell(nn.Module):
     def forward(self, s0, s1, op_weights: torch.Tensor, edge_weights: torch.Tensor) -> torch.Tensor:
         """op_weights [edges, ops] = softmax(alpha); edge_weights [edges] = softmax(beta) per node."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        heads: List[torch.Tensor] = []  # partial_head of each state, made when an edge first reads it
+        # per state, made when an edge first reads it and shared by every edge reading it (the
+        # edges reading one state have one stride): its partial_head, and its bypass
+        heads: List[torch.Tensor] = []
+        bypassed: List[torch.Tensor] = []
         k = self.edges[0].k
         offset = 0
         for _ in range(self.steps):
             n = len(states)
-            heads += [partial_head(s, k) for s in states[len(heads):]]
-            outs = [self.edges[offset + j](h, op_weights[offset + j], heads[j]) for j, h in enumerate(states)]
-            states.append(qk.mixed_op_sum(outs, edge_weights[offset: offset + n]))
+            for j in range(len(heads), n):
+                heads.append(partial_head(states[j], k))
+                if k > 1:
+                    bypassed.append(self.edges[offset + j].bypass(states[j]))
+            edges = self.edges[offset: offset + n]
+            states.append(mixed_node([edge.candidates(h) for edge, h in zip(edges, heads)], bypassed,
+                                     op_weights[offset: offset + n], edge_weights[offset: offset + n], k))
             offset += n
         return torch.cat(states[2:], dim=1)  # all intermediate nodes
 

@@ -77,7 +77,7 @@ def test_per_channel_layouts(dtype, shape, axis):
     _mfq_case(x, (3,), "unsigned", axis)
 
 
-@pytest.mark.parametrize("k", [1, 4, 5, 16, 17, 32])
+@pytest.mark.parametrize("k", [1, 4, 5, 16, 17, 32, 33, 35, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_mixed_op_sum_input_counts(k, dtype):
     gen = torch.Generator().manual_seed(k)
@@ -99,9 +99,9 @@ def test_mixed_op_sum_input_counts(k, dtype):
 
 
 def test_mixed_op_sum_too_many_inputs_is_an_error():
-    outs = [torch.zeros(4, device="cuda") for _ in range(33)]
-    with pytest.raises(RuntimeError, match="outputs must hold 1..32"):
-        qk.mixed_op_sum(outs, torch.full((33,), 1 / 33, device="cuda"), backend="cuda")
+    outs = [torch.zeros(4, device="cuda") for _ in range(65)]
+    with pytest.raises(RuntimeError, match="outputs must hold 1..64"):
+        qk.mixed_op_sum(outs, torch.full((65,), 1 / 65, device="cuda"), backend="cuda")
 
 
 @pytest.mark.parametrize("axis", [None, 1])

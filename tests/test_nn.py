@@ -763,3 +763,71 @@ def test_shared_activation_scales_once_per_input_and_configuration():
         again = q2._op_inputs(x)[1]
         assert again is not first and torch.equal(again, q1._op_inputs(x.clone())[1])
     assert q2._op_inputs(x)[1] is not q1._op_inputs(x)[1]
+
+
+def _conv_pair(quantizer, bits, act_grid_first="relu", bias=False, stride=1, dilation=1):
+    torch.manual_seed(0)
+    c = 6
+    first = qnn.QuantConv2d(c, c, 3, stride, dilation, dilation, groups=c, bias=bias, weight_bits=bits,
+                            act_bits=bits, quantizer=quantizer, fuse_relu=act_grid_first == "relu")
+    second = qnn.QuantConv2d(c, 5, 1, bias=bias, weight_bits=bits, act_bits=bits, quantizer=quantizer,
+                             act_signed=True)
+    return first, second
+
+
+def _pair_grads(first, second, x, run):
+    y = run(x)
+    leaves = [x] + [p for m in (first, second) for p in m.parameters() if p.requires_grad]
+    return y, torch.autograd.grad(y, leaves, torch.randn_like(y, generator=torch.Generator().manual_seed(1)),
+                                  allow_unused=True)
+
+
+@pytest.mark.parametrize("quantizer,bits", [("paper", (2, 4, 8)), ("paper", (2, 4)), ("lsq", (2, 4, 8)), ("lsq", 4)],
+                         ids=["paper-max-scaled", "paper-steps", "lsq", "lsq-fixed"])
+@pytest.mark.parametrize("shape", [dict(), dict(bias=True, stride=2, dilation=2)], ids=["plain", "bias-strided"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_chained_quant_convs_equal_the_two_calls_keeping_only_the_input(quantizer, bits, shape, autocast):
+    """chained_quant_convs(first, second, x) = second(first(x)): the same values and gradients
+    (bit for bit: the same kernels in the same order), keeping only x of the activations."""
+    first, second = _conv_pair(quantizer, bits, **shape)
+    x = torch.randn(3, 6, 11, 9, requires_grad=True)
+    if quantizer == "lsq":  # a first forward initialises the LSQ scales (until then the pair runs unchained)
+        second(first(x))
+    kept = []
+
+    def pack(t):
+        kept.append(t)
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        want, want_grads = _pair_grads(first, second, x, lambda x: second(first(x)))
+        macs = (first.macs, second.macs, first.input_hw, second.input_hw)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            got = qnn.chained_quant_convs(first, second, x)
+        got_grads = torch.autograd.grad(got, [x] + [p for m in (first, second) for p in m.parameters()
+                                                    if p.requires_grad],
+                                        torch.randn_like(got, generator=torch.Generator().manual_seed(1)),
+                                        allow_unused=True)
+    assert (first.macs, second.macs, first.input_hw, second.input_hw) == macs
+    assert got.grad_fn.name() == "_ChainedQuantizedConv2dBackward"
+    assert torch.equal(got, want)
+    for a, b in zip(got_grads, want_grads):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    activations = [t for t in kept if t.dim() == 4 and t.shape[0] == x.shape[0]]
+    assert len(activations) == 1 and activations[0] is x
+
+
+def test_chained_quant_convs_fall_back_to_the_two_calls():
+    """Not chained (the two calls in turn) where the second conv's activation scales need its input
+    (LSQ scales not initialised yet), out of training, in eager_reference, or for plain convs."""
+    first, second = _conv_pair("lsq", (2, 4))
+    x = torch.randn(2, 6, 8, 8, requires_grad=True)
+    y = qnn.chained_quant_convs(first, second, x)  # initialises the scales of both
+    assert y.grad_fn.name() != "_ChainedQuantizedConv2dBackward"
+    assert qnn.chained_quant_convs(first, second, x).grad_fn.name() == "_ChainedQuantizedConv2dBackward"
+    with torch.no_grad():
+        assert torch.equal(qnn.chained_quant_convs(first, second, x), second(first(x)))
+    with qk.eager_reference():
+        assert qnn.chained_quant_convs(first, second, x).grad_fn.name() != "_ChainedQuantizedConv2dBackward"
+    plain = nn.Conv2d(6, 6, 1)
+    assert torch.equal(qnn.chained_quant_convs(plain, second, x), second(plain(x)))

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import qdarts_kernels as qk
-from qdarts.genotype import PRIMITIVES
+from qdarts.genotype import PRIMITIVES, edge_nodes
 from qdarts.ops import ConvMaker, ReLUConv2d, ReLUConvBN, build_op, quant_convs
-from qdarts.supernet import MixedOp, SearchNetwork, SupernetConfig, channel_shuffle
+from qdarts.supernet import MixedOp, SearchCell, SearchNetwork, SupernetConfig, channel_shuffle, shuffled_cat
 from qdarts_kernels._validation import GRIDS
 from qdarts_kernels.nn import MixedPrecisionFakeQuantize, QuantConv2d
 
@@ -98,7 +98,10 @@ def test_an_edge_keeps_no_relu_output_and_no_pool_indices(stride, partial):
     names = [type(n).__name__ for n in nodes]
     assert "ReluBackward0" not in names and "MaxPool2DWithIndicesBackward0" not in names
     assert names.count("_MaxPool2dKeepingInputBackward") == (2 if partial > 1 and stride == 2 else 1)
-    assert names.count("_QuantizedInputConv2dBackward") == 12 + (2 if stride == 2 else 0)  # + factorized reduce
+    # the depthwise-pointwise pairs of the two sep convs (2 each) and dil convs (1 each) chained,
+    # the two convs of a factorized reduce (a strided skip_connect) alone
+    assert names.count("_ChainedQuantizedConv2dBackward") == 6
+    assert names.count("_QuantizedInputConv2dBackward") == (2 if stride == 2 else 0)
     y.sum().backward()
     assert torch.isfinite(x.grad).all()
 
@@ -178,8 +181,9 @@ def test_supernet_gradients_reach_every_group_and_mixed_op_sum_is_used(monkeypat
     monkeypatch.setattr(qk, "mixed_op_sum", lambda outs, w, **kw: calls.append(len(outs)) or original(outs, w, **kw))
     net = _tiny()
     net(torch.randn(2, 3, 8, 8)).square().sum().backward()
-    # per cell: 5 edge sums of the 7 non-none ops, and 2 node sums (2 and 3 inputs)
-    assert sorted(calls) == sorted([7] * 15 + [2, 3] * 3)
+    # per cell and node (2 and 3 inputs): one sum of its edges' 7 non-none candidate outputs each,
+    # and one of its input states (the bypassed channels)
+    assert calls == [14, 2, 21, 3] * 3
     for name, ps in net.param_groups().items():
         assert all(p.grad is not None for p in ps), name
 
@@ -187,3 +191,53 @@ def test_supernet_gradients_reach_every_group_and_mixed_op_sum_is_used(monkeypat
 def test_channel_shuffle_interleaves_groups():
     x = torch.arange(6.0).reshape(1, 6, 1, 1)
     assert channel_shuffle(x, 2).flatten().tolist() == [0, 3, 1, 4, 2, 5]
+
+
+def test_shuffled_cat_is_the_channel_shuffle_of_the_concatenation():
+    head, rest = torch.randn(2, 3, 4, 5), torch.randn(2, 9, 4, 5)
+    assert torch.equal(shuffled_cat(head, rest, 4), channel_shuffle(torch.cat([head, rest], 1), 4))
+
+
+def _edge_by_definition(edge: MixedOp, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One PC-DARTS edge as written in the paper: the candidates on the first C/k channels weighted
+    by softmax(alpha) (``none`` contributes zeros), the other channels bypassing them (max-pooled
+    on a reduction edge), concatenated, channel-shuffled."""
+    h = x.shape[1] // edge.k
+    head, rest = x[:, :h], x[:, h:]
+    mixed = sum(w * op(head) for w, op in zip(weights[1:], edge.ops))
+    if edge.k == 1:
+        return mixed
+    if edge.stride == 2:
+        rest = F.max_pool2d(rest, 2, 2, ceil_mode=True)
+    return channel_shuffle(torch.cat([mixed, rest], 1), edge.k)
+
+
+@pytest.mark.parametrize("reduction", [False, True], ids=["normal", "reduction"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_a_cell_sums_each_node_s_edges_weighted_by_beta(reduction, k):
+    """SearchCell (and MixedOp alone) against the definition: node = sum_j beta_j edge_j(state_j);
+    the cell takes it as two mixed-op sums per node (supernet.mixed_node), values and gradients."""
+    torch.manual_seed(0)
+    cfg = SupernetConfig(input_shape=(3, 8, 8), num_classes=5, channels=8, layers=1, steps=3, partial_channels=k,
+                         bits=(2, 4))
+    cell = SearchCell(8, 8, 8, reduction, False, cfg)
+    edges = edge_nodes(cfg.steps)
+    s0, s1 = torch.randn(3, 8, 7, 7, requires_grad=True), torch.randn(3, 8, 7, 7, requires_grad=True)
+    alpha = torch.randn(len(edges), len(PRIMITIVES), requires_grad=True)
+    beta = torch.randn(len(edges), requires_grad=True)
+    op_weights = torch.softmax(alpha, -1)
+    node_edges = [[e for e, (node, _) in enumerate(edges) if node == n] for n in range(2, cfg.steps + 2)]
+    edge_weights = torch.cat([torch.softmax(beta[ids], 0) for ids in node_edges])
+    got = cell(s0, s1, op_weights, edge_weights)
+    states = [cell.preprocess0(s0), cell.preprocess1(s1)]
+    for ids in node_edges:
+        states.append(sum(edge_weights[e] * _edge_by_definition(cell.edges[e], states[edges[e][1]], op_weights[e])
+                          for e in ids))
+    want = torch.cat(states[2:], 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cell.edges[0](states[0], op_weights[0]),
+                               _edge_by_definition(cell.edges[0], states[0], op_weights[0]), rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(got)
+    leaves = [s0, s1, alpha, beta, quant_convs(cell.edges[-1])[0].weight]
+    for a, b in zip(torch.autograd.grad(got, leaves, g, retain_graph=True), torch.autograd.grad(want, leaves, g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

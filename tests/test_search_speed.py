@@ -58,7 +58,9 @@ def _quantizer_calls(net, x, y):
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         F.cross_entropy(net(x), y).backward()
     names = [e.name for e in prof.events()]
-    single = names.count("_MixedFakeQuantFunction") + names.count("_QuantizedInputConv2d")  # the latter: input + conv
+    # _QuantizedInputConv2d: an input quantized, then a conv; _ChainedQuantizedConv2d: that twice
+    single = (names.count("_MixedFakeQuantFunction") + names.count("_QuantizedInputConv2d")
+              + 2 * names.count("_ChainedQuantizedConv2d"))
     return single, names.count("_MixedFakeQuantGroupedFunction")
 
 
@@ -139,18 +141,23 @@ def test_quantizers_on_one_input_share_its_activation_scales(monkeypatch):
 def test_edges_share_one_contiguous_copy_of_each_state_s_partial_channels():
     """Every edge reading a node state works on the same first C/K channels (supernet.partial_head):
     one copy per state read by an edge, none inside the quantized convs or the mixed-op sums, forward
-    or backward (a strided slice would be copied by each of them)."""
+    or backward (a strided slice would be copied by each of them); a node's channel shuffle is made
+    by its concatenation (supernet.shuffled_cat), not by a copy after it."""
     net, _ = _pair()
     x, y = _batch()
     states_read_per_cell = net.cfg.steps + 1  # the two cell inputs and every node but the last
-    shuffles = sum(len(cell.edges) for cell in net.cells)  # each edge's channel shuffle is a copy too
-    sliced = _dispatched(net, x, y, ["clone"])
-    assert sliced["forward"]["clone"] == net.cfg.layers * states_read_per_cell + shuffles
-    unsliced = _dispatched(_pair(partial_channels=1)[0], x, y, ["clone"])
+    nodes = net.cfg.layers * net.cfg.steps
+    sliced = _dispatched(net, x, y, ["clone", "cat"])
+    assert sliced["forward"]["clone"] == net.cfg.layers * states_read_per_cell
+    unsliced = _dispatched(_pair(partial_channels=1)[0], x, y, ["clone", "cat"])
     assert unsliced["forward"]["clone"] == 0
-    # backward, per edge: the shuffle's gradient, and the edge sum's gradient (a slice of the
-    # concatenation's) made contiguous once for the mixed-op sum (not once per candidate op)
-    assert sliced["backward"]["clone"] - unsliced["backward"]["clone"] == 2 * shuffles
+    # forward, per node: the shuffled concatenation of its two sums (and one per cell: its output)
+    assert sliced["forward"]["cat"] - unsliced["forward"]["cat"] == nodes
+    # backward, per node: the gradient of its candidates' sum (its channels of the node's
+    # gradient, strided) made contiguous once for the sum; without partial channels only the last
+    # node's gradient is strided (a slice of the cell output's)
+    assert sliced["backward"]["clone"] == nodes
+    assert unsliced["backward"]["clone"] == net.cfg.layers
 
 
 def test_a_disabled_weight_quantizer_passes_its_weight_through():
@@ -180,32 +187,35 @@ def test_bf16_activations_reach_the_quantizers_and_keep_fp32_logits():
 @pytest.mark.parametrize("grouped_weights", [True, False], ids=["grouped", "per_conv"])
 def test_a_quantized_conv_keeps_only_its_input_and_weight_for_backward(grouped_weights):
     """Per conv the backward keeps x itself (not the mixed activation: it is recomputed) and the
-    weight and mixed weight; no per-bit copy of anything (the naive mixed layer keeps one per bit)."""
+    weight and mixed weight; no per-bit copy of anything (the naive mixed layer keeps one per bit).
+    A chained depthwise-pointwise pair keeps the depthwise conv's input only (the pointwise conv's
+    is recomputed), and its weights."""
     net = _pair(bits=(2, 4, 8))[0 if grouped_weights else 1]
     x, y = _batch(7)  # a batch size that no weight dimension has
-    kept, inputs, current = {}, {}, []
-
-    def enter(conv, args):
-        current.append(conv)
-        inputs[conv] = args[0]
-
+    inputs = []
     for _, conv, _ in net.quant_layers():
-        conv.register_forward_pre_hook(enter)
-        conv.register_forward_hook(lambda m, args, out: current.pop() and None)
-
-    def pack(t):
-        if current:
-            kept.setdefault(current[-1], []).append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(net(x), y)
-    assert len(kept) == len(net.quant_layers())
-    for conv, tensors in kept.items():
+        conv.register_forward_pre_hook(lambda m, args: inputs.append(args[0].data_ptr()))
+    loss = F.cross_entropy(net(x), y)
+    convs_of = {"_QuantizedInputConv2dBackward": 1, "_ChainedQuantizedConv2dBackward": 2}
+    nodes, todo, seen = [], [loss.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo += [n for n, _ in node.next_functions]
+        if type(node).__name__ in convs_of:
+            nodes.append(node)
+    assert sum(convs_of[type(n).__name__] for n in nodes) == len(net.quant_layers())
+    weight_shapes = {conv.weight.shape for _, conv, _ in net.quant_layers()}
+    for node in nodes:
+        tensors = [t for t in node.saved_tensors if t is not None]
         activations = [t for t in tensors if t.dim() == 4 and t.shape[0] == x.shape[0]]
-        weights = [t for t in tensors if t.shape == conv.weight.shape]
-        assert [t.data_ptr() for t in activations] == [inputs[conv].data_ptr()]
-        assert len(weights) <= 2  # the mixed weight (and, per conv, the weight its quantizer read)
+        weights = [t for t in tensors if t.shape in weight_shapes and t.shape[0] != x.shape[0]]
+        assert len(activations) == 1
+        # a chained pair's input is the input of a conv called alone in the per-conv path
+        assert activations[0].data_ptr() in inputs or type(node).__name__ == "_ChainedQuantizedConv2dBackward"
+        assert len(weights) == convs_of[type(node).__name__]  # the mixed weights, nothing per bit
     loss.backward()
 
 

@@ -24,8 +24,9 @@ namespace gpu {
 
 enum class DType { kFloat32, kFloat16, kBFloat16 };
 
-// Most candidate outputs one mixed_op_sum call accepts (DARTS search spaces have 8).
-constexpr int kMaxOpSumInputs = 32;
+// Most candidate outputs one mixed_op_sum call accepts: DARTS search spaces have 8 per edge; the
+// supernet sums all candidates of a node's edges in one call (7 per edge, up to 35 for 4 steps).
+constexpr int kMaxOpSumInputs = 64;
 
 // The mixed quantizer y = sum_k probs[k] * Q(x; scales[k], bits[k]) on one grid.
 struct MixedQuantizer {

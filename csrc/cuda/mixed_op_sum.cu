@@ -37,8 +37,8 @@ int max_k_for(int count) {
 
 template <typename F>
 void dispatch_max_k(int count, F&& f) {
-  static_assert(kMaxOpSumInputs == 32, "update the bounds below with kMaxOpSumInputs");
-  dispatch_int<4, 8, 16, 32>(max_k_for(count), f);
+  static_assert(kMaxOpSumInputs == 64, "update the bounds below with kMaxOpSumInputs");
+  dispatch_int<4, 8, 16, 32, 64>(max_k_for(count), f);
 }
 
 // True when every one of the `count` pointers (none when `pointers` is null) is 16-byte aligned.

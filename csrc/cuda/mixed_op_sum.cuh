@@ -2,7 +2,7 @@
 // memory, no warp operations), so that tests/cuda/mixed_op_sum_host_test.cu can run every thread
 // of a grid on the CPU and compare with a direct computation.
 //
-// K is a runtime value up to a compile-time bound MAX_K (4, 8, 16 or 32): the loops over k unroll
+// K is a runtime value up to a compile-time bound MAX_K (4, 8, 16, 32 or 64): the loops over k unroll
 // to that bound with a guard, so per-k accumulators stay in registers. Forward accumulation is
 // fp32 in the reference's order (y = w_0 o_0, y = y + w_1 o_1, ...); with --fmad=false it matches
 // the reference bit for bit.

@@ -4,6 +4,8 @@
   bit-widths (LSQ learnable scales, or the paper's HWGQ / Gaussian quantizers); one fused op.
 - :class:`FakeQuantize`: single bit-width LSQ quantizer for ``torch.ao.quantization`` QConfigs.
 - :class:`QuantConv2d`, :class:`QuantLinear`: EdMIPS composite layers (fixed or mixed bits).
+- :func:`chained_quant_convs`: two QuantConv2d in a row keeping only the first one's input for
+  backward (the second's input recomputed there).
 - :func:`quantize_`: swap a model's ``nn.Conv2d`` / ``nn.Linear`` layers in place.
 - :class:`GroupedWeightQuantizer`, :func:`precomputed_weights`: the mixed weights of many layers
   from one grouped launch, handed to the layers for their next forwards.
@@ -21,7 +23,7 @@ from .batchnorm import OutputKeepingBatchNorm2d, counted_together
 from .convert import quantize_
 from .grouped import GroupedBitProbs, GroupedWeightQuantizer, precomputed_probs
 from .pooling import InputKeepingMaxPool2d
-from .layers import QuantConv2d, QuantLinear, precomputed_weights
+from .layers import QuantConv2d, QuantLinear, chained_quant_convs, precomputed_weights
 from .quantizers import GAUSSIAN_STEPS, HWGQ_STEPS, FakeQuantize, MixedPrecisionFakeQuantize, shared_activation_scales
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "FakeQuantize",
     "QuantConv2d",
     "QuantLinear",
+    "chained_quant_convs",
     "quantize_",
     "GroupedWeightQuantizer",
     "GroupedBitProbs",

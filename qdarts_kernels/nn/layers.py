@@ -28,7 +28,7 @@ from .. import _backends
 from .. import ops as _ops
 from .quantizers import MixedPrecisionFakeQuantize, set_plain_attribute
 
-__all__ = ["QuantConv2d", "QuantLinear", "precomputed_weights"]
+__all__ = ["QuantConv2d", "QuantLinear", "chained_quant_convs", "precomputed_weights"]
 
 #: bit-width reported for activations that are not quantized (fp32)
 UNQUANTIZED_BITS = 32.0
@@ -107,6 +107,32 @@ def _depthwise_weight_grad(backend: str, x: Tensor, w: Tensor, groups: int, grad
     return depthwise_conv if depthwise_conv.supports(x, w.shape, groups, grad.shape[-1]) else None
 
 
+def _quantized_conv_backward(grad, x, probs, scales, w, bias, quant_args, conv_args, conv_dtype, needs, xq=None):
+    """(dx, dprobs, dscales, dw, dbias) of ``conv2d(mixed_fake_quant(x), w, bias)`` for ``grad``,
+    None where ``needs`` (five flags, in that order) says not needed. The conv runs in
+    ``conv_dtype`` (autocast's, as in the forward); each gradient comes back in its input's dtype.
+    ``xq``: the mixed activation where the caller has it, else recomputed from x."""
+    need_x, need_p, need_s, need_w, need_b = needs
+    need_xq = need_x or need_p or need_s
+    if xq is None and (need_xq or need_w):
+        xq = _ops._mfq_forward(x, probs, scales, *quant_args)
+    stride, padding, dilation, groups = conv_args
+    grad, conv_input = grad.to(conv_dtype), (xq if xq is not None else x).to(conv_dtype)
+    depthwise = _depthwise_weight_grad(quant_args[-1], conv_input, w, groups, grad) if need_w else None
+    dxq = dw = db = None
+    if need_xq or need_b or (need_w and depthwise is None):
+        dxq, dw, db = torch.ops.aten.convolution_backward(
+            grad, conv_input, w.to(conv_dtype), None if bias is None else [bias.shape[0]],
+            stride, padding, dilation, False, [0, 0], groups, [need_xq, need_w and depthwise is None, need_b])
+    if depthwise is not None:
+        dw = depthwise.depthwise_conv2d_weight_grad(grad.contiguous(), conv_input.contiguous(), w.shape[2:],
+                                                    stride, padding, dilation)
+    dx = dp = ds = None
+    if need_xq:
+        dx, dp, ds = _ops._mfq_backward(dxq.to(x.dtype), x, probs, scales, *quant_args, need_x, need_p, need_s)
+    return dx, dp, ds, (dw.to(w.dtype) if need_w else None), (db.to(bias.dtype) if need_b else None)
+
+
 class _QuantizedInputConv2d(torch.autograd.Function):
     """``conv2d(mixed_fake_quant(x), w, bias)`` that keeps x, not the mixed activation, for the
     backward: the backward recomputes the mixed activation (one more elementwise pass over x)
@@ -129,26 +155,45 @@ class _QuantizedInputConv2d(torch.autograd.Function):
     def backward(ctx, grad):
         quant_args, conv_args = ctx.args
         _ops._refuse_second_order("QuantConv2d", quant_args[-1])
-        x, probs, scales, w, bias = ctx.saved_tensors
-        need_x, need_p, need_s, need_w, need_b = ctx.needs_input_grad[:5]
-        need_xq = need_x or need_p or need_s
+        return (*_quantized_conv_backward(grad, *ctx.saved_tensors, quant_args, conv_args, ctx.conv_dtype,
+                                          ctx.needs_input_grad[:5]), None, None)
+
+
+class _ChainedQuantizedConv2d(torch.autograd.Function):
+    """``conv2(mq2(conv1(mq1(x))))``, two quantized convs in a row (mq: mixed_fake_quant), keeping
+    only x (and the parameters) for the backward: the backward recomputes the first conv's output
+    h (one conv more: mq1(x) is recomputed for the first conv's backward anyway) instead of
+    holding h from forward to backward, as the second conv alone would. In a DARTS separable or
+    dilated conv (depthwise then pointwise) h is the depthwise output, 6 of the 14 activations an
+    edge's candidates would otherwise keep: the CIFAR-size search step (batch 64) keeps 754 instead
+    of 1111 MB (2^20 bytes) for its arch half, 697 instead of 1054 for its weight half. ``second_quant_args(h, s2)`` gives mq2's (scales,
+    bits/grid/axis/backend) on h: s2 itself, or when s2 is None the paper activation scales scaled
+    by h's max (they carry no gradient), computed once h exists."""
+
+    @staticmethod
+    def forward(ctx, x, p1, s1, w1, b1, p2, s2, w2, b2, quant1, conv1, conv2, second_quant_args):
+        h = nn.functional.conv2d(_ops._mfq_forward(x, p1, s1, *quant1), w1, b1, *conv1)
+        s2, quant2 = second_quant_args(h, s2)
+        y = nn.functional.conv2d(_ops._mfq_forward(h, p2, s2, *quant2), w2, b2, *conv2)
+        ctx.save_for_backward(x, p1, s1, w1, b1, p2, s2, w2, b2)
+        ctx.args = (quant1, conv1, quant2, conv2)
+        ctx.conv_dtype = y.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        quant1, conv1, quant2, conv2 = ctx.args
+        _ops._refuse_second_order("QuantConv2d", quant1[-1])
+        x, p1, s1, w1, b1, p2, s2, w2, b2 = ctx.saved_tensors
+        needs1, needs2 = ctx.needs_input_grad[:5], ctx.needs_input_grad[5:9]
         dt = ctx.conv_dtype
-        xq = _ops._mfq_forward(x, probs, scales, *quant_args) if need_xq or need_w else None
-        stride, padding, dilation, groups = conv_args
-        grad, conv_input = grad.to(dt), (xq if xq is not None else x).to(dt)
-        depthwise = _depthwise_weight_grad(quant_args[-1], conv_input, w, groups, grad) if need_w else None
-        dxq = dw = db = None
-        if need_xq or need_b or (need_w and depthwise is None):
-            dxq, dw, db = torch.ops.aten.convolution_backward(
-                grad, conv_input, w.to(dt), None if bias is None else [bias.shape[0]],
-                stride, padding, dilation, False, [0, 0], groups, [need_xq, need_w and depthwise is None, need_b])
-        if depthwise is not None:
-            dw = depthwise.depthwise_conv2d_weight_grad(grad.contiguous(), conv_input.contiguous(), w.shape[2:],
-                                                        stride, padding, dilation)
-        dx = dp = ds = None
-        if need_xq:
-            dx, dp, ds = _ops._mfq_backward(dxq.to(x.dtype), x, probs, scales, *quant_args, need_x, need_p, need_s)
-        return (dx, dp, ds, dw.to(w.dtype) if need_w else None, db.to(bias.dtype) if need_b else None, None, None)
+        x1q = _ops._mfq_forward(x, p1, s1, *quant1)
+        h = nn.functional.conv2d(x1q.to(dt), w1.to(dt), None if b1 is None else b1.to(dt), *conv1)
+        dh, dp2, ds2, dw2, db2 = _quantized_conv_backward(grad, h, p2, s2, w2, b2, quant2, conv2, dt,
+                                                          (any(needs1), *needs2))
+        grads1 = _quantized_conv_backward(dh, x, p1, s1, w1, b1, quant1, conv1, dt, needs1, xq=x1q) \
+            if dh is not None else (None,) * 5
+        return (*grads1, dp2, ds2, dw2, db2, None, None, None, None)
 
 
 @contextmanager
@@ -164,6 +209,37 @@ def precomputed_weights(layers: Sequence[_QuantizedLayer], weights: Sequence[Ten
     finally:
         for layer in layers:
             set_plain_attribute(layer, "weight_override", None)
+
+
+def chained_quant_convs(first: nn.Module, second: nn.Module, x: Tensor) -> Tensor:
+    """``second(first(x))`` for two convs in a row; when both are :class:`QuantConv2d` on their
+    eager training path, computed by one autograd function that keeps only x for the backward and
+    recomputes first's output there (one conv more per backward, one activation less kept from
+    forward to backward: see ``_ChainedQuantizedConv2d``). Otherwise, and where second's activation
+    scales would need its input before it exists (LSQ scales still to be initialised, per-channel
+    activation scales), the two calls in turn. Values and gradients are those of the two calls."""
+    if not (isinstance(first, QuantConv2d) and isinstance(second, QuantConv2d)
+            and first._keeps_only_its_input(x.dim()) and second._keeps_only_its_input(x.dim())
+            and second.act_quant._scales_known_before_input()):
+        return second(first(x))
+    aq2 = second.act_quant
+    h_hw = first._output_hw(x.shape[-2:])
+    s2 = aq2._scales_before_input(torch.Size((x.shape[0], first.out_channels, *h_hw)))
+    p1, s1, axis1 = first.act_quant._op_inputs(x)
+    p2 = aq2.probs()
+
+    def second_quant_args(h: Tensor, scales: Optional[Tensor]) -> Tuple[Tensor, tuple]:
+        """(scales, quant args) of second's activation quantizer on h (see _ChainedQuantizedConv2d)."""
+        scales = aq2._act_scales_of(h) if scales is None else scales
+        return scales, second._quant_args(h, p2, scales, None)
+
+    y = _ChainedQuantizedConv2d.apply(x, p1, s1, first._mixed_weight(), first.bias,
+                                      p2, s2, second._mixed_weight(), second.bias,
+                                      first._quant_args(x, p1, s1, axis1), first._conv_args(), second._conv_args(),
+                                      second_quant_args)
+    first._record_shapes(x.shape[-2:], h_hw)
+    second._record_shapes(h_hw, y.shape[-2:])
+    return y
 
 
 def _share_parameters(q: nn.Module, source: nn.Module) -> nn.Module:
@@ -210,25 +286,48 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
         self.input_hw: Optional[Tuple[int, int]] = None
 
     def forward(self, x: Tensor) -> Tensor:
-        aq = self.act_quant
-        if (aq is not None and aq._fake_quant_on and self.padding_mode == "zeros" and x.dim() == 4
-                and not isinstance(self.padding, str) and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and not _ops.eager_reference_active()):
+        if self._keeps_only_its_input(x.dim()):
             # eager training: keep only x for the backward (see _QuantizedInputConv2d); compiled
             # graphs leave what to keep to AOTAutograd's partitioner
+            aq = self.act_quant
             probs, scales, axis = aq._op_inputs(x)
-            bits, code, ax, name = _ops._checked_mixed_fake_quant_args(x, probs, scales, aq.bits, aq.grid, axis,
-                                                                       aq.backend)
-            wq = self.weight_override
-            wq = self.weight_quant(self.weight) if wq is None else wq
-            y = _QuantizedInputConv2d.apply(x, probs, scales, wq, self.bias, (bits, code, ax, name),
-                                            (self.stride, self.padding, self.dilation, self.groups))
+            y = _QuantizedInputConv2d.apply(x, probs, scales, self._mixed_weight(), self.bias,
+                                            self._quant_args(x, probs, scales, axis), self._conv_args())
         else:
             xq, wq = self._quantized_input_and_weight(x)
             y = self._conv_forward(xq, wq, self.bias)
-        set_plain_attribute(self, "input_hw", (x.shape[-2], x.shape[-1]))
-        set_plain_attribute(self, "macs", self._macs_per_output_pixel * y.shape[-2] * y.shape[-1])
+        self._record_shapes(x.shape[-2:], y.shape[-2:])
         return y
+
+    def _keeps_only_its_input(self, input_dim: int) -> bool:
+        """Whether a forward on an input with ``input_dim`` dimensions takes the eager training path
+        that keeps only the input for the backward (fake quantization on, plain zero padding)."""
+        aq = self.act_quant
+        return (aq is not None and aq._fake_quant_on and self.padding_mode == "zeros" and input_dim == 4
+                and not isinstance(self.padding, str) and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and not _ops.eager_reference_active())
+
+    def _mixed_weight(self) -> Tensor:
+        wq = self.weight_override
+        return self.weight_quant(self.weight) if wq is None else wq
+
+    def _quant_args(self, x, probs: Tensor, scales: Tensor, axis: Optional[int]) -> tuple:
+        """(bits, grid code, axis, backend) of the activation quantizer's op on x (x may be a meta
+        tensor of the input's shape and dtype)."""
+        aq = self.act_quant
+        return _ops._checked_mixed_fake_quant_args(x, probs, scales, aq.bits, aq.grid, axis, aq.backend)
+
+    def _conv_args(self) -> tuple:
+        return self.stride, self.padding, self.dilation, self.groups
+
+    def _output_hw(self, hw) -> Tuple[int, int]:
+        """The output's (H, W) for an input of (H, W) ``hw`` (numeric padding)."""
+        return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                     for n, p, d, k, s in zip(hw, self.padding, self.dilation, self.kernel_size, self.stride))
+
+    def _record_shapes(self, input_hw, output_hw) -> None:
+        set_plain_attribute(self, "input_hw", (input_hw[0], input_hw[1]))
+        set_plain_attribute(self, "macs", self._macs_per_output_pixel * output_hw[0] * output_hw[1])
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, **quant_kwargs) -> "QuantConv2d":

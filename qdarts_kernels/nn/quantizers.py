@@ -399,6 +399,26 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         scales = self._lsq_scales(x, axis) if self.quantizer == "lsq" else self._paper_scales(x, axis)
         return self.probs(), scales, axis
 
+    def _scales_known_before_input(self) -> bool:
+        """Whether :meth:`_scales_before_input` applies: activations with per-tensor scales, not
+        LSQ scales still to be initialised from the input."""
+        return (self.role == "act" and self.per_channel_axis is None
+                and not (self.quantizer == "lsq" and self._needs_init and self._observer_on))
+
+    def _scales_before_input(self, shape: torch.Size) -> Optional[Tensor]:
+        """The scales for an input of ``shape`` that is not computed yet, where they do not depend on
+        its values (LSQ scales, paper scales without a bit-width scaled by the max); None for paper
+        scales scaled by its max, which carry no gradient (:meth:`_act_scales_of` computes them
+        once the input exists). Only where :meth:`_scales_known_before_input`."""
+        if self.quantizer == "lsq":
+            return self._lsq_scales(torch.empty(shape, device="meta"), None)  # reads only the shape
+        return None if self._any_by_max else self._steps
+
+    def _act_scales_of(self, x: Tensor) -> Tensor:
+        """The paper activation scales of x, scaled by its max (no gradient; not shared: see
+        :meth:`_scales_before_input`)."""
+        return self._max_scaled_act_scales(x.detach())
+
     def forward(self, x: Tensor) -> Tensor:
         if not self._fake_quant_on:
             return torch.relu(x) if self.grid == "relu" else x  # the folded ReLU stays

@@ -118,11 +118,12 @@ void check_bound(std::initializer_list<int> counts, std::mt19937& rng) {
 
 template <typename T>
 void check_dtype(std::mt19937& rng) {
-  // Each K with the bound the launcher picks for it (smallest of 4, 8, 16, 32 that holds K).
+  // Each K with the bound the launcher picks for it (smallest of 4, 8, 16, 32, 64 that holds K).
   check_bound<T, 4>({1, 3, 4}, rng);
   check_bound<T, 8>({5, 8}, rng);
   check_bound<T, 16>({9, 16}, rng);
   check_bound<T, 32>({17, 32}, rng);
+  check_bound<T, 64>({33, 35, 64}, rng);
 }
 
 }  // namespace

@@ -332,7 +332,7 @@ def check_mixed_op_sum(backend, device, outputs, weights, needs=(True, True), st
         _assert_reduction_close(wb.grad.cpu(), wr.grad, abs_sum, "d weights")
 
 
-@pytest.mark.parametrize("k", [1, 2, 5, 8])
+@pytest.mark.parametrize("k", [1, 2, 5, 8, 35])  # 35: the last node sum of a 4-step supernet cell
 @pytest.mark.parametrize("shape", [(0,), (1,), (3, 7), (2, 5, 9, 7), (4099,)], ids=str)
 def test_mixed_op_sum_matrix(backend_device, k, shape):
     backend, device = backend_device

@@ -166,9 +166,11 @@ class _ChainedQuantizedConv2d(torch.autograd.Function):
     holding h from forward to backward, as the second conv alone would. In a DARTS separable or
     dilated conv (depthwise then pointwise) h is the depthwise output, 6 of the 14 activations an
     edge's candidates would otherwise keep: the CIFAR-size search step (batch 64) keeps 754 instead
-    of 1111 MB (2^20 bytes) for its arch half, 697 instead of 1054 for its weight half. ``second_quant_args(h, s2)`` gives mq2's (scales,
-    bits/grid/axis/backend) on h: s2 itself, or when s2 is None the paper activation scales scaled
-    by h's max (they carry no gradient), computed once h exists."""
+    of 1111 MB (2^20 bytes) for its arch half, 697 instead of 1054 for its weight half.
+
+    ``second_quant_args(h, s2)`` gives mq2's (scales, bits/grid/axis/backend) on h: s2 itself, or
+    when s2 is None the paper activation scales scaled by h's max (they carry no gradient),
+    computed once h exists."""
 
     @staticmethod
     def forward(ctx, x, p1, s1, w1, b1, p2, s2, w2, b2, quant1, conv1, conv2, second_quant_args):
@@ -312,8 +314,7 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
         return self.weight_quant(self.weight) if wq is None else wq
 
     def _quant_args(self, x, probs: Tensor, scales: Tensor, axis: Optional[int]) -> tuple:
-        """(bits, grid code, axis, backend) of the activation quantizer's op on x (x may be a meta
-        tensor of the input's shape and dtype)."""
+        """(bits, grid code, axis, backend) of the activation quantizer's op on x, validated."""
         aq = self.act_quant
         return _ops._checked_mixed_fake_quant_args(x, probs, scales, aq.bits, aq.grid, axis, aq.backend)
 

@@ -415,8 +415,9 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         return None if self._any_by_max else self._steps
 
     def _act_scales_of(self, x: Tensor) -> Tensor:
-        """The paper activation scales of x, scaled by its max (no gradient; not shared: see
-        :meth:`_scales_before_input`)."""
+        """The paper activation scales of x, scaled by its max (no gradient). Not through
+        :func:`shared_activation_scales`, whose cache would hold x until the forward ends: x here is
+        an intermediate that :func:`~qdarts_kernels.nn.chained_quant_convs` frees at once."""
         return self._max_scaled_act_scales(x.detach())
 
     def forward(self, x: Tensor) -> Tensor:

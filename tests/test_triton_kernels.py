@@ -32,10 +32,9 @@ from qdarts_kernels import _reference_backend as reference_backend  # noqa: E402
 from qdarts_kernels import reference as ref  # noqa: E402
 from qdarts_kernels._validation import GRIDS  # noqa: E402
 from qdarts_kernels.triton._common import (  # noqa: E402
-    TileSize, cast_out, next_pow2, round_half_even, round_half_even_portable, tile_override, tile_size,
+    TileSize, cast_out, flat_block, next_pow2, round_half_even, round_half_even_portable, tile_override, tile_size,
 )
 from qdarts_kernels.triton.mixed_fake_quant import _tile, layout_for  # noqa: E402
-from qdarts_kernels.triton.mixed_op_sum import _flat_block  # noqa: E402
 from qdarts.benchmark.tune import CANDIDATES as TUNE_CANDIDATES  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -138,7 +137,7 @@ def _tile_probe_kernel(OFFSETS, MASK, pid, rows, cols, col_blocks, BLOCK_R: tl.c
 
 @triton.jit
 def _flat_probe_kernel(OFFSETS, MASK, pid, numel, BLOCK: tl.constexpr):
-    offsets, mask = _flat_block(pid, numel, BLOCK)
+    offsets, mask = flat_block(pid, numel, BLOCK)
     slot = tl.arange(0, BLOCK)
     tl.store(OFFSETS + slot, offsets)
     tl.store(MASK + slot, mask.to(tl.int8))
@@ -285,6 +284,44 @@ def test_reductions_over_many_programs(shape, axis, dtype):
     eps = torch.finfo(torch.float32).eps
     assert ((dprobs.double() - dp64).abs() <= 16 * eps * dp_mag + 1e-12).all()
     assert ((dscales.double() - ds64).abs() <= 16 * eps * ds_mag + 1e-12).all()
+
+
+@pytest.mark.parametrize("bits,grid", [((8,), "signed"), ((2, 4), "relu"), ((2, 4, 8), "midrise"),
+                                       ((1, 2, 3, 4), "unsigned")], ids=str)
+@pytest.mark.parametrize("needs", [(True, True, True), (False, True, False), (True, False, True)], ids=str)
+def test_per_tensor_backward_over_several_rounds(monkeypatch, bits, grid, needs):
+    """The persistent per-tensor backward with fewer programs than blocks (5 programs, 12 blocks of
+    256: three rounds, the last one partly past the end): dx exact, dp and ds within a fp32 sum's
+    error of fp64 sums, the same bits from run to run, only the requested gradients."""
+    from qdarts_kernels.triton import mixed_fake_quant as mfq
+
+    monkeypatch.setattr(mfq, "REDUCE_PROGRAMS", 5)
+    gen = torch.Generator().manual_seed(len(bits))
+    x = torch.randn(3000, generator=gen) * 2
+    g = torch.randn(3000, generator=gen)
+    k = len(bits)
+    probs = torch.softmax(torch.randn(k, generator=gen), 0)
+    scales = 0.05 + 0.3 * torch.rand(k, generator=gen)
+    code = GRIDS[grid]
+    runs = []
+    with tile_override("mixed_fake_quant_backward_per_tensor", TileSize(256, 2)):
+        for _ in range(2):
+            runs.append(mfq.mixed_fake_quant_backward(g.to(DEVICE), x.to(DEVICE), probs.to(DEVICE), scales.to(DEVICE),
+                                                      bits, code, -1, *needs))
+    for first, second in zip(*runs):
+        assert (first is None) == (second is None) and (first is None or torch.equal(first, second))
+    dx, dprobs, dscales = (None if t is None else t.cpu() for t in runs[0])
+    assert [t is not None for t in (dx, dprobs, dscales)] == list(needs)
+    if needs[0]:
+        expected_dx, _, _ = reference_backend.mixed_fake_quant_backward(g, x, probs, scales, bits, code, -1,
+                                                                         True, False, False)
+        assert torch.equal(dx, expected_dx)
+    dp64, ds64, dp_mag, ds_mag = _fp64_gradients(x, g, probs, scales, bits, grid, None)
+    eps = torch.finfo(torch.float32).eps
+    if needs[1]:
+        assert ((dprobs.double() - dp64).abs() <= 16 * eps * dp_mag + 1e-12).all()
+    if needs[2]:
+        assert ((dscales.double() - ds64).abs() <= 16 * eps * ds_mag + 1e-12).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -474,7 +511,8 @@ def test_every_candidate_tile_matches_the_reference(tile):
         want_y = ref.mixed_fake_quant(x, probs, scales, bits, axis=axis)
         leaves = [t.to(DEVICE).clone().requires_grad_() for t in (x, probs, scales)]
         ref_leaves = [t.clone().requires_grad_() for t in (x, probs, scales)]
-        with tile_override("mixed_fake_quant_forward", tile), tile_override("mixed_fake_quant_backward", tile):
+        with tile_override("mixed_fake_quant_forward", tile), tile_override("mixed_fake_quant_backward", tile), \
+                tile_override("mixed_fake_quant_backward_per_tensor", tile):
             y = qk.mixed_fake_quant(*leaves, bits, axis=axis, backend="triton")
             got = torch.autograd.grad(y, leaves, g.to(DEVICE))
         want = torch.autograd.grad(ref.mixed_fake_quant(*ref_leaves, bits, axis=axis), ref_leaves, g)

@@ -4,8 +4,8 @@
 
 The Triton kernels take their tile (elements per program, warps) from ``tile_size`` in
 ``qdarts_kernels/triton/_common.py``: first choices from reasoning, the same for every kernel. This
-times each tunable kernel (``TUNABLE_KERNELS``: the forward and backward of ``mixed_fake_quant``
-and of ``mixed_op_sum``) at the sizes the issue targets name, with every candidate tile, through
+times each tunable kernel (``TUNABLE_KERNELS``: the forward and backward of ``mixed_fake_quant``,
+its persistent backward for per-tensor scales, and those of ``mixed_op_sum``) at the sizes the issue targets name, with every candidate tile, through
 the public op on the ``triton`` backend (the tile applied by ``tile_override``), the candidates
 sampled in turn and timed as the kernel benchmark times them (device time, launches issued
 ahead, cache flushed). It writes ``tune.json`` (every figure, with the conditions) and ``tune.md``
@@ -33,14 +33,23 @@ from .timing import CacheFlusher, copy_bandwidth_gbps, environment, measure_inte
 
 #: Candidate tiles: 4 to 32 fp32 elements per thread (one to eight 16-byte loads per input).
 CANDIDATES: Tuple[TileSize, ...] = (
-    TileSize(1024, 4), TileSize(2048, 4), TileSize(2048, 8), TileSize(4096, 4), TileSize(4096, 8),
-    TileSize(8192, 8), TileSize(8192, 16),
+    TileSize(1024, 4), TileSize(1024, 8), TileSize(2048, 4), TileSize(2048, 8), TileSize(4096, 4),
+    TileSize(4096, 8), TileSize(8192, 8),
 )
+
+
+def _kernel(op: str, scaling: str, mode: str) -> str:
+    """The TUNABLE_KERNELS name that times ``op`` in ``mode``: per-tensor scales take the
+    persistent backward of mixed_fake_quant, per-channel ones the tiled one."""
+    persistent = op == "mixed_fake_quant" and mode == "backward" and scaling == "per_tensor"
+    return f"{op}_{mode}" + ("_per_tensor" if persistent else "")
+
+
 
 #: (kernel, case, mode): the sizes of the issue-3 targets (fp32, K=3 bits (2,4,8) per tensor at 4M
 #: and 32M elements; mixed_op_sum K=8 at 4M per input) and a per-channel activation.
 TARGETS: Tuple[Tuple[str, OpCase, str], ...] = tuple(
-    (f"{op}_{mode}", OpCase(op, scaling, shape), mode)
+    (_kernel(op, scaling, mode), OpCase(op, scaling, shape), mode)
     for op, scaling, shape in (
         ("mixed_fake_quant", "per_tensor", (64, 64, 32, 32)),
         ("mixed_fake_quant", "per_tensor", (256, 128, 32, 32)),
@@ -76,7 +85,7 @@ def tune_case(kernel: str, case: OpCase, mode: str, device: str, candidates: Seq
     warmup, min_samples, max_samples, budget_s = samples
     timings = measure_interleaved(runs, device, flush=flush, warmup=warmup, min_samples=min_samples,
                                   max_samples=max_samples, budget_s=budget_s, hide_launch=True)
-    default = tile_size(case.numel)
+    default = tile_size(case.numel, kernel)
     traffic = case.min_traffic_bytes(mode)
     records = []
     for tile in candidates:

@@ -76,6 +76,13 @@ def cast_out(v, dtype: tl.constexpr):
         return v.to(dtype)
 
 
+@triton.jit
+def flat_block(block, numel, BLOCK: tl.constexpr):
+    """Flat block ``block``'s int64 offsets (past 2^31 elements) and their in-bounds mask."""
+    offsets = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return offsets, offsets < numel
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -87,15 +94,19 @@ class TileSize(NamedTuple):
 
 #: The kernels whose tile :func:`tile_size` chooses, each on its own (``qdarts.benchmark.tune`` times
 #: candidate tiles per kernel; :func:`tile_override` applies one).
-TUNABLE_KERNELS = ("mixed_fake_quant_forward", "mixed_fake_quant_backward", "mixed_op_sum_forward",
-                   "mixed_op_sum_backward")
+TUNABLE_KERNELS = ("mixed_fake_quant_forward", "mixed_fake_quant_backward", "mixed_fake_quant_backward_per_tensor",
+                   "mixed_op_sum_forward", "mixed_op_sum_backward")
 
 #: Set by :func:`tile_override` only.
 _tile_overrides = {}
 
 
 @functools.lru_cache(maxsize=None)
-def _default_tile_size(numel: int) -> TileSize:
+def _default_tile_size(numel: int, kernel: str) -> TileSize:
+    if kernel == "mixed_fake_quant_backward_per_tensor":
+        # the persistent kernel keeps 2K per-lane sums across its blocks: 8 elements per thread take
+        # 96 registers (K = 3, sm_90), 16 take all 255 (one 8-warp program per SM)
+        return TileSize(1024, 4)
     if numel <= 1 << 16:
         return TileSize(1024, 4)
     if numel <= 1 << 22:
@@ -110,14 +121,14 @@ def tile_size(numel: int, kernel: str = "") -> TileSize:
     elements (16 per thread with 8 warps: four 16-byte loads per fp32 input) to amortise each
     program's fixed work (index set-up, per-bit-width scale loads and partial-sum stores). The
     compiled kernels use at most 141 registers with these tiles and spill nothing (ptxas, sm_90).
-    The break points are first choices from that reasoning, the same for every kernel, still to be
-    confirmed per kernel by ``python -m qdarts.benchmark.tune`` on an H100 (bench/gpu_check.sh runs
-    it); a table rather than ``triton.autotune`` because the partial-sum buffers are sized by the
+    The break points are first choices from that reasoning, the same for every kernel but the
+    persistent per-tensor backward (see _default_tile_size), still to be confirmed per kernel by
+    ``python -m qdarts.benchmark.tune`` on an H100 (bench/gpu_check.sh runs it); a table rather than ``triton.autotune`` because the partial-sum buffers are sized by the
     tile, and autotuning would rerun the reductions on every new shape. ``kernel`` (one of
     TUNABLE_KERNELS, or "" for the others) selects a :func:`tile_override` in force.
     """
     override = _tile_overrides.get(kernel)
-    return override if override is not None else _default_tile_size(numel)
+    return override if override is not None else _default_tile_size(numel, kernel)
 
 
 @contextlib.contextmanager

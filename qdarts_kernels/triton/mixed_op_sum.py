@@ -20,20 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LAUNCH_OPTIONS, cast_out, device_guard, tile_size
-
-
-@triton.jit
-def _flat_block(pid, numel, BLOCK: tl.constexpr):
-    """This program's flat int64 offsets (past 2^31 elements) and their in-bounds mask."""
-    offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    return offsets, offsets < numel
+from ._common import LAUNCH_OPTIONS, cast_out, device_guard, flat_block, tile_size
 
 
 @triton.jit
 def _mixed_op_sum_forward_kernel(OUTS, W, Y, numel, K: tl.constexpr, BLOCK: tl.constexpr):
     """y = sum_k w_k o_k on one block. OUTS: tuple of K tensors of one shape and dtype."""
-    offsets, mask = _flat_block(tl.program_id(0), numel, BLOCK)
+    offsets, mask = flat_block(tl.program_id(0), numel, BLOCK)
     y = tl.load(W) * tl.load(OUTS[0] + offsets, mask=mask).to(tl.float32)
     for k in tl.static_range(1, K):
         y = y + tl.load(W + k) * tl.load(OUTS[k] + offsets, mask=mask).to(tl.float32)
@@ -47,7 +40,7 @@ def _mixed_op_sum_backward_kernel(
 ):
     """d o_k = w_k g on one block, and this block's partial sums of d w_k into PART_W [programs, K]."""
     pid = tl.program_id(0)
-    offsets, mask = _flat_block(pid, numel, BLOCK)
+    offsets, mask = flat_block(pid, numel, BLOCK)
     g = tl.load(G + offsets, mask=mask, other=0.0).to(tl.float32)
     for k in tl.static_range(K):
         if NEED_DOUTPUTS:

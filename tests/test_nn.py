@@ -776,10 +776,11 @@ def _conv_pair(quantizer, bits, act_grid_first="relu", bias=False, stride=1, dil
 
 
 def _pair_grads(first, second, x, run):
+    """(run(x), the gradients of x and of the pair's parameters for a fixed random output gradient)."""
     y = run(x)
     leaves = [x] + [p for m in (first, second) for p in m.parameters() if p.requires_grad]
-    return y, torch.autograd.grad(y, leaves, torch.randn_like(y, generator=torch.Generator().manual_seed(1)),
-                                  allow_unused=True)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device, y.dtype)
+    return y, torch.autograd.grad(y, leaves, g, allow_unused=True)
 
 
 @pytest.mark.parametrize("quantizer,bits", [("paper", (2, 4, 8)), ("paper", (2, 4)), ("lsq", (2, 4, 8)), ("lsq", 4)],
@@ -803,11 +804,7 @@ def test_chained_quant_convs_equal_the_two_calls_keeping_only_the_input(quantize
         want, want_grads = _pair_grads(first, second, x, lambda x: second(first(x)))
         macs = (first.macs, second.macs, first.input_hw, second.input_hw)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            got = qnn.chained_quant_convs(first, second, x)
-        got_grads = torch.autograd.grad(got, [x] + [p for m in (first, second) for p in m.parameters()
-                                                    if p.requires_grad],
-                                        torch.randn_like(got, generator=torch.Generator().manual_seed(1)),
-                                        allow_unused=True)
+            got, got_grads = _pair_grads(first, second, x, lambda x: qnn.chained_quant_convs(first, second, x))
     assert (first.macs, second.macs, first.input_hw, second.input_hw) == macs
     assert got.grad_fn.name() == "_ChainedQuantizedConv2dBackward"
     assert torch.equal(got, want)
@@ -831,3 +828,23 @@ def test_chained_quant_convs_fall_back_to_the_two_calls():
         assert qnn.chained_quant_convs(first, second, x).grad_fn.name() != "_ChainedQuantizedConv2dBackward"
     plain = nn.Conv2d(6, 6, 1)
     assert torch.equal(qnn.chained_quant_convs(plain, second, x), second(plain(x)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_chained_quant_convs_on_the_gpu_equal_the_two_calls(backend, autocast):
+    """On CUDA tensors (the depthwise weight gradient on the Triton kernel there), bit for bit."""
+    if backend not in qk.available_backends():
+        pytest.skip(f"backend {backend} is not available")
+    first, second = _conv_pair("paper", (2, 4, 8))
+    first.cuda().act_quant.backend = first.weight_quant.backend = backend
+    second.cuda().act_quant.backend = second.weight_quant.backend = backend
+    x = torch.randn(8, 6, 32, 32, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        want, want_grads = _pair_grads(first, second, x, lambda x: second(first(x)))
+        got, got_grads = _pair_grads(first, second, x, lambda x: qnn.chained_quant_convs(first, second, x))
+    assert got.grad_fn.name() == "_ChainedQuantizedConv2dBackward"
+    assert torch.equal(got, want)
+    for a, b in zip(got_grads, want_grads):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))

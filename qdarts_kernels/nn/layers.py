@@ -84,10 +84,13 @@ class _QuantizedLayer:
         act = None if self.act_quant is None else self.act_quant.chosen_bits()
         return act, self.weight_quant.chosen_bits()
 
-    def _quantized_input_and_weight(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        xq = x if self.act_quant is None else self.act_quant(x)
+    def _mixed_weight(self) -> Tensor:
+        """The mixed weight: the one precomputed_weights handed over, else this layer's own."""
         wq = self.weight_override
-        return xq, (self.weight_quant(self.weight) if wq is None else wq)
+        return self.weight_quant(self.weight) if wq is None else wq
+
+    def _quantized_input_and_weight(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        return (x if self.act_quant is None else self.act_quant(x)), self._mixed_weight()
 
     @staticmethod
     def _check_quantizer(quantizer: str) -> None:
@@ -308,10 +311,6 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
         return (aq is not None and aq._fake_quant_on and self.padding_mode == "zeros" and input_dim == 4
                 and not isinstance(self.padding, str) and torch.is_grad_enabled()
                 and not torch.compiler.is_compiling() and not _ops.eager_reference_active())
-
-    def _mixed_weight(self) -> Tensor:
-        wq = self.weight_override
-        return self.weight_quant(self.weight) if wq is None else wq
 
     def _quant_args(self, x, probs: Tensor, scales: Tensor, axis: Optional[int]) -> tuple:
         """(bits, grid code, axis, backend) of the activation quantizer's op on x, validated."""

@@ -123,8 +123,9 @@ def tile_size(numel: int, kernel: str = "") -> TileSize:
     compiled kernels use at most 141 registers with these tiles and spill nothing (ptxas, sm_90).
     The break points are first choices from that reasoning, the same for every kernel but the
     persistent per-tensor backward (see _default_tile_size), still to be confirmed per kernel by
-    ``python -m qdarts.benchmark.tune`` on an H100 (bench/gpu_check.sh runs it); a table rather than ``triton.autotune`` because the partial-sum buffers are sized by the
-    tile, and autotuning would rerun the reductions on every new shape. ``kernel`` (one of
+    ``python -m qdarts.benchmark.tune`` on an H100 (bench/gpu_check.sh runs it); a table rather
+    than ``triton.autotune`` because the partial-sum buffers are sized by the tile, and autotuning
+    would rerun the reductions on every new shape. ``kernel`` (one of
     TUNABLE_KERNELS, or "" for the others) selects a :func:`tile_override` in force.
     """
     override = _tile_overrides.get(kernel)

@@ -327,11 +327,12 @@ def _mixed_fake_quant_backward_per_tensor_kernel(
     ROUNDS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """The backward with per-tensor scales, persistent: program p takes blocks p, p + P, p + 2P, ...
-    (P = ``programs``, ROUNDS blocks each at most), writes their dx, and sums the dp and ds terms of all its blocks per lane, in
-    registers; it reduces them once, at the end, into PART_P / PART_S [programs, K]. The tiled
-    kernel reduces 2K times per block instead (cross-warp sums through shared memory, each one a
-    barrier): what held its backward at 64 % of copy bandwidth on the H100 where the cuda backend,
-    which sums per thread over a grid-stride loop like this, reached 92 %. K <= 4 (one pair of
+    (P = ``programs``, ROUNDS blocks each at most), writes their dx, and sums the dp and ds terms
+    of all its blocks per lane, in registers; it reduces them once, at the end, into PART_P /
+    PART_S [programs, K]. The tiled kernel reduces 2K times per block instead (cross-warp sums
+    through shared memory, each one a barrier), the likely cause of its backward's 64 % of copy
+    bandwidth on the H100 where the cuda backend, which sums per thread over a grid-stride loop
+    like this, reached 92 % (this kernel is not yet timed on a GPU). K <= 4 (one pair of
     accumulators per bit-width, each used only when K reaches it)."""
     pid = tl.program_id(0)
     acc_p0 = tl.zeros((BLOCK,), tl.float32)
@@ -389,12 +390,12 @@ def mixed_fake_quant_backward(
             torch.zeros_like(scales) if need_dscales else None,
         )
     qmin, qmax, zero_point, relu = _grid_ranges(bits, grid)
-    f32 = dict(dtype=torch.float32, device=x.device)
     dx = torch.empty_like(x) if need_dx else None
     if axis < 0:
         return _per_tensor_backward(grad, x, dx, probs, scales, k, qmin, qmax, zero_point, relu, need_dprobs,
                                     need_dscales)
     lay = layout_for(x, axis, "mixed_fake_quant_backward")
+    f32 = dict(dtype=torch.float32, device=x.device)
     part_p = torch.empty((lay.programs, k), **f32) if need_dprobs else None
     if not need_dscales:
         part_s = None

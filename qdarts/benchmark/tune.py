@@ -8,8 +8,8 @@ kernel (``TUNABLE_KERNELS``: the forward and backward of ``mixed_fake_quant``, i
 backward for per-tensor scales, and those of ``mixed_op_sum``) at the sizes the issue targets
 name, with every candidate tile, through the public op on the ``triton`` backend (the tile applied
 by ``tile_override``), the candidates sampled in turn and timed as the kernel benchmark times
-them (device time, launches issued ahead, cache flushed). It writes ``tune.json`` (every figure, with the conditions) and ``tune.md``
-(per kernel and size: each candidate's median, GB/s and share of copy bandwidth; the fastest and
+them (device time, launches issued ahead, cache flushed). It writes ``tune.json`` (every figure,
+with the conditions) and ``tune.md`` (per kernel and size: each candidate's median, GB/s and share of copy bandwidth; the fastest and
 the current choice marked). The table in ``tile_size`` is then set from these figures.
 
 On a CPU (the Triton interpreter) the figures mean nothing; the run checks the plumbing only.

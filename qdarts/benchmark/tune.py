@@ -3,14 +3,15 @@
     python -m qdarts.benchmark.tune [--device cuda] [--quick] --out DIR
 
 The Triton kernels take their tile (elements per program, warps) from ``tile_size`` in
-``qdarts_kernels/triton/_common.py``: first choices from reasoning. This times each tunable
-kernel (``TUNABLE_KERNELS``: the forward and backward of ``mixed_fake_quant``, its persistent
-backward for per-tensor scales, and those of ``mixed_op_sum``) at the sizes the issue targets
-name, with every candidate tile, through the public op on the ``triton`` backend (the tile applied
-by ``tile_override``), the candidates sampled in turn and timed as the kernel benchmark times
-them (device time, launches issued ahead, cache flushed). It writes ``tune.json`` (every figure,
-with the conditions) and ``tune.md`` (per kernel and size: each candidate's median, GB/s and share of copy bandwidth; the fastest and
-the current choice marked). The table in ``tile_size`` is then set from these figures.
+``qdarts_kernels/triton/_common.py``: first choices from reasoning. This times each tunable kernel
+(``TUNABLE_KERNELS``: the forward and backward of ``mixed_fake_quant``, its persistent backward for
+per-tensor scales, and those of ``mixed_op_sum``) at the sizes the issue targets name, with every
+candidate tile, through the public op on the ``triton`` backend (the tile applied by
+``tile_override``), the candidates sampled in turn and timed as the kernel benchmark times them
+(device time, launches issued ahead, cache flushed). It writes ``tune.json`` (every figure, with
+the conditions) and ``tune.md`` (per kernel and size: each candidate's median, GB/s and share of
+copy bandwidth; the fastest and the current choice marked). The table in ``tile_size`` is then set
+from these figures.
 
 On a CPU (the Triton interpreter) the figures mean nothing; the run checks the plumbing only.
 """

@@ -57,7 +57,7 @@ def _run(tmp_path, budget_s, steps=None):
 def test_steps_run_in_order_with_flags_the_benchmark_cli_accepts(tmp_path):
     proc, summary, commands = _run(tmp_path, budget_s=200)
     steps = [line.split()[0] for line in summary]
-    assert steps == ["build", "backends", "bench", "e2e", "profile", "tests", "tune", "memcheck", "readme",
+    assert steps == ["build", "backends", "bench", "e2e", "tests", "tune", "profile", "memcheck", "readme",
                      "total"], summary
     status = {line.split()[0]: line.split()[1] for line in summary}
     assert all(status[s] == "ok" for s in ("build", "backends", "tests", "bench", "e2e", "profile", "tune")), summary
@@ -67,6 +67,15 @@ def test_steps_run_in_order_with_flags_the_benchmark_cli_accepts(tmp_path):
     assert "--skip-end-to-end" in bench[0] and "--device cuda" in bench[0]
     assert "--skip-kernels --append" in bench[1] and bench[0].split("--out")[1] == bench[1].split("--out")[1]
     assert any(c.startswith("setup.py build_ext --inplace") for c in commands)
+    # the tests step names test files that exist, and deselects only the CPU backends' cases
+    pytest_args = next(c for c in commands if c.startswith("-m pytest ")).split()
+    files = [a.split("::")[0] for a in pytest_args if a.startswith("tests/")]
+    assert len(files) >= 10 and all(os.path.isfile(os.path.join(ROOT, f)) for f in files), files
+    assert "tests/test_backends.py" in files and "tests/test_cudagraph.py" in files
+    for test in (a for a in pytest_args if "::" in a):  # a named test exists in its file
+        path, name = test.split("::")
+        with open(os.path.join(ROOT, path)) as f:
+            assert f"def {name}(" in f.read(), test
     # no results.json from the stand-in, so the README section is skipped, and that is said
     assert status["readme"] == "SKIPPED"
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -61,10 +61,13 @@ class GroupedBitProbs:
     of bit-widths, instead of one softmax (and one softmax backward) per quantizer and forward.
 
     ``probs()`` returns one row per quantizer with logits (:attr:`quantizers`), in that order;
-    quantizers that share logits get the same row. Use ``with precomputed_probs(g.quantizers,
-    g.probs()): model(x)``. The rows equal each quantizer's own ``probs()`` bit for bit (softmax is
-    computed row by row), and so do the logits' gradients up to the order in which the gradients of
-    quantizers sharing logits are summed.
+    quantizers that share logits get equal rows, each its own tensor: a row that several quantizers
+    used would have their gradients summed by autograd one small ``add`` at a time (a CIFAR-size
+    supernet shares one pair of logits among the 2-4 convs of each op: some 900 launches per
+    backward), where rows taken apart by one ``index_select`` have them summed by its backward, one
+    ``index_add``. Use ``with precomputed_probs(g.quantizers, g.probs()): model(x)``. The rows equal
+    each quantizer's own ``probs()`` bit for bit (softmax is computed row by row), and so do the
+    logits' gradients up to the order in which the gradients of quantizers sharing logits are summed.
     """
 
     def __init__(self, quantizers: Sequence[MixedPrecisionFakeQuantize]):
@@ -75,14 +78,21 @@ class GroupedBitProbs:
         self._groups = []
         for members in by_k.values():
             logits, rows = _distinct_logits([self.quantizers[i] for i in members])
-            self._groups.append((members, logits, rows))
+            self._groups.append((members, logits, None if len(logits) == len(rows) else rows))
+        self._row_index: Dict[Tuple[int, torch.device], Tensor] = {}
 
     def probs(self) -> List[Tensor]:
         out: List[Tensor] = [None] * len(self.quantizers)  # type: ignore[list-item]
-        for members, logits, rows in self._groups:
-            distinct = torch.softmax(torch.stack(logits), -1).unbind(0)
-            for i, row in zip(members, rows):
-                out[i] = distinct[row]
+        for g, (members, logits, rows) in enumerate(self._groups):
+            probs = torch.softmax(torch.stack(logits), -1)
+            if rows is not None:  # shared logits: one row per quantizer (class docstring)
+                key = (g, probs.device)
+                index = self._row_index.get(key)
+                if index is None:
+                    index = self._row_index[key] = torch.tensor(rows, device=probs.device)
+                probs = probs.index_select(0, index)
+            for i, row in zip(members, probs.unbind(0)):
+                out[i] = row
         return out
 
 

@@ -49,6 +49,13 @@ TORCH_LIBRARY(qdarts_C, m) {
   m.def(
       "mixed_fake_quant_grouped_backward(Tensor[] grads, Tensor[] xs, Tensor probs, Tensor[] scales, int[] bits,"
       " int grid, int[] axes, bool need_dx, bool need_dprobs, bool need_dscales) -> (Tensor[], Tensor, Tensor)");
+  // A depthwise 2-D convolution (weight [C, 1, KH, KW], groups = C), fp32, no bias; for the few
+  // channels of a DARTS supernet's separable and dilated convs. Implemented for CPU only (on a GPU,
+  // PyTorch's kernels and the Triton weight gradient of qdarts_kernels.triton.depthwise_conv).
+  m.def("depthwise_conv2d_forward(Tensor x, Tensor weight, int[] stride, int[] padding, int[] dilation) -> Tensor");
+  m.def(
+      "depthwise_conv2d_backward(Tensor grad, Tensor x, Tensor weight, int[] stride, int[] padding, int[] dilation,"
+      " bool need_dx, bool need_dweight) -> (Tensor, Tensor)");
   m.def("has_cuda_kernels() -> bool", &has_cuda_kernels);
 }
 

@@ -158,6 +158,16 @@ def takes_triton_only_kernels(backend: Optional[str], device: torch.device) -> b
     return (name == "triton" or (name == "cuda" and device.type == "cuda")) and runnable("triton")
 
 
+def takes_cpu_only_kernels(backend: Optional[str], device: torch.device) -> bool:
+    """Whether a call on ``device`` with ops backend ``backend`` (None: the automatic choice) takes
+    the kernels that only the C++ CPU backend has (the depthwise convolution of
+    ``qdarts_kernels.nn``), rather than PyTorch's: CPU tensors with backend cpu, unless
+    ``QDARTS_FEW_CHANNEL_KERNELS=0`` (for timing both)."""
+    if device.type != "cpu" or os.environ.get("QDARTS_FEW_CHANNEL_KERNELS", "1") == "0":
+        return False
+    return resolve(backend, device) == "cpu"
+
+
 def get(name: str):
     mod = _load(name)
     if mod is None:

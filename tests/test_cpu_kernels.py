@@ -183,6 +183,12 @@ w = torch.softmax(torch.randn(3, generator=gen), 0).requires_grad_()
 y = qk.mixed_op_sum(outs, w, backend="cpu")
 y.backward(torch.randn(70001, generator=gen))
 results.append([y.detach(), w.grad] + [o.grad for o in outs])
+for stride, padding, dilation in (([1, 1], [2, 2], [2, 2]), ([2, 1], [1, 0], [1, 1])):  # padded-plane and row paths
+    x, wd = torch.randn(3, 5, 19, 23, generator=gen), torch.randn(5, 1, 3, 3, generator=gen)
+    yd = torch.ops.qdarts_C.depthwise_conv2d_forward(x, wd, stride, padding, dilation)
+    grads = torch.ops.qdarts_C.depthwise_conv2d_backward(torch.randn(yd.shape, generator=gen), x, wd, stride, padding,
+                                                         dilation, True, True)
+    results.append([yd, *grads])
 torch.save({"isa": qk.cpu_kernels.info()["isa"], "results": results}, sys.argv[1])
 """
 

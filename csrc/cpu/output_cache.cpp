@@ -144,10 +144,12 @@ OutputCache& output_cache() {
 
 }  // namespace
 
-at::Tensor empty_output_like(const at::Tensor& like) {
-  return at::Tensor(at::detail::empty_generic(like.sizes(), &output_cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   like.scalar_type(), c10::MemoryFormat::Contiguous));
+at::Tensor empty_output(c10::IntArrayRef sizes, c10::ScalarType dtype) {
+  return at::Tensor(at::detail::empty_generic(sizes, &output_cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                              dtype, c10::MemoryFormat::Contiguous));
 }
+
+at::Tensor empty_output_like(const at::Tensor& like) { return empty_output(like.sizes(), like.scalar_type()); }
 
 std::vector<int64_t> output_cache_stats() { return output_cache().stats(); }
 

@@ -29,6 +29,9 @@ namespace cpu {
 constexpr int64_t kMinCachedBytes = int64_t{1} << 20;
 constexpr int64_t kCachedSizeQuantum = int64_t{64} << 10;
 
+// An uninitialised contiguous CPU tensor of these sizes and dtype.
+at::Tensor empty_output(c10::IntArrayRef sizes, c10::ScalarType dtype);
+
 // An uninitialised contiguous tensor with the sizes, dtype and device (CPU) of `like`.
 at::Tensor empty_output_like(const at::Tensor& like);
 

@@ -110,6 +110,27 @@ def _depthwise_weight_grad(backend: str, x: Tensor, w: Tensor, groups: int, grad
     return depthwise_conv if depthwise_conv.supports(x, w.shape, groups, grad.shape[-1]) else None
 
 
+def _cpu_depthwise(backend: Optional[str], x: Tensor, w: Tensor, bias: Optional[Tensor], conv_args) -> bool:
+    """Whether this conv takes the C++ CPU depthwise-conv kernels (``torch.ops.qdarts_C.depthwise_conv2d_*``):
+    a depthwise conv (one filter per channel) without bias, fp32 and not under autocast, numeric
+    padding, on CPU tensors with the cpu backend, not traced by torch.compile. PyTorch's CPU convolution (oneDNN) spends
+    milliseconds setting up and reordering where a supernet's few-channel depthwise convs are a
+    fraction of that in arithmetic (csrc/cpu/depthwise_conv.cpp)."""
+    groups = conv_args[3]
+    return (groups > 1 and bias is None and x.dtype == torch.float32 and w.dtype == torch.float32
+            and groups == x.shape[1] == w.shape[0] and w.shape[1] == 1 and not isinstance(conv_args[1], str)
+            and not torch.compiler.is_compiling() and _backends.takes_cpu_only_kernels(backend, x.device)
+            and not torch.is_autocast_enabled(x.device.type))
+
+
+def _conv2d(x: Tensor, w: Tensor, bias: Optional[Tensor], conv_args, backend: Optional[str]) -> Tensor:
+    """``F.conv2d(x, w, bias, *conv_args)``, by the C++ CPU kernel where :func:`_cpu_depthwise` says."""
+    if _cpu_depthwise(backend, x, w, bias, conv_args):
+        stride, padding, dilation, _ = conv_args
+        return torch.ops.qdarts_C.depthwise_conv2d_forward(x, w, list(stride), list(padding), list(dilation))
+    return nn.functional.conv2d(x, w, bias, *conv_args)
+
+
 def _quantized_conv_backward(grad, x, probs, scales, w, bias, quant_args, conv_args, conv_dtype, needs, xq=None):
     """(dx, dprobs, dscales, dw, dbias) of ``conv2d(mixed_fake_quant(x), w, bias)`` for ``grad``,
     None where ``needs`` (five flags, in that order) says not needed. The conv runs in
@@ -123,7 +144,10 @@ def _quantized_conv_backward(grad, x, probs, scales, w, bias, quant_args, conv_a
     grad, conv_input = grad.to(conv_dtype), (xq if xq is not None else x).to(conv_dtype)
     depthwise = _depthwise_weight_grad(quant_args[-1], conv_input, w, groups, grad) if need_w else None
     dxq = dw = db = None
-    if need_xq or need_b or (need_w and depthwise is None):
+    if (need_xq or need_w) and _cpu_depthwise(quant_args[-1], conv_input, w, bias, conv_args):
+        dxq, dw = torch.ops.qdarts_C.depthwise_conv2d_backward(grad.contiguous(), conv_input, w, list(stride),
+                                                               list(padding), list(dilation), need_xq, need_w)
+    elif need_xq or need_b or (need_w and depthwise is None):
         dxq, dw, db = torch.ops.aten.convolution_backward(
             grad, conv_input, w.to(conv_dtype), None if bias is None else [bias.shape[0]],
             stride, padding, dilation, False, [0, 0], groups, [need_xq, need_w and depthwise is None, need_b])
@@ -148,7 +172,7 @@ class _QuantizedInputConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, probs, scales, w, bias, quant_args, conv_args):
         xq = _ops._mfq_forward(x, probs, scales, *quant_args)
-        y = nn.functional.conv2d(xq, w, bias, *conv_args)
+        y = _conv2d(xq, w, bias, conv_args, quant_args[-1])
         ctx.save_for_backward(x, probs, scales, w, bias)
         ctx.args = (quant_args, conv_args)
         ctx.conv_dtype = y.dtype
@@ -177,9 +201,9 @@ class _ChainedQuantizedConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, p1, s1, w1, b1, p2, s2, w2, b2, quant1, conv1, conv2, second_quant_args):
-        h = nn.functional.conv2d(_ops._mfq_forward(x, p1, s1, *quant1), w1, b1, *conv1)
+        h = _conv2d(_ops._mfq_forward(x, p1, s1, *quant1), w1, b1, conv1, quant1[-1])
         s2, quant2 = second_quant_args(h, s2)
-        y = nn.functional.conv2d(_ops._mfq_forward(h, p2, s2, *quant2), w2, b2, *conv2)
+        y = _conv2d(_ops._mfq_forward(h, p2, s2, *quant2), w2, b2, conv2, quant2[-1])
         ctx.save_for_backward(x, p1, s1, w1, b1, p2, s2, w2, b2)
         ctx.args = (quant1, conv1, quant2, conv2)
         ctx.conv_dtype = y.dtype
@@ -193,7 +217,7 @@ class _ChainedQuantizedConv2d(torch.autograd.Function):
         needs1, needs2 = ctx.needs_input_grad[:5], ctx.needs_input_grad[5:9]
         dt = ctx.conv_dtype
         x1q = _ops._mfq_forward(x, p1, s1, *quant1)
-        h = nn.functional.conv2d(x1q.to(dt), w1.to(dt), None if b1 is None else b1.to(dt), *conv1)
+        h = _conv2d(x1q.to(dt), w1.to(dt), None if b1 is None else b1.to(dt), conv1, quant1[-1])
         dh, dp2, ds2, dw2, db2 = _quantized_conv_backward(grad, h, p2, s2, w2, b2, quant2, conv2, dt,
                                                           (any(needs1), *needs2))
         grads1 = _quantized_conv_backward(dh, x, p1, s1, w1, b1, quant1, conv1, dt, needs1, xq=x1q) \

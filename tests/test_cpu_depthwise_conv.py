@@ -1,0 +1,171 @@
+"""The C++ CPU depthwise convolution (csrc/cpu/depthwise_conv.cpp) against PyTorch's, and its use by
+the quantized convs of qdarts_kernels.nn on CPU.
+
+PyTorch's convolution in float64 is the reference: the kernel sums in another order than oneDNN, so
+values and gradients are compared within a few fp32 roundings of the float64 result; what the
+kernel itself promises (the same bits for any thread count and with or without the other gradient)
+is compared bit for bit. Every instruction set giving the same bits: tests/test_cpu_kernels.py.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qdarts_kernels as qk
+from qdarts_kernels import nn as qnn
+
+if "cpu" not in qk.available_backends():
+    pytest.skip("qdarts_kernels._C (the C++ CPU kernels) is not built", allow_module_level=True)
+
+ops = torch.ops.qdarts_C
+
+# (N, C, H, W), (KH, KW), stride, padding, dilation: odd and tiny planes, both paths of the kernel
+# (stride 1: the padded plane; other strides: row by row), padding wider than the kernel reach,
+# asymmetric everything, and the supernet's shapes
+GEOMETRIES = [
+    ((2, 3, 7, 9), (3, 3), (1, 1), (1, 1), (1, 1)),
+    ((1, 2, 1, 1), (1, 1), (1, 1), (0, 0), (1, 1)),
+    ((3, 1, 5, 4), (3, 3), (1, 1), (0, 0), (1, 1)),
+    ((2, 4, 11, 6), (3, 3), (1, 1), (2, 2), (2, 2)),
+    ((2, 3, 8, 8), (5, 5), (2, 2), (4, 4), (2, 2)),
+    ((2, 2, 5, 5), (3, 3), (2, 2), (0, 0), (1, 1)),
+    ((1, 5, 9, 13), (3, 5), (1, 2), (2, 0), (1, 2)),
+    ((2, 3, 6, 7), (2, 3), (3, 1), (3, 1), (2, 1)),
+    ((4, 4, 32, 32), (5, 5), (1, 1), (2, 2), (1, 1)),
+    ((4, 8, 16, 16), (3, 3), (2, 2), (1, 1), (1, 1)),
+]
+
+
+def _reference(x, w, g, stride, padding, dilation):
+    """PyTorch's forward, dx and dw in float64."""
+    x64, w64, g64 = x.double(), w.double(), g.double()
+    y = F.conv2d(x64, w64, None, stride, padding, dilation, x.shape[1])
+    dx, dw, _ = torch.ops.aten.convolution_backward(g64, x64, w64, None, stride, padding, dilation, False, [0, 0],
+                                                    x.shape[1], [True, True, False])
+    return y, dx, dw
+
+
+def _assert_fp32_close(got, want, terms):
+    """got (fp32) within the rounding of `terms` fp32 multiply-adds of the float64 result."""
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    scale = want.abs().max().clamp_min(1e-30)
+    err = ((got.double() - want).abs().max() / scale).item()
+    assert err <= 4 * terms * 2.0 ** -24, f"relative error {err:.2e} for {terms} terms"
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding,dilation", GEOMETRIES)
+def test_forward_and_gradients_equal_pytorch_s(shape, kernel, stride, padding, dilation):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen)
+    w = torch.randn(shape[1], 1, *kernel, generator=gen)
+    y = ops.depthwise_conv2d_forward(x, w, list(stride), list(padding), list(dilation))
+    g = torch.randn(y.shape, generator=gen)
+    y_ref, dx_ref, dw_ref = _reference(x, w, g, stride, padding, dilation)
+    taps = kernel[0] * kernel[1]
+    _assert_fp32_close(y, y_ref, taps)
+    dx, dw = ops.depthwise_conv2d_backward(g, x, w, list(stride), list(padding), list(dilation), True, True)
+    _assert_fp32_close(dx, dx_ref, taps)
+    _assert_fp32_close(dw, dw_ref, shape[0] * y.shape[2] * y.shape[3])
+    # each gradient alone: the same bits, and nothing for the other
+    dx_only, none_w = ops.depthwise_conv2d_backward(g, x, w, list(stride), list(padding), list(dilation), True, False)
+    none_x, dw_only = ops.depthwise_conv2d_backward(g, x, w, list(stride), list(padding), list(dilation), False, True)
+    assert torch.equal(dx_only, dx) and torch.equal(dw_only, dw)
+    assert none_w.numel() == 0 and none_x.numel() == 0
+
+
+def test_non_contiguous_inputs_and_empty_batch():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 9, 10, 4, generator=gen).permute(0, 3, 1, 2)  # [3, 4, 9, 10], not contiguous
+    w = torch.randn(4, 1, 3, 3, generator=gen)
+    y = ops.depthwise_conv2d_forward(x, w, [1, 1], [1, 1], [1, 1])
+    assert torch.equal(y, ops.depthwise_conv2d_forward(x.contiguous(), w, [1, 1], [1, 1], [1, 1]))
+    g = torch.randn(y.shape, generator=gen).transpose(2, 3).contiguous().transpose(2, 3)
+    got = ops.depthwise_conv2d_backward(g, x, w, [1, 1], [1, 1], [1, 1], True, True)
+    want = ops.depthwise_conv2d_backward(g.contiguous(), x.contiguous(), w, [1, 1], [1, 1], [1, 1], True, True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    empty = torch.empty(0, 4, 9, 10)
+    assert ops.depthwise_conv2d_forward(empty, w, [1, 1], [1, 1], [1, 1]).shape == (0, 4, 9, 10)
+    dx, dw = ops.depthwise_conv2d_backward(torch.empty(0, 4, 9, 10), empty, w, [1, 1], [1, 1], [1, 1], True, True)
+    assert dx.shape == (0, 4, 9, 10) and torch.equal(dw, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("stride", [(1, 1), (2, 2)])
+def test_same_bits_for_any_thread_count(stride):
+    gen = torch.Generator().manual_seed(2)
+    x, w = torch.randn(16, 4, 32, 32, generator=gen), torch.randn(4, 1, 5, 5, generator=gen)
+    g = torch.randn(ops.depthwise_conv2d_forward(x, w, list(stride), [2, 2], [1, 1]).shape, generator=gen)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append([ops.depthwise_conv2d_forward(x, w, list(stride), [2, 2], [1, 1]),
+                            *ops.depthwise_conv2d_backward(g, x, w, list(stride), [2, 2], [1, 1], True, True)])
+    finally:
+        torch.set_num_threads(threads)
+    for run in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(run, results[0]))
+
+
+def test_bad_input_is_refused_with_the_argument_named():
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(3, 1, 3, 3)
+    one = [1, 1]
+    cases = [
+        (lambda: ops.depthwise_conv2d_forward(x.double(), w, one, one, one), "x must be a float32"),
+        (lambda: ops.depthwise_conv2d_forward(x, w.half(), one, one, one), "weight must be a float32"),
+        (lambda: ops.depthwise_conv2d_forward(x[0], w, one, one, one), "x must be 4-D"),
+        (lambda: ops.depthwise_conv2d_forward(x, torch.randn(3, 2, 3, 3), one, one, one), "weight must be"),
+        (lambda: ops.depthwise_conv2d_forward(x, torch.randn(4, 1, 3, 3), one, one, one), "weight must be"),
+        (lambda: ops.depthwise_conv2d_forward(x, w, [0, 1], one, one), "stride must be >= 1"),
+        (lambda: ops.depthwise_conv2d_forward(x, w, one, [-1, 0], one), "padding must be >= 0"),
+        (lambda: ops.depthwise_conv2d_forward(x, w, one, one, [1]), "dilation must have 2 values"),
+        (lambda: ops.depthwise_conv2d_forward(x, torch.randn(3, 1, 11, 3), one, one, one), "larger than"),
+        (lambda: ops.depthwise_conv2d_backward(torch.randn(2, 3, 7, 8), x, w, one, one, one, True, True),
+         "grad must have the output's shape"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+def _depthwise_layer_grads(monkeypatch, kernels_on: bool, **conv):
+    monkeypatch.setenv("QDARTS_FEW_CHANNEL_KERNELS", "1" if kernels_on else "0")
+    torch.manual_seed(3)
+    layer = qnn.QuantConv2d(6, 6, groups=6, bias=False, weight_bits=(2, 4, 8), act_bits=(2, 4, 8), backend="cpu",
+                            **conv)
+    x = torch.randn(5, 6, 13, 11, requires_grad=True)
+    y = layer(x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(4)))
+    return [y.detach(), x.grad] + [p.grad for p in layer.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("conv", [dict(kernel_size=3, padding=1), dict(kernel_size=5, padding=4, dilation=2),
+                                  dict(kernel_size=3, stride=2, padding=1)])
+def test_quantized_depthwise_conv_takes_the_kernel_with_pytorch_s_values_and_gradients(monkeypatch, conv):
+    calls = []
+    real = torch.ops.qdarts_C.depthwise_conv2d_backward
+
+    def counted(*args):
+        calls.append(args[-2:])
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.qdarts_C, "depthwise_conv2d_backward", counted)
+    got = _depthwise_layer_grads(monkeypatch, True, **conv)
+    assert calls == [(True, True)]  # the input's and the weight's gradient in one call
+    want = _depthwise_layer_grads(monkeypatch, False, **conv)
+    assert len(calls) == 1 and len(got) == len(want) == 5  # y, x, weight, and the two bit logits
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+def test_autocast_and_dense_convs_keep_pytorch_s_convolution(monkeypatch):
+    monkeypatch.setattr(torch.ops.qdarts_C, "depthwise_conv2d_forward",
+                        lambda *a: pytest.fail("the depthwise kernel ran where PyTorch's conv should"))
+    x = torch.randn(2, 4, 8, 8)
+    dense = qnn.QuantConv2d(4, 4, 3, padding=1, bias=False, backend="cpu")
+    dense(x.requires_grad_())
+    depthwise = qnn.QuantConv2d(4, 4, 3, padding=1, groups=4, bias=False, backend="cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert depthwise(x).dtype == torch.bfloat16
+    with_bias = qnn.QuantConv2d(4, 4, 3, padding=1, groups=4, backend="cpu")
+    with_bias(x)

@@ -39,6 +39,12 @@ inline void check_kernel_dtype(const at::Tensor& t, const char* name) {
               t.scalar_type());
 }
 
+// An int[] argument of two values (height, width), each >= min.
+inline void check_int_pair(c10::IntArrayRef v, const char* name, int64_t min) {
+  TORCH_CHECK(v.size() == 2, name, " must have 2 values (height, width), got ", v.size());
+  TORCH_CHECK(v[0] >= min && v[1] >= min, name, " must be >= ", min, ", got ", v);
+}
+
 inline void check_float32(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.defined(), name, " is an undefined tensor");
   TORCH_CHECK(t.scalar_type() == c10::ScalarType::Float, name, " must be float32, got ", t.scalar_type());

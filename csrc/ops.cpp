@@ -56,6 +56,12 @@ TORCH_LIBRARY(qdarts_C, m) {
   m.def(
       "depthwise_conv2d_backward(Tensor grad, Tensor x, Tensor weight, int[] stride, int[] padding, int[] dilation,"
       " bool need_dx, bool need_dweight) -> (Tensor, Tensor)");
+  // 2-D max pooling, fp32, floor mode; the backward recomputes each window's max (no indices).
+  // Implemented for CPU only.
+  m.def("max_pool2d_forward(Tensor x, int[] kernel_size, int[] stride, int[] padding, int[] dilation) -> Tensor");
+  m.def(
+      "max_pool2d_backward(Tensor grad, Tensor x, int[] kernel_size, int[] stride, int[] padding, int[] dilation)"
+      " -> Tensor");
   m.def("has_cuda_kernels() -> bool", &has_cuda_kernels);
 }
 

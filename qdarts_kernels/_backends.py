@@ -36,6 +36,7 @@ when nothing compiled is there.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence
@@ -158,14 +159,24 @@ def takes_triton_only_kernels(backend: Optional[str], device: torch.device) -> b
     return (name == "triton" or (name == "cuda" and device.type == "cuda")) and runnable("triton")
 
 
-def takes_cpu_only_kernels(backend: Optional[str], device: torch.device) -> bool:
+def takes_cpu_only_kernels(backend: Optional[str], device: torch.device, op: str) -> bool:
     """Whether a call on ``device`` with ops backend ``backend`` (None: the automatic choice) takes
-    the kernels that only the C++ CPU backend has (the depthwise convolution of
-    ``qdarts_kernels.nn``), rather than PyTorch's: CPU tensors with backend cpu, unless
-    ``QDARTS_FEW_CHANNEL_KERNELS=0`` (for timing both)."""
+    the kernel ``torch.ops.qdarts_C.<op>`` that only the C++ CPU backend has (the depthwise
+    convolution and the max pool of ``qdarts_kernels.nn``), rather than PyTorch's: CPU tensors with
+    backend cpu, unless ``QDARTS_FEW_CHANNEL_KERNELS=0`` (for timing both) or the compiled library
+    predates that kernel (one warning: rebuild it)."""
     if device.type != "cpu" or os.environ.get("QDARTS_FEW_CHANNEL_KERNELS", "1") == "0":
         return False
-    return resolve(backend, device) == "cpu"
+    return resolve(backend, device) == "cpu" and _has_cpu_op(op)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_cpu_op(op: str) -> bool:
+    if hasattr(torch.ops.qdarts_C, op):
+        return True
+    warnings.warn(f"qdarts_kernels._C has no {op!r}: it was built from older sources (rebuild it: pip install -e . "
+                  "or python setup.py build_ext --inplace); PyTorch's kernel is used instead", stacklevel=3)
+    return False
 
 
 def get(name: str):

@@ -189,6 +189,9 @@ for stride, padding, dilation in (([1, 1], [2, 2], [2, 2]), ([2, 1], [1, 0], [1,
     grads = torch.ops.qdarts_C.depthwise_conv2d_backward(torch.randn(yd.shape, generator=gen), x, wd, stride, padding,
                                                          dilation, True, True)
     results.append([yd, *grads])
+    yp = torch.ops.qdarts_C.max_pool2d_forward(x, [3, 3], stride, [1, 1], [1, 1])
+    results.append([yp, torch.ops.qdarts_C.max_pool2d_backward(torch.randn(yp.shape, generator=gen), x, [3, 3], stride,
+                                                                [1, 1], [1, 1])])
 torch.save({"isa": qk.cpu_kernels.info()["isa"], "results": results}, sys.argv[1])
 """
 

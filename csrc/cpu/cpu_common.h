@@ -42,6 +42,14 @@ namespace cpu {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The h x w plane x copied into xp, a (h + 2 ph) x (w + 2 pw) plane with `fill` around it: the
+// padded layout of the depthwise-conv and max-pool kernels.
+inline void pad_plane(const float* x, int64_t h, int64_t w, int64_t ph, int64_t pw, float fill, float* xp) {
+  const int64_t wp = w + 2 * pw;
+  std::fill(xp, xp + (h + 2 * ph) * wp, fill);
+  for (int64_t r = 0; r < h; ++r) std::copy(x + r * w, x + (r + 1) * w, xp + (r + ph) * wp + pw);
+}
+
 // Longest contiguous run processed at once: fp32 staging buffers and per-position accumulators of
 // this length stay in the L1 cache.
 constexpr int64_t kRunLength = 256;

@@ -27,6 +27,7 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
 #include "cpu/cpu_common.h"
 #include "cpu/output_cache.h"
 
@@ -72,11 +73,6 @@ std::vector<ColumnRange> column_ranges(const DepthwiseGeometry& g) {
 #define QD_ISA_KERNELS "cpu/depthwise_conv_kernels.inc"
 #include "cpu/foreach_isa.h"
 
-void check_pair(c10::IntArrayRef v, const char* name, int64_t min) {
-  TORCH_CHECK(v.size() == 2, name, " must have 2 values (height, width), got ", v.size());
-  TORCH_CHECK(v[0] >= min && v[1] >= min, name, " must be >= ", min, ", got ", v);
-}
-
 DepthwiseGeometry check_args(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef stride,
                              c10::IntArrayRef padding, c10::IntArrayRef dilation) {
   TORCH_CHECK(x.defined() && x.scalar_type() == c10::ScalarType::Float, "x must be a float32 tensor");
@@ -89,9 +85,9 @@ DepthwiseGeometry check_args(const at::Tensor& x, const at::Tensor& weight, c10:
               weight.sizes());
   TORCH_CHECK(weight.size(2) > 0 && weight.size(3) > 0, "weight's kernel size must be positive, got ",
               weight.sizes());
-  check_pair(stride, "stride", 1);
-  check_pair(padding, "padding", 0);
-  check_pair(dilation, "dilation", 1);
+  check_int_pair(stride, "stride", 1);
+  check_int_pair(padding, "padding", 0);
+  check_int_pair(dilation, "dilation", 1);
   DepthwiseGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(2), weight.size(3),
                       stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], 0, 0};
   g.ho = (g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;

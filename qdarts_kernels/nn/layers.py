@@ -110,25 +110,58 @@ def _depthwise_weight_grad(backend: str, x: Tensor, w: Tensor, groups: int, grad
     return depthwise_conv if depthwise_conv.supports(x, w.shape, groups, grad.shape[-1]) else None
 
 
-def _cpu_depthwise(backend: Optional[str], x: Tensor, w: Tensor, bias: Optional[Tensor], conv_args) -> bool:
-    """Whether this conv takes the C++ CPU depthwise-conv kernels (``torch.ops.qdarts_C.depthwise_conv2d_*``):
-    a depthwise conv (one filter per channel) without bias, fp32 and not under autocast, numeric
-    padding, on CPU tensors with the cpu backend, not traced by torch.compile. PyTorch's CPU convolution (oneDNN) spends
-    milliseconds setting up and reordering where a supernet's few-channel depthwise convs are a
-    fraction of that in arithmetic (csrc/cpu/depthwise_conv.cpp)."""
-    groups = conv_args[3]
-    return (groups > 1 and bias is None and x.dtype == torch.float32 and w.dtype == torch.float32
-            and groups == x.shape[1] == w.shape[0] and w.shape[1] == 1 and not isinstance(conv_args[1], str)
-            and not torch.compiler.is_compiling() and _backends.takes_cpu_only_kernels(backend, x.device)
-            and not torch.is_autocast_enabled(x.device.type))
+def _cpu_conv_path(backend: Optional[str], x: Tensor, w: Tensor, bias: Optional[Tensor], conv_args) -> Optional[str]:
+    """How a quantized conv on CPU tensors runs where PyTorch's CPU convolution (oneDNN) is slow on
+    the few channels of a supernet (its set-up and layout reorders take milliseconds where the
+    arithmetic takes a fraction of one): "depthwise" (one filter per channel) on the C++ kernels
+    ``torch.ops.qdarts_C.depthwise_conv2d_*`` (csrc/cpu/depthwise_conv.cpp), "pointwise" (1x1,
+    stride 1, no padding, groups 1) as batched matrix products ([Co, Ci] @ [N, Ci, H W]),
+    else None (PyTorch's convolution). Only without bias, in fp32 and not under autocast, with the
+    cpu backend, not traced by torch.compile; ``QDARTS_FEW_CHANNEL_KERNELS=0`` turns both off.
+    Measured on the 2-core VM of bench/results (torch 2.13), [64, 4, 32, 32] -> 4 channels, forward
+    and backward: a 1x1 conv 3.8 and 5.1 ms as a conv, 0.07 and 0.15 ms as matrix products."""
+    stride, padding, dilation, groups = conv_args
+    if (bias is not None or x.dtype != torch.float32 or w.dtype != torch.float32 or isinstance(padding, str)
+            or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)):
+        return None
+    if groups > 1 and groups == x.shape[1] == w.shape[0] and w.shape[1] == 1:
+        return "depthwise" if _backends.takes_cpu_only_kernels(backend, x.device, "depthwise_conv2d_forward") else None
+    if groups == 1 and tuple(w.shape[2:]) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
+        # no kernel of ours: matrix products, under the same switch
+        return "pointwise" if _backends.takes_cpu_only_kernels(backend, x.device, "depthwise_conv2d_forward") else None
+    return None
 
 
 def _conv2d(x: Tensor, w: Tensor, bias: Optional[Tensor], conv_args, backend: Optional[str]) -> Tensor:
-    """``F.conv2d(x, w, bias, *conv_args)``, by the C++ CPU kernel where :func:`_cpu_depthwise` says."""
-    if _cpu_depthwise(backend, x, w, bias, conv_args):
+    """``F.conv2d(x, w, bias, *conv_args)``, on the path :func:`_cpu_conv_path` chooses."""
+    path = _cpu_conv_path(backend, x, w, bias, conv_args)
+    if path == "depthwise":
         stride, padding, dilation, _ = conv_args
         return torch.ops.qdarts_C.depthwise_conv2d_forward(x, w, list(stride), list(padding), list(dilation))
+    if path == "pointwise":
+        n, _, h, width = x.shape  # bmm with the weight expanded (a view): matmul would fold the batch by copying
+        return torch.bmm(w.flatten(1).expand(n, -1, -1), x.reshape(n, x.shape[1], h * width)).view(n, -1, h, width)
     return nn.functional.conv2d(x, w, bias, *conv_args)
+
+
+def _conv2d_backward(grad: Tensor, x: Tensor, w: Tensor, bias: Optional[Tensor], conv_args, backend: Optional[str],
+                     need_x: bool, need_w: bool, need_b: bool):
+    """(dx, dw, dbias) of ``F.conv2d(x, w, bias, *conv_args)`` for ``grad``, None where not needed,
+    on the path :func:`_cpu_conv_path` chooses."""
+    stride, padding, dilation, groups = conv_args
+    path = _cpu_conv_path(backend, x, w, bias, conv_args)
+    if path == "depthwise":
+        dx, dw = torch.ops.qdarts_C.depthwise_conv2d_backward(grad.contiguous(), x, w, list(stride), list(padding),
+                                                              list(dilation), need_x, need_w)
+        return (dx if need_x else None), (dw if need_w else None), None
+    if path == "pointwise":
+        n, h, width = x.shape[0], x.shape[2], x.shape[3]
+        g = grad.reshape(n, w.shape[0], h * width)
+        dx = torch.bmm(w.flatten(1).t().expand(n, -1, -1), g).view(x.shape) if need_x else None
+        dw = torch.bmm(g, x.reshape(n, x.shape[1], h * width).transpose(1, 2)).sum(0).view(w.shape) if need_w else None
+        return dx, dw, None
+    return torch.ops.aten.convolution_backward(grad, x, w, None if bias is None else [bias.shape[0]], stride, padding,
+                                               dilation, False, [0, 0], groups, [need_x, need_w, need_b])
 
 
 def _quantized_conv_backward(grad, x, probs, scales, w, bias, quant_args, conv_args, conv_dtype, needs, xq=None):
@@ -144,13 +177,9 @@ def _quantized_conv_backward(grad, x, probs, scales, w, bias, quant_args, conv_a
     grad, conv_input = grad.to(conv_dtype), (xq if xq is not None else x).to(conv_dtype)
     depthwise = _depthwise_weight_grad(quant_args[-1], conv_input, w, groups, grad) if need_w else None
     dxq = dw = db = None
-    if (need_xq or need_w) and _cpu_depthwise(quant_args[-1], conv_input, w, bias, conv_args):
-        dxq, dw = torch.ops.qdarts_C.depthwise_conv2d_backward(grad.contiguous(), conv_input, w, list(stride),
-                                                               list(padding), list(dilation), need_xq, need_w)
-    elif need_xq or need_b or (need_w and depthwise is None):
-        dxq, dw, db = torch.ops.aten.convolution_backward(
-            grad, conv_input, w.to(conv_dtype), None if bias is None else [bias.shape[0]],
-            stride, padding, dilation, False, [0, 0], groups, [need_xq, need_w and depthwise is None, need_b])
+    if need_xq or need_b or (need_w and depthwise is None):
+        dxq, dw, db = _conv2d_backward(grad, conv_input, w.to(conv_dtype), bias, conv_args, quant_args[-1], need_xq,
+                                       need_w and depthwise is None, need_b)
     if depthwise is not None:
         dw = depthwise.depthwise_conv2d_weight_grad(grad.contiguous(), conv_input.contiguous(), w.shape[2:],
                                                     stride, padding, dilation)

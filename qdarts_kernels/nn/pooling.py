@@ -6,9 +6,9 @@ recomputes the indices in the backward (one more pooling pass over the input), t
 own ``max_pool2d_with_indices_backward``: the same gradient, bit for bit. Where the input is kept
 anyway (in a DARTS edge: by the skip connection's output in the mixed sum, by the average pool,
 which keeps its input too), the indices were all the pooling added. The price is the second
-pooling pass: on a GPU a small kernel; on the 2-core CPU of bench/results, where PyTorch's max pool
-takes ~0.8 ms per 64K-element 3x3 pool, about 5% of a CIFAR-size search step at batch 16 (measured
-side by side), for 7% less memory kept. It is plain ``nn.MaxPool2d``
+pooling pass: on a GPU a small kernel; on CPU (fp32, the cpu backend) the pool and its backward
+run on C++ kernels that recompute the max in the backward anyway (no index tensor at all) and give
+PyTorch's values and gradients bit for bit in a fraction of its CPU kernel's time. It is plain ``nn.MaxPool2d``
 without a gradient to compute, with ``return_indices=True``, and inside
 :func:`qdarts_kernels.eager_reference` (the plain-PyTorch baseline).
 """
@@ -20,9 +20,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
+from .. import _backends
 from .. import ops as _ops
 
 __all__ = ["InputKeepingMaxPool2d"]
+
+
+def _takes_cpu_kernels(x: Tensor, ceil_mode: bool) -> bool:
+    """Whether this pool runs on the C++ CPU kernels (``torch.ops.qdarts_C.max_pool2d_*``, csrc/cpu/max_pool.cpp:
+    PyTorch's values and gradients bit for bit, in a fraction of the time of its CPU kernel, which
+    computes an int64 index per output): fp32 CPU tensors, floor mode, the cpu backend (automatic
+    on CPU), not traced by torch.compile; ``QDARTS_FEW_CHANNEL_KERNELS=0`` keeps PyTorch's."""
+    return (x.dtype == torch.float32 and not ceil_mode and x.dim() == 4 and not torch.compiler.is_compiling()
+            and _backends.takes_cpu_only_kernels(None, x.device, "max_pool2d_forward"))
 
 
 class _MaxPool2dKeepingInput(torch.autograd.Function):
@@ -30,12 +40,17 @@ class _MaxPool2dKeepingInput(torch.autograd.Function):
     def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode):
         ctx.save_for_backward(x)
         ctx.args = (kernel_size, stride, padding, dilation, ceil_mode)
+        if _takes_cpu_kernels(x, ceil_mode):
+            return torch.ops.qdarts_C.max_pool2d_forward(x, kernel_size, stride, padding, dilation)
         return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         kernel_size, stride, padding, dilation, ceil_mode = ctx.args
+        if _takes_cpu_kernels(x, ceil_mode) and grad.dtype == torch.float32:
+            return (torch.ops.qdarts_C.max_pool2d_backward(grad, x, kernel_size, stride, padding, dilation),
+                    None, None, None, None, None)
         with torch.no_grad():
             _, indices = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
         dx = torch.ops.aten.max_pool2d_with_indices_backward(grad, x, kernel_size, stride, padding, dilation,

@@ -1,5 +1,6 @@
-"""The C++ CPU depthwise convolution (csrc/cpu/depthwise_conv.cpp) against PyTorch's, and its use by
-the quantized convs of qdarts_kernels.nn on CPU.
+"""The C++ CPU depthwise convolution (csrc/cpu/depthwise_conv.cpp) against PyTorch's, and the paths
+the quantized convs of qdarts_kernels.nn take on CPU (depthwise: that kernel; 1x1: matrix products;
+others: PyTorch's convolution).
 
 PyTorch's convolution in float64 is the reference: the kernel sums in another order than oneDNN, so
 values and gradients are compared within a few fp32 roundings of the float64 result; what the
@@ -128,19 +129,20 @@ def test_bad_input_is_refused_with_the_argument_named():
             call()
 
 
-def _depthwise_layer_grads(monkeypatch, kernels_on: bool, **conv):
+def _layer_grads(monkeypatch, kernels_on: bool, **conv):
     monkeypatch.setenv("QDARTS_FEW_CHANNEL_KERNELS", "1" if kernels_on else "0")
     torch.manual_seed(3)
-    layer = qnn.QuantConv2d(6, 6, groups=6, bias=False, weight_bits=(2, 4, 8), act_bits=(2, 4, 8), backend="cpu",
-                            **conv)
+    layer = qnn.QuantConv2d(6, conv.pop("out_channels", 6), bias=False, weight_bits=(2, 4, 8), act_bits=(2, 4, 8),
+                            backend="cpu", **conv)
     x = torch.randn(5, 6, 13, 11, requires_grad=True)
     y = layer(x)
     y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(4)))
     return [y.detach(), x.grad] + [p.grad for p in layer.parameters() if p.grad is not None]
 
 
-@pytest.mark.parametrize("conv", [dict(kernel_size=3, padding=1), dict(kernel_size=5, padding=4, dilation=2),
-                                  dict(kernel_size=3, stride=2, padding=1)])
+@pytest.mark.parametrize("conv", [dict(kernel_size=3, padding=1, groups=6), dict(kernel_size=5, padding=4, dilation=2,
+                                                                                groups=6),
+                                  dict(kernel_size=3, stride=2, padding=1, groups=6)])
 def test_quantized_depthwise_conv_takes_the_kernel_with_pytorch_s_values_and_gradients(monkeypatch, conv):
     calls = []
     real = torch.ops.qdarts_C.depthwise_conv2d_backward
@@ -150,10 +152,26 @@ def test_quantized_depthwise_conv_takes_the_kernel_with_pytorch_s_values_and_gra
         return real(*args)
 
     monkeypatch.setattr(torch.ops.qdarts_C, "depthwise_conv2d_backward", counted)
-    got = _depthwise_layer_grads(monkeypatch, True, **conv)
+    got = _layer_grads(monkeypatch, True, **dict(conv))
     assert calls == [(True, True)]  # the input's and the weight's gradient in one call
-    want = _depthwise_layer_grads(monkeypatch, False, **conv)
+    want = _layer_grads(monkeypatch, False, **dict(conv))
     assert len(calls) == 1 and len(got) == len(want) == 5  # y, x, weight, and the two bit logits
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("out_channels", [6, 11])
+def test_quantized_pointwise_conv_as_matrix_products_has_pytorch_s_values_and_gradients(monkeypatch, out_channels):
+    def no_conv(*args, **kwargs):
+        raise AssertionError("PyTorch's convolution ran where the matrix products should")
+
+    monkeypatch.setattr(torch.ops.aten, "convolution_backward", no_conv)
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.functional, "conv2d", no_conv)
+        got = _layer_grads(monkeypatch, True, kernel_size=1, out_channels=out_channels)
+    monkeypatch.undo()
+    want = _layer_grads(monkeypatch, False, kernel_size=1, out_channels=out_channels)
+    assert len(got) == len(want) == 5
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
@@ -164,6 +182,8 @@ def test_autocast_and_dense_convs_keep_pytorch_s_convolution(monkeypatch):
     x = torch.randn(2, 4, 8, 8)
     dense = qnn.QuantConv2d(4, 4, 3, padding=1, bias=False, backend="cpu")
     dense(x.requires_grad_())
+    strided_1x1 = qnn.QuantConv2d(4, 4, 1, stride=2, bias=False, backend="cpu")
+    assert strided_1x1(x).shape == (2, 4, 4, 4)
     depthwise = qnn.QuantConv2d(4, 4, 3, padding=1, groups=4, bias=False, backend="cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert depthwise(x).dtype == torch.bfloat16

@@ -1,0 +1,133 @@
+// C++ CPU kernels of max_pool2d_forward / max_pool2d_backward (schemas in csrc/ops.cpp): 2-D max
+// pooling of fp32 NCHW tensors (floor mode), whose backward recomputes where each window's max is
+// instead of reading saved int64 indices (qdarts_kernels.nn.InputKeepingMaxPool2d keeps only the
+// input).
+//
+//   y[n,c,oh,ow] = max over the window's in-bounds taps (i, j), scanned row by row, of
+//                  x[n,c, oh SH - PH + i DH, ow SW - PW + j DW];
+//   dx[n,c,a]    = sum of g[n,c,oh,ow] over the outputs whose max is x[n,c,a]
+//
+// with PyTorch's rules, so that values and gradients are its own bit for bit: the max is the first
+// tap holding the largest value (a later equal value does not replace it), a NaN replaces it (a
+// later NaN too), a window of -inf takes its first in-bounds tap; the gradients are added in output
+// order. Why: PyTorch's CPU kernel computes an int64 index per output, scanning each window with
+// bounds checks: 2 ms for a 3x3 pool over [64, 4, 32, 32] on the 2-core VM of bench/results, the
+// largest item of a CIFAR-size search step's CPU time after the convolutions.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/cpu_common.h"
+#include "cpu/output_cache.h"
+
+namespace qdarts {
+namespace cpu {
+namespace {
+
+struct PoolGeometry {
+  int64_t h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo;
+};
+
+struct PoolJob {
+  PoolGeometry geometry;
+  const float* x;
+  const float* grad;
+  float* y;
+  float* dx;
+};
+
+// The flat input index (within the plane) of the max of output (oh, ow), scanned as PyTorch does.
+inline int64_t argmax_input(const PoolGeometry& g, const float* x, int64_t oh, int64_t ow) {
+  int64_t ih0 = oh * g.sh - g.ph, iw0 = ow * g.sw - g.pw;
+  const int64_t ih1 = std::min(ih0 + (g.kh - 1) * g.dh + 1, g.h), iw1 = std::min(iw0 + (g.kw - 1) * g.dw + 1, g.w);
+  while (ih0 < 0) ih0 += g.dh;
+  while (iw0 < 0) iw0 += g.dw;
+  int64_t best_at = ih0 * g.w + iw0;
+  float best = -std::numeric_limits<float>::infinity();
+  for (int64_t ih = ih0; ih < ih1; ih += g.dh) {
+    for (int64_t iw = iw0; iw < iw1; iw += g.dw) {
+      const float v = x[ih * g.w + iw];
+      if (v > best || std::isnan(v)) {
+        best = v;
+        best_at = ih * g.w + iw;
+      }
+    }
+  }
+  return best_at;
+}
+
+#define QD_ISA_KERNELS "cpu/max_pool_kernels.inc"
+#include "cpu/foreach_isa.h"
+
+PoolGeometry check_args(const at::Tensor& x, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                        c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  TORCH_CHECK(x.defined() && x.scalar_type() == c10::ScalarType::Float && x.device().is_cpu(),
+              "x must be a float32 CPU tensor");
+  TORCH_CHECK(x.dim() == 4, "x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
+  check_int_pair(kernel_size, "kernel_size", 1);
+  check_int_pair(stride, "stride", 1);
+  check_int_pair(padding, "padding", 0);
+  check_int_pair(dilation, "dilation", 1);
+  // as PyTorch: every window then has an in-bounds tap
+  TORCH_CHECK(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2,
+              "padding must be at most half the kernel size, got padding ", padding, " for kernel_size ", kernel_size);
+  PoolGeometry g{x.size(2), x.size(3), kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1],
+                 dilation[0], dilation[1], 0, 0};
+  const int64_t span_h = g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1, span_w = g.w + 2 * g.pw - g.dw * (g.kw - 1) - 1;
+  TORCH_CHECK(span_h >= 0 && span_w >= 0, "the (dilated) kernel ", kernel_size, " is larger than the padded input ",
+              x.sizes().slice(2));
+  g.ho = span_h / g.sh + 1;
+  g.wo = span_w / g.sw + 1;
+  return g;
+}
+
+int64_t plane_grain(const PoolGeometry& g) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, g.ho * g.wo * g.kh * g.kw));
+}
+
+at::Tensor max_pool2d_forward_cpu(const at::Tensor& x_in, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                                  c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  const PoolGeometry g = check_args(x_in, kernel_size, stride, padding, dilation);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = empty_output({x.size(0), x.size(1), g.ho, g.wo}, c10::ScalarType::Float);
+  const PoolJob job{g, x.data_ptr<float>(), nullptr, y.data_ptr<float>(), nullptr};
+  at::parallel_for(0, x.size(0) * x.size(1), plane_grain(g), [&](int64_t begin, int64_t end) {
+    QD_ISA_DISPATCH(forward_planes, job, begin, end);
+  });
+  return y;
+}
+
+at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, c10::IntArrayRef kernel_size,
+                                   c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  const PoolGeometry g = check_args(x_in, kernel_size, stride, padding, dilation);
+  TORCH_CHECK(grad_in.defined() && grad_in.scalar_type() == c10::ScalarType::Float && grad_in.device().is_cpu(),
+              "grad must be a float32 CPU tensor");
+  TORCH_CHECK(grad_in.sizes() == c10::IntArrayRef({x_in.size(0), x_in.size(1), g.ho, g.wo}),
+              "grad must have the output's shape [", x_in.size(0), ", ", x_in.size(1), ", ", g.ho, ", ", g.wo,
+              "], got ", grad_in.sizes());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor grad = grad_in.contiguous();
+  at::Tensor dx = empty_output(x.sizes(), c10::ScalarType::Float);
+  const PoolJob job{g, x.data_ptr<float>(), grad.data_ptr<float>(), nullptr, dx.data_ptr<float>()};
+  at::parallel_for(0, x.size(0) * x.size(1), plane_grain(g), [&](int64_t begin, int64_t end) {
+    QD_ISA_DISPATCH(backward_planes, job, begin, end);
+  });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qdarts_C, CPU, m) {
+  m.impl("max_pool2d_forward", &max_pool2d_forward_cpu);
+  m.impl("max_pool2d_backward", &max_pool2d_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace qdarts

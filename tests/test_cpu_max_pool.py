@@ -1,0 +1,104 @@
+"""The C++ CPU max pool (csrc/cpu/max_pool.cpp): PyTorch's values and gradients bit for bit, ties,
+NaN and -inf included, and its use by InputKeepingMaxPool2d on CPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qdarts_kernels as qk
+from qdarts_kernels.nn import InputKeepingMaxPool2d
+
+if "cpu" not in qk.available_backends():
+    pytest.skip("qdarts_kernels._C (the C++ CPU kernels) is not built", allow_module_level=True)
+
+ops = torch.ops.qdarts_C
+
+# (N, C, H, W), kernel, stride, padding, dilation: the supernet's pools (3x3, stride 1 and 2, pad 1),
+# odd and tiny planes, asymmetric and dilated windows
+GEOMETRIES = [
+    ((2, 3, 7, 9), (3, 3), (1, 1), (1, 1), (1, 1)),
+    ((2, 3, 8, 8), (3, 3), (2, 2), (1, 1), (1, 1)),
+    ((1, 2, 1, 1), (1, 1), (1, 1), (0, 0), (1, 1)),
+    ((3, 1, 5, 4), (2, 2), (2, 2), (0, 0), (1, 1)),
+    ((2, 2, 11, 6), (3, 2), (1, 2), (1, 1), (2, 1)),
+    ((1, 4, 9, 13), (3, 3), (1, 1), (1, 1), (2, 2)),
+    ((2, 3, 10, 7), (5, 5), (1, 1), (2, 2), (1, 1)),
+    ((2, 4, 32, 32), (3, 3), (1, 1), (1, 1), (1, 1)),
+]
+
+
+def _inputs(shape, seed, ties=False):
+    gen = torch.Generator().manual_seed(seed)
+    if ties:  # few distinct values: most windows hold their max twice or more
+        return torch.randint(-2, 3, shape, generator=gen).float()
+    return torch.randn(shape, generator=gen)
+
+
+def _pytorch(x, g, kernel, stride, padding, dilation):
+    y, indices = F.max_pool2d(x, kernel, stride, padding, dilation, return_indices=True)
+    dx = torch.ops.aten.max_pool2d_with_indices_backward(g, x, kernel, stride, padding, dilation, False, indices)
+    return y, dx
+
+
+def _same_bits(a, b):
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("shape,kernel,stride,padding,dilation", GEOMETRIES)
+def test_values_and_gradient_equal_pytorch_s_bit_for_bit(shape, kernel, stride, padding, dilation, ties):
+    x = _inputs(shape, 0, ties)
+    args = (list(kernel), list(stride), list(padding), list(dilation))
+    y = ops.max_pool2d_forward(x, *args)
+    g = _inputs(y.shape, 1)
+    y_ref, dx_ref = _pytorch(x, g, *args)
+    assert _same_bits(y, y_ref)
+    assert _same_bits(ops.max_pool2d_backward(g, x, *args), dx_ref)
+
+
+@pytest.mark.parametrize("stride", [(1, 1), (2, 2)])
+def test_nan_and_infinities_follow_pytorch_s_rules(stride):
+    x = _inputs((2, 3, 9, 10), 2)
+    x[0, 0, 2, 3] = float("nan")
+    x[0, 1, 4, 4:6] = float("nan")  # two NaNs in a window: PyTorch takes the later
+    x[1, 0] = float("-inf")  # every window -inf: the first in-bounds tap
+    x[1, 1, :3, :3] = float("-inf")
+    x[1, 2, 5, 5] = float("inf")
+    args = ([3, 3], list(stride), [1, 1], [1, 1])
+    y = ops.max_pool2d_forward(x, *args)
+    g = _inputs(y.shape, 3)
+    y_ref, dx_ref = _pytorch(x, g, *args)
+    assert _same_bits(y, y_ref) and _same_bits(ops.max_pool2d_backward(g, x, *args), dx_ref)
+
+
+def test_bad_input_is_refused_with_the_argument_named():
+    x = torch.randn(2, 3, 8, 8)
+    k, one, zero = [3, 3], [1, 1], [0, 0]
+    cases = [
+        (lambda: ops.max_pool2d_forward(x.double(), k, one, one, one), "x must be a float32"),
+        (lambda: ops.max_pool2d_forward(x[0], k, one, one, one), "x must be 4-D"),
+        (lambda: ops.max_pool2d_forward(x, [0, 3], one, one, one), "kernel_size must be >= 1"),
+        (lambda: ops.max_pool2d_forward(x, k, [1], one, one), "stride must have 2 values"),
+        (lambda: ops.max_pool2d_forward(x, k, one, [2, 2], one), "padding must be at most half"),
+        (lambda: ops.max_pool2d_forward(x, [9, 9], one, zero, one), "larger than"),
+        (lambda: ops.max_pool2d_backward(torch.randn(2, 3, 7, 8), x, k, one, one, one), "grad must have"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_input_keeping_max_pool_takes_the_kernels_and_equals_nn_max_pool(monkeypatch, stride):
+    calls = []
+    for name in ("max_pool2d_forward", "max_pool2d_backward"):
+        real = getattr(torch.ops.qdarts_C, name)
+        monkeypatch.setattr(torch.ops.qdarts_C, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    x = _inputs((4, 5, 12, 11), 4, ties=True).requires_grad_()
+    g = _inputs(F.max_pool2d(x, 3, stride, 1).shape, 5)
+    ours = InputKeepingMaxPool2d(3, stride, 1)(x)
+    (dx,) = torch.autograd.grad(ours, x, g)
+    ref = torch.nn.MaxPool2d(3, stride, 1)(x)
+    (dx_ref,) = torch.autograd.grad(ref, x, g)
+    assert calls == ["max_pool2d_forward", "max_pool2d_backward"]
+    assert _same_bits(ours.detach(), ref.detach()) and _same_bits(dx, dx_ref)

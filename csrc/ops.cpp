@@ -56,12 +56,18 @@ TORCH_LIBRARY(qdarts_C, m) {
   m.def(
       "depthwise_conv2d_backward(Tensor grad, Tensor x, Tensor weight, int[] stride, int[] padding, int[] dilation,"
       " bool need_dx, bool need_dweight) -> (Tensor, Tensor)");
-  // 2-D max pooling, fp32, floor mode; the backward recomputes each window's max (no indices).
-  // Implemented for CPU only.
+  // 2-D max and average pooling, fp32, floor mode; the max pool's backward recomputes each
+  // window's max (no indices), the average pool's needs only the input's size. CPU only.
   m.def("max_pool2d_forward(Tensor x, int[] kernel_size, int[] stride, int[] padding, int[] dilation) -> Tensor");
   m.def(
       "max_pool2d_backward(Tensor grad, Tensor x, int[] kernel_size, int[] stride, int[] padding, int[] dilation)"
       " -> Tensor");
+  m.def(
+      "avg_pool2d_forward(Tensor x, int[] kernel_size, int[] stride, int[] padding, bool count_include_pad)"
+      " -> Tensor");
+  m.def(
+      "avg_pool2d_backward(Tensor grad, int[] input_size, int[] kernel_size, int[] stride, int[] padding,"
+      " bool count_include_pad) -> Tensor");
   m.def("has_cuda_kernels() -> bool", &has_cuda_kernels);
 }
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qdarts_kernels.nn import InputKeepingMaxPool2d, OutputKeepingBatchNorm2d, chained_quant_convs
+from qdarts_kernels.nn import InputFreeAvgPool2d, InputKeepingMaxPool2d, OutputKeepingBatchNorm2d, chained_quant_convs
 
 from .genotype import PRIMITIVES
 
@@ -192,7 +192,8 @@ class Zero(nn.Module):
 
 OPS: Dict[str, Callable[..., nn.Module]] = {
     "none": lambda C, stride, conv, affine: Zero(stride),
-    "avg_pool_3x3": lambda C, stride, conv, affine: nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False),
+    "avg_pool_3x3": lambda C, stride, conv, affine: InputFreeAvgPool2d(3, stride=stride, padding=1,
+                                                                       count_include_pad=False),
     "max_pool_3x3": lambda C, stride, conv, affine: InputKeepingMaxPool2d(3, stride=stride, padding=1),
     "skip_connect": lambda C, stride, conv, affine: (
         nn.Identity() if stride == 1 else FactorizedReduce(C, C, conv, affine=affine)),

@@ -192,6 +192,9 @@ for stride, padding, dilation in (([1, 1], [2, 2], [2, 2]), ([2, 1], [1, 0], [1,
     yp = torch.ops.qdarts_C.max_pool2d_forward(x, [3, 3], stride, [1, 1], [1, 1])
     results.append([yp, torch.ops.qdarts_C.max_pool2d_backward(torch.randn(yp.shape, generator=gen), x, [3, 3], stride,
                                                                 [1, 1], [1, 1])])
+    ya = torch.ops.qdarts_C.avg_pool2d_forward(x, [3, 3], stride, [1, 1], False)
+    results.append([ya, torch.ops.qdarts_C.avg_pool2d_backward(torch.randn(ya.shape, generator=gen), list(x.shape),
+                                                                [3, 3], stride, [1, 1], False)])
 torch.save({"isa": qk.cpu_kernels.info()["isa"], "results": results}, sys.argv[1])
 """
 

@@ -14,7 +14,8 @@
 - :class:`OutputKeepingBatchNorm2d`: ``nn.BatchNorm2d`` that keeps its output, not its input, for
   backward (training, affine=False): one activation less where the output is kept anyway;
   :func:`counted_together`: their batch counts in one launch.
-- :class:`InputKeepingMaxPool2d`: ``nn.MaxPool2d`` that keeps no argmax indices for backward.
+- :class:`InputKeepingMaxPool2d`: ``nn.MaxPool2d`` that keeps no argmax indices for backward;
+  :class:`InputFreeAvgPool2d`: ``nn.AvgPool2d`` that keeps nothing (both on C++ kernels on CPU).
 - :func:`shared_activation_scales`: paper activation quantizers of one configuration on the same
   input compute its scales once.
 """
@@ -22,7 +23,7 @@
 from .batchnorm import OutputKeepingBatchNorm2d, counted_together
 from .convert import quantize_
 from .grouped import GroupedBitProbs, GroupedWeightQuantizer, precomputed_probs
-from .pooling import InputKeepingMaxPool2d
+from .pooling import InputFreeAvgPool2d, InputKeepingMaxPool2d
 from .layers import QuantConv2d, QuantLinear, chained_quant_convs, precomputed_weights
 from .quantizers import GAUSSIAN_STEPS, HWGQ_STEPS, FakeQuantize, MixedPrecisionFakeQuantize, shared_activation_scales
 
@@ -39,6 +40,7 @@ __all__ = [
     "precomputed_weights",
     "OutputKeepingBatchNorm2d",
     "counted_together",
+    "InputFreeAvgPool2d",
     "InputKeepingMaxPool2d",
     "shared_activation_scales",
     "HWGQ_STEPS",

@@ -23,16 +23,17 @@ from torch.nn.modules.utils import _pair
 from .. import _backends
 from .. import ops as _ops
 
-__all__ = ["InputKeepingMaxPool2d"]
+__all__ = ["InputFreeAvgPool2d", "InputKeepingMaxPool2d"]
 
 
-def _takes_cpu_kernels(x: Tensor, ceil_mode: bool) -> bool:
-    """Whether this pool runs on the C++ CPU kernels (``torch.ops.qdarts_C.max_pool2d_*``, csrc/cpu/max_pool.cpp:
-    PyTorch's values and gradients bit for bit, in a fraction of the time of its CPU kernel, which
-    computes an int64 index per output): fp32 CPU tensors, floor mode, the cpu backend (automatic
-    on CPU), not traced by torch.compile; ``QDARTS_FEW_CHANNEL_KERNELS=0`` keeps PyTorch's."""
+def _takes_cpu_kernels(x: Tensor, ceil_mode: bool, op: str) -> bool:
+    """Whether this pool runs on the C++ CPU kernels ``torch.ops.qdarts_C.<op>`` (csrc/cpu/pooling.cpp:
+    PyTorch's values and gradients bit for bit, in a fraction of the time of its CPU kernels, which
+    check bounds per output and, for the max pool, compute an int64 index per output): fp32 4-D CPU
+    tensors, floor mode, the cpu backend (automatic on CPU), not traced by torch.compile;
+    ``QDARTS_FEW_CHANNEL_KERNELS=0`` keeps PyTorch's."""
     return (x.dtype == torch.float32 and not ceil_mode and x.dim() == 4 and not torch.compiler.is_compiling()
-            and _backends.takes_cpu_only_kernels(None, x.device, "max_pool2d_forward"))
+            and _backends.takes_cpu_only_kernels(None, x.device, op))
 
 
 class _MaxPool2dKeepingInput(torch.autograd.Function):
@@ -40,7 +41,7 @@ class _MaxPool2dKeepingInput(torch.autograd.Function):
     def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode):
         ctx.save_for_backward(x)
         ctx.args = (kernel_size, stride, padding, dilation, ceil_mode)
-        if _takes_cpu_kernels(x, ceil_mode):
+        if _takes_cpu_kernels(x, ceil_mode, "max_pool2d_forward"):
             return torch.ops.qdarts_C.max_pool2d_forward(x, kernel_size, stride, padding, dilation)
         return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
 
@@ -48,7 +49,7 @@ class _MaxPool2dKeepingInput(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         kernel_size, stride, padding, dilation, ceil_mode = ctx.args
-        if _takes_cpu_kernels(x, ceil_mode) and grad.dtype == torch.float32:
+        if _takes_cpu_kernels(x, ceil_mode, "max_pool2d_backward") and grad.dtype == torch.float32:
             return (torch.ops.qdarts_C.max_pool2d_backward(grad, x, kernel_size, stride, padding, dilation),
                     None, None, None, None, None)
         with torch.no_grad():
@@ -68,3 +69,31 @@ class InputKeepingMaxPool2d(nn.MaxPool2d):
         stride = self.stride if self.stride is not None else self.kernel_size
         return _MaxPool2dKeepingInput.apply(x, list(_pair(self.kernel_size)), list(_pair(stride)),
                                             list(_pair(self.padding)), list(_pair(self.dilation)), self.ceil_mode)
+
+
+class _AvgPool2dKeepingNothing(torch.autograd.Function):
+    """Average pooling on the C++ CPU kernels; its backward needs only the input's size."""
+
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, padding, count_include_pad):
+        ctx.args = (list(x.shape), kernel_size, stride, padding, count_include_pad)
+        return torch.ops.qdarts_C.avg_pool2d_forward(x, kernel_size, stride, padding, count_include_pad)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.ops.qdarts_C.avg_pool2d_backward(grad.float(), *ctx.args), None, None, None, None
+
+
+class InputFreeAvgPool2d(nn.AvgPool2d):
+    """``nn.AvgPool2d`` that, on fp32 CPU tensors (the cpu backend, floor mode, no
+    ``divisor_override``), runs on C++ kernels with PyTorch's values and gradients bit for bit and
+    keeps no tensor for backward (PyTorch's keeps its input, for the size). Plain ``nn.AvgPool2d``
+    otherwise, and inside :func:`qdarts_kernels.eager_reference` (the plain-PyTorch baseline)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (self.divisor_override is not None or _ops.eager_reference_active()
+                or not _takes_cpu_kernels(x, self.ceil_mode, "avg_pool2d_forward")):
+            return super().forward(x)
+        stride = self.stride if self.stride is not None else self.kernel_size
+        return _AvgPool2dKeepingNothing.apply(x, list(_pair(self.kernel_size)), list(_pair(stride)),
+                                              list(_pair(self.padding)), self.count_include_pad)

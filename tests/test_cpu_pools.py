@@ -1,12 +1,13 @@
-"""The C++ CPU max pool (csrc/cpu/max_pool.cpp): PyTorch's values and gradients bit for bit, ties,
-NaN and -inf included, and its use by InputKeepingMaxPool2d on CPU."""
+"""The C++ CPU pools (csrc/cpu/pooling.cpp): PyTorch's values and gradients bit for bit (max pool:
+ties, NaN and -inf included; average pool: with and without count_include_pad), and their use by
+InputKeepingMaxPool2d and InputFreeAvgPool2d on CPU."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import qdarts_kernels as qk
-from qdarts_kernels.nn import InputKeepingMaxPool2d
+from qdarts_kernels.nn import InputFreeAvgPool2d, InputKeepingMaxPool2d
 
 if "cpu" not in qk.available_backends():
     pytest.skip("qdarts_kernels._C (the C++ CPU kernels) is not built", allow_module_level=True)
@@ -71,7 +72,7 @@ def test_nan_and_infinities_follow_pytorch_s_rules(stride):
     assert _same_bits(y, y_ref) and _same_bits(ops.max_pool2d_backward(g, x, *args), dx_ref)
 
 
-def test_bad_input_is_refused_with_the_argument_named():
+def test_max_pool_bad_input_is_refused_with_the_argument_named():
     x = torch.randn(2, 3, 8, 8)
     k, one, zero = [3, 3], [1, 1], [0, 0]
     cases = [
@@ -102,3 +103,60 @@ def test_input_keeping_max_pool_takes_the_kernels_and_equals_nn_max_pool(monkeyp
     (dx_ref,) = torch.autograd.grad(ref, x, g)
     assert calls == ["max_pool2d_forward", "max_pool2d_backward"]
     assert _same_bits(ours.detach(), ref.detach()) and _same_bits(dx, dx_ref)
+
+
+# (N, C, H, W), kernel, stride, padding (average pools have no dilation)
+AVG_GEOMETRIES = [g[:4] for g in GEOMETRIES if g[4] == (1, 1)] + [((3, 2, 9, 9), (2, 2), (2, 2), (1, 0))]
+
+
+@pytest.mark.parametrize("count_include_pad", [False, True])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("shape,kernel,stride,padding", AVG_GEOMETRIES)
+def test_avg_pool_values_and_gradient_equal_pytorch_s_bit_for_bit(shape, kernel, stride, padding, ties,
+                                                                  count_include_pad):
+    x = _inputs(shape, 6, ties) * 3
+    args = (list(kernel), list(stride), list(padding), count_include_pad)
+    y = ops.avg_pool2d_forward(x, *args)
+    g = _inputs(y.shape, 7)
+    xr = x.clone().requires_grad_()
+    y_ref = F.avg_pool2d(xr, kernel, stride, padding, count_include_pad=count_include_pad)
+    (dx_ref,) = torch.autograd.grad(y_ref, xr, g)
+    assert _same_bits(y, y_ref.detach())
+    assert _same_bits(ops.avg_pool2d_backward(g, list(shape), *args), dx_ref)
+
+
+def test_avg_pool_bad_input_is_refused_with_the_argument_named():
+    x = torch.randn(2, 3, 8, 8)
+    k, one = [3, 3], [1, 1]
+    cases = [
+        (lambda: ops.avg_pool2d_forward(x.half(), k, one, one, False), "x must be a float32"),
+        (lambda: ops.avg_pool2d_forward(x, k, one, [2, 2], False), "padding must be at most half"),
+        (lambda: ops.avg_pool2d_backward(torch.randn(2, 3, 8, 8), [2, 3, 8], k, one, one, False), "input_size must be 4-D"),
+        (lambda: ops.avg_pool2d_backward(torch.randn(2, 3, 7, 8), [2, 3, 8, 8], k, one, one, False), "grad must have"),
+        (lambda: ops.avg_pool2d_backward(torch.randn(2, 3, 8, 8).double(), [2, 3, 8, 8], k, one, one, False),
+         "grad must be a float32"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_input_free_avg_pool_takes_the_kernels_keeps_nothing_and_equals_nn_avg_pool(monkeypatch, stride):
+    calls = []
+    for name in ("avg_pool2d_forward", "avg_pool2d_backward"):
+        real = getattr(torch.ops.qdarts_C, name)
+        monkeypatch.setattr(torch.ops.qdarts_C, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    x = _inputs((4, 5, 12, 11), 8).requires_grad_()
+    g = _inputs(F.avg_pool2d(x, 3, stride, 1).shape, 9)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        ours = InputFreeAvgPool2d(3, stride, 1, count_include_pad=False)(x)
+    (dx,) = torch.autograd.grad(ours, x, g)
+    ref = torch.nn.AvgPool2d(3, stride, 1, count_include_pad=False)(x)
+    (dx_ref,) = torch.autograd.grad(ref, x, g)
+    assert calls == ["avg_pool2d_forward", "avg_pool2d_backward"] and kept == []
+    assert _same_bits(ours.detach(), ref.detach()) and _same_bits(dx, dx_ref)
+    with qk.eager_reference():  # the plain-PyTorch baseline stays PyTorch's
+        InputFreeAvgPool2d(3, stride, 1)(x)
+    assert len(calls) == 2

@@ -159,15 +159,15 @@ def takes_triton_only_kernels(backend: Optional[str], device: torch.device) -> b
     return (name == "triton" or (name == "cuda" and device.type == "cuda")) and runnable("triton")
 
 
-def takes_cpu_only_kernels(backend: Optional[str], device: torch.device, op: str) -> bool:
+def takes_cpu_only_kernels(backend: Optional[str], device: torch.device, op: Optional[str]) -> bool:
     """Whether a call on ``device`` with ops backend ``backend`` (None: the automatic choice) takes
-    the kernel ``torch.ops.qdarts_C.<op>`` that only the C++ CPU backend has (the depthwise
-    convolution and the max pool of ``qdarts_kernels.nn``), rather than PyTorch's: CPU tensors with
-    backend cpu, unless ``QDARTS_FEW_CHANNEL_KERNELS=0`` (for timing both) or the compiled library
-    predates that kernel (one warning: rebuild it)."""
+    the few-channel CPU path of ``qdarts_kernels.nn`` (the C++ depthwise convolution and pools, 1x1
+    convolutions as matrix products) rather than PyTorch's kernels: CPU tensors with backend cpu,
+    unless ``QDARTS_FEW_CHANNEL_KERNELS=0`` (for timing both) or the compiled library predates the
+    kernel ``torch.ops.qdarts_C.<op>`` the path needs (one warning: rebuild it; ``op`` None: none)."""
     if device.type != "cpu" or os.environ.get("QDARTS_FEW_CHANNEL_KERNELS", "1") == "0":
         return False
-    return resolve(backend, device) == "cpu" and _has_cpu_op(op)
+    return resolve(backend, device) == "cpu" and (op is None or _has_cpu_op(op))
 
 
 @functools.lru_cache(maxsize=None)

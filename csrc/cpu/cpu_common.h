@@ -42,6 +42,12 @@ namespace cpu {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Planes (images x channels) per at::parallel_for chunk for a kernel doing `work_per_plane`
+// multiply-adds or comparisons per plane: about 64k per chunk, so that small tensors stay on one thread.
+inline int64_t plane_grain(int64_t work_per_plane) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work_per_plane));
+}
+
 // The h x w plane x copied into xp, a (h + 2 ph) x (w + 2 pw) plane with `fill` around it: the
 // padded layout of the depthwise-conv and max-pool kernels.
 inline void pad_plane(const float* x, int64_t h, int64_t w, int64_t ph, int64_t pw, float fill, float* xp) {

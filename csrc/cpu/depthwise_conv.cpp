@@ -98,11 +98,6 @@ DepthwiseGeometry check_args(const at::Tensor& x, const at::Tensor& weight, c10:
   return g;
 }
 
-// Planes per parallel chunk: about 64k multiply-adds each, so that small convs stay on one thread.
-int64_t plane_grain(const DepthwiseGeometry& g) {
-  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, g.ho * g.wo * g.kh * g.kw));
-}
-
 at::Tensor depthwise_conv2d_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, c10::IntArrayRef stride,
                                         c10::IntArrayRef padding, c10::IntArrayRef dilation) {
   const DepthwiseGeometry g = check_args(x_in, weight_in, stride, padding, dilation);
@@ -112,7 +107,7 @@ at::Tensor depthwise_conv2d_forward_cpu(const at::Tensor& x_in, const at::Tensor
   const std::vector<ColumnRange> columns = column_ranges(g);
   const DepthwiseJob job{g, columns.data(), x.data_ptr<float>(), weight.data_ptr<float>(), nullptr,
                          y.data_ptr<float>(), nullptr, nullptr};
-  at::parallel_for(0, g.images * g.channels, plane_grain(g), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.images * g.channels, plane_grain(g.ho * g.wo * g.kh * g.kw), [&](int64_t begin, int64_t end) {
     QD_ISA_DISPATCH(forward_planes, job, begin, end);
   });
   return y;
@@ -138,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(const at::Tenso
   const DepthwiseJob job{g, columns.data(), x.data_ptr<float>(), weight.data_ptr<float>(), grad.data_ptr<float>(),
                          nullptr, need_dx ? dx.data_ptr<float>() : nullptr, partials.data()};
   if (need_dx || need_dweight) {
-    at::parallel_for(0, planes, plane_grain(g), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, planes, plane_grain(g.ho * g.wo * g.kh * g.kw), [&](int64_t begin, int64_t end) {
       QD_ISA_DISPATCH(backward_planes, job, need_dx, need_dweight, begin, end);
     });
   }

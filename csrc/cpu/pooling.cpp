@@ -113,10 +113,6 @@ PoolGeometry pool_geometry(c10::IntArrayRef size, const char* what, c10::IntArra
   return g;
 }
 
-int64_t plane_grain(const PoolGeometry& g) {
-  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, g.ho * g.wo * g.kh * g.kw));
-}
-
 at::Tensor max_pool2d_forward_cpu(const at::Tensor& x_in, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
                                   c10::IntArrayRef padding, c10::IntArrayRef dilation) {
   check_float32_cpu(x_in, "x");
@@ -124,7 +120,7 @@ at::Tensor max_pool2d_forward_cpu(const at::Tensor& x_in, c10::IntArrayRef kerne
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = empty_output({x.size(0), x.size(1), g.ho, g.wo}, c10::ScalarType::Float);
   const PoolJob job{g, x.data_ptr<float>(), nullptr, y.data_ptr<float>(), nullptr, nullptr};
-  at::parallel_for(0, x.size(0) * x.size(1), plane_grain(g), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, x.size(0) * x.size(1), plane_grain(g.ho * g.wo * g.kh * g.kw), [&](int64_t begin, int64_t end) {
     QD_ISA_DISPATCH(max_forward_planes, job, begin, end);
   });
   return y;
@@ -142,7 +138,7 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_in, const at::Tensor& 
   const at::Tensor grad = grad_in.contiguous();
   at::Tensor dx = empty_output(x.sizes(), c10::ScalarType::Float);
   const PoolJob job{g, x.data_ptr<float>(), grad.data_ptr<float>(), nullptr, dx.data_ptr<float>(), nullptr};
-  at::parallel_for(0, x.size(0) * x.size(1), plane_grain(g), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, x.size(0) * x.size(1), plane_grain(g.ho * g.wo * g.kh * g.kw), [&](int64_t begin, int64_t end) {
     QD_ISA_DISPATCH(max_backward_planes, job, begin, end);
   });
   return dx;
@@ -156,7 +152,7 @@ at::Tensor avg_pool2d_forward_cpu(const at::Tensor& x_in, c10::IntArrayRef kerne
   at::Tensor y = empty_output({x.size(0), x.size(1), g.ho, g.wo}, c10::ScalarType::Float);
   const std::vector<int64_t> divisors = avg_divisors(g, count_include_pad);
   const PoolJob job{g, x.data_ptr<float>(), nullptr, y.data_ptr<float>(), nullptr, divisors.data()};
-  at::parallel_for(0, x.size(0) * x.size(1), plane_grain(g), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, x.size(0) * x.size(1), plane_grain(g.ho * g.wo * g.kh * g.kw), [&](int64_t begin, int64_t end) {
     QD_ISA_DISPATCH(avg_forward_planes, job, begin, end);
   });
   return y;
@@ -173,7 +169,7 @@ at::Tensor avg_pool2d_backward_cpu(const at::Tensor& grad_in, c10::IntArrayRef i
   at::Tensor dx = empty_output(input_size, c10::ScalarType::Float);
   const std::vector<int64_t> divisors = avg_divisors(g, count_include_pad);
   const PoolJob job{g, nullptr, grad.data_ptr<float>(), nullptr, dx.data_ptr<float>(), divisors.data()};
-  at::parallel_for(0, input_size[0] * input_size[1], plane_grain(g), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, input_size[0] * input_size[1], plane_grain(g.ho * g.wo * g.kh * g.kw), [&](int64_t begin, int64_t end) {
     QD_ISA_DISPATCH(avg_backward_planes, job, begin, end);
   });
   return dx;

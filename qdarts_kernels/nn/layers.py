@@ -127,8 +127,7 @@ def _cpu_conv_path(backend: Optional[str], x: Tensor, w: Tensor, bias: Optional[
     if groups > 1 and groups == x.shape[1] == w.shape[0] and w.shape[1] == 1:
         return "depthwise" if _backends.takes_cpu_only_kernels(backend, x.device, "depthwise_conv2d_forward") else None
     if groups == 1 and tuple(w.shape[2:]) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
-        # no kernel of ours: matrix products, under the same switch
-        return "pointwise" if _backends.takes_cpu_only_kernels(backend, x.device, "depthwise_conv2d_forward") else None
+        return "pointwise" if _backends.takes_cpu_only_kernels(backend, x.device, None) else None
     return None
 
 

@@ -1,11 +1,12 @@
-"""Max pooling that keeps its input, not the argmax indices, for backward.
+"""Pools that keep less for backward: a max pool without argmax indices, an average pool with nothing.
 
 ``nn.MaxPool2d`` keeps its input and an int64 index per output element for backward: twice the
 bytes of an fp32 output on top of the input. :class:`InputKeepingMaxPool2d` keeps only the input and
 recomputes the indices in the backward (one more pooling pass over the input), then calls PyTorch's
 own ``max_pool2d_with_indices_backward``: the same gradient, bit for bit. Where the input is kept
-anyway (in a DARTS edge: by the skip connection's output in the mixed sum, by the average pool,
-which keeps its input too), the indices were all the pooling added. The price is the second
+anyway (in a DARTS edge: by the skip connection's output in the mixed sum), the indices were all
+the pooling added. :class:`InputFreeAvgPool2d` keeps nothing on its CPU path (its backward needs
+only the input's size). The price is the second
 pooling pass: on a GPU a small kernel; on CPU (fp32, the cpu backend) the pool and its backward
 run on C++ kernels that recompute the max in the backward anyway (no index tensor at all) and give
 PyTorch's values and gradients bit for bit in a fraction of its CPU kernel's time. It is plain ``nn.MaxPool2d``

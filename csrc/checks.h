@@ -50,6 +50,11 @@ inline void check_float32(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == c10::ScalarType::Float, name, " must be float32, got ", t.scalar_type());
 }
 
+inline void check_float32_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined() && t.scalar_type() == c10::ScalarType::Float && t.device().is_cpu(), name,
+              " must be a float32 CPU tensor");
+}
+
 inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
   TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device(),
               "; they must share a device");

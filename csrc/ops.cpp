@@ -68,6 +68,13 @@ TORCH_LIBRARY(qdarts_C, m) {
   m.def(
       "avg_pool2d_backward(Tensor grad, int[] input_size, int[] kernel_size, int[] stride, int[] padding,"
       " bool count_include_pad) -> Tensor");
+  // Training batch normalisation without affine parameters, fp32, x as [N, C, S]: the output and
+  // invstd [C]; the running statistics (fp32 [C], both or neither) are updated in place. The
+  // backward needs only the output and invstd. CPU only (on a GPU, qdarts_kernels.triton.batch_norm).
+  m.def(
+      "batch_norm_train_forward(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum,"
+      " float eps) -> (Tensor, Tensor)");
+  m.def("batch_norm_train_backward(Tensor grad, Tensor out, Tensor invstd) -> Tensor");
   m.def("has_cuda_kernels() -> bool", &has_cuda_kernels);
 }
 

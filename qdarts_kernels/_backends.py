@@ -161,8 +161,8 @@ def takes_triton_only_kernels(backend: Optional[str], device: torch.device) -> b
 
 def takes_cpu_only_kernels(backend: Optional[str], device: torch.device, op: Optional[str]) -> bool:
     """Whether a call on ``device`` with ops backend ``backend`` (None: the automatic choice) takes
-    the few-channel CPU path of ``qdarts_kernels.nn`` (the C++ depthwise convolution and pools, 1x1
-    convolutions as matrix products) rather than PyTorch's kernels: CPU tensors with backend cpu,
+    the few-channel CPU path of ``qdarts_kernels.nn`` (the C++ depthwise convolution, pools and batch
+    norm, 1x1 convolutions as matrix products) rather than PyTorch's kernels: CPU tensors with backend cpu,
     unless ``QDARTS_FEW_CHANNEL_KERNELS=0`` (for timing both) or the compiled library predates the
     kernel ``torch.ops.qdarts_C.<op>`` the path needs (one warning: rebuild it; ``op`` None: none)."""
     if device.type != "cpu" or os.environ.get("QDARTS_FEW_CHANNEL_KERNELS", "1") == "0":

@@ -430,8 +430,8 @@ def test_memory_at_peak_sums_what_is_alive_at_the_largest_total_by_site():
 
 def test_cpu_memory_report_finds_what_a_step_keeps():
     """On CPU the peak comes from the profiler's allocation events, by autograd function: a search
-    step's peak holds at least what the larger half of the step keeps for backward, most of it under
-    the batch norms (their outputs); no conv output is alive at the peak (each one is a batch norm's
+    step's peak holds at least what the larger half of the step keeps for backward, its largest site
+    under the batch norms (their outputs); no conv output is alive at the peak (each one is a batch norm's
     input, and a depthwise conv's is recomputed by the backward of its chained pointwise conv)."""
     from qdarts.benchmark import profile
 
@@ -440,7 +440,8 @@ def test_cpu_memory_report_finds_what_a_step_keeps():
     kept = endtoend.SearchStep(TINY_SUPERNET, "cpu", None).saved_bytes()
     assert peak_mb >= max(kept.values()) / 2**20 * 0.95, report
     sites = report.split("by site:")[1]
-    assert "_BatchNormKeepingOutput > aten::empty" in sites and "Conv2d > aten::empty" not in sites, report
+    largest = sites.strip().splitlines()[0]
+    assert "_BatchNormKeepingOutput > " in largest and "Conv2d > aten::empty" not in sites, report
 
 
 

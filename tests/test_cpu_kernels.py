@@ -195,6 +195,12 @@ for stride, padding, dilation in (([1, 1], [2, 2], [2, 2]), ([2, 1], [1, 0], [1,
     ya = torch.ops.qdarts_C.avg_pool2d_forward(x, [3, 3], stride, [1, 1], False)
     results.append([ya, torch.ops.qdarts_C.avg_pool2d_backward(torch.randn(ya.shape, generator=gen), list(x.shape),
                                                                 [3, 3], stride, [1, 1], False)])
+for shape in ((3, 5, 19, 23), (4, 3, 300)):  # planes of whole lane groups or not, of one run or two
+    x = torch.randn(shape, generator=gen) * 3 + 1
+    running = [torch.zeros(shape[1]), torch.ones(shape[1])]
+    yb, invstd = torch.ops.qdarts_C.batch_norm_train_forward(x, *running, 0.1, 1e-5)
+    results.append([yb, invstd, *running,
+                    torch.ops.qdarts_C.batch_norm_train_backward(torch.randn(shape, generator=gen), yb, invstd)])
 torch.save({"isa": qk.cpu_kernels.info()["isa"], "results": results}, sys.argv[1])
 """
 

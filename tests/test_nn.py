@@ -601,9 +601,10 @@ def test_eager_reference_inside_torch_compile_traces_the_reference():
 # --------------------------------------------------------------------------------------------------
 
 
-def _bn_pair(channels, dtype, **kwargs):
+def _bn_pair(channels, dtype, backend=None, **kwargs):
     torch.manual_seed(0)
-    return qnn.OutputKeepingBatchNorm2d(channels, **kwargs).to(dtype), nn.BatchNorm2d(channels, **kwargs).to(dtype)
+    return (qnn.OutputKeepingBatchNorm2d(channels, backend=backend, **kwargs).to(dtype),
+            nn.BatchNorm2d(channels, **kwargs).to(dtype))
 
 
 def _kept_storages(fn, x):
@@ -618,14 +619,17 @@ def _kept_storages(fn, x):
     return y, set(kept)
 
 
+@pytest.mark.parametrize("backend", ["reference", None], ids=["reference", "automatic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", [(4, 5, 7, 6), (1, 3, 1, 9), (9, 2, 3, 1)], ids=str)
 @pytest.mark.parametrize("setting", ["train", "affine", "eval"])
-def test_output_keeping_batchnorm_matches_batchnorm(dtype, shape, setting):
+def test_output_keeping_batchnorm_matches_batchnorm(dtype, shape, setting, backend):
     """The same outputs, running statistics and gradients as nn.BatchNorm2d; in training without
     affine parameters it keeps its output and not its input for backward, otherwise it is
-    nn.BatchNorm2d (which keeps the input)."""
-    ours, plain = _bn_pair(shape[1], dtype, affine=setting == "affine")
+    nn.BatchNorm2d (which keeps the input). PyTorch's kernels (backend reference) give its bits;
+    the fused ones (on CPU the C++ kernels, for fp32 in training) sum in another order: within a
+    few units in the last place (tests/test_batch_norm.py compares them with fp64 sums)."""
+    ours, plain = _bn_pair(shape[1], dtype, affine=setting == "affine", backend=backend)
     if setting == "eval":
         ours.running_mean.uniform_(-1, 1)
         ours.running_var.uniform_(0.5, 2)
@@ -644,8 +648,13 @@ def test_output_keeping_batchnorm_matches_batchnorm(dtype, shape, setting):
         y.backward(g)
         grads.append((y.detach(), xl.grad, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()))
     (y, dx, mean, var, n), (yr, dxr, meanr, varr, nr) = grads
-    assert torch.equal(y, yr) and torch.equal(mean, meanr) and torch.equal(var, varr) and torch.equal(n, nr)
     eps = torch.finfo(dtype).eps
+    assert torch.equal(n, nr)
+    if backend == "reference" or setting != "train" or dtype != torch.float32:
+        assert torch.equal(y, yr) and torch.equal(mean, meanr) and torch.equal(var, varr)
+    else:
+        for ours_value, plain_value in ((y, yr), (mean, meanr), (var, varr)):
+            torch.testing.assert_close(ours_value, plain_value, rtol=8 * eps, atol=8 * eps)
     torch.testing.assert_close(dx, dxr, rtol=8 * eps, atol=8 * eps * dxr.abs().max().item())
 
 

@@ -87,11 +87,6 @@ inline int64_t argmax_input(const PoolGeometry& g, const float* x, int64_t oh, i
 #define QD_ISA_KERNELS "cpu/pooling_kernels.inc"
 #include "cpu/foreach_isa.h"
 
-void check_float32_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined() && t.scalar_type() == c10::ScalarType::Float && t.device().is_cpu(), name,
-              " must be a float32 CPU tensor");
-}
-
 // The geometry of a pool over an input of size [N, C, H, W] (`what` names it in errors).
 PoolGeometry pool_geometry(c10::IntArrayRef size, const char* what, c10::IntArrayRef kernel_size,
                            c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {

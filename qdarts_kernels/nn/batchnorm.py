@@ -18,16 +18,21 @@ dict) that takes this path in training with batch statistics and affine=False, a
 ``nn.BatchNorm2d`` otherwise, and inside :func:`qdarts_kernels.eager_reference` (the plain-PyTorch
 baseline). Running statistics are updated as by ``nn.BatchNorm2d``.
 
-On that path the statistics and the normalisation come from one of two sets of kernels:
+On that path the statistics and the normalisation come from one of three sets of kernels, all
+with the maths of :mod:`qdarts_kernels.triton.batch_norm`:
 
-- PyTorch's ``native_batch_norm`` and its backward: on CPU, with backend ``reference`` or ``cpu``,
-  without Triton, for fp64, under ``torch.compile`` (which generates its own), for a second
-  derivative (create_graph=True), and with ``QDARTS_FEW_CHANNEL_KERNELS=0``;
 - the Triton kernels of :mod:`qdarts_kernels.triton.batch_norm`, which split each channel over many
   programs: on CUDA tensors with backend ``triton``, ``cuda`` or the automatic choice (the fused GPU
   backends; there is no CUDA C++ batch norm), and on CPU tensors with backend ``triton`` under
   ``TRITON_INTERPRET=1`` (the tests). PyTorch's CUDA kernels reduce a channel in one thread block,
-  which leaves most of a GPU idle on tensors with few channels.
+  which leaves most of a GPU idle on tensors with few channels;
+- the C++ CPU kernels ``torch.ops.qdarts_C.batch_norm_train_forward/backward``
+  (``csrc/cpu/batch_norm.cpp``): fp32 CPU tensors with backend ``cpu`` or the automatic choice
+  there. PyTorch's CPU forward took 4-5x its backward's time on the supernet's few-channel planes
+  (a [64, 4, 32, 32] batch: about 260 us against 55 us; these kernels take about 55 and 40 us);
+- PyTorch's ``native_batch_norm`` and its backward otherwise: backend ``reference``, fp64 (and
+  fp16/bf16 on CPU), under ``torch.compile`` (which generates its own), for a second derivative
+  (create_graph=True), and with ``QDARTS_FEW_CHANNEL_KERNELS=0``.
 """
 
 from __future__ import annotations
@@ -74,14 +79,18 @@ def counted_together() -> Iterator[None]:
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _triton_kernels(backend: Optional[str], x: Tensor, running_mean: Tensor):
-    """The Triton batch-norm kernels if this call takes them (see the module docstring), else None."""
-    if (x.dtype not in _TRITON_DTYPES or running_mean.dtype != torch.float32 or torch.compiler.is_compiling()
-            or not _backends.takes_triton_only_kernels(backend, x.device)):
+def _fused_kernels(backend: Optional[str], x: Tensor, running_mean: Tensor):
+    """The kernels this call takes (see the module docstring): the Triton module, the C++ CPU ops
+    (``torch.ops.qdarts_C``, same functions), or None for PyTorch's."""
+    if running_mean.dtype != torch.float32 or torch.compiler.is_compiling():
         return None
-    from ..triton import batch_norm
+    if x.dtype in _TRITON_DTYPES and _backends.takes_triton_only_kernels(backend, x.device):
+        from ..triton import batch_norm
 
-    return batch_norm
+        return batch_norm
+    if x.dtype == torch.float32 and _backends.takes_cpu_only_kernels(backend, x.device, "batch_norm_train_forward"):
+        return torch.ops.qdarts_C
+    return None
 
 
 class _BatchNormKeepingOutput(torch.autograd.Function):
@@ -100,7 +109,7 @@ class _BatchNormKeepingOutput(torch.autograd.Function):
     def backward(ctx, grad):
         out, invstd, unit_stats = ctx.saved_tensors
         # under create_graph=True PyTorch's backward, made of differentiable ops, gives the second
-        # derivative; the Triton kernels give first derivatives only
+        # derivative; the fused kernels give first derivatives only
         if ctx.kernels is not None and not torch.is_grad_enabled():
             dx = ctx.kernels.batch_norm_train_backward(grad.contiguous(), out, invstd)
             return dx, None, None, None, None, None, None
@@ -138,6 +147,6 @@ class OutputKeepingBatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
         else:
             _deferred_counts[self] = _deferred_counts.get(self, 0) + 1
-        kernels = _triton_kernels(self.backend, x, self.running_mean) if x.numel() else None
+        kernels = _fused_kernels(self.backend, x, self.running_mean) if x.numel() else None
         return _BatchNormKeepingOutput.apply(x, self.running_mean, self.running_var, self.momentum, self.eps,
                                              self._unit_stats, kernels)

@@ -74,6 +74,29 @@ def test_forward_and_gradients_equal_pytorch_s(shape, kernel, stride, padding, d
     assert none_w.numel() == 0 and none_x.numel() == 0
 
 
+@pytest.mark.parametrize("what", ["inf input", "nan input", "inf weight", "nan weight"])
+@pytest.mark.parametrize("stride,padding", [((1, 1), (0, 0)), ((1, 1), (1, 1)), ((2, 1), (1, 1))])
+def test_non_finite_values_reach_only_the_gradients_pytorch_s_reach(what, stride, padding):
+    """Stride 1 works in a padded layout whose scratch columns hold zero gradients; an inf or NaN
+    multiplied by them must not reach the gradients (an inf in the last column is read only by the
+    taps of the last kernel column: PyTorch's other weight-gradient taps stay finite)."""
+    gen = torch.Generator().manual_seed(12)
+    x, w = torch.randn(2, 3, 6, 6, generator=gen), torch.randn(3, 1, 3, 3, generator=gen)
+    bad = float("inf") if what.startswith("inf") else float("nan")
+    if what.endswith("input"):
+        x[0, 1, 2, 5] = bad
+    else:
+        w[1, 0, 0, 0] = bad
+    y = ops.depthwise_conv2d_forward(x, w, list(stride), list(padding), [1, 1])
+    g = torch.randn(y.shape, generator=gen)
+    dx, dw = ops.depthwise_conv2d_backward(g, x, w, list(stride), list(padding), [1, 1], True, True)
+    _, dx_ref, dw_ref = _reference(x, w, g, list(stride), list(padding), [1, 1])
+    for got, want in ((dx, dx_ref), (dw, dw_ref)):
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+        finite = want.isfinite()
+        torch.testing.assert_close(got[finite].double(), want[finite], rtol=1e-5, atol=1e-5)
+
+
 def test_non_contiguous_inputs_and_empty_batch():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(3, 9, 10, 4, generator=gen).permute(0, 3, 1, 2)  # [3, 4, 9, 10], not contiguous

@@ -72,6 +72,41 @@ def test_nan_and_infinities_follow_pytorch_s_rules(stride):
     assert _same_bits(y, y_ref) and _same_bits(ops.max_pool2d_backward(g, x, *args), dx_ref)
 
 
+@pytest.mark.parametrize("stride", [(1, 1), (2, 3)])
+def test_windows_without_a_tap_in_bounds_give_minus_inf_and_no_gradient(stride):
+    """With dilation a window's taps can all fall outside the input (here rows -1 and 2 of a 2-row
+    input): PyTorch's forward gives -inf there (its backward writes out of bounds, so it is not the
+    reference), ours -inf and no gradient; the other windows' gradients are unaffected."""
+    x = _inputs((2, 3, 2, 7), 9)
+    args = ([2, 3], list(stride), [1, 1], [3, 1])
+    y = ops.max_pool2d_forward(x, *args)
+    assert _same_bits(y, F.max_pool2d(x, *args)) and torch.isneginf(y).all()
+    assert torch.equal(ops.max_pool2d_backward(torch.randn(y.shape), x, *args), torch.zeros_like(x))
+    # rows -1 and 2 of a 3-row input: the windows of output row 0 read input row 2 only
+    x = _inputs((2, 3, 3, 7), 10)
+    y = ops.max_pool2d_forward(x, *args)
+    g = _inputs(y.shape, 11)
+    y_ref, dx_ref = _pytorch(x, g, *args)
+    assert _same_bits(y, y_ref) and _same_bits(ops.max_pool2d_backward(g, x, *args), dx_ref)
+
+
+def test_empty_planes_are_refused_not_read():
+    """An input without rows or columns (only the batch may be empty, as in PyTorch)."""
+    for shape in [(1, 1, 0, 4), (1, 1, 4, 0), (1, 0, 4, 4)]:
+        x = torch.randn(shape)
+        for call in (lambda: ops.max_pool2d_forward(x, [2, 2], [2, 2], [1, 1], [1, 1]),
+                     lambda: ops.max_pool2d_backward(torch.randn(1, 1, 1, 3), x, [2, 2], [2, 2], [1, 1], [1, 1]),
+                     lambda: ops.avg_pool2d_forward(x, [2, 2], [2, 2], [1, 1], False),
+                     lambda: ops.avg_pool2d_backward(torch.randn(1, 1, 1, 3), list(shape), [2, 2], [2, 2], [1, 1],
+                                                     False)):
+            with pytest.raises(RuntimeError, match="must have non-zero channels, height and width"):
+                call()
+        with pytest.raises(RuntimeError):
+            InputKeepingMaxPool2d(2, 2, 1)(x.requires_grad_())
+    empty_batch = torch.randn(0, 2, 5, 5)
+    assert ops.max_pool2d_forward(empty_batch, [3, 3], [1, 1], [1, 1], [1, 1]).shape == (0, 2, 5, 5)
+
+
 def test_max_pool_bad_input_is_refused_with_the_argument_named():
     x = torch.randn(2, 3, 8, 8)
     k, one, zero = [3, 3], [1, 1], [0, 0]

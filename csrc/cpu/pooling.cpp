@@ -64,12 +64,15 @@ std::vector<int64_t> avg_divisors(const PoolGeometry& g, bool count_include_pad)
   return out;
 }
 
-// The flat input index (within the plane) of the max of output (oh, ow), scanned as PyTorch does.
+// The flat input index (within the plane) of the max of output (oh, ow), scanned as PyTorch does;
+// -1 where the window has no tap in bounds (possible with dilation: its taps can straddle the
+// input; PyTorch's forward gives -inf there, and no gradient flows).
 inline int64_t argmax_input(const PoolGeometry& g, const float* x, int64_t oh, int64_t ow) {
   int64_t ih0 = oh * g.sh - g.ph, iw0 = ow * g.sw - g.pw;
   const int64_t ih1 = std::min(ih0 + (g.kh - 1) * g.dh + 1, g.h), iw1 = std::min(iw0 + (g.kw - 1) * g.dw + 1, g.w);
-  while (ih0 < 0) ih0 += g.dh;
-  while (iw0 < 0) iw0 += g.dw;
+  if (ih0 < 0) ih0 += ceil_div(-ih0, g.dh) * g.dh;  // the first tap in bounds
+  if (iw0 < 0) iw0 += ceil_div(-iw0, g.dw) * g.dw;
+  if (ih0 >= ih1 || iw0 >= iw1) return -1;
   int64_t best_at = ih0 * g.w + iw0;
   float best = -std::numeric_limits<float>::infinity();
   for (int64_t ih = ih0; ih < ih1; ih += g.dh) {
@@ -91,11 +94,13 @@ inline int64_t argmax_input(const PoolGeometry& g, const float* x, int64_t oh, i
 PoolGeometry pool_geometry(c10::IntArrayRef size, const char* what, c10::IntArrayRef kernel_size,
                            c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
   TORCH_CHECK(size.size() == 4, what, " must be 4-D [N, C, H, W], got ", size.size(), "-D");
+  TORCH_CHECK(size[1] > 0 && size[2] > 0 && size[3] > 0, what, " must have non-zero channels, height and width (",
+              "only the batch may be empty), got ", size);
   check_int_pair(kernel_size, "kernel_size", 1);
   check_int_pair(stride, "stride", 1);
   check_int_pair(padding, "padding", 0);
   check_int_pair(dilation, "dilation", 1);
-  // as PyTorch: every window then has an in-bounds tap
+  // as PyTorch (without dilation every window then has a tap in bounds; with it, see argmax_input)
   TORCH_CHECK(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2,
               "padding must be at most half the kernel size, got padding ", padding, " for kernel_size ", kernel_size);
   PoolGeometry g{size[2], size[3], kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1],

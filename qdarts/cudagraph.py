@@ -9,13 +9,15 @@ of one step.
 
 :class:`GraphedStep` runs a step function ``step(xb, yb, xv, yv, stats, update_arch)``:
 
-- the first ``warmup`` calls run eagerly on a side stream, as ``torch.cuda.graphs`` asks: lazy
-  initialisations (cuDNN and cuBLAS handles, the optimisers' states, the quantizers' first-batch
-  scales, every cached index tensor) happen there, never during a capture;
-- then one graph per key (``update_arch``, the batches' shapes and dtypes): the first call with a
-  key captures the step on static copies of its inputs (a capture records, it computes nothing)
-  and replays it; later calls copy their batches into the static inputs and replay. ``stats`` is
-  accumulated through a static buffer that the graph zeroes first;
+- one graph per key (``update_arch``, the batches' shapes and dtypes). The first ``warmup`` calls
+  with a key run eagerly on a side stream, as ``torch.cuda.graphs`` asks: lazy initialisations
+  (cuDNN and cuBLAS handles, the quantizers' first-batch scales, the cached index tensors of a batch
+  shape, and the optimisers' states: the arch optimiser's is made by the first step with
+  ``update_arch``, which the warm-up epochs leave for later) happen there, never during a capture,
+  where they would be recorded (a zero-filled Adam state, re-zeroed by every replay) rather than
+  done. The next call captures the step on static copies of its inputs (a capture records, it
+  computes nothing) and replays it; later calls copy their batches into the static inputs and
+  replay. ``stats`` is accumulated through a static buffer that the graph zeroes first;
 - ``key_extra()`` (the optimisers' learning rates: Python floats that their kernels take as
   arguments) is read at every call; when it changes (every epoch under the cosine schedule) the
   graphs are dropped and captured anew.
@@ -70,10 +72,11 @@ class GraphedStep:
                  capture: Callable[[Callable[[], None]], Any] = capture_cuda_graph,
                  warmup_context: Callable[[], ContextManager[None]] = side_stream):
         if warmup < 1:
-            raise ValueError(f"warmup must be >= 1 (eager steps before the first capture), got {warmup}")
+            raise ValueError(f"warmup must be >= 1 (eager steps before the first capture of each key), got {warmup}")
         self._step = step
         self._key_extra = key_extra
-        self._warmup_left = warmup
+        self._warmup = warmup
+        self._warmed: Dict[Hashable, int] = {}  # eager calls so far, per key
         self._capture_fn = capture
         self._warmup_context = warmup_context
         self._graphs: Dict[Hashable, Tuple[Any, Tuple[Tensor, ...], Tensor]] = {}
@@ -82,8 +85,10 @@ class GraphedStep:
         self.replays = 0
 
     def __call__(self, xb: Tensor, yb: Tensor, xv: Tensor, yv: Tensor, stats: Tensor, update_arch: bool) -> None:
-        if self._warmup_left > 0:
-            self._warmup_left -= 1
+        inputs = (xb, yb, xv, yv)
+        key = (bool(update_arch),) + tuple((tuple(t.shape), t.dtype) for t in inputs)
+        if self._warmed.get(key, 0) < self._warmup:
+            self._warmed[key] = self._warmed.get(key, 0) + 1
             with self._warmup_context():
                 self._step(xb, yb, xv, yv, stats, update_arch)
             return
@@ -91,8 +96,6 @@ class GraphedStep:
         if extra != self._extra:
             self._graphs.clear()  # frees their memory pools before the new captures take theirs
             self._extra = extra
-        inputs = (xb, yb, xv, yv)
-        key = (bool(update_arch),) + tuple((tuple(t.shape), t.dtype) for t in inputs)
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._graphs[key] = self._capture(inputs, stats, bool(update_arch))

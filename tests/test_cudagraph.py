@@ -41,7 +41,10 @@ class RecordingCapture:
 
     def __call__(self, fn):
         net_state, opt_states, opts = self._state()
+        states_before = [len(o.state) for o in opts]
         fn()  # a capture records the kernels; here the step runs, then its effects are undone
+        # an optimiser state made during a capture would be recorded, its zero-fill re-run by every replay
+        assert [len(o.state) for o in opts] == states_before, "an optimiser state was made during a capture"
         self.searcher.net.load_state_dict(net_state)
         for o, st in zip(opts, opt_states):
             o.load_state_dict(st)
@@ -76,15 +79,32 @@ def test_graphed_steps_equal_eager_steps_and_recapture_when_a_learning_rate_chan
         assert torch.equal(stats_g, stats_e)
         for (name, a), b in zip(graphed.net.named_parameters(), eager.net.parameters()):
             assert torch.equal(a, b), name
-    # 2 warm-up steps; then lr 0.1 arch+weights, lr 0.05 arch+weights, lr 0.05 weights only
-    assert (capture.captured, step.captures, step.replays) == (3, 3, 6)
+    # arch+weights: 2 warm-up steps, then graphs at lr 0.1 and 0.05; weights only: 2 warm-up steps
+    assert (capture.captured, step.captures, step.replays) == (2, 2, 4)
+
+
+def test_the_first_arch_steps_after_the_warm_up_epochs_run_eagerly(tmp_path):
+    """The warm-up epochs take weight steps only: the arch optimiser's state is made by the first
+    arch step, which must not be captured (each key warms up on its own)."""
+    eager = Searcher(SearchConfig(**TINY), str(tmp_path / "e"), progress=False)
+    graphed = Searcher(SearchConfig(**TINY), str(tmp_path / "g"), progress=False)
+    step, capture = _graphed(graphed)
+    plan = [False] * 3 + [True] * 4
+    for (xb, yb, xv, yv), update_arch in zip(_batches(eager, len(plan)), plan):
+        stats_e, stats_g = torch.zeros(4), torch.zeros(4)
+        eager.step(xb, yb, xv, yv, 0.1, stats_e, update_arch=update_arch)
+        step(xb, yb, xv, yv, stats_g, update_arch)
+        assert torch.equal(stats_g, stats_e)
+    for (name, a), b in zip(graphed.net.named_parameters(), eager.net.parameters()):
+        assert torch.equal(a, b), name
+    assert (capture.captured, step.replays) == (2, 3)
 
 
 def test_a_new_batch_shape_gets_its_own_graph(tmp_path):
     s = Searcher(SearchConfig(**TINY), str(tmp_path), progress=False)
     step, _ = _graphed(s, warmup=1)
     (xb, yb, xv, yv), = _batches(s, 1)
-    for batch in (xb, xb, xb[:7]):
+    for batch in (xb, xb, xb[:7], xb[:7]):  # each shape: a warm-up step, then its graph
         step(batch, yb[:batch.shape[0]], xv, yv, torch.zeros(4), True)
     assert (step.captures, step.replays) == (2, 2)
     with pytest.raises(ValueError, match="warmup"):

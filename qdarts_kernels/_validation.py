@@ -92,8 +92,14 @@ def _check_float(t: torch.Tensor, name: str, allow_double: bool = True) -> None:
         raise TypeError(f"{name} must have a floating dtype in {[str(d) for d in ok]}, got {t.dtype}")
 
 
+#: The least scale the ops take: the smallest normal fp32. The kernels multiply by 1 / scale, which
+#: overflows to inf below it (and inf times the zero padding of a vector lane is NaN).
+SMALLEST_SCALE = 2.0 ** -126
+
+
 def check_scale_values(scales: torch.Tensor, name: str = "scales") -> None:
-    """Reject scales <= 0 or non-finite where reading them costs no device sync."""
+    """Reject scales below SMALLEST_SCALE (<= 0 included) or non-finite where reading them costs no
+    device sync."""
     if scales.numel() == 0:
         return
     if torch.compiler.is_compiling():
@@ -103,17 +109,21 @@ def check_scale_values(scales: torch.Tensor, name: str = "scales") -> None:
         return
     s = scales.detach()
     # The cheapest read of a CPU tensor's values: a few Python floats for per-tensor scales, one
-    # min/max reduction otherwise. 0 < v < inf is false for NaN, +-inf, 0 and negatives.
+    # min/max reduction otherwise. SMALLEST_SCALE <= v < inf is false for NaN, +-inf, 0 and negatives.
     if s.numel() <= 64:
         lo_hi = s.flatten().tolist()
     else:
         lo, hi = torch.aminmax(s.flatten())
         lo_hi = [lo.item(), hi.item()]
-    if all(0.0 < v < math.inf for v in lo_hi):
+    if all(SMALLEST_SCALE <= v < math.inf for v in lo_hi):
         return
     if not bool(torch.isfinite(s).all()):
         raise ValueError(f"{name} must be finite, got {s.flatten()[: 8].tolist()}")
-    raise ValueError(f"{name} must be > 0, got min {float(s.min())}")
+    lowest = float(s.min())
+    if lowest <= 0:
+        raise ValueError(f"{name} must be > 0, got min {lowest}")
+    raise ValueError(f"{name} must be >= 2**-126 (the smallest normal float32; 1 / scale overflows below it), "
+                     f"got min {lowest}")
 
 
 def check_mixed_fake_quant(

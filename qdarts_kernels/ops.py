@@ -122,6 +122,13 @@ def _empty_like_none(t: Optional[Tensor], like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
 
 
+def _contiguous_like(t: Tensor) -> Tensor:
+    # what the kernels return for a tensor shaped like t (an output, a gradient): contiguous whatever
+    # t's strides (a transposed scales view included); the fakes must say so, as compiled code
+    # checks the strides
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 # --------------------------------------------------------------------------------------------------
 # mixed_fake_quant
 # --------------------------------------------------------------------------------------------------
@@ -169,7 +176,7 @@ def _mixed_fake_quant_op(
 
 @_mixed_fake_quant_op.register_fake
 def _(x, probs, scales, bits, grid, axis, backend):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return _contiguous_like(x)
 
 
 @torch.library.custom_op("qdarts::mixed_fake_quant_backward", mutates_args=())
@@ -194,9 +201,9 @@ def _mixed_fake_quant_backward_op(
 @_mixed_fake_quant_backward_op.register_fake
 def _(grad, x, probs, scales, bits, grid, axis, backend, need_dx, need_dprobs, need_dscales):
     return (
-        torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0),
-        torch.empty_like(probs) if need_dprobs else probs.new_empty(0),
-        torch.empty_like(scales) if need_dscales else scales.new_empty(0),
+        _contiguous_like(x) if need_dx else x.new_empty(0),
+        _contiguous_like(probs) if need_dprobs else probs.new_empty(0),
+        _contiguous_like(scales) if need_dscales else scales.new_empty(0),
     )
 
 
@@ -381,7 +388,7 @@ def _mixed_fake_quant_grouped_op(
 
 @_mixed_fake_quant_grouped_op.register_fake
 def _(xs, probs, scales, bits, grid, axes, backend, straight_through):
-    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
+    return [_contiguous_like(x) for x in xs]
 
 
 def _check_grouped_op_args(xs, probs, scales, bits, axes, grads=None):
@@ -420,10 +427,10 @@ def _mixed_fake_quant_grouped_backward_op(
 
 @_mixed_fake_quant_grouped_backward_op.register_fake
 def _(grads, xs, probs, scales, bits, grid, axes, backend, need_dx, need_dprobs, need_dscales):
-    dxs = [torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0) for x in xs]
+    dxs = [_contiguous_like(x) if need_dx else x.new_empty(0) for x in xs]
     math_dtype = torch.float64 if xs[0].dtype == torch.float64 else torch.float32  # see _params
     dscales = scales[0].new_empty(sum(s.numel() for s in scales) if need_dscales else 0, dtype=math_dtype)
-    return dxs + [torch.empty_like(probs) if need_dprobs else probs.new_empty(0), dscales]
+    return dxs + [_contiguous_like(probs) if need_dprobs else probs.new_empty(0), dscales]
 
 
 def _mfqg_setup_context(ctx, inputs, output):
@@ -564,7 +571,7 @@ def _mixed_op_sum_op(outputs: List[Tensor], weights: Tensor, backend: str) -> Te
 
 @_mixed_op_sum_op.register_fake
 def _(outputs, weights, backend):
-    return torch.empty_like(outputs[0], memory_format=torch.contiguous_format)
+    return _contiguous_like(outputs[0])
 
 
 @torch.library.custom_op("qdarts::mixed_op_sum_backward", mutates_args=())
@@ -581,7 +588,7 @@ def _mixed_op_sum_backward_op(
 @_mixed_op_sum_backward_op.register_fake
 def _(grad, outputs, weights, backend, need_doutputs, need_dweights):
     douts = [
-        torch.empty_like(o, memory_format=torch.contiguous_format) if need_doutputs else o.new_empty(0)
+        _contiguous_like(o) if need_doutputs else o.new_empty(0)
         for o in outputs
     ]
     return douts + [torch.empty_like(weights) if need_dweights else weights.new_empty(0)]
@@ -599,11 +606,13 @@ def _mos_setup_context(ctx, inputs, output):
 def _mos_op_backward(ctx, grad):
     weights, *kept = ctx.saved_tensors
     grad, outputs = _mos_saved_outputs(kept, grad, ctx.k)
-    need_douts, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    # needs_input_grad[0] may be one flag per output: a list, true even when every flag is false
+    flags = ctx.needs_input_grad[0]
+    need_douts, need_dw = any(flags) if isinstance(flags, (list, tuple)) else bool(flags), ctx.needs_input_grad[1]
     if not (need_douts or need_dw):
         return None, None, None
-    res = _mixed_op_sum_backward_op(grad, outputs, weights, ctx.backend, bool(need_douts), bool(need_dw))
-    douts = res[:-1] if need_douts else None
+    res = _mixed_op_sum_backward_op(grad, outputs, weights, ctx.backend, need_douts, bool(need_dw))
+    douts = res[:-1] if need_douts else [None] * ctx.k
     return douts, (res[-1] if need_dw else None), None
 
 

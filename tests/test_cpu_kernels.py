@@ -333,10 +333,11 @@ BAD_FAKE_QUANT = [
     (dict(bits=[0, 4]), "bits must be in [1, 16], got bits[0] = 0"),
     (dict(bits=[2, 17]), "bits must be in [1, 16], got bits[1] = 17"),
     (dict(grid=4), "grid must be 0 (signed), 1 (unsigned), 2 (midrise) or 3 (relu), got 4"),
-    (dict(scales=torch.tensor([0.1, 0.0])), "scales must be finite and > 0, got scales[1] = 0"),
-    (dict(scales=torch.tensor([float("nan"), 0.2])), "scales must be finite and > 0, got scales[0] = nan"),
+    (dict(scales=torch.tensor([0.1, 0.0])), "scales must be finite and >= 2**-126, got scales[1] = 0"),
+    (dict(scales=torch.tensor([float("nan"), 0.2])), "scales must be finite and >= 2**-126, got scales[0] = nan"),
+    (dict(scales=torch.tensor([0.1, 1e-40])), "scales must be finite and >= 2**-126, got scales[1] = 9.99995e-41"),
     (dict(scales=torch.tensor([[0.1] * 5, [0.2] * 4 + [-1.0]]), axis=1),
-     "scales must be finite and > 0, got scales[1, 4] = -1"),
+     "scales must be finite and >= 2**-126, got scales[1, 4] = -1"),
 ]
 
 

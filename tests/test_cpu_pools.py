@@ -195,3 +195,20 @@ def test_input_free_avg_pool_takes_the_kernels_keeps_nothing_and_equals_nn_avg_p
     with qk.eager_reference():  # the plain-PyTorch baseline stays PyTorch's
         InputFreeAvgPool2d(3, stride, 1)(x)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_second_derivative_is_pytorch_s(pool):
+    """Under create_graph=True the backward is PyTorch's differentiable one: the C++ backward has no
+    derivative of its own, and autograd would take it for zero."""
+    ours = InputKeepingMaxPool2d(3, 1, 1) if pool == "max" else InputFreeAvgPool2d(3, 1, 1)
+    plain = torch.nn.MaxPool2d(3, 1, 1) if pool == "max" else torch.nn.AvgPool2d(3, 1, 1)
+    x0 = _inputs((2, 3, 6, 7), 13)
+    second = []
+    for m in (ours, plain):
+        x = x0.clone().requires_grad_()
+        (dx,) = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+        (ddx,) = torch.autograd.grad(dx.square().sum(), x)
+        second.append((dx.detach(), ddx))
+    assert second[1][1].abs().sum() > 0
+    assert _same_bits(second[0][0], second[1][0]) and _same_bits(second[0][1], second[1][1])

@@ -173,9 +173,11 @@ def test_opcheck_grouped(backend, per_channel, straight_through):
     torch.library.opcheck(torch.ops.qdarts.mixed_fake_quant_grouped.default, args + (straight_through,))
     xs, probs, scales, *rest = args
     grads = [torch.randn(x.shape) for x in xs]
-    for needs in [(True, True, True), (False, True, False), (False, False, True)]:
+    probs_t = probs.detach().t().contiguous().t()  # [N, K] with strides (1, N): the gradient is contiguous
+    for p, needs in [(probs, (True, True, True)), (probs, (False, True, False)), (probs, (False, False, True)),
+                     (probs_t, (False, True, False))]:
         torch.library.opcheck(torch.ops.qdarts.mixed_fake_quant_grouped_backward.default,
-                              (grads, [x.detach() for x in xs], probs.detach(), [s.detach() for s in scales],
+                              (grads, [x.detach() for x in xs], p.detach(), [s.detach() for s in scales],
                                *rest, *needs))
 
 

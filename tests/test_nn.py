@@ -127,6 +127,28 @@ def test_lsq_scales_initialised_from_first_batch(grid, top, per_channel):
     torch.testing.assert_close(mq.scales.detach(), first * 10, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("kwargs", [dict(quantizer="lsq"), dict(quantizer="lsq", per_channel_axis=1),
+                                    dict(quantizer="paper"), dict(quantizer="paper", grid="relu"),
+                                    dict(quantizer="paper", grid="signed")], ids=str)
+def test_an_empty_batch_passes_through_and_observes_nothing(kwargs):
+    """As nn.Conv2d and PyTorch's FakeQuantize: an empty batch gives an empty output (and an empty
+    gradient); LSQ scales are then initialised by the first non-empty batch, not from nothing (the
+    mean of nothing is NaN)."""
+    torch.manual_seed(3)
+    bits = (2, 4, 8)  # 8 bits: the paper activation scale by the max, a reduction that refuses empty input
+    ours, fresh = (qnn.MixedPrecisionFakeQuantize(bits, **kwargs) for _ in range(2))
+    empty = torch.randn(0, 3, 4, requires_grad=True)
+    y = ours(empty)
+    y.sum().backward()
+    assert y.shape == empty.shape and empty.grad.shape == empty.shape
+    x = torch.randn(5, 3, 4)
+    assert torch.equal(ours(x), fresh(x))
+    if kwargs["quantizer"] == "lsq":
+        assert torch.equal(ours.scales, fresh.scales) and int(ours.initialized) == 1
+    conv = qnn.QuantConv2d(3, 4, 3, quantizer=kwargs["quantizer"])
+    assert conv(torch.randn(0, 3, 8, 8)).shape == (0, 4, 6, 6)
+
+
 @pytest.mark.parametrize("quantizer", ["lsq", "paper"])
 @pytest.mark.parametrize("layer", ["conv", "linear"])
 def test_fuse_relu_is_relu_then_the_unsigned_layer(quantizer, layer):

@@ -40,6 +40,19 @@ def test_opcheck_mixed_fake_quant_backward(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_SIDE_BACKENDS)
+def test_opcheck_backward_of_non_contiguous_probs_and_scales(backend):
+    """The gradients come back contiguous whatever the strides of probs and scales, and the fake
+    kernels say so (compiled code checks the strides: a transposed scales view failed there)."""
+    x, probs, scales, bits, grid, axis, _ = _mfq_args(backend, per_channel=True)
+    scales_t = scales.detach().t().contiguous().t()  # [K, C] with strides (1, K)
+    probs_strided = torch.stack([probs.detach(), probs.detach()], 1)[:, 0]  # stride 2
+    assert not scales_t.is_contiguous() and not probs_strided.is_contiguous()
+    torch.library.opcheck(torch.ops.qdarts.mixed_fake_quant_backward.default,
+                          (torch.randn(x.shape), x.detach(), probs_strided, scales_t, bits, grid, axis, backend,
+                           True, True, True))
+
+
+@pytest.mark.parametrize("backend", CPU_SIDE_BACKENDS)
 def test_opcheck_mixed_op_sum(backend):
     gen = torch.Generator().manual_seed(0)
     outs = [torch.randn(3, 7, generator=gen).requires_grad_() for _ in range(5)]
@@ -48,6 +61,23 @@ def test_opcheck_mixed_op_sum(backend):
     g = torch.randn(3, 7, generator=gen)
     torch.library.opcheck(torch.ops.qdarts.mixed_op_sum_backward.default,
                           (g, [o.detach() for o in outs], w.detach(), backend, True, True))
+
+
+def test_compiled_mixed_op_sum_computes_no_output_gradient_that_is_not_needed(monkeypatch):
+    """Frozen candidate outputs (only the weights learn): the backward asks the kernels for d weights
+    only. (Compiled, autograd gives one needs-grad flag per output, a list.)"""
+    from qdarts_kernels import ops
+
+    asked = []
+    real = ops._mixed_op_sum_backward_op
+    monkeypatch.setattr(ops, "_mixed_op_sum_backward_op", lambda *a: asked.append(a[4:]) or real(*a))
+    outs = [torch.randn(3, 5) for _ in range(2)]
+    w = torch.rand(2, requires_grad=True)
+    compiled = torch.compile(lambda o, w: qk.mixed_op_sum(o, w, backend="reference").square().sum(),
+                             backend="aot_eager", fullgraph=True)
+    compiled(outs, w).backward()
+    torch.testing.assert_close(w.grad, torch.stack([(2 * (outs[0] * w[0] + outs[1] * w[1]) * o).sum() for o in outs]))
+    assert asked and all(flags == (False, True) for flags in asked)
 
 
 @pytest.mark.parametrize("backend", CPU_SIDE_BACKENDS)
@@ -249,6 +279,7 @@ S2 = torch.tensor([0.1, 0.2])
         (dict(scales=torch.tensor([0.1, -1.0])), ValueError, "scales must be > 0"),
         (dict(scales=torch.tensor([0.1, float("nan")])), ValueError, "scales must be finite"),
         (dict(scales=torch.tensor([float("inf"), 1.0])), ValueError, "scales must be finite"),
+        (dict(scales=torch.tensor([0.1, 1e-40])), ValueError, r"scales must be >= 2\*\*-126"),
         (dict(x=torch.ones(4, 3, dtype=torch.int32)), TypeError, "x must have a floating dtype"),
         (dict(probs=torch.ones(2, dtype=torch.int64)), TypeError, "probs must have a floating dtype"),
         (dict(x=[1.0, 2.0]), TypeError, "x must be a torch.Tensor"),

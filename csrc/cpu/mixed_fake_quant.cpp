@@ -34,6 +34,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -255,11 +256,13 @@ QuantJob make_job(const ChannelLayout& layout, const at::Tensor& probs, const at
     job.probs[k] = p[k];
     for (int64_t c = 0; c < channels; ++c) {
       const float v = s[k * channels + c];
+      // at least the smallest normal float32: below it 1 / v overflows to inf, and inf times the
+      // zeros that pad a run to whole vectors is NaN in the reductions
+      const bool valid = std::isfinite(v) && v >= std::numeric_limits<float>::min();
       if (scales.dim() == 1) {
-        TORCH_CHECK(std::isfinite(v) && v > 0.0f, "scales must be finite and > 0, got scales[", k, "] = ", v);
+        TORCH_CHECK(valid, "scales must be finite and >= 2**-126, got scales[", k, "] = ", v);
       } else {
-        TORCH_CHECK(std::isfinite(v) && v > 0.0f, "scales must be finite and > 0, got scales[", k, ", ", c,
-                    "] = ", v);
+        TORCH_CHECK(valid, "scales must be finite and >= 2**-126, got scales[", k, ", ", c, "] = ", v);
       }
       inv_scales[k * channels + c] = 1.0f / v;
     }

@@ -50,7 +50,9 @@ class _MaxPool2dKeepingInput(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         kernel_size, stride, padding, dilation, ceil_mode = ctx.args
-        if _takes_cpu_kernels(x, ceil_mode, "max_pool2d_backward") and grad.dtype == torch.float32:
+        # under create_graph=True PyTorch's backward, differentiable, gives the second derivative
+        if (not torch.is_grad_enabled() and _takes_cpu_kernels(x, ceil_mode, "max_pool2d_backward")
+                and grad.dtype == torch.float32):
             return (torch.ops.qdarts_C.max_pool2d_backward(grad, x, kernel_size, stride, padding, dilation),
                     None, None, None, None, None)
         with torch.no_grad():
@@ -82,6 +84,13 @@ class _AvgPool2dKeepingNothing(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        input_size, kernel_size, stride, padding, count_include_pad = ctx.args
+        if torch.is_grad_enabled():  # create_graph=True: PyTorch's differentiable backward
+            # reads only the size of its input argument: a zero expanded to it, nothing allocated
+            shape_only = grad.new_zeros(()).expand(input_size)
+            dx = torch.ops.aten.avg_pool2d_backward(grad, shape_only, kernel_size, stride, padding, False,
+                                                    count_include_pad, None)
+            return dx, None, None, None, None
         return torch.ops.qdarts_C.avg_pool2d_backward(grad.float(), *ctx.args), None, None, None, None
 
 

@@ -326,17 +326,22 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
 
     @torch.no_grad()
     def _init_lsq_scales(self, x: Tensor, axis: Optional[int]) -> None:
-        """LSQ rule ``s_k = 2 mean|x| / sqrt(Qp_k)``, per tensor or per channel; on the device."""
+        """LSQ rule ``s_k = 2 mean|x| / sqrt(Qp_k)``, per tensor or per channel; on the device. An
+        empty batch observes nothing: the first non-empty one initialises the scales."""
+        if axis is not None:
+            if isinstance(self.scales, UninitializedParameter):
+                self.scales.materialize((self.num_bits, x.shape[axis]))
+                self.scales.fill_(1.0)  # a valid placeholder until a batch is observed
+            elif self.scales.shape[1] != x.shape[axis]:
+                raise ValueError(f"x has {x.shape[axis]} channels along axis {axis} but the quantizer has "
+                                 f"{self.scales.shape[1]} per-channel scales")
+        if x.numel() == 0:
+            return
         xa = self._magnitudes(x.detach()).float()
         if axis is None:
             mean_abs = xa.mean().reshape(1)
             init = self._init_factor * mean_abs
         else:
-            if isinstance(self.scales, UninitializedParameter):
-                self.scales.materialize((self.num_bits, x.shape[axis]))
-            elif self.scales.shape[1] != x.shape[axis]:
-                raise ValueError(f"x has {x.shape[axis]} channels along axis {axis} but the quantizer has "
-                                 f"{self.scales.shape[1]} per-channel scales")
             mean_abs = xa.mean(dim=_other_dims(x, axis))
             init = self._init_factor[:, None] * mean_abs[None, :]
         self.scales.copy_(init.clamp_min(MIN_SCALE))
@@ -354,7 +359,8 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         # quantizer does: in place on the device (no sync), through .data so that the version
         # counter stays, and a graph of an earlier forward (gradient accumulation) stays valid
         self.scales.data.clamp_(min=MIN_SCALE)
-        per_scale = x.numel() if axis is None else x.numel() // x.shape[axis]
+        # elements per scale (at least 1: an empty batch gets no gradient, and 0 ** -0.5 raises)
+        per_scale = max(1, x.numel() if axis is None else x.numel() // max(1, x.shape[axis]))
         if self.num_bits == 1:  # a python float: exactly PyTorch's grad_factor 1/sqrt(n * Qp)
             return _ScaleGrad.apply(self.scales, (per_scale * self._tops[0]) ** -0.5)
         factor = self._grad_scale * per_scale**-0.5
@@ -389,9 +395,11 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         # otherwise max |x| as one reduction (the inf-norm), not abs then amax -- except on CPU, where
         # PyTorch's inf-norm is some 30x slower than its min/max pass (0.35 against 0.02 ms over
         # [64, 4, 32, 32] on the 2-core VM of bench/results): max(max x, -min x), the same value
-        if self.grid == "relu":
+        if xd.numel() == 0:  # an empty batch (the reductions refuse it): the scales' floor
+            largest = xd.new_zeros((), dtype=torch.float32)
+        elif self.grid == "relu":
             largest = xd.amax()
-        elif xd.device.type == "cpu" and xd.numel():
+        elif xd.device.type == "cpu":
             lowest, highest = torch.aminmax(xd)
             largest = torch.maximum(highest, -lowest)
         else:

@@ -12,17 +12,17 @@
 // The maths of qdarts_kernels.triton.batch_norm, which OutputKeepingBatchNorm2d takes on a GPU; it
 // takes these on CPU. Why: PyTorch's CPU batch norm forward spent 4-5x its backward's time on the
 // supernet's few-channel planes (a [64, 4, 32, 32] batch on the 2-core VM of bench/results: about
-// 260 us against 55 us), and every candidate op of a DARTS edge ends in one: some 1900 calls per
+// 250 us against 50 us), and every candidate op of a DARTS edge ends in one: some 1900 calls per
 // CIFAR-size search step, a seventh of the step's time.
 //
-// Statistics: each run of at most kRunLength elements of a plane (one image's channel) gets its
-// (count, mean, squared deviations) from two passes in the L1 cache (the sum, then the sums of
-// d = x - m and d^2 about the run's rounded mean m: the corrected two-pass formula), runs are merged
-// in order into their plane and planes, image by image, into their channel with Chan's formula in
-// fp64. So a mean far from zero does not cancel the variance away, and as runs and planes have
-// fixed boundaries and the fp32 lane sums fixed lanes (cpu_common.h), the results are the same bits
-// for any thread count and instruction set. The backward's sums of g and g y: fp32 lane sums moved
-// into fp64 per run, planes added image by image.
+// Sums per channel (the forward's sum of x, then the sums of d = x - m and d^2 about the rounded
+// mean m: the corrected two-pass formula, so a mean far from zero does not cancel the variance away;
+// the backward's sums of g and g y) run over the channel's planes image by image, each plane's whole
+// lane groups in fp32 lanes (lane: the position in the plane mod kLanes, cpu_common.h) moved into
+// fp64 before any lane holds more than 16 terms, the rest of each plane added one by one in fp64.
+// The lanes thus span planes: a 4x4 plane costs one vector add per pass, not a reduction of its own
+// (per-plane reductions had made 2x2 to 4x4 planes slower than PyTorch's). The order depends on the
+// shape alone: the same bits for any thread count (threads take whole channels) and instruction set.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -42,20 +42,6 @@ namespace qdarts {
 namespace cpu {
 namespace {
 
-// Count, mean and sum of squared deviations from the mean of some elements.
-struct Moments {
-  double count = 0.0;
-  double mean = 0.0;
-  double m2 = 0.0;
-};
-
-// Chan et al.'s pairwise update: the moments of the union of a's and b's elements.
-inline Moments merge(const Moments& a, const Moments& b) {
-  if (a.count == 0.0) return b;
-  const double count = a.count + b.count, delta = b.mean - a.mean;
-  return {count, a.mean + delta * (b.count / count), a.m2 + b.m2 + delta * delta * (a.count * b.count / count)};
-}
-
 // The kLanes fp64 lane totals added in lane order.
 inline double sum_lanes(const double* totals) {
   double sum = 0.0;
@@ -64,16 +50,20 @@ inline double sum_lanes(const double* totals) {
 }
 
 struct BatchNormJob {
-  int64_t channels, plane;  // C and S
-  const float* x;           // forward: the input; backward: the output y
+  int64_t images, channels, plane;  // N, C and S
+  const float* x;                   // forward: the input; backward: the output y
   const float* grad;
-  float* out;               // forward: y; backward: dx
-  Moments* moments;         // forward: per plane
-  double* sums;             // backward: per plane, sum g and sum g y
-  const float* shift;       // per channel: forward the mean, backward sum g / M
-  const float* slope;       // per channel: backward sum (g y) / M
+  float* out;                       // forward: y; backward: dx
+  double* sums;                     // per channel, two: forward mean and variance, backward sum g and sum g y
+  const float* shift;               // per channel: forward the mean, backward sum g / M
+  const float* slope;               // per channel: backward sum (g y) / M
   const float* invstd;
 };
+
+// at::parallel_for's grain over channels of `per_channel` elements: about 64k elements per chunk.
+inline int64_t channel_grain(int64_t per_channel) {
+  return std::max<int64_t>(1, ceil_div(int64_t{1} << 16, per_channel));
+}
 
 #define QD_ISA_KERNELS "cpu/batch_norm_kernels.inc"
 #include "cpu/foreach_isa.h"
@@ -109,25 +99,24 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_train_forward_cpu(const at::Tensor
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = empty_output(x.sizes(), c10::ScalarType::Float);
   at::Tensor invstd = at::empty({c}, x.options());
-  std::vector<Moments> moments(n * c);
+  std::vector<double> statistics(2 * c);
   std::vector<float> mean_f(c);
-  BatchNormJob job{c, s, x.data_ptr<float>(), nullptr, y.data_ptr<float>(), moments.data(), nullptr,
-                   mean_f.data(), nullptr, invstd.data_ptr<float>()};
-  at::parallel_for(0, n * c, plane_grain(s), [&](int64_t begin, int64_t end) {
-    QD_ISA_DISPATCH(plane_moments, job, begin, end);
+  BatchNormJob job{n, c, s, x.data_ptr<float>(), nullptr, y.data_ptr<float>(), statistics.data(), mean_f.data(),
+                   nullptr, invstd.data_ptr<float>()};
+  at::parallel_for(0, c, channel_grain(n * s), [&](int64_t begin, int64_t end) {
+    QD_ISA_DISPATCH(channel_statistics, job, begin, end);
   });
   float* inv = invstd.data_ptr<float>();
+  const double count = static_cast<double>(n) * static_cast<double>(s);
   for (int64_t ch = 0; ch < c; ++ch) {
-    Moments m;
-    for (int64_t i = 0; i < n; ++i) m = merge(m, moments[i * c + ch]);
-    const double var = m.m2 / m.count;
-    mean_f[ch] = static_cast<float>(m.mean);
+    const double mean = statistics[2 * ch], var = statistics[2 * ch + 1];
+    mean_f[ch] = static_cast<float>(mean);
     inv[ch] = static_cast<float>(1.0 / std::sqrt(var + eps));
     if (update) {
       float* rm = running_mean->data_ptr<float>() + ch;
       float* rv = running_var->data_ptr<float>() + ch;
-      *rm = static_cast<float>((1.0 - momentum) * *rm + momentum * m.mean);
-      *rv = static_cast<float>((1.0 - momentum) * *rv + momentum * var * m.count / (m.count - 1.0));
+      *rm = static_cast<float>((1.0 - momentum) * *rm + momentum * mean);
+      *rv = static_cast<float>((1.0 - momentum) * *rv + momentum * var * count / (count - 1.0));
     }
   }
   at::parallel_for(0, n * c, plane_grain(s), [&](int64_t begin, int64_t end) {
@@ -147,22 +136,17 @@ at::Tensor batch_norm_train_backward_cpu(const at::Tensor& grad_in, const at::Te
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor invstd = invstd_in.contiguous();
   at::Tensor dx = empty_output(out.sizes(), c10::ScalarType::Float);
-  std::vector<double> sums(2 * n * c);
+  std::vector<double> sums(2 * c);
   std::vector<float> shift(c), slope(c);
-  BatchNormJob job{c, s, out.data_ptr<float>(), grad.data_ptr<float>(), dx.data_ptr<float>(), nullptr, sums.data(),
+  BatchNormJob job{n, c, s, out.data_ptr<float>(), grad.data_ptr<float>(), dx.data_ptr<float>(), sums.data(),
                    shift.data(), slope.data(), invstd.data_ptr<float>()};
-  at::parallel_for(0, n * c, plane_grain(2 * s), [&](int64_t begin, int64_t end) {
-    QD_ISA_DISPATCH(plane_grad_sums, job, begin, end);
+  at::parallel_for(0, c, channel_grain(n * s), [&](int64_t begin, int64_t end) {
+    QD_ISA_DISPATCH(channel_grad_sums, job, begin, end);
   });
   const double count = static_cast<double>(n) * static_cast<double>(s);
   for (int64_t ch = 0; ch < c; ++ch) {
-    double sum_g = 0.0, sum_gy = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-      sum_g += sums[2 * (i * c + ch)];
-      sum_gy += sums[2 * (i * c + ch) + 1];
-    }
-    shift[ch] = static_cast<float>(sum_g / count);
-    slope[ch] = static_cast<float>(sum_gy / count);
+    shift[ch] = static_cast<float>(sums[2 * ch] / count);
+    slope[ch] = static_cast<float>(sums[2 * ch + 1] / count);
   }
   at::parallel_for(0, n * c, plane_grain(2 * s), [&](int64_t begin, int64_t end) {
     QD_ISA_DISPATCH(grad_input_planes, job, begin, end);

@@ -29,7 +29,7 @@ with the maths of :mod:`qdarts_kernels.triton.batch_norm`:
 - the C++ CPU kernels ``torch.ops.qdarts_C.batch_norm_train_forward/backward``
   (``csrc/cpu/batch_norm.cpp``): fp32 CPU tensors with backend ``cpu`` or the automatic choice
   there. PyTorch's CPU forward took 4-5x its backward's time on the supernet's few-channel planes
-  (a [64, 4, 32, 32] batch: about 260 us against 55 us; these kernels take about 55 and 40 us);
+  (a [64, 4, 32, 32] batch: about 250 us against 50 us; these kernels take about 41 and 38 us);
 - PyTorch's ``native_batch_norm`` and its backward otherwise: backend ``reference``, fp64 (and
   fp16/bf16 on CPU), under ``torch.compile`` (which generates its own), for a second derivative
   (create_graph=True), and with ``QDARTS_FEW_CHANNEL_KERNELS=0``.

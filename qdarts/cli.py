@@ -13,12 +13,14 @@ __all__ = ["main", "build_parser"]
 
 
 def _bits(text: str):
+    from .genotype import MAX_BITS
+
     try:
         bits = tuple(int(b) for b in text.split(",") if b.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"--bits must be comma-separated ints such as 2,4,8, got {text!r}")
-    if not 1 <= len(bits) <= 4 or any(not 1 <= b <= 16 for b in bits) or len(set(bits)) != len(bits):
-        raise argparse.ArgumentTypeError(f"--bits must be 1..4 distinct bit-widths in [1, 16], got {text!r}")
+    if not 1 <= len(bits) <= 4 or any(not 1 <= b <= MAX_BITS for b in bits) or len(set(bits)) != len(bits):
+        raise argparse.ArgumentTypeError(f"--bits must be 1..4 distinct bit-widths in [1, {MAX_BITS}], got {text!r}")
     return bits
 
 

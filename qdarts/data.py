@@ -19,12 +19,12 @@ from __future__ import annotations
 import os
 import pickle
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 
-__all__ = ["Dataset", "load_dataset", "batches", "num_batches", "DATASETS", "CIFAR10_FILES"]
+__all__ = ["Dataset", "load_dataset", "batches", "num_batches", "check_split_sizes", "DATASETS", "CIFAR10_FILES"]
 
 DATASETS = ("digits", "synthetic", "cifar10")
 CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
@@ -152,6 +152,8 @@ def _cifar10(data_dir: Optional[str]) -> Dataset:
     tx = np.concatenate([p[0] for p in parts])
     ty = np.concatenate([p[1] for p in parts])
     ex, ey = _cifar_batch(os.path.join(data_dir, "test_batch"))
+    # before the statistics of the pool are taken (NaN with a warning for no image at all)
+    check_split_sizes("cifar10", data_dir, 1, {"training pool (data_batch_1..5)": len(ty)})
     to_f = lambda a: torch.from_numpy(a.astype(np.float32) / 255.0)  # noqa: E731
     train_x, test_x = _standardise(to_f(tx), to_f(ex))
     # the search's train/val halves are contiguous slices of the pool: shuffle it once, with a fixed seed
@@ -169,6 +171,16 @@ def load_dataset(name: str, data_dir: Optional[str] = None) -> Dataset:
     if name == "cifar10":
         return _cifar10(data_dir)
     raise ValueError(f"data must be one of {', '.join(DATASETS)}, got {name!r}")
+
+
+def check_split_sizes(data: str, data_dir: Optional[str], need: int, splits: Dict[str, int]) -> None:
+    """A ValueError naming the data set and each split ({"train split": sample count, ...}) with fewer than
+    ``need`` samples: a run needs a sample of each split it reads per process, as its means divide by the count."""
+    short = [f"{name} has {n}" for name, n in splits.items() if n < need]
+    if short:
+        where = f" in {data_dir!r}" if data == "cifar10" and data_dir else ""
+        raise ValueError(f"data set {data!r}{where} is too small: its {' and its '.join(short)} samples, "
+                         f"at least {need} needed")
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -22,9 +22,16 @@ __all__ = ["derive_edges", "derive_genotype"]
 NONE_INDEX = PRIMITIVES.index("none")
 
 
-def derive_edges(op_probs: torch.Tensor, edge_probs: torch.Tensor, steps: int) -> List[Edge]:
-    """The kept edges of one cell type from softmax(alpha) [edges, ops] and per-node softmax(beta) [edges]."""
+def derive_edges(op_probs: torch.Tensor, edge_probs: torch.Tensor, steps: int, kind: str = "cell") -> List[Edge]:
+    """The kept edges of one cell type from softmax(alpha) [edges, ops] and per-node softmax(beta) [edges].
+
+    Raises ``ValueError`` when a probability is NaN (a diverged search: alpha or beta is NaN or inf),
+    as every comparison with NaN is false and the argmax would pick ops that nothing chose.
+    """
     strength = (op_probs * edge_probs[:, None]).detach().cpu().double()
+    if not torch.isfinite(strength).all():
+        raise ValueError(f"the {kind} cell's architecture parameters (alpha, beta) are not finite: the search "
+                         "diverged (try a lower --arch-lr, --weight-lr or --lambda); no genotype can be derived")
     strength[:, NONE_INDEX] = -1.0
     edges = []
     for node in range(2, steps + 2):
@@ -47,7 +54,11 @@ def derive_genotype(net: SearchNetwork, search_info: Optional[Dict[str, Any]] = 
     kept = {}
     for reduction in (False, True):
         betas = net.betas_reduce if reduction else net.betas_normal
-        kept[reduction] = derive_edges(net.op_probs(reduction), net.edge_weights(betas), cfg.steps)
+        kept[reduction] = derive_edges(net.op_probs(reduction), net.edge_weights(betas), cfg.steps,
+                                       "reduce" if reduction else "normal")
+    if not all(torch.isfinite(p).all() for p in net.gamma_parameters()):
+        raise ValueError("the bit-width parameters (gamma) are not finite: the search diverged (try a lower "
+                         "--gamma-lr or --lambda); no genotype can be derived")
     cells = []
     for cell in net.cells:
         edge_bits = [_pairs(cell.edges[edge_index(e.node, e.input)].ops[PRIMITIVES.index(e.op) - 1])

@@ -17,9 +17,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .genotype import Genotype
+from .genotype import Genotype, reduction_cells
 from .ops import ConvMaker, FactorizedReduce, ReLUConvBN, build_op
-from .supernet import reduction_cells
 
 __all__ = ["EvalNetwork", "drop_path"]
 

@@ -19,8 +19,8 @@ Format ``{"format": "qdarts-genotype", "version": 1, ...}``::
     search          the search settings retraining needs by default (data, input_shape,
                     num_classes, layers, channels, steps) and the search's results
 
-A network of another depth maps its cells onto the searched ones by stage and relative position
-(see :func:`Genotype.cell_bits_for`).
+A network of another depth maps its cells onto the searched ones by type, stage, preprocessing and
+relative position (see :func:`Genotype.cell_bits_for`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
-__all__ = ["PRIMITIVES", "Edge", "Genotype", "FORMAT", "VERSION", "load_genotype"]
+__all__ = ["PRIMITIVES", "Edge", "Genotype", "FORMAT", "VERSION", "MAX_BITS", "load_genotype", "reduction_cells"]
 
 FORMAT = "qdarts-genotype"
 VERSION = 1
@@ -47,6 +47,9 @@ PRIMITIVES = (
 )
 
 BitPairs = List[Tuple[int, int]]
+
+#: the widest bit-width the quantized ops of qdarts_kernels accept (they take 1..MAX_BITS)
+MAX_BITS = 16
 
 
 @dataclass(frozen=True)
@@ -83,33 +86,38 @@ class Genotype:
         return self.reduce if reduction else self.normal
 
     def cell_bits_for(self, index: int, layers: int) -> CellBits:
-        """Bits for cell ``index`` of a network with ``layers`` cells (reductions at layers//3, 2*layers//3).
+        """Bits for cell ``index`` of a network with ``layers`` cells (reductions at :func:`reduction_cells`).
 
-        Cell i of stage s (0, 1, 2 between reductions; a reduction cell is its own stage) takes the
-        bits of the searched cell of the same stage and type at the same relative position.
+        The cells of a network are in stages: the normal cells before, between and after the
+        reduction cells, each reduction cell a stage of its own. Cell ``index`` takes the bits of the
+        searched cell of the same type, stage and ``reduction_prev`` (whether the cell before it is a
+        reduction cell: its preprocess0 is then a FactorizedReduce with 2 convs, else a 1x1
+        ReLUConvBN with 1) at the same relative position among the cells of that kind; failing one,
+        of the same type and stage; then of the same type and ``reduction_prev`` in any stage; then of
+        the same type anywhere. A network of the searched depth so takes each searched cell's own bits.
+
+        When the chosen cell's preprocess0 has another conv count, its pairs are fitted: one conv
+        takes the wider bits of the two (the larger act and the larger weight bits, so that neither
+        half of the input gets fewer bits than the search chose), two convs both take the one pair.
+
+        Raises ``ValueError`` when the genotype has no searched cell of the type the network needs (a
+        1- or 2-cell search has reduction cells only, and a network of 3 or more cells has normal ones).
         """
-        def stages(n):
-            red = {n // 3, 2 * n // 3}
-            out, stage, pos = [], 0, 0
-            for i in range(n):
-                if i in red:
-                    stage += 1
-                    out.append(("r", stage, 0))
-                    stage += 1
-                    pos = 0
-                else:
-                    out.append(("n", stage, pos))
-                    pos += 1
-            return out
-
-        searched = stages(len(self.cells))
-        wanted = stages(layers)
-        kind, stage, pos = wanted[index]
-        count = sum(1 for k, s, _ in wanted if (k, s) == (kind, stage))
-        candidates = [i for i, (k, s, _) in enumerate(searched) if (k, s) == (kind, stage)]
-        if not candidates:  # a stage the search did not have (e.g. a 2-cell search): same type, any stage
-            candidates = [i for i, (k, _, _) in enumerate(searched) if k == kind]
-        return self.cells[candidates[min(len(candidates) - 1, pos * len(candidates) // max(count, 1))]]
+        searched, wanted = _cell_layout(len(self.cells)), _cell_layout(layers)
+        reduction, _, reduction_prev = wanted[index]
+        for key in (lambda c: c, lambda c: c[:2], lambda c: (c[0], c[2]), lambda c: c[0]):
+            candidates = [i for i, c in enumerate(searched) if key(c) == key(wanted[index])]
+            if candidates:
+                break
+        else:
+            kinds = "".join("R" if r else "N" for r, _, _ in searched)
+            raise ValueError(f"the genotype has no searched {'reduction' if reduction else 'normal'} cell (its "
+                             f"searched cells: {kinds or 'none'}), which a network of {layers} cells needs: "
+                             "retrain it with --layers 1 or 2, or search with --layers >= 3")
+        group = [j for j, c in enumerate(wanted) if key(c) == key(wanted[index])]
+        chosen = self.cells[candidates[group.index(index) * len(candidates) // len(group)]]
+        return CellBits(chosen.reduction, _fit_pairs(chosen.preprocess0, 2 if reduction_prev else 1),
+                        chosen.preprocess1, chosen.edges)
 
     # ------------------------------------------------------------------ JSON
 
@@ -152,10 +160,10 @@ class Genotype:
             prims = list(d["primitives"])
             edges = {k: [Edge(int(e["node"]), int(e["input"]), str(e["op"])) for e in d[k]] for k in ("normal", "reduce")}
             cells = [
-                CellBits(bool(c["reduction"]), [tuple(map(int, p)) for p in c["preprocess0"]],
-                         [tuple(map(int, p)) for p in c["preprocess1"]],
-                         [[tuple(map(int, p)) for p in e] for e in c["edges"]])
-                for c in d["cells"]
+                CellBits(bool(c["reduction"]), _read_pairs(c["preprocess0"], f"cell {i} preprocess0"),
+                         _read_pairs(c["preprocess1"], f"cell {i} preprocess1"),
+                         [_read_pairs(e, f"cell {i} edge {j}") for j, e in enumerate(c["edges"])])
+                for i, c in enumerate(d["cells"])
             ]
             g = cls(edges["normal"], edges["reduce"], list(map(int, d["normal_concat"])),
                     list(map(int, d["reduce_concat"])), cells, list(map(int, d["bit_choices"])),
@@ -163,17 +171,39 @@ class Genotype:
         except (KeyError, TypeError, ValueError) as e:
             fail(f"malformed genotype ({type(e).__name__}: {e})")
         for kind in ("normal", "reduce"):
-            for e in g.edges(kind == "reduce"):
+            kept = g.edges(kind == "reduce")
+            if not kept:
+                fail(f"{kind} has no edges")
+            for e in kept:
                 if e.op not in PRIMITIVES or e.op == "none":
                     fail(f"{kind} edge {e} has unknown op {e.op!r}")
                 if not 0 <= e.input < e.node:
                     fail(f"{kind} edge {e} reads input {e.input}, must be below node {e.node}")
-        for i, c in enumerate(g.cells):
+                if e.node < 2:
+                    fail(f"{kind} edge {e} ends at node {e.node}: nodes 0 and 1 are the cell inputs")
+            nodes = range(2, max(e.node for e in kept) + 1)
+            bare = [n for n in nodes if all(e.node != n for e in kept)]
+            if bare:
+                fail(f"{kind} node {bare[0]} has no edges (each intermediate node 2..{nodes[-1]} needs one)")
+            concat = g.reduce_concat if kind == "reduce" else g.normal_concat
+            if not concat or any(n not in nodes for n in concat):
+                fail(f"{kind}_concat must list nodes of the cell (2..{nodes[-1]}), got {concat}")
+        if not g.cells:
+            fail("cells is empty: a genotype has one entry per searched cell")
+        if not all(1 <= b <= MAX_BITS for b in g.bit_choices):
+            fail(f"bit_choices must be bit-widths in 1..{MAX_BITS}, got {g.bit_choices}")
+        for i, (c, (reduction, _, reduction_prev)) in enumerate(zip(g.cells, _cell_layout(len(g.cells)))):
+            if c.reduction != reduction:
+                fail(f"cell {i} has reduction {c.reduction}, but in a {len(g.cells)}-cell network the reduction "
+                     f"cells are {sorted(set(reduction_cells(len(g.cells))))}")
             if len(c.edges) != len(g.edges(c.reduction)):
                 fail(f"cell {i} has bits for {len(c.edges)} edges, its cell type has {len(g.edges(c.reduction))}")
+            if len(c.preprocess0) != (2 if reduction_prev else 1) or len(c.preprocess1) != 1:
+                fail(f"cell {i} has {len(c.preprocess0)} preprocess0 and {len(c.preprocess1)} preprocess1 bit pairs, "
+                     f"its preprocessing has {2 if reduction_prev else 1} and 1 convs")
             for a, w in [p for e in c.edges for p in e] + c.preprocess0 + c.preprocess1:
-                if not (1 <= a <= 32 and 1 <= w <= 32):
-                    fail(f"cell {i} has bit-widths ({a}, {w}) outside 1..32")
+                if not (1 <= a <= MAX_BITS and 1 <= w <= MAX_BITS):
+                    fail(f"cell {i} has bit-widths ({a}, {w}) outside 1..{MAX_BITS}")
         return g
 
     def save(self, path: str) -> None:
@@ -192,6 +222,40 @@ class Genotype:
             pre = " ".join(_pairs_text(ps) for ps in (c.preprocess0, c.preprocess1))
             lines.append(f"cell {i} ({'reduce' if c.reduction else 'normal'}): preprocess {pre}; edges a/w {bits}")
         return "\n".join(lines)
+
+
+def _read_pairs(pairs, where: str) -> BitPairs:
+    """[[a, w], ...] of a genotype file as (a, w) tuples; a ValueError naming ``where`` for anything else."""
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        raise ValueError(f"{where} must be a list of [act_bits, weight_bits] pairs, got {pairs!r}")
+    return [(int(a), int(w)) for a, w in pairs]
+
+
+def reduction_cells(layers: int) -> Tuple[int, ...]:
+    """The indices of the reduction cells of a ``layers``-cell network (supernet and evaluation network)."""
+    return (layers // 3, 2 * layers // 3)
+
+
+def _cell_layout(layers: int) -> List[Tuple[bool, int, bool]]:
+    """(reduction, stage, reduction_prev) of each cell of a ``layers``-cell network (see cell_bits_for)."""
+    red = set(reduction_cells(layers))
+    out, stage = [], 0
+    for i in range(layers):
+        if i in red:
+            stage += 1
+        out.append((i in red, stage, i - 1 in red))
+        if i in red:
+            stage += 1
+    return out
+
+
+def _fit_pairs(pairs: BitPairs, convs: int) -> BitPairs:
+    """``pairs`` for an op of ``convs`` convs (1 or 2): the wider bits of two, or the one pair repeated."""
+    if len(pairs) == convs:
+        return list(pairs)
+    if convs == 1:
+        return [(max(a for a, _ in pairs), max(w for _, w in pairs))]
+    return [pairs[0]] * convs
 
 
 def _pairs_text(pairs: BitPairs) -> str:

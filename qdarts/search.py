@@ -28,15 +28,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+import qdarts_kernels as qk
+
 from . import distributed
 from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, prepare_output_folder, rng_state,
                          seed_everything, set_rng_state)
 from .cost import COST_KINDS, ExpectedCost, network_cost
 from .cudagraph import GraphedStep
-from .data import DATASETS, Dataset, batches, load_dataset, num_batches
+from .data import DATASETS, Dataset, batches, check_split_sizes, load_dataset, num_batches
 from .derive import derive_genotype
 from .evalnet import EvalNetwork
-from .genotype import Genotype
+from .genotype import MAX_BITS, Genotype
 from .fastpath import COMPILE_MODES, compiled, record_shapes
 from .ops import ACT_GRIDS, QUANTIZERS
 from .supernet import ACT_DTYPES, SearchNetwork, SupernetConfig
@@ -93,8 +95,8 @@ class SearchConfig:
                 raise ValueError(msg)
 
         need(self.data in DATASETS, f"data must be one of {', '.join(DATASETS)}, got {self.data!r}")
-        need(1 <= len(self.bits) <= 4 and all(isinstance(b, int) and 1 <= b <= 16 for b in self.bits),
-             f"bits must be 1..4 bit-widths in [1, 16], got {self.bits}")
+        need(1 <= len(self.bits) <= 4 and all(isinstance(b, int) and 1 <= b <= MAX_BITS for b in self.bits),
+             f"bits must be 1..4 bit-widths in [1, {MAX_BITS}], got {self.bits}")
         need(len(set(self.bits)) == len(self.bits), f"bits must be distinct, got {self.bits}")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(0 <= self.warmup_epochs, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
@@ -107,18 +109,18 @@ class SearchConfig:
         need(self.act_grid in ACT_GRIDS, f"act_grid must be one of {ACT_GRIDS}, got {self.act_grid!r}")
         need(self.cost in COST_KINDS, f"cost must be one of {COST_KINDS}, got {self.cost!r}")
         need(self.order in ORDERS, f"order must be one of {ORDERS}, got {self.order!r}")
-        need(self.cost_weight >= 0, f"cost_weight must be >= 0, got {self.cost_weight}")
+        for name in ("cost_weight", "weight_lr", "weight_lr_min", "gamma_lr", "arch_lr"):
+            check_non_negative(name, getattr(self, name))
+        check_seed(self.seed)
         need(self.act_dtype in ACT_DTYPES, f"act_dtype must be one of {ACT_DTYPES}, got {self.act_dtype!r}")
         need(self.compile is None or self.compile in COMPILE_MODES,
              f"compile must be None or one of {COMPILE_MODES}, got {self.compile!r}")
-        need(self.device == "cpu" or self.device.startswith("cuda"), f"device must be cpu or cuda[:i], got {self.device!r}")
+        check_device(self.device, self.backend)
         if self.cuda_graph:
             need(self.device.startswith("cuda"), f"cuda_graph needs a CUDA device, got device {self.device!r}")
             need(self.compile is None, f"cuda_graph and compile ({self.compile!r}) exclude each other: compile "
                  "reduce-overhead captures CUDA graphs of its own")
             need(self.order == "first", f"cuda_graph needs order 'first', got {self.order!r}")
-        if self.device.startswith("cuda"):
-            need(torch.cuda.is_available(), f"device {self.device!r} requested but CUDA is not available")
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "SearchConfig":
@@ -128,6 +130,58 @@ class SearchConfig:
             if k in kw:
                 kw[k] = tuple(kw[k])
         return cls(**kw)
+
+
+#: the CLI options spelt unlike their settings (the others alike: seed is --seed, weight_lr --weight-lr), and
+#: None for the settings the command line does not offer
+OPTIONS = {"cost_weight": "--lambda", "weight_lr_min": None, "lr_min": None}
+
+#: per-epoch data-order seeds are ``seed * 1_000_003 + 2 * epoch (+ 1)``: seeds below 2**32 keep them well
+#: within the 64 bits of torch.Generator.manual_seed for any number of epochs
+SEED_LIMIT = 2**32
+
+
+def option(name: str) -> str:
+    """``name (--option)``: a setting as the Python API and the command line spell it."""
+    flag = OPTIONS.get(name, "--" + name.replace("_", "-"))
+    return name if flag is None else f"{name} ({flag})"
+
+
+def check_non_negative(name: str, value: float) -> None:
+    """A ValueError naming the setting and its CLI option unless ``value`` is a finite number >= 0 (learning
+    rates: PyTorch's optimisers refuse negative ones, and a NaN or inf one turns every weight into NaN)."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{option(name)} must be a finite number >= 0, got {value!r}")
+
+
+def check_seed(seed: int) -> None:
+    if not (isinstance(seed, int) and 0 <= seed < SEED_LIMIT):
+        raise ValueError(f"{option('seed')} must be an integer in [0, 2**32), got {seed!r}")
+
+
+def check_device(device: str, backend: Optional[str]) -> None:
+    """A ValueError naming --device or --backend unless ``device`` is the CPU or a CUDA device present here
+    and ``backend`` (None: automatic) is one of ``qdarts_kernels.available_backends()`` that runs on it."""
+    try:
+        kind, index = torch.device(device).type, torch.device(device).index
+    except (RuntimeError, TypeError):
+        kind, index = None, None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"{option('device')} must be cpu or cuda[:i], got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{option('device')} {device!r} requested but CUDA is not available")
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise ValueError(f"{option('device')} {device!r} requested but there are {torch.cuda.device_count()} "
+                         "CUDA devices")
+    if backend is None:
+        return
+    available = qk.available_backends()
+    if backend not in available:
+        raise ValueError(f"{option('backend')} {backend!r} is not available here (available: {', '.join(available)})")
+    if backend in ("cpu", "cuda") and kind != backend:
+        raise ValueError(f"{option('backend')} {backend!r} runs on --device {backend} only, got {device!r}")
+    if backend == "triton" and kind == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{option('backend')} 'triton' runs on --device cpu only under TRITON_INTERPRET=1")
 
 
 def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
@@ -184,6 +238,8 @@ class Searcher:
         self.device = torch.device(config.device)
         self.dataset = load_dataset(config.data, config.data_dir) if dataset is None else dataset
         self.train_x, self.train_y, self.val_x, self.val_y = self.dataset.search_split(config.train_portion)
+        check_split_sizes(self.dataset.name, config.data_dir, self.dist.world_size,
+                          {"train split": self.train_x.shape[0], "val split": self.val_x.shape[0]})
         seed_everything(config.seed)
         self.net = SearchNetwork(SupernetConfig(
             input_shape=self.dataset.input_shape, num_classes=self.dataset.num_classes, channels=config.channels,

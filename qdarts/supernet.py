@@ -41,7 +41,7 @@ import qdarts_kernels as qk
 from qdarts_kernels.nn import (GroupedBitProbs, GroupedWeightQuantizer, InputKeepingMaxPool2d, OutputKeepingBatchNorm2d,
                                counted_together, precomputed_probs, precomputed_weights, shared_activation_scales)
 
-from .genotype import PRIMITIVES, edge_nodes
+from .genotype import PRIMITIVES, edge_nodes, reduction_cells
 from .ops import ConvMaker, FactorizedReduce, ReLUConvBN, build_op, quant_convs
 
 __all__ = ["SearchNetwork", "SupernetConfig", "MixedOp", "channel_shuffle", "mixed_node", "reduction_cells",
@@ -67,10 +67,6 @@ class SupernetConfig:
     backend: Optional[str] = None
     grouped_weights: bool = True
     act_dtype: str = "fp32"
-
-
-def reduction_cells(layers: int) -> Tuple[int, ...]:
-    return (layers // 3, 2 * layers // 3)
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -21,11 +21,11 @@ from . import distributed
 from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, prepare_output_folder, rng_state,
                          seed_everything, set_rng_state)
 from .cost import network_cost
-from .data import batches, load_dataset, num_batches
+from .data import batches, check_split_sizes, load_dataset, num_batches
 from .evalnet import EvalNetwork
 from .fastpath import COMPILE_MODES, compiled
 from .genotype import load_genotype
-from .search import cosine_lr
+from .search import check_device, check_non_negative, check_seed, cosine_lr, option
 
 __all__ = ["TrainConfig", "run_train"]
 
@@ -75,8 +75,16 @@ class TrainConfig:
             raise ValueError(f"act_dtype must be fp32 or bf16, got {self.act_dtype!r}")
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be None or one of {COMPILE_MODES}, got {self.compile!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} requested but CUDA is not available")
+        for name in ("layers", "channels"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{option(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "lr_min", "aux_weight"):
+            check_non_negative(name, getattr(self, name))
+        if self.auxiliary and self.batch_size < 2:
+            raise ValueError(f"--auxiliary needs {option('batch_size')} >= 2, got {self.batch_size}: the auxiliary "
+                             "head's BatchNorm normalises a 1x1 map, over the batch alone")
+        check_seed(self.seed)
+        check_device(self.device, self.backend)
 
 
 def _default_channels(search_channels: int) -> int:
@@ -119,14 +127,22 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
     genotype = load_genotype(config.genotype)
     search = genotype.search
     data = config.data or search.get("data", "digits")
-    dataset = load_dataset(data, config.data_dir or search.get("data_dir"))
-    layers = config.layers or int(search.get("layers", 3))
-    channels = config.channels or _default_channels(int(search.get("channels", 8)))
+    data_dir = config.data_dir or search.get("data_dir")
+    dataset = load_dataset(data, data_dir)
+    # the auxiliary head needs two samples in a batch (TrainConfig.validate), so two per process
+    check_split_sizes(data, data_dir, dist.world_size * (2 if config.auxiliary else 1),
+                      {"training pool": dataset.train_x.shape[0]})
+    check_split_sizes(data, data_dir, 1, {"test split": dataset.test_x.shape[0]})
+    layers = config.layers if config.layers is not None else int(search.get("layers", 3))
+    channels = config.channels if config.channels is not None else _default_channels(int(search.get("channels", 8)))
     device = torch.device(config.device)
 
     seed_everything(config.seed)
-    model = EvalNetwork(genotype, dataset.input_shape, dataset.num_classes, channels, layers, fp32=config.fp32,
-                        auxiliary=config.auxiliary, backend=config.backend).to(device)
+    try:
+        model = EvalNetwork(genotype, dataset.input_shape, dataset.num_classes, channels, layers, fp32=config.fp32,
+                            auxiliary=config.auxiliary, backend=config.backend).to(device)
+    except ValueError as e:  # the genotype does not fit a network of this depth: say which file
+        raise ValueError(f"{config.genotype}: {e}") from e
     # one forward so that lazily shaped quantizer state exists before the optimiser sees the parameters
     cost = network_cost(model, dataset.input_shape, device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -159,7 +175,10 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
     train_loss = compiled(train_loss, config.compile)
     shard = (dist.rank, dist.world_size)
     replicas_equal = not dist.enabled  # until the first step hands every rank rank 0's LSQ steps
-    n_steps = num_batches(dataset.train_x.shape[0], config.batch_size, world_size=dist.world_size)
+    # with the auxiliary head a trailing batch of one sample is dropped: the head's BatchNorm sees a
+    # [1, C, 1, 1] map there, one value per channel, which training-mode BatchNorm cannot normalise
+    drop_last = config.auxiliary and dataset.train_x.shape[0] // dist.world_size % config.batch_size == 1
+    n_steps = num_batches(dataset.train_x.shape[0], config.batch_size, drop_last, world_size=dist.world_size)
     last = config.epochs if stop_after is None else min(config.epochs, epoch + stop_after)
     bar = tqdm(total=config.epochs * n_steps, initial=epoch * n_steps, desc="train (fp32)" if config.fp32 else "train",
                unit="step", disable=not (progress and dist.is_writer), dynamic_ncols=True)
@@ -173,7 +192,7 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
             g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
             stats = torch.zeros(3, device=device)
             for xb, yb in batches(dataset.train_x, dataset.train_y, config.batch_size, shuffle=True, generator=g,
-                                  augment=dataset.augment, device=device, shard=shard):
+                                  augment=dataset.augment, device=device, drop_last=drop_last, shard=shard):
                 optimizer.zero_grad(set_to_none=True)
                 logits, loss = train_loss(xb, yb)
                 loss.backward()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from qdarts import cli
+from qdarts.data import CIFAR10_FILES
 from qdarts.search import CHECKPOINT, SearchConfig, run_search
 from qdarts.train import CHECKPOINT as TRAIN_CHECKPOINT
 
@@ -64,6 +65,14 @@ def _refused(argv, capsys, *, match, code=2):
     (["--threads", "0"], "--threads"),
     (["--channels", "6", "--partial-channels", "4"], "partial_channels"),
     (["--data", "cifar10"], "--data-dir is required"),
+    (["--lambda", "inf"], "--lambda"),
+    (["--weight-lr", "nan"], "--weight-lr"),
+    (["--gamma-lr", "-1"], "--gamma-lr"),
+    (["--arch-lr", "inf"], "--arch-lr"),
+    (["--seed", "10000000000000"], "--seed"),
+    (["--seed", "-1"], "--seed"),
+    (["--device", "foo"], "--device"),
+    (["--backend", "cuda"], "--backend"),  # not built here, or not on --device cpu
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_search_option(args, match, tmp_path, capsys):
     out = tmp_path / "out"
@@ -75,7 +84,18 @@ def test_bad_search_option(args, match, tmp_path, capsys):
     (["--epochs", "-1"], "epochs must be >= 1"),
     (["--drop-path", "1.5"], "drop_path"),
     (["--data", "nope"], "--data"),
-])
+    (["--layers", "0"], "--layers"),
+    (["--channels", "0"], "--channels"),
+    (["--channels", "-2"], "--channels"),
+    (["--device", "foo"], "--device"),
+    (["--backend", "cuda"], "--backend"),
+    (["--seed", "10000000000000"], "--seed"),
+    (["--lr", "nan"], "--lr"),
+    (["--lr", "-1"], "--lr"),
+    (["--aux-weight", "inf"], "--aux-weight"),
+    (["--auxiliary", "--batch-size", "1"], "--batch-size"),
+    (["--layers", "3"], "no searched normal cell"),  # the genotype's 1-cell search has a reduction cell only
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_train_option(args, match, finished_search, tmp_path, capsys):
     out = tmp_path / "out"
     _refused(["train", "--genotype", str(finished_search / "genotype.json"), *TRAIN_TINY, *args, "--out", str(out)],
@@ -123,6 +143,27 @@ def test_bad_cifar10_folder(case, kwargs, match, tmp_path, capsys):
     out = tmp_path / "out"
     _refused(["search", *TINY, "--data", "cifar10", "--data-dir", str(data), "--out", str(out)], capsys,
              match=match)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command, counts, match", [
+    ("search", (1, 0, 0, 0, 0, 2), "train split has 0 samples"),  # the pool of 1 leaves no search train half
+    ("search", (1, 1, 0, 0, 0, 0), "cifar"),  # the search does not read the test split
+    ("train", (0, 0, 0, 0, 0, 2), "training pool (data_batch_1..5) has 0 samples"),
+    ("train", (2, 0, 0, 0, 0, 0), "test split has 0 samples"),
+])
+def test_too_small_cifar10_folder(command, counts, match, finished_search, tmp_path, capsys):
+    data = _write_cifar(tmp_path / "cifar", override={
+        name: _batch(n=n, labels=[0] * n) for name, n in zip([*CIFAR10_FILES[:5], "test_batch"], counts)})
+    out = tmp_path / "out"
+    argv = (["search", *TINY] if command == "search"
+            else ["train", "--genotype", str(finished_search / "genotype.json"), *TRAIN_TINY])
+    argv += ["--data", "cifar10", "--data-dir", str(data), "--out", str(out)]
+    if match == "cifar":  # a search needs a train and a val sample only
+        assert cli.main(argv) == 0
+        return
+    line = _refused(argv, capsys, match=match)
+    assert "'cifar10'" in line and str(data) in line
     assert not out.exists()
 
 
@@ -270,6 +311,24 @@ GENOTYPE_CASES = {
                                                            + d["normal"][1:]}), "unknown op"),
     "missing_cells": (lambda g: _genotype_text(g, lambda d: {k: v for k, v in d.items() if k != "cells"}),
                       "malformed genotype"),
+    "no_cells": (lambda g: _genotype_text(g, lambda d: {**d, "cells": []}), "cells is empty"),
+    "concat_out_of_range": (lambda g: _genotype_text(g, lambda d: {**d, "normal_concat": [9]}), "normal_concat"),
+    "empty_concat": (lambda g: _genotype_text(g, lambda d: {**d, "reduce_concat": []}), "reduce_concat"),
+    "node_without_edges": (lambda g: _genotype_text(g, lambda d: {**d, "reduce": [
+        {**e, "node": e["node"] + (e["node"] >= 3)} for e in d["reduce"]]}), "reduce node 3 has no edges"),
+    "edge_into_an_input": (lambda g: _genotype_text(g, lambda d: {**d, "normal": [
+        {"node": 1, "input": 0, "op": "skip_connect"}, *d["normal"]]}), "nodes 0 and 1 are the cell inputs"),
+    "pair_of_one": (lambda g: _genotype_text(g, lambda d: {**d, "cells": [{**c, "preprocess1": [[2]]}
+                                                                          for c in d["cells"]]}),
+                    "cell 0 preprocess1 must be a list of [act_bits, weight_bits] pairs"),
+    "pairs_per_conv": (lambda g: _genotype_text(g, lambda d: {**d, "cells": [{**c, "preprocess1": [[2, 2]] * 2}
+                                                                             for c in d["cells"]]}),
+                       "2 preprocess1 bit pairs"),
+    "bits_32": (lambda g: _genotype_text(g, lambda d: {**d, "cells": [{**c, "preprocess1": [[32, 2]]}
+                                                                      for c in d["cells"]]}), "outside 1..16"),
+    "reduction_flag": (lambda g: _genotype_text(g, lambda d: {**d, "cells": [{**c, "reduction": False}
+                                                                             for c in d["cells"]]}),
+                       "the reduction cells are [0]"),
 }
 
 

@@ -130,3 +130,48 @@ def test_eval_network_uses_the_genotype_bits_or_fp32(fp32):
         assert [c.chosen_bits() for c in cell0] == [(8, 8), (1, 1)] + [(4, 4)] * 4 + [(2, 4)] * 2
     net.eval()
     assert net(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("searched, layers", [(3, 5), (3, 8), (5, 8), (8, 20), (1, 2), (2, 1), (8, 3)])
+def test_a_network_of_another_depth_fits_each_cells_preprocessing(searched, layers):
+    """A cell after a reduction cell has a 2-conv FactorizedReduce preprocess0, any other a 1-conv one;
+    the searched cell a deeper or shallower network maps a cell onto may have the other kind."""
+    g = _marked_genotype(searched)
+    net = EvalNetwork(g, (1, 8, 8), 10, channels=4, layers=layers)
+    assert net(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_cells_take_the_searched_cell_with_the_same_preprocessing_within_their_stage():
+    g = _marked_genotype(8)  # searched: N N R N' N R N' N (N': after a reduction)
+    used = [g.cell_bits_for(i, 20).preprocess1[0][0] - 1 for i in range(20)]
+    # 20 layers: N x6, R, N', N x5, R, N', N x5: each N' takes the searched N', the others the other N
+    assert used == [0, 0, 0, 1, 1, 1, 2, 3] + [4] * 5 + [5, 6] + [7] * 5
+    for layers in range(1, 10):  # at the searched depth, every cell keeps its own bits
+        g = _marked_genotype(layers)
+        assert [g.cell_bits_for(i, layers) for i in range(layers)] == g.cells
+
+
+def test_a_preprocess0_of_another_conv_count_takes_the_wider_bits_or_repeats_the_pair():
+    g = _marked_genotype(3)  # searched: N R R; cell 2's preprocess0 is a FactorizedReduce
+    g.cells[2].preprocess0 = [(2, 8), (4, 2)]
+    assert g.cell_bits_for(4, 8).preprocess0 == [(8, 8)]  # cell 4 of 8: normal, after a normal cell
+    assert g.cell_bits_for(5, 8).preprocess0 == [(4, 8)]  # reduction after a normal cell, from cell 2
+    g = _marked_genotype(1)  # searched: R
+    g.cells[0].preprocess0 = [(2, 4)]
+    assert g.cell_bits_for(1, 2).preprocess0 == [(2, 4), (2, 4)]  # reduction after a reduction cell
+
+
+def test_a_network_needing_a_normal_cell_that_was_not_searched_is_refused():
+    g = _marked_genotype(2)  # searched: R R
+    with pytest.raises(ValueError, match="no searched normal cell .* --layers 1 or 2"):
+        EvalNetwork(g, (1, 8, 8), 10, channels=4, layers=3)
+
+
+@pytest.mark.parametrize("parameter", ["alphas_normal", "betas_reduce", "gamma"])
+def test_derivation_refuses_non_finite_parameters(parameter):
+    net = _net()
+    with torch.no_grad():
+        p = net.gamma_parameters()[3] if parameter == "gamma" else getattr(net, parameter)
+        p.view(-1)[1] = float("nan")
+    with pytest.raises(ValueError, match=("gamma" if parameter == "gamma" else "alpha, beta") + r"\) are not finite"):
+        derive_genotype(net)

@@ -10,7 +10,9 @@ import torch
 import qdarts
 import qdarts_kernels.nn as qnn
 
+from qdarts.derive import derive_genotype
 from qdarts.search import CHECKPOINT, SearchConfig, Searcher, run_search
+from qdarts.supernet import SearchNetwork, SupernetConfig
 from qdarts.train import TrainConfig, run_train
 
 TINY = dict(data="synthetic", epochs=2, warmup_epochs=1, batch_size=256, channels=4, layers=1, steps=2,
@@ -98,6 +100,25 @@ def test_bad_config_is_rejected_naming_the_setting(tmp_path):
         _search(tmp_path, channels=6, partial_channels=4)
     with pytest.raises(ValueError, match="order must be"):
         _search(tmp_path, order="third")
+    with pytest.raises(ValueError, match=r"seed \(--seed\) must be an integer in \[0, 2\*\*32\)"):
+        _search(tmp_path, seed=2**32)
+    SearchConfig(**TINY, seed=2**32 - 1).validate()  # its per-epoch seeds fit torch.Generator's 64 bits
+    with pytest.raises(ValueError, match=r"cost_weight \(--lambda\) must be a finite number >= 0, got nan"):
+        _search(tmp_path, cost_weight=float("nan"))
+    with pytest.raises(ValueError, match=r"layers \(--layers\) must be >= 1"):
+        TrainConfig(genotype="g.json", layers=0).validate()
+    assert not os.listdir(tmp_path)
+
+
+def test_auxiliary_retraining_drops_a_trailing_batch_of_one_sample(tmp_path):
+    """The synthetic pool of 512 in batches of 511 ends in a batch of one sample, for which the
+    auxiliary head's BatchNorm (on a 1x1 map) has one value per channel: that batch is left out."""
+    net = SearchNetwork(SupernetConfig(input_shape=(3, 8, 8), num_classes=10, channels=4, layers=1, steps=2,
+                                       partial_channels=2, bits=(2, 4)))
+    derive_genotype(net, {"data": "synthetic", "layers": 1}).save(str(tmp_path / "genotype.json"))
+    s = run_train(TrainConfig(genotype=str(tmp_path / "genotype.json"), epochs=1, batch_size=511, channels=4,
+                              auxiliary=True), str(tmp_path / "t"), progress=False)
+    assert 0 <= s["test_accuracy"] <= 1
 
 
 @pytest.mark.parametrize("setting", [{}, {"grouped_weights": False}, {"act_dtype": "bf16"}, {"quantizer": "lsq"}],

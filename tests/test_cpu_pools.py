@@ -138,6 +138,9 @@ def test_input_keeping_max_pool_takes_the_kernels_and_equals_nn_max_pool(monkeyp
     (dx_ref,) = torch.autograd.grad(ref, x, g)
     assert calls == ["max_pool2d_forward", "max_pool2d_backward"]
     assert _same_bits(ours.detach(), ref.detach()) and _same_bits(dx, dx_ref)
+    with torch.no_grad():  # nothing to differentiate: the C++ forward alone
+        assert _same_bits(InputKeepingMaxPool2d(3, stride, 1)(x), ref.detach())
+    assert calls[2:] == ["max_pool2d_forward"]
 
 
 # (N, C, H, W), kernel, stride, padding (average pools have no dilation)
@@ -212,3 +215,25 @@ def test_second_derivative_is_pytorch_s(pool):
         second.append((dx.detach(), ddx))
     assert second[1][1].abs().sum() > 0
     assert _same_bits(second[0][0], second[1][0]) and _same_bits(second[0][1], second[1][1])
+
+
+@pytest.mark.parametrize("size", [(8, 8), (7, 8), (9, 9)])
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_ceil_mode_takes_the_kernels_where_it_adds_no_window(monkeypatch, pool, size):
+    """ceil_mode=True with a 2x2 stride-2 pool (the PC-DARTS bypass of a reduction cell) gives floor
+    mode's windows on an even plane: the C++ kernels, PyTorch's bits; an odd size adds a window:
+    PyTorch's own kernels."""
+    calls = []
+    for name in (f"{pool}_pool2d_forward", f"{pool}_pool2d_backward"):
+        real = getattr(torch.ops.qdarts_C, name)
+        monkeypatch.setattr(torch.ops.qdarts_C, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    ours = (InputKeepingMaxPool2d if pool == "max" else InputFreeAvgPool2d)(2, 2, ceil_mode=True)
+    plain = (torch.nn.MaxPool2d if pool == "max" else torch.nn.AvgPool2d)(2, 2, ceil_mode=True)
+    x = _inputs((3, 4, *size), 14).requires_grad_()
+    results = []
+    for m in (ours, plain):
+        y = m(x)
+        (dx,) = torch.autograd.grad(y, x, _inputs(y.shape, 15))
+        results.append((y.detach(), dx))
+    assert _same_bits(results[0][0], results[1][0]) and _same_bits(results[0][1], results[1][1])
+    assert len(calls) == (2 if size == (8, 8) else 0)

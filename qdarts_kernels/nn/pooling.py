@@ -9,9 +9,10 @@ the pooling added. :class:`InputFreeAvgPool2d` keeps nothing on its CPU path (it
 only the input's size). The price is the second
 pooling pass: on a GPU a small kernel; on CPU (fp32, the cpu backend) the pool and its backward
 run on C++ kernels that recompute the max in the backward anyway (no index tensor at all) and give
-PyTorch's values and gradients bit for bit in a fraction of its CPU kernel's time. It is plain ``nn.MaxPool2d``
-without a gradient to compute, with ``return_indices=True``, and inside
-:func:`qdarts_kernels.eager_reference` (the plain-PyTorch baseline).
+PyTorch's values and gradients bit for bit in a fraction of its CPU kernel's time (also without a
+gradient to compute). It is plain ``nn.MaxPool2d`` with ``return_indices=True``, without a gradient
+to compute off that CPU path, and inside :func:`qdarts_kernels.eager_reference` (the plain-PyTorch
+baseline).
 """
 
 from __future__ import annotations
@@ -27,14 +28,29 @@ from .. import ops as _ops
 __all__ = ["InputFreeAvgPool2d", "InputKeepingMaxPool2d"]
 
 
-def _takes_cpu_kernels(x: Tensor, ceil_mode: bool, op: str) -> bool:
+def _takes_cpu_kernels(x: Tensor, op: str, kernel_size, stride, padding, dilation, ceil_mode: bool) -> bool:
     """Whether this pool runs on the C++ CPU kernels ``torch.ops.qdarts_C.<op>`` (csrc/cpu/pooling.cpp:
     PyTorch's values and gradients bit for bit, in a fraction of the time of its CPU kernels, which
     check bounds per output and, for the max pool, compute an int64 index per output): fp32 4-D CPU
-    tensors, floor mode, the cpu backend (automatic on CPU), not traced by torch.compile;
+    tensors, the cpu backend (automatic on CPU), not traced by torch.compile, floor mode or a ceil
+    mode that adds no window (the PC-DARTS bypass's 2x2 stride-2 pool of an even plane);
     ``QDARTS_FEW_CHANNEL_KERNELS=0`` keeps PyTorch's."""
-    return (x.dtype == torch.float32 and not ceil_mode and x.dim() == 4 and not torch.compiler.is_compiling()
+    return (x.dtype == torch.float32 and x.dim() == 4 and not torch.compiler.is_compiling()
+            and (not ceil_mode or _ceil_adds_no_window(x.shape[2:], kernel_size, stride, padding, dilation))
             and _backends.takes_cpu_only_kernels(None, x.device, op))
+
+
+def _ceil_adds_no_window(size, kernel_size, stride, padding, dilation) -> bool:
+    """Whether ceil_mode=True gives the floor mode's output size (PyTorch's rule: a window the ceiling
+    adds must start inside the input or its left padding), along every spatial dimension."""
+    for n, k, s, p, d in zip(size, kernel_size, stride, padding, dilation):
+        span = n + 2 * p - d * (k - 1) - 1
+        ceil = -(-span // s) + 1
+        if (ceil - 1) * s >= n + p:
+            ceil -= 1
+        if ceil != span // s + 1:
+            return False
+    return True
 
 
 class _MaxPool2dKeepingInput(torch.autograd.Function):
@@ -42,7 +58,7 @@ class _MaxPool2dKeepingInput(torch.autograd.Function):
     def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode):
         ctx.save_for_backward(x)
         ctx.args = (kernel_size, stride, padding, dilation, ceil_mode)
-        if _takes_cpu_kernels(x, ceil_mode, "max_pool2d_forward"):
+        if _takes_cpu_kernels(x, "max_pool2d_forward", *ctx.args):
             return torch.ops.qdarts_C.max_pool2d_forward(x, kernel_size, stride, padding, dilation)
         return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
 
@@ -51,7 +67,7 @@ class _MaxPool2dKeepingInput(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         kernel_size, stride, padding, dilation, ceil_mode = ctx.args
         # under create_graph=True PyTorch's backward, differentiable, gives the second derivative
-        if (not torch.is_grad_enabled() and _takes_cpu_kernels(x, ceil_mode, "max_pool2d_backward")
+        if (not torch.is_grad_enabled() and _takes_cpu_kernels(x, "max_pool2d_backward", *ctx.args)
                 and grad.dtype == torch.float32):
             return (torch.ops.qdarts_C.max_pool2d_backward(grad, x, kernel_size, stride, padding, dilation),
                     None, None, None, None, None)
@@ -67,11 +83,18 @@ class InputKeepingMaxPool2d(nn.MaxPool2d):
     docstring)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.return_indices or not (torch.is_grad_enabled() and x.requires_grad) or _ops.eager_reference_active():
+        if self.return_indices or _ops.eager_reference_active():
             return super().forward(x)
         stride = self.stride if self.stride is not None else self.kernel_size
-        return _MaxPool2dKeepingInput.apply(x, list(_pair(self.kernel_size)), list(_pair(stride)),
-                                            list(_pair(self.padding)), list(_pair(self.dilation)), self.ceil_mode)
+        args = (list(_pair(self.kernel_size)), list(_pair(stride)), list(_pair(self.padding)),
+                list(_pair(self.dilation)))
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            # no gradient to compute (e.g. the arch step's frozen first cells): the C++ forward
+            # still beats PyTorch's, which writes an index per output
+            if _takes_cpu_kernels(x, "max_pool2d_forward", *args, self.ceil_mode):
+                return torch.ops.qdarts_C.max_pool2d_forward(x, *args)
+            return super().forward(x)
+        return _MaxPool2dKeepingInput.apply(x, *args, self.ceil_mode)
 
 
 class _AvgPool2dKeepingNothing(torch.autograd.Function):
@@ -95,15 +118,15 @@ class _AvgPool2dKeepingNothing(torch.autograd.Function):
 
 
 class InputFreeAvgPool2d(nn.AvgPool2d):
-    """``nn.AvgPool2d`` that, on fp32 CPU tensors (the cpu backend, floor mode, no
-    ``divisor_override``), runs on C++ kernels with PyTorch's values and gradients bit for bit and
+    """``nn.AvgPool2d`` that, on fp32 CPU tensors (the cpu backend, floor mode or a ceil mode that
+    adds no window, no ``divisor_override``), runs on C++ kernels with PyTorch's values and gradients bit for bit and
     keeps no tensor for backward (PyTorch's keeps its input, for the size). Plain ``nn.AvgPool2d``
     otherwise, and inside :func:`qdarts_kernels.eager_reference` (the plain-PyTorch baseline)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if (self.divisor_override is not None or _ops.eager_reference_active()
-                or not _takes_cpu_kernels(x, self.ceil_mode, "avg_pool2d_forward")):
-            return super().forward(x)
         stride = self.stride if self.stride is not None else self.kernel_size
-        return _AvgPool2dKeepingNothing.apply(x, list(_pair(self.kernel_size)), list(_pair(stride)),
-                                              list(_pair(self.padding)), self.count_include_pad)
+        args = (list(_pair(self.kernel_size)), list(_pair(stride)), list(_pair(self.padding)))
+        if (self.divisor_override is not None or _ops.eager_reference_active()
+                or not _takes_cpu_kernels(x, "avg_pool2d_forward", *args, [1, 1], self.ceil_mode)):
+            return super().forward(x)
+        return _AvgPool2dKeepingNothing.apply(x, *args, self.count_include_pad)

@@ -64,7 +64,8 @@ std::vector<int64_t> avg_divisors(const PoolGeometry& g, bool count_include_pad)
   return out;
 }
 
-// The flat input index (within the plane) of the max of output (oh, ow), scanned as PyTorch does;
+// The flat input index (within the plane) of the max of output (oh, ow), scanned as PyTorch does
+// (the backward's windows where no tap beat -inf);
 // -1 where the window has no tap in bounds (possible with dilation: its taps can straddle the
 // input; PyTorch's forward gives -inf there, and no gradient flows).
 inline int64_t argmax_input(const PoolGeometry& g, const float* x, int64_t oh, int64_t ow) {
@@ -169,7 +170,8 @@ at::Tensor avg_pool2d_backward_cpu(const at::Tensor& grad_in, c10::IntArrayRef i
   at::Tensor dx = empty_output(input_size, c10::ScalarType::Float);
   const std::vector<int64_t> divisors = avg_divisors(g, count_include_pad);
   const PoolJob job{g, nullptr, grad.data_ptr<float>(), nullptr, dx.data_ptr<float>(), divisors.data()};
-  at::parallel_for(0, input_size[0] * input_size[1], plane_grain(g.ho * g.wo * g.kh * g.kw), [&](int64_t begin, int64_t end) {
+  const int64_t grain = plane_grain(g.ho * g.wo * g.kh * g.kw);
+  at::parallel_for(0, input_size[0] * input_size[1], grain, [&](int64_t begin, int64_t end) {
     QD_ISA_DISPATCH(avg_backward_planes, job, begin, end);
   });
   return dx;

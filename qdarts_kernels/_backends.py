@@ -124,10 +124,18 @@ def _check_device(name: str, device: torch.device) -> None:
         raise ValueError(f"backend 'triton' does not support tensors on {device}")
 
 
-def resolve(backend: Optional[str], device: torch.device) -> str:
-    """The backend name a call on ``device`` uses."""
+#: The dtypes of the fused kernels (every backend but the reference).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def resolve(backend: Optional[str], device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """The backend name a call on ``device`` (on tensors of ``dtype``, where given) uses: the one
+    asked for, else ``QDARTS_BACKEND``, else the automatic choice, which takes the reference for a
+    dtype the kernels do not take (float64: gradcheck, a module moved to .double())."""
     if backend is None:
         backend = os.environ.get("QDARTS_BACKEND") or None
+    if backend is None and dtype is not None and dtype not in KERNEL_DTYPES:
+        return "reference"
     if backend is not None:
         if backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be one of {list(BACKEND_NAMES)} or None, got {backend!r}")

@@ -36,8 +36,6 @@ __all__ = [
 
 available_backends = _backends.available_backends
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 #: Inside eager_reference(): the Counter of the calls it routes to the reference; else None. A
 #: module global rather than a context variable: torch.compile traces a read of a global (and
@@ -230,17 +228,17 @@ _mixed_fake_quant_op.register_autograd(_mfq_op_backward, setup_context=_mfq_setu
 
 
 def _check_backend_dtype(name: str, t: Tensor, arg: str) -> None:
-    if name != "reference" and t.dtype not in _KERNEL_DTYPES:
+    if name != "reference" and t.dtype not in _backends.KERNEL_DTYPES:
         raise TypeError(
             f"{arg} has dtype {t.dtype}; backend {name!r} supports float32, float16 and bfloat16 "
-            "(use backend='reference' for float64)"
+            "(the reference backend, and so the automatic choice, takes float64)"
         )
 
 
 def _checked_mixed_fake_quant_args(x, probs, scales, bits, grid, axis, backend):
     """The validated (bits, grid code, axis, backend name) of a mixed_fake_quant call."""
     bits, code, ax = check_mixed_fake_quant(x, probs, scales, bits, grid, axis)
-    name = _backends.resolve(backend, x.device)
+    name = _backends.resolve(backend, x.device, x.dtype)
     _check_backend_dtype(name, x, "x")
     return bits, code, ax, name
 
@@ -291,7 +289,7 @@ def fake_quant(
         return ref(x, scale, bits, grid=grid, axis=axis)
     scales = single_bit_scales(scale, bits, axis)
     # probs on x's device, so that a scale on another device is what the device check names
-    probs = _ones(scale.dtype if scale.dtype in _KERNEL_DTYPES else torch.float32,
+    probs = _ones(scale.dtype if scale.dtype in _backends.KERNEL_DTYPES else torch.float32,
                   x.device if isinstance(x, Tensor) else scale.device)
     return mixed_fake_quant(x, probs, scales, (bits,), grid=grid, axis=axis, backend=backend)
 
@@ -497,7 +495,7 @@ def mixed_fake_quant_grouped(
     if ref is not None:
         return ref(xs, probs, scales, bits, grid=grid, axis=axis, straight_through=straight_through)
     xs, probs, scales, bits, code, axes = check_mixed_fake_quant_grouped(xs, probs, scales, bits, grid, axis)
-    name = _backends.resolve(backend, xs[0].device)
+    name = _backends.resolve(backend, xs[0].device, xs[0].dtype)
     _check_backend_dtype(name, xs[0], "xs")
     # one [N, K] tensor for the kernels: the caller's, or a stack of the rows (autograd splits its
     # gradient back into the rows)
@@ -632,7 +630,7 @@ def mixed_op_sum(
     if ref is not None:
         return ref(outputs, weights)
     outs = check_mixed_op_sum(outputs, weights)
-    name = _backends.resolve(backend, outs[0].device)
+    name = _backends.resolve(backend, outs[0].device, outs[0].dtype)
     _check_backend_dtype(name, outs[0], "outputs")
     if torch.compiler.is_compiling():
         return _mixed_op_sum_op(outs, weights, name)

@@ -144,6 +144,7 @@ def test_bad_input_is_refused_with_the_argument_named():
         (lambda: ops.depthwise_conv2d_forward(x, w, one, [-1, 0], one), "padding must be >= 0"),
         (lambda: ops.depthwise_conv2d_forward(x, w, one, one, [1]), "dilation must have 2 values"),
         (lambda: ops.depthwise_conv2d_forward(x, torch.randn(3, 1, 11, 3), one, one, one), "larger than"),
+        (lambda: ops.depthwise_conv2d_forward(x[:, :, :0], w, one, one, one), "non-zero channels, height and width"),
         (lambda: ops.depthwise_conv2d_backward(torch.randn(2, 3, 7, 8), x, w, one, one, one, True, True),
          "grad must have the output's shape"),
     ]

@@ -297,13 +297,29 @@ def test_mixed_fake_quant_bad_input(kwargs, exc, match):
                             **args)
 
 
-def test_float64_needs_the_reference_backend():
+def test_float64_takes_the_reference_backend(monkeypatch):
+    """The kernels take float32/16 and bfloat16: asked for by name (or QDARTS_BACKEND), a fused backend
+    refuses float64; the automatic choice takes the reference for it (gradcheck, .double() modules)."""
+    monkeypatch.delenv("QDARTS_BACKEND", raising=False)
     x = torch.randn(5, dtype=torch.float64)
+    s = torch.tensor([0.1], dtype=torch.float64)
     if "cpu" in qk.available_backends():
         with pytest.raises(TypeError, match="float64"):
             qk.fake_quant(x, torch.tensor([0.1]), 4, backend="cpu")
-    y = qk.fake_quant(x, torch.tensor([0.1], dtype=torch.float64), 4, backend="reference")
-    assert y.dtype == torch.float64
+        monkeypatch.setenv("QDARTS_BACKEND", "cpu")
+        with pytest.raises(TypeError, match="float64"):
+            qk.fake_quant(x, s, 4)
+        monkeypatch.delenv("QDARTS_BACKEND")
+    y = qk.fake_quant(x, s, 4, backend="reference")
+    assert y.dtype == torch.float64 and torch.equal(qk.fake_quant(x, s, 4), y)
+    outs, w = [torch.randn(3, dtype=torch.float64) for _ in range(2)], torch.rand(2, dtype=torch.float64)
+    assert torch.equal(qk.mixed_op_sum(outs, w), qk.mixed_op_sum(outs, w, backend="reference"))
+    from qdarts_kernels import nn as qnn
+
+    conv = qnn.QuantConv2d(2, 3, 3, padding=1).double()  # a whole module in float64, automatic backend
+    xc = torch.randn(2, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    conv(xc).square().sum().backward()
+    assert xc.grad.dtype == torch.float64 and conv.weight.grad.dtype == torch.float64
 
 
 @pytest.mark.parametrize(

@@ -80,6 +80,8 @@ DepthwiseGeometry check_args(const at::Tensor& x, const at::Tensor& weight, c10:
               "weight must be a float32 tensor");
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "x and weight must be CPU tensors");
   TORCH_CHECK(x.dim() == 4, "x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
+  TORCH_CHECK(x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0, "x must have non-zero channels, height and width ",
+              "(only the batch may be empty, as in PyTorch), got ", x.sizes());
   TORCH_CHECK(weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1,
               "weight must be [C, 1, KH, KW] with C = x.size(1) = ", x.size(1), " (one filter per channel), got ",
               weight.sizes());

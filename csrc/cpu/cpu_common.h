@@ -56,6 +56,25 @@ inline void pad_plane(const float* x, int64_t h, int64_t w, int64_t ph, int64_t 
   for (int64_t r = 0; r < h; ++r) std::copy(x + r * w, x + (r + 1) * w, xp + (r + ph) * wp + pw);
 }
 
+// The padded plane xp (hp rows of wp) split by column phase for a column stride sw: phase q holds
+// the columns q, q + sw, q + 2 sw, ... of every row, in rows of wq = ceil(wp / sw) with `fill` past
+// the last, one phase after the other. Tap (i, j) of a strided kernel then reads, for the outputs of
+// one row, one contiguous run: phase (j dw) mod sw, row oh sh + i dh, from column (j dw) div sw (a
+// strided gather per output had cost the max pool PyTorch's time). For the max pool's and the
+// depthwise conv's strides other than 1.
+inline void split_column_phases(const float* xp, int64_t hp, int64_t wp, int64_t sw, float fill, float* phases) {
+  const int64_t wq = ceil_div(wp, sw);
+  for (int64_t q = 0; q < sw; ++q) {
+    const int64_t n = ceil_div(wp - q, sw);
+    for (int64_t r = 0; r < hp; ++r) {
+      float* dst = phases + (q * hp + r) * wq;
+      const float* src = xp + r * wp + q;
+      for (int64_t c = 0; c < n; ++c) dst[c] = src[c * sw];
+      std::fill(dst + n, dst + wq, fill);
+    }
+  }
+}
+
 // Longest contiguous run processed at once: fp32 staging buffers and per-position accumulators of
 // this length stay in the L1 cache.
 constexpr int64_t kRunLength = 256;

@@ -42,13 +42,6 @@ namespace qdarts {
 namespace cpu {
 namespace {
 
-// The kLanes fp64 lane totals added in lane order.
-inline double sum_lanes(const double* totals) {
-  double sum = 0.0;
-  for (int l = 0; l < kLanes; ++l) sum += totals[l];
-  return sum;
-}
-
 struct BatchNormJob {
   int64_t images, channels, plane;  // N, C and S
   const float* x;                   // forward: the input; backward: the output y

@@ -75,6 +75,13 @@ inline void split_column_phases(const float* xp, int64_t hp, int64_t wp, int64_t
   }
 }
 
+// The kLanes fp64 lane totals of a reduction added in lane order (the fixed order of the file comment).
+inline double sum_lanes(const double* totals) {
+  double sum = 0.0;
+  for (int l = 0; l < kLanes; ++l) sum += totals[l];
+  return sum;
+}
+
 // Longest contiguous run processed at once: fp32 staging buffers and per-position accumulators of
 // this length stay in the L1 cache.
 constexpr int64_t kRunLength = 256;

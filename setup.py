@@ -89,7 +89,7 @@ def _extensions():
         link.append("-fopenmp")
     if not debug:
         cxx.append("-DNDEBUG")
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []
     if with_cuda and not _has_cuda_headers(CUDA_HOME):

@@ -40,6 +40,9 @@ TORCH_LIBRARY(qdarts_C, m) {
   m.def(
       "mixed_op_sum_backward(Tensor grad, Tensor[] outputs, Tensor weights, bool need_doutputs,"
       " bool need_dweights) -> (Tensor[], Tensor)");
+  // mixed_op_sum_forward with its autograd in C++ (csrc/autograd.cpp): weights of any float dtype,
+  // d weights in that dtype; first derivatives only. The eager path of the public op on the cpu backend.
+  m.def("mixed_op_sum(Tensor[] outputs, Tensor weights) -> Tensor");
   // N tensors with one bit set and grid (probs [N, K], scales[i] [K] or [K, C_i], axes[i] the
   // normalised axis of xs[i] or all -1); dscales comes back as one flat tensor, the concatenation
   // of every scales[i]'s gradient. Implemented for CUDA only (the CPU backend loops in Python).

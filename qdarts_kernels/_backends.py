@@ -15,6 +15,9 @@ for per-tensor; grid as its integer code)::
         -> ([dx_0, ...] | None, dprobs | None, dscales | None)
 
 dprobs, dscales and dweights are fp32; the public ops cast them to the parameters' dtypes.
+A backend may also offer ``mixed_op_sum_with_autograd(outputs, weights) -> y``, the whole public
+op outside torch.compile (autograd included, weights of any float dtype, first derivatives only);
+the eager path of ``mixed_op_sum`` then calls it instead of its Python autograd.
 mixed_op_sum_backward reads ``outputs`` only for dweights: without need_dweights they may be K
 stand-ins of the outputs' shape, dtype and device (the public op then passes grad K times, having
 kept no outputs for backward).

@@ -76,6 +76,9 @@ def backend(name: str) -> SimpleNamespace:
         grouped_forward = functools.partial(loop_grouped_forward, mixed_fake_quant_forward)
         grouped_backward = functools.partial(loop_grouped_backward, mixed_fake_quant_backward)
     return SimpleNamespace(
+        # The C++ autograd of csrc/autograd.cpp, for the CPU only so far: it calls the same raw ops
+        # as the Python autograd, but no GPU has run it yet (the cuda backend keeps the Python one).
+        mixed_op_sum_with_autograd=_ops.mixed_op_sum if name == "cpu" else None,
         mixed_fake_quant_forward=mixed_fake_quant_forward,
         mixed_fake_quant_backward=mixed_fake_quant_backward,
         mixed_op_sum_forward=mixed_op_sum_forward,

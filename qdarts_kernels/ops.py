@@ -634,4 +634,7 @@ def mixed_op_sum(
     _check_backend_dtype(name, outs[0], "outputs")
     if torch.compiler.is_compiling():
         return _mixed_op_sum_op(outs, weights, name)
+    with_autograd = getattr(_backends.get(name), "mixed_op_sum_with_autograd", None)
+    if with_autograd is not None:
+        return with_autograd(outs, weights)
     return _MixedOpSumFunction.apply(weights, name, *outs)

@@ -122,6 +122,63 @@ def test_mixed_op_sum_keeps_outputs_only_for_the_weight_gradient(backend, custom
             torch.testing.assert_close(grads[3], expected[3], rtol=1e-6, atol=1e-6)
 
 
+requires_cpu_kernels = pytest.mark.skipif("cpu" not in qk.available_backends(), reason="C++ CPU kernels not built")
+
+
+def _mos_leaves(gen, k, shape, dtype=torch.float32, weights_dtype=torch.float32):
+    outs = [torch.randn(*shape, generator=gen).to(dtype) for _ in range(k)]
+    return outs, torch.softmax(torch.randn(k, generator=gen), 0).to(weights_dtype)
+
+
+@requires_cpu_kernels
+@pytest.mark.parametrize("weights_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("needs", ["all", "outputs", "some_outputs", "weights"])
+def test_cpu_mixed_op_sum_autograd_in_cpp(dtype, weights_dtype, needs):
+    """The cpu backend's eager path is the C++ autograd of csrc/autograd.cpp (no Python node in the
+    graph): the reference's values and gradients, in the leaves' dtypes, for every subset of leaves
+    that needs a gradient."""
+    gen = torch.Generator().manual_seed(5)
+    outs, w = _mos_leaves(gen, 3, (5, 2, 7), dtype, weights_dtype)
+    wants = {"all": (True, True, True, True), "outputs": (True, True, True, False),
+             "some_outputs": (False, True, False, False), "weights": (False, False, False, True)}[needs]
+    leaves = [t.requires_grad_(want) for t, want in zip(outs + [w], wants)]
+    y = qk.mixed_op_sum(outs, w, backend="cpu")
+    assert y.grad_fn.name() == "torch::autograd::CppNode<qdarts::(anonymous namespace)::MixedOpSum>"
+    leaves_r = [t.detach().requires_grad_(t.requires_grad) for t in leaves]
+    y_r = ref.mixed_op_sum(leaves_r[:-1], leaves_r[-1])
+    assert y.dtype == y_r.dtype and torch.equal(y, y_r)
+    g = torch.randn(y.shape, generator=gen).to(dtype)
+    needed = [i for i, want in enumerate(wants) if want]
+    grads = torch.autograd.grad(y, [leaves[i] for i in needed], g)
+    expected = torch.autograd.grad(y_r, [leaves_r[i] for i in needed], g)
+    for i, a, b in zip(needed, grads, expected):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        if i < 3:
+            assert torch.equal(a, b), f"d outputs[{i}]"
+        else:
+            tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}.get(weights_dtype, 1e-5)
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@requires_cpu_kernels
+def test_cpu_mixed_op_sum_without_autograd():
+    """No graph under no_grad and inference mode (the op's kernel below autograd), the same values;
+    the C++ op's registrations pass opcheck's schema and autograd-registration tests."""
+    gen = torch.Generator().manual_seed(6)
+    outs, w = _mos_leaves(gen, 4, (3, 5))
+    expected = ref.mixed_op_sum(outs, w)
+    leaves = [t.clone().requires_grad_() for t in outs + [w]]
+    with torch.no_grad():
+        y = qk.mixed_op_sum(leaves[:-1], leaves[-1], backend="cpu")
+    assert y.grad_fn is None and torch.equal(y, expected)
+    with torch.inference_mode():
+        y = qk.mixed_op_sum(outs, w, backend="cpu")
+    assert y.is_inference() and torch.equal(y, expected)
+    torch.library.opcheck(torch.ops.qdarts_C.mixed_op_sum.default, (leaves[:-1], leaves[-1]),
+                          test_utils=("test_schema", "test_autograd_registration"))
+
+
 def test_gradcheck_reference_float64():
     """Finite differences agree with the reference wherever the op is differentiable."""
     gen = torch.Generator().manual_seed(0)

@@ -46,8 +46,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_sum_backward(const at::
 // Tensors that are already as wanted pass as they are, without an aten::to / contiguous call that
 // would return its input (which the dispatcher's schema checks refuse below autograd).
 at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) {
-  if (t.scalar_type() == dtype && t.is_contiguous()) return t;
-  return t.to(t.options().dtype(dtype), /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
+  if (t.scalar_type() != dtype) {
+    return t.to(t.options().dtype(dtype), /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
+  }
+  return t.is_contiguous() ? t : t.contiguous();
 }
 
 at::Tensor kernel_weights(const at::Tensor& weights) { return contiguous_as(weights, at::kFloat); }

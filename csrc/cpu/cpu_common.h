@@ -82,6 +82,18 @@ inline double sum_lanes(const double* totals) {
   return sum;
 }
 
+// The kLanes fp32 lane sums of a run as one fp64 value, added pairwise in a fixed tree: lane l and
+// lane l + 8, then l and l + 4, l and l + 2, and the last two. Every step adds elementwise, so
+// vectors of any width (or none) give the same bits; four dependent additions instead of sixteen
+// (the sequential chain had been most of a small depthwise plane's weight gradient).
+inline double lane_tree_sum(const float* lanes) {
+  static_assert(kLanes == 16, "lane_tree_sum adds 16 lanes");
+  double d[8];
+  for (int l = 0; l < 8; ++l) d[l] = static_cast<double>(lanes[l]) + static_cast<double>(lanes[l + 8]);
+  for (int l = 0; l < 4; ++l) d[l] += d[l + 4];
+  return (d[0] + d[2]) + (d[1] + d[3]);
+}
+
 // Longest contiguous run processed at once: fp32 staging buffers and per-position accumulators of
 // this length stay in the L1 cache.
 constexpr int64_t kRunLength = 256;

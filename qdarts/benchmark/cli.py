@@ -15,7 +15,8 @@ from qdarts_kernels._backends import resolve as resolve_backend
 from . import cases as case_defs
 from . import endtoend, report
 from .runner import check_gpu_targets, check_targets, run_kernels
-from .timing import copy_bandwidth_gbps, environment, last_level_cache_bytes, settle_host_allocator
+from .timing import (copy_bandwidth_gbps, environment, flush_bytes, last_level_cache_bytes,
+                     settle_host_allocator)
 
 
 #: Size of the tensor copied to measure the device's copy bandwidth: far beyond any cache.
@@ -56,7 +57,8 @@ def _log(msg: str) -> None:
 
 
 #: What each part of a run writes into results.json.
-_KERNEL_KEYS = ("kernels", "targets", "gpu_targets", "copy_bytes", "copy_gbps", "cache_bytes")  # the kernels' % of copy
+_KERNEL_KEYS = ("kernels", "targets", "gpu_targets", "copy_bytes", "copy_gbps", "cache_bytes",  # the kernels' % of copy
+                "flush_bytes")
 _END_TO_END_KEYS = ("end_to_end", "end_to_end_note", "end_to_end_target", "step_targets")
 
 
@@ -97,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         "copy_bytes": copy_bytes,
         "copy_gbps": copy_bandwidth_gbps(device, copy_bytes),
         "cache_bytes": last_level_cache_bytes(device),
+        "flush_bytes": flush_bytes(device),
         "host_allocator_settled": True,
         "kernels": [],
         "targets": [],

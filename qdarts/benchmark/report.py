@@ -147,8 +147,9 @@ def conditions_lines(results: Dict[str, Any]) -> List[str]:
         f"- Method: median and 20th/80th percentiles of per-run times, the implementations of a case sampled "
         f"in turn (round-robin, so that drift of the machine's speed cancels out of the ratios); warm-up runs "
         f"discarded; the "
-        f"{results['cache_bytes'] // MB} MiB last-level cache is flushed before every run (a buffer twice "
-        f"its size is rewritten) and the device synchronised"
+        f"{results['cache_bytes'] // MB} MiB last-level cache is flushed before every run (a buffer of "
+        f"{results.get('flush_bytes', 2 * results['cache_bytes']) // MB} MiB is rewritten) and the device "
+        f"synchronised"
         + ("; on the GPU each run's launches are issued behind a busy-wait kernel, so that the figures are the "
            "device's time (the host's time to issue the run is the 'host ms' column)"
            if any("host_ms" in r for r in results["kernels"]) else "")

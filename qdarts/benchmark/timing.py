@@ -62,15 +62,24 @@ def settle_host_allocator() -> None:
     del block
 
 
+def flush_bytes(device: str) -> int:
+    """Bytes the cache flush rewrites: twice the GPU's L2, four times the CPU's last-level cache as
+    Linux reports it. Four on a CPU because the few vCPUs of a VM may sit on two core complexes with
+    a last-level cache each while Linux reports one: on the 2-core VM of bench/results (32 MiB
+    reported), the fused mixed_op_sum K=8 over 1M fp32 elements, forward+backward, run back to back,
+    took 2.7 ms after a 64 MiB flush and 3.1-3.4 ms after one of 96, 128 or 256 MiB (part of its
+    36 MiB of inputs had stayed cached)."""
+    return (2 if torch.device(device).type == "cuda" else 4) * last_level_cache_bytes(device)
+
+
 class CacheFlusher:
-    """Writes a buffer twice the size of the last-level cache, so that the next timed run reads its
-    inputs from memory, as it would inside a network, and not from a cache warmed by the previous
-    run. ``add_`` (a read-modify-write) rather than ``zero_``: large memsets may use streaming
-    stores that bypass the cache."""
+    """Writes a buffer of :func:`flush_bytes`, so that the next timed run reads its inputs from
+    memory, as it would inside a network, and not from a cache warmed by the previous run. ``add_``
+    (a read-modify-write) rather than ``zero_``: large memsets may use streaming stores that bypass
+    the cache."""
 
     def __init__(self, device: str):
-        self.cache_bytes = last_level_cache_bytes(device)
-        self.buffer = torch.zeros(2 * self.cache_bytes // 4, dtype=torch.float32, device=device)
+        self.buffer = torch.zeros(flush_bytes(device) // 4, dtype=torch.float32, device=device)
 
     def __call__(self) -> None:
         self.buffer.add_(1.0)

@@ -200,6 +200,32 @@ def test_quantized_pointwise_conv_as_matrix_products_has_pytorch_s_values_and_gr
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
+@pytest.mark.parametrize("conv", [dict(kernel_size=3, padding=1, groups=6), dict(kernel_size=1, out_channels=9),
+                                  dict(kernel_size=5, stride=2, padding=2, dilation=1, groups=6)])
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
+def test_quantized_conv_without_gradients_takes_the_kernels_with_pytorch_s_values(monkeypatch, conv, no_grad):
+    """Evaluation (no graph): the depthwise kernel or the matrix products, PyTorch's values; inside
+    eager_reference(), PyTorch's convolution."""
+    torch.manual_seed(5)
+    layer = qnn.QuantConv2d(6, conv.pop("out_channels", 6), bias=False, weight_bits=(2, 4, 8), act_bits=(2, 4, 8),
+                            backend="cpu", **conv).eval()
+    x = torch.randn(4, 6, 13, 11)
+    monkeypatch.setenv("QDARTS_FEW_CHANNEL_KERNELS", "0")
+    with no_grad():
+        want = layer(x)
+    monkeypatch.setenv("QDARTS_FEW_CHANNEL_KERNELS", "1")
+    pytorch_convs = []
+    real_conv2d = torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: pytorch_convs.append(1) or real_conv2d(*a, **k))
+    with no_grad():
+        got = layer(x)
+    assert pytorch_convs == []
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    with qk.eager_reference(), no_grad():
+        layer(x)
+    assert len(pytorch_convs) == 1
+
+
 def test_autocast_and_dense_convs_keep_pytorch_s_convolution(monkeypatch):
     monkeypatch.setattr(torch.ops.qdarts_C, "depthwise_conv2d_forward",
                         lambda *a: pytest.fail("the depthwise kernel ran where PyTorch's conv should"))

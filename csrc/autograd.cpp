@@ -9,11 +9,11 @@
 //
 // The maths and the choices are those of the Python autograd (ops._MixedOpSumFunction): the K
 // outputs are kept for backward only when the weights need a gradient (the backward reads them
-// for d weights only; otherwise the raw backward gets grad K times as stand-ins of their shape), only the
-// gradients that are needed are computed, weights reach the kernels as contiguous fp32 and d weights
-// goes back in the weights' dtype, and a backward with create_graph=True is refused (the kernels
-// compute first derivatives only). Arguments are validated in Python before this op is called;
-// the raw ops re-check them.
+// for d weights only; otherwise the raw backward gets grad K times as stand-ins of their shape),
+// only the gradients that are needed are computed, weights reach the kernels as contiguous fp32 and
+// d weights goes back in the weights' dtype, and a backward with create_graph=True is refused (the
+// kernels compute first derivatives only). Arguments are validated in Python before this op is
+// called; the raw ops re-check them.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -66,7 +66,8 @@ struct MixedOpSum : public torch::autograd::Function<MixedOpSum> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& grad_out = grads[0];
-    TORCH_CHECK(!at::GradMode::is_enabled(), "mixed_op_sum: backend '", grad_out.device().type() == at::kCUDA ? "cuda" : "cpu",
+    TORCH_CHECK(!at::GradMode::is_enabled(), "mixed_op_sum: backend '",
+                grad_out.device().type() == at::kCUDA ? "cuda" : "cpu",
                 "' has no second derivative (backward with create_graph=True); use backend='reference' for "
                 "higher-order gradients");
     const int64_t k = ctx->saved_data["k"].toInt();
@@ -81,7 +82,8 @@ struct MixedOpSum : public torch::autograd::Function<MixedOpSum> {
     const at::Tensor grad = contiguous_as(grad_out, grad_out.scalar_type());
     const std::vector<at::Tensor> outputs =
         saved.size() > 1 ? std::vector<at::Tensor>(saved.begin() + 1, saved.end()) : std::vector<at::Tensor>(k, grad);
-    auto [doutputs, dweights] = mixed_op_sum_backward(grad, outputs, kernel_weights(weights), need_doutputs, need_dweights);
+    auto [doutputs, dweights] =
+        mixed_op_sum_backward(grad, outputs, kernel_weights(weights), need_doutputs, need_dweights);
     if (need_doutputs) std::move(doutputs.begin(), doutputs.end(), result.begin());
     if (need_dweights) result[k] = contiguous_as(dweights, weights.scalar_type());
     return result;

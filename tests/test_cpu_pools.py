@@ -25,7 +25,9 @@ GEOMETRIES = [
     ((1, 4, 9, 13), (3, 3), (1, 1), (1, 1), (2, 2)),
     ((2, 3, 10, 7), (5, 5), (1, 1), (2, 2), (1, 1)),
     ((2, 4, 32, 32), (3, 3), (1, 1), (1, 1), (1, 1)),
-    # many tiny planes: stride 1 stacks them (kStackedPlanePositions), several stacks and a partial one
+    ((2, 3, 15, 13), (3, 3), (2, 2), (1, 1), (1, 1)),  # strided, above kDenseStridedPlanePositions: the phases
+    # many tiny planes: stacked (kStackedPlanePositions), several stacks and a partial one; strided too
+    ((29, 5, 4, 5), (3, 3), (2, 2), (1, 1), (1, 1)),
     ((37, 11, 2, 3), (3, 3), (1, 1), (1, 1), (1, 1)),
     ((13, 7, 3, 4), (3, 3), (1, 1), (1, 1), (2, 2)),
 ]

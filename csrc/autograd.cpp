@@ -60,7 +60,6 @@ struct MixedOpSum : public torch::autograd::Function<MixedOpSum> {
     std::vector<at::Tensor> kept{weights};
     if (weights.requires_grad()) kept.insert(kept.end(), outputs.begin(), outputs.end());
     ctx->save_for_backward(kept);
-    ctx->saved_data["k"] = static_cast<int64_t>(outputs.size());
     return mixed_op_sum_forward(outputs, kernel_weights(weights));
   }
 
@@ -70,15 +69,15 @@ struct MixedOpSum : public torch::autograd::Function<MixedOpSum> {
                 grad_out.device().type() == at::kCUDA ? "cuda" : "cpu",
                 "' has no second derivative (backward with create_graph=True); use backend='reference' for "
                 "higher-order gradients");
-    const int64_t k = ctx->saved_data["k"].toInt();
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& weights = saved[0];
+    const int64_t k = weights.size(0);  // one weight per output
     bool need_doutputs = false;
     for (int64_t i = 0; i < k; ++i) need_doutputs = need_doutputs || ctx->needs_input_grad(i);
     const bool need_dweights = ctx->needs_input_grad(k);
     variable_list result(k + 1);
     if (!need_doutputs && !need_dweights) return result;
 
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& weights = saved[0];
     const at::Tensor grad = contiguous_as(grad_out, grad_out.scalar_type());
     const std::vector<at::Tensor> outputs =
         saved.size() > 1 ? std::vector<at::Tensor>(saved.begin() + 1, saved.end()) : std::vector<at::Tensor>(k, grad);

@@ -352,20 +352,19 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
                                             self._quant_args(x, probs, scales, axis), self._conv_args())
         else:
             xq, wq = self._quantized_input_and_weight(x)
-            y = self._conv_without_graph(xq, wq) if self._builds_no_graph() else self._conv_forward(xq, wq, self.bias)
+            y = self._conv_off_training_path(xq, wq)
         self._record_shapes(x.shape[-2:], y.shape[-2:])
         return y
 
-    def _builds_no_graph(self) -> bool:
-        """Whether a forward computes no gradient (evaluation, inference) with plain zero padding, on
-        ops of the kernels' backend (not inside eager_reference())."""
-        return (not torch.is_grad_enabled() and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and not _ops.eager_reference_active())
-
-    def _conv_without_graph(self, xq: Tensor, wq: Tensor) -> Tensor:
-        # The few-channel CPU kernels of the training path where they apply (_conv2d): they have no
-        # autograd of their own, hence only without a graph. PyTorch's convolution had taken 0.36 s
-        # of the 5 s of a digits search epoch on the 2-core VM of bench/results, all in evaluation.
+    def _conv_off_training_path(self, xq: Tensor, wq: Tensor) -> Tensor:
+        """The conv of the quantized input and weight. Without a graph (evaluation, inference), with
+        plain zero padding and outside eager_reference(): the few-channel CPU kernels of the training
+        path where they apply (_conv2d; they have no autograd of their own, hence only without a
+        graph: PyTorch's convolution had taken 0.36 s of the 5 s of a digits search epoch on the
+        2-core VM of bench/results, all in evaluation); else nn.Conv2d's."""
+        if (torch.is_grad_enabled() or self.padding_mode != "zeros" or isinstance(self.padding, str)
+                or _ops.eager_reference_active()):
+            return self._conv_forward(xq, wq, self.bias)
         return _conv2d(xq, wq, self.bias, self._conv_args(), self.weight_quant.backend)
 
     def _keeps_only_its_input(self, input_dim: int) -> bool:

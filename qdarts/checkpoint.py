@@ -20,19 +20,21 @@ import re
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, Optional
+from dataclasses import fields, replace
+from typing import Any, Callable, Collection, Dict, Optional, TypeVar
 
 import numpy as np
 import torch
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_torch_save", "rng_state", "set_rng_state", "seed_everything",
-           "load_checkpoint", "prepare_output_folder", "remove_stale_temporaries", "PAUSE_BEFORE_REPLACE_ENV"]
+           "load_checkpoint", "resumed_config", "prepare_output_folder", "remove_stale_temporaries", "PAUSE_BEFORE_REPLACE_ENV"]
 
 PAUSE_BEFORE_REPLACE_ENV = "QDARTS_TEST_PAUSE_BEFORE_REPLACE"
 _TMP_SUFFIX = ".tmp"
 #: the names mkstemp gives atomic_write's temporaries: "." + target name + "." + 8 random characters + ".tmp"
 _TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 _writes_done = 0
+Config = TypeVar("Config")
 
 
 def _pause_if_asked(path: str) -> None:
@@ -107,6 +109,28 @@ def load_checkpoint(path: str, fmt: str) -> Optional[Dict[str, Any]]:
     if not isinstance(state, dict) or state.get("format") != fmt:
         raise ValueError(f"{path!r} is not a {fmt} file; {hint}")
     return state
+
+
+def resumed_config(saved: Config, given: Config, *, may_change: Collection[str],
+                   explicit: Optional[Collection[str]] = None, name: Callable[[str], str] = str) -> Config:
+    """The settings a resumed run continues with: the checkpoint's (``saved``), except those in
+    ``may_change`` (where and how a step runs, not what it computes), which come from ``given``.
+
+    A setting of ``given`` that differs from the checkpoint's is refused with a ``ValueError`` that names
+    it, rather than silently ignored (``--resume --epochs 20`` on a 10-epoch run would otherwise stop at
+    10): every setting when ``explicit`` is None (the Python API passes a whole config), else only the
+    settings named in ``explicit`` (the command line: the options typed, not those left at their defaults).
+    ``name`` spells a setting for the message (the CLI option beside the field name).
+    """
+    checked = [f.name for f in fields(saved) if f.name not in may_change and (explicit is None or f.name in explicit)]
+    changed = [n for n in checked if getattr(given, n) != getattr(saved, n)]
+    if changed:
+        diff = "; ".join(f"{name(n)} is {getattr(saved, n)!r} there, {getattr(given, n)!r} here" for n in changed)
+        free = ", ".join(name(n) for n in may_change)
+        raise ValueError(f"a resumed run continues with its checkpoint's settings, and these differ: {diff}. "
+                         f"Leave them out or give the checkpoint's values (only {free} may change), or start "
+                         "a new run in another --out")
+    return replace(saved, **{n: getattr(given, n) for n in may_change})
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -48,7 +48,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "OpenMP threads spinning on a busy machine slow a step down many times; raise it "
                         "for CIFAR-10 on a CPU)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run whose checkpoint is in --out, with the settings saved there "
+                   help="continue the run whose checkpoint is in --out, with the settings saved there: options "
+                        "left out take the saved values, and a typed option that differs from them is an error "
                         "(only --device and, for a search, --cuda-graph may change); the result equals an "
                         "uninterrupted run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -157,6 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _typed_options(argv: Optional[List[str]]) -> set:
+    """The destinations of the options typed in ``argv``, not left at their defaults (a resumed run refuses
+    typed settings that differ from its checkpoint's): ``argv`` parsed again with every default suppressed."""
+    parser = build_parser()
+    parsers = [parser]
+    while parsers:
+        for action in parsers.pop()._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            else:
+                action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
 def _setup(args) -> None:
     import torch
 
@@ -187,8 +202,9 @@ def _run_search(args) -> int:
         weight_lr=args.weight_lr, gamma_lr=args.gamma_lr, arch_lr=args.arch_lr, seed=args.seed,
         device=args.device, backend=args.backend, grouped_weights=args.grouped_weights, act_dtype=args.act_dtype,
         compile=args.compile, cuda_graph=args.cuda_graph)
+    explicit = {"share_gamma" if dest == "gamma_per_conv" else dest for dest in args.typed}
     result = run_search(config, args.out, resume=args.resume, progress=not args.no_progress,
-                        plots=not args.no_plots)
+                        plots=not args.no_plots, explicit=explicit)
     if not _is_writer():
         return 0
     cost, last = result["cost"], result["history"][-1]
@@ -208,7 +224,7 @@ def _run_train(args) -> int:
         channels=args.channels, lr=args.lr, auxiliary=args.auxiliary, aux_weight=args.aux_weight,
         drop_path=args.drop_path, data=args.data, data_dir=args.data_dir, seed=args.seed, device=args.device,
         backend=args.backend, act_dtype=args.act_dtype, compile=args.compile)
-    s = run_train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    s = run_train(config, args.out, resume=args.resume, progress=not args.no_progress, explicit=args.typed)
     if not _is_writer():
         return 0
     print(f"test accuracy {s['test_accuracy']:.4f}; BitOps {s['bitops']:.4g} (fp32 {s['bitops_fp32']:.4g}, "
@@ -220,6 +236,7 @@ def _run_train(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.typed = _typed_options(argv)
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

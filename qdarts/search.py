@@ -23,7 +23,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,8 @@ import torch.nn.functional as F
 import qdarts_kernels as qk
 
 from . import distributed
-from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, prepare_output_folder, rng_state,
-                         seed_everything, set_rng_state)
+from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, prepare_output_folder, resumed_config,
+                         rng_state, seed_everything, set_rng_state)
 from .cost import COST_KINDS, ExpectedCost, network_cost
 from .cudagraph import GraphedStep
 from .data import DATASETS, Dataset, batches, check_split_sizes, load_dataset, num_batches
@@ -133,8 +133,12 @@ class SearchConfig:
 
 
 #: the CLI options spelt unlike their settings (the others alike: seed is --seed, weight_lr --weight-lr), and
-#: None for the settings the command line does not offer
-OPTIONS = {"cost_weight": "--lambda", "weight_lr_min": None, "lr_min": None}
+#: None for the settings (of a search or a retraining) the command line does not offer
+OPTIONS = {"cost_weight": "--lambda", "share_gamma": "--gamma-per-conv", "lr_min": None, "momentum": None,
+           **dict.fromkeys(("steps", "weight_lr_min", "weight_momentum", "weight_decay", "grad_clip", "gamma_momentum",
+                            "gamma_decay", "arch_betas", "arch_decay", "train_portion"))}
+#: the settings a resumed search may change: where and how a step runs, not what it computes
+RESUME_MAY_CHANGE = ("device", "cuda_graph")
 
 #: per-epoch data-order seeds are ``seed * 1_000_003 + 2 * epoch (+ 1)``: seeds below 2**32 keep them well
 #: within the 64 bits of torch.Generator.manual_seed for any number of epochs
@@ -568,12 +572,15 @@ class Searcher:
 
 
 def run_search(config: SearchConfig, out_dir: str, *, resume: bool = False, progress: bool = True,
-               stop_after: Optional[int] = None, plots: bool = True) -> Dict[str, Any]:
+               stop_after: Optional[int] = None, plots: bool = True,
+               explicit: Optional[Collection[str]] = None) -> Dict[str, Any]:
     """Search (or resume) into ``out_dir``; write genotype.json, history.json, plots and summary.md.
 
     Returns {"genotype": Genotype, "cost": derived network cost, "history": [...], "config": SearchConfig}.
     With ``stop_after`` the run stops after that many epochs (a checkpoint is left, as after a kill)
-    and the final outputs are written only when the last epoch is done.
+    and the final outputs are written only when the last epoch is done. A resumed run continues with the
+    checkpoint's settings (but ``RESUME_MAY_CHANGE``); a setting of ``config`` that differs from them is a
+    ``ValueError`` (with ``explicit``, only the settings it names are compared: see ``resumed_config``).
     """
     from .report import write_search_report
 
@@ -582,10 +589,8 @@ def run_search(config: SearchConfig, out_dir: str, *, resume: bool = False, prog
         raise FileExistsError(f"{out_dir!r} already holds a search checkpoint; pass --resume to continue it "
                               "or choose another --out")
     if state is not None:
-        saved = SearchConfig.from_dict(state["config"])
-        # the settings a resumed run may change: where and how the step runs, not what it computes
-        saved.device, saved.cuda_graph = config.device, config.cuda_graph
-        config = saved
+        config = resumed_config(SearchConfig.from_dict(state["config"]), config, may_change=RESUME_MAY_CHANGE,
+                                explicit=explicit, name=option)
     searcher = Searcher(config, out_dir, progress=progress)  # validates the config and loads the data first
     if searcher.dist.is_writer:
         prepare_output_folder(out_dir)

@@ -12,14 +12,14 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, Optional
+from typing import Any, Collection, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, prepare_output_folder, rng_state,
-                         seed_everything, set_rng_state)
+from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, prepare_output_folder, resumed_config,
+                         rng_state, seed_everything, set_rng_state)
 from .cost import network_cost
 from .data import batches, check_split_sizes, load_dataset, num_batches
 from .evalnet import EvalNetwork
@@ -105,8 +105,12 @@ def _accuracy(model, x, y, device) -> float:
 
 
 def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: bool = True,
-              stop_after: Optional[int] = None) -> Dict[str, Any]:
-    """Retrain ``config.genotype`` into ``out_dir``; write summary.json (and return it when finished)."""
+              stop_after: Optional[int] = None, explicit: Optional[Collection[str]] = None) -> Dict[str, Any]:
+    """Retrain ``config.genotype`` into ``out_dir``; write summary.json (and return it when finished).
+
+    A resumed run continues with the checkpoint's settings but ``device``; a setting of ``config`` that
+    differs from them is a ``ValueError`` (with ``explicit``, only those it names: see ``resumed_config``).
+    """
     from tqdm.auto import tqdm
 
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
@@ -116,13 +120,12 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
         raise FileExistsError(f"{out_dir!r} already holds a training checkpoint; pass --resume to continue it "
                               "or choose another --out")
     if state is not None:
-        device = config.device
         try:
-            config = TrainConfig.from_dict(state["config"])
+            saved = TrainConfig.from_dict(state["config"])
         except (KeyError, TypeError) as e:
             raise ValueError(f"{ckpt_path!r} holds no valid training config ({e}); delete it to start afresh, "
                              "or choose another --out") from e
-        config.device = device
+        config = resumed_config(saved, config, may_change=("device",), explicit=explicit, name=option)
     config.validate()
     genotype = load_genotype(config.genotype)
     search = genotype.search

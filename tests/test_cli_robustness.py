@@ -221,7 +221,9 @@ def test_corrupt_search_checkpoint(corrupt, match, resume, finished_search, tmp_
     before = _snapshot(out)
     if not resume and match == "does not fit":
         match = "--resume"  # a readable checkpoint is not looked into without --resume: the folder is taken
-    line = _refused(["search", *TINY, *(["--resume"] if resume else []), "--out", str(out)], capsys, match=match)
+    # resuming, the options are left out: they would be compared with the checkpoint's config first
+    options = ["--resume", "--no-progress"] if resume else TINY
+    line = _refused(["search", *options, "--out", str(out)], capsys, match=match)
     assert CHECKPOINT in line or "--resume" in line
     assert _snapshot(out) == before  # nothing written, nothing deleted
 
@@ -239,6 +241,35 @@ def test_corrupt_train_checkpoint(corrupt, match, finished_search, tmp_path, cap
     line = _refused(["train", "--genotype", str(finished_search / "genotype.json"), *TRAIN_TINY, "--resume",
                      "--out", str(out)], capsys, match=match)
     assert TRAIN_CHECKPOINT in line
+    assert _snapshot(out) == before
+
+
+def test_resume_refuses_typed_settings_that_differ_from_the_checkpoint_and_keeps_the_rest(tmp_path, capsys):
+    """``--resume --epochs 3`` on a 2-epoch run is an error naming the option (it used to stop at 2 silently);
+    options left out take the checkpoint's values, and --device or the checkpoint's own values may be typed."""
+    out = tmp_path / "cut"
+    run_search(SearchConfig(data="synthetic", epochs=2, warmup_epochs=1, batch_size=256, channels=4, layers=1,
+                            steps=2, partial_channels=2, bits=(2, 4)), str(out), progress=False, plots=False,
+               stop_after=1)
+    before = _snapshot(out)
+    line = _refused(["search", "--resume", "--out", str(out), "--epochs", "3", "--bits", "2,4", "--lambda", "0.5"],
+                    capsys, match="epochs (--epochs) is 2 there, 3 here")
+    assert "cost_weight (--lambda) is 0.001 there, 0.5 here" in line and "bits" not in line.split(". Leave")[0]
+    assert _snapshot(out) == before
+    assert cli.main(["search", "--resume", "--out", str(out), "--epochs", "2", "--device", "cpu", "--no-progress",
+                     "--no-plots"]) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 2  # the checkpoint's 2 epochs; its 2-node cells (not the CLI's default 4) built again
+    assert len(json.loads((out / "genotype.json").read_text())["normal"]) == 4
+
+
+def test_train_resume_refuses_a_typed_setting_that_differs(finished_search, tmp_path, capsys):
+    genotype = str(finished_search / "genotype.json")
+    out = tmp_path / "train"
+    assert cli.main(["train", "--genotype", genotype, *TRAIN_TINY, "--out", str(out)]) == 0
+    before = _snapshot(out)
+    _refused(["train", "--genotype", genotype, "--resume", "--lr", "0.2", "--out", str(out)], capsys,
+             match="lr (--lr) is 0.05 there, 0.2 here")
     assert _snapshot(out) == before
 
 

@@ -51,6 +51,8 @@ def test_resume_continues_to_the_uninterrupted_result(tmp_path):
     assert "genotype" not in first and not os.path.exists(tmp_path / "cut" / "genotype.json")
     with pytest.raises(FileExistsError, match="--resume"):
         _search(tmp_path / "cut")
+    with pytest.raises(ValueError, match=r"epochs \(--epochs\) is 2 there, 3 here"):
+        _search(tmp_path / "cut", resume=True, epochs=3)  # the Python API compares every setting
     resumed = _search(tmp_path / "cut", resume=True)
     assert resumed["genotype"].to_dict() == full["genotype"].to_dict()
     assert _without_time(resumed["history"]) == _without_time(full["history"])

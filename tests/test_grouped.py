@@ -397,3 +397,40 @@ def test_precomputed_probs_resets_on_error_and_checks_lengths():
             raise RuntimeError("inside")
     assert q.probs_override is None and torch.equal(q.probs(), torch.full((2,), 0.5))
 
+
+
+# paper weights with 8 bits are always per channel (axis 0 unless another is given)
+@pytest.mark.parametrize("quantizer, axis", [(q, a) for q in ("paper", "lsq") for a in (0, 1, -1, None)
+                                             if q == "lsq" or a is not None])
+def test_grouped_weight_quantizer_equals_each_layer_s_own_quantizer(quantizer, axis):
+    """GroupedWeightQuantizer over layers of several shapes (two sharing one), any per-channel axis of the
+    weight (paper 8-bit scales per channel by the max, lsq scales): each mixed weight the layer's own
+    ``weight_quant(weight)`` bit for bit, and the weights', logits' and lsq scales' gradients close to it."""
+    from qdarts_kernels.nn import GroupedWeightQuantizer, MixedPrecisionFakeQuantize, QuantConv2d, QuantLinear
+
+    torch.manual_seed(0)
+    layers = [QuantConv2d(4, 6, 3, weight_bits=(2, 4, 8)), QuantConv2d(4, 6, 3, weight_bits=(2, 4, 8)),
+              QuantConv2d(6, 6, 1, weight_bits=(2, 4, 8)), QuantLinear(5, 3, weight_bits=(2, 4, 8))]
+    for layer in layers:
+        w = layer.weight
+        channels = None if axis is None else w.shape[axis]
+        layer.weight_quant = MixedPrecisionFakeQuantize((2, 4, 8), quantizer=quantizer, role="weight",
+                                                        per_channel_axis=axis, num_channels=channels)
+        with torch.no_grad():
+            layer.weight_quant.logits.copy_(torch.randn(3))
+            layer.weight_quant(w)  # lsq: the scales' first-batch initialisation
+            if quantizer == "lsq":
+                layer.weight_quant.scales.mul_(torch.rand_like(layer.weight_quant.scales) + 0.5)
+    grads = [torch.randn(layer.weight.shape) for layer in layers]
+    params = [p for layer in layers for p in (layer.weight, *layer.weight_quant.parameters())]
+
+    def run(ys):
+        dparams = torch.autograd.grad(ys, params, grads)
+        return [y.detach() for y in ys], dparams
+
+    grouped_ys, grouped_d = run(GroupedWeightQuantizer(layers)())
+    own_ys, own_d = run([layer.weight_quant(layer.weight) for layer in layers])
+    for i, (a, b) in enumerate(zip(grouped_ys, own_ys)):
+        assert torch.equal(a, b), f"mixed weight {i}"
+    for j, (a, b) in enumerate(zip(grouped_d, own_d)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"gradient of parameter {j}")

@@ -143,8 +143,8 @@ class _Group:
         for members in self.by_shape:
             w = torch.stack([self.layers[i].weight.detach() for i in members]).float()
             scaled = q._steps[None, :] * w.flatten(1).std(dim=1)[:, None]  # [G, K]
-            if self.axis is not None:
-                max_c = w.abs().amax(dim=tuple(range(2, w.dim())))  # [G, C]
+            if self.axis is not None:  # the channel axis is self.axis + 1 in the stack
+                max_c = w.abs().amax(dim=tuple(d for d in range(1, w.dim()) if d != self.axis + 1))  # [G, C]
                 by_max = (max_c[:, None, :] / q._top[None, :, None]).clamp_min(MIN_SCALE)
                 scaled = torch.where(q._by_max[None, :, None], by_max, scaled[:, :, None])  # [G, K, C]
             for row, i in enumerate(members):

@@ -78,7 +78,9 @@ def _extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -Wno-psabi: the SIMD kernels pass GCC vector types between inlined helpers; the ABI note
     # about passing them by value concerns calls across translation units, which never happen.
-    cxx = opt + ["-std=c++17", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-psabi"]
+    # -std=c++20: the standard torch builds its extensions with (torch >= 2.10 defaults to it; its headers
+    # use C++20 features and warn under C++17). .ci/compile_cuda.sh compiles the CUDA sources with it too.
+    cxx = opt + ["-std=c++20", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-psabi"]
     # OpenMP: at::parallel_for is a header template whose OpenMP backend is a `#pragma omp parallel`
     # compiled into *this* extension; without -fopenmp it silently runs on one thread. Linking with
     # -fopenmp adds a dependency on libgomp.so.1, which resolves to the copy torch already loaded.
@@ -100,7 +102,7 @@ def _extensions():
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         define_macros.append(("QDARTS_WITH_CUDA", "1"))
         # --fmad=false for the same reason as -ffp-contract=off above.
-        nvcc = opt + ["-std=c++17", "--fmad=false", "-lineinfo"]
+        nvcc = opt + ["-std=c++20", "--fmad=false", "-lineinfo"]
         ext = CUDAExtension(
             "qdarts_kernels._C",
             sources,

@@ -3,7 +3,7 @@
 #
 #   1. each csrc/cuda/*.cu with plain nvcc (no torch headers on the include path: the kernel files
 #      must not need them) for sm_80 and sm_90, with the flags the real build uses (setup.py's
-#      -std=c++17 --fmad=false and the half/bfloat16 switches torch's CUDAExtension adds);
+#      -std=c++20 --fmad=false and the half/bfloat16 switches torch's CUDAExtension adds);
 #      The objects are then linked into one shared library (duplicate symbols fail there);
 #   2. each host test tests/cuda/*_test.cu, built with nvcc and run on the CPU: the kernels'
 #      launch geometry and element loops, and their per-thread code for every thread of a grid
@@ -45,7 +45,7 @@ trap 'rm -rf "$OBJ_DIR"' EXIT
 
 # The same switches as setup.py (nvcc list) and torch.utils.cpp_extension.COMMON_NVCC_FLAGS.
 common_flags=(
-  -std=c++17 --fmad=false -I "$ROOT/csrc" -DQDARTS_WITH_CUDA=1
+  -std=c++20 --fmad=false -I "$ROOT/csrc" -DQDARTS_WITH_CUDA=1
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
   -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr --Werror all-warnings
 )
@@ -96,7 +96,7 @@ from torch.utils.cpp_extension import include_paths
 import sysconfig
 print("\n".join(include_paths() + [sysconfig.get_paths()["include"]]))
 ')"
-cxx_flags=(-fsyntax-only -std=c++17 -Wall -Wextra -Werror -I "$ROOT/csrc" -isystem "$CUDA_HOME/include"
+cxx_flags=(-fsyntax-only -std=c++20 -Wall -Wextra -Werror -I "$ROOT/csrc" -isystem "$CUDA_HOME/include"
            -DQDARTS_WITH_CUDA=1 -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE)
 while IFS= read -r dir; do
   cxx_flags+=(-isystem "$dir")

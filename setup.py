@@ -78,8 +78,9 @@ def _extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -Wno-psabi: the SIMD kernels pass GCC vector types between inlined helpers; the ABI note
     # about passing them by value concerns calls across translation units, which never happen.
-    # -std=c++20: the standard torch builds its extensions with (torch >= 2.10 defaults to it; its headers
-    # use C++20 features and warn under C++17). .ci/compile_cuda.sh compiles the CUDA sources with it too.
+    # -std=c++20: torch 2.13's default for extensions (its headers use C++20 features and warn under C++17);
+    # torch 2.11 defaults to C++17, and its headers and our CUDA glue build under C++20 too (checked:
+    # torch 2.11.0+cu130 with nvcc 13.0, 2026-11-28). .ci/compile_cuda.sh compiles the CUDA sources with it.
     cxx = opt + ["-std=c++20", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-psabi"]
     # OpenMP: at::parallel_for is a header template whose OpenMP backend is a `#pragma omp parallel`
     # compiled into *this* extension; without -fopenmp it silently runs on one thread. Linking with

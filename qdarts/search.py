@@ -261,10 +261,12 @@ class Searcher:
         self._train_loss_fn = compiled(self._train_loss_eager, config.compile)
         self._val_loss_fn = compiled(self._val_loss_eager, config.compile)
         c = config
+        # foreach on CPU too, where PyTorch's default is a Python loop over the parameters (~550 in the
+        # digits supernet: clipping and the SGD step 8.2 -> 4.8 ms per step on the 2-core VM, the same bits)
         self.opt_weights = torch.optim.SGD(self.groups["weights"], lr=c.weight_lr, momentum=c.weight_momentum,
-                                           weight_decay=c.weight_decay)
+                                           weight_decay=c.weight_decay, foreach=True)
         self.opt_gamma = torch.optim.SGD(self.groups["gamma"], lr=c.gamma_lr, momentum=c.gamma_momentum,
-                                         weight_decay=c.gamma_decay) if self.groups["gamma"] else None
+                                         weight_decay=c.gamma_decay, foreach=True) if self.groups["gamma"] else None
         # capturable: its step count lives on the device, so that a CUDA graph can replay the update
         self.opt_arch = torch.optim.Adam(self.arch_params, lr=c.arch_lr, betas=tuple(c.arch_betas),
                                          weight_decay=c.arch_decay, capturable=c.cuda_graph)
@@ -432,7 +434,7 @@ class Searcher:
         distributed.all_reduce_gradients(self.groups["weights"] + self.groups["gamma"],
                                          broadcast_values=not self._replicas_equal)
         self._replicas_equal = True
-        torch.nn.utils.clip_grad_norm_(self.groups["weights"], self.config.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.groups["weights"], self.config.grad_clip, foreach=True)
         self.opt_weights.step()
         if self.opt_gamma is not None:
             self.opt_gamma.step()

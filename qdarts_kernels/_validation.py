@@ -55,6 +55,10 @@ def grid_code(grid: str) -> int:
 
 
 def normalize_bits(bits, name: str = "bits") -> Tuple[int, ...]:
+    # what the layers pass on every call, their quantizer's own checked tuple: taken as it is
+    if (type(bits) is tuple and 1 <= len(bits) <= MAX_K
+            and all(type(b) is int and MIN_BITS <= b <= MAX_BITS for b in bits)):
+        return bits
     if isinstance(bits, int) and not isinstance(bits, bool):
         bits = (bits,)
     try:
@@ -111,7 +115,7 @@ def check_scale_values(scales: torch.Tensor, name: str = "scales") -> None:
     # The cheapest read of a CPU tensor's values: a few Python floats for per-tensor scales, one
     # min/max reduction otherwise. SMALLEST_SCALE <= v < inf is false for NaN, +-inf, 0 and negatives.
     if s.numel() <= 64:
-        lo_hi = s.flatten().tolist()
+        lo_hi = s.tolist() if s.dim() == 1 else s.flatten().tolist()
     else:
         lo, hi = torch.aminmax(s.flatten())
         lo_hi = [lo.item(), hi.item()]

@@ -79,8 +79,10 @@ def _eager_reference_op(name: str):
 
 def _params(t: Tensor, like: Tensor) -> Tensor:
     # probs, scales and weights reach the kernels as contiguous fp32 (fp64 only for the reference
-    # backend on fp64 inputs, so that gradcheck sees double precision throughout)
-    return t.to(torch.float64 if like.dtype == torch.float64 else torch.float32).contiguous()
+    # backend on fp64 inputs, so that gradcheck sees double precision throughout); checked first, as
+    # they mostly are (the no-op to() and contiguous() calls cost more, a few per quantizer and step)
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
 
 
 def _check_op_args(x: Tensor, probs: Tensor, scales: Tensor, bits, axis: int, grad: Optional[Tensor] = None):

@@ -131,9 +131,9 @@ def _cpu_conv_path(backend: Optional[str], x: Tensor, w: Tensor, bias: Optional[
     return None
 
 
-def _conv2d(x: Tensor, w: Tensor, bias: Optional[Tensor], conv_args, backend: Optional[str]) -> Tensor:
-    """``F.conv2d(x, w, bias, *conv_args)``, on the path :func:`_cpu_conv_path` chooses."""
-    path = _cpu_conv_path(backend, x, w, bias, conv_args)
+def _conv2d(x: Tensor, w: Tensor, bias: Optional[Tensor], conv_args, path: Optional[str]) -> Tensor:
+    """``F.conv2d(x, w, bias, *conv_args)``, on the ``path`` :func:`_cpu_conv_path` chose (the autograd
+    functions choose once in the forward and keep it for the backward's convs)."""
     if path == "depthwise":
         stride, padding, dilation, _ = conv_args
         return torch.ops.qdarts_C.depthwise_conv2d_forward(x, w, list(stride), list(padding), list(dilation))
@@ -143,12 +143,11 @@ def _conv2d(x: Tensor, w: Tensor, bias: Optional[Tensor], conv_args, backend: Op
     return nn.functional.conv2d(x, w, bias, *conv_args)
 
 
-def _conv2d_backward(grad: Tensor, x: Tensor, w: Tensor, bias: Optional[Tensor], conv_args, backend: Optional[str],
+def _conv2d_backward(grad: Tensor, x: Tensor, w: Tensor, bias: Optional[Tensor], conv_args, path: Optional[str],
                      need_x: bool, need_w: bool, need_b: bool):
     """(dx, dw, dbias) of ``F.conv2d(x, w, bias, *conv_args)`` for ``grad``, None where not needed,
-    on the path :func:`_cpu_conv_path` chooses."""
+    on the forward's ``path`` (see :func:`_conv2d`)."""
     stride, padding, dilation, groups = conv_args
-    path = _cpu_conv_path(backend, x, w, bias, conv_args)
     if path == "depthwise":
         dx, dw = torch.ops.qdarts_C.depthwise_conv2d_backward(grad.contiguous(), x, w, list(stride), list(padding),
                                                               list(dilation), need_x, need_w)
@@ -163,29 +162,37 @@ def _conv2d_backward(grad: Tensor, x: Tensor, w: Tensor, bias: Optional[Tensor],
                                                dilation, False, [0, 0], groups, [need_x, need_w, need_b])
 
 
-def _quantized_conv_backward(grad, x, probs, scales, w, bias, quant_args, conv_args, conv_dtype, needs, xq=None):
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``; the dtype compared first, as a no-op ``to`` still costs a dispatched call (a few of
+    them per conv and step add up in a host-bound step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _quantized_conv_backward(grad, x, probs, scales, w, bias, quant_args, conv_args, conv_path, conv_dtype, needs,
+                             xq=None):
     """(dx, dprobs, dscales, dw, dbias) of ``conv2d(mixed_fake_quant(x), w, bias)`` for ``grad``,
     None where ``needs`` (five flags, in that order) says not needed. The conv runs in
-    ``conv_dtype`` (autocast's, as in the forward); each gradient comes back in its input's dtype.
-    ``xq``: the mixed activation where the caller has it, else recomputed from x."""
+    ``conv_dtype`` (autocast's, as in the forward) on the forward's ``conv_path``; each gradient comes
+    back in its input's dtype. ``xq``: the mixed activation where the caller has it, else recomputed
+    from x."""
     need_x, need_p, need_s, need_w, need_b = needs
     need_xq = need_x or need_p or need_s
     if xq is None and (need_xq or need_w):
         xq = _ops._mfq_forward(x, probs, scales, *quant_args)
     stride, padding, dilation, groups = conv_args
-    grad, conv_input = grad.to(conv_dtype), (xq if xq is not None else x).to(conv_dtype)
+    grad, conv_input = _cast(grad, conv_dtype), _cast(xq if xq is not None else x, conv_dtype)
     depthwise = _depthwise_weight_grad(quant_args[-1], conv_input, w, groups, grad) if need_w else None
     dxq = dw = db = None
     if need_xq or need_b or (need_w and depthwise is None):
-        dxq, dw, db = _conv2d_backward(grad, conv_input, w.to(conv_dtype), bias, conv_args, quant_args[-1], need_xq,
+        dxq, dw, db = _conv2d_backward(grad, conv_input, _cast(w, conv_dtype), bias, conv_args, conv_path, need_xq,
                                        need_w and depthwise is None, need_b)
     if depthwise is not None:
         dw = depthwise.depthwise_conv2d_weight_grad(grad.contiguous(), conv_input.contiguous(), w.shape[2:],
                                                     stride, padding, dilation)
     dx = dp = ds = None
     if need_xq:
-        dx, dp, ds = _ops._mfq_backward(dxq.to(x.dtype), x, probs, scales, *quant_args, need_x, need_p, need_s)
-    return dx, dp, ds, (dw.to(w.dtype) if need_w else None), (db.to(bias.dtype) if need_b else None)
+        dx, dp, ds = _ops._mfq_backward(_cast(dxq, x.dtype), x, probs, scales, *quant_args, need_x, need_p, need_s)
+    return dx, dp, ds, (_cast(dw, w.dtype) if need_w else None), (_cast(db, bias.dtype) if need_b else None)
 
 
 class _QuantizedInputConv2d(torch.autograd.Function):
@@ -200,17 +207,18 @@ class _QuantizedInputConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, probs, scales, w, bias, quant_args, conv_args):
         xq = _ops._mfq_forward(x, probs, scales, *quant_args)
-        y = _conv2d(xq, w, bias, conv_args, quant_args[-1])
+        path = _cpu_conv_path(quant_args[-1], xq, w, bias, conv_args)
+        y = _conv2d(xq, w, bias, conv_args, path)
         ctx.save_for_backward(x, probs, scales, w, bias)
-        ctx.args = (quant_args, conv_args)
+        ctx.args = (quant_args, conv_args, path)
         ctx.conv_dtype = y.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        quant_args, conv_args = ctx.args
+        quant_args, conv_args, path = ctx.args
         _ops._refuse_second_order("QuantConv2d", quant_args[-1])
-        return (*_quantized_conv_backward(grad, *ctx.saved_tensors, quant_args, conv_args, ctx.conv_dtype,
+        return (*_quantized_conv_backward(grad, *ctx.saved_tensors, quant_args, conv_args, path, ctx.conv_dtype,
                                           ctx.needs_input_grad[:5]), None, None)
 
 
@@ -229,26 +237,31 @@ class _ChainedQuantizedConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, p1, s1, w1, b1, p2, s2, w2, b2, quant1, conv1, conv2, second_quant_args):
-        h = _conv2d(_ops._mfq_forward(x, p1, s1, *quant1), w1, b1, conv1, quant1[-1])
+        x1q = _ops._mfq_forward(x, p1, s1, *quant1)
+        path1 = _cpu_conv_path(quant1[-1], x1q, w1, b1, conv1)
+        h = _conv2d(x1q, w1, b1, conv1, path1)
+        del x1q  # freed before the second conv, as the peak of a step holds it otherwise
         s2, quant2 = second_quant_args(h, s2)
-        y = _conv2d(_ops._mfq_forward(h, p2, s2, *quant2), w2, b2, conv2, quant2[-1])
+        hq = _ops._mfq_forward(h, p2, s2, *quant2)
+        path2 = _cpu_conv_path(quant2[-1], hq, w2, b2, conv2)
+        y = _conv2d(hq, w2, b2, conv2, path2)
         ctx.save_for_backward(x, p1, s1, w1, b1, p2, s2, w2, b2)
-        ctx.args = (quant1, conv1, quant2, conv2)
+        ctx.args = (quant1, conv1, path1, quant2, conv2, path2)
         ctx.conv_dtype = y.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        quant1, conv1, quant2, conv2 = ctx.args
+        quant1, conv1, path1, quant2, conv2, path2 = ctx.args
         _ops._refuse_second_order("QuantConv2d", quant1[-1])
         x, p1, s1, w1, b1, p2, s2, w2, b2 = ctx.saved_tensors
         needs1, needs2 = ctx.needs_input_grad[:5], ctx.needs_input_grad[5:9]
         dt = ctx.conv_dtype
         x1q = _ops._mfq_forward(x, p1, s1, *quant1)
-        h = _conv2d(x1q.to(dt), w1.to(dt), None if b1 is None else b1.to(dt), conv1, quant1[-1])
-        dh, dp2, ds2, dw2, db2 = _quantized_conv_backward(grad, h, p2, s2, w2, b2, quant2, conv2, dt,
+        h = _conv2d(_cast(x1q, dt), _cast(w1, dt), None if b1 is None else _cast(b1, dt), conv1, path1)
+        dh, dp2, ds2, dw2, db2 = _quantized_conv_backward(grad, h, p2, s2, w2, b2, quant2, conv2, path2, dt,
                                                           (any(needs1), *needs2))
-        grads1 = _quantized_conv_backward(dh, x, p1, s1, w1, b1, quant1, conv1, dt, needs1, xq=x1q) \
+        grads1 = _quantized_conv_backward(dh, x, p1, s1, w1, b1, quant1, conv1, path1, dt, needs1, xq=x1q) \
             if dh is not None else (None,) * 5
         return (*grads1, dp2, ds2, dw2, db2, None, None, None, None)
 
@@ -365,7 +378,9 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
         if (torch.is_grad_enabled() or self.padding_mode != "zeros" or isinstance(self.padding, str)
                 or _ops.eager_reference_active()):
             return self._conv_forward(xq, wq, self.bias)
-        return _conv2d(xq, wq, self.bias, self._conv_args(), self.weight_quant.backend)
+        conv_args = self._conv_args()
+        return _conv2d(xq, wq, self.bias, conv_args,
+                       _cpu_conv_path(self.weight_quant.backend, xq, wq, self.bias, conv_args))
 
     def _keeps_only_its_input(self, input_dim: int) -> bool:
         """Whether a forward on an input with ``input_dim`` dimensions takes the eager training path

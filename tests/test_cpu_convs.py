@@ -34,7 +34,14 @@ GEOMETRIES = [
     ((2, 3, 6, 7), (2, 3), (3, 1), (3, 1), (2, 1)),
     ((4, 4, 32, 32), (5, 5), (1, 1), (2, 2), (1, 1)),
     ((4, 8, 16, 16), (3, 3), (2, 2), (1, 1), (1, 1)),
+    # by image blocks (>= 16 images, planes of <= 32 positions): a partial block, two blocks and a tail
+    ((20, 3, 4, 4), (5, 5), (2, 2), (4, 4), (2, 2)),
+    ((130, 2, 2, 3), (3, 3), (1, 1), (1, 1), (1, 1)),
+    ((70, 3, 6, 5), (3, 5), (2, 1), (1, 3), (1, 2)),
 ]
+
+# shapes that go by image blocks (csrc/cpu/depthwise_conv.cpp: by_image_blocks)
+BLOCK_GEOMETRIES = [g for g in GEOMETRIES if g[0][0] >= 16 and g[0][2] * g[0][3] <= 32]
 
 
 def _reference(x, w, g, stride, padding, dilation):
@@ -74,27 +81,50 @@ def test_forward_and_gradients_equal_pytorch_s(shape, kernel, stride, padding, d
     assert none_w.numel() == 0 and none_x.numel() == 0
 
 
-@pytest.mark.parametrize("what", ["inf input", "nan input", "inf weight", "nan weight"])
+@pytest.mark.parametrize("shape", [(2, 3, 6, 6), (20, 3, 4, 4)], ids=["by planes", "by image blocks"])
+@pytest.mark.parametrize("what", ["inf input", "nan input", "inf weight", "nan weight", "inf gradient"])
 @pytest.mark.parametrize("stride,padding", [((1, 1), (0, 0)), ((1, 1), (1, 1)), ((2, 1), (1, 1))])
-def test_non_finite_values_reach_only_the_gradients_pytorch_s_reach(what, stride, padding):
+def test_non_finite_values_reach_only_the_gradients_pytorch_s_reach(what, stride, padding, shape):
     """Stride 1 works in a padded layout whose scratch columns hold zero gradients; an inf or NaN
     multiplied by them must not reach the gradients (an inf in the last column is read only by the
-    taps of the last kernel column: PyTorch's other weight-gradient taps stay finite)."""
+    taps of the last kernel column: PyTorch's other weight-gradient taps stay finite). The blocks of
+    small planes hold padding zeros as well: a block with an inf or NaN takes the per-plane kernels."""
     gen = torch.Generator().manual_seed(12)
-    x, w = torch.randn(2, 3, 6, 6, generator=gen), torch.randn(3, 1, 3, 3, generator=gen)
+    x, w = torch.randn(shape, generator=gen), torch.randn(3, 1, 3, 3, generator=gen)
     bad = float("inf") if what.startswith("inf") else float("nan")
     if what.endswith("input"):
-        x[0, 1, 2, 5] = bad
-    else:
+        x[0, 1, 2, shape[3] - 1] = bad
+    elif what.endswith("weight"):
         w[1, 0, 0, 0] = bad
     y = ops.depthwise_conv2d_forward(x, w, list(stride), list(padding), [1, 1])
     g = torch.randn(y.shape, generator=gen)
+    if what.endswith("gradient"):
+        g[0, 1, 0, 0] = bad
     dx, dw = ops.depthwise_conv2d_backward(g, x, w, list(stride), list(padding), [1, 1], True, True)
     _, dx_ref, dw_ref = _reference(x, w, g, list(stride), list(padding), [1, 1])
     for got, want in ((dx, dx_ref), (dw, dw_ref)):
         assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
         finite = want.isfinite()
         torch.testing.assert_close(got[finite].double(), want[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding,dilation", BLOCK_GEOMETRIES)
+def test_image_blocks_give_the_per_plane_bits(shape, kernel, stride, padding, dilation):
+    """Small planes of >= 16 images go by blocks of images; the forward and dx add the same terms in
+    the same order as the per-plane kernels (which one image at a time takes): the same bits."""
+    gen = torch.Generator().manual_seed(5)
+    args = (list(stride), list(padding), list(dilation))
+    x = torch.randn(shape, generator=gen)
+    w = torch.randn(shape[1], 1, *kernel, generator=gen)
+    y = ops.depthwise_conv2d_forward(x, w, *args)
+    g = torch.randn(y.shape, generator=gen)
+    dx, dw = ops.depthwise_conv2d_backward(g, x, w, *args, True, True)
+    one = [(ops.depthwise_conv2d_forward(x[i:i + 1], w, *args),
+            ops.depthwise_conv2d_backward(g[i:i + 1], x[i:i + 1], w, *args, True, False)[0]) for i in range(len(x))]
+    assert torch.equal(y, torch.cat([o[0] for o in one])) and torch.equal(dx, torch.cat([o[1] for o in one]))
+    dx_only, _ = ops.depthwise_conv2d_backward(g, x, w, *args, True, False)
+    _, dw_only = ops.depthwise_conv2d_backward(g, x, w, *args, False, True)
+    assert torch.equal(dx_only, dx) and torch.equal(dw_only, dw)
 
 
 def test_non_contiguous_inputs_and_empty_batch():
@@ -113,10 +143,12 @@ def test_non_contiguous_inputs_and_empty_batch():
     assert dx.shape == (0, 4, 9, 10) and torch.equal(dw, torch.zeros_like(w))
 
 
+@pytest.mark.parametrize("plane", [32, 4], ids=["by planes", "by image blocks"])
 @pytest.mark.parametrize("stride", [(1, 1), (2, 2)])
-def test_same_bits_for_any_thread_count(stride):
+def test_same_bits_for_any_thread_count(stride, plane):
     gen = torch.Generator().manual_seed(2)
-    x, w = torch.randn(16, 4, 32, 32, generator=gen), torch.randn(4, 1, 5, 5, generator=gen)
+    images = 16 if plane == 32 else 150
+    x, w = torch.randn(images, 4, plane, plane, generator=gen), torch.randn(4, 1, 5, 5, generator=gen)
     g = torch.randn(ops.depthwise_conv2d_forward(x, w, list(stride), [2, 2], [1, 1]).shape, generator=gen)
     threads = torch.get_num_threads()
     results = []

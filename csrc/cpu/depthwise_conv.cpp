@@ -17,7 +17,10 @@
 // of y tap by tap in the order (i, j); the backward takes g row by row, adding w[c,i,j] g into the
 // rows of dx (in the order oh, i, j) and g x into kLanes fixed lanes per tap, summed into fp64 per
 // row. Each plane's fp64 tap sums go to its own slot, and the slots of a channel are added in image
-// order on one thread: the same bits for any number of threads and any instruction set.
+// order on one thread: the same bits for any number of threads and any instruction set. Planes of at
+// most kImageBlockPlane positions go by blocks of kImageBlock images of one channel instead, the
+// images the innermost (vector) dimension (by_image_blocks; the kernels' file says how the sums keep
+// the per-plane bits); dw then has one slot per block.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -70,6 +73,23 @@ std::vector<ColumnRange> column_ranges(const DepthwiseGeometry& g) {
   return out;
 }
 
+// Small planes go by blocks of this many images of one channel (the kernels' by-image-blocks part).
+constexpr int64_t kImageBlock = 64;
+// The largest plane (positions) that goes by image blocks, and the largest padded one (its buffers).
+constexpr int64_t kImageBlockPlane = 32, kImageBlockPaddedPlane = 1024;
+
+// Whether the convolution goes by image blocks rather than by planes: planes so small (the 2x2 and 4x4
+// maps of the digits supernet's reduction cells) that the per-plane kernels spend their time on row ends,
+// padding and set-up, and enough images to fill a block's vectors. Measured on the 2-core VM of
+// bench/results (fp32, one thread, batch 128, forward / forward+backward): 4x4 and 2x2 planes 2.3-8x
+// faster by blocks (5x5 dilation 2 stride 2 over [128,16,4,4]: 378 -> 48 us / 823 -> 209 us); 8x8
+// planes mixed (3x3: 87 -> 128 us forward), 16x16 up to 2.9x slower: the transposes then cost more
+// than the row ends they save.
+bool by_image_blocks(const DepthwiseGeometry& g) {
+  return g.images >= kImageBlock / 4 && g.h * g.w <= kImageBlockPlane &&
+         (g.h + 2 * g.ph) * (g.w + 2 * g.pw) <= kImageBlockPaddedPlane;
+}
+
 #define QD_ISA_KERNELS "cpu/depthwise_conv_kernels.inc"
 #include "cpu/foreach_isa.h"
 
@@ -109,6 +129,12 @@ at::Tensor depthwise_conv2d_forward_cpu(const at::Tensor& x_in, const at::Tensor
   const std::vector<ColumnRange> columns = column_ranges(g);
   const DepthwiseJob job{g, columns.data(), x.data_ptr<float>(), weight.data_ptr<float>(), nullptr,
                          y.data_ptr<float>(), nullptr, nullptr};
+  if (by_image_blocks(g)) {
+    at::parallel_for(0, ceil_div(g.images, kImageBlock) * g.channels, 1, [&](int64_t begin, int64_t end) {
+      QD_ISA_DISPATCH(forward_image_blocks, job, begin, end);
+    });
+    return y;
+  }
   at::parallel_for(0, g.images * g.channels, plane_grain(g.ho * g.wo * g.kh * g.kw), [&](int64_t begin, int64_t end) {
     QD_ISA_DISPATCH(forward_planes, job, begin, end);
   });
@@ -127,25 +153,33 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(const at::Tenso
   const at::Tensor x = x_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor grad = grad_in.contiguous();
-  const int64_t planes = g.images * g.channels, taps = g.kh * g.kw;
+  const int64_t taps = g.kh * g.kw;
+  const bool blocks = by_image_blocks(g);
+  // dw's partial sums: one row of taps per plane, or per image block of a channel (rows of images or
+  // blocks, then channels)
+  const int64_t rows = blocks ? ceil_div(g.images, kImageBlock) : g.images;
   at::Tensor dx = need_dx ? empty_output(x.sizes(), c10::ScalarType::Float) : at::empty({0}, x.options());
   at::Tensor dweight = need_dweight ? at::empty(weight.sizes(), weight.options()) : at::empty({0}, weight.options());
-  std::vector<double> partials(need_dweight ? planes * taps : 0);
+  std::vector<double> partials(need_dweight ? rows * g.channels * taps : 0);
   const std::vector<ColumnRange> columns = column_ranges(g);
   const DepthwiseJob job{g, columns.data(), x.data_ptr<float>(), weight.data_ptr<float>(), grad.data_ptr<float>(),
-                         nullptr, need_dx ? dx.data_ptr<float>() : nullptr, partials.data()};
-  if (need_dx || need_dweight) {
-    at::parallel_for(0, planes, plane_grain(g.ho * g.wo * g.kh * g.kw), [&](int64_t begin, int64_t end) {
+                         nullptr, need_dx ? dx.data_ptr<float>() : nullptr, blocks ? nullptr : partials.data()};
+  if ((need_dx || need_dweight) && blocks) {
+    at::parallel_for(0, rows * g.channels, 1, [&](int64_t begin, int64_t end) {
+      QD_ISA_DISPATCH(backward_image_blocks, job, partials.data(), need_dx, need_dweight, begin, end);
+    });
+  } else if (need_dx || need_dweight) {
+    at::parallel_for(0, rows * g.channels, plane_grain(g.ho * g.wo * g.kh * g.kw), [&](int64_t begin, int64_t end) {
       QD_ISA_DISPATCH(backward_planes, job, need_dx, need_dweight, begin, end);
     });
   }
   if (need_dweight) {
-    // each channel's plane sums added in image order on one thread: the same bits for any thread count
+    // each channel's partial sums added in order on one thread: the same bits for any thread count
     float* dw = dweight.data_ptr<float>();
     for (int64_t c = 0; c < g.channels; ++c) {
       for (int64_t t = 0; t < taps; ++t) {
         double total = 0.0;
-        for (int64_t n = 0; n < g.images; ++n) total += partials[(n * g.channels + c) * taps + t];
+        for (int64_t r = 0; r < rows; ++r) total += partials[(r * g.channels + c) * taps + t];
         dw[c * taps + t] = static_cast<float>(total);
       }
     }

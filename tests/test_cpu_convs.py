@@ -38,10 +38,17 @@ GEOMETRIES = [
     ((20, 3, 4, 4), (5, 5), (2, 2), (4, 4), (2, 2)),
     ((130, 2, 2, 3), (3, 3), (1, 1), (1, 1), (1, 1)),
     ((70, 3, 6, 5), (3, 5), (2, 1), (1, 3), (1, 2)),
+    ((17, 2, 8, 8), (5, 5), (1, 1), (4, 4), (2, 2)),
+    ((16, 3, 16, 15), (5, 5), (2, 2), (2, 2), (1, 1)),
 ]
 
-# shapes that go by image blocks (csrc/cpu/depthwise_conv.cpp: by_image_blocks)
-BLOCK_GEOMETRIES = [g for g in GEOMETRIES if g[0][0] >= 16 and g[0][2] * g[0][3] <= 32]
+
+def _by_image_blocks(shape, stride):
+    """Whether the C++ kernel takes this shape by image blocks (csrc/cpu/depthwise_conv.cpp)."""
+    return shape[0] >= 16 and shape[2] * shape[3] <= (64 if tuple(stride) == (1, 1) else 256)
+
+
+BLOCK_GEOMETRIES = [g for g in GEOMETRIES if _by_image_blocks(g[0], g[2])]
 
 
 def _reference(x, w, g, stride, padding, dilation):

@@ -17,8 +17,8 @@
 // of y tap by tap in the order (i, j); the backward takes g row by row, adding w[c,i,j] g into the
 // rows of dx (in the order oh, i, j) and g x into kLanes fixed lanes per tap, summed into fp64 per
 // row. Each plane's fp64 tap sums go to its own slot, and the slots of a channel are added in image
-// order on one thread: the same bits for any number of threads and any instruction set. Planes of at
-// most kImageBlockPlane positions go by blocks of kImageBlock images of one channel instead, the
+// order on one thread: the same bits for any number of threads and any instruction set. Small planes
+// (by_image_blocks) go by blocks of kImageBlock images of one channel instead, the
 // images the innermost (vector) dimension (by_image_blocks; the kernels' file says how the sums keep
 // the per-plane bits); dw then has one slot per block.
 #include <ATen/Parallel.h>
@@ -75,18 +75,22 @@ std::vector<ColumnRange> column_ranges(const DepthwiseGeometry& g) {
 
 // Small planes go by blocks of this many images of one channel (the kernels' by-image-blocks part).
 constexpr int64_t kImageBlock = 64;
-// The largest plane (positions) that goes by image blocks, and the largest padded one (its buffers).
-constexpr int64_t kImageBlockPlane = 32, kImageBlockPaddedPlane = 1024;
+// The largest plane (positions) that goes by image blocks at stride 1 and at other strides, and the
+// largest padded one (its buffers).
+constexpr int64_t kImageBlockPlane = 64, kImageBlockStridedPlane = 256, kImageBlockPaddedPlane = 1024;
 
-// Whether the convolution goes by image blocks rather than by planes: planes so small (the 2x2 and 4x4
-// maps of the digits supernet's reduction cells) that the per-plane kernels spend their time on row ends,
-// padding and set-up, and enough images to fill a block's vectors. Measured on the 2-core VM of
-// bench/results (fp32, one thread, batch 128, forward / forward+backward): 4x4 and 2x2 planes 2.3-8x
-// faster by blocks (5x5 dilation 2 stride 2 over [128,16,4,4]: 378 -> 48 us / 823 -> 209 us); 8x8
-// planes mixed (3x3: 87 -> 128 us forward), 16x16 up to 2.9x slower: the transposes then cost more
-// than the row ends they save.
+// Whether the convolution goes by image blocks rather than by planes: planes so small that the
+// per-plane kernels spend their time on row ends, padding and set-up (the digits supernet's 8x8 to 2x2
+// maps), or strided ones up to 16x16 (the per-plane kernels' column phases are short rows), and enough
+// images to fill a block's vectors. Measured on the 2-core VM of bench/results (fp32, one thread; forward
+// / forward+backward, per plane -> by blocks): [128,16,4,4] 5x5 dilation 2 stride 2: 378 -> 48 us /
+// 823 -> 209 us; [128,8,8,8] 5x5 stride 2: 434 -> 84 / 1459 -> 237; [128,8,8,8] 3x3 stride 1: 125 -> 130
+// / 340 -> 224; [64,16,16,16] 5x5 stride 2: 668 -> 273 / 1612 -> 867. Not taken: stride 1 on 16x16
+// (3x3: 53 -> 110 / 138 -> 212: the transposes cost more than the row ends they save) and 32x32
+// planes (strided 3x3: 239 -> 295 forward).
 bool by_image_blocks(const DepthwiseGeometry& g) {
-  return g.images >= kImageBlock / 4 && g.h * g.w <= kImageBlockPlane &&
+  const int64_t largest = g.sh == 1 && g.sw == 1 ? kImageBlockPlane : kImageBlockStridedPlane;
+  return g.images >= kImageBlock / 4 && g.h * g.w <= largest &&
          (g.h + 2 * g.ph) * (g.w + 2 * g.pw) <= kImageBlockPaddedPlane;
 }
 

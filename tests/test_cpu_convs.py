@@ -223,17 +223,21 @@ def test_quantized_depthwise_conv_takes_the_kernel_with_pytorch_s_values_and_gra
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
-@pytest.mark.parametrize("out_channels", [6, 11])
-def test_quantized_pointwise_conv_as_matrix_products_has_pytorch_s_values_and_gradients(monkeypatch, out_channels):
+@pytest.mark.parametrize("out_channels,stride", [(6, 1), (11, 1), (6, 2), (11, (3, 2)), (5, (1, 4))])
+def test_quantized_pointwise_conv_as_matrix_products_has_pytorch_s_values_and_gradients(monkeypatch, out_channels,
+                                                                                          stride):
+    """Strided too (on the 13x11 input: odd sizes, so the last row and column are read at stride 2 and
+    skipped at 3 or 4), where the skipped pixels get a zero gradient."""
+
     def no_conv(*args, **kwargs):
         raise AssertionError("PyTorch's convolution ran where the matrix products should")
 
     monkeypatch.setattr(torch.ops.aten, "convolution_backward", no_conv)
     with monkeypatch.context() as m:
         m.setattr(torch.nn.functional, "conv2d", no_conv)
-        got = _layer_grads(monkeypatch, True, kernel_size=1, out_channels=out_channels)
+        got = _layer_grads(monkeypatch, True, kernel_size=1, out_channels=out_channels, stride=stride)
     monkeypatch.undo()
-    want = _layer_grads(monkeypatch, False, kernel_size=1, out_channels=out_channels)
+    want = _layer_grads(monkeypatch, False, kernel_size=1, out_channels=out_channels, stride=stride)
     assert len(got) == len(want) == 5
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
@@ -271,8 +275,8 @@ def test_autocast_and_dense_convs_keep_pytorch_s_convolution(monkeypatch):
     x = torch.randn(2, 4, 8, 8)
     dense = qnn.QuantConv2d(4, 4, 3, padding=1, bias=False, backend="cpu")
     dense(x.requires_grad_())
-    strided_1x1 = qnn.QuantConv2d(4, 4, 1, stride=2, bias=False, backend="cpu")
-    assert strided_1x1(x).shape == (2, 4, 4, 4)
+    padded_1x1 = qnn.QuantConv2d(4, 4, 1, padding=1, bias=False, backend="cpu")
+    assert padded_1x1(x).shape == (2, 4, 10, 10)
     depthwise = qnn.QuantConv2d(4, 4, 3, padding=1, groups=4, bias=False, backend="cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert depthwise(x).dtype == torch.bfloat16

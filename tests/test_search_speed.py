@@ -142,22 +142,29 @@ def test_edges_share_one_contiguous_copy_of_each_state_s_partial_channels():
     """Every edge reading a node state works on the same first C/K channels (supernet.partial_head):
     one copy per state read by an edge, none inside the quantized convs or the mixed-op sums, forward
     or backward (a strided slice would be copied by each of them); a node's channel shuffle is made
-    by its concatenation (supernet.shuffled_cat), not by a copy after it."""
+    by its concatenation (supernet.shuffled_cat), not by a copy after it. The only other copies: on
+    CPU each stride-2 1x1 conv (the FactorizedReduce ones) gathers the pixels it reads for its matrix
+    products, in the forward and for its weight gradient (qdarts_kernels.nn.layers._pointwise_grid)."""
+    from qdarts_kernels.nn import QuantConv2d
+
     net, _ = _pair()
     x, y = _batch()
     states_read_per_cell = net.cfg.steps + 1  # the two cell inputs and every node but the last
     nodes = net.cfg.layers * net.cfg.steps
+    strided_1x1 = sum(isinstance(m, QuantConv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
+                      for m in net.modules())
+    assert strided_1x1 > 0
     sliced = _dispatched(net, x, y, ["clone", "cat"])
-    assert sliced["forward"]["clone"] == net.cfg.layers * states_read_per_cell
+    assert sliced["forward"]["clone"] == net.cfg.layers * states_read_per_cell + strided_1x1
     unsliced = _dispatched(_pair(partial_channels=1)[0], x, y, ["clone", "cat"])
-    assert unsliced["forward"]["clone"] == 0
+    assert unsliced["forward"]["clone"] == strided_1x1
     # forward, per node: the shuffled concatenation of its two sums (and one per cell: its output)
     assert sliced["forward"]["cat"] - unsliced["forward"]["cat"] == nodes
     # backward, per node: the gradient of its candidates' sum (its channels of the node's
     # gradient, strided) made contiguous once for the sum; without partial channels only the last
     # node's gradient is strided (a slice of the cell output's)
-    assert sliced["backward"]["clone"] == nodes
-    assert unsliced["backward"]["clone"] == net.cfg.layers
+    assert sliced["backward"]["clone"] == nodes + strided_1x1
+    assert unsliced["backward"]["clone"] == net.cfg.layers + strided_1x1
 
 
 def test_a_disabled_weight_quantizer_passes_its_weight_through():

@@ -114,19 +114,22 @@ def _cpu_conv_path(backend: Optional[str], x: Tensor, w: Tensor, bias: Optional[
     """How a quantized conv on CPU tensors runs where PyTorch's CPU convolution (oneDNN) is slow on
     the few channels of a supernet (its set-up and layout reorders take milliseconds where the
     arithmetic takes a fraction of one): "depthwise" (one filter per channel) on the C++ kernels
-    ``torch.ops.qdarts_C.depthwise_conv2d_*`` (csrc/cpu/depthwise_conv.cpp), "pointwise" (1x1,
-    stride 1, no padding, groups 1) as batched matrix products ([Co, Ci] @ [N, Ci, H W]),
-    else None (PyTorch's convolution). Only without bias, in fp32 and not under autocast, with the
-    cpu backend, not traced by torch.compile; ``QDARTS_FEW_CHANNEL_KERNELS=0`` turns both off.
-    Measured on the 2-core VM of bench/results (torch 2.13), [64, 4, 32, 32] -> 4 channels, forward
-    and backward: a 1x1 conv 3.8 and 5.1 ms as a conv, 0.07 and 0.15 ms as matrix products."""
+    ``torch.ops.qdarts_C.depthwise_conv2d_*`` (csrc/cpu/depthwise_conv.cpp), "pointwise" (1x1, no
+    padding, groups 1, any stride: the strided one on the input's pixel grid ``x[:, :, ::sh, ::sw]``)
+    as batched matrix products ([Co, Ci] @ [N, Ci, Ho Wo]), else None (PyTorch's convolution). Only
+    without bias, in fp32 and not under autocast, with the cpu backend, not traced by torch.compile;
+    ``QDARTS_FEW_CHANNEL_KERNELS=0`` turns both off. Measured on the 2-core VM of bench/results
+    (torch 2.13), forward and backward: [64, 4, 32, 32] -> 4 channels, 3.8 and 5.1 ms as a conv,
+    0.07 and 0.15 ms as matrix products; stride 2 (a FactorizedReduce's), [128, 8, 8, 8] -> 4
+    channels 0.08 and 0.37 ms against 0.03 and 0.08, [128, 32, 8, 8] -> 16 0.17 and 2.1 ms against
+    0.09 and 0.21."""
     stride, padding, dilation, groups = conv_args
     if (bias is not None or x.dtype != torch.float32 or w.dtype != torch.float32 or isinstance(padding, str)
             or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)):
         return None
     if groups > 1 and groups == x.shape[1] == w.shape[0] and w.shape[1] == 1:
         return "depthwise" if _backends.takes_cpu_only_kernels(backend, x.device, "depthwise_conv2d_forward") else None
-    if groups == 1 and tuple(w.shape[2:]) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
+    if groups == 1 and tuple(w.shape[2:]) == (1, 1) and tuple(padding) == (0, 0):
         return "pointwise" if _backends.takes_cpu_only_kernels(backend, x.device, None) else None
     return None
 
@@ -138,9 +141,16 @@ def _conv2d(x: Tensor, w: Tensor, bias: Optional[Tensor], conv_args, path: Optio
         stride, padding, dilation, _ = conv_args
         return torch.ops.qdarts_C.depthwise_conv2d_forward(x, w, list(stride), list(padding), list(dilation))
     if path == "pointwise":
+        x = _pointwise_grid(x, conv_args[0])
         n, _, h, width = x.shape  # bmm with the weight expanded (a view): matmul would fold the batch by copying
         return torch.bmm(w.flatten(1).expand(n, -1, -1), x.reshape(n, x.shape[1], h * width)).view(n, -1, h, width)
     return nn.functional.conv2d(x, w, bias, *conv_args)
+
+
+def _pointwise_grid(x: Tensor, stride) -> Tensor:
+    """The pixels a 1x1 conv without padding reads at ``stride`` (a view): all of x at stride 1."""
+    sh, sw = stride
+    return x if sh == sw == 1 else x[:, :, ::sh, ::sw]
 
 
 def _conv2d_backward(grad: Tensor, x: Tensor, w: Tensor, bias: Optional[Tensor], conv_args, path: Optional[str],
@@ -153,10 +163,18 @@ def _conv2d_backward(grad: Tensor, x: Tensor, w: Tensor, bias: Optional[Tensor],
                                                               list(dilation), need_x, need_w)
         return (dx if need_x else None), (dw if need_w else None), None
     if path == "pointwise":
-        n, h, width = x.shape[0], x.shape[2], x.shape[3]
+        xs = _pointwise_grid(x, stride)
+        n, h, width = xs.shape[0], xs.shape[2], xs.shape[3]
         g = grad.reshape(n, w.shape[0], h * width)
-        dx = torch.bmm(w.flatten(1).t().expand(n, -1, -1), g).view(x.shape) if need_x else None
-        dw = torch.bmm(g, x.reshape(n, x.shape[1], h * width).transpose(1, 2)).sum(0).view(w.shape) if need_w else None
+        dx = None
+        if need_x:
+            dxs = torch.bmm(w.flatten(1).t().expand(n, -1, -1), g).view(xs.shape)
+            if xs is x:
+                dx = dxs
+            else:  # the pixels the strided conv skips get no gradient
+                dx = x.new_zeros(x.shape)
+                _pointwise_grid(dx, stride).copy_(dxs)
+        dw = torch.bmm(g, xs.reshape(n, xs.shape[1], h * width).transpose(1, 2)).sum(0).view(w.shape) if need_w else None
         return dx, dw, None
     return torch.ops.aten.convolution_backward(grad, x, w, None if bias is None else [bias.shape[0]], stride, padding,
                                                dilation, False, [0, 0], groups, [need_x, need_w, need_b])

@@ -120,10 +120,11 @@ def resumed_config(saved: Config, given: Config, *, may_change: Collection[str],
     it, rather than silently ignored (``--resume --epochs 20`` on a 10-epoch run would otherwise stop at
     10): every setting when ``explicit`` is None (the Python API passes a whole config), else only the
     settings named in ``explicit`` (the command line: the options typed, not those left at their defaults).
-    ``name`` spells a setting for the message (the CLI option beside the field name).
+    ``name`` spells a setting for the message (the CLI option beside the field name). Two spellings of
+    one existing file or folder (``--data-dir data`` and ``--data-dir ./data/``) are the same setting.
     """
     checked = [f.name for f in fields(saved) if f.name not in may_change and (explicit is None or f.name in explicit)]
-    changed = [n for n in checked if getattr(given, n) != getattr(saved, n)]
+    changed = [n for n in checked if not _same_setting(getattr(given, n), getattr(saved, n))]
     if changed:
         diff = "; ".join(f"{name(n)} is {getattr(saved, n)!r} there, {getattr(given, n)!r} here" for n in changed)
         free = ", ".join(name(n) for n in may_change)
@@ -131,6 +132,15 @@ def resumed_config(saved: Config, given: Config, *, may_change: Collection[str],
                          f"Leave them out or give the checkpoint's values (only {free} may change), or start "
                          "a new run in another --out")
     return replace(saved, **{n: getattr(given, n) for n in may_change})
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Equal, or two strings naming the same existing file or folder."""
+    if a == b:
+        return True
+    if not (isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b)):
+        return False
+    return os.path.samefile(a, b)
 
 
 def atomic_write_text(path: str, text: str) -> None:

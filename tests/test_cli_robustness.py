@@ -271,6 +271,15 @@ def test_train_resume_refuses_a_typed_setting_that_differs(finished_search, tmp_
     _refused(["train", "--genotype", genotype, "--resume", "--lr", "0.2", "--out", str(out)], capsys,
              match="lr (--lr) is 0.05 there, 0.2 here")
     assert _snapshot(out) == before
+    # another file, even with the same contents, is another setting; another spelling of the same file is not
+    copy = tmp_path / "copy.json"
+    copy.write_text((finished_search / "genotype.json").read_text())
+    _refused(["train", "--genotype", str(copy), "--resume", "--out", str(out)], capsys,
+             match=f"genotype (--genotype) is {genotype!r} there, {str(copy)!r} here")
+    assert _snapshot(out) == before
+    (tmp_path / "link").symlink_to(finished_search)
+    assert cli.main(["train", "--genotype", str(tmp_path / "link" / "." / "genotype.json"), "--resume",
+                     "--out", str(out)]) == 0
 
 
 # ---------------------------------------------------------------------------------------- output folders

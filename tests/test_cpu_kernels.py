@@ -185,6 +185,13 @@ y.backward(torch.randn(70001, generator=gen))
 results.append([y.detach(), w.grad] + [o.grad for o in outs])
 for stride, padding, dilation in (([1, 1], [2, 2], [2, 2]), ([2, 1], [1, 0], [1, 1])):  # padded-plane and row paths
     x, wd = torch.randn(3, 5, 19, 23, generator=gen), torch.randn(5, 1, 3, 3, generator=gen)
+    xb = torch.randn(17, 5, 7, 9, generator=gen)  # the pools by plane blocks (85 planes: a block and a part)
+    yb = torch.ops.qdarts_C.max_pool2d_forward(xb, [3, 3], stride, [1, 1], dilation)
+    results.append([yb, torch.ops.qdarts_C.max_pool2d_backward(torch.randn(yb.shape, generator=gen), xb, [3, 3], stride,
+                                                                [1, 1], dilation)])
+    yb = torch.ops.qdarts_C.avg_pool2d_forward(xb, [3, 3], stride, [1, 1], True)
+    results.append([yb, torch.ops.qdarts_C.avg_pool2d_backward(torch.randn(yb.shape, generator=gen), list(xb.shape),
+                                                                [3, 3], stride, [1, 1], True)])
     yd = torch.ops.qdarts_C.depthwise_conv2d_forward(x, wd, stride, padding, dilation)
     grads = torch.ops.qdarts_C.depthwise_conv2d_backward(torch.randn(yd.shape, generator=gen), x, wd, stride, padding,
                                                          dilation, True, True)

@@ -15,8 +15,9 @@ if "cpu" not in qk.available_backends():
 ops = torch.ops.qdarts_C
 
 # (N, C, H, W), kernel, stride, padding, dilation: the supernet's pools (3x3, stride 1 and 2, pad 1),
-# odd and tiny planes, asymmetric and dilated windows
-GEOMETRIES = [
+# odd and tiny planes, asymmetric and dilated windows. Plane by plane (fewer than 16 planes, or larger
+# planes than the blocks take):
+PLANE_GEOMETRIES = [
     ((2, 3, 7, 9), (3, 3), (1, 1), (1, 1), (1, 1)),
     ((2, 3, 8, 8), (3, 3), (2, 2), (1, 1), (1, 1)),
     ((1, 2, 1, 1), (1, 1), (1, 1), (0, 0), (1, 1)),
@@ -26,11 +27,25 @@ GEOMETRIES = [
     ((2, 3, 10, 7), (5, 5), (1, 1), (2, 2), (1, 1)),
     ((2, 4, 32, 32), (3, 3), (1, 1), (1, 1), (1, 1)),
     ((2, 3, 15, 13), (3, 3), (2, 2), (1, 1), (1, 1)),  # strided, above kDenseStridedPlanePositions: the phases
-    # many tiny planes: stacked (kStackedPlanePositions), several stacks and a partial one; strided too
+    ((1, 16, 33, 32), (3, 3), (2, 2), (1, 1), (1, 1)),  # 16 planes, too large for a block: the phases
+    # planes stacked (kStackedPlanePositions): one partial stack, strided; two stacks; seven
+    ((3, 5, 4, 5), (3, 3), (2, 2), (1, 1), (1, 1)),
+    ((1, 15, 10, 12), (3, 3), (1, 1), (1, 1), (1, 1)),
+    ((7, 5, 17, 16), (3, 3), (1, 1), (1, 1), (1, 1)),
+]
+# By plane blocks (pooling.cpp: by_plane_blocks, 64 planes each): two blocks and a partial one, many
+# tiny planes, dilated, the fewest planes (16) with the largest stride-1 plane (144 positions), the
+# largest strided one (1023), asymmetric windows
+BLOCK_GEOMETRIES = [
     ((29, 5, 4, 5), (3, 3), (2, 2), (1, 1), (1, 1)),
     ((37, 11, 2, 3), (3, 3), (1, 1), (1, 1), (1, 1)),
     ((13, 7, 3, 4), (3, 3), (1, 1), (1, 1), (2, 2)),
+    ((4, 4, 12, 12), (3, 3), (1, 1), (1, 1), (1, 1)),
+    ((2, 9, 31, 33), (3, 3), (2, 2), (1, 1), (1, 1)),
+    ((5, 4, 9, 7), (3, 2), (1, 2), (1, 1), (2, 1)),
+    ((6, 3, 9, 10), (5, 5), (3, 2), (2, 2), (1, 1)),
 ]
+GEOMETRIES = PLANE_GEOMETRIES + BLOCK_GEOMETRIES
 
 
 def _inputs(shape, seed, ties=False):
@@ -62,9 +77,10 @@ def test_values_and_gradient_equal_pytorch_s_bit_for_bit(shape, kernel, stride, 
     assert _same_bits(ops.max_pool2d_backward(g, x, *args), dx_ref)
 
 
+@pytest.mark.parametrize("images", [2, 6])  # 6 planes: plane by plane; 18: a plane block
 @pytest.mark.parametrize("stride", [(1, 1), (2, 2)])
-def test_nan_and_infinities_follow_pytorch_s_rules(stride):
-    x = _inputs((2, 3, 9, 10), 2)
+def test_nan_and_infinities_follow_pytorch_s_rules(stride, images):
+    x = _inputs((images, 3, 9, 10), 2)
     x[0, 0, 2, 3] = float("nan")
     x[0, 1, 4, 4:6] = float("nan")  # two NaNs in a window: PyTorch takes the later
     x[1, 0] = float("-inf")  # every window -inf: the first in-bounds tap
@@ -77,18 +93,19 @@ def test_nan_and_infinities_follow_pytorch_s_rules(stride):
     assert _same_bits(y, y_ref) and _same_bits(ops.max_pool2d_backward(g, x, *args), dx_ref)
 
 
+@pytest.mark.parametrize("images", [2, 6])  # plane by plane; a plane block
 @pytest.mark.parametrize("stride", [(1, 1), (2, 3)])
-def test_windows_without_a_tap_in_bounds_give_minus_inf_and_no_gradient(stride):
+def test_windows_without_a_tap_in_bounds_give_minus_inf_and_no_gradient(stride, images):
     """With dilation a window's taps can all fall outside the input (here rows -1 and 2 of a 2-row
     input): PyTorch's forward gives -inf there (its backward writes out of bounds, so it is not the
     reference), ours -inf and no gradient; the other windows' gradients are unaffected."""
-    x = _inputs((2, 3, 2, 7), 9)
+    x = _inputs((images, 3, 2, 7), 9)
     args = ([2, 3], list(stride), [1, 1], [3, 1])
     y = ops.max_pool2d_forward(x, *args)
     assert _same_bits(y, F.max_pool2d(x, *args)) and torch.isneginf(y).all()
     assert torch.equal(ops.max_pool2d_backward(torch.randn(y.shape), x, *args), torch.zeros_like(x))
     # rows -1 and 2 of a 3-row input: the windows of output row 0 read input row 2 only
-    x = _inputs((2, 3, 3, 7), 10)
+    x = _inputs((images, 3, 3, 7), 10)
     y = ops.max_pool2d_forward(x, *args)
     g = _inputs(y.shape, 11)
     y_ref, dx_ref = _pytorch(x, g, *args)

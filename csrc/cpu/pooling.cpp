@@ -12,6 +12,8 @@
 //     the number of in-bounds taps, or with count_include_pad the window's size clipped to the
 //     padded input, as PyTorch's.
 //
+// Small planes go by blocks of planes (by_plane_blocks), the planes the vector dimension.
+//
 // Values and gradients are PyTorch's bit for bit. Why: PyTorch's CPU kernels scan each window with
 // bounds checks per output (and the max pool writes an int64 index per output): a 3x3 max pool over
 // [64, 4, 32, 32] took 2-3 ms on the 2-core VM of bench/results, an average pool 1 ms, where these
@@ -38,6 +40,53 @@ struct PoolGeometry {
   int64_t h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo;
 };
 
+// The in-bounds taps of every output's window, in PyTorch's order (row by row): the flat input
+// positions (within the plane) of output o = oh Wo + ow at position[begin[o]] .. position[begin[o + 1] - 1]
+// (none where a dilated window straddles the input). For the plane-block kernels.
+struct WindowTaps {
+  std::vector<int64_t> begin;
+  std::vector<int32_t> position;
+};
+
+WindowTaps window_taps(const PoolGeometry& g) {
+  WindowTaps taps;
+  taps.begin.reserve(g.ho * g.wo + 1);
+  taps.begin.push_back(0);
+  for (int64_t oh = 0; oh < g.ho; ++oh) {
+    for (int64_t ow = 0; ow < g.wo; ++ow) {
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+        if (ih < 0 || ih >= g.h) continue;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const int64_t iw = ow * g.sw - g.pw + j * g.dw;
+          if (iw >= 0 && iw < g.w) taps.position.push_back(static_cast<int32_t>(ih * g.w + iw));
+        }
+      }
+      taps.begin.push_back(static_cast<int64_t>(taps.position.size()));
+    }
+  }
+  return taps;
+}
+
+// Small planes go by blocks of this many planes, the planes the vector dimension (the kernels'
+// plane-block part), where there are at least kPlaneBlock / 4 planes and the input plane has at most
+// kPlaneBlockLargestPlane positions at stride 1, kPlaneBlockLargestStridedPlane at other strides: on
+// such planes the per-plane kernels' padding, row ends and (at other strides) positions computed and
+// dropped or split by phase cost more than the transposes. Measured on the 2-core VM of bench/results
+// (fp32, one thread, 3x3 pad 1; forward / backward in us, per plane -> by blocks), max pool:
+// [128,16,2,2] stride 1 58 / 95 -> 14 / 19, [128,8,8,8] stride 1 130 / 281 -> 77 / 156, stride 2
+// 133 / 183 -> 37 / 78, [64,16,12,12] stride 1 231 / 557 -> 229 / 572 (the largest stride-1 plane
+// taken: 16x16 was slower by blocks), stride 2 1584 / 1611 -> 134 / 220, [64,16,32,32] stride 2
+// 1904 / 2839 -> 1016 / 2245; average pool: [128,16,2,2] stride 1 100 / 85 -> 11 / 12, [128,8,8,8]
+// stride 1 135 / 136 -> 59 / 71, [64,16,32,32] stride 2 1964 / 2087 -> 927 / 997.
+constexpr int64_t kPlaneBlock = 64;
+constexpr int64_t kPlaneBlockLargestPlane = 144, kPlaneBlockLargestStridedPlane = 1024;
+
+bool by_plane_blocks(const PoolGeometry& g, int64_t planes) {
+  const int64_t largest = g.sh == 1 && g.sw == 1 ? kPlaneBlockLargestPlane : kPlaneBlockLargestStridedPlane;
+  return planes >= kPlaneBlock / 4 && g.h * g.w <= largest;
+}
+
 struct PoolJob {
   PoolGeometry geometry;
   const float* x;
@@ -45,6 +94,8 @@ struct PoolJob {
   float* y;
   float* dx;
   const int64_t* divisors;  // average pool: d of output (oh, ow) at oh * Wo + ow
+  int64_t planes;           // N C
+  const WindowTaps* windows;  // plane blocks only
 };
 
 // The average pool's divisor of each output, PyTorch's rule (count_include_pad: the window clipped
@@ -114,16 +165,31 @@ PoolGeometry pool_geometry(c10::IntArrayRef size, const char* what, c10::IntArra
   return g;
 }
 
+// Runs a pool's kernels over its planes: by plane blocks (blocks(job, b_begin, b_end)) or plane by plane
+// (planes(job, p_begin, p_end)), each given the job; the windows' taps are worked out for the blocks.
+template <class Blocks, class Planes>
+void run_pool(PoolJob job, const Blocks& blocks, const Planes& planes) {
+  const PoolGeometry& g = job.geometry;
+  const int64_t grain = plane_grain(g.ho * g.wo * g.kh * g.kw);
+  if (by_plane_blocks(g, job.planes)) {
+    const WindowTaps windows = window_taps(g);
+    job.windows = &windows;
+    at::parallel_for(0, ceil_div(job.planes, kPlaneBlock), ceil_div(grain, kPlaneBlock),
+                     [&](int64_t begin, int64_t end) { blocks(job, begin, end); });
+  } else {
+    at::parallel_for(0, job.planes, grain, [&](int64_t begin, int64_t end) { planes(job, begin, end); });
+  }
+}
+
 at::Tensor max_pool2d_forward_cpu(const at::Tensor& x_in, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
                                   c10::IntArrayRef padding, c10::IntArrayRef dilation) {
   check_float32_cpu(x_in, "x");
   const PoolGeometry g = pool_geometry(x_in.sizes(), "x", kernel_size, stride, padding, dilation);
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = empty_output({x.size(0), x.size(1), g.ho, g.wo}, c10::ScalarType::Float);
-  const PoolJob job{g, x.data_ptr<float>(), nullptr, y.data_ptr<float>(), nullptr, nullptr};
-  at::parallel_for(0, x.size(0) * x.size(1), plane_grain(g.ho * g.wo * g.kh * g.kw), [&](int64_t begin, int64_t end) {
-    QD_ISA_DISPATCH(max_forward_planes, job, begin, end);
-  });
+  run_pool(PoolJob{g, x.data_ptr<float>(), nullptr, y.data_ptr<float>(), nullptr, nullptr, x.size(0) * x.size(1), nullptr},
+           [](const PoolJob& job, int64_t b, int64_t e) { QD_ISA_DISPATCH(max_forward_plane_blocks, job, b, e); },
+           [](const PoolJob& job, int64_t b, int64_t e) { QD_ISA_DISPATCH(max_forward_planes, job, b, e); });
   return y;
 }
 
@@ -138,10 +204,10 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_in, const at::Tensor& 
   const at::Tensor x = x_in.contiguous();
   const at::Tensor grad = grad_in.contiguous();
   at::Tensor dx = empty_output(x.sizes(), c10::ScalarType::Float);
-  const PoolJob job{g, x.data_ptr<float>(), grad.data_ptr<float>(), nullptr, dx.data_ptr<float>(), nullptr};
-  at::parallel_for(0, x.size(0) * x.size(1), plane_grain(g.ho * g.wo * g.kh * g.kw), [&](int64_t begin, int64_t end) {
-    QD_ISA_DISPATCH(max_backward_planes, job, begin, end);
-  });
+  run_pool(PoolJob{g, x.data_ptr<float>(), grad.data_ptr<float>(), nullptr, dx.data_ptr<float>(), nullptr,
+                   x.size(0) * x.size(1), nullptr},
+           [](const PoolJob& job, int64_t b, int64_t e) { QD_ISA_DISPATCH(max_backward_plane_blocks, job, b, e); },
+           [](const PoolJob& job, int64_t b, int64_t e) { QD_ISA_DISPATCH(max_backward_planes, job, b, e); });
   return dx;
 }
 
@@ -152,10 +218,10 @@ at::Tensor avg_pool2d_forward_cpu(const at::Tensor& x_in, c10::IntArrayRef kerne
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = empty_output({x.size(0), x.size(1), g.ho, g.wo}, c10::ScalarType::Float);
   const std::vector<int64_t> divisors = avg_divisors(g, count_include_pad);
-  const PoolJob job{g, x.data_ptr<float>(), nullptr, y.data_ptr<float>(), nullptr, divisors.data()};
-  at::parallel_for(0, x.size(0) * x.size(1), plane_grain(g.ho * g.wo * g.kh * g.kw), [&](int64_t begin, int64_t end) {
-    QD_ISA_DISPATCH(avg_forward_planes, job, begin, end);
-  });
+  run_pool(PoolJob{g, x.data_ptr<float>(), nullptr, y.data_ptr<float>(), nullptr, divisors.data(), x.size(0) * x.size(1),
+                   nullptr},
+           [](const PoolJob& job, int64_t b, int64_t e) { QD_ISA_DISPATCH(avg_forward_plane_blocks, job, b, e); },
+           [](const PoolJob& job, int64_t b, int64_t e) { QD_ISA_DISPATCH(avg_forward_planes, job, b, e); });
   return y;
 }
 
@@ -169,11 +235,10 @@ at::Tensor avg_pool2d_backward_cpu(const at::Tensor& grad_in, c10::IntArrayRef i
   const at::Tensor grad = grad_in.contiguous();
   at::Tensor dx = empty_output(input_size, c10::ScalarType::Float);
   const std::vector<int64_t> divisors = avg_divisors(g, count_include_pad);
-  const PoolJob job{g, nullptr, grad.data_ptr<float>(), nullptr, dx.data_ptr<float>(), divisors.data()};
-  const int64_t grain = plane_grain(g.ho * g.wo * g.kh * g.kw);
-  at::parallel_for(0, input_size[0] * input_size[1], grain, [&](int64_t begin, int64_t end) {
-    QD_ISA_DISPATCH(avg_backward_planes, job, begin, end);
-  });
+  run_pool(PoolJob{g, nullptr, grad.data_ptr<float>(), nullptr, dx.data_ptr<float>(), divisors.data(),
+                   input_size[0] * input_size[1], nullptr},
+           [](const PoolJob& job, int64_t b, int64_t e) { QD_ISA_DISPATCH(avg_backward_plane_blocks, job, b, e); },
+           [](const PoolJob& job, int64_t b, int64_t e) { QD_ISA_DISPATCH(avg_backward_planes, job, b, e); });
   return dx;
 }
 

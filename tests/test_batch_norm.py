@@ -259,6 +259,25 @@ def test_module_on_fused_kernels_matches_batchnorm2d(shape, backend, device):
     assert torch.equal(n, nr)
 
 
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_module_without_a_gradient_takes_the_same_kernels(monkeypatch, backend, device):
+    """In training with batch statistics, an input that needs no gradient (a supernet's first cell in an
+    arch step, where the weights are out of autograd; a no_grad forward) takes the same kernels: the
+    same output and running statistics, bit for bit, and no graph."""
+    x = (torch.randn(6, 3, 5, 4, generator=torch.Generator().manual_seed(8)) * 2 + 1).to(device)
+    results = []
+    for needs_grad in (True, False, None):  # None: under no_grad
+        m = qnn.OutputKeepingBatchNorm2d(3, affine=False, backend=backend).to(device)
+        with torch.set_grad_enabled(needs_grad is not None):
+            y = m(x.clone().requires_grad_(bool(needs_grad)))
+        assert (y.grad_fn is not None) == bool(needs_grad)
+        results.append((y.detach(), m.running_mean, m.running_var, m.num_batches_tracked))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    chosen = _kernels_chosen(monkeypatch, qnn.OutputKeepingBatchNorm2d(3, affine=False, backend=backend).to(device), x)
+    assert chosen[0] is not None
+
+
 def _kernels_chosen(monkeypatch, module, x):
     from qdarts_kernels.nn import batchnorm
 

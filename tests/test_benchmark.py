@@ -189,8 +189,9 @@ def test_end_to_end_times_the_searchers_own_step(ops, monkeypatch):
     assert r["ops_per_step"] > 0 and "launches_per_step" not in r and "counts_error" not in r
     # the warm-up step, the profiled step (peak), the step whose ops are counted, then the timed ones
     assert len(calls) == 3 + r["samples"] and all(k == {"update_arch": True} for k in calls)
-    # the arch half keeps the candidate outputs for the gradient of alpha; the weight half has no use for them
-    assert r["saved_mb_arch"] > r["saved_mb_weight"] > 0
+    # each half keeps something for its backward (the arch half the candidate outputs for the gradient of
+    # alpha, but nothing for weight gradients); the step's figure is the larger
+    assert r["saved_mb_arch"] > 0 and r["saved_mb_weight"] > 0
     assert r["saved_mb"] == max(r["saved_mb_arch"], r["saved_mb_weight"])
 
 

@@ -61,6 +61,25 @@ def test_resume_continues_to_the_uninterrupted_result(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_first_order_arch_step_computes_no_weight_gradient_and_the_same_arch_gradients(tmp_path, monkeypatch):
+    """The arch step takes the weights and gamma out of autograd: no conv computes a weight gradient,
+    no backward of the grouped weight quantizer runs, and alpha and beta get the gradients they get
+    with everything in autograd, bit for bit; the weights need gradients again afterwards."""
+    s = Searcher(SearchConfig(**TINY), str(tmp_path), progress=False)
+    xv, yv = s.val_x[:32], s.val_y[:32]
+    want = torch.autograd.grad(s._val_loss_fn(xv, yv), s.arch_params, allow_unused=True)
+    weight_grads = []
+    depthwise_backward = torch.ops.qdarts_C.depthwise_conv2d_backward
+    monkeypatch.setattr(torch.ops.qdarts_C, "depthwise_conv2d_backward",
+                        lambda *a: weight_grads.append(a[-1]) or depthwise_backward(*a))
+    monkeypatch.setattr(s.opt_arch, "step", lambda: None)  # the gradients stay to be read
+    s._arch_step(s.train_x[:32], s.train_y[:32], xv, yv, lr=0.1)
+    assert weight_grads and not any(weight_grads)  # depthwise backward calls, none with the weight gradient
+    for p, g in zip(s.arch_params, want):
+        assert torch.equal(p.grad, torch.zeros_like(p) if g is None else g)
+    assert all(p.requires_grad for p in s.groups["weights"] + s.groups["gamma"])
+
+
 def test_second_order_moves_alpha_and_keeps_weights_where_the_optimiser_left_them(tmp_path):
     s = Searcher(SearchConfig(**TINY, order="second"), str(tmp_path), progress=False)
     x, y = s.train_x[:16], s.train_y[:16]

@@ -137,8 +137,11 @@ class OutputKeepingBatchNorm2d(nn.BatchNorm2d):
         self.register_buffer("_unit_stats", unit, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        # with batch statistics, the same kernels (the same bits) whether or not x needs a gradient:
+        # the preprocessing of a supernet's first cell has none in an arch step, where the weights
+        # are out of autograd (and without one the autograd function keeps nothing)
         if (not self.training or self.affine or not self.track_running_stats or self.momentum is None
-                or not (torch.is_grad_enabled() and x.requires_grad) or _ops.eager_reference_active()):
+                or _ops.eager_reference_active()):
             return super().forward(x)
         self._check_input_dim(x)
         if x.shape[0] * math.prod(x.shape[2:]) == 1:  # as F.batch_norm: one value per channel has no variance

@@ -187,7 +187,8 @@ at::Tensor max_pool2d_forward_cpu(const at::Tensor& x_in, c10::IntArrayRef kerne
   const PoolGeometry g = pool_geometry(x_in.sizes(), "x", kernel_size, stride, padding, dilation);
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = empty_output({x.size(0), x.size(1), g.ho, g.wo}, c10::ScalarType::Float);
-  run_pool(PoolJob{g, x.data_ptr<float>(), nullptr, y.data_ptr<float>(), nullptr, nullptr, x.size(0) * x.size(1), nullptr},
+  run_pool(PoolJob{g, x.data_ptr<float>(), nullptr, y.data_ptr<float>(), nullptr, nullptr, x.size(0) * x.size(1),
+                   nullptr},
            [](const PoolJob& job, int64_t b, int64_t e) { QD_ISA_DISPATCH(max_forward_plane_blocks, job, b, e); },
            [](const PoolJob& job, int64_t b, int64_t e) { QD_ISA_DISPATCH(max_forward_planes, job, b, e); });
   return y;
@@ -218,8 +219,8 @@ at::Tensor avg_pool2d_forward_cpu(const at::Tensor& x_in, c10::IntArrayRef kerne
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = empty_output({x.size(0), x.size(1), g.ho, g.wo}, c10::ScalarType::Float);
   const std::vector<int64_t> divisors = avg_divisors(g, count_include_pad);
-  run_pool(PoolJob{g, x.data_ptr<float>(), nullptr, y.data_ptr<float>(), nullptr, divisors.data(), x.size(0) * x.size(1),
-                   nullptr},
+  run_pool(PoolJob{g, x.data_ptr<float>(), nullptr, y.data_ptr<float>(), nullptr, divisors.data(),
+                   x.size(0) * x.size(1), nullptr},
            [](const PoolJob& job, int64_t b, int64_t e) { QD_ISA_DISPATCH(avg_forward_plane_blocks, job, b, e); },
            [](const PoolJob& job, int64_t b, int64_t e) { QD_ISA_DISPATCH(avg_forward_planes, job, b, e); });
   return y;

@@ -174,7 +174,9 @@ def _conv2d_backward(grad: Tensor, x: Tensor, w: Tensor, bias: Optional[Tensor],
             else:  # the pixels the strided conv skips get no gradient
                 dx = x.new_zeros(x.shape)
                 _pointwise_grid(dx, stride).copy_(dxs)
-        dw = torch.bmm(g, xs.reshape(n, xs.shape[1], h * width).transpose(1, 2)).sum(0).view(w.shape) if need_w else None
+        dw = None
+        if need_w:
+            dw = torch.bmm(g, xs.reshape(n, xs.shape[1], h * width).transpose(1, 2)).sum(0).view(w.shape)
         return dx, dw, None
     return torch.ops.aten.convolution_backward(grad, x, w, None if bias is None else [bias.shape[0]], stride, padding,
                                                dilation, False, [0, 0], groups, [need_x, need_w, need_b])

@@ -14,6 +14,7 @@ there.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -21,13 +22,14 @@ import sys
 import tempfile
 import time
 from dataclasses import fields, replace
-from typing import Any, Callable, Collection, Dict, Optional, TypeVar
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Tuple, TypeVar
 
 import numpy as np
 import torch
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_torch_save", "rng_state", "set_rng_state", "seed_everything",
-           "load_checkpoint", "resumed_config", "prepare_output_folder", "remove_stale_temporaries", "PAUSE_BEFORE_REPLACE_ENV"]
+           "load_checkpoint", "resumed_config", "prepare_output_folder", "remove_stale_temporaries",
+           "PAUSE_BEFORE_REPLACE_ENV", "pack_tensors", "unpack_tensors"]
 
 PAUSE_BEFORE_REPLACE_ENV = "QDARTS_TEST_PAUSE_BEFORE_REPLACE"
 _TMP_SUFFIX = ".tmp"
@@ -141,6 +143,42 @@ def _same_setting(a: Any, b: Any) -> bool:
     if not (isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b)):
         return False
     return os.path.samefile(a, b)
+
+
+def pack_tensors(state: Mapping[str, Any]) -> Dict[str, Any]:
+    """A state dict as one flat buffer per dtype and device, and each tensor's place in it (other values
+    as they are); :func:`unpack_tensors` gives the state dict back, equal tensor by tensor. Why:
+    ``torch.save`` writes one record per tensor, some 30-40 us each, and a supernet's state dict holds
+    thousands of tiny tensors (its batch norms' statistics): the digits default's 5267 took 0.15-0.23 s
+    of every epoch's checkpoint on the 2-core VM of bench/results (the whole checkpoint 165-240 ms before,
+    105-113 ms packed)."""
+    chunks: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = {}
+    sizes: Dict[Tuple[torch.dtype, torch.device], int] = {}
+    index, other = [], {}
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.parameter.UninitializedTensorMixin):
+            other[name] = value
+            continue
+        key = (value.dtype, value.device)
+        offset = sizes.get(key, 0)
+        chunks.setdefault(key, []).append(value.detach().reshape(-1))
+        sizes[key] = offset + value.numel()
+        index.append((name, key, offset, tuple(value.shape)))
+    buffers = {key: torch.cat(parts) for key, parts in chunks.items()}
+    order = list(state)
+    return {"packed_tensors": 1, "buffers": list(buffers.items()), "index": index, "other": other, "order": order}
+
+
+def unpack_tensors(packed: Mapping[str, Any]) -> Dict[str, Any]:
+    """The state dict that :func:`pack_tensors` packed (in its order); a plain state dict as it is (the
+    checkpoints written before packing)."""
+    if packed.get("packed_tensors") != 1:
+        return dict(packed)
+    buffers = dict(packed["buffers"])
+    values = dict(packed["other"])
+    for name, key, offset, shape in packed["index"]:
+        values[name] = buffers[key][offset:offset + math.prod(shape)].view(shape)
+    return {name: values[name] for name in packed["order"]}
 
 
 def atomic_write_text(path: str, text: str) -> None:

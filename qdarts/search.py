@@ -31,8 +31,8 @@ import torch.nn.functional as F
 import qdarts_kernels as qk
 
 from . import distributed
-from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, prepare_output_folder, resumed_config,
-                         rng_state, seed_everything, set_rng_state)
+from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, pack_tensors, prepare_output_folder,
+                         resumed_config, rng_state, seed_everything, set_rng_state, unpack_tensors)
 from .cost import COST_KINDS, ExpectedCost, network_cost
 from .cudagraph import GraphedStep
 from .data import DATASETS, Dataset, batches, check_split_sizes, load_dataset, num_batches
@@ -289,7 +289,7 @@ class Searcher:
             "version": 1,
             "config": asdict(self.config),
             "epoch": self.epoch,
-            "model": self.net.state_dict(),
+            "model": pack_tensors(self.net.state_dict()),
             "opt_weights": self.opt_weights.state_dict(),
             "opt_gamma": self.opt_gamma.state_dict() if self.opt_gamma else None,
             "opt_arch": self.opt_arch.state_dict(),
@@ -307,7 +307,7 @@ class Searcher:
                              "delete it to start afresh, or choose another --out") from e
 
     def _load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.net.load_state_dict(state["model"])
+        self.net.load_state_dict(unpack_tensors(state["model"]))
         self.opt_weights.load_state_dict(state["opt_weights"])
         if self.opt_gamma is not None:
             self.opt_gamma.load_state_dict(state["opt_gamma"])

@@ -10,6 +10,7 @@ import torch
 import qdarts
 import qdarts_kernels.nn as qnn
 
+from qdarts.checkpoint import pack_tensors, unpack_tensors
 from qdarts.derive import derive_genotype
 from qdarts.search import CHECKPOINT, SearchConfig, Searcher, run_search
 from qdarts.supernet import SearchNetwork, SupernetConfig
@@ -56,9 +57,28 @@ def test_resume_continues_to_the_uninterrupted_result(tmp_path):
     resumed = _search(tmp_path / "cut", resume=True)
     assert resumed["genotype"].to_dict() == full["genotype"].to_dict()
     assert _without_time(resumed["history"]) == _without_time(full["history"])
-    a = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=False)["model"]
-    b = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=False)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a = unpack_tensors(torch.load(tmp_path / "full" / CHECKPOINT, weights_only=False)["model"])
+    b = unpack_tensors(torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=False)["model"])
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_packed_state_dicts_come_back_equal_tensor_by_tensor(tmp_path):
+    """pack_tensors / unpack_tensors: mixed dtypes, 0-d, empty and non-contiguous tensors, a value that
+    is not a tensor, the order of the keys; through torch.save and torch.load; a plain (unpacked) state
+    dict, as checkpoints written before packing hold, is taken as it is."""
+    state = {"w": torch.randn(3, 4).t(), "n": torch.tensor(7), "empty": torch.zeros(0, 2), "h": torch.randn(5).half(),
+             "extra": {"a": 1}, "b": torch.arange(6, dtype=torch.float64).view(2, 3)}
+    torch.save(pack_tensors(state), tmp_path / "s.pt")
+    back = unpack_tensors(torch.load(tmp_path / "s.pt", weights_only=False))
+    assert list(back) == list(state) and back["extra"] == {"a": 1}
+    for k in ("w", "n", "empty", "h", "b"):
+        assert back[k].dtype == state[k].dtype and back[k].shape == state[k].shape and torch.equal(back[k], state[k])
+    plain = {"w": torch.randn(2)}
+    assert unpack_tensors(plain).keys() == plain.keys() and unpack_tensors(plain)["w"] is plain["w"]
+    net = SearchNetwork(SupernetConfig(input_shape=(1, 8, 8), num_classes=10, channels=4, layers=1, steps=2))
+    copy = SearchNetwork(SupernetConfig(input_shape=(1, 8, 8), num_classes=10, channels=4, layers=1, steps=2))
+    copy.load_state_dict(unpack_tensors(pack_tensors(net.state_dict())))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), copy.state_dict().values()))
 
 
 def test_first_order_arch_step_computes_no_weight_gradient_and_the_same_arch_gradients(tmp_path, monkeypatch):

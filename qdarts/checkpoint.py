@@ -165,16 +165,14 @@ def pack_tensors(state: Mapping[str, Any]) -> Dict[str, Any]:
         sizes[key] = offset + value.numel()
         index.append((name, key, offset, tuple(value.shape)))
     buffers = {key: torch.cat(parts) for key, parts in chunks.items()}
-    order = list(state)
-    return {"packed_tensors": 1, "buffers": list(buffers.items()), "index": index, "other": other, "order": order}
-
+    return {"packed_tensors": 1, "buffers": buffers, "index": index, "other": other, "order": list(state)}
 
 def unpack_tensors(packed: Mapping[str, Any]) -> Dict[str, Any]:
     """The state dict that :func:`pack_tensors` packed (in its order); a plain state dict as it is (the
     checkpoints written before packing)."""
     if packed.get("packed_tensors") != 1:
         return dict(packed)
-    buffers = dict(packed["buffers"])
+    buffers = packed["buffers"]
     values = dict(packed["other"])
     for name, key, offset, shape in packed["index"]:
         values[name] = buffers[key][offset:offset + math.prod(shape)].view(shape)

@@ -18,9 +18,9 @@
 // rows of dx (in the order oh, i, j) and g x into kLanes fixed lanes per tap, summed into fp64 per
 // row. Each plane's fp64 tap sums go to its own slot, and the slots of a channel are added in image
 // order on one thread: the same bits for any number of threads and any instruction set. Small planes
-// (by_image_blocks) go by blocks of kImageBlock images of one channel instead, the
-// images the innermost (vector) dimension (by_image_blocks; the kernels' file says how the sums keep
-// the per-plane bits); dw then has one slot per block.
+// (by_image_blocks) go by blocks of kImageBlock images of one channel instead, the images the
+// innermost (vector) dimension (the kernels' file says how the sums keep the per-plane bits); dw then
+// has one slot per block.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

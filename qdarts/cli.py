@@ -242,6 +242,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"qdarts {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # qdarts.divergence.Diverged (not imported: --help stays torch-free)
+        print(f"qdarts {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:  # the file system failed mid-run (disk full, permissions changed): not a bug
         print(f"qdarts {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -37,6 +37,7 @@ from .cost import COST_KINDS, ExpectedCost, network_cost
 from .cudagraph import GraphedStep
 from .data import DATASETS, Dataset, batches, check_split_sizes, load_dataset, num_batches
 from .derive import derive_genotype
+from .divergence import check_figures, diagnosed, kept_checkpoint
 from .evalnet import EvalNetwork
 from .genotype import MAX_BITS, Genotype
 from .fastpath import COMPILE_MODES, compiled, record_shapes
@@ -526,11 +527,15 @@ class Searcher:
                                      augment=self.dataset.augment, device=self.device, shard=(r, w))
                 val_iter = batches(self.val_x, self.val_y, c.batch_size, shuffle=True, generator=g_val,
                                    augment=self.dataset.augment, device=self.device, shard=(r, w))
-                for _, (xb, yb), (xv, yv) in zip(range(steps), train_iter, val_iter):
-                    self.step(xb, yb, xv, yv, lr, stats, update_arch=epoch >= c.warmup_epochs)
-                    bar.update(1)
-                seconds = time.perf_counter() - start
-                record = self._record(epoch, lr, stats, seconds)
+                what, advice = f"the search (epoch {epoch + 1})", self._divergence_advice()
+                with diagnosed(what, self.net.named_parameters, advice):
+                    for _, (xb, yb), (xv, yv) in zip(range(steps), train_iter, val_iter):
+                        self.step(xb, yb, xv, yv, lr, stats, update_arch=epoch >= c.warmup_epochs)
+                        bar.update(1)
+                    seconds = time.perf_counter() - start
+                    record = self._record(epoch, lr, stats, seconds)
+                # what a GPU step cannot check without a host sync: its NaN shows in the epoch's figures
+                check_figures(what, {k: record[k] for k in ("train_loss", "val_loss", "expected_bitops")}, advice)
                 self.history.append(record)
                 self.elapsed += seconds
                 self.epoch += 1
@@ -538,6 +543,13 @@ class Searcher:
                 self.save_checkpoint()
         finally:
             bar.close()
+
+    def _divergence_advice(self) -> str:
+        """What a :class:`~qdarts.divergence.Diverged` error of this run tells the user to do."""
+        c = self.config
+        return (f"start again in a new --out with lower learning rates: {option('weight_lr')} is {c.weight_lr:g}, "
+                f"{option('gamma_lr')} {c.gamma_lr:g} and {option('arch_lr')} {c.arch_lr:g}; "
+                f"{kept_checkpoint(self.checkpoint_path, self.epoch)}")
 
     def save_checkpoint(self) -> None:
         """Rank 0 writes; the other ranks wait until the checkpoint is complete."""

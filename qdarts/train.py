@@ -22,6 +22,7 @@ from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, 
                          rng_state, seed_everything, set_rng_state)
 from .cost import network_cost
 from .data import batches, check_split_sizes, load_dataset, num_batches
+from .divergence import check_figures, diagnosed, kept_checkpoint
 from .evalnet import EvalNetwork
 from .fastpath import COMPILE_MODES, compiled
 from .genotype import load_genotype
@@ -194,20 +195,26 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
             model.drop_path_prob = config.drop_path * epoch / config.epochs
             g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
             stats = torch.zeros(3, device=device)
-            for xb, yb in batches(dataset.train_x, dataset.train_y, config.batch_size, shuffle=True, generator=g,
-                                  augment=dataset.augment, device=device, drop_last=drop_last, shard=shard):
-                optimizer.zero_grad(set_to_none=True)
-                logits, loss = train_loss(xb, yb)
-                loss.backward()
-                distributed.all_reduce_gradients(model.parameters(), broadcast_values=not replicas_equal)
-                replicas_equal = True
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                n = yb.shape[0]
-                stats[:2] += torch.stack([loss.detach() * n, (logits.argmax(1) == yb).sum().float()])
-                stats[2] += n
-                bar.update(1)
+            what = f"the training (epoch {epoch + 1})"
+            advice = (f"start again in a new --out with a lower learning rate: {option('lr')} is {config.lr:g}; "
+                      f"{kept_checkpoint(ckpt_path, epoch)}")
+            with diagnosed(what, model.named_parameters, advice):
+                for xb, yb in batches(dataset.train_x, dataset.train_y, config.batch_size, shuffle=True, generator=g,
+                                      augment=dataset.augment, device=device, drop_last=drop_last, shard=shard):
+                    optimizer.zero_grad(set_to_none=True)
+                    logits, loss = train_loss(xb, yb)
+                    loss.backward()
+                    distributed.all_reduce_gradients(model.parameters(), broadcast_values=not replicas_equal)
+                    replicas_equal = True
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    optimizer.step()
+                    n = yb.shape[0]
+                    stats[:2] += torch.stack([loss.detach() * n, (logits.argmax(1) == yb).sum().float()])
+                    stats[2] += n
+                    bar.update(1)
             loss_sum, correct, n = dist.all_reduce_sum(stats).tolist()
+            # what a GPU step cannot check without a host sync: its NaN shows in the epoch's loss
+            check_figures(what, {"train_loss": loss_sum / n}, advice)
             distributed.average_buffers(model)
             seconds = time.perf_counter() - start
             elapsed += seconds

@@ -6,6 +6,7 @@ bit-exact in the forward pass, so the equalities below hold for either.
 
 import copy
 import math
+import weakref
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 
 import qdarts_kernels as qk
 from qdarts_kernels import nn as qnn
+from qdarts_kernels.nn import quantizers as quantizers_module
 
 
 def _fq(bits, grid, per_channel, c=4, scale=None):
@@ -794,6 +796,25 @@ def test_shared_activation_scales_once_per_input_and_configuration():
         again = q2._op_inputs(x)[1]
         assert again is not first and torch.equal(again, q1._op_inputs(x.clone())[1])
     assert q2._op_inputs(x)[1] is not q1._op_inputs(x)[1]
+
+
+def test_shared_activation_scales_keep_no_input_alive_and_know_a_new_tensor_at_a_freed_id(monkeypatch):
+    """The block refers to its inputs weakly: an input nothing else holds is freed inside it (a forward
+    without a graph would otherwise keep every quantized activation to its end); and a new tensor that
+    Python places at a freed input's id gets its own scales, not the dead one's."""
+    q1, q2 = (qnn.MixedPrecisionFakeQuantize((2, 8), quantizer="paper", role="act", grid="relu") for _ in range(2))
+    with qnn.shared_activation_scales():
+        x = torch.randn(2, 3, 4, 4)
+        first = q1._op_inputs(x)[1]
+        gone = weakref.ref(x)
+        del x
+        assert gone() is None
+        # the new tensor at the same id, as CPython may allocate it: forced here by giving id that value
+        y = 3 * torch.randn(2, 3, 4, 4)
+        dead_id = next(iter(quantizers_module._shared_scales))[0]
+        monkeypatch.setattr(quantizers_module, "id", lambda t: dead_id if t is y else id(t), raising=False)
+        scales = q2._op_inputs(y)[1]
+        assert scales is not first and torch.equal(scales, q1._op_inputs(y.clone())[1])
 
 
 def _conv_pair(quantizer, bits, act_grid_first="relu", bias=False, stride=1, dilation=1):

@@ -15,8 +15,9 @@ step makes hundreds of calls. Both paths call the same ``_mfq_forward``/``_mfq_b
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import Counter
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -318,12 +319,31 @@ def _ones(dtype: torch.dtype, device: torch.device) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+def _graph_capturing(device: torch.device) -> bool:
+    """Whether work on ``device`` is being captured into a CUDA graph right now."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _grouped_pair(backend: str, device: torch.device) -> Tuple[Callable, Callable]:
+    """(grouped forward, grouped backward) of ``backend`` for tensors on ``device``. While a CUDA graph
+    is captured (``qdarts search --cuda-graph``, ``torch.compile`` in mode reduce-overhead), one
+    single-tensor call per tensor instead: the grouped kernels read their tensors' descriptors from a
+    host buffer copied to the device, and a captured copy is not run but recorded, to be replayed
+    from the same host address at every replay, long after the caching host allocator has handed
+    that buffer out again (and it may refuse to allocate pinned memory during a capture at all).
+    The same values: the forward bit for bit, the reductions of the backward in another order."""
+    b = _backends.get(backend)
+    if not _graph_capturing(device):
+        return b.mixed_fake_quant_grouped_forward, b.mixed_fake_quant_grouped_backward
+    return (functools.partial(_backends.loop_grouped_forward, b.mixed_fake_quant_forward),
+            functools.partial(_backends.loop_grouped_backward, b.mixed_fake_quant_backward))
+
+
 def _mfqg_forward(xs, probs: Tensor, scales, bits, grid: int, axes, backend: str) -> List[Tensor]:
     like = xs[0]
-    return _backends.get(backend).mixed_fake_quant_grouped_forward(
-        [x.contiguous() for x in xs], _params(probs, like), [_params(s, like) for s in scales],
-        tuple(bits), grid, tuple(axes),
-    )
+    forward, _ = _grouped_pair(backend, like.device)
+    return forward([x.contiguous() for x in xs], _params(probs, like), [_params(s, like) for s in scales],
+                   tuple(bits), grid, tuple(axes))
 
 
 def _mfqg_backward(grads, xs, probs, scales, bits, grid, axes, backend, need_dx, need_dprobs, need_dscales):
@@ -331,7 +351,8 @@ def _mfqg_backward(grads, xs, probs, scales, bits, grid, axes, backend, need_dx,
     custom op cannot return views of one buffer, so the callers split the flat dscales into
     per-tensor views (``_split_like``, which also casts each to its scales' dtype)."""
     like = xs[0]
-    dxs, dp, ds = _backends.get(backend).mixed_fake_quant_grouped_backward(
+    _, backward = _grouped_pair(backend, like.device)
+    dxs, dp, ds = backward(
         [g.contiguous() for g in grads], [x.contiguous() for x in xs], _params(probs, like),
         [_params(s, like) for s in scales], tuple(bits), grid, tuple(axes), need_dx, need_dprobs, need_dscales,
     )

@@ -344,6 +344,74 @@ def test_grouped_launches_once_without_sync(backend, axis):
     assert counts[3] == counts[7], counts
 
 
+def test_grouped_under_graph_capture_calls_the_single_op_per_tensor(backend_device, monkeypatch):
+    """While a CUDA graph is captured the grouped op runs one single-tensor call per tensor (its grouped
+    kernels would copy a host descriptor table that replays read again after it is reused; see
+    ops._grouped_pair), with the grouped op's values: here the capture is simulated on any device."""
+    backend, device = backend_device
+    b = qk._backends.get(backend)
+
+    def grouped_kernel(*args, **kwargs):
+        raise AssertionError("the grouped kernel ran under a capture")
+
+    monkeypatch.setattr(qk.ops, "_graph_capturing", lambda device: True)
+    monkeypatch.setattr(b, "mixed_fake_quant_grouped_forward", grouped_kernel)
+    monkeypatch.setattr(b, "mixed_fake_quant_grouped_backward", grouped_kernel)
+    gen = torch.Generator().manual_seed(11)
+    for axis in (None, 1):
+        xs, probs, scales = _group([(4, 9, 3), (0, 5), (5, 2), (2, 33)], (2, 4, 8), "signed", axis, torch.float32,
+                                   gen)
+        check_grouped(backend, device, xs, probs, scales, (2, 4, 8), "signed", axis, stacked=axis is None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_grouped_in_a_cuda_graph_replays_the_eager_values(backend):
+    """Forward and backward captured into a CUDA graph and replayed on new values, with pinned host
+    memory taken and written in between (what would recycle a captured copy's host buffer), give the
+    eager op's values."""
+    require_backend(backend, "cuda")
+    gen = torch.Generator().manual_seed(4)
+    xs, probs, scales = _group([(16, 8, 3, 3), (10, 64), (8, 3, 3, 3), (5,)], (2, 4, 8), "signed", None,
+                               torch.float32, gen)
+    xs = [x.cuda().requires_grad_() for x in xs]
+    p = torch.stack(probs).cuda().requires_grad_()
+    ss = [s.cuda() for s in scales]
+    gs = [torch.randn_like(x) for x in xs]
+
+    def step():
+        for t in (*xs, p):
+            t.grad = None
+        ys = qk.mixed_fake_quant_grouped(xs, p, ss, (2, 4, 8), backend=backend)
+        torch.autograd.backward(ys, gs)
+        return [y.detach() for y in ys], [x.grad for x in xs], p.grad
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up off the default stream, as torch.cuda.graphs asks
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for round_ in range(2):
+        with torch.no_grad():
+            for x, g in zip(xs, gs):
+                x.copy_(torch.randn_like(x))
+                g.copy_(torch.randn_like(g))
+        for _ in range(4):  # pinned blocks handed out and overwritten
+            torch.full((4096,), -1.0).pin_memory().to("cuda", non_blocking=True)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = step()
+        for got, want in zip(captured[0], eager[0]):
+            assert torch.equal(got, want), f"forward, replay {round_}"
+        for got, want in zip(captured[1], eager[1]):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=lambda m: f"dx, replay {round_}: {m}")
+        torch.testing.assert_close(captured[2], eager[2], rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------- GroupedBitProbs
 
 

@@ -307,7 +307,9 @@ bool can_vectorize_grouped(const GroupedArgs& args) {
 }
 
 // The descriptors on the device: one asynchronous copy from pinned memory (no host sync; the
-// caching host allocator keeps the pinned block until the copy has run).
+// caching host allocator keeps the pinned block until the copy has run). Never during a CUDA-graph
+// capture, where the copy would be replayed from a block handed out again: the Python layer calls the
+// single-tensor kernels there (qdarts_kernels.ops._grouped_pair).
 at::Tensor descriptors_on_device(const std::vector<gpu::GroupedTensor>& tensors, const at::Device& device) {
   const int64_t bytes = static_cast<int64_t>(tensors.size() * sizeof(gpu::GroupedTensor));
   at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));

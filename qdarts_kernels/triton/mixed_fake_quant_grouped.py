@@ -121,7 +121,8 @@ def _meta_tensor(plan: GroupedPlan, pointers: Sequence[Tuple[int, int, int, int]
     table = torch.tensor(rows, dtype=torch.int64)
     if device.type == "cpu":
         return table
-    # pinned + non_blocking: an asynchronous copy, the host does not wait for the device
+    # pinned + non_blocking: an asynchronous copy, the host does not wait for the device (never during a
+    # CUDA-graph capture, which would replay it from a recycled block: see ops._grouped_pair)
     return table.pin_memory().to(device, non_blocking=True)
 
 

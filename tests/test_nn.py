@@ -866,6 +866,35 @@ def test_chained_quant_convs_equal_the_two_calls_keeping_only_the_input(quantize
     assert len(activations) == 1 and activations[0] is x
 
 
+def test_quant_conv_checks_each_kind_of_input_in_full_once(monkeypatch):
+    """The training path validates the activation quantizer's call as mixed_fake_quant does the first
+    time a kind of input is seen, then reuses the result; a new kind (dtype, shape, backend setting)
+    is validated in full, so a bad one is still refused with the argument named."""
+    torch.manual_seed(0)
+    conv = qnn.QuantConv2d(3, 4, 3, padding=1, bias=False, weight_bits=(2, 4), act_bits=(2, 8))
+    checked = []
+    full = qk.ops._checked_mixed_fake_quant_args
+
+    def counted(x, *args):
+        result = full(x, *args)
+        if x.requires_grad:  # the activation's call (the weight quantizer's op takes the weight detached)
+            checked.append((x.shape, result[-1]))
+        return result
+
+    monkeypatch.setattr(qk.ops, "_checked_mixed_fake_quant_args", counted)
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    first = conv(x)
+    for _ in range(2):
+        assert torch.equal(conv(x), first)
+    conv(torch.randn(3, 3, 7, 4, requires_grad=True))  # another batch and size: the same kind of call
+    assert len(checked) == 1
+    monkeypatch.setenv("QDARTS_BACKEND", "reference")
+    assert torch.equal(conv(x), first)  # the reference: the same bits
+    assert len(checked) == 2 and checked[-1][1] == "reference"
+    with pytest.raises(TypeError, match="x must have a floating dtype"):
+        conv._quant_args(torch.ones(2, 3, 5, 5, dtype=torch.int32), *conv.act_quant._op_inputs(x))
+
+
 def test_chained_quant_convs_fall_back_to_the_two_calls():
     """Not chained (the two calls in turn) where the second conv's activation scales need its input
     (LSQ scales not initialised yet), out of training, in eager_reference, or for plain convs."""

@@ -18,8 +18,9 @@ names and a float layer can be swapped in place (:func:`qdarts_kernels.nn.quanti
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -374,6 +375,8 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
         kh, kw = self.kernel_size
         self._macs_per_output_pixel = out_channels * (in_channels // groups) * kh * kw
         self.input_hw: Optional[Tuple[int, int]] = None
+        #: (bits, grid code, axis, backend) of the activation quantizer's op by kind of call (_quant_args)
+        self._checked_quant_args: Dict[tuple, tuple] = {}
 
     def forward(self, x: Tensor) -> Tensor:
         if self._keeps_only_its_input(x.dim()):
@@ -411,9 +414,21 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
                 and not torch.compiler.is_compiling() and not _ops.eager_reference_active())
 
     def _quant_args(self, x, probs: Tensor, scales: Tensor, axis: Optional[int]) -> tuple:
-        """(bits, grid code, axis, backend) of the activation quantizer's op on x, validated."""
+        """(bits, grid code, axis, backend) of the activation quantizer's op on x. Validated as
+        ``mixed_fake_quant`` validates its arguments the first time a kind of call is seen (what the
+        checks and the backend choice depend on: dtypes, devices, shapes, axis, backend setting), then
+        taken from ``_checked_quant_args``: the full checks cost a search step on the digits some 5 %
+        of its time (2-core VM of bench/results). Only the scale values are not read again: the
+        quantizer makes its scales itself, and the C++ CPU kernels refuse non-finite or too small ones
+        as ``mixed_fake_quant`` does (such scales mean that the run diverged: qdarts.divergence)."""
         aq = self.act_quant
-        return _ops._checked_mixed_fake_quant_args(x, probs, scales, aq.bits, aq.grid, axis, aq.backend)
+        key = (x.dtype, x.device, x.dim(), axis, None if axis is None else x.shape[axis], probs.dtype, probs.shape,
+               probs.device, scales.dtype, scales.shape, scales.device, aq.backend or os.environ.get("QDARTS_BACKEND"))
+        args = self._checked_quant_args.get(key)
+        if args is None:
+            args = _ops._checked_mixed_fake_quant_args(x, probs, scales, aq.bits, aq.grid, axis, aq.backend)
+            self._checked_quant_args[key] = args
+        return args
 
     def _conv_args(self) -> tuple:
         return self.stride, self.padding, self.dilation, self.groups

@@ -417,7 +417,7 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
         """(bits, grid code, axis, backend) of the activation quantizer's op on x. Validated as
         ``mixed_fake_quant`` validates its arguments the first time a kind of call is seen (what the
         checks and the backend choice depend on: dtypes, devices, shapes, axis, backend setting), then
-        taken from ``_checked_quant_args``: the full checks cost a search step on the digits some 5 %
+        taken from ``_checked_quant_args``: the full checks cost a search step on the digits some 2-5 %
         of its time (2-core VM of bench/results). Only the scale values are not read again: the
         quantizer makes its scales itself, and the C++ CPU kernels refuse non-finite or too small ones
         as ``mixed_fake_quant`` does (such scales mean that the run diverged: qdarts.divergence)."""

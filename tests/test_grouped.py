@@ -502,3 +502,39 @@ def test_grouped_weight_quantizer_equals_each_layer_s_own_quantizer(quantizer, a
         assert torch.equal(a, b), f"mixed weight {i}"
     for j, (a, b) in enumerate(zip(grouped_d, own_d)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"gradient of parameter {j}")
+
+
+def test_grouped_weight_quantizer_checks_each_kind_of_call_in_full_once(monkeypatch):
+    """The grouped weight quantizer validates its grouped call as mixed_fake_quant_grouped does the
+    first time a kind of call is seen, then reuses the result; a new kind (a backend setting, the
+    weights' dtype) is validated in full again, and inside eager_reference() the public op runs."""
+    from qdarts_kernels.nn import GroupedWeightQuantizer, QuantConv2d
+
+    torch.manual_seed(0)
+    layers = [QuantConv2d(4, 6, 3, weight_bits=(2, 4, 8)), QuantConv2d(6, 6, 1, weight_bits=(2, 4, 8))]
+    quantizer = GroupedWeightQuantizer(layers)
+    checked = []
+    full = qk.ops._checked_grouped_args
+
+    def counted(xs, *args):
+        result = full(xs, *args)
+        checked.append((xs[0].dtype, result[-1]))
+        return result
+
+    monkeypatch.setattr(qk.ops, "_checked_grouped_args", counted)
+    first = quantizer()
+    for _ in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(quantizer(), first))
+    assert checked == [(torch.float32, "cpu" if "cpu" in qk.available_backends() else "reference")]
+    monkeypatch.setenv("QDARTS_BACKEND", "reference")
+    assert all(torch.equal(a, b) for a, b in zip(quantizer(), first))
+    assert len(checked) == 2 and checked[-1][1] == "reference"
+    monkeypatch.delenv("QDARTS_BACKEND")
+    for layer in layers:
+        layer.double()
+    doubled = quantizer()
+    assert checked[-1] == (torch.float64, "reference") and all(w.dtype == torch.float64 for w in doubled)
+    with qk.eager_reference() as routed:
+        quantizer()
+    assert routed["mixed_fake_quant_grouped"] == 1  # the public op, on the reference
+

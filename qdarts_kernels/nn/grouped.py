@@ -121,6 +121,8 @@ class _Group:
         self.axis = q._axis(layers[0].weight)
         self.logits, self._rows = _distinct_logits(self.quantizers)
         self._row_index: Dict[torch.device, Tensor] = {}
+        #: the grouped op's validated arguments by kind of call (ops._mixed_fake_quant_grouped_of_a_kind)
+        self._checked: Dict[tuple, tuple] = {}
         by_shape: Dict[Tuple[int, ...], List[int]] = {}
         for i, layer in enumerate(layers):
             by_shape.setdefault(tuple(layer.weight.shape), []).append(i)
@@ -156,10 +158,12 @@ class _Group:
         weights = [layer.weight for layer in self.layers]
         if q.quantizer == "lsq":
             scales = [quantizer._lsq_scales(w, self.axis) for quantizer, w in zip(self.quantizers, weights)]
-            return ops.mixed_fake_quant_grouped(weights, self._probs(), scales, q.bits, grid=q.grid, axis=self.axis,
-                                                backend=q.backend)
-        return ops.mixed_fake_quant_grouped(weights, self._probs(), self._paper_scales(), q.bits, grid=q.grid,
-                                            axis=self.axis, backend=q.backend, straight_through=True)
+        else:
+            scales = self._paper_scales()
+        # the paper's weights take the identity gradient (straight through), LSQ's the quantizer's
+        return ops._mixed_fake_quant_grouped_of_a_kind(self._checked, weights, self._probs(), scales, q.bits,
+                                                       grid=q.grid, axis=self.axis, backend=q.backend,
+                                                       straight_through=q.quantizer != "lsq")
 
 
 class GroupedWeightQuantizer:

@@ -167,6 +167,7 @@ def pack_tensors(state: Mapping[str, Any]) -> Dict[str, Any]:
     buffers = {key: torch.cat(parts) for key, parts in chunks.items()}
     return {"packed_tensors": 1, "buffers": buffers, "index": index, "other": other, "order": list(state)}
 
+
 def unpack_tensors(packed: Mapping[str, Any]) -> Dict[str, Any]:
     """The state dict that :func:`pack_tensors` packed (in its order); a plain state dict as it is (the
     checkpoints written before packing)."""

@@ -247,6 +247,30 @@ def _checked_mixed_fake_quant_args(x, probs, scales, bits, grid, axis, backend):
     return bits, code, ax, name
 
 
+# Callers that make one kind of call again and again (a module's quantizer, step after step) validate
+# it in full the first time each kind is seen and keep the result in a dict of theirs, ``checked``:
+# the kind is what the checks and the backend choice depend on (dtypes, devices and the shapes that
+# are checked, bits, grid, axis, the backend setting). The full checks cost a digits search step some
+# 2-5 % of its time (2-core VM of bench/results). Only the scale values are not read again on the later
+# calls: such callers make their scales themselves, and the C++ CPU kernels refuse non-finite or too
+# small ones as the public ops do (such scales mean that the run diverged: qdarts.divergence).
+
+
+def _backend_setting(backend: Optional[str]) -> Optional[str]:
+    """What decides the backend of a call besides its tensors: ``backend``, else QDARTS_BACKEND."""
+    return backend or os.environ.get("QDARTS_BACKEND")
+
+
+def _checked_mixed_fake_quant_args_of_a_kind(checked: dict, x, probs, scales, bits, grid, axis, backend):
+    """:func:`_checked_mixed_fake_quant_args`, validated once per kind of call (see above)."""
+    key = (x.dtype, x.device, x.dim(), axis, None if axis is None else x.shape[axis], probs.dtype, probs.shape,
+           probs.device, scales.dtype, scales.shape, scales.device, tuple(bits), grid, _backend_setting(backend))
+    args = checked.get(key)
+    if args is None:
+        args = checked[key] = _checked_mixed_fake_quant_args(x, probs, scales, bits, grid, axis, backend)
+    return args
+
+
 def mixed_fake_quant(
     x: Tensor,
     probs: Tensor,
@@ -548,18 +572,15 @@ def _grouped_apply(xs, probs_nk: Tensor, scales, bits, code: int, axes, name: st
 def _mixed_fake_quant_grouped_of_a_kind(checked: dict, xs: Sequence[Tensor], probs: Tensor, scales: Sequence[Tensor],
                                         bits, *, grid: str, axis: Optional[int], backend: Optional[str],
                                         straight_through: bool = False) -> List[Tensor]:
-    """:func:`mixed_fake_quant_grouped` for a caller that makes one kind of call again and again (a
-    supernet's grouped weight quantizer: some 500 tensors a call), ``probs`` one [N, K] tensor. The
-    arguments are validated in full the first time a kind of call is seen (the dtype, device and
-    shape of every tensor, bits, grid, axis, backend setting), and the result is kept in ``checked``,
-    the caller's dict: the full checks took 4.5 ms a call for the digits supernet's 543 weights (2 %
-    of its search step on the 2-core VM of bench/results). The scale values are not read again on the
-    later calls (the C++ CPU kernels check them)."""
+    """:func:`mixed_fake_quant_grouped` with ``probs`` one [N, K] tensor, validated once per kind of call
+    (see :func:`_checked_mixed_fake_quant_args_of_a_kind`; the kind holds the dtype, device and shape of
+    every tensor). For a supernet's grouped weight quantizer, whose full checks took 4.5 ms a call
+    over the digits supernet's 543 weights."""
     if eager_reference_active() or torch.compiler.is_compiling():
         return mixed_fake_quant_grouped(xs, probs, scales, bits, grid=grid, axis=axis, backend=backend,
                                         straight_through=straight_through)
     key = (tuple((x.dtype, x.device, x.shape) for x in xs), tuple((s.dtype, s.device, s.shape) for s in scales),
-           probs.dtype, probs.device, probs.shape, tuple(bits), grid, axis, backend or os.environ.get("QDARTS_BACKEND"))
+           probs.dtype, probs.device, probs.shape, tuple(bits), grid, axis, _backend_setting(backend))
     args = checked.get(key)
     if args is None:
         args = checked[key] = _checked_grouped_args(xs, probs, scales, bits, grid, axis, backend)[3:]

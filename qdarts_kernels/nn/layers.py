@@ -18,7 +18,6 @@ names and a float layer can be swapped in place (:func:`qdarts_kernels.nn.quanti
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
@@ -414,21 +413,11 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
                 and not torch.compiler.is_compiling() and not _ops.eager_reference_active())
 
     def _quant_args(self, x, probs: Tensor, scales: Tensor, axis: Optional[int]) -> tuple:
-        """(bits, grid code, axis, backend) of the activation quantizer's op on x. Validated as
-        ``mixed_fake_quant`` validates its arguments the first time a kind of call is seen (what the
-        checks and the backend choice depend on: dtypes, devices, shapes, axis, backend setting), then
-        taken from ``_checked_quant_args``: the full checks cost a search step on the digits some 2-5 %
-        of its time (2-core VM of bench/results). Only the scale values are not read again: the
-        quantizer makes its scales itself, and the C++ CPU kernels refuse non-finite or too small ones
-        as ``mixed_fake_quant`` does (such scales mean that the run diverged: qdarts.divergence)."""
+        """(bits, grid code, axis, backend) of the activation quantizer's op on x, validated in full once
+        per kind of call (``ops._checked_mixed_fake_quant_args_of_a_kind``)."""
         aq = self.act_quant
-        key = (x.dtype, x.device, x.dim(), axis, None if axis is None else x.shape[axis], probs.dtype, probs.shape,
-               probs.device, scales.dtype, scales.shape, scales.device, aq.backend or os.environ.get("QDARTS_BACKEND"))
-        args = self._checked_quant_args.get(key)
-        if args is None:
-            args = _ops._checked_mixed_fake_quant_args(x, probs, scales, aq.bits, aq.grid, axis, aq.backend)
-            self._checked_quant_args[key] = args
-        return args
+        return _ops._checked_mixed_fake_quant_args_of_a_kind(self._checked_quant_args, x, probs, scales, aq.bits,
+                                                             aq.grid, axis, aq.backend)
 
     def _conv_args(self) -> tuple:
         return self.stride, self.padding, self.dilation, self.groups

@@ -25,6 +25,10 @@ from torch import Tensor
 
 from . import _backends, reference
 from ._validation import (
+    GRIDS,
+    MAX_BITS,
+    MAX_K,
+    MIN_BITS,
     check_mixed_fake_quant,
     check_mixed_fake_quant_grouped,
     check_mixed_op_sum,
@@ -87,13 +91,31 @@ def _params(t: Tensor, like: Tensor) -> Tensor:
     return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
 
 
-def _check_op_args(x: Tensor, probs: Tensor, scales: Tensor, bits, axis: int, grad: Optional[Tensor] = None):
-    """Cheap checks for direct calls of the custom ops (the public functions validate fully); a
-    RuntimeError like the compiled ops' TORCH_CHECKs."""
-    k = len(bits)
+def _check_op_args(x: Tensor, probs: Tensor, scales: Tensor, bits, grid: int, axis: int,
+                   grad: Optional[Tensor] = None):
+    """Cheap checks for direct calls of the custom ops, which torch.compile's graphs make too (the
+    public functions validate fully): a RuntimeError like the compiled ops' TORCH_CHECKs, where the
+    Triton kernels would otherwise compute garbage or read out of bounds. Metadata only: no sync."""
+    _check_bits_and_grid(bits, grid)
+    _check_tensor_args(x, probs, scales, len(bits), axis, grad)
+
+
+_GRID_CODES = frozenset(GRIDS.values())
+
+
+def _check_bits_and_grid(bits, grid: int) -> None:
+    if not (1 <= len(bits) <= MAX_K and all(MIN_BITS <= b <= MAX_BITS for b in bits)):
+        raise RuntimeError(f"bits must hold 1..{MAX_K} bit-widths in [{MIN_BITS}, {MAX_BITS}], got {list(bits)}")
+    if grid not in _GRID_CODES:
+        raise RuntimeError(f"grid must be a grid code in {sorted(_GRID_CODES)} ({GRIDS}), got {grid}")
+
+
+def _check_tensor_args(x: Tensor, probs: Tensor, scales: Tensor, k: int, axis: int, grad: Optional[Tensor]) -> None:
+    if not (axis == -1 or 0 <= axis < x.dim()):
+        raise RuntimeError(f"axis must be -1 (per tensor) or a dimension of x (0..{x.dim() - 1}), got {axis}")
     if probs.shape != (k,):
         raise RuntimeError(f"probs must have shape [{k}], got {list(probs.shape)}")
-    expected = (k,) if axis < 0 else (k, x.shape[axis] if axis < x.dim() else -1)
+    expected = (k,) if axis == -1 else (k, x.shape[axis])
     if scales.shape != expected:
         raise RuntimeError(f"scales must have shape {list(expected)}, got {list(scales.shape)}")
     if grad is not None:
@@ -172,7 +194,7 @@ class _MixedFakeQuantFunction(torch.autograd.Function):
 def _mixed_fake_quant_op(
     x: Tensor, probs: Tensor, scales: Tensor, bits: List[int], grid: int, axis: int, backend: str
 ) -> Tensor:
-    _check_op_args(x, probs, scales, bits, axis)
+    _check_op_args(x, probs, scales, bits, grid, axis)
     return _mfq_forward(x, probs, scales, bits, grid, axis, backend)
 
 
@@ -195,7 +217,7 @@ def _mixed_fake_quant_backward_op(
     need_dprobs: bool,
     need_dscales: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    _check_op_args(x, probs, scales, bits, axis, grad)
+    _check_op_args(x, probs, scales, bits, grid, axis, grad)
     dx, dp, ds = _mfq_backward(grad, x, probs, scales, bits, grid, axis, backend, need_dx, need_dprobs, need_dscales)
     return _empty_like_none(dx, x), _empty_like_none(dp, probs), _empty_like_none(ds, scales)
 
@@ -433,7 +455,7 @@ def _mixed_fake_quant_grouped_op(
     xs: List[Tensor], probs: Tensor, scales: List[Tensor], bits: List[int], grid: int, axes: List[int], backend: str,
     straight_through: bool,
 ) -> List[Tensor]:
-    _check_grouped_op_args(xs, probs, scales, bits, axes)
+    _check_grouped_op_args(xs, probs, scales, bits, grid, axes)
     return _mfqg_forward(xs, probs, scales, bits, grid, axes, backend)
 
 
@@ -442,15 +464,22 @@ def _(xs, probs, scales, bits, grid, axes, backend, straight_through):
     return [_contiguous_like(x) for x in xs]
 
 
-def _check_grouped_op_args(xs, probs, scales, bits, axes, grads=None):
+def _check_grouped_op_args(xs, probs, scales, bits, grid, axes, grads=None):
     """Cheap checks for direct calls of the grouped custom ops (see _check_op_args)."""
     n = len(xs)
+    if n == 0:
+        raise RuntimeError("xs must hold at least one tensor")
+    _check_bits_and_grid(bits, grid)
     if probs.shape != (n, len(bits)):
         raise RuntimeError(f"probs must have shape [{n}, {len(bits)}], got {list(probs.shape)}")
     if len(scales) != n or len(axes) != n or (grads is not None and len(grads) != n):
         raise RuntimeError(f"scales, axes (and grads) must hold one entry per x ({n})")
+    if len({ax == -1 for ax in axes}) > 1:
+        raise RuntimeError(f"axes must be all -1 (per tensor) or all >= 0 (per channel), got {list(axes)}")
     for i, (x, s, ax) in enumerate(zip(xs, scales, axes)):
-        _check_op_args(x, probs[i], s, bits, ax, None if grads is None else grads[i])
+        if x.dtype != xs[0].dtype or x.device != xs[0].device:
+            raise RuntimeError(f"xs[{i}] is {x.dtype} on {x.device} but xs[0] is {xs[0].dtype} on {xs[0].device}")
+        _check_tensor_args(x, probs[i], s, len(bits), ax, None if grads is None else grads[i])
 
 
 @torch.library.custom_op("qdarts::mixed_fake_quant_grouped_backward", mutates_args=())
@@ -468,7 +497,7 @@ def _mixed_fake_quant_grouped_backward_op(
     need_dscales: bool,
 ) -> List[Tensor]:
     """[dx_0 .. dx_{N-1}, dprobs [N, K], flat dscales]; 0-element tensors where not requested."""
-    _check_grouped_op_args(xs, probs, scales, bits, axes, grads)
+    _check_grouped_op_args(xs, probs, scales, bits, grid, axes, grads)
     dxs, dp, ds = _mfqg_backward(grads, xs, probs, scales, bits, grid, axes, backend,
                                  need_dx, need_dprobs, need_dscales)
     if dxs is None:
@@ -642,8 +671,18 @@ class _MixedOpSumFunction(torch.autograd.Function):
         return (dw, None, *(douts if douts is not None else [None] * len(outputs)))
 
 
+def _check_mos_op_args(outputs: List[Tensor], weights: Tensor) -> None:
+    """The public checks for direct calls of the mixed_op_sum custom ops (see _check_op_args: the
+    kernels trust K and the shapes), as a RuntimeError."""
+    try:
+        check_mixed_op_sum(outputs, weights)
+    except (ValueError, TypeError) as e:
+        raise RuntimeError(str(e)) from None
+
+
 @torch.library.custom_op("qdarts::mixed_op_sum", mutates_args=())
 def _mixed_op_sum_op(outputs: List[Tensor], weights: Tensor, backend: str) -> Tensor:
+    _check_mos_op_args(outputs, weights)
     return _mos_forward(outputs, weights, backend)
 
 
@@ -656,6 +695,7 @@ def _(outputs, weights, backend):
 def _mixed_op_sum_backward_op(
     grad: Tensor, outputs: List[Tensor], weights: Tensor, backend: str, need_doutputs: bool, need_dweights: bool
 ) -> List[Tensor]:
+    _check_mos_op_args(outputs, weights)
     _check_grad(grad, outputs[0])
     douts, dw = _mos_backward(grad, outputs, weights, backend, need_doutputs, need_dweights)
     if douts is None:

@@ -168,7 +168,7 @@ def mixed_fake_quant_grouped(
     With ``straight_through`` the gradient of each x is the identity (the straight-through
     estimator that the paper's weight quantizers take), and the same values are returned::
 
-        ys[i] = mixed_fake_quant(xs[i].detach(), ...) + (xs[i] - xs[i].detach())   (+ 0: bit for bit)
+        ys[i] = with_identity_gradient(mixed_fake_quant(xs[i].detach(), ...), xs[i])   (y's bits)
 
     Args:
         xs: N >= 1 tensors of any shapes (0 elements allowed), one dtype and one device.
@@ -188,11 +188,24 @@ def mixed_fake_quant_grouped(
             for x, p, s in zip(xs, rows, scales)]
 
 
+class _IdentityGradient(torch.autograd.Function):
+    """y's values, the incoming gradient passed unchanged to both y and x."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, grad
+
+
 def with_identity_gradient(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``y``'s values with ``x``'s gradient passing through unchanged (the straight-through
-    estimator): ``y + (x - x.detach())``, where ``x - x.detach()`` is exactly 0 for finite x, so
-    the values are y's bit for bit. y itself keeps its own gradients (those of the probabilities)."""
-    return y + (x - x.detach())
+    estimator), y itself keeping its own gradients (those of the probabilities and scales). The
+    values are y's bit for bit, which ``y + (x - x.detach())`` would not give where x is infinite
+    (inf - inf is NaN) or y is -0.0 (-0.0 + 0.0 is +0.0); and no kernel runs."""
+    return _IdentityGradient.apply(y, x)
 
 
 def fake_quant(

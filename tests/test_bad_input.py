@@ -340,7 +340,8 @@ if "cpu" in qk.available_backends():
     FWD, BWD = torch.ops.qdarts_C.mixed_fake_quant_forward, torch.ops.qdarts_C.mixed_fake_quant_backward
     SUM_FWD, SUM_BWD = torch.ops.qdarts_C.mixed_op_sum_forward, torch.ops.qdarts_C.mixed_op_sum_backward
 Q_FWD, Q_BWD = torch.ops.qdarts.mixed_fake_quant, torch.ops.qdarts.mixed_fake_quant_backward
-Q_SUM_BWD = torch.ops.qdarts.mixed_op_sum_backward
+Q_SUM, Q_SUM_BWD = torch.ops.qdarts.mixed_op_sum, torch.ops.qdarts.mixed_op_sum_backward
+Q_GROUPED = torch.ops.qdarts.mixed_fake_quant_grouped
 
 
 def leaf(t, device):
@@ -487,6 +488,25 @@ CUSTOM_OP_CASES = [
     ("backward grad dtype", "Q_BWD(G.half(), X, P, S, BITS, 0, -1, BACKEND, True, True, True)", "grad"),
     ("sum backward grad shape", "Q_SUM_BWD(G[:2], [X, X], P, BACKEND, True, True)", "grad"),
     ("sum backward grad dtype", "Q_SUM_BWD(G.half(), [X, X], P, BACKEND, True, True)", "grad"),
+    # what the Triton kernels would otherwise take: garbage values, or reads out of bounds
+    ("bits 0", "Q_FWD(X, P, S, [0, 4], 0, -1, BACKEND)", "bits must hold 1..4 bit-widths in [1, 16]"),
+    ("bits 40", "Q_FWD(X, P, S, [2, 40], 0, -1, BACKEND)", "bits must hold"),
+    ("bits 5 widths", "Q_BWD(G, X, torch.ones(5), torch.ones(5), [2] * 5, 0, -1, BACKEND, True, True, True)",
+     "bits must hold"),
+    ("bits empty", "Q_FWD(X, P[:0], S[:0], [], 0, -1, BACKEND)", "bits must hold"),
+    ("grid 9", "Q_FWD(X, P, S, BITS, 9, -1, BACKEND)", "grid must be a grid code"),
+    ("axis -5", "Q_FWD(X, P, S, BITS, 0, -5, BACKEND)", "axis must be -1"),
+    ("axis 2 of a 2-d x", "Q_FWD(X, P, torch.ones(2, 3), BITS, 0, 2, BACKEND)", "axis must be -1"),
+    ("grouped bits 0", "Q_GROUPED([X], P[None], [S], [0, 4], 0, [-1], BACKEND, False)", "bits must hold"),
+    ("grouped grid 7", "Q_GROUPED([X], P[None], [S], BITS, 7, [-1], BACKEND, False)", "grid must be"),
+    ("grouped axes mixed", "Q_GROUPED([X, X], torch.stack([P, P]), [S, torch.ones(2, 3)], BITS, 0, [-1, 1], "
+     "BACKEND, False)", "axes must be all -1"),
+    ("grouped dtypes mixed", "Q_GROUPED([X, X.double()], torch.stack([P, P]), [S, S], BITS, 0, [-1, -1], BACKEND, "
+     "False)", "xs[1] is torch.float64"),
+    ("sum weights too short", "Q_SUM([X, X], P[:1], BACKEND)", "weights must have shape [2]"),
+    ("sum outputs of two sizes", "Q_SUM([X, X[:1]], P, BACKEND)", "outputs[1] has shape"),
+    ("sum outputs of two dtypes", "Q_SUM([X, X.half()], P, BACKEND)", "outputs[1] has dtype"),
+    ("sum backward weights too short", "Q_SUM_BWD(G, [X, X], P[:1], BACKEND, True, True)", "weights must have"),
 ]
 
 

@@ -250,6 +250,28 @@ def test_grouped_straight_through(backend_device, axis):
     torch.testing.assert_close(reference[2].cpu(), st[2].cpu(), rtol=1e-5, atol=1e-6)
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # torch.equal calls -0.0 and +0.0 equal and NaN unequal to itself
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def test_grouped_straight_through_keeps_the_values_bit_for_bit_on_special_values(backend_device):
+    """Straight through returns the quantized values as they are, also where x is infinite (no
+    inf - inf) and where an output is -0.0 (no -0.0 + 0.0): on every backend and in the spec."""
+    backend, device = backend_device
+    x = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.3, 0.3, 5.0, -1e-3])
+    probs, scales = torch.tensor([[1.0]]), [torch.tensor([1.0])]
+    want = qk.mixed_fake_quant_grouped([x], probs, scales, (4,), backend="reference")[0]
+    assert torch.signbit(want[3]) and torch.isinf(want[:2]).sum() == 0  # the cases this is about
+    g = torch.arange(1.0, 8.0)
+    for fn, kwargs in [(qk.mixed_fake_quant_grouped, {"backend": backend}), (ref.mixed_fake_quant_grouped, {})]:
+        xl = x.to(device, copy=True).requires_grad_()
+        y = fn([xl], probs.to(device), [scales[0].to(device)], (4,), straight_through=True, **kwargs)[0]
+        assert _same_bits(y.detach().cpu(), want), (fn, y)
+        y.backward(g.to(device))
+        assert torch.equal(xl.grad.cpu(), g)
+
+
 # --------------------------------------------------------------------------------------------------
 # bad input: the error names the argument and its index
 # --------------------------------------------------------------------------------------------------
@@ -410,6 +432,23 @@ def test_grouped_in_a_cuda_graph_replays_the_eager_values(backend):
         for got, want in zip(captured[1], eager[1]):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=lambda m: f"dx, replay {round_}: {m}")
         torch.testing.assert_close(captured[2], eager[2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_the_grouped_cuda_kernels_called_directly_refuse_a_capture():
+    """The C++ grouped op, called directly inside a capture (not through the public op, which runs
+    one kernel per tensor there), refuses with a clear error instead of recording a copy from a host
+    block that the replays would read after it was handed out again."""
+    require_backend("cuda", "cuda")
+    from qdarts_kernels import _cpp
+
+    x = torch.randn(8, 3, device="cuda")
+    probs, scales = torch.ones(1, 1, device="cuda"), [torch.full((1,), 0.1, device="cuda")]
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured into a CUDA graph"):
+        with torch.cuda.graph(graph):
+            _cpp.mixed_fake_quant_grouped_forward_cuda([x], probs, scales, (8,), 0, (-1,))
 
 
 # ---------------------------------------------------------------------------------- GroupedBitProbs

@@ -497,6 +497,28 @@ def test_tile_override_applies_to_its_kernel_only_and_is_checked():
             pass
 
 
+@pytest.mark.parametrize("elements", [16, 32, 64])
+def test_tiles_smaller_than_a_column_block_work_with_the_channel_on_columns(elements):
+    # x [100, 3] per channel along its last axis lays the channels on columns, whose blocks take up
+    # to 64 rows: a tile of fewer elements must take fewer rows (it divided by zero before)
+    gen = torch.Generator().manual_seed(elements)
+    x, g = torch.randn(100, 3, generator=gen), torch.randn(100, 3, generator=gen)
+    probs, scales = torch.tensor([0.25, 0.75]), torch.empty(2, 3).uniform_(0.05, 0.3, generator=gen)
+    assert not layout_for(x, 1, "mixed_fake_quant_forward").channel_on_rows
+    leaves = [t.to(DEVICE).clone().requires_grad_() for t in (x, probs, scales)]
+    ref_leaves = [t.clone().requires_grad_() for t in (x, probs, scales)]
+    tile = TileSize(elements, 1)
+    with tile_override("mixed_fake_quant_forward", tile), tile_override("mixed_fake_quant_backward", tile):
+        y = qk.mixed_fake_quant(*leaves, (2, 4), axis=1, backend="triton")
+        got = torch.autograd.grad(y, leaves, g.to(DEVICE))
+    want_y = ref.mixed_fake_quant(*ref_leaves, (2, 4), axis=1)
+    want = torch.autograd.grad(want_y, ref_leaves, g)
+    assert torch.equal(y.detach().cpu(), want_y.detach())
+    assert torch.equal(got[0].cpu(), want[0])
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("tile", TUNE_CANDIDATES, ids=lambda t: f"{t.elements}x{t.num_warps}")
 def test_every_candidate_tile_matches_the_reference(tile):
     # sizes beyond the largest tile, so that every candidate takes several programs and a ragged end

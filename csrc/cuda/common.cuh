@@ -154,7 +154,8 @@ QD_HOST_DEVICE int64_t segment_row(int64_t segment, int64_t segment_length, int6
 
 // Sums each of the NR per-thread values over the block and writes the NR sums to out[0..NR).
 // The order is fixed (shuffle tree in each warp, then warps in index order), so the result is
-// the same bits on every run. Every thread of the block must call it.
+// the same bits on every run. Every thread of the block must call it, once per kernel: a second
+// call would need a __syncthreads() before it, as threads < NR may still read warp_sums.
 template <int NR>
 __device__ __forceinline__ void block_sum(const float (&values)[NR], float* out) {
   __shared__ float warp_sums[kWarps][NR];

@@ -17,7 +17,7 @@ QD_HOST_DEVICE int find_tensor(const GroupedTensor* tensors, int n, int64_t valu
   int lo = 0;
   int hi = n - 1;
   while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
+    const int mid = lo + (hi - lo + 1) / 2;  // not (lo + hi + 1) / 2, which overflows past 2^30 tensors
     if (tensors[mid].*key <= value) {
       lo = mid;
     } else {

@@ -6,6 +6,7 @@
 // the host, so a call is only launches.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -306,11 +307,24 @@ bool can_vectorize_grouped(const GroupedArgs& args) {
   return true;
 }
 
+// The grouped kernels put the blocks of all their tensors on one 1-D grid, whose size CUDA caps at
+// 2^31 - 1; each tensor alone passes check_grouped, but not necessarily their sum (per channel, a
+// tensor of more than 65536 channels takes one block per channel).
+void check_grid_size(int64_t count, const char* what) {
+  TORCH_CHECK(count <= std::numeric_limits<int32_t>::max(), "the grouped call needs ", count, " ", what,
+              " in one launch, more than CUDA's grid allows (2^31 - 1): quantize these tensors in several "
+              "calls, or one by one with mixed_fake_quant");
+}
+
 // The descriptors on the device: one asynchronous copy from pinned memory (no host sync; the
-// caching host allocator keeps the pinned block until the copy has run). Never during a CUDA-graph
-// capture, where the copy would be replayed from a block handed out again: the Python layer calls the
-// single-tensor kernels there (qdarts_kernels.ops._grouped_pair).
+// caching host allocator keeps the pinned block until the copy has run). Refused during a CUDA-graph
+// capture, where the copy would be replayed from a block handed out again: the public op calls the
+// single-tensor kernels there (qdarts_kernels.ops._grouped_pair); this guards direct calls of the op.
 at::Tensor descriptors_on_device(const std::vector<gpu::GroupedTensor>& tensors, const at::Device& device) {
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              "the grouped CUDA kernels cannot be captured into a CUDA graph (their descriptor table is copied from "
+              "host memory); call qdarts_kernels.mixed_fake_quant_grouped, which runs one kernel per tensor while a "
+              "capture is under way");
   const int64_t bytes = static_cast<int64_t>(tensors.size() * sizeof(gpu::GroupedTensor));
   at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host.mutable_data_ptr(), tensors.data(), static_cast<size_t>(bytes));
@@ -331,6 +345,7 @@ std::vector<at::Tensor> mixed_fake_quant_grouped_forward_cuda(at::TensorList xs,
   const int n = static_cast<int>(args.tensors.size());
   const int64_t blocks = gpu::plan_mixed_fake_quant_grouped(args.tensors.data(), n, false, &segments);
   if (blocks == 0) return ys;
+  check_grid_size(blocks, "blocks");
   const at::Tensor device_tensors = descriptors_on_device(args.tensors, args.xs[0].device());
   gpu::launch_mixed_fake_quant_grouped_forward(
       static_cast<const gpu::GroupedTensor*>(device_tensors.const_data_ptr()), n, blocks, args.dtype,
@@ -369,6 +384,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mixed_fake_quant_gro
   int64_t segments = 0;
   const int64_t blocks =
       gpu::plan_mixed_fake_quant_grouped(args.tensors.data(), n, need_dprobs || need_dscales, &segments);
+  check_grid_size(blocks, "blocks");
+  check_grid_size(n + segments, "reduction segments");
   at::Tensor partials =
       at::empty({gpu::mixed_fake_quant_grouped_partials_size(k, blocks, need_dprobs, need_dscales)}, f32);
   const at::Tensor device_tensors = descriptors_on_device(args.tensors, args.xs[0].device());

@@ -87,7 +87,7 @@ def plan_layout(outer: int, channels: int, inner: int, tile: TileSize) -> Layout
         block_rows = min(tile.elements // block_cols, next_pow2(rows))
     else:
         rows, cols = outer, channels * inner
-        block_rows = min(next_pow2(rows), _MAX_BLOCK_R_COLUMNS)
+        block_rows = min(next_pow2(rows), _MAX_BLOCK_R_COLUMNS, tile.elements)  # a tile of 16 or 32 (tests)
         block_cols = min(tile.elements // block_rows, next_pow2(cols))
     return Layout(
         channel_on_rows, outer, channels, inner, rows, cols, block_rows, block_cols,

@@ -68,10 +68,26 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> N
             os.fsync(f.fileno())
         _pause_if_asked(path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        # a Ctrl-C inside torch.save comes back as the RuntimeError its zip writer's clean-up raises
+        # then ("unexpected pos ..."), the KeyboardInterrupt only its context: give it back as such
+        interrupt = _interrupt_behind(e)
+        if interrupt is not None and interrupt is not e:
+            raise interrupt from None
         raise
+
+
+def _interrupt_behind(error: BaseException) -> Optional[KeyboardInterrupt]:
+    """The KeyboardInterrupt that ``error`` is, or that it was raised while handling, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def remove_stale_temporaries(folder: str) -> None:

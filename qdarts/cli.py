@@ -249,9 +249,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"qdarts {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        hint = "; the last epoch's checkpoint is kept: continue with --resume" if args.command != "bench" else ""
+        hint = ("; the checkpoint of the last finished epoch, if any, is kept: continue with --resume"
+                if args.command != "bench" else "")
         print(f"qdarts {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     finally:
         if "qdarts.distributed" in sys.modules:
             sys.modules["qdarts.distributed"].shutdown()
+
+
+if __name__ == "__main__":  # python -m qdarts.cli, the module's own name, runs it as python -m qdarts does
+    raise SystemExit(main())

@@ -30,6 +30,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
+from .data import DATASETS
+
 __all__ = ["PRIMITIVES", "Edge", "Genotype", "FORMAT", "VERSION", "MAX_BITS", "load_genotype", "reduction_cells"]
 
 FORMAT = "qdarts-genotype"
@@ -192,6 +194,15 @@ class Genotype:
             fail("cells is empty: a genotype has one entry per searched cell")
         if not all(1 <= b <= MAX_BITS for b in g.bit_choices):
             fail(f"bit_choices must be bit-widths in 1..{MAX_BITS}, got {g.bit_choices}")
+        # the search settings that retraining takes when their options are left out (qdarts.train)
+        search = g.search
+        for name in ("layers", "channels"):
+            if name in search and not (type(search[name]) is int and search[name] >= 1):  # a bool is an int too
+                fail(f"search.{name} must be an integer >= 1, got {search[name]!r}")
+        if "data" in search and search["data"] not in DATASETS:
+            fail(f"search.data must be one of {', '.join(DATASETS)}, got {search['data']!r}")
+        if search.get("data_dir") is not None and not isinstance(search["data_dir"], str):
+            fail(f"search.data_dir must be a folder name or null, got {search['data_dir']!r}")
         for i, (c, (reduction, _, reduction_prev)) in enumerate(zip(g.cells, _cell_layout(len(g.cells)))):
             if c.reduction != reduction:
                 fail(f"cell {i} has reduction {c.reduction}, but in a {len(g.cells)}-cell network the reduction "

@@ -22,7 +22,7 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, Collection, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -517,7 +517,8 @@ class Searcher:
             while self.epoch < last:
                 epoch = self.epoch
                 start = time.perf_counter()
-                lr = cosine_lr(epoch, c.epochs, c.weight_lr, c.weight_lr_min)
+                # annealed down to weight_lr_min, or held at a weight_lr below it (0 freezes the weights)
+                lr = cosine_lr(epoch, c.epochs, c.weight_lr, min(c.weight_lr_min, c.weight_lr))
                 for group in self.opt_weights.param_groups:
                     group["lr"] = lr
                 g_train = torch.Generator().manual_seed(c.seed * 1_000_003 + 2 * epoch)
@@ -609,8 +610,15 @@ def run_search(config: SearchConfig, out_dir: str, *, resume: bool = False, prog
         raise FileExistsError(f"{out_dir!r} already holds a search checkpoint; pass --resume to continue it "
                               "or choose another --out")
     if state is not None:
-        config = resumed_config(SearchConfig.from_dict(state["config"]), config, may_change=RESUME_MAY_CHANGE,
-                                explicit=explicit, name=option)
+        config.validate()  # this run's own settings first: an error in them is not the checkpoint's
+        try:
+            saved = SearchConfig.from_dict(state["config"])
+            # the checkpoint's settings (a hand edit may have given them any type) with those this run may change
+            replace(saved, **{n: getattr(config, n) for n in RESUME_MAY_CHANGE}).validate()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{os.path.join(out_dir, CHECKPOINT)!r} holds no valid search config ({e}); delete it "
+                             "to start afresh, or choose another --out") from e
+        config = resumed_config(saved, config, may_change=RESUME_MAY_CHANGE, explicit=explicit, name=option)
     searcher = Searcher(config, out_dir, progress=progress)  # validates the config and loads the data first
     if searcher.dist.is_writer:
         prepare_output_folder(out_dir)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Collection, Dict, Optional
 
 import torch
@@ -110,7 +110,8 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
     """Retrain ``config.genotype`` into ``out_dir``; write summary.json (and return it when finished).
 
     A resumed run continues with the checkpoint's settings but ``device``; a setting of ``config`` that
-    differs from them is a ``ValueError`` (with ``explicit``, only those it names: see ``resumed_config``).
+    differs from them is a ``ValueError`` (with ``explicit``, only those it names: see ``resumed_config``), and
+    so is a genotype file whose cells, bits or search settings read here changed since the checkpoint was written.
     """
     from tqdm.auto import tqdm
 
@@ -120,25 +121,36 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
     if state is not None and not resume:
         raise FileExistsError(f"{out_dir!r} already holds a training checkpoint; pass --resume to continue it "
                               "or choose another --out")
+    config.validate()  # this run's own settings first: an error in them is not the checkpoint's
     if state is not None:
         try:
             saved = TrainConfig.from_dict(state["config"])
-        except (KeyError, TypeError) as e:
+            # the checkpoint's settings (a hand edit may have given them any type) with this run's device
+            replace(saved, device=config.device).validate()
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{ckpt_path!r} holds no valid training config ({e}); delete it to start afresh, "
                              "or choose another --out") from e
         config = resumed_config(saved, config, may_change=("device",), explicit=explicit, name=option)
-    config.validate()
     genotype = load_genotype(config.genotype)
     search = genotype.search
     data = config.data or search.get("data", "digits")
     data_dir = config.data_dir or search.get("data_dir")
+    layers = config.layers if config.layers is not None else search.get("layers", 3)
+    channels = config.channels if config.channels is not None else _default_channels(search.get("channels", 8))
+    # what the checkpoint's weights were trained as, since the genotype file may have changed under its path (a
+    # search re-run into its folder): its cells and bits, and the settings taken from its search (not the results);
+    # a checkpoint written before these were saved resumes unchecked
+    trained_on = {"genotype": {k: v for k, v in genotype.to_dict().items() if k != "search"}, "data": data,
+                  "data_dir": data_dir, "layers": layers, "channels": channels}
+    if state is not None and state["config"].get("trained_on", trained_on) != trained_on:
+        raise ValueError(f"the genotype file {config.genotype!r} has changed since {ckpt_path!r} was trained on it "
+                         "(other ops, bits, or search data, layers or channels); put back the one it was trained "
+                         "on, or delete the checkpoint to start afresh, or choose another --out")
     dataset = load_dataset(data, data_dir)
     # the auxiliary head needs two samples in a batch (TrainConfig.validate), so two per process
     check_split_sizes(data, data_dir, dist.world_size * (2 if config.auxiliary else 1),
                       {"training pool": dataset.train_x.shape[0]})
     check_split_sizes(data, data_dir, 1, {"test split": dataset.test_x.shape[0]})
-    layers = config.layers if config.layers is not None else int(search.get("layers", 3))
-    channels = config.channels if config.channels is not None else _default_channels(int(search.get("channels", 8)))
     device = torch.device(config.device)
 
     seed_everything(config.seed)
@@ -223,8 +235,9 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
                             "seconds": seconds})
             bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}")
             if dist.is_writer:
-                atomic_torch_save(ckpt_path, {"format": FORMAT, "config": asdict(config), "epoch": epoch,
-                                              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                atomic_torch_save(ckpt_path, {"format": FORMAT, "config": {**asdict(config), "trained_on": trained_on},
+                                              "epoch": epoch, "model": model.state_dict(),
+                                              "optimizer": optimizer.state_dict(),
                                               "history": history, "elapsed": elapsed, "rng": rng_state()})
             dist.barrier()
     finally:

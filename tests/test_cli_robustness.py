@@ -204,6 +204,19 @@ def _corrupt_missing_entries(path):
     torch.save(state, path)
 
 
+def _corrupt_config_types(path):
+    """Hand-edited settings of the wrong type: validating them raised a TypeError (a traceback)."""
+    state = torch.load(path, weights_only=False)
+    state["config"]["epochs"] = "1"
+    torch.save(state, path)
+
+
+def _corrupt_config_bits(path):
+    state = torch.load(path, weights_only=False)
+    state["config"]["bits"] = None
+    torch.save(state, path)
+
+
 @pytest.mark.parametrize("corrupt, match", [
     (_corrupt_truncated, "cannot be read"),
     (_corrupt_random, "cannot be read"),
@@ -211,6 +224,8 @@ def _corrupt_missing_entries(path):
     (_corrupt_foreign_torch_file, "is not a qdarts-search-checkpoint"),
     (_corrupt_other_config, "does not fit"),
     (_corrupt_missing_entries, "does not fit"),
+    (_corrupt_config_types, "holds no valid search config ('>=' not supported"),
+    (_corrupt_config_bits, "holds no valid search config ('NoneType' object is not iterable)"),
 ], ids=lambda f: f.__name__[len("_corrupt_"):] if callable(f) else None)
 @pytest.mark.parametrize("resume", [True, False], ids=["resume", "fresh"])
 def test_corrupt_search_checkpoint(corrupt, match, resume, finished_search, tmp_path, capsys):
@@ -219,7 +234,7 @@ def test_corrupt_search_checkpoint(corrupt, match, resume, finished_search, tmp_
     (out / CHECKPOINT).write_bytes((finished_search / CHECKPOINT).read_bytes())
     corrupt(out / CHECKPOINT)
     before = _snapshot(out)
-    if not resume and match == "does not fit":
+    if not resume and match.startswith(("does not fit", "holds no valid")):
         match = "--resume"  # a readable checkpoint is not looked into without --resume: the folder is taken
     # resuming, the options are left out: they would be compared with the checkpoint's config first
     options = ["--resume", "--no-progress"] if resume else TINY
@@ -282,6 +297,46 @@ def test_train_resume_refuses_a_typed_setting_that_differs(finished_search, tmp_
                      "--out", str(out)]) == 0
 
 
+def test_train_resume_refuses_a_checkpoint_config_of_the_wrong_type(finished_search, tmp_path, capsys):
+    out = tmp_path / "train"
+    assert cli.main(["train", "--genotype", str(finished_search / "genotype.json"), *TRAIN_TINY, "--out",
+                     str(out)]) == 0
+    state = torch.load(out / TRAIN_CHECKPOINT, weights_only=False)
+    state["config"]["epochs"] = "1"
+    torch.save(state, out / TRAIN_CHECKPOINT)
+    before = _snapshot(out)
+    line = _refused(["train", "--genotype", str(finished_search / "genotype.json"), "--resume", "--out", str(out)],
+                    capsys, match="holds no valid training config ('<' not supported")
+    assert TRAIN_CHECKPOINT in line
+    assert _snapshot(out) == before
+
+
+def test_train_resume_refuses_a_genotype_file_that_changed(finished_search, tmp_path, capsys):
+    """A search re-run into the genotype's folder rewrites the file under the same path; resumed, the other bits
+    fit the same weights, so the rest of the training silently trained another network."""
+    genotype = tmp_path / "genotype.json"
+    original = json.loads((finished_search / "genotype.json").read_text())
+    genotype.write_text(json.dumps(original))
+    out = tmp_path / "train"
+    assert cli.main(["train", "--genotype", str(genotype), *TRAIN_TINY, "--out", str(out)]) == 0
+    before = _snapshot(out)
+    resume = ["train", "--genotype", str(genotype), "--resume", "--out", str(out)]
+    for changed in ({**original, "cells": [{**c, "preprocess1": [[8, 8]]} for c in original["cells"]]},
+                    {**original, "search": {**original["search"], "layers": 2}}):  # --layers was left out
+        genotype.write_text(json.dumps(changed))
+        line = _refused(resume, capsys, match=f"the genotype file {str(genotype)!r} has changed since")
+        assert TRAIN_CHECKPOINT in line
+        assert _snapshot(out) == before
+    # the search's results are not what retraining reads: they may change
+    genotype.write_text(json.dumps({**original, "search": {**original["search"], "val_acc": 0.5}}))
+    assert cli.main(resume) == 0
+    # a checkpoint written before the genotype was saved in it resumes unchecked
+    state = torch.load(out / TRAIN_CHECKPOINT, weights_only=False)
+    del state["config"]["trained_on"]
+    torch.save(state, out / TRAIN_CHECKPOINT)
+    assert cli.main(resume) == 0
+
+
 # ---------------------------------------------------------------------------------------- output folders
 
 def _out_under_a_file(tmp_path):
@@ -339,6 +394,10 @@ def _genotype_text(finished_search, edit):
     return json.dumps(edit(d))
 
 
+def _search_setting(name, value):
+    return lambda g: _genotype_text(g, lambda d: {**d, "search": {**d["search"], name: value}})
+
+
 GENOTYPE_CASES = {
     "missing": (None, "does not exist"),
     "empty": (lambda g: "", "not valid JSON"),
@@ -369,6 +428,14 @@ GENOTYPE_CASES = {
     "reduction_flag": (lambda g: _genotype_text(g, lambda d: {**d, "cells": [{**c, "reduction": False}
                                                                              for c in d["cells"]]}),
                        "the reduction cells are [0]"),
+    # the search settings retraining reads (with --channels given too: the file is refused as a whole)
+    "search_layers_null": (_search_setting("layers", None), "search.layers must be an integer >= 1, got None"),
+    "search_layers_text": (_search_setting("layers", "three"), "search.layers must be an integer >= 1"),
+    "search_layers_true": (_search_setting("layers", True), "search.layers must be an integer >= 1"),
+    "search_channels_null": (_search_setting("channels", None), "search.channels must be an integer >= 1"),
+    "search_channels_0": (_search_setting("channels", 0), "search.channels must be an integer >= 1, got 0"),
+    "search_data_number": (_search_setting("data", 5), "search.data must be one of digits, synthetic, cifar10"),
+    "search_data_dir_number": (_search_setting("data_dir", 5), "search.data_dir must be a folder name or null"),
 }
 
 
@@ -404,3 +471,41 @@ def test_ctrl_c_ends_with_a_resume_hint_and_no_traceback(tmp_path, capsys, monke
     assert cli.main(["search", *TINY, "--out", str(tmp_path / "out")]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+
+
+def test_ctrl_c_while_torch_save_writes_a_checkpoint_stays_an_interrupt(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C inside torch.save comes back from it as the RuntimeError of its zip writer's clean-up;
+    atomic_write gives back the KeyboardInterrupt (so the CLI prints its resume hint, exit 130), keeps
+    the file that was there and leaves no temporary."""
+    from qdarts import checkpoint
+
+    real_fdopen = os.fdopen
+
+    class InterruptedFile:
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 3:  # the user presses Ctrl-C while the file is being written
+                raise KeyboardInterrupt
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    path = tmp_path / "state.pt"
+    path.write_bytes(b"the previous checkpoint")
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode, *a: InterruptedFile(real_fdopen(fd, mode, *a)))
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.atomic_write(str(path), lambda f: torch.save({"w": torch.zeros(1000)}, f))
+    assert path.read_bytes() == b"the previous checkpoint" and os.listdir(tmp_path) == ["state.pt"]
+    assert cli.main(["search", *TINY, "--out", str(tmp_path / "out")]) == 130  # the first checkpoint write
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err, err

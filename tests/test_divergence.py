@@ -32,16 +32,17 @@ def test_check_figures_names_every_non_finite_figure():
 
 def test_diagnosed_turns_an_error_into_divergence_only_while_a_parameter_is_not_finite():
     good, bad = [("w", torch.ones(2))], [("w", torch.ones(2)), ("v", torch.tensor([math.nan]))]
-    error = ValueError("scales[0] must be finite, got [nan]\nsecond line")
+    error = ValueError("scales must be finite, got [nan]\nsecond line")
+    other = ValueError("x must be a float tensor")
     with pytest.raises(ValueError) as caught, diagnosed("the run", lambda: good, "lower it"):
-        raise error
-    assert caught.value is error  # parameters finite: not a divergence, the error as it was
+        raise other
+    assert caught.value is other  # parameters finite: not a divergence, the error as it was
     with pytest.raises(KeyError), diagnosed("the run", lambda: bad, "lower it"):
         raise KeyError("x")  # not what a non-finite number makes the ops raise
     with pytest.raises(Diverged) as caught, diagnosed("the run", lambda: bad, "lower it"):
         raise error
     assert str(caught.value) == ("the run diverged: parameter v is no longer finite (which then stopped the step: "
-                                 "scales[0] must be finite, got [nan]); lower it")
+                                 "scales must be finite, got [nan]); lower it")
     assert caught.value.__cause__ is error
     many = [(f"p{i}", torch.tensor([math.inf])) for i in range(5)]
     with pytest.raises(Diverged, match=r"^the run diverged: parameters p0, p1, p2 and 2 more are no longer"), \
@@ -52,6 +53,17 @@ def test_diagnosed_turns_an_error_into_divergence_only_while_a_parameter_is_not_
         raise error
     with diagnosed("the run", lambda: bad, "lower it"):
         pass  # no error: nothing is looked at
+
+
+@pytest.mark.parametrize("message", ["scales must be finite, got [inf, 0.5]",  # the Python check
+                                     "scales must be finite and >= 2**-126, got scales[0] = inf"])  # the C++ kernels'
+def test_diagnosed_takes_non_finite_scales_with_finite_parameters_for_overflowed_activations(message):
+    error = RuntimeError(message)
+    with pytest.raises(Diverged) as caught, diagnosed("the run", lambda: [("w", torch.tensor([-3e7, 2.0]))], "lower"):
+        raise error
+    assert str(caught.value) == ("the run diverged: the activations overflowed while every parameter is still finite "
+                                 f"(the largest has magnitude 3e+07; which then stopped the step: {message}); lower")
+    assert caught.value.__cause__ is error
 
 
 def _files(out):
@@ -107,6 +119,12 @@ def test_cli_search_and_training_with_a_far_too_large_learning_rate_say_so(tmp_p
     assert line.startswith("qdarts search: error: the search (epoch 1) diverged: ")
     assert "weight_lr (--weight-lr) is 1e+30" in line and "no epoch had finished" in line
     assert not (tmp_path / "s" / "checkpoint.pt").exists()
+    # a rate whose weights stay finite under the gradient clipping, but not the activations they make,
+    # whose largest magnitude the 8-bit activation scales are taken from
+    line = _diverged_cli(["search", *TINY_ARGS, "--bits", "2,8", "--weight-lr", "1e9", "--out", str(tmp_path / "a")],
+                         capsys)
+    assert "the activations overflowed while every parameter is still finite" in line, line
+    assert "weight_lr (--weight-lr) is 1e+09" in line
     assert cli.main(["search", *TINY_ARGS, "--out", str(tmp_path / "g")]) == 0
     capsys.readouterr()
     line = _diverged_cli(["train", "--genotype", str(tmp_path / "g" / "genotype.json"), "--epochs", "1",

@@ -223,6 +223,25 @@ def test_switches_and_scales_survive_state_dict_round_trip():
     torch.testing.assert_close(dst(x * 5), src(x * 5), rtol=0, atol=0)  # initialised: no re-init on x*5
 
 
+def test_a_quantizer_that_has_not_seen_a_batch_saves_and_loads_its_state(tmp_path):
+    """Per-channel scales made on the first batch have no shape before it: state_dict() leaves them out
+    (it failed on them), the file loads with torch.load's default weights_only, into a quantizer that has
+    not seen a batch either (strict), which then initialises on its first batch as the original does;
+    a quantizer that has scales still reports them missing."""
+    torch.manual_seed(4)
+    x = torch.randn(4, 8)
+    never = qnn.FakeQuantize(4, ch_axis=1)
+    state = never.state_dict()
+    assert "scales" not in state and "initialized" in state
+    torch.save(state, tmp_path / "q.pt")
+    fresh = qnn.FakeQuantize(4, ch_axis=1)
+    fresh.load_state_dict(torch.load(tmp_path / "q.pt"))
+    torch.testing.assert_close(fresh(x), never(x), rtol=0, atol=0)
+    assert fresh.scales.shape == (1, 8)
+    with pytest.raises(RuntimeError, match='Missing key.*"scales"'):
+        fresh.load_state_dict(state)
+
+
 # ------------------------------------------------------------------------------------------------
 # The paper quantizers against their formulas
 # ------------------------------------------------------------------------------------------------
@@ -282,6 +301,24 @@ def test_paper_weight_is_gaussian_midrise_with_identity_gradient(bits):
     expected = torch.clamp((torch.round(wd / step + 0.5) - 0.5) * step, -top, top)
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
     torch.testing.assert_close(w.grad, torch.arange(w.numel()).reshape(w.shape).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("weight", ["constant", "zero", "one element"])
+def test_paper_weight_without_a_spread_is_quantized_by_its_largest_magnitude(weight):
+    """A weight whose std is 0 (constant, a zero-initialised head) or undefined (a single one) has no
+    Gaussian step: its scale is max|W| / top, which represents a constant exactly (0 or NaN before),
+    in the layer's own quantizer and in the grouped one alike."""
+    from qdarts_kernels.nn import GroupedWeightQuantizer
+
+    layer = qnn.QuantLinear(1, 1) if weight == "one element" else qnn.QuantLinear(4, 3)
+    layer.weight_quant = qnn.MixedPrecisionFakeQuantize((2, 4), quantizer="paper", role="weight")
+    with torch.no_grad():
+        layer.weight.fill_({"constant": -0.5, "zero": 0.0, "one element": 0.37}[weight])
+    w = layer.weight.detach()
+    for y in (layer.weight_quant(layer.weight), GroupedWeightQuantizer([layer])()[0]):
+        # the mid-rise grid has no 0: a zero weight becomes +-MIN_SCALE / 2, the levels nearest to it
+        torch.testing.assert_close(y.detach(), w, rtol=1e-6, atol=1e-7)
+        assert torch.isfinite(layer(torch.ones(2, layer.in_features))).all()
 
 
 def test_paper_weight_8_bits_scales_per_output_channel_by_max():

@@ -20,8 +20,9 @@ def test_help_everywhere(argv, capsys):
     assert "usage: qdarts" in capsys.readouterr().out
 
 
-def test_python_dash_m_runs_the_cli():
-    out = subprocess.run([sys.executable, "-m", "qdarts", "--help"], capture_output=True, text=True, check=True)
+@pytest.mark.parametrize("module", ["qdarts", "qdarts.cli"])
+def test_python_dash_m_runs_the_cli(module):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True)
     assert "search" in out.stdout and "train" in out.stdout and "bench" in out.stdout
 
 

@@ -95,6 +95,8 @@ def test_genotype_json_round_trip_and_errors(tmp_path):
         load_genotype(broken(lambda b: b["normal"][0].update(op="conv_9x9")))
     with pytest.raises(ValueError, match="cell 0 has bits for 3 edges"):
         load_genotype(broken(lambda b: b["cells"][0].update(edges=b["cells"][0]["edges"][:3])))
+    with pytest.raises(ValueError, match=r"bad\.json: search\.layers must be an integer >= 1, got None"):
+        load_genotype(broken(lambda b: b["search"].update(layers=None)))  # retraining's default depth
     with pytest.raises(FileNotFoundError):
         load_genotype(str(tmp_path / "missing.json"))
 

@@ -45,6 +45,14 @@ def test_two_runs_with_one_seed_are_identical_and_another_seed_differs(tmp_path)
     assert not [f for f in files if f.endswith(".tmp")]
 
 
+def test_a_weight_lr_below_its_floor_is_held_not_raised_towards_it(tmp_path):
+    """The cosine schedule anneals down to weight_lr_min (1e-3); a smaller weight_lr is kept as it is
+    (it rose towards the floor before), and 0 freezes the weights."""
+    assert [h["lr"] for h in _search(tmp_path / "a", epochs=3, weight_lr=5e-4)["history"]] == [5e-4] * 3
+    frozen = _search(tmp_path / "b", epochs=2, warmup_epochs=2, weight_lr=0.0)
+    assert [h["lr"] for h in frozen["history"]] == [0.0, 0.0]
+
+
 @pytest.mark.slow
 def test_resume_continues_to_the_uninterrupted_result(tmp_path):
     full = _search(tmp_path / "full")

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .. import ops
 from .layers import _QuantizedLayer
-from .quantizers import MIN_SCALE, MixedPrecisionFakeQuantize, set_plain_attribute
+from .quantizers import MIN_SCALE, MixedPrecisionFakeQuantize, gaussian_weight_scales, set_plain_attribute
 
 __all__ = ["GroupedWeightQuantizer", "GroupedBitProbs", "precomputed_probs"]
 
@@ -144,7 +144,7 @@ class _Group:
         scales: List[Tensor] = [None] * len(self.layers)  # type: ignore[list-item]
         for members in self.by_shape:
             w = torch.stack([self.layers[i].weight.detach() for i in members]).float()
-            scaled = q._steps[None, :] * w.flatten(1).std(dim=1)[:, None]  # [G, K]
+            scaled = gaussian_weight_scales(q._steps, q._top, w.flatten(1))  # [G, K]
             if self.axis is not None:  # the channel axis is self.axis + 1 in the stack
                 max_c = w.abs().amax(dim=tuple(d for d in range(1, w.dim()) if d != self.axis + 1))  # [G, C]
                 by_max = (max_c[:, None, :] / q._top[None, :, None]).clamp_min(MIN_SCALE)

@@ -22,7 +22,8 @@
     than halving the step per bit, which makes it too small.
   - weights, b < 8: mid-rise grid, ``D_b = g_b * std(W)`` with ``g = {1: 1.596, 2: 0.996,
     3: 0.586, 4: 0.336}`` (std unbiased, as ``Tensor.std``), and the identity (straight-through)
-    gradient to W, as in the official code.
+    gradient to W, as in the official code. Where std(W) is 0 or undefined (a constant weight, a
+    single one), ``max|W| / (2^(b-1) - 1/2)``, as for 8 bits: the std would give a step of 0 or NaN.
   - b >= 8: the scale that maps the largest magnitude to the top level, ``max|x| / Qp`` per tensor
     for activations and ``max|W_c| / (2^(b-1) - 1/2)`` per output channel c for weights (weights
     then use per-channel scales ``[K, C_out]``, the b < 8 rows broadcast over channels).
@@ -122,6 +123,18 @@ def _top_level(grid: int, bits: int) -> float:
     qmin, qmax, z = grid_params(grid, bits)
     top = qmax - z
     return top if top > 0 else z - qmin
+
+
+def gaussian_weight_scales(steps: Tensor, top: Tensor, w: Tensor) -> Tensor:
+    """The paper's weight scales below 8 bits, ``steps_k * std(w_g)`` for each row w_g of w [G, n]:
+    [G, K] (std unbiased, as the official code takes it). Where the std is 0 (a constant row, a
+    zero-initialised head) or undefined (a single weight), ``max|w_g| / top_k`` instead, which
+    represents a constant exactly; at least MIN_SCALE (an all-zero row), never 0 or NaN."""
+    if w.shape[1] == 0:  # no weight to quantize: any valid scale
+        return steps.expand(w.shape[0], -1)
+    std = w.std(dim=1, correction=1 if w.shape[1] > 1 else 0)[:, None]
+    largest = w.abs().amax(dim=1)[:, None] / top[None, :]
+    return torch.where(std > 0, steps[None, :] * std, largest).clamp_min(MIN_SCALE)
 
 
 def _other_dims(x: Tensor, axis: int) -> Tuple[int, ...]:
@@ -285,11 +298,29 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         self.initialized.zero_()
         self._needs_init = True
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # per-channel scales that have not seen a batch yet have no shape: left out (nn.Module would
+        # detach them, which an uninitialised parameter refuses, and torch.load's weights_only refuses
+        # one in a file), and taken as absent again on loading
+        scales = self._parameters.get("scales")
+        if not isinstance(scales, UninitializedParameter):
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        self._parameters["scales"] = None
+        try:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+        finally:
+            self._parameters["scales"] = scales
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         key = prefix + "scales"
-        if isinstance(getattr(self, "scales", None), UninitializedParameter) and key in state_dict:
+        uninitialized = isinstance(getattr(self, "scales", None), UninitializedParameter)
+        if uninitialized and key in state_dict:
             self.scales.materialize(state_dict[key].shape)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if uninitialized and key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)  # saved before its first batch (see _save_to_state_dict): it stays so
         # loading is not on the hot path: reading the switches back to the host here is fine
         self._fake_quant_on = bool(self.fake_quant_enabled[0])
         self._observer_on = bool(self.observer_enabled[0])
@@ -385,12 +416,12 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
                 shared[key] = (weakref.ref(x), x._version, scales)
                 return scales
             return self._max_scaled_act_scales(xd)
-        std = xd.float().std()
+        scaled = gaussian_weight_scales(self._steps, self._top, xd.float().reshape(1, -1))[0]
         if axis is None:
-            return self._steps * std
+            return scaled
         max_c = xd.abs().amax(dim=_other_dims(xd, axis)).float()
         by_max = (max_c[None, :] / self._top[:, None]).clamp_min(MIN_SCALE)
-        return torch.where(self._by_max[:, None], by_max, (self._steps * std)[:, None])
+        return torch.where(self._by_max[:, None], by_max, scaled[:, None])
 
     def _max_scaled_act_scales(self, xd: Tensor) -> Tensor:
         """The paper activation scales of a configuration with a bit-width scaled by the max."""

@@ -107,7 +107,9 @@ QD_HOST_DEVICE QuantResult quantize(float x, float inv_s, const GridRange& g) {
   const float r = round_half_even(v);
   const float q = clamp_range(r, g.qmin, g.qmax);
   const float in = (r >= g.qmin && r <= g.qmax && x > g.x_floor) ? 1.0f : 0.0f;
-  return {q - g.zero_point, in};
+  // + 0.0f: level 0 is +0.0, as in PyTorch's fake-quant (integer levels), where rint(v) is -0.0 for a
+  // v in [-0.5, 0); a no-op otherwise (no compiler drops it: it is no identity for -0.0)
+  return {(q - g.zero_point) + 0.0f, in};
 }
 
 }  // namespace qdarts

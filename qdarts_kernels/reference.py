@@ -11,7 +11,7 @@ Quantizer ``Q(x; s, b)`` on a grid with integer range [qmin, qmax] and zero poin
     v     = x * inv_s + z
     r     = round_half_to_even(v)
     q     = clamp(r, qmin, qmax)
-    Q     = (q - z) * s
+    Q     = (q - z) * s               (q - z = +0.0 for level 0, as PyTorch's integer levels give)
     in    = (qmin <= r <= qmax)        (the mask is taken on the rounded value, as in PyTorch)
 
 The ``relu`` grid is ``Q(relu(x))`` on the unsigned grid with the ReLU's gradient folded in:
@@ -49,7 +49,10 @@ def quantize_parts(x: torch.Tensor, s: torch.Tensor, bits: int, grid: int):
     qmin, qmax, z = grid_params(grid, bits)
     inv_s = 1.0 / s
     r = torch.round(x * inv_s + z)  # round half to even
-    return torch.clamp(r, qmin, qmax) - z, (r >= qmin) & (r <= qmax), inv_s
+    q = torch.clamp(r, qmin, qmax)
+    # level 0 is +0.0, as PyTorch's fake-quant ops give it (their levels are integers), where round
+    # gives -0.0 to a v in [-0.5, 0); q - z for z = 0.5 (midrise) is never 0
+    return (q + 0.0 if z == 0 else q - z), (r >= qmin) & (r <= qmax), inv_s
 
 
 def _math_dtype(t: torch.Tensor) -> torch.dtype:
@@ -204,7 +207,7 @@ def with_identity_gradient(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``y``'s values with ``x``'s gradient passing through unchanged (the straight-through
     estimator), y itself keeping its own gradients (those of the probabilities and scales). The
     values are y's bit for bit, which ``y + (x - x.detach())`` would not give where x is infinite
-    (inf - inf is NaN) or y is -0.0 (-0.0 + 0.0 is +0.0); and no kernel runs."""
+    (inf - inf is NaN); and no kernel runs."""
     return _IdentityGradient.apply(y, x)
 
 

@@ -276,6 +276,9 @@ def test_fake_quant_matches_torch(backend_device):
     backend, device = backend_device
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(4, 6, 9, generator=gen) * 2
+    # level 0 from below (round gives -0.0 there, PyTorch +0.0), zeros of both signs, ties around 0
+    x.view(-1)[:12] = torch.tensor([-1e-3, -0.005, -0.0185, -1e-30, -0.0, 0.0, 1e-3, -0.01855, 0.01855, -0.0371,
+                                    -0.05565, 0.05565])
     g = torch.randn(x.shape, generator=gen)
     for bits in (2, 4, 8):
         qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
@@ -283,7 +286,9 @@ def test_fake_quant_matches_torch(backend_device):
         s = torch.tensor([0.0371])
         xb, sb = _leaf(x, device), _leaf(s, device)
         y = qk.fake_quant(xb, sb, bits, backend=backend)
-        _assert_exact(y.cpu(), torch.fake_quantize_per_tensor_affine(x, 0.0371, 0, qmin, qmax), "per-tensor fwd")
+        want = torch.fake_quantize_per_tensor_affine(x, 0.0371, 0, qmin, qmax)
+        _assert_exact(y.cpu(), want, "per-tensor fwd")
+        assert torch.equal(torch.signbit(y.cpu()), torch.signbit(want)), "the sign of a zero differs from PyTorch's"
         y.backward(g.to(device))
         xt, st = x.clone().requires_grad_(), s.clone().requires_grad_()
         torch._fake_quantize_learnable_per_tensor_affine(xt, st, torch.zeros(1), qmin, qmax, 1.0).backward(g)
@@ -296,8 +301,9 @@ def test_fake_quant_matches_torch(backend_device):
             zp = torch.zeros(c, dtype=torch.int32)
             xb, sb = _leaf(x, device), _leaf(sc, device)
             y = qk.fake_quant(xb, sb, bits, axis=axis, backend=backend)
-            _assert_exact(y.cpu(), torch.fake_quantize_per_channel_affine(x, sc, zp, axis, qmin, qmax),
-                          "per-channel fwd")
+            want = torch.fake_quantize_per_channel_affine(x, sc, zp, axis, qmin, qmax)
+            _assert_exact(y.cpu(), want, "per-channel fwd")
+            assert torch.equal(torch.signbit(y.cpu()), torch.signbit(want)), "the sign of a zero differs"
             y.backward(g.to(device))
             xt, st = x.clone().requires_grad_(), sc.clone().requires_grad_()
             torch._fake_quantize_learnable_per_channel_affine(xt, st, zp.float(), axis, qmin, qmax, 1.0).backward(g)

@@ -108,8 +108,10 @@ def _check_against_native(bn, shape, dtype, offset=1.0, scale=3.0):
     mean64, var64 = _fp64_statistics(x)
     invstd64 = (var64 + 1e-5).rsqrt()
     torch.testing.assert_close(invstd.double(), invstd64, rtol=2e-6, atol=0)
-    native_error = ((invstd_native.double() - invstd64) / invstd64).abs().max().item()
-    torch.testing.assert_close(invstd, invstd_native, rtol=2e-6 + native_error, atol=0)
+    # relative to the native value, as assert_close measures it (a native value below the exact one
+    # makes the same error a larger share of it: 3.06 % against 2.97 % at an offset of -3e5 on an H200)
+    native_error = ((invstd_native.double() - invstd64) / invstd_native.double()).abs().max().item()
+    torch.testing.assert_close(invstd, invstd_native, rtol=4e-6 + native_error, atol=0)
     torch.testing.assert_close(rm, rm_native, rtol=1e-6, atol=1e-6 * (1 + abs(offset)))
     torch.testing.assert_close(rv, rv_native, rtol=1e-5 + native_error * 2, atol=1e-6)
     # outputs: within a unit or two in the last place of the output dtype
@@ -233,6 +235,21 @@ def test_cpp_kernels_refuse_bad_input():
 #: The module's backends with fused kernels, and the device they are tested on.
 FUSED = [pytest.param("triton", DEVICE, marks=needs_triton, id="triton"),
          pytest.param("cpu", torch.device("cpu"), marks=needs_cpp, id="cpu")]
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_module_on_an_empty_batch_does_what_batchnorm2d_does(backend, device):
+    """An empty batch (which torch.native_batch_norm refuses): an empty output and gradient, and the
+    running statistics and batch count as nn.BatchNorm2d leaves them."""
+    results = []
+    for m in (qnn.OutputKeepingBatchNorm2d(3, affine=False, backend=backend), nn.BatchNorm2d(3, affine=False)):
+        m.to(device)
+        x = torch.empty(0, 3, 4, 4, device=device, requires_grad=True)
+        y = m(x)
+        y.sum().backward()
+        results.append((y.shape, x.grad.shape, m.running_mean, m.running_var, m.num_batches_tracked))
+    for got, want in zip(*results):
+        assert (torch.equal(got, want) if isinstance(got, torch.Tensor) else got == want), (got, want)
 
 
 @pytest.mark.parametrize("backend,device", FUSED)

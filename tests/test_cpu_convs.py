@@ -269,6 +269,19 @@ def test_quantized_conv_without_gradients_takes_the_kernels_with_pytorch_s_value
     assert len(pytorch_convs) == 1
 
 
+@pytest.mark.parametrize("conv", [dict(kernel_size=3, padding=1, groups=4), dict(kernel_size=1, out_channels=8)])
+def test_an_unbatched_input_without_gradients_takes_pytorch_s_convolution(conv):
+    """A [C, H, W] input (which F.conv2d takes) with no graph: PyTorch's convolution, the batched
+    input's values (the kernels read H as the channels before: a wrong shape, or an error)."""
+    torch.manual_seed(6)
+    layer = qnn.QuantConv2d(4, conv.pop("out_channels", 4), bias=False, backend="cpu", **conv).eval()
+    x = torch.randn(1, 4, 4, 6)  # H == C: the depthwise kernel took it for a 4-channel input
+    with torch.no_grad():
+        want = layer(x)[0]
+        got = layer(x[0])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_autocast_and_dense_convs_keep_pytorch_s_convolution(monkeypatch):
     monkeypatch.setattr(torch.ops.qdarts_C, "depthwise_conv2d_forward",
                         lambda *a: pytest.fail("the depthwise kernel ran where PyTorch's conv should"))

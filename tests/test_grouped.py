@@ -251,18 +251,21 @@ def test_grouped_straight_through(backend_device, axis):
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    # torch.equal calls -0.0 and +0.0 equal and NaN unequal to itself
-    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+    # torch.equal calls -0.0 and +0.0 equal and NaN unequal to itself; a NaN's sign and payload are
+    # not specified (a GPU's differ from a CPU's), its place is
+    nan = a.isnan()
+    return (a.shape == b.shape and torch.equal(nan, b.isnan())
+            and torch.equal(a[~nan].view(torch.int32), b[~nan].view(torch.int32)))
 
 
 def test_grouped_straight_through_keeps_the_values_bit_for_bit_on_special_values(backend_device):
     """Straight through returns the quantized values as they are, also where x is infinite (no
-    inf - inf) and where an output is -0.0 (no -0.0 + 0.0): on every backend and in the spec."""
+    inf - inf): on every backend and in the spec."""
     backend, device = backend_device
     x = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.3, 0.3, 5.0, -1e-3])
     probs, scales = torch.tensor([[1.0]]), [torch.tensor([1.0])]
     want = qk.mixed_fake_quant_grouped([x], probs, scales, (4,), backend="reference")[0]
-    assert torch.signbit(want[3]) and torch.isinf(want[:2]).sum() == 0  # the cases this is about
+    assert torch.isinf(want[:2]).sum() == 0  # the case this is about: infinite x, finite levels
     g = torch.arange(1.0, 8.0)
     for fn, kwargs in [(qk.mixed_fake_quant_grouped, {"backend": backend}), (ref.mixed_fake_quant_grouped, {})]:
         xl = x.to(device, copy=True).requires_grad_()
@@ -349,6 +352,9 @@ def test_grouped_launches_once_without_sync(backend, axis):
             return qk.mixed_fake_quant_grouped(xs, p, ss, (2, 4, 8), axis=axis, backend=backend)
 
         def step():
+            # no gradient to accumulate into (an add per tensor): only the op's own kernels
+            for t in (*xs, p, *ss):
+                t.grad = None
             torch.autograd.backward(forward(), gs)
 
         step()  # compiles the kernels

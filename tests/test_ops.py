@@ -179,15 +179,16 @@ def test_cpu_mixed_op_sum_without_autograd():
                           test_utils=("test_schema", "test_autograd_registration"))
 
 
-@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference", "triton") if b in qk.available_backends()])
-def test_mixed_fake_quant_without_a_graph_calls_the_kernel_alone(backend, monkeypatch):
+def test_mixed_fake_quant_without_a_graph_calls_the_kernel_alone(backend_device, monkeypatch):
     """Under no_grad, in inference mode and on inputs that need no gradient the op runs its kernel without
     the autograd function: the same bits as with a graph, and no graph."""
     from qdarts_kernels import ops as qops
 
+    backend, device = backend_device
     gen = torch.Generator().manual_seed(12)
     x, probs = torch.randn(3, 5, 7, generator=gen), torch.softmax(torch.randn(3, generator=gen), 0)
     scales = torch.rand(3, 5, generator=gen) * 0.3 + 0.05
+    x, probs, scales = x.to(device), probs.to(device), scales.to(device)
     expected = qk.mixed_fake_quant(x.requires_grad_(), probs, scales, (2, 4, 8), axis=1, backend=backend).detach()
     x.requires_grad_(False)
     monkeypatch.setattr(qops._MixedFakeQuantFunction, "apply", lambda *a: pytest.fail("the autograd function ran"))

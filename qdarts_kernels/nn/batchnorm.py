@@ -140,8 +140,9 @@ class OutputKeepingBatchNorm2d(nn.BatchNorm2d):
         # with batch statistics, the same kernels (the same bits) whether or not x needs a gradient:
         # the preprocessing of a supernet's first cell has none in an arch step, where the weights
         # are out of autograd (and without one the autograd function keeps nothing)
+        # (an empty batch, which torch.native_batch_norm refuses, to nn.BatchNorm2d's own case for it)
         if (not self.training or self.affine or not self.track_running_stats or self.momentum is None
-                or _ops.eager_reference_active()):
+                or x.numel() == 0 or _ops.eager_reference_active()):
             return super().forward(x)
         self._check_input_dim(x)
         if x.shape[0] * math.prod(x.shape[2:]) == 1:  # as F.batch_norm: one value per channel has no variance
@@ -150,6 +151,6 @@ class OutputKeepingBatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
         else:
             _deferred_counts[self] = _deferred_counts.get(self, 0) + 1
-        kernels = _fused_kernels(self.backend, x, self.running_mean) if x.numel() else None
+        kernels = _fused_kernels(self.backend, x, self.running_mean)
         return _BatchNormKeepingOutput.apply(x, self.running_mean, self.running_var, self.momentum, self.eps,
                                              self._unit_stats, kernels)

@@ -124,9 +124,9 @@ def _cpu_conv_path(backend: Optional[str], x: Tensor, w: Tensor, bias: Optional[
     channels 0.08 and 0.37 ms against 0.03 and 0.08, [128, 32, 8, 8] -> 16 0.17 and 2.1 ms against
     0.09 and 0.21."""
     stride, padding, dilation, groups = conv_args
-    if (bias is not None or x.dtype != torch.float32 or w.dtype != torch.float32 or isinstance(padding, str)
-            or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)):
-        return None
+    if (bias is not None or x.dim() != 4 or x.dtype != torch.float32 or w.dtype != torch.float32
+            or isinstance(padding, str) or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)):
+        return None  # (x.dim() 3: an unbatched [C, H, W] input, which F.conv2d takes and these kernels do not)
     if groups > 1 and groups == x.shape[1] == w.shape[0] and w.shape[1] == 1:
         return "depthwise" if _backends.takes_cpu_only_kernels(backend, x.device, "depthwise_conv2d_forward") else None
     if groups == 1 and tuple(w.shape[2:]) == (1, 1) and tuple(padding) == (0, 0):

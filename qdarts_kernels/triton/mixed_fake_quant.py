@@ -177,7 +177,8 @@ def _quantize(x, inv_s, qmin, qmax, zero_point, RELU: tl.constexpr):
     inside = q == r
     if RELU:
         inside = inside & (x > 0.0)
-    return x_inv_s, q - zero_point, inside
+    # + 0.0: level 0 is +0.0, as in PyTorch's fake-quant, where rint gives -0.0 to a v in [-0.5, 0)
+    return x_inv_s, (q - zero_point) + 0.0, inside
 
 
 @triton.jit

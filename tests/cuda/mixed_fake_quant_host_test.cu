@@ -192,11 +192,26 @@ void check_relu_grid() {
   }
 }
 
+// Level 0 is +0.0 on every grid with z = 0, as PyTorch's fake-quant gives it (integer levels),
+// where rint(v) is -0.0 for a v in [-0.5, 0).
+void check_level_zero_is_positive() {
+  for (int grid : {kGridSigned, kGridUnsigned, kGridRelu}) {
+    for (float x : {-0.5f, -0.3f, -1e-30f, -0.0f, 0.0f, 0.2f}) {
+      ++checks;
+      const QuantResult got = quantize(x, 1.0f, grid_range(grid, 4));
+      if (!same_bits(got.q_minus_z, 0.0f)) {
+        if (++failures <= 20) std::printf("FAIL level 0 grid=%d x=%g: got %g\n", grid, x, got.q_minus_z);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
   std::mt19937 rng(1234);
   check_relu_grid();
+  check_level_zero_is_positive();
   check_dtype<float>(rng);
   check_dtype<__half>(rng);
   check_dtype<__nv_bfloat16>(rng);

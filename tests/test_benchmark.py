@@ -88,6 +88,26 @@ def test_failing_implementation_is_recorded_not_raised():
     assert len(records) == 1 and "no_such_backend" in records[0]["error"]
 
 
+def test_an_implementation_that_does_not_apply_to_a_case_is_skipped_not_failed():
+    op_sum = [c for c in TINY if c.op == "mixed_op_sum"][:1]
+    records = runner.run_kernels(op_sum, "cpu", quick=True, copy_gbps=10.0, impls=[EAGER, cases.AUTOGRAD],
+                                 log=lambda _: None)
+    assert {r["impl"] for r in records} == {EAGER} and not any("error" in r for r in records)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--impls", "eager,foo"], "--impls: foo is not one of"),
+    (["--only", "no-such-case"], "--only 'no-such-case' matches no case"),
+    (["--out", "{file}"], "is a file, not a folder"),
+])
+def test_cli_refuses_bad_options_before_measuring(tmp_path, argv, message):
+    (tmp_path / "file").write_text("")
+    argv = [a.replace("{file}", str(tmp_path / "file")) for a in argv]
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["--device", "cpu", "--quick", "--skip-end-to-end", *out, *argv])
+
+
 def test_cli_writes_results_report_plots_and_readme(tmp_path, monkeypatch, capsys):
     cli_cases = TINY[::3] + [OpCase("batch_norm", "-", (2, 4, 8, 8))]
     monkeypatch.setattr(cases, "sweep", lambda device, quick: cli_cases)

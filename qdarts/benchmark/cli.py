@@ -10,6 +10,7 @@ from typing import Any, Dict
 
 import torch
 
+import qdarts_kernels as qk
 from qdarts_kernels._backends import resolve as resolve_backend
 
 from . import cases as case_defs
@@ -86,7 +87,17 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise SystemExit(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
+    impls = args.impls.split(",") if args.impls else None
+    known = {case_defs.EAGER, case_defs.COMPILED, case_defs.AUTOGRAD, *qk.available_backends()}
+    if impls is not None and not set(impls) <= known:
+        raise SystemExit(f"--impls: {', '.join(sorted(set(impls) - known))} is not one of {', '.join(sorted(known))} "
+                         f"(on {device})")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"--out {args.out!r} is a file, not a folder")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {args.out!r} cannot be created ({e.strerror or e})") from e
     json_path = os.path.join(args.out, "results.json")
     started = time.perf_counter()
 
@@ -116,18 +127,22 @@ def run(args: argparse.Namespace) -> int:
             for k in ("device", "torch", "triton", "python", "date"):
                 r.setdefault(k, results["env"][k])
         report.write_json(json_path, results)
+        # the report too (cheap; the plots only at the end): a run stopped by a time limit leaves both in step
+        with open(os.path.join(args.out, "report.md"), "w") as f:
+            f.write(report.markdown_report(results))
 
     if not args.skip_kernels:
         cases = case_defs.sweep(device, args.quick)
         if args.only:
             cases = [c for c in cases if args.only in c.id]
+            if not cases:
+                raise SystemExit(f"--only {args.only!r} matches no case of the {'quick ' if args.quick else ''}sweep")
         _log(f"kernels: {len(cases)} cases")
 
         def partial(records):
             results["kernels"] = records
             save()
 
-        impls = args.impls.split(",") if args.impls else None
         results["kernels"] = run_kernels(cases, device, quick=args.quick, copy_gbps=results["copy_gbps"],
                                          impls=impls, on_case_done=partial, log=_log)
         results["targets"] = check_targets(results["kernels"], device)
@@ -152,8 +167,6 @@ def run(args: argparse.Namespace) -> int:
     results["wall_s"] = time.perf_counter() - started
     results["loadavg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     save()
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(report.markdown_report(results))
     plots = report.plot(results, args.out)
     _log(f"wrote {json_path}, {os.path.join(args.out, 'report.md')}"
          + "".join(f", {p}" for p in plots) + f" in {results['wall_s']:.0f} s")

@@ -165,6 +165,8 @@ def _prepare_variant(cfg: E2EConfig, ops: str, device: str, compile_mode: Option
         capture_s = None
         graphed = step.searcher._graphed
         if graphed is not None:  # the remaining eager warm-up steps, then the step that captures
+            if on_cuda:  # a replay allocates nothing: the step's memory is the graphs' pools, taken while capturing
+                torch.cuda.reset_peak_memory_stats(device)
             while graphed.captures == 0:
                 t0 = time.perf_counter()
                 step()
@@ -175,15 +177,16 @@ def _prepare_variant(cfg: E2EConfig, ops: str, device: str, compile_mode: Option
             raise RuntimeError(f"the eager-reference swap did not reach the supernet's ops (calls: {dict(calls)})")
         # saved_bytes: the arch half and the weight half of one eager step, each under the saved-tensor
         # hooks. On CUDA the peak of a step is read over them (a step of its own would cost an
-        # eager-reference CIFAR-size variant 9 s on the H100); a graphed step's over one replay
-        # (its memory is the graphs' pools), before the eager halves allocate beside them.
+        # eager-reference CIFAR-size variant 9 s on the H100); a graphed step's over its warm-up, its
+        # capture and one replay (one replay alone allocated nothing: 206 MB at batch 256 on an H200,
+        # which keeps 2820 MB for backward), before the eager halves allocate beside them.
         peak = None
+        if on_cuda and graphed is not None:
+            step()
+            synchronize(device)
+            peak = (torch.cuda.max_memory_allocated(device) - held_by_others) / 2**20
         if on_cuda:
             torch.cuda.reset_peak_memory_stats(device)
-            if graphed is not None:
-                step()
-                synchronize(device)
-                peak = (torch.cuda.max_memory_allocated(device) - held_by_others) / 2**20
         saved = step.saved_bytes()
         if on_cuda and peak is None:
             synchronize(device)
@@ -368,7 +371,8 @@ def method_note(device: str, fused_backend: str) -> str:
             "'ops': ATen and custom ops that do work dispatched in one eager step (views and allocations not "
             "counted; on a GPU each launches at least one kernel); on CUDA, the launches the profiler saw (and, in "
             "brackets, the kernels run). "
-            + ("Peak MB: CUDA peak allocated memory of one step (for graphed steps, of one replay)." if on_cuda
+            + ("Peak MB: CUDA peak allocated memory of one step (for graphed steps, over the capture, where the graphs' "
+               "memory pools are allocated, and one replay)." if on_cuda
                else "Peak MB: the most bytes allocated during one step and alive at once (the profiler's "
                     "allocation events), on top of what the step starts with (parameters, gradients, optimiser "
                     "state, batches; CPU memory has no peak counter like CUDA's)."))

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from .cases import AUTOGRAD, COMPILED, EAGER, MODES, OpCase, implementation, implementations
+from .cases import AUTOGRAD, COMPILED, EAGER, MODES, OpCase, backends_for, implementation, implementations
 from .timing import CacheFlusher, busy_wait_seconds, measure_interleaved, saved_bytes, synchronize
 
 #: Sampling per measurement: (warm-up runs, min samples, max samples, seconds budget).
@@ -155,12 +155,15 @@ def run_kernels(
     on_case_done: Optional[Callable[[List[Dict[str, Any]]], None]] = None,
     log: Callable[[str], None] = print,
 ) -> List[Dict[str, Any]]:
-    """Run every case with ``impls`` (default: ``cases.implementations``); ``on_case_done(records
-    so far)`` lets the caller save partial results."""
+    """Run every case with ``impls`` (default: ``cases.implementations``), less those that do not apply
+    to it (autograd to mixed_op_sum, a backend without a kernel for its op; an unknown name is timed,
+    and fails as a record); ``on_case_done(records so far)`` lets the caller save partial results."""
     flusher = CacheFlusher(device)
     records: List[Dict[str, Any]] = []
     for case in cases:
-        chosen = implementations(case, device) if impls is None else impls
+        applicable = implementations(case, device)
+        not_applicable = ({AUTOGRAD} | set(backends_for(device))) - set(applicable)
+        chosen = applicable if impls is None else [i for i in impls if i not in not_applicable]
         records += benchmark_case(case, device, chosen, quick=quick, flush=flusher, copy_gbps=copy_gbps, log=log)
         if on_case_done is not None:
             on_case_done(records)

@@ -111,7 +111,8 @@ class Timing:
 
     @property
     def host_median(self) -> Optional[float]:
-        return float(torch.tensor(self.host_samples, dtype=torch.float64).median()) if self.host_samples else None
+        # quantile, not Tensor.median (the lower of the two middle values): the same median as the device's
+        return float(torch.tensor(self.host_samples, dtype=torch.float64).quantile(0.5)) if self.host_samples else None
 
 
 #: GPU clock cycles of the busy-wait queued before a run whose launches are hidden: about 4 ms at

@@ -8,21 +8,24 @@
 # step has its own time limit and a log under $OUT; a failing step is recorded and the next one
 # still runs. The steps stay within GPU_CHECK_BUDGET_S seconds (default 540; the README section is
 # generated after it, in seconds): a step gets at most the time that is left, and steps are skipped
-# once it is spent, in the order below: the figures no other machine can give first, then the
-# tests on CUDA tensors, the tile tuner, the memory profile and memcheck.
+# once it is spent, in the order below: the build, the probe of C++ errors, the tests on CUDA tensors,
+# then the figures, the tile tuner, the memory profile and memcheck.
 #
 # A session's device time is 15 minutes, the machine's start and idle time included, and one command
 # may run 600 s: so one command, GPU_CHECK_BUDGET_S=540, then, if the machine is still warm and the
 # summary shows skipped steps, a second with GPU_CHECK_STEPS naming them (build again first: a no-op
 # where the machine kept the first build). Measured on an H100 (2026-11-27): build 68 s, kernel
 # benchmarks 72 s, the search-step part over 170 s (an eager-reference CIFAR-size step is 9 s of
-# launches there); estimated: tests on CUDA tensors 120 s, tuner 90 s (42 kernel variants), profile
-# 60 s, memcheck 90 s.
+# launches there). On an H200 (2026-11-28): build 83-88 s, kernel benchmarks 95 s, the search-step part
+# over 200 s (cut there before the digits configuration), the tests on CUDA tensors over 210 s with 6
+# processes (the Triton ones 75 s of them, compiling their kernels). Estimated: error probe 60 s, tuner
+# 90 s (42 kernel variants), profile 60 s, memcheck 90 s.
 #
 # Results under $OUT:
 #   summary.txt              one line per step: status, seconds, log file
 #   nvidia-smi.txt, versions.txt
-#   build.log, backends.log, bench.log, e2e.log, profile.log, tests.log, tune.log, memcheck.log, readme.log
+#   build.log, backends.log, errors.log, tests.log, bench.log, e2e.log, tune.log, profile.log, memcheck.log,
+#   readme.log; cpp_error_probe.txt (bench/cpp_error_probe.py)
 #   bench/results.json, bench/report.md, bench/*.png    (qdarts bench --quick --device cuda, in two parts)
 #   bench/readme-section.md                             (the README performance section)
 #   tune/tune.json, tune/tune.md                        (python -m qdarts.benchmark.tune: Triton tiles)
@@ -94,13 +97,10 @@ versions >"$OUT/versions.txt" 2>&1
 # CUDA kernels for the H100 only (sm_90): the quickest build that exercises them here.
 step build 150 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 "$PYTHON" setup.py build_ext --inplace
 step backends 60 "$PYTHON" -c 'import qdarts_kernels as qk; b = qk.available_backends(); print(b); assert "cuda" in b and "triton" in b, b'
-# The figures first, then the tests: a run cut short loses the tests' verdict, which CI gives in part
-# (every backend against the reference on CPU), rather than figures nothing else can give. The kernel
-# figures, then the search step (issue 6's fused-against-eager CIFAR step, issue 9's batch 64/256 x bits
-# matrix) as a separate step appending to the same results: each keeps what it measured if cut short.
-step bench 120 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-end-to-end --out "$OUT/bench"
-step e2e 200 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-kernels --append --cuda-graph-end-to-end \
-    --out "$OUT/bench"
+# Whether a refusal of bad input inside the extension reaches Python as a RuntimeError: on the H200 of
+# 2026-11-28 each one crashed the process instead (see the script); the toolchain, the refusals under
+# gdb, and a one-op extension built with and without setup.py's flags.
+step errors 120 "$PYTHON" bench/cpp_error_probe.py "$OUT"
 # The tests that run on CUDA tensors: every backend against the reference (cuda and triton on the GPU),
 # the Triton-only kernels, CUDA graphs, no host sync in a step. The rest of the suite is CPU work that CI
 # runs (and tests/test_cuda_sources.py, nvcc compiling every .cu for sm_80/sm_90, CI does too), so the
@@ -115,8 +115,15 @@ for name in backends bad_input batch_norm cuda_backend cudagraph depthwise_conv 
 done
 XDIST=()
 "$PYTHON" -c 'import xdist' >/dev/null 2>&1 && XDIST=(-n 8)
-step tests 150 "$PYTHON" -m pytest "${GPU_TESTS[@]}" -m "not slow" \
+step tests 300 "$PYTHON" -m pytest "${GPU_TESTS[@]}" -m "not slow" \
     -k "not reference-cpu and not cpu-cpu" "${XDIST[@]}" --maxfail=25 -q -rfE -p no:cacheprovider
+# The figures after the tests: the tests' verdict on the CUDA and Triton kernels is what no other machine
+# gives (on the H200 it found the crash above). The kernel figures, then the search step (issue 6's
+# fused-against-eager CIFAR step, issue 9's batch 64/256 x bits matrix) as a separate step appending to the
+# same results: each keeps what it measured if cut short (results.json and report.md).
+step bench 120 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-end-to-end --out "$OUT/bench"
+step e2e 240 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-kernels --append --cuda-graph-end-to-end \
+    --out "$OUT/bench"
 # the Triton kernels' candidate tiles at the issue-3 sizes (the measured table tile_size is to take);
 # tune.json is written after each kernel and size, so a run cut short keeps what it measured
 step tune 90 "$PYTHON" -m qdarts.benchmark.tune --device cuda --out "$OUT/tune"

@@ -57,10 +57,13 @@ def _run(tmp_path, budget_s, steps=None):
 def test_steps_run_in_order_with_flags_the_benchmark_cli_accepts(tmp_path):
     proc, summary, commands = _run(tmp_path, budget_s=200)
     steps = [line.split()[0] for line in summary]
-    assert steps == ["build", "backends", "bench", "e2e", "tests", "tune", "profile", "memcheck", "readme",
-                     "total"], summary
+    assert steps == ["build", "backends", "errors", "tests", "bench", "e2e", "tune", "profile", "memcheck",
+                     "readme", "total"], summary
     status = {line.split()[0]: line.split()[1] for line in summary}
-    assert all(status[s] == "ok" for s in ("build", "backends", "tests", "bench", "e2e", "profile", "tune")), summary
+    assert all(status[s] == "ok" for s in ("build", "backends", "errors", "tests", "bench", "e2e", "profile",
+                                           "tune")), summary
+    assert "bench/cpp_error_probe.py" in "\n".join(commands) and os.path.isfile(os.path.join(ROOT, "bench",
+                                                                                            "cpp_error_probe.py"))
     assert status["memcheck"] == "SKIPPED"
     bench = [c for c in commands if c.startswith("-m qdarts.benchmark ")]
     assert len(bench) == 2

@@ -5,10 +5,10 @@ both time exactly the same work. Only public APIs are used: ``qdarts_kernels.<op
 for the fused backends and ``qdarts_kernels.reference.<op>`` for the eager baseline, which
 ``torch.compile`` also compiles. The quantizers have one more baseline, ``autograd``: the
 straightforward PyTorch code (:func:`straightforward_quant`) that keeps its temporaries for backward,
-which is what issue 2's CPU targets and the eager figures of DESIGN section 6 compare against.
+which is what issue 2's CPU targets and the project design's eager figures compare against.
 
-Minimum memory traffic per element (DESIGN section 6), for fp32; tensors in a 2-byte dtype move half
-of it (the scales, probabilities and weights are negligible):
+Minimum memory traffic per element, for fp32 (what GB/s and the share of copy bandwidth count);
+tensors in a 2-byte dtype move half of it (the scales, probabilities and weights are negligible):
 
     mixed_fake_quant / fake_quant   forward 8 B (read x, write y), backward 12 B (read x and g,
                                     write dx), forward+backward 20 B, whatever K
@@ -264,7 +264,7 @@ def _nchw(numel: int, channels: int = 64) -> Tuple[int, int, int, int]:
 
 
 M = 2**20
-#: The DESIGN section 6 anchor shape of mixed_fake_quant on the H100 (33.5M elements).
+#: The anchor shape of mixed_fake_quant in the issue-3 targets on the H100 (33.5M elements).
 ANCHOR_33M = (256, 128, 32, 32)
 #: The batch norms of a CIFAR-size supernet at batch 256: 4 partial channels of the first cells'
 #: 32x32 maps, and 32 full channels of a reduction cell's 16x16 maps.

@@ -12,8 +12,15 @@ same build on the CPU machines raises. This step of bench/gpu_check.sh tells the
    libraries _C loads;
 2. the refusals of _C itself, each in a child process (a crash must not take the report with it),
    under gdb for a native backtrace where a child dies of a signal and gdb is there;
-3. a one-op extension that only raises, built twice by torch.utils.cpp_extension.load_inline, with
-   setup.py's flags and with none: a crash of both says the toolchain, of the first alone our flags.
+3. a one-op extension that only raises, built by torch.utils.cpp_extension.load_inline with
+   setup.py's flags, with none, and with /usr/bin/g++ where the default compiler is another: a crash
+   of all says the machine, of the first alone our flags, of the default compiler's alone that one.
+
+A segmentation fault inside an exception is typically the unwinder's search for the frame
+description of a return address (libgcc's linear_search_fdes, when c10::Error records its backtrace:
+pytorch/pytorch#117645): a shared library whose .eh_frame_hdr has no search table, or a malformed
+.eh_frame. Part 1 therefore also shows the linker and the start of _C's .eh_frame_hdr (its third byte,
+the encoding of the table's entry count, is 0xff when there is no table).
 
 Writes OUT_DIR/cpp_error_probe.txt; exit status 0 when every refusal is a RuntimeError.
 """
@@ -74,7 +81,7 @@ def _child(code: str) -> str:
     return report
 
 
-def _inline_probe(name: str, flags) -> str:
+def _inline_probe(name: str, flags, env=None) -> str:
     prog = ("import faulthandler, sys, torch; faulthandler.enable()\n"
             "from torch.utils.cpp_extension import load_inline\n"
             f"load_inline(name={name!r}, cpp_sources=[{RAISING_OP.replace('NAME', name)!r}], "
@@ -84,7 +91,8 @@ def _inline_probe(name: str, flags) -> str:
             "except RuntimeError as e:\n    print('ok: RuntimeError:', str(e).splitlines()[0]); sys.exit(0)\n"
             "print('no error raised'); sys.exit(3)")
     build = tempfile.mkdtemp(prefix=f"probe_{name}_")
-    done = subprocess.run([sys.executable, "-c", prog, build], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", prog, build], capture_output=True, text=True, timeout=300,
+                          env=None if env is None else {**os.environ, **env})
     if done.returncode == 0:
         return done.stdout.strip().splitlines()[-1]
     return f"FAILED (exit {done.returncode})\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
@@ -100,9 +108,12 @@ def main(out_dir: str) -> int:
               _run(["bash", "-c", f"p=$(command -v {compiler}); echo $p; readlink -f $p; file -L $p"])]
     lines.append("torch was built with: " + next((line.strip() for line in torch.__config__.show().splitlines()
                                                   if "GCC" in line or "Compiler" in line), "?"))
+    lines.append(_run(["bash", "-c", f"ld=$({compiler} -print-prog-name=ld); echo linker $ld; $ld --version | head -1"]))
     spec = importlib.util.find_spec("qdarts_kernels._C")
     if spec is not None and spec.origin:
-        lines += [_run(["readelf", "-p", ".comment", spec.origin]), _run(["ldd", spec.origin])]
+        lines += [_run(["readelf", "-p", ".comment", spec.origin]), _run(["ldd", spec.origin]),
+                  _run(["bash", "-c", f"readelf -lW {spec.origin} | grep -i -A1 eh_frame; "
+                                      f"readelf -x .eh_frame_hdr {spec.origin} | head -4"])]
 
     lines.append("# 2. refusals of qdarts_kernels._C")
     ok = True
@@ -115,10 +126,15 @@ def main(out_dir: str) -> int:
         lines.append(f"{what}: {result}")
 
     lines.append("# 3. a one-op extension that raises, built with setup.py's flags and with none")
-    for name, flags in (("setup_flags", SETUP_FLAGS), ("no_flags", [])):
-        result = _inline_probe(name, flags)
+    variants = [("setup_flags", SETUP_FLAGS, None), ("no_flags", [], None)]
+    default = shutil.which(compiler)
+    if os.path.exists("/usr/bin/g++") and (default is None or os.path.realpath(default) != os.path.realpath(
+            "/usr/bin/g++")):
+        variants.append(("system_gxx", SETUP_FLAGS, {"CXX": "/usr/bin/g++"}))
+    for name, flags, env in variants:
+        result = _inline_probe(name, flags, env)
         ok &= result.startswith("ok")
-        lines.append(f"{name} {flags}: {result}")
+        lines.append(f"{name} {flags} {env or ''}: {result}")
 
     text = "\n".join(lines) + "\n"
     os.makedirs(out_dir, exist_ok=True)

@@ -14,7 +14,9 @@ same build on the CPU machines raises. This step of bench/gpu_check.sh tells the
    under gdb for a native backtrace where a child dies of a signal and gdb is there;
 3. a one-op extension that only raises, built by torch.utils.cpp_extension.load_inline with
    setup.py's flags, with none, and with /usr/bin/g++ where the default compiler is another: a crash
-   of all says the machine, of the first alone our flags, of the default compiler's alone that one.
+   of all says the machine, of the first alone our flags, of the default compiler's alone that one;
+   and once with c10::Error recording no C++ backtrace (c10::SetStackTraceFetcher), which passing
+   where the others crash would point at the unwinder's walk of the stack.
 
 A segmentation fault inside an exception is typically the unwinder's search for the frame
 description of a return address (libgcc's linear_search_fdes, when c10::Error records its backtrace:
@@ -44,14 +46,22 @@ REFUSALS = [
                             "torch.ones(65, device='cuda'))"),
 ]
 
-#: The one-op extension of part 3: a refusal through the dispatcher, as _C's ops make.
+#: The one-op extension of part 3: a refusal through the dispatcher, as _C's ops make; quiet() makes
+#: c10::Error record no C++ backtrace (the unwinder's walk that pytorch#117645 saw crash).
 RAISING_OP = r"""
+#include <c10/util/Logging.h>
 #include <torch/library.h>
 at::Tensor probe_fail(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 100, "x must have 100 dimensions, got ", x.dim());
   return x;
 }
-TORCH_LIBRARY(qdarts_probe_NAME, m) { m.def("fail(Tensor x) -> Tensor", &probe_fail); }
+void probe_quiet() {
+  c10::SetStackTraceFetcher(std::function<std::string()>([] { return std::string("(no backtrace)"); }));
+}
+TORCH_LIBRARY(qdarts_probe_NAME, m) {
+  m.def("fail(Tensor x) -> Tensor", &probe_fail);
+  m.def("quiet() -> ()", &probe_quiet);
+}
 """
 
 #: setup.py's C++ flags for the CPU kernels (the ones that matter to code generation).
@@ -81,13 +91,14 @@ def _child(code: str) -> str:
     return report
 
 
-def _inline_probe(name: str, flags, env=None) -> str:
+def _inline_probe(name: str, flags, env=None, quiet=False) -> str:
     prog = ("import faulthandler, sys, torch; faulthandler.enable()\n"
             "from torch.utils.cpp_extension import load_inline\n"
             f"load_inline(name={name!r}, cpp_sources=[{RAISING_OP.replace('NAME', name)!r}], "
             f"extra_cflags={list(flags)!r}, extra_ldflags={['-fopenmp'] if '-fopenmp' in flags else []!r}, "
             "is_python_module=False, build_directory=sys.argv[1])\n"
-            f"try:\n    torch.ops.qdarts_probe_{name}.fail(torch.ones(2))\n"
+            + (f"torch.ops.qdarts_probe_{name}.quiet()\n" if quiet else "")
+            + f"try:\n    torch.ops.qdarts_probe_{name}.fail(torch.ones(2))\n"
             "except RuntimeError as e:\n    print('ok: RuntimeError:', str(e).splitlines()[0]); sys.exit(0)\n"
             "print('no error raised'); sys.exit(3)")
     build = tempfile.mkdtemp(prefix=f"probe_{name}_")
@@ -127,6 +138,8 @@ def main(out_dir: str) -> int:
 
     lines.append("# 3. a one-op extension that raises, built with setup.py's flags and with none")
     variants = [("setup_flags", SETUP_FLAGS, None), ("no_flags", [], None)]
+    quiet_result = _inline_probe("no_backtrace", SETUP_FLAGS, quiet=True)
+    lines.append(f"no_backtrace {SETUP_FLAGS} (c10::Error records no backtrace): {quiet_result}")
     default = shutil.which(compiler)
     if os.path.exists("/usr/bin/g++") and (default is None or os.path.realpath(default) != os.path.realpath(
             "/usr/bin/g++")):

@@ -18,7 +18,7 @@
 # benchmarks 72 s, the search-step part over 170 s (an eager-reference CIFAR-size step is 9 s of
 # launches there). On an H200 (2026-11-28): build 83-88 s, kernel benchmarks 95 s, the search-step part
 # over 200 s (cut there before the digits configuration), the tests on CUDA tensors over 210 s with 6
-# processes (the Triton ones 75 s of them, compiling their kernels). Estimated: error probe 60 s, tuner
+# processes (the Triton ones 75 s of them, compiling their kernels). Estimated: error probe 100 s, tuner
 # 90 s (42 kernel variants), profile 60 s, memcheck 90 s.
 #
 # Results under $OUT:
@@ -100,7 +100,7 @@ step backends 60 "$PYTHON" -c 'import qdarts_kernels as qk; b = qk.available_bac
 # Whether a refusal of bad input inside the extension reaches Python as a RuntimeError: on the H200 of
 # 2026-11-28 each one crashed the process instead (see the script); the toolchain, the refusals under
 # gdb, and a one-op extension built with and without setup.py's flags.
-step errors 120 "$PYTHON" bench/cpp_error_probe.py "$OUT"
+step errors 180 "$PYTHON" bench/cpp_error_probe.py "$OUT"
 # The tests that run on CUDA tensors: every backend against the reference (cuda and triton on the GPU),
 # the Triton-only kernels, CUDA graphs, no host sync in a step. The rest of the suite is CPU work that CI
 # runs (and tests/test_cuda_sources.py, nvcc compiling every .cu for sm_80/sm_90, CI does too), so the

@@ -158,12 +158,17 @@ def test_cli_append_runs_the_end_to_end_part_into_the_kernel_part_s_results(tmp_
     base = ["--quick", "--device", "cpu", "--out", str(tmp_path), "--impls", "eager"]
     assert cli.run(parser.parse_args(base + ["--skip-end-to-end"])) == 0
     first = json.loads((tmp_path / "results.json").read_text())
-    for r in first["kernels"]:  # as if measured earlier (one run's figures all carry its date)
+    for r in first["kernels"]:  # as if measured earlier (one run's figures all carry its date), by a full sweep
         r["date"] = "2000-01-01T00:00:00Z"
+    first["env"].update(date="2000-01-01T00:00:00Z", loadavg_1m_start=0.25)
+    first.update(quick=False, loadavg_1m_end=0.5)
     (tmp_path / "results.json").write_text(json.dumps(first))
     kernels = first["kernels"]
     assert cli.run(parser.parse_args(base + ["--skip-kernels", "--append"])) == 0
-    assert "kernel figures from 2000-01-01T00:00:00Z" in (tmp_path / "report.md").read_text()
+    text = (tmp_path / "report.md").read_text()
+    # the kept part is described by its own run's conditions, the rest by this run's
+    assert "kernel figures from 2000-01-01T00:00:00Z (full sweep, 1-minute load 0.25 to 0.5)" in text
+    assert "sweep: quick" in text
     both = json.loads((tmp_path / "results.json").read_text())
     assert both["kernels"] == kernels and [e["config"] for e in both["end_to_end"]] == ["tiny"]
     assert both["copy_gbps"] == first["copy_gbps"]  # the kernels' shares of copy bandwidth stay consistent

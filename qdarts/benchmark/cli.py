@@ -71,8 +71,13 @@ def _keep_skipped_parts(results: Dict[str, Any], json_path: str, args: argparse.
         raise SystemExit(f"--append: {json_path} was measured on {device!r}, this run is on "
                          f"{results['env']['device']!r}; use another --out")
     for skipped, keys in ((args.skip_kernels, _KERNEL_KEYS), (args.skip_end_to_end, _END_TO_END_KEYS)):
-        if skipped:
+        if skipped and earlier.get(keys[0]):
             results.update({k: earlier[k] for k in keys if k in earlier})
+            # the conditions of the run that measured the kept part (this run's describe the rest)
+            env = earlier.get("env", {})
+            results.setdefault("kept_runs", {})[keys[0]] = earlier.get("kept_runs", {}).get(keys[0]) or {
+                "date": env.get("date"), "quick": earlier.get("quick"),
+                "loadavg_1m_start": env.get("loadavg_1m_start"), "loadavg_1m_end": earlier.get("loadavg_1m_end")}
     if args.skip_kernels:  # kept kernel figures: settled only if their own run said so
         results["host_allocator_settled"] = earlier.get("host_allocator_settled", False)
 

@@ -116,13 +116,18 @@ def _case_key(r: Dict[str, Any]):
 
 
 def _earlier_parts(results: Dict[str, Any]) -> str:
-    """Where ``--append`` kept a part measured by an earlier run: when it was measured (each figure
-    carries its own date; the conditions above are this run's)."""
+    """Where ``--append`` kept a part measured by an earlier run: when, and under which sweep and load
+    (the date, sweep and load that follow are this run's)."""
     notes = []
     this_run = results["env"]["date"]
     for part, key in (("kernel figures", "kernels"), ("end-to-end figures", "end_to_end")):
+        kept = results.get("kept_runs", {}).get(key)
+        if kept:
+            notes.append(f"{part} from {kept['date']} ({'quick' if kept['quick'] else 'full'} sweep, 1-minute load "
+                         f"{_num(kept.get('loadavg_1m_start'), 2)} to {_num(kept.get('loadavg_1m_end'), 2)})")
+            continue
         dates = sorted({r["date"] for r in results.get(key, []) if r.get("date") and r["date"] != this_run})
-        if dates:
+        if dates:  # a results.json from before kept_runs: the figures' own dates
             notes.append(f"{part} from {' and '.join(dates)}")
     return f" (this run; {', '.join(notes)}, an earlier run's, kept by --append)" if notes else ""
 

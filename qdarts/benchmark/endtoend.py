@@ -282,8 +282,10 @@ def _measure_config(cfg: E2EConfig, kinds: Sequence[str], device: str, quick: bo
     # 3 rounds too (an eager-reference CIFAR-size step is seconds of launches there), a full run 5 or more
     cpu = torch.device(device).type == "cpu"
     rounds = (2 if quick else 3) if cpu else (3 if quick else 5)
-    # the steps taken while preparing (warm-up, counted, memory) warmed every variant up already
-    timings = measure_interleaved(runs, device, warmup=0 if cpu or quick else 1, min_samples=rounds,
+    # the steps taken while preparing (warm-up, counted, memory) warmed every variant up already, but for a
+    # compiled step on a GPU: CUDA-graph trees run a step eagerly, then record one, and replay only the third
+    warmup = 1 if not cpu and (not quick or mode == "compiled") else 0
+    timings = measure_interleaved(runs, device, warmup=warmup, min_samples=rounds,
                                   max_samples=20, budget_s=1.0 if cpu or quick else 10.0) if runs else {}
     for ops in kinds:
         r = records[ops]

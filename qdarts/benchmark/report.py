@@ -342,6 +342,8 @@ def plot(results: Dict[str, Any], out_dir: str) -> List[str]:
     labels = _labels(records)
     if not labels:
         return []
+    # one colour per implementation in every panel (the dtype is the line style)
+    colours = {impl: f"C{i}" for i, impl in enumerate(sorted({r["impl"] for r in records}))}
     paths = []
     for name, key, ylabel in (("speedup.png", "speedup_vs_eager", "speed-up over eager (x)"),
                               ("bandwidth.png", "gbps", "achieved GB/s (minimum traffic)")):
@@ -358,7 +360,7 @@ def plot(results: Dict[str, Any], out_dir: str) -> List[str]:
                         series.setdefault((r["impl"], r["dtype"]), []).append((r["numel"], r[key]))
                 for (impl, dtype), pts in sorted(series.items()):
                     pts.sort()
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colours[impl],
                             linestyle="-" if dtype == "fp32" else "--", label=f"{impl} {dtype}")
                 if key == "gbps":
                     ax.axhline(results["copy_gbps"], color="grey", linestyle=":", label="copy")

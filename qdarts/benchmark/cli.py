@@ -145,14 +145,15 @@ def run(args: argparse.Namespace) -> int:
         _log(f"kernels: {len(cases)} cases")
 
         def partial(records):
+            # the targets with every save, as the end-to-end part does: a run stopped by a time limit keeps
+            # the verdicts on what it measured
             results["kernels"] = records
+            results["targets"] = check_targets(records, device)
+            results["gpu_targets"] = check_gpu_targets(records, device)
             save()
 
-        results["kernels"] = run_kernels(cases, device, quick=args.quick, copy_gbps=results["copy_gbps"],
-                                         impls=impls, on_case_done=partial, log=_log)
-        results["targets"] = check_targets(results["kernels"], device)
-        results["gpu_targets"] = check_gpu_targets(results["kernels"], device)
-        save()
+        partial(run_kernels(cases, device, quick=args.quick, copy_gbps=results["copy_gbps"], impls=impls,
+                            on_case_done=partial, log=_log))
     if not args.skip_end_to_end:
         _log("end to end: supernet search step")
 

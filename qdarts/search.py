@@ -138,8 +138,9 @@ class SearchConfig:
 OPTIONS = {"cost_weight": "--lambda", "share_gamma": "--gamma-per-conv", "lr_min": None, "momentum": None,
            **dict.fromkeys(("steps", "weight_lr_min", "weight_momentum", "weight_decay", "grad_clip", "gamma_momentum",
                             "gamma_decay", "arch_betas", "arch_decay", "train_portion"))}
-#: the settings a resumed search may change: where and how a step runs, not what it computes
-RESUME_MAY_CHANGE = ("device", "cuda_graph")
+#: the settings a resumed search may change: where and how a step runs, not what it computes (a run moved
+#: from a CPU to a GPU takes another backend; every backend computes the ops' one contract)
+RESUME_MAY_CHANGE = ("device", "backend", "cuda_graph")
 
 #: per-epoch data-order seeds are ``seed * 1_000_003 + 2 * epoch (+ 1)``: seeds below 2**32 keep them well
 #: within the 64 bits of torch.Generator.manual_seed for any number of epochs

@@ -109,7 +109,7 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
               stop_after: Optional[int] = None, explicit: Optional[Collection[str]] = None) -> Dict[str, Any]:
     """Retrain ``config.genotype`` into ``out_dir``; write summary.json (and return it when finished).
 
-    A resumed run continues with the checkpoint's settings but ``device``; a setting of ``config`` that
+    A resumed run continues with the checkpoint's settings but ``device`` and ``backend``; a setting of ``config`` that
     differs from them is a ``ValueError`` (with ``explicit``, only those it names: see ``resumed_config``), and
     so is a genotype file whose cells, bits or search settings read here changed since the checkpoint was written.
     """
@@ -130,7 +130,7 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{ckpt_path!r} holds no valid training config ({e}); delete it to start afresh, "
                              "or choose another --out") from e
-        config = resumed_config(saved, config, may_change=("device",), explicit=explicit, name=option)
+        config = resumed_config(saved, config, may_change=("device", "backend"), explicit=explicit, name=option)
     genotype = load_genotype(config.genotype)
     search = genotype.search
     data = config.data or search.get("data", "digits")

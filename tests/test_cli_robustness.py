@@ -271,8 +271,9 @@ def test_resume_refuses_typed_settings_that_differ_from_the_checkpoint_and_keeps
                     capsys, match="epochs (--epochs) is 2 there, 3 here")
     assert "cost_weight (--lambda) is 0.001 there, 0.5 here" in line and "bits" not in line.split(". Leave")[0]
     assert _snapshot(out) == before
-    assert cli.main(["search", "--resume", "--out", str(out), "--epochs", "2", "--device", "cpu", "--no-progress",
-                     "--no-plots"]) == 0
+    # the backend may change too (a run moved from a CPU to a GPU needs another)
+    assert cli.main(["search", "--resume", "--out", str(out), "--epochs", "2", "--device", "cpu", "--backend",
+                     "reference", "--no-progress", "--no-plots"]) == 0
     history = json.loads((out / "history.json").read_text())
     assert len(history) == 2  # the checkpoint's 2 epochs; its 2-node cells (not the CLI's default 4) built again
     assert len(json.loads((out / "genotype.json").read_text())["normal"]) == 4

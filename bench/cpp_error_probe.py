@@ -119,7 +119,8 @@ def main(out_dir: str) -> int:
               _run(["bash", "-c", f"p=$(command -v {compiler}); echo $p; readlink -f $p; file -L $p"])]
     lines.append("torch was built with: " + next((line.strip() for line in torch.__config__.show().splitlines()
                                                   if "GCC" in line or "Compiler" in line), "?"))
-    lines.append(_run(["bash", "-c", f"ld=$({compiler} -print-prog-name=ld); echo linker $ld; $ld --version | head -1"]))
+    lines.append(_run(["bash", "-c",
+                       f"ld=$({compiler} -print-prog-name=ld); echo linker $ld; $ld --version | head -1"]))
     spec = importlib.util.find_spec("qdarts_kernels._C")
     if spec is not None and spec.origin:
         lines += [_run(["readelf", "-p", ".comment", spec.origin]), _run(["ldd", spec.origin]),

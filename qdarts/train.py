@@ -109,9 +109,10 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
               stop_after: Optional[int] = None, explicit: Optional[Collection[str]] = None) -> Dict[str, Any]:
     """Retrain ``config.genotype`` into ``out_dir``; write summary.json (and return it when finished).
 
-    A resumed run continues with the checkpoint's settings but ``device`` and ``backend``; a setting of ``config`` that
-    differs from them is a ``ValueError`` (with ``explicit``, only those it names: see ``resumed_config``), and
-    so is a genotype file whose cells, bits or search settings read here changed since the checkpoint was written.
+    A resumed run continues with the checkpoint's settings but ``device`` and ``backend``; a setting of
+    ``config`` that differs from them is a ``ValueError`` (with ``explicit``, only those it names: see
+    ``resumed_config``), and so is a genotype file whose cells, bits or search settings read here
+    changed since the checkpoint was written.
     """
     from tqdm.auto import tqdm
 

@@ -373,8 +373,8 @@ def method_note(device: str, fused_backend: str) -> str:
             "'ops': ATen and custom ops that do work dispatched in one eager step (views and allocations not "
             "counted; on a GPU each launches at least one kernel); on CUDA, the launches the profiler saw (and, in "
             "brackets, the kernels run). "
-            + ("Peak MB: CUDA peak allocated memory of one step (for graphed steps, over the capture, where the graphs' "
-               "memory pools are allocated, and one replay)." if on_cuda
+            + ("Peak MB: CUDA peak allocated memory of one step (for graphed steps, over the capture, where "
+               "the graphs' memory pools are allocated, and one replay)." if on_cuda
                else "Peak MB: the most bytes allocated during one step and alive at once (the profiler's "
                     "allocation events), on top of what the step starts with (parameters, gradients, optimiser "
                     "state, batches; CPU memory has no peak counter like CUDA's)."))

@@ -164,7 +164,8 @@ def conditions_lines(results: Dict[str, Any]) -> List[str]:
            if results.get("host_allocator_settled") else "")
         + "; forward runs with inputs that require grad "
         "(as in training); backward is timed alone after an untimed forward; GB/s counts the minimum "
-        "traffic (the table in `qdarts.benchmark.cases`). `eager` = `qdarts_kernels.reference`, `compiled` = `torch.compile` of "
+        "traffic (the table in `qdarts.benchmark.cases`). `eager` = `qdarts_kernels.reference`, "
+        "`compiled` = `torch.compile` of "
         "it (one compilation per shape and dtype), `autograd` = the straightforward PyTorch quantizer "
         "(autograd through every step, straight-through round; `qdarts.benchmark.cases.straightforward_quant`).",
     ]

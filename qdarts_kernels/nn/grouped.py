@@ -144,9 +144,11 @@ class _Group:
         scales: List[Tensor] = [None] * len(self.layers)  # type: ignore[list-item]
         for members in self.by_shape:
             w = torch.stack([self.layers[i].weight.detach() for i in members]).float()
-            scaled = gaussian_weight_scales(q._steps, q._top, w.flatten(1))  # [G, K]
-            if self.axis is not None:  # the channel axis is self.axis + 1 in the stack
+            if self.axis is None:
+                scaled = gaussian_weight_scales(q._steps, q._top, w.flatten(1))  # [G, K]
+            else:  # the channel axis is self.axis + 1 in the stack
                 max_c = w.abs().amax(dim=tuple(d for d in range(1, w.dim()) if d != self.axis + 1))  # [G, C]
+                scaled = gaussian_weight_scales(q._steps, q._top, w.flatten(1), max_c)
                 by_max = (max_c[:, None, :] / q._top[None, :, None]).clamp_min(MIN_SCALE)
                 scaled = torch.where(q._by_max[None, :, None], by_max, scaled[:, :, None])  # [G, K, C]
             for row, i in enumerate(members):

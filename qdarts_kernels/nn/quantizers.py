@@ -125,16 +125,18 @@ def _top_level(grid: int, bits: int) -> float:
     return top if top > 0 else z - qmin
 
 
-def gaussian_weight_scales(steps: Tensor, top: Tensor, w: Tensor) -> Tensor:
+def gaussian_weight_scales(steps: Tensor, top: Tensor, w: Tensor, channel_maxima: Optional[Tensor] = None) -> Tensor:
     """The paper's weight scales below 8 bits, ``steps_k * std(w_g)`` for each row w_g of w [G, n]:
     [G, K] (std unbiased, as the official code takes it). Where the std is 0 (a constant row, a
     zero-initialised head) or undefined (a single weight), ``max|w_g| / top_k`` instead, which
-    represents a constant exactly; at least MIN_SCALE (an all-zero row), never 0 or NaN."""
+    represents a constant exactly; at least MIN_SCALE (an all-zero row), never 0 or NaN.
+    ``channel_maxima`` [G, C]: the rows' per-channel max|w| where the caller has them (8-bit scales),
+    whose maxima are max|w_g| without another pass over w."""
     if w.shape[1] == 0:  # no weight to quantize: any valid scale
         return steps.expand(w.shape[0], -1)
     std = w.std(dim=1, correction=1 if w.shape[1] > 1 else 0)[:, None]
-    largest = w.abs().amax(dim=1)[:, None] / top[None, :]
-    return torch.where(std > 0, steps[None, :] * std, largest).clamp_min(MIN_SCALE)
+    largest = (w.abs() if channel_maxima is None else channel_maxima).amax(dim=1)[:, None]
+    return torch.where(std > 0, steps[None, :] * std, largest / top[None, :]).clamp_min(MIN_SCALE)
 
 
 def _other_dims(x: Tensor, axis: int) -> Tuple[int, ...]:
@@ -416,10 +418,10 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
                 shared[key] = (weakref.ref(x), x._version, scales)
                 return scales
             return self._max_scaled_act_scales(xd)
-        scaled = gaussian_weight_scales(self._steps, self._top, xd.float().reshape(1, -1))[0]
         if axis is None:
-            return scaled
+            return gaussian_weight_scales(self._steps, self._top, xd.float().reshape(1, -1))[0]
         max_c = xd.abs().amax(dim=_other_dims(xd, axis)).float()
+        scaled = gaussian_weight_scales(self._steps, self._top, xd.float().reshape(1, -1), max_c[None])[0]
         by_max = (max_c[None, :] / self._top[:, None]).clamp_min(MIN_SCALE)
         return torch.where(self._by_max[:, None], by_max, scaled[:, None])
 

@@ -11,10 +11,13 @@ same build on the CPU machines raises. This step of bench/gpu_check.sh tells the
 1. the toolchain: the compiler torch's build tools take ($CXX, else c++), what built torch, the
    libraries _C loads;
 2. the refusals of _C itself, each in a child process (a crash must not take the report with it),
-   under gdb for a native backtrace where a child dies of a signal and gdb is there;
+   under gdb (or cuda-gdb, which the GPU image has instead) for a native backtrace where a child dies
+   of a signal; and one of torch's own C++ errors, with and without qdarts_kernels imported, which
+   tells a machine where every c10::Error crashes from one where only ours do;
 3. a one-op extension that only raises, built by torch.utils.cpp_extension.load_inline with
-   setup.py's flags, with none, and with /usr/bin/g++ where the default compiler is another: a crash
-   of all says the machine, of the first alone our flags, of the default compiler's alone that one;
+   setup.py's flags, without -fopenmp (which links a second OpenMP runtime beside torch's), with none,
+   and with /usr/bin/g++ where the default compiler is another: a crash of all says the machine, of
+   the first alone our flags, of the default compiler's alone that one;
    and once with c10::Error recording no C++ backtrace (c10::SetStackTraceFetcher), which passing
    where the others crash would point at the unwinder's walk of the stack.
 
@@ -29,6 +32,7 @@ Writes OUT_DIR/cpp_error_probe.txt; exit status 0 when every refusal is a Runtim
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import os
 import shutil
@@ -36,14 +40,23 @@ import subprocess
 import sys
 import tempfile
 
-#: Refusals of _C's ops: (what, Python code that must raise a RuntimeError).
+#: Refusals of _C's ops: (what, Python code that must raise a RuntimeError, whether to import qdarts_kernels).
 REFUSALS = [
+    ("torch's own error, qdarts_kernels not imported", "torch.ops.aten.view(torch.zeros(2), [3])", False),
+    ("torch's own error, qdarts_kernels imported", "torch.ops.aten.view(torch.zeros(2), [3])", True),
     ("cpu op, bad dtype", "torch.ops.qdarts_C.batch_norm_train_forward(torch.randn(2, 3, 4, 4).double(), None, "
-                          "None, 0.1, 1e-5)"),
+                          "None, 0.1, 1e-5)", True),
     ("cpu op, bad bits", "torch.ops.qdarts_C.mixed_fake_quant_forward(torch.randn(4), torch.ones(1), torch.ones(1), "
-                         "[0], 0, -1)"),
+                         "[0], 0, -1)", True),
     ("cuda op, 65 outputs", "torch.ops.qdarts_C.mixed_op_sum_forward([torch.zeros(4, device='cuda')] * 65, "
-                            "torch.ones(65, device='cuda'))"),
+                            "torch.ones(65, device='cuda'))", True),
+    # the crashes came in test processes that had used the GPU (and, in one, Triton's launchers): whatever
+    # loading the CUDA driver or a Triton kernel registers with the unwinder is there in these two
+    ("cuda init, then torch's own error", "torch.zeros(1, device='cuda'); torch.ops.aten.view(torch.zeros(2), [3])",
+     True),
+    ("a Triton kernel, then cpu op, bad bits",
+     "qdarts_kernels.fake_quant(torch.randn(4, device='cuda'), torch.ones(1, device='cuda'), 8, backend='triton'); "
+     "torch.ops.qdarts_C.mixed_fake_quant_forward(torch.randn(4), torch.ones(1), torch.ones(1), [0], 0, -1)", True),
 ]
 
 #: The one-op extension of part 3: a refusal through the dispatcher, as _C's ops make; quiet() makes
@@ -66,6 +79,7 @@ TORCH_LIBRARY(qdarts_probe_NAME, m) {
 
 #: setup.py's C++ flags for the CPU kernels (the ones that matter to code generation).
 SETUP_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-psabi", "-fopenmp"]
+NO_OPENMP_FLAGS = [flag for flag in SETUP_FLAGS if flag != "-fopenmp"]
 
 
 def _run(cmd, timeout=120, **kw) -> str:
@@ -76,18 +90,35 @@ def _run(cmd, timeout=120, **kw) -> str:
     return f"$ {' '.join(cmd)}  (exit {done.returncode})\n{done.stdout}{done.stderr}"
 
 
-def _child(code: str) -> str:
+#: the code of the child that ran under the debugger (one does: the same crash needs no second backtrace)
+_DEBUGGED: list[str] = []
+
+
+def _debugger() -> list[str] | None:
+    """gdb's batch command line for a native backtrace, or cuda-gdb's (the GPU image has no gdb)."""
+    for name in ("gdb", "cuda-gdb"):
+        path = shutil.which(name) or (name == "cuda-gdb" and os.path.join(
+            os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", name))
+        if path and os.path.isfile(path):
+            return [path, "-batch", "-ex", "run", "-ex", "bt 30"]
+    return None
+
+
+def _child(code: str, import_qdarts: bool) -> str:
     """Run ``code`` in a child Python with faulthandler; 'ok: RuntimeError ...' or what went wrong."""
-    prog = ("import faulthandler, sys, torch, qdarts_kernels; faulthandler.enable()\n"
+    prog = (f"import faulthandler, sys, torch{', qdarts_kernels' if import_qdarts else ''}; faulthandler.enable()\n"
             f"try:\n    {code}\nexcept RuntimeError as e:\n    print('ok: RuntimeError:', str(e).splitlines()[0])\n"
             "    sys.exit(0)\nprint('no error raised'); sys.exit(3)")
     done = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120)
     if done.returncode == 0:
         return done.stdout.strip()
     report = f"FAILED (exit {done.returncode})\n{done.stdout}{done.stderr[-3000:]}"
-    if done.returncode < 0 and shutil.which("gdb"):
-        report += _run(["gdb", "-batch", "-ex", "run", "-ex", "bt 30", "--args", sys.executable, "-c", prog],
-                       timeout=180)[-6000:]
+    debugger = _debugger()
+    if done.returncode < 0 and debugger and not _DEBUGGED:
+        _DEBUGGED.append(code)  # the first crash only: a debugger run takes a minute, the step has three
+        trace = _run(debugger + ["--args", sys.executable, "-c", prog], timeout=90)
+        start = trace.find("#0 ")  # the innermost frames are the ones that say where it crashed
+        report += trace[start:start + 6000] if start >= 0 else trace[-6000:]
     return report
 
 
@@ -113,10 +144,15 @@ def main(out_dir: str) -> int:
     import torch
 
     lines = ["# 1. toolchain", f"python {sys.version.split()[0]}; torch {torch.__version__}",
-             f"CXX={os.environ.get('CXX')!r} CC={os.environ.get('CC')!r}"]
+             f"CXX={os.environ.get('CXX')!r} CC={os.environ.get('CC')!r} "
+             f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')!r} LD_PRELOAD={os.environ.get('LD_PRELOAD')!r}",
+             # the kernel says gVisor or Firecracker; shstk in x86_Thread_features is a CET shadow stack
+             _run(["bash", "-c", "uname -r; ldd --version | head -1; grep -i x86_ /proc/self/status; "
+                                 "grep -o -w -m1 'shstk' /proc/cpuinfo | head -1"])]
     compiler = os.environ.get("CXX", "c++")
     lines += [_run([compiler, "--version"]),
-              _run(["bash", "-c", f"p=$(command -v {compiler}); echo $p; readlink -f $p; file -L $p"])]
+              _run(["bash", "-c", f"p=$(command -v {compiler}); echo $p; readlink -f $p; file -L $p; "
+                                  f"{compiler} -print-libgcc-file-name; {compiler} -print-file-name=libgomp.so"])]
     lines.append("torch was built with: " + next((line.strip() for line in torch.__config__.show().splitlines()
                                                   if "GCC" in line or "Compiler" in line), "?"))
     lines.append(_run(["bash", "-c",
@@ -126,29 +162,32 @@ def main(out_dir: str) -> int:
         lines += [_run(["readelf", "-p", ".comment", spec.origin]), _run(["ldd", spec.origin]),
                   _run(["bash", "-c", f"readelf -lW {spec.origin} | grep -i -A1 eh_frame; "
                                       f"readelf -x .eh_frame_hdr {spec.origin} | head -4"])]
+    lines.append(f"debugger for crashed children: {(_debugger() or ['none'])[0]}")
 
-    lines.append("# 2. refusals of qdarts_kernels._C")
+    lines.append("# 2. torch's own C++ error and the refusals of qdarts_kernels._C")
     ok = True
-    for what, code in REFUSALS:
-        if "cuda" in what and not torch.cuda.is_available():
+    for what, code, import_qdarts in REFUSALS:
+        if ("cuda" in what or "Triton" in what) and not torch.cuda.is_available():
             lines.append(f"{what}: skipped (no CUDA device)")
             continue
-        result = _child(code)
+        result = _child(code, import_qdarts)
         ok &= result.startswith("ok")
         lines.append(f"{what}: {result}")
 
-    lines.append("# 3. a one-op extension that raises, built with setup.py's flags and with none")
-    variants = [("setup_flags", SETUP_FLAGS, None), ("no_flags", [], None)]
-    quiet_result = _inline_probe("no_backtrace", SETUP_FLAGS, quiet=True)
-    lines.append(f"no_backtrace {SETUP_FLAGS} (c10::Error records no backtrace): {quiet_result}")
+    lines.append("# 3. a one-op extension that raises, built with setup.py's flags and variations")
+    variants = [("no_backtrace", SETUP_FLAGS, None, True), ("setup_flags", SETUP_FLAGS, None, False),
+                ("no_openmp", NO_OPENMP_FLAGS, None, False), ("no_flags", [], None, False)]
     default = shutil.which(compiler)
     if os.path.exists("/usr/bin/g++") and (default is None or os.path.realpath(default) != os.path.realpath(
             "/usr/bin/g++")):
-        variants.append(("system_gxx", SETUP_FLAGS, {"CXX": "/usr/bin/g++"}))
-    for name, flags, env in variants:
-        result = _inline_probe(name, flags, env)
+        variants.append(("system_gxx", SETUP_FLAGS, {"CXX": "/usr/bin/g++"}, False))
+    # built side by side: each is one compile of torch's headers (about 30 s), and the machine has cores
+    with concurrent.futures.ThreadPoolExecutor(len(variants)) as pool:
+        results = list(pool.map(lambda v: _inline_probe(v[0], v[1], v[2], quiet=v[3]), variants))
+    for (name, flags, env, quiet), result in zip(variants, results):
         ok &= result.startswith("ok")
-        lines.append(f"{name} {flags} {env or ''}: {result}")
+        note = " (c10::Error records no backtrace)" if quiet else ""
+        lines.append(f"{name} {flags} {env or ''}{note}: {result}")
 
     text = "\n".join(lines) + "\n"
     os.makedirs(out_dir, exist_ok=True)

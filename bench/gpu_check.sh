@@ -106,7 +106,7 @@ step errors 180 "$PYTHON" bench/cpp_error_probe.py "$OUT"
 # runs (and tests/test_cuda_sources.py, nvcc compiling every .cu for sm_80/sm_90, CI does too), so the
 # CPU backends' cases are deselected as well. Spread over 8 processes when pytest-xdist is there (the
 # GPU machine has 16 cores). Up to 25 failures are listed rather than stopping at the first: a rerun
-# costs device time.
+# costs device time. Verbose: each result is logged as it comes, so a run cut by its limit still names its failures.
 GPU_TESTS=(tests/test_nn.py::test_no_host_sync_on_cuda_training_step
            tests/test_nn.py::test_chained_quant_convs_on_the_gpu_equal_the_two_calls
            tests/test_search_speed.py::test_no_device_sync_in_a_search_step_on_the_gpu)
@@ -116,7 +116,7 @@ done
 XDIST=()
 "$PYTHON" -c 'import xdist' >/dev/null 2>&1 && XDIST=(-n 8)
 step tests 300 "$PYTHON" -m pytest "${GPU_TESTS[@]}" -m "not slow" \
-    -k "not reference-cpu and not cpu-cpu" "${XDIST[@]}" --maxfail=25 -q -rfE -p no:cacheprovider
+    -k "not reference-cpu and not cpu-cpu" "${XDIST[@]}" --maxfail=25 -v -rfE -p no:cacheprovider
 # The figures after the tests: the tests' verdict on the CUDA and Triton kernels is what no other machine
 # gives (on the H200 it found the crash above). The kernel figures, then the search step (issue 6's
 # fused-against-eager CIFAR step, issue 9's batch 64/256 x bits matrix) as a separate step appending to the

@@ -295,7 +295,8 @@ def test_per_tensor_backward_over_several_rounds(monkeypatch, bits, grid, needs)
     error of fp64 sums, the same bits from run to run, only the requested gradients."""
     from qdarts_kernels.triton import mixed_fake_quant as mfq
 
-    monkeypatch.setattr(mfq, "REDUCE_PROGRAMS", 5)
+    monkeypatch.setattr(mfq, "REDUCE_PROGRAMS", 5)  # under the interpreter
+    monkeypatch.setattr(mfq, "_persistent_wave", lambda *args: 5)  # compiled, on a GPU
     gen = torch.Generator().manual_seed(len(bits))
     x = torch.randn(3000, generator=gen) * 2
     g = torch.randn(3000, generator=gen)
@@ -322,6 +323,53 @@ def test_per_tensor_backward_over_several_rounds(monkeypatch, bits, grid, needs)
         assert ((dprobs.double() - dp64).abs() <= 16 * eps * dp_mag + 1e-12).all()
     if needs[2]:
         assert ((dscales.double() - ds64).abs() <= 16 * eps * ds_mag + 1e-12).all()
+
+
+@pytest.mark.parametrize("n_regs,num_warps,shared,expected", [
+    (96, 4, 16, 5),      # the per-tensor backward with K = 3 (ptxas, sm_90): 3072 registers a warp, 21 warps
+    (193, 4, 16, 2),     # K = 4: 200 a thread once rounded to 256 a warp, 10 warps
+    (48, 4, 16, 10),     # K = 1
+    (40, 8, 0, 6),       # the cuda backend's backward: 8-warp blocks of 40 registers
+    (32, 1, 0, 32),      # at most 32 blocks an SM
+    (16, 32, 0, 2),      # at most 2048 threads
+    (255, 8, 0, 1),      # one block, whatever it takes
+    (32, 4, 48 * 1024, 4),  # 48 KiB of shared memory (and 1 KiB reserved) a block: 4 in 228 KiB
+], ids=str)
+def test_programs_per_sm_counts_as_the_occupancy_calculator(n_regs, num_warps, shared, expected):
+    from qdarts_kernels.triton._common import programs_per_sm
+
+    assert programs_per_sm(n_regs, num_warps, shared) == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="reads a compiled kernel's registers on the GPU")
+def test_per_tensor_backward_fills_the_gpu_in_one_wave():
+    """On a GPU the persistent backward takes as many programs as the GPU holds at once (no partial
+    second wave), read off the compiled kernel without a warning, and its gradients stay the
+    reference's (dx exactly)."""
+    import warnings
+
+    from qdarts_kernels.triton import mixed_fake_quant as mfq
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3_000_001, generator=gen)
+    g = torch.randn(x.shape, generator=gen)
+    probs = torch.softmax(torch.randn(3, generator=gen), 0)
+    scales = torch.tensor([0.5, 0.1, 0.01])
+    tile = tile_size(x.numel(), "mixed_fake_quant_backward_per_tensor")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dx, dprobs, dscales = mfq.mixed_fake_quant_backward(g.cuda(), x.cuda(), probs.cuda(), scales.cuda(), (2, 4, 8),
+                                                            GRIDS["signed"], -1, True, True, True)
+        wave = mfq._persistent_wave(torch.cuda.current_device(), torch.float32, 3, False, True, True, True, tile)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert sms <= wave <= 32 * sms and wave % sms == 0
+    expected_dx, _, _ = reference_backend.mixed_fake_quant_backward(g, x, probs, scales, (2, 4, 8), GRIDS["signed"],
+                                                                     -1, True, False, False)
+    assert torch.equal(dx.cpu(), expected_dx)
+    dp64, ds64, dp_mag, ds_mag = _fp64_gradients(x, g, probs, scales, (2, 4, 8), "signed", None)
+    eps = torch.finfo(torch.float32).eps
+    assert ((dprobs.cpu().double() - dp64).abs() <= 16 * eps * dp_mag + 1e-12).all()
+    assert ((dscales.cpu().double() - ds64).abs() <= 16 * eps * ds_mag + 1e-12).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

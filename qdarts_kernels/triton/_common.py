@@ -166,6 +166,35 @@ def split_channel_reduction(items: int, channels: int, budget: int = REDUCE_PROG
     return triton.cdiv(items, rounds), rounds
 
 
+def programs_per_sm(n_regs: int, num_warps: int, shared_bytes: int, *, regs_per_sm: int = 65536,
+                    threads_per_sm: int = 2048, shared_per_sm: int = 233472, warp_size: int = 32) -> int:
+    """How many programs (thread blocks) of a kernel one SM holds at once, as CUDA's occupancy
+    calculator counts them for sm_80/sm_90: registers are allocated per warp in units of 256,
+    threads are at most ``threads_per_sm``, each block takes its shared memory plus 1 KiB the
+    hardware reserves, and an SM takes at most 32 blocks. At least 1 (a kernel that fits at all)."""
+    regs_per_warp = -(-max(1, n_regs) * warp_size // 256) * 256
+    by_regs = (regs_per_sm // regs_per_warp) // num_warps
+    by_threads = threads_per_sm // (num_warps * warp_size)
+    by_shared = shared_per_sm // (shared_bytes + 1024)
+    return max(1, min(by_regs, by_threads, by_shared, 32))
+
+
+def programs_in_one_wave(compiled, device: torch.device) -> int:
+    """How many programs of ``compiled`` (a Triton ``CompiledKernel``) ``device`` runs at once: its
+    SMs times :func:`programs_per_sm` for the kernel's registers (loading it to read them), warps
+    and shared memory. A persistent kernel launched with this many programs runs in one wave; with
+    more, the programs beyond a whole wave run on a partly idle GPU after the others finished."""
+    if hasattr(compiled, "result"):  # a future, where Triton compiles in the background
+        compiled = compiled.result()
+    compiled._init_handles()
+    props = torch.cuda.get_device_properties(device)
+    per_sm = programs_per_sm(compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared,
+                             regs_per_sm=props.regs_per_multiprocessor,
+                             threads_per_sm=props.max_threads_per_multi_processor,
+                             shared_per_sm=props.shared_memory_per_multiprocessor, warp_size=props.warp_size)
+    return props.multi_processor_count * per_sm
+
+
 def device_guard(t: torch.Tensor):
     """Make ``t``'s GPU the current device: Triton launches on the current device."""
     if t.device.type == "cuda":

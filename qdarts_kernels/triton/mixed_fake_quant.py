@@ -40,6 +40,7 @@ per lane in registers, reduced once per program rather than once per tile and bi
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -47,8 +48,8 @@ import triton
 import triton.language as tl
 
 from .._validation import RELU_GRID, grid_params
-from ._common import (LAUNCH_OPTIONS, REDUCE_PROGRAMS, TileSize, cast_out, device_guard, flat_block, next_pow2,
-                      round_half_even, tile_size)
+from ._common import (_INTERPRETED, LAUNCH_OPTIONS, REDUCE_PROGRAMS, TileSize, cast_out, device_guard, flat_block,
+                      next_pow2, programs_in_one_wave, round_half_even, tile_size)
 
 #: Most rows a channel-on-columns tile takes: its column sums are the partials, so taller tiles
 #: mean fewer partials (at most K / 64 floats per element).
@@ -333,8 +334,9 @@ def _mixed_fake_quant_backward_per_tensor_kernel(
     PART_S [programs, K]. The tiled kernel reduces 2K times per block instead (cross-warp sums
     through shared memory, each one a barrier), the likely cause of its backward's 64 % of copy
     bandwidth on the H100 where the cuda backend, which sums per thread over a grid-stride loop
-    like this, reached 92 % (this kernel is not yet timed on a GPU). K <= 4 (one pair of
-    accumulators per bit-width, each used only when K reaches it)."""
+    like this, reached 92 %; with this kernel the forward and backward together reached 78 % on an
+    H200, then on 1024 programs (see _persistent_wave). K <= 4 (one pair of accumulators per
+    bit-width, each used only when K reaches it)."""
     pid = tl.program_id(0)
     acc_p0 = tl.zeros((BLOCK,), tl.float32)
     acc_s0, acc_p1, acc_s1, acc_p2, acc_s2, acc_p3, acc_s3 = acc_p0, acc_p0, acc_p0, acc_p0, acc_p0, acc_p0, acc_p0
@@ -427,13 +429,19 @@ def mixed_fake_quant_backward(
 
 
 def _per_tensor_backward(grad, x, dx, probs, scales, k, qmin, qmax, zero_point, relu, need_dprobs, need_dscales):
-    """(dx, dprobs, dscales) with per-tensor scales: the persistent kernel on at most
-    REDUCE_PROGRAMS programs of the backward's tile, each program's sums added in a fixed order.
-    ROUNDS is a compile-time constant (as in the batch-norm kernels): Triton's interpreter takes no
-    loop bound from a kernel argument, and a network has few distinct tensor sizes."""
+    """(dx, dprobs, dscales) with per-tensor scales: the persistent kernel, each program's sums
+    added in a fixed order. Its programs fill the GPU once (:func:`_persistent_wave`; at most
+    REDUCE_PROGRAMS under the interpreter), each taking ROUNDS blocks, as evenly as whole blocks
+    allow. ROUNDS is a compile-time constant (as in the batch-norm kernels): Triton's interpreter
+    takes no loop bound from a kernel argument, and a network has few distinct tensor sizes."""
     tile = tile_size(x.numel(), "mixed_fake_quant_backward_per_tensor")
     tiles = triton.cdiv(x.numel(), tile.elements)
-    programs = min(tiles, REDUCE_PROGRAMS)
+    wave = REDUCE_PROGRAMS
+    if x.is_cuda and not _INTERPRETED.value and tiles > 1:
+        with device_guard(x):
+            wave = _persistent_wave(x.device.index, x.dtype, k, relu, dx is not None, need_dprobs, need_dscales, tile)
+    rounds = triton.cdiv(tiles, wave)
+    programs = triton.cdiv(tiles, rounds)
     f32 = dict(dtype=torch.float32, device=x.device)
     part_p = torch.empty((programs, k), **f32) if need_dprobs else None
     part_s = torch.empty((programs, k), **f32) if need_dscales else None
@@ -444,6 +452,32 @@ def _per_tensor_backward(grad, x, dx, probs, scales, k, qmin, qmax, zero_point, 
             x if part_p is None else part_p, x if part_s is None else part_s,
             qmin, qmax, zero_point, x.numel(), programs,
             K=k, RELU=relu, NEED_DX=dx is not None, NEED_DP=need_dprobs, NEED_DS=need_dscales,
-            ROUNDS=triton.cdiv(tiles, programs), BLOCK=tile.elements, num_warps=tile.num_warps, **LAUNCH_OPTIONS,
+            ROUNDS=rounds, BLOCK=tile.elements, num_warps=tile.num_warps, **LAUNCH_OPTIONS,
         )
     return dx, (part_p.sum(dim=0) if need_dprobs else None), (part_s.sum(dim=0) if need_dscales else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _persistent_wave(device_index: int, dtype: torch.dtype, k: int, relu: bool, need_dx: bool, need_dprobs: bool,
+                     need_dscales: bool, tile: TileSize) -> int:
+    """Programs of the per-tensor backward that ``device_index`` runs at once (the current device).
+
+    Before this, the kernel took 1024 programs whatever the GPU: with K = 3 (96 registers a thread,
+    ptxas for sm_90) an H100 or H200 holds 5 per SM, 660 on 132 SMs, so the last 364 ran as a second
+    wave on a GPU two thirds idle. The registers are read off a compile of the kernel with ROUNDS = 3,
+    which ptxas gives the registers of any ROUNDS >= 3 (48, 80, 96, 193 for K = 1..4 with 1024
+    elements and 4 warps; fewer for 1 and 2 rounds, unrolled): one compile per specialisation, not
+    per size. Should Triton's API for that fail, one warning, and the 1024 programs as before."""
+    try:
+        compiled = _mixed_fake_quant_backward_per_tensor_kernel.warmup(
+            dtype, dtype, dtype, torch.float32, torch.float32, torch.float32, torch.float32,
+            (0.0,) * k, (1.0,) * k, 0.0, 1 << 20, REDUCE_PROGRAMS,
+            K=k, RELU=relu, NEED_DX=need_dx, NEED_DP=need_dprobs, NEED_DS=need_dscales, ROUNDS=3,
+            BLOCK=tile.elements, num_warps=tile.num_warps, grid=(1,), **LAUNCH_OPTIONS,
+        )
+        return programs_in_one_wave(compiled, torch.device("cuda", device_index))
+    except Exception as e:  # the program count is a matter of speed: any count gives the same sums' terms
+        warnings.warn(f"qdarts_kernels: could not read the per-tensor backward's occupancy from Triton "
+                      f"({type(e).__name__}: {e}); it runs on {REDUCE_PROGRAMS} programs", RuntimeWarning,
+                      stacklevel=2)
+        return REDUCE_PROGRAMS

@@ -34,9 +34,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                    help="torch.compile the forward and loss as one graph (fullgraph), backward included; "
                         "MODE: default (inductor; what --compile alone means), reduce-overhead (also CUDA-graph "
-                        "capture, CUDA only) or max-autotune (default: not compiled). Compiling takes time "
-                        "that grows with the supernet: seconds for the digits default, over 20 minutes of "
-                        "tracing for the 8-cell CIFAR-size one on a 2-core CPU")
+                        "capture, CUDA only) or max-autotune (default: not compiled). Meant for a GPU: "
+                        "compiling takes minutes and grows with the network; on a 2-core CPU, 2.5 minutes "
+                        "for `qdarts train` on the digits genotype, and the first search step of the digits "
+                        "supernet had not finished after 10 minutes (the 8-cell CIFAR-size one: 20 minutes "
+                        "of tracing alone)")
     p.add_argument("--act-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="activation dtype: bf16 runs the network forward under autocast, the quantizers "
                         "then see bf16 activations (default: fp32)")
@@ -50,8 +52,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run whose checkpoint is in --out, with the settings saved there: options "
                         "left out take the saved values, and a typed option that differs from them is an error "
-                        "(only --device and, for a search, --cuda-graph may change); the result equals an "
-                        "uninterrupted run")
+                        "(only --device, --backend and, for a search, --cuda-graph may change); the result equals "
+                        "an uninterrupted run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
 
@@ -113,7 +115,8 @@ def _train_parser(sub) -> None:
                        description="Retrain the derived network of a genotype from scratch with its fixed "
                                    "bit-widths (quantization-aware training), or in fp32 with --fp32, and "
                                    "report test accuracy, BitOps and memory against fp32 in summary.json.")
-    p.add_argument("--genotype", required=True, help="genotype.json written by qdarts search")
+    p.add_argument("--genotype", required=True,
+                   help="genotype.json written by qdarts search, or that search's --out folder")
     p.add_argument("--fp32", action="store_true", help="train the same architecture in full precision")
     p.add_argument("--epochs", type=int, default=d("epochs"), help=f"(default: {d('epochs')})")
     p.add_argument("--batch-size", type=int, default=d("batch_size"), help=f"(default: {d('batch_size')})")
@@ -203,6 +206,11 @@ def _run_search(args) -> int:
         device=args.device, backend=args.backend, grouped_weights=args.grouped_weights, act_dtype=args.act_dtype,
         compile=args.compile, cuda_graph=args.cuda_graph)
     explicit = {"share_gamma" if dest == "gamma_per_conv" else dest for dest in args.typed}
+    if 1 <= config.epochs <= config.warmup_epochs and not args.resume and _is_writer():
+        # allowed (the bit-widths are still searched), but rarely what was meant
+        print(f"qdarts search: note: --warmup-epochs ({config.warmup_epochs}) is not below --epochs "
+              f"({config.epochs}): alpha and beta are never updated, so only the bit-widths are searched and "
+              "the genotype's operations are those of the initial, uniform alpha", file=sys.stderr)
     result = run_search(config, args.out, resume=args.resume, progress=not args.no_progress,
                         plots=not args.no_plots, explicit=explicit)
     if not _is_writer():

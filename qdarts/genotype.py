@@ -278,7 +278,16 @@ def _pairs_text(pairs: BitPairs) -> str:
     return ",".join(f"{a}/{w}" for a, w in pairs)
 
 
+#: The file a search writes its genotype to, in its --out folder.
+GENOTYPE_FILE = "genotype.json"
+
+
 def load_genotype(path: str) -> Genotype:
+    """The genotype in the file ``path``, or in the genotype.json of the search folder ``path``."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, GENOTYPE_FILE)):
+            raise FileNotFoundError(f"genotype {path!r} is a folder without a {GENOTYPE_FILE}")
+        path = os.path.join(path, GENOTYPE_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"genotype file {path!r} does not exist")
     with open(path) as f:

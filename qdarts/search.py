@@ -39,7 +39,7 @@ from .data import DATASETS, Dataset, batches, check_split_sizes, load_dataset, n
 from .derive import derive_genotype
 from .divergence import check_figures, diagnosed, kept_checkpoint
 from .evalnet import EvalNetwork
-from .genotype import MAX_BITS, Genotype
+from .genotype import GENOTYPE_FILE, MAX_BITS, Genotype
 from .fastpath import COMPILE_MODES, compiled, record_shapes
 from .ops import ACT_GRIDS, QUANTIZERS
 from .supernet import ACT_DTYPES, SearchNetwork, SupernetConfig
@@ -102,8 +102,9 @@ class SearchConfig:
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(0 <= self.warmup_epochs, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(self.layers >= 1 and self.channels >= 1 and self.steps >= 2,
-             "layers and channels must be >= 1 and steps >= 2")
+        need(self.layers >= 1, f"layers must be >= 1, got {self.layers}")
+        need(self.channels >= 1, f"channels must be >= 1, got {self.channels}")
+        need(self.steps >= 2, f"steps (intermediate nodes per cell) must be >= 2, got {self.steps}")
         need(self.partial_channels >= 1 and self.channels % self.partial_channels == 0,
              f"channels ({self.channels}) must be divisible by partial_channels ({self.partial_channels})")
         need(self.quantizer in QUANTIZERS, f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
@@ -167,7 +168,9 @@ def check_seed(seed: int) -> None:
 
 def check_device(device: str, backend: Optional[str]) -> None:
     """A ValueError naming --device or --backend unless ``device`` is the CPU or a CUDA device present here
-    and ``backend`` (None: automatic) is one of ``qdarts_kernels.available_backends()`` that runs on it."""
+    and ``backend`` (None: QDARTS_BACKEND if set, else automatic) is one of
+    ``qdarts_kernels.available_backends()`` that runs on it; and one naming the variable where the CPU
+    kernels' environment holds a value they would refuse."""
     try:
         kind, index = torch.device(device).type, torch.device(device).index
     except (RuntimeError, TypeError):
@@ -179,15 +182,22 @@ def check_device(device: str, backend: Optional[str]) -> None:
     if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
         raise ValueError(f"{option('device')} {device!r} requested but there are {torch.cuda.device_count()} "
                          "CUDA devices")
+    # the environment the kernels read, checked before the run starts (and creates its folder), not at
+    # their first call: an unset --backend takes QDARTS_BACKEND, named as such
+    qk.cpu_kernels.check_environment()
+    source = option("backend")
+    if backend is None:
+        backend = os.environ.get("QDARTS_BACKEND") or None
+        source = "QDARTS_BACKEND (environment)"
     if backend is None:
         return
     available = qk.available_backends()
     if backend not in available:
-        raise ValueError(f"{option('backend')} {backend!r} is not available here (available: {', '.join(available)})")
+        raise ValueError(f"{source} {backend!r} is not available here (available: {', '.join(available)})")
     if backend in ("cpu", "cuda") and kind != backend:
-        raise ValueError(f"{option('backend')} {backend!r} runs on --device {backend} only, got {device!r}")
+        raise ValueError(f"{source} {backend!r} runs on --device {backend} only, got {device!r}")
     if backend == "triton" and kind == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"{option('backend')} 'triton' runs on --device cpu only under TRITON_INTERPRET=1")
+        raise ValueError(f"{source} 'triton' runs on --device cpu only under TRITON_INTERPRET=1")
 
 
 def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
@@ -633,7 +643,7 @@ def run_search(config: SearchConfig, out_dir: str, *, resume: bool = False, prog
         result.update(genotype=genotype, cost=cost)
         distributed.dump_rank_state(searcher.net)
         if searcher.dist.is_writer:
-            genotype.save(os.path.join(out_dir, "genotype.json"))
+            genotype.save(os.path.join(out_dir, GENOTYPE_FILE))
             write_search_report(out_dir, searcher.config, searcher.history, genotype, cost, searcher.elapsed,
                                 plots=plots)
         searcher.dist.barrier()

@@ -135,15 +135,19 @@ def resolve(backend: Optional[str], device: torch.device, dtype: Optional[torch.
     """The backend name a call on ``device`` (on tensors of ``dtype``, where given) uses: the one
     asked for, else ``QDARTS_BACKEND``, else the automatic choice, which takes the reference for a
     dtype the kernels do not take (float64: gradcheck, a module moved to .double())."""
+    # errors name where the backend came from: a user who set no backend= must learn it was the variable
+    source = "backend"
     if backend is None:
         backend = os.environ.get("QDARTS_BACKEND") or None
+        source = "QDARTS_BACKEND"
     if backend is None and dtype is not None and dtype not in KERNEL_DTYPES:
         return "reference"
     if backend is not None:
         if backend not in BACKEND_NAMES:
-            raise ValueError(f"backend must be one of {list(BACKEND_NAMES)} or None, got {backend!r}")
+            raise ValueError(f"{source} must be one of {list(BACKEND_NAMES)}{' or None' * (source == 'backend')}, "
+                             f"got {backend!r}")
         if _load(backend) is None:
-            raise RuntimeError(f"backend {backend!r} is not available here: {_failed.get(backend)}")
+            raise RuntimeError(f"backend {backend!r} ({source}) is not available here: {_failed.get(backend)}")
         _check_device(backend, device)
         return backend
     if device.type == "cuda":

@@ -12,11 +12,28 @@ it off) of freed buffers, and ``empty_cache()`` returns them to the system, like
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, Optional
 
 import torch
 
 from . import _backends
+
+
+#: Values of QDARTS_CPU_ISA (csrc/cpu/simd.h reads it at the first kernel call).
+ISA_NAMES = ("avx512", "avx2", "baseline")
+
+
+def check_environment() -> None:
+    """A ValueError naming the variable if QDARTS_CPU_ISA or QDARTS_CPU_CACHE_MB holds a value the
+    kernels would refuse at their first call (set but empty is unset): for a program to check before
+    it starts work, as the CLI does, where the kernels' own refusal would come mid-run."""
+    isa = os.environ.get("QDARTS_CPU_ISA") or None
+    if isa is not None and isa not in ISA_NAMES:
+        raise ValueError(f"QDARTS_CPU_ISA must be {', '.join(ISA_NAMES[:-1])} or {ISA_NAMES[-1]}, got {isa!r}")
+    cache_mb = os.environ.get("QDARTS_CPU_CACHE_MB") or None
+    if cache_mb is not None and not (cache_mb.isascii() and cache_mb.isdigit()):
+        raise ValueError(f"QDARTS_CPU_CACHE_MB must be a whole number of MiB >= 0, got {cache_mb!r}")
 
 
 def _ops():

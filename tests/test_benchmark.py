@@ -121,6 +121,10 @@ def test_cli_writes_results_report_plots_and_readme(tmp_path, monkeypatch, capsy
     assert cli.run(args) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["kernels"]) == len(cli_cases) * 2 * len(cases.MODES)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("results.json", "report.md"):  # written atomically, readable as open() would leave them
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     first = results["kernels"][0]
     for key in ("device", "torch", "triton", "python", "date", "shape", "dtype", "median_ms", "p20_ms", "p80_ms"):
         assert key in first

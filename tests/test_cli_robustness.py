@@ -80,6 +80,39 @@ def test_bad_search_option(args, match, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("variable, value, match", [
+    ("QDARTS_BACKEND", "foo", "QDARTS_BACKEND (environment) 'foo'"),
+    ("QDARTS_BACKEND", "cuda", "QDARTS_BACKEND (environment) 'cuda'"),  # not built here, or not on --device cpu
+    ("QDARTS_CPU_ISA", "sse9", "QDARTS_CPU_ISA must be"),
+    ("QDARTS_CPU_CACHE_MB", "-3", "QDARTS_CPU_CACHE_MB must be"),
+], ids=str)
+@pytest.mark.parametrize("command", ["search", "train", "bench"])
+def test_bad_kernel_environment_variable(variable, value, match, command, finished_search, tmp_path, capsys,
+                                         monkeypatch):
+    """A value the kernels would refuse at their first call is refused before the run starts: one line
+    naming the variable, no output folder."""
+    monkeypatch.setenv(variable, value)
+    out = tmp_path / "out"
+    argv = {"search": ["search", *TINY], "bench": ["bench", "--quick"],
+            "train": ["train", "--genotype", str(finished_search / "genotype.json"), *TRAIN_TINY]}[command]
+    try:
+        rc = cli.main([*argv, "--out", str(out)])
+    except SystemExit as e:  # the bench CLI's own refusals
+        rc, message = e.code, str(e.code)
+    else:
+        message = capsys.readouterr().err
+    assert rc not in (0, None) and match in message and "Traceback" not in message, message
+    assert not out.exists()
+
+
+def test_empty_kernel_environment_variables_are_unset(monkeypatch):
+    from qdarts.search import check_device
+
+    for variable in ("QDARTS_BACKEND", "QDARTS_CPU_ISA", "QDARTS_CPU_CACHE_MB"):
+        monkeypatch.setenv(variable, "")
+    check_device("cpu", None)
+
+
 @pytest.mark.parametrize("args, match", [
     (["--epochs", "-1"], "epochs must be >= 1"),
     (["--drop-path", "1.5"], "drop_path"),

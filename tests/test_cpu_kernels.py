@@ -233,12 +233,15 @@ def test_same_bits_on_every_instruction_set(tmp_path):
                 assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), level
 
 
-@pytest.mark.slow  # a subprocess
-def test_bad_isa_switch_is_refused():
+@pytest.mark.slow  # subprocesses
+def test_bad_isa_switch_is_refused_and_an_empty_one_is_unset():
     code = "import torch, qdarts_kernels as qk; qk.mixed_fake_quant(torch.ones(3), torch.ones(1), torch.ones(1), (4,))"
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "QDARTS_CPU_ISA": "sse9"},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "QDARTS_CPU_ISA must be avx512, avx2 or baseline, got 'sse9'" in done.stderr
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "QDARTS_CPU_ISA": ""},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_output_cache_reuses_freed_outputs():

@@ -129,6 +129,26 @@ def test_lsq_scales_initialised_from_first_batch(grid, top, per_channel):
     torch.testing.assert_close(mq.scales.detach(), first * 10, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("grid", ["signed", "relu"])
+def test_lsq_scales_are_not_initialised_from_zeros(grid):
+    """Zeros say nothing about a scale: an all-zero first batch leaves the scales at 1 (not the floor
+    MIN_SCALE, which would clip every later input); a channel all zeros in the first batch (dead after
+    a ReLU, or negative on the relu grid) takes the whole batch's mean."""
+    bits = (2, 4, 8)
+    mq = qnn.MixedPrecisionFakeQuantize(bits, grid=grid)
+    assert torch.equal(mq(torch.zeros(4, 3)), torch.zeros(4, 3))
+    assert torch.equal(mq.scales.detach(), torch.ones(3))
+    per_channel = qnn.MixedPrecisionFakeQuantize(bits, grid=grid, per_channel_axis=1)
+    x = torch.rand(6, 3, 4, 4) + 0.5
+    x[:, 1] = 0 if grid == "signed" else -x[:, 1]
+    per_channel(x)
+    magnitudes = x.abs() if grid == "signed" else torch.relu(x)
+    factor = per_channel._init_factor[:, None]
+    expected = factor * magnitudes.mean(dim=(0, 2, 3))[None, :]
+    expected[:, 1] = factor[:, 0] * magnitudes.mean()
+    torch.testing.assert_close(per_channel.scales.detach(), expected, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("kwargs", [dict(quantizer="lsq"), dict(quantizer="lsq", per_channel_axis=1),
                                     dict(quantizer="paper"), dict(quantizer="paper", grid="relu"),
                                     dict(quantizer="paper", grid="signed")], ids=str)
@@ -508,6 +528,30 @@ def test_quantize_fuse_relu_folds_a_relu_before_a_layer_with_the_same_results():
     assert kept[1] < kept[0]
     with pytest.raises(ValueError, match="act_bits"):
         qnn.quantize_(nn.Sequential(nn.ReLU(), nn.Linear(3, 3)), act_bits=None, fuse_relu=True)
+
+
+def test_quantize_keeps_a_shared_layer_shared_and_refuses_an_uninitialised_lazy_one():
+    """A module used in two places becomes one quantized module used in both (so the two uses keep
+    sharing their quantizer too); a shared nn.ReLU folds into each layer after it; a shared layer that
+    would be folded in one place only is refused; a LazyConv2d needs a forward pass first."""
+    torch.manual_seed(13)
+    conv, relu = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+    net = nn.Sequential(conv, relu, conv)
+    x = torch.randn(2, 4, 5, 5)
+    qnn.quantize_(net, weight_bits=4, act_bits=8)
+    assert type(net[0]) is qnn.QuantConv2d and net[2] is net[0]
+    assert torch.equal(net(x), net[0](torch.relu(net[0](x))))
+    with pytest.raises(ValueError, match="0 and 2 are one module"):
+        qnn.quantize_(nn.Sequential(conv, relu, conv), weight_bits=4, act_bits=8, fuse_relu=True)
+    net = nn.Sequential(nn.Conv2d(4, 4, 1), relu, nn.Conv2d(4, 4, 1), relu, nn.Conv2d(4, 4, 1))
+    qnn.quantize_(net, weight_bits=4, act_bits=8, fuse_relu=True)
+    assert [type(m).__name__ for m in net] == ["QuantConv2d", "Identity", "QuantConv2d", "Identity", "QuantConv2d"]
+    lazy = nn.Sequential(nn.LazyConv2d(4, 3))
+    with pytest.raises(ValueError, match="0 is a LazyConv2d whose parameters are not initialised"):
+        qnn.quantize_(lazy)
+    lazy(x)
+    qnn.quantize_(lazy)
+    assert type(lazy[0]) is qnn.QuantConv2d
 
 
 def test_quantize_training_steps_lower_the_loss_and_state_dict_round_trips():

@@ -289,8 +289,10 @@ def test_backend_env_override(monkeypatch):
     monkeypatch.setenv("QDARTS_BACKEND", "reference")
     assert _backends.resolve(None, torch.device("cpu")) == "reference"
     monkeypatch.setenv("QDARTS_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="QDARTS_BACKEND must be one of"):  # the variable named: no backend= given
         qk.mixed_op_sum([torch.ones(2)], torch.ones(1))
+    with pytest.raises(ValueError, match="^backend must be one of"):
+        qk.mixed_op_sum([torch.ones(2)], torch.ones(1), backend="nonsense")
     monkeypatch.delenv("QDARTS_BACKEND")
     expected = "cpu" if "cpu" in qk.available_backends() else "reference"
     assert _backends.resolve(None, torch.device("cpu")) == expected

@@ -39,9 +39,22 @@ def test_search_then_train_end_to_end(tmp_path, capsys):
                      "--no-progress", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["bitops"] < summary["bitops_fp32"] and 0 <= summary["test_accuracy"] <= 1
+    # the search folder itself stands for its genotype.json
+    assert cli.main(["train", "--genotype", str(run), "--epochs", "1", "--channels", "4", "--no-progress",
+                     "--out", str(tmp_path / "t2")]) == 0
+    assert json.loads((tmp_path / "t2" / "summary.json").read_text())["bitops"] == summary["bitops"]
     # a second search into the same folder without --resume is refused with a clear message
     assert cli.main(["search", *TINY, "--out", str(run)]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_a_warmup_as_long_as_the_run_is_noted(tmp_path, capsys):
+    """Allowed (the bit-widths are still searched) but noted: alpha and beta never learn."""
+    assert cli.main(["search", *TINY, "--warmup-epochs", "1", "--out", str(tmp_path / "w")]) == 0
+    err = capsys.readouterr().err
+    assert "note: --warmup-epochs (1) is not below --epochs (1): alpha and beta are never updated" in err
+    history = json.loads((tmp_path / "w" / "history.json").read_text())
+    assert not any(h["arch_updates"] for h in history)
 
 
 def test_bad_arguments(tmp_path, capsys):
@@ -50,6 +63,8 @@ def test_bad_arguments(tmp_path, capsys):
     assert "--bits must be comma-separated ints" in capsys.readouterr().err
     assert cli.main(["train", "--genotype", str(tmp_path / "none.json"), "--out", str(tmp_path / "t")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["train", "--genotype", str(tmp_path), "--out", str(tmp_path / "t")]) == 2
+    assert "is a folder without a genotype.json" in capsys.readouterr().err
     assert cli.main(["search", "--data", "cifar10", "--data-dir", str(tmp_path / "nope"), "--out",
                      str(tmp_path / "s")]) == 2
     assert "CIFAR-10 folder" in capsys.readouterr().err

@@ -70,7 +70,7 @@ inline SimdLevel detect_simd_level() {
   }
 #endif
   const char* cap = std::getenv("QDARTS_CPU_ISA");
-  if (cap != nullptr) {
+  if (cap != nullptr && *cap != '\0') {  // set but empty: unset, as QDARTS_BACKEND and QDARTS_CPU_CACHE_MB
     SimdLevel limit = level;
     if (std::strcmp(cap, "baseline") == 0) {
       limit = SimdLevel::kBaseline;

@@ -86,6 +86,12 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here")
+    from ..search import check_device
+
+    try:  # QDARTS_BACKEND and the CPU kernels' variables, before any figure (and the --out folder)
+        check_device(device, None)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if args.cuda_graph_end_to_end and torch.device(device).type != "cuda":
         raise SystemExit(f"--cuda-graph-end-to-end needs --device cuda, got {device!r}")
     if args.threads is not None:

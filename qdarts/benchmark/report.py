@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Dict, Iterable, List, Optional
 
+from ..checkpoint import atomic_write_text
 from .cases import AUTOGRAD, COMPILED, EAGER, MODES
 
 MB = 2**20
@@ -25,17 +25,9 @@ def read_json(path: str) -> Dict[str, Any]:
 
 
 def write_json(path: str, payload: Dict[str, Any]) -> None:
-    """Atomic write (temporary file + rename), so a killed run never leaves half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".results-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Atomic write (temporary file + rename), so a killed run never leaves half a file; the file gets
+    the mode a plain open() would give it, as the search's outputs do."""
+    atomic_write_text(path, json.dumps(payload, indent=1))
 
 
 def _num(v: Optional[float], digits: int = 3) -> str:

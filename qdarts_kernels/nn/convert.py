@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .layers import QuantConv2d, QuantLinear
 
@@ -44,9 +45,15 @@ def quantize_(
         backend: ops backend for the quantizers, None for the automatic choice.
         fuse_relu: inside an ``nn.Sequential``, an ``nn.ReLU`` directly followed by a swapped layer
             is folded into that layer's activation quantizer (``fuse_relu=True``, the relu grid)
-            and replaced by ``nn.Identity``: the same values and gradients (an in-place ReLU
-            included: in a chain its input has no other reader), and one activation-sized tensor
-            less kept for backward per fold. Needs ``act_bits``.
+            and replaced by ``nn.Identity``: the values and gradients of the ReLU followed by that
+            layer quantizing on the unsigned grid (``act_signed=False``), bit for bit (an in-place
+            ReLU included: in a chain its input has no other reader), and one activation-sized
+            tensor less kept for backward per fold. With the default ``act_signed=True`` the fold
+            therefore also changes that layer's grid, from signed to unsigned: its input is
+            non-negative, and the unsigned grid spends all its levels there. Needs ``act_bits``.
+
+    A layer that appears more than once (one module shared by several places) becomes one quantized
+    layer shared the same way. Lazy layers must be materialised (one forward pass) first.
 
     Returns ``model`` (modified in place).
     """
@@ -57,22 +64,40 @@ def quantize_(
                          f"{type(model).__name__}: wrap it in a container (e.g. nn.Sequential) first")
     quant_kwargs = dict(weight_bits=weight_bits, act_bits=act_bits, quantizer=quantizer, act_signed=act_signed,
                         backend=backend)
-    _swap_children(model, "", filter_fn, quant_kwargs, fuse_relu)
+    _swap_children(model, "", filter_fn, quant_kwargs, fuse_relu, {})
     return model
 
 
-def _swap_children(parent: nn.Module, prefix: str, filter_fn, quant_kwargs: dict, fuse_relu: bool) -> None:
+def _swap_children(parent: nn.Module, prefix: str, filter_fn, quant_kwargs: dict, fuse_relu: bool,
+                   swapped: Dict[int, Tuple[nn.Module, bool, str]]) -> None:
+    """Swap under ``parent``; ``swapped``: id of each layer swapped so far -> (its quantized layer,
+    whether a ReLU was folded into it, where it was first seen), so that a shared layer stays shared."""
     previous = None  # (name, module) of the sibling before, in a Sequential
-    for name, child in list(parent.named_children()):
+    # _modules, not named_children(): that yields a module shared by two names once
+    for name, child in list(parent._modules.items()):
         fqn = prefix + name
+        if child is None:
+            continue
+        if isinstance(child, LazyModuleMixin) and child.has_uninitialized_params():
+            raise ValueError(f"quantize_: {fqn} is a {type(child).__name__} whose parameters are not initialised "
+                             "yet; run one forward pass first, so that its weight has a shape")
         cls = _SWAPS.get(type(child))
         if cls is not None and (filter_fn is None or filter_fn(child, fqn)):
             fold = fuse_relu and isinstance(parent, nn.Sequential) and previous is not None \
                 and type(previous[1]) is nn.ReLU
-            kwargs = dict(quant_kwargs, fuse_relu=True, act_signed=False) if fold else quant_kwargs
-            setattr(parent, name, cls.from_float(child, **kwargs))
+            if id(child) in swapped:
+                quantized, folded, first = swapped[id(child)]
+                if folded != fold:
+                    raise ValueError(f"quantize_: {first} and {fqn} are one module, and fuse_relu would fold a "
+                                     "ReLU into one use only; give each use its own module, or pass "
+                                     "fuse_relu=False")
+            else:
+                kwargs = dict(quant_kwargs, fuse_relu=True, act_signed=False) if fold else quant_kwargs
+                quantized = cls.from_float(child, **kwargs)
+                swapped[id(child)] = (quantized, fold, fqn)
+            setattr(parent, name, quantized)
             if fold:
                 setattr(parent, previous[0], nn.Identity())
         else:
-            _swap_children(child, fqn + ".", filter_fn, quant_kwargs, fuse_relu)
+            _swap_children(child, fqn + ".", filter_fn, quant_kwargs, fuse_relu, swapped)
         previous = (name, child)

@@ -363,7 +363,10 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
     @torch.no_grad()
     def _init_lsq_scales(self, x: Tensor, axis: Optional[int]) -> None:
         """LSQ rule ``s_k = 2 mean|x| / sqrt(Qp_k)``, per tensor or per channel; on the device. An
-        empty batch observes nothing: the first non-empty one initialises the scales."""
+        empty batch observes nothing: the first non-empty one initialises the scales. Zeros say
+        nothing about a scale either: a channel all zeros in that batch (dead after a ReLU) takes the
+        whole batch's mean, and where everything was zero the scales keep their value (1 before any
+        batch) rather than take the floor MIN_SCALE, which would clip every later input to ~1e-5."""
         if axis is not None:
             if isinstance(self.scales, UninitializedParameter):
                 self.scales.materialize((self.num_bits, x.shape[axis]))
@@ -378,9 +381,11 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
             mean_abs = xa.mean().reshape(1)
             init = self._init_factor * mean_abs
         else:
-            mean_abs = xa.mean(dim=_other_dims(x, axis))
-            init = self._init_factor[:, None] * mean_abs[None, :]
-        self.scales.copy_(init.clamp_min(MIN_SCALE))
+            per_channel = xa.mean(dim=_other_dims(x, axis))
+            mean_abs = torch.where(per_channel > 0, per_channel, xa.mean())[None, :]
+            init = self._init_factor[:, None] * mean_abs
+        # a where on the device, not a test on the host: no sync
+        self.scales.copy_(torch.where(mean_abs > 0, init, self.scales).clamp_min(MIN_SCALE))
         self.initialized.fill_(1)
         self._needs_init = False
 

@@ -147,10 +147,83 @@ def _empty_like_none(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 
 def _contiguous_like(t: Tensor) -> Tensor:
-    # what the kernels return for a tensor shaped like t (an output, a gradient): contiguous whatever
-    # t's strides (a transposed scales view included); the fakes must say so, as compiled code
-    # checks the strides
+    # what the kernels return for a parameter's gradient (dprobs, dscales): contiguous whatever the
+    # parameter's strides (a transposed scales view included); the fakes must say so, as compiled
+    # code checks the strides
     return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+class _MemoryOrder:
+    """The order in memory of a tensor's dimensions, as the kernels see it: ``perm`` such that
+    ``t.permute(perm)`` is contiguous, for a dense tensor that is not contiguous (channels_last, any
+    permutation of a contiguous tensor); None (:data:`_CONTIGUOUS`) for the others.
+
+    The kernels take contiguous tensors. A dense tensor is one already, viewed in its memory order,
+    and the ops compute elementwise (per channel along an axis), so they run on that view, without the
+    copy that ``t.contiguous()`` makes, and give their results the tensor's strides, as PyTorch's
+    ``fake_quantize_per_tensor_affine`` does (a channels_last model keeps channels_last activations).
+    Tensors that are not dense (gaps, overlaps: slices, expands) have no such order: they are copied
+    to contiguous ones as before, and so are their results contiguous."""
+
+    __slots__ = ("perm", "inverse")
+
+    def __init__(self, perm: Optional[List[int]]) -> None:
+        self.perm = perm
+        self.inverse = None if perm is None else sorted(range(len(perm)), key=perm.__getitem__)
+
+    @staticmethod
+    def of(t: Tensor) -> "_MemoryOrder":
+        """t's memory order; :data:`_CONTIGUOUS` where t is contiguous or not dense."""
+        if t.is_contiguous():
+            return _CONTIGUOUS
+        # Dims by decreasing stride; the stable sort keeps equal strides (possible only where a dim has
+        # size 1, whose stride is arbitrary) in their order. Then whether t in that order is contiguous,
+        # as is_contiguous decides it (size-1 dims ignored), from the sizes and strides: a permute and
+        # its is_contiguous took twice as long, a few microseconds a call.
+        sizes, strides = t.shape, t.stride()
+        perm = sorted(range(len(sizes)), key=lambda d: -strides[d])
+        expected = 1
+        for d in reversed(perm):
+            if sizes[d] != 1:
+                if strides[d] != expected:
+                    return _CONTIGUOUS  # gaps or overlaps: not dense
+                expected *= sizes[d]
+        return _MemoryOrder(perm)
+
+    def contiguous(self, t: Tensor) -> Tensor:
+        """t (of the tensor's shape) as the kernels take it: viewed in this memory order, contiguous
+        (no copy where t lies in memory this way, one copy where it does not: a gradient in another
+        layout, a tensor that is not dense)."""
+        return t.contiguous() if self.perm is None else t.permute(self.perm).contiguous()
+
+    def axis(self, axis: int) -> int:
+        """Where the tensor's dim ``axis`` lies in that view (-1, per tensor, stays -1)."""
+        return axis if self.perm is None or axis < 0 else self.perm.index(axis)
+
+    def restore(self, result: Tensor, like: Optional[Tensor] = None) -> Tensor:
+        """A kernel's contiguous ``result`` on that view as a tensor of the tensor's shape (a view of
+        it): permuted back where there is a memory order, else as it is, contiguous. With exactly the
+        strides of ``like`` (the tensor, in this order), as ``torch.empty_like(like)`` in the fake
+        kernels makes them: restrided where ``like`` has other strides in size-1 dims than its
+        memory order gives them."""
+        if self.perm is None:
+            return result
+        out = result.permute(self.inverse)
+        if like is None or out.stride() == like.stride():
+            return out
+        return out.as_strided(like.shape, like.stride())
+
+
+#: the order of the tensors that the kernels take as ``t.contiguous()`` (see _MemoryOrder)
+_CONTIGUOUS = _MemoryOrder(None)
+
+
+def _kernel_output_like(t: Tensor) -> Tensor:
+    # what the kernels return for a tensor shaped like t (an output, a gradient; see _MemoryOrder):
+    # t's strides where t is dense but not contiguous (empty_like's preserve_format keeps them
+    # exactly then), else contiguous ones (preserve_format would give a non-dense t channels_last
+    # strides where it looks so, while the kernels then compute on t.contiguous())
+    return _contiguous_like(t) if _MemoryOrder.of(t).perm is None else torch.empty_like(t)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,18 +232,24 @@ def _contiguous_like(t: Tensor) -> Tensor:
 
 
 def _mfq_forward(x: Tensor, probs: Tensor, scales: Tensor, bits, grid: int, axis: int, backend: str) -> Tensor:
-    return _backends.get(backend).mixed_fake_quant_forward(
-        x.contiguous(), _params(probs, x), _params(scales, x), tuple(bits), grid, axis
+    """y with x's strides where x is dense, else contiguous (see _MemoryOrder)."""
+    order = _MemoryOrder.of(x)
+    y = _backends.get(backend).mixed_fake_quant_forward(
+        order.contiguous(x), _params(probs, x), _params(scales, x), tuple(bits), grid, order.axis(axis)
     )
+    return order.restore(y, x)
 
 
 def _mfq_backward(grad, x, probs, scales, bits, grid, axis, backend, need_dx, need_dprobs, need_dscales):
-    """(dx, dprobs, dscales) in the dtypes of x, probs, scales; None where not requested."""
+    """(dx, dprobs, dscales) in the dtypes of x, probs, scales; None where not requested. dx has x's
+    strides where x is dense, else it is contiguous (see _MemoryOrder)."""
+    order = _MemoryOrder.of(x)
     dx, dp, ds = _backends.get(backend).mixed_fake_quant_backward(
-        grad.contiguous(), x.contiguous(), _params(probs, x), _params(scales, x), tuple(bits),
-        grid, axis, need_dx, need_dprobs, need_dscales,
+        order.contiguous(grad), order.contiguous(x), _params(probs, x), _params(scales, x), tuple(bits),
+        grid, order.axis(axis), need_dx, need_dprobs, need_dscales,
     )
-    return (dx, dp.to(probs.dtype) if dp is not None else None, ds.to(scales.dtype) if ds is not None else None)
+    return (order.restore(dx, x) if dx is not None else None, dp.to(probs.dtype) if dp is not None else None,
+            ds.to(scales.dtype) if ds is not None else None)
 
 
 class _MixedFakeQuantFunction(torch.autograd.Function):
@@ -200,7 +279,7 @@ def _mixed_fake_quant_op(
 
 @_mixed_fake_quant_op.register_fake
 def _(x, probs, scales, bits, grid, axis, backend):
-    return _contiguous_like(x)
+    return _kernel_output_like(x)
 
 
 @torch.library.custom_op("qdarts::mixed_fake_quant_backward", mutates_args=())
@@ -225,7 +304,7 @@ def _mixed_fake_quant_backward_op(
 @_mixed_fake_quant_backward_op.register_fake
 def _(grad, x, probs, scales, bits, grid, axis, backend, need_dx, need_dprobs, need_dscales):
     return (
-        _contiguous_like(x) if need_dx else x.new_empty(0),
+        _kernel_output_like(x) if need_dx else x.new_empty(0),
         _contiguous_like(probs) if need_dprobs else probs.new_empty(0),
         _contiguous_like(scales) if need_dscales else scales.new_empty(0),
     )
@@ -389,8 +468,11 @@ def _grouped_pair(backend: str, device: torch.device) -> Tuple[Callable, Callabl
 def _mfqg_forward(xs, probs: Tensor, scales, bits, grid: int, axes, backend: str) -> List[Tensor]:
     like = xs[0]
     forward, _ = _grouped_pair(backend, like.device)
-    return forward([x.contiguous() for x in xs], _params(probs, like), [_params(s, like) for s in scales],
-                   tuple(bits), grid, tuple(axes))
+    orders = [_MemoryOrder.of(x) for x in xs]  # each x's (see _MemoryOrder)
+    ys = forward([o.contiguous(x) for o, x in zip(orders, xs)], _params(probs, like),
+                 [_params(s, like) for s in scales], tuple(bits), grid,
+                 tuple(o.axis(ax) for o, ax in zip(orders, axes)))
+    return [o.restore(y, x) for o, y, x in zip(orders, ys, xs)]
 
 
 def _mfqg_backward(grads, xs, probs, scales, bits, grid, axes, backend, need_dx, need_dprobs, need_dscales):
@@ -399,10 +481,14 @@ def _mfqg_backward(grads, xs, probs, scales, bits, grid, axes, backend, need_dx,
     per-tensor views (``_split_like``, which also casts each to its scales' dtype)."""
     like = xs[0]
     _, backward = _grouped_pair(backend, like.device)
+    orders = [_MemoryOrder.of(x) for x in xs]  # each x's (see _MemoryOrder)
     dxs, dp, ds = backward(
-        [g.contiguous() for g in grads], [x.contiguous() for x in xs], _params(probs, like),
-        [_params(s, like) for s in scales], tuple(bits), grid, tuple(axes), need_dx, need_dprobs, need_dscales,
+        [o.contiguous(g) for o, g in zip(orders, grads)], [o.contiguous(x) for o, x in zip(orders, xs)],
+        _params(probs, like), [_params(s, like) for s in scales], tuple(bits), grid,
+        tuple(o.axis(ax) for o, ax in zip(orders, axes)), need_dx, need_dprobs, need_dscales,
     )
+    if dxs is not None:
+        dxs = [o.restore(dx, x) for o, dx, x in zip(orders, dxs, xs)]
     return dxs, (dp.to(probs.dtype) if dp is not None else None), ds
 
 
@@ -461,7 +547,7 @@ def _mixed_fake_quant_grouped_op(
 
 @_mixed_fake_quant_grouped_op.register_fake
 def _(xs, probs, scales, bits, grid, axes, backend, straight_through):
-    return [_contiguous_like(x) for x in xs]
+    return [_kernel_output_like(x) for x in xs]
 
 
 def _check_grouped_op_args(xs, probs, scales, bits, grid, axes, grads=None):
@@ -507,7 +593,7 @@ def _mixed_fake_quant_grouped_backward_op(
 
 @_mixed_fake_quant_grouped_backward_op.register_fake
 def _(grads, xs, probs, scales, bits, grid, axes, backend, need_dx, need_dprobs, need_dscales):
-    dxs = [_contiguous_like(x) if need_dx else x.new_empty(0) for x in xs]
+    dxs = [_kernel_output_like(x) if need_dx else x.new_empty(0) for x in xs]
     math_dtype = torch.float64 if xs[0].dtype == torch.float64 else torch.float32  # see _params
     dscales = scales[0].new_empty(sum(s.numel() for s in scales) if need_dscales else 0, dtype=math_dtype)
     return dxs + [_contiguous_like(probs) if need_dprobs else probs.new_empty(0), dscales]
@@ -622,16 +708,25 @@ def _mixed_fake_quant_grouped_of_a_kind(checked: dict, xs: Sequence[Tensor], pro
 
 
 def _mos_forward(outputs, weights: Tensor, backend: str) -> Tensor:
-    return _backends.get(backend).mixed_op_sum_forward([o.contiguous() for o in outputs], _params(weights, outputs[0]))
+    """y with the first output's strides where it is dense, else contiguous; the other outputs are
+    brought to its memory order (see _MemoryOrder)."""
+    order = _MemoryOrder.of(outputs[0])
+    y = _backends.get(backend).mixed_op_sum_forward([order.contiguous(o) for o in outputs],
+                                                    _params(weights, outputs[0]))
+    return order.restore(y, outputs[0])
 
 
 def _mos_backward(grad, outputs, weights, backend, need_doutputs, need_dweights):
     """(list of d outputs, d weights in the weights' dtype); None where not requested. ``outputs``
-    may be the stand-ins of :func:`_mos_saved_outputs` when d weights are not requested."""
-    grad = grad.contiguous()
+    may be the stand-ins of :func:`_mos_saved_outputs` when d weights are not requested. The d
+    outputs have the first output's strides where it is dense, else they are contiguous."""
+    order = _MemoryOrder.of(outputs[0])
     douts, dw = _backends.get(backend).mixed_op_sum_backward(
-        grad, [o.contiguous() for o in outputs], _params(weights, grad), need_doutputs, need_dweights
+        order.contiguous(grad), [order.contiguous(o) for o in outputs], _params(weights, grad), need_doutputs,
+        need_dweights
     )
+    if douts is not None:
+        douts = [order.restore(d, outputs[0]) for d in douts]
     return douts, (dw.to(weights.dtype) if dw is not None else None)
 
 
@@ -642,13 +737,18 @@ def _mos_kept_outputs(outputs: Sequence[Tensor], need_dweights: bool) -> Tuple[T
     return tuple(outputs) if need_dweights else ()
 
 
-def _mos_saved_outputs(kept: Sequence[Tensor], grad: Tensor, k: int) -> Tuple[Tensor, List[Tensor]]:
-    """(grad made contiguous, the outputs kept by _mos_kept_outputs, or K stand-ins when none were):
-    the backends read the outputs only for d weights, and otherwise only their number, shape, dtype
-    and device, which are grad's (see _backends). The stand-ins are the contiguous grad itself, so
-    that a strided grad (a slice of a concatenation's gradient) is copied once, not K + 1 times."""
-    grad = grad.contiguous()
-    return grad, (list(kept) if kept else [grad] * k)
+def _mos_saved_outputs(kept: Sequence[Tensor], grad: Tensor, k: int, order: "_MemoryOrder"
+                       ) -> Tuple[Tensor, List[Tensor]]:
+    """(grad, the outputs kept by _mos_kept_outputs; or grad laid out in the first output's memory
+    ``order`` and K stand-ins, when none were kept): the backends read the outputs only for d
+    weights, and otherwise only their number, shape, dtype and device, which are grad's (see
+    _backends). The stand-ins are that grad itself, so that a strided grad (a slice of a
+    concatenation's gradient) is copied once, not K + 1 times, and so that the d outputs, which take
+    the first output's layout (_mos_backward), take it here too."""
+    if kept:
+        return grad, list(kept)
+    grad = order.restore(order.contiguous(grad))
+    return grad, [grad] * k
 
 
 class _MixedOpSumFunction(torch.autograd.Function):
@@ -659,13 +759,14 @@ class _MixedOpSumFunction(torch.autograd.Function):
         ctx.save_for_backward(weights, *_mos_kept_outputs(outputs, ctx.needs_input_grad[0]))
         ctx.backend = backend
         ctx.k = len(outputs)
+        ctx.order = _MemoryOrder.of(outputs[0])  # for the stand-ins of the outputs not kept
         return _mos_forward(outputs, weights, backend)
 
     @staticmethod
     def backward(ctx, grad):
         _refuse_second_order("mixed_op_sum", ctx.backend)
         weights, *kept = ctx.saved_tensors
-        grad, outputs = _mos_saved_outputs(kept, grad, ctx.k)
+        grad, outputs = _mos_saved_outputs(kept, grad, ctx.k, ctx.order)
         need_dw, need_douts = ctx.needs_input_grad[0], any(ctx.needs_input_grad[2:])
         douts, dw = _mos_backward(grad, outputs, weights, ctx.backend, need_douts, need_dw)
         return (dw, None, *(douts if douts is not None else [None] * len(outputs)))
@@ -688,7 +789,7 @@ def _mixed_op_sum_op(outputs: List[Tensor], weights: Tensor, backend: str) -> Te
 
 @_mixed_op_sum_op.register_fake
 def _(outputs, weights, backend):
-    return _contiguous_like(outputs[0])
+    return _kernel_output_like(outputs[0])
 
 
 @torch.library.custom_op("qdarts::mixed_op_sum_backward", mutates_args=())
@@ -705,10 +806,8 @@ def _mixed_op_sum_backward_op(
 
 @_mixed_op_sum_backward_op.register_fake
 def _(grad, outputs, weights, backend, need_doutputs, need_dweights):
-    douts = [
-        _contiguous_like(o) if need_doutputs else o.new_empty(0)
-        for o in outputs
-    ]
+    # every d output as the first output lies (see _mos_backward)
+    douts = [_kernel_output_like(outputs[0]) if need_doutputs else o.new_empty(0) for o in outputs]
     return douts + [torch.empty_like(weights) if need_dweights else weights.new_empty(0)]
 
 
@@ -719,11 +818,12 @@ def _mos_setup_context(ctx, inputs, output):
     ctx.save_for_backward(weights, *_mos_kept_outputs(outputs, weights.requires_grad))
     ctx.backend = backend
     ctx.k = len(outputs)
+    ctx.order = _MemoryOrder.of(outputs[0])  # for the stand-ins of the outputs not kept
 
 
 def _mos_op_backward(ctx, grad):
     weights, *kept = ctx.saved_tensors
-    grad, outputs = _mos_saved_outputs(kept, grad, ctx.k)
+    grad, outputs = _mos_saved_outputs(kept, grad, ctx.k, ctx.order)
     # needs_input_grad[0] may be one flag per output: a list, true even when every flag is false
     flags = ctx.needs_input_grad[0]
     need_douts, need_dw = any(flags) if isinstance(flags, (list, tuple)) else bool(flags), ctx.needs_input_grad[1]
@@ -756,5 +856,11 @@ def mixed_op_sum(
         return _mixed_op_sum_op(outs, weights, name)
     with_autograd = getattr(_backends.get(name), "mixed_op_sum_with_autograd", None)
     if with_autograd is not None:
-        return with_autograd(outs, weights)
+        # The C++ autograd takes contiguous outputs as they lie: the first output's memory order is
+        # given to it as views (one copy of an output in another layout), the sum permuted back
+        # (autograd permutes the gradients the same way), as _mos_forward and _mos_backward do.
+        order = _MemoryOrder.of(outs[0])
+        if order is _CONTIGUOUS:
+            return with_autograd(outs, weights)
+        return order.restore(with_autograd([order.contiguous(o) for o in outs], weights), outs[0])
     return _MixedOpSumFunction.apply(weights, name, *outs)

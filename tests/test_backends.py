@@ -243,6 +243,75 @@ def test_mixed_fake_quant_non_contiguous(backend_device):
                            "signed", 1)
 
 
+def _channels_last(shape, gen):
+    return torch.randn(shape, generator=gen).to(memory_format=torch.channels_last)
+
+
+def _permuted_3d(shape, gen):
+    # dense, its dims in memory in the order (2, 0, 1): a permutation of a contiguous tensor
+    return torch.randn(shape[2], shape[0], shape[1], generator=gen).permute(1, 2, 0)
+
+
+# (x, per-channel axis): activations per tensor and per channel, weights [Co, Ci, kh, kw] per output
+# channel, all channels_last; a permuted 3-D tensor; a channels_last tensor with H = 1 (size-1 dims)
+LAYOUT_CASES = {
+    "channels_last": (_channels_last, (2, 5, 4, 3), None),
+    "channels_last-axis1": (_channels_last, (2, 5, 4, 3), 1),
+    "channels_last-weights-axis0": (_channels_last, (6, 4, 3, 3), 0),
+    "permuted_3d": (_permuted_3d, (7, 6, 5), None),
+    "permuted_3d-axis2": (_permuted_3d, (7, 6, 5), 2),
+    "channels_last-h1-axis1": (_channels_last, (3, 4, 1, 5), 1),
+}
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES)
+def test_mixed_fake_quant_keeps_the_layout(backend_device, case):
+    """A dense input that is not contiguous gives an output and dx with its strides (no copy to NCHW),
+    the values those of the same op on x.contiguous(): bit for bit forward and for dx, the
+    reductions within their tolerance; a grad in another layout gives dx in x's layout all the same."""
+    backend, device = backend_device
+    make, shape, axis = LAYOUT_CASES[case]
+    gen = torch.Generator().manual_seed(13)
+    x = make(shape, gen).to(device)
+    assert not x.is_contiguous()
+    bits = (2, 4, 8)
+    probs, scales = _probs(3, gen).to(device), _scales_for(x.cpu(), bits, "signed", axis, gen).to(device)
+    g = torch.randn(shape, generator=gen).to(device)
+    results = []
+    g_like_x = torch.empty_like(x).copy_(g)
+    # first the baseline on x.contiguous(); then x with a grad in its layout, and in another (contiguous)
+    for xi, gi in ((x.contiguous(), g), (x, g_like_x), (x, g)):
+        xl, pl, sl = (_leaf(t, device) for t in (xi, probs, scales))
+        y = qk.mixed_fake_quant(xl, pl, sl, bits, axis=axis, backend=backend)
+        # autograd.grad: the .grad of a leaf takes the leaf's strides whatever the op returns
+        dx, dp, ds = torch.autograd.grad(y, (xl, pl, sl), gi)
+        assert y.stride() == xl.stride() and dx.stride() == xl.stride(), (y.stride(), dx.stride())
+        results.append((y.detach(), dx, dp, ds))
+    dp_abs, ds_abs = _abs_term_sums(x.cpu(), probs.cpu(), scales.cpu(), bits, "signed", axis, g.cpu())
+    (y0, dx0, dp0, ds0), *others = results
+    for y, dx, dp, ds in others:
+        _assert_exact(y, y0, "forward against x.contiguous()")
+        _assert_exact(dx, dx0, "dx against x.contiguous()")
+        _assert_reduction_close(dp.cpu(), dp0.cpu(), dp_abs, "dprobs")
+        _assert_reduction_close(ds.cpu(), ds0.cpu(), ds_abs.reshape(ds.shape), "dscales")
+    check_mixed_fake_quant(backend, device, x.cpu(), probs.cpu(), scales.cpu(), bits, "signed", axis)
+
+
+def test_mixed_fake_quant_not_dense_input_gives_contiguous_results(backend_device):
+    """An input with gaps (a slice of a channels_last tensor) has no memory order to keep: it is copied to
+    a contiguous tensor, as before, and so are the output and dx."""
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(14)
+    x = _channels_last((2, 5, 6, 3), gen).to(device)[:, :, ::2]
+    bits = (2, 4)
+    probs, scales = _probs(2, gen).to(device), _scales_for(x.cpu(), bits, "signed", 1, gen).to(device)
+    xl = x.detach().requires_grad_()
+    y = qk.mixed_fake_quant(xl, probs, scales, bits, axis=1, backend=backend)
+    dx, = torch.autograd.grad(y, xl, torch.ones_like(y))
+    assert y.is_contiguous() and dx.is_contiguous()
+    _assert_exact(y, qk.mixed_fake_quant(x.contiguous(), probs, scales, bits, axis=1, backend=backend), "forward")
+
+
 def test_mixed_fake_quant_special_values(backend_device):
     """NaN and +-inf behave as in the reference (no crash, no silent change)."""
     backend, device = backend_device
@@ -370,3 +439,30 @@ def test_mixed_op_sum_non_contiguous(backend_device):
     gen = torch.Generator().manual_seed(12)
     outs = [torch.randn(9, 14, generator=gen).t() for _ in range(4)]
     check_mixed_op_sum(backend, device, outs, torch.rand(4, generator=gen))
+
+
+@pytest.mark.parametrize("needs", [(True, True), (True, False)], ids=["all", "outputs"])
+def test_mixed_op_sum_keeps_the_layout(backend_device, needs):
+    """channels_last outputs give a channels_last sum and d outputs (the outputs kept for d weights or
+    not, whatever the layout of grad), the values those of contiguous outputs; outputs in differing
+    layouts take the first one's (the others are brought to it)."""
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(15)
+    outs = [_channels_last((2, 5, 4, 3), gen) for _ in range(3)]
+    w = torch.softmax(torch.randn(3, generator=gen), 0)
+    check_mixed_op_sum(backend, device, outs, w, needs=needs)
+    g = torch.randn(2, 5, 4, 3, generator=gen)
+    yr = ref.mixed_op_sum(outs, w)
+    douts_r = [w[k] * g for k in range(3)]
+    other_layout = outs[2].permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1)
+    for layouts in (outs, [outs[0], outs[1].contiguous(), other_layout], [o.contiguous() for o in outs]):
+        for grad in (g, g.to(memory_format=torch.channels_last)):
+            ob = [_leaf(o, device, needs[0]) for o in layouts]
+            wb = _leaf(w, device, needs[1])
+            y = qk.mixed_op_sum(ob, wb, backend=backend)
+            douts = torch.autograd.grad(y, ob, grad.to(device))
+            assert y.stride() == ob[0].stride()
+            assert all(d.stride() == ob[0].stride() for d in douts), [d.stride() for d in douts]
+            _assert_exact(y.cpu(), yr, "forward")
+            for d, dr in zip(douts, douts_r):
+                _assert_exact(d.cpu(), dr.to(d.dtype), "d outputs")

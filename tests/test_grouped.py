@@ -181,6 +181,51 @@ def test_opcheck_grouped(backend, per_channel, straight_through):
                                *rest, *needs))
 
 
+def _grouped_layouts_args(backend, per_channel):
+    """_op_args with xs in other layouts: channels_last, a permuted 3-D tensor, contiguous, one with
+    gaps (a slice of a channels_last tensor)."""
+    gen = torch.Generator().manual_seed(6)
+    xs = [torch.randn(2, 3, 4, 5, generator=gen).to(memory_format=torch.channels_last),
+          torch.randn(5, 3, 4, generator=gen).permute(2, 1, 0),
+          torch.randn(4, 3, generator=gen),
+          torch.randn(2, 3, 4, 10, generator=gen).to(memory_format=torch.channels_last)[..., ::2]]
+    probs = torch.softmax(torch.randn(len(xs), 2, generator=gen), 1)
+    scales = [torch.rand((2, 3) if per_channel else (2,), generator=gen) * 0.2 + 0.05 for _ in xs]
+    return xs, probs, scales, [2, 4], 0, [1] * len(xs) if per_channel else [-1] * len(xs), backend
+
+
+@pytest.mark.parametrize("backend", CPU_SIDE_BACKENDS)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_grouped_keeps_each_tensor_s_layout(backend, per_channel):
+    """Each y and dx has its x's strides where x is dense (contiguous where it is not), the fakes
+    say so (opcheck), and the values are the single op's on x.contiguous(): bit for bit forward and
+    for dx, the reductions within their tolerance."""
+    xs, probs, scales, bits, grid, axes, _ = _grouped_layouts_args(backend, per_channel)
+    axis = 1 if per_channel else None
+    torch.library.opcheck(torch.ops.qdarts.mixed_fake_quant_grouped.default,
+                          ([x.requires_grad_() for x in xs], probs, scales, bits, grid, axes, backend, False))
+    gen = torch.Generator().manual_seed(7)
+    gs = [torch.randn(x.shape, generator=gen) for x in xs]
+    torch.library.opcheck(torch.ops.qdarts.mixed_fake_quant_grouped_backward.default,
+                          (gs, [x.detach() for x in xs], probs, scales, bits, grid, axes, backend, True, True, True))
+    # xs as they are (_leaf's clone would make the one with gaps dense)
+    xl, pl, sl = [x.detach().requires_grad_() for x in xs], _leaf(probs, "cpu"), [_leaf(s, "cpu") for s in scales]
+    ys = qk.mixed_fake_quant_grouped(xl, pl, sl, bits, axis=axis, backend=backend)
+    grads = torch.autograd.grad(ys, [*xl, pl, *sl], gs)
+    dxs, dp, dss = grads[:len(xs)], grads[len(xs)], grads[len(xs) + 1:]
+    for i, (x, y, dx) in enumerate(zip(xl, ys, dxs)):
+        strides = x.stride() if i < 3 else x.contiguous().stride()
+        assert y.stride() == strides and dx.stride() == strides, (i, y.stride(), dx.stride(), strides)
+        xc, pc, sc = _leaf(x.contiguous(), "cpu"), _leaf(probs[i], "cpu"), _leaf(scales[i], "cpu")
+        yc = qk.mixed_fake_quant(xc, pc, sc, bits, axis=axis, backend=backend)
+        dxc, dpc, dsc = torch.autograd.grad(yc, (xc, pc, sc), gs[i])
+        _assert_exact(y.detach(), yc.detach(), f"forward[{i}]")
+        _assert_exact(dx, dxc, f"dx[{i}]")
+        dp_abs, ds_abs = _abs_term_sums(xs[i].detach(), probs[i], scales[i], bits, "signed", axis, gs[i])
+        _assert_reduction_close(dp[i], dpc, dp_abs, f"dprobs[{i}]")
+        _assert_reduction_close(dss[i], dsc, ds_abs.reshape(dsc.shape), f"dscales[{i}]")
+
+
 class _GroupedNet(torch.nn.Module):
     """Two linear layers whose weights are quantized per channel by one grouped call."""
 

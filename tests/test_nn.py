@@ -590,6 +590,58 @@ def test_quantized_model_compiles_fullgraph_forward_and_backward():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+class _ChainedConvs(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.first = qnn.QuantConv2d(8, 8, 3, padding=1, groups=8, bias=False, **kwargs)
+        self.second = qnn.QuantConv2d(8, 8, 1, bias=False, **kwargs)
+
+    def forward(self, x):
+        return qnn.chained_quant_convs(self.first, self.second, x)
+
+
+@pytest.mark.parametrize("bits", [8, (4, 8)], ids=["fixed", "mixed"])
+@pytest.mark.parametrize("quantizer", ["lsq", "paper"])
+def test_quantized_channels_last_model_keeps_channels_last_end_to_end(quantizer, bits):
+    """A channels_last model after quantize_ keeps channels_last activations, layer after layer, and
+    gradients, in training and in evaluation: the ops keep their input's layout, and the few-channel
+    CPU convs (1x1 and depthwise without bias, which compute in NCHW) leave channels_last inputs
+    to PyTorch's convolution. The values are those of the NCHW model, up to the convolutions'
+    rounding (PyTorch's CPU convolution may sum in another order per layout)."""
+    torch.manual_seed(13)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1, bias=False),
+                        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.MaxPool2d(2),
+                        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU())
+    qnn.quantize_(net, weight_bits=bits, act_bits=bits, quantizer=quantizer)
+    net.append(_ChainedConvs(weight_bits=bits, act_bits=bits, quantizer=quantizer))
+    nchw = copy.deepcopy(net)
+    net = net.to(memory_format=torch.channels_last)
+    layouts = {}
+    for name, module in net.named_modules():
+        if isinstance(module, (qnn.QuantConv2d, qnn.MixedPrecisionFakeQuantize)) and "weight" not in name:
+            module.register_forward_hook(lambda m, i, o, name=name: layouts.__setitem__(
+                name, o.is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(2, 3, 8, 8)
+    g = torch.randn(2, 8, 4, 4)
+    for training in (True, False):
+        results = []
+        for model, xi in ((nchw, x), (net, x.to(memory_format=torch.channels_last))):
+            model.train(training)
+            xi = xi.clone().requires_grad_()
+            with torch.set_grad_enabled(training):
+                y = model(xi)
+            results.append((y, *(torch.autograd.grad(y, xi, g) if training else ())))
+        (y_nchw, *dx_nchw), (y, *dx) = results
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert all(d.is_contiguous(memory_format=torch.channels_last) for d in dx)
+        assert layouts and all(layouts.values()), {k: v for k, v in layouts.items() if not v}
+        for a, b in ((y, y_nchw), *zip(dx, dx_nchw)):
+            # on average: a value the convolution's rounding moves across a rounding boundary of the
+            # next quantizer moves by a whole quantization step
+            assert float((a - b).abs().mean()) <= 1e-3 * float(b.abs().mean())
+        layouts.clear()
+
+
 def test_prepare_qat_with_our_fake_quantize_then_convert_to_int8():
     class Net(nn.Module):
         def __init__(self):

@@ -52,6 +52,83 @@ def test_opcheck_backward_of_non_contiguous_probs_and_scales(backend):
                            True, True, True))
 
 
+# x in layouts the kernels see in memory order (their results take x's strides) and in one with gaps (a
+# slice of a channels_last tensor: computed on a contiguous copy, the results contiguous)
+X_LAYOUTS = {
+    "channels_last": lambda t: t.to(memory_format=torch.channels_last),
+    "permuted": lambda t: t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2).transpose(2, 3),
+    "not_dense": lambda t: torch.cat([t, t], 2).to(memory_format=torch.channels_last)[:, :, ::2],
+}
+
+
+@pytest.mark.parametrize("backend", CPU_SIDE_BACKENDS)
+@pytest.mark.parametrize("axis", [-1, 1, 0])
+@pytest.mark.parametrize("layout", X_LAYOUTS)
+def test_opcheck_mixed_fake_quant_in_other_layouts(backend, axis, layout):
+    """The fake kernels give the strides of the real ones (x's, or contiguous where x is not dense),
+    forward and backward, with the grad in x's layout and in another one."""
+    gen = torch.Generator().manual_seed(2)
+    x = X_LAYOUTS[layout](torch.randn(2, 3, 4, 5, generator=gen))
+    assert not x.is_contiguous()
+    probs = torch.softmax(torch.randn(2, generator=gen), 0)
+    scales = torch.rand((2,) if axis < 0 else (2, x.shape[axis]), generator=gen) * 0.2 + 0.05
+    args = (x, probs, scales, [2, 4], 0, axis, backend)
+    torch.library.opcheck(torch.ops.qdarts.mixed_fake_quant.default,
+                          (x.requires_grad_(), probs.requires_grad_(), scales.requires_grad_(), *args[3:]))
+    y = torch.ops.qdarts.mixed_fake_quant.default(*args)
+    assert y.stride() == (x.stride() if layout != "not_dense" else x.contiguous().stride())
+    g = torch.randn(x.shape, generator=gen)
+    for grad in (g, torch.empty_like(x).copy_(g)):
+        torch.library.opcheck(torch.ops.qdarts.mixed_fake_quant_backward.default,
+                              (grad, *(t.detach() for t in args[:3]), *args[3:], True, True, True))
+
+
+@pytest.mark.parametrize("backend", CPU_SIDE_BACKENDS)
+@pytest.mark.parametrize("weights_grad", [True, False], ids=["weights", "frozen_weights"])
+def test_opcheck_mixed_op_sum_channels_last(backend, weights_grad):
+    """channels_last outputs (the first; the others in another layout too): the fakes give the real
+    strides, the first output's."""
+    gen = torch.Generator().manual_seed(3)
+    outs = [torch.randn(2, 3, 4, 5, generator=gen).to(memory_format=torch.channels_last) for _ in range(3)]
+    outs[2] = outs[2].contiguous()
+    outs = [o.requires_grad_() for o in outs]
+    w = torch.softmax(torch.randn(3, generator=gen), 0).requires_grad_(weights_grad)
+    torch.library.opcheck(torch.ops.qdarts.mixed_op_sum.default, (outs, w, backend))
+    g = torch.randn(2, 3, 4, 5, generator=gen)
+    for grad in (g, g.to(memory_format=torch.channels_last)):
+        torch.library.opcheck(torch.ops.qdarts.mixed_op_sum_backward.default,
+                              (grad, [o.detach() for o in outs], w.detach(), backend, True, weights_grad))
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_SIDE_BACKENDS if b != "triton"])
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_keeps_channels_last(backend, compiler):
+    """Compiled (fullgraph), the ops on channels_last tensors give what they give in eager mode:
+    channels_last results and gradients, the same values."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 4, 5, generator=gen).to(memory_format=torch.channels_last)
+    probs = torch.softmax(torch.randn(2, generator=gen), 0)
+    scales = torch.rand(2, 3, generator=gen) * 0.2 + 0.05
+    w = torch.softmax(torch.randn(2, generator=gen), 0)
+
+    def f(x, probs, scales, w):
+        q = qk.mixed_fake_quant(x, probs, scales, (2, 4), axis=1, backend=backend)
+        return qk.mixed_op_sum([q, qk.fake_quant(x, scales[1, :1], 8, backend=backend)], w, backend=backend)
+
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend=compiler)):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, probs, scales, w)]
+        y = fn(*leaves)
+        grads = torch.autograd.grad(y, leaves, torch.randn(y.shape, generator=torch.Generator().manual_seed(5)))
+        assert y.stride() == x.stride() and grads[0].stride() == x.stride(), (y.stride(), grads[0].stride())
+        results.append((y, *grads))
+    (y_eager, *grads_eager), (y_compiled, *grads_compiled) = results
+    torch.testing.assert_close(y_compiled, y_eager, rtol=0, atol=0)
+    for a, b in zip(grads_compiled, grads_eager):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("backend", CPU_SIDE_BACKENDS)
 def test_opcheck_mixed_op_sum(backend):
     gen = torch.Generator().manual_seed(0)

@@ -117,15 +117,18 @@ def _cpu_conv_path(backend: Optional[str], x: Tensor, w: Tensor, bias: Optional[
     ``torch.ops.qdarts_C.depthwise_conv2d_*`` (csrc/cpu/depthwise_conv.cpp), "pointwise" (1x1, no
     padding, groups 1, any stride: the strided one on the input's pixel grid ``x[:, :, ::sh, ::sw]``)
     as batched matrix products ([Co, Ci] @ [N, Ci, Ho Wo]), else None (PyTorch's convolution). Only
-    without bias, in fp32 and not under autocast, with the cpu backend, not traced by torch.compile;
-    ``QDARTS_FEW_CHANNEL_KERNELS=0`` turns both off. Measured on the 2-core VM of bench/results
+    without bias, in fp32 and not under autocast, with the cpu backend, not traced by torch.compile,
+    on a contiguous x (both compute in NCHW: a channels_last x would be copied and give an NCHW
+    output, where PyTorch's convolution keeps the model's layout); ``QDARTS_FEW_CHANNEL_KERNELS=0``
+    turns both off. Measured on the 2-core VM of bench/results
     (torch 2.13), forward and backward: [64, 4, 32, 32] -> 4 channels, 3.8 and 5.1 ms as a conv,
     0.07 and 0.15 ms as matrix products; stride 2 (a FactorizedReduce's), [128, 8, 8, 8] -> 4
     channels 0.08 and 0.37 ms against 0.03 and 0.08, [128, 32, 8, 8] -> 16 0.17 and 2.1 ms against
     0.09 and 0.21."""
     stride, padding, dilation, groups = conv_args
     if (bias is not None or x.dim() != 4 or x.dtype != torch.float32 or w.dtype != torch.float32
-            or isinstance(padding, str) or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)):
+            or not x.is_contiguous() or isinstance(padding, str) or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled(x.device.type)):
         return None  # (x.dim() 3: an unbatched [C, H, W] input, which F.conv2d takes and these kernels do not)
     if groups > 1 and groups == x.shape[1] == w.shape[0] and w.shape[1] == 1:
         return "depthwise" if _backends.takes_cpu_only_kernels(backend, x.device, "depthwise_conv2d_forward") else None

@@ -464,7 +464,7 @@ def _persistent_wave(device_index: int, dtype: torch.dtype, k: int, relu: bool, 
 
     Before this, the kernel took 1024 programs whatever the GPU: with K = 3 (96 registers a thread,
     ptxas for sm_90) an H100 or H200 holds 5 per SM, 660 on 132 SMs, so the last 364 ran as a second
-    wave on a GPU two thirds idle. The registers are read off a compile of the kernel with ROUNDS = 3,
+    wave filling 55 % of its slots. The registers are read off a compile of the kernel with ROUNDS = 3,
     which ptxas gives the registers of any ROUNDS >= 3 (48, 80, 96, 193 for K = 1..4 with 1024
     elements and 4 warps; fewer for 1 and 2 rounds, unrolled): one compile per specialisation, not
     per size. Should Triton's API for that fail, one warning, and the 1024 programs as before."""

@@ -600,6 +600,26 @@ class _ChainedConvs(nn.Module):
         return qnn.chained_quant_convs(self.first, self.second, x)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: qnn.OutputKeepingBatchNorm2d(8, affine=False), lambda: qnn.OutputKeepingBatchNorm2d(8),
+    lambda: qnn.InputKeepingMaxPool2d(3, 1, 1), lambda: qnn.InputFreeAvgPool2d(3, 1, 1, count_include_pad=False),
+], ids=["batch_norm", "batch_norm_affine", "max_pool", "avg_pool"])
+def test_batch_norm_and_pools_keep_channels_last(make):
+    """The few-channel batch norm and pools compute in NCHW; a channels_last input takes PyTorch's
+    kernels instead, and its output and gradient stay channels_last, with the NCHW call's values."""
+    torch.manual_seed(14)
+    x, g = torch.randn(4, 8, 6, 6), torch.randn(4, 8, 6, 6)
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xi = x.to(memory_format=layout).requires_grad_()
+        y = make()(xi)
+        dx, = torch.autograd.grad(y, xi, g.to(memory_format=layout))
+        assert y.is_contiguous(memory_format=layout) and dx.is_contiguous(memory_format=layout)
+        results.append((y, dx))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("bits", [8, (4, 8)], ids=["fixed", "mixed"])
 @pytest.mark.parametrize("quantizer", ["lsq", "paper"])
 def test_quantized_channels_last_model_keeps_channels_last_end_to_end(quantizer, bits):

@@ -82,7 +82,8 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _fused_kernels(backend: Optional[str], x: Tensor, running_mean: Tensor):
     """The kernels this call takes (see the module docstring): the Triton module, the C++ CPU ops
     (``torch.ops.qdarts_C``, same functions), or None for PyTorch's."""
-    if running_mean.dtype != torch.float32 or torch.compiler.is_compiling():
+    # a channels_last x takes PyTorch's kernels, which keep its layout (ours compute in NCHW)
+    if running_mean.dtype != torch.float32 or not x.is_contiguous() or torch.compiler.is_compiling():
         return None
     if x.dtype in _TRITON_DTYPES and _backends.takes_triton_only_kernels(backend, x.device):
         from ..triton import batch_norm

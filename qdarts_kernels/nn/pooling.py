@@ -33,9 +33,10 @@ def _takes_cpu_kernels(x: Tensor, op: str, kernel_size, stride, padding, dilatio
     PyTorch's values and gradients bit for bit, in a fraction of the time of its CPU kernels, which
     check bounds per output and, for the max pool, compute an int64 index per output): fp32 4-D CPU
     tensors, the cpu backend (automatic on CPU), not traced by torch.compile, floor mode or a ceil
-    mode that adds no window (the PC-DARTS bypass's 2x2 stride-2 pool of an even plane);
-    ``QDARTS_FEW_CHANNEL_KERNELS=0`` keeps PyTorch's."""
-    return (x.dtype == torch.float32 and x.dim() == 4 and not torch.compiler.is_compiling()
+    mode that adds no window (the PC-DARTS bypass's 2x2 stride-2 pool of an even plane), a
+    contiguous x (the kernels compute in NCHW: a channels_last x takes PyTorch's, which keep its
+    layout); ``QDARTS_FEW_CHANNEL_KERNELS=0`` keeps PyTorch's."""
+    return (x.dtype == torch.float32 and x.dim() == 4 and x.is_contiguous() and not torch.compiler.is_compiling()
             and (not ceil_mode or _ceil_adds_no_window(x.shape[2:], kernel_size, stride, padding, dilation))
             and _backends.takes_cpu_only_kernels(None, x.device, op))
 

@@ -144,8 +144,8 @@ def resolve(backend: Optional[str], device: torch.device, dtype: Optional[torch.
         return "reference"
     if backend is not None:
         if backend not in BACKEND_NAMES:
-            raise ValueError(f"{source} must be one of {list(BACKEND_NAMES)}{' or None' * (source == 'backend')}, "
-                             f"got {backend!r}")
+            choices = f"{list(BACKEND_NAMES)} or None" if source == "backend" else f"{list(BACKEND_NAMES)}"
+            raise ValueError(f"{source} must be one of {choices}, got {backend!r}")
         if _load(backend) is None:
             raise RuntimeError(f"backend {backend!r} ({source}) is not available here: {_failed.get(backend)}")
         _check_device(backend, device)

@@ -90,6 +90,12 @@ def _extensions():
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")
         link.append("-fopenmp")
+        # -shared-libgcc: the extension is linked by Python's LDSHARED, the C driver (`gcc -shared`), and
+        # GCC's manual asks for the shared libgcc in a library that exceptions pass through: every refusal
+        # (TORCH_CHECK) unwinds our frames from libc10's throw to torch's catch, and a private static copy
+        # of the unwinder in _C would handle those frames apart from the one that started the unwinding.
+        # Where the driver already links libgcc_s (the usual case) the flag changes nothing.
+        link.append("-shared-libgcc")
     if not debug:
         cxx.append("-DNDEBUG")
     sources = ["csrc/ops.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))

@@ -14,18 +14,21 @@ same build on the CPU machines raises. This step of bench/gpu_check.sh tells the
    under gdb (or cuda-gdb, which the GPU image has instead) for a native backtrace where a child dies
    of a signal; and one of torch's own C++ errors, with and without qdarts_kernels imported, which
    tells a machine where every c10::Error crashes from one where only ours do;
-3. a one-op extension that only raises, built by torch.utils.cpp_extension.load_inline with
-   setup.py's flags, without -fopenmp (which links a second OpenMP runtime beside torch's), with none,
-   and with /usr/bin/g++ where the default compiler is another: a crash of all says the machine, of
-   the first alone our flags, of the default compiler's alone that one;
-   and once with c10::Error recording no C++ backtrace (c10::SetStackTraceFetcher), which passing
-   where the others crash would point at the unwinder's walk of the stack.
+3. a one-op extension that only raises, built as setup.py builds _C (a small setup.py: the objects by
+   Python's C compiler, the link by its LDSHARED, `gcc -shared`): with setup.py's flags; with the link
+   of the builds that crashed (without -shared-libgcc, which setup.py now passes: the C driver may
+   otherwise link a private static copy of libgcc's unwinder); without -fopenmp (a second OpenMP
+   runtime beside torch's); with no flags; with -Wl,--eh-frame-hdr; with the system's /usr/bin/gcc and
+   g++ where the default tools are others; and once with c10::Error recording no C++ backtrace
+   (c10::SetStackTraceFetcher), which passing where the others crash would point at the unwinder's
+   walk of the stack. Where _C's refusals crashed and a variant with a fixing environment raised, the
+   environment goes to OUT_DIR/cpp_error_fix.env, and gpu_check.sh rebuilds _C with it before the tests.
 
 A segmentation fault inside an exception is typically the unwinder's search for the frame
 description of a return address (libgcc's linear_search_fdes, when c10::Error records its backtrace:
 pytorch/pytorch#117645): a shared library whose .eh_frame_hdr has no search table, or a malformed
-.eh_frame. Part 1 therefore also shows the linker and the start of _C's .eh_frame_hdr (its third byte,
-the encoding of the table's entry count, is 0xff when there is no table).
+.eh_frame. Part 1 therefore also shows the linker, the start of _C's .eh_frame_hdr (its third byte, the encoding
+of the table's entry count, is 0xff when there is no table) and whether _C holds its own unwinder.
 
 Writes OUT_DIR/cpp_error_probe.txt; exit status 0 when every refusal is a RuntimeError.
 """
@@ -77,9 +80,36 @@ TORCH_LIBRARY(qdarts_probe_NAME, m) {
 }
 """
 
-#: setup.py's C++ flags for the CPU kernels (the ones that matter to code generation).
+#: setup.py's C++ flags for the CPU kernels (the ones that matter to code generation), and its link flags.
 SETUP_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-psabi", "-fopenmp"]
+SETUP_LINK = ["-fopenmp", "-shared-libgcc"]
 NO_OPENMP_FLAGS = [flag for flag in SETUP_FLAGS if flag != "-fopenmp"]
+#: the link of the builds before -shared-libgcc (which crashed on the H200 of 2026-11-28)
+OLD_LINK = ["-fopenmp"]
+
+#: The one-op extension's setup.py: built as setup.py builds _C (the objects by the C compiler of Python's
+#: sysconfig, or $CC, the link by its LDSHARED `gcc -shared`), which load_inline (linking with $CXX) would not.
+PROBE_SETUP = """
+import sys
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+setup(name="{name}", ext_modules=[CppExtension("{name}", ["probe.cpp"], extra_compile_args={cflags!r},
+      extra_link_args={ldflags!r})], cmdclass={{"build_ext": BuildExtension}},
+      script_args=["-q", "build_ext", "--inplace"])
+"""
+
+#: Variants of part 3: (name, C++ flags, link flags, environment, quiet, the environment that would fix _C's
+#: build should _C crash and this variant raise). The environment fixes are what gpu_check.sh can rebuild with.
+VARIANTS = [
+    ("as_setup_py", SETUP_FLAGS, SETUP_LINK, None, False, None),
+    ("old_link", SETUP_FLAGS, OLD_LINK, None, False, None),
+    ("no_backtrace", SETUP_FLAGS, OLD_LINK, None, True, None),
+    ("no_openmp", NO_OPENMP_FLAGS, ["-shared-libgcc"], None, False, None),
+    ("no_flags", [], [], None, False, None),
+    ("eh_frame_hdr", SETUP_FLAGS, SETUP_LINK + ["-Wl,--eh-frame-hdr"], None, False, "LDFLAGS=-Wl,--eh-frame-hdr"),
+]
+#: ... and the system's compiler and linker, where the default ones are others
+SYSTEM_TOOLS = {"CC": "/usr/bin/gcc", "CXX": "/usr/bin/g++", "LDSHARED": "/usr/bin/gcc -shared"}
 
 
 def _run(cmd, timeout=120, **kw) -> str:
@@ -122,19 +152,26 @@ def _child(code: str, import_qdarts: bool) -> str:
     return report
 
 
-def _inline_probe(name: str, flags, env=None, quiet=False) -> str:
+def _extension_probe(name: str, cflags, ldflags, env=None, quiet=False) -> str:
+    """Build the raising one-op extension as setup.py builds _C and call it in a child: 'ok: ...' or the failure."""
+    build = tempfile.mkdtemp(prefix=f"probe_{name}_")
+    with open(os.path.join(build, "probe.cpp"), "w") as f:
+        f.write(RAISING_OP.replace("NAME", name))
+    with open(os.path.join(build, "setup.py"), "w") as f:
+        f.write(PROBE_SETUP.format(name=name, cflags=list(cflags), ldflags=list(ldflags)))
+    env = None if env is None else {**os.environ, **env}
+    built = subprocess.run([sys.executable, "setup.py"], cwd=build, capture_output=True, text=True, timeout=300,
+                           env=env)
+    if built.returncode != 0:
+        return f"BUILD FAILED (exit {built.returncode})\n{built.stdout[-1500:]}{built.stderr[-2500:]}"
+    library = next(f for f in os.listdir(build) if f.startswith(name) and f.endswith(".so"))
     prog = ("import faulthandler, sys, torch; faulthandler.enable()\n"
-            "from torch.utils.cpp_extension import load_inline\n"
-            f"load_inline(name={name!r}, cpp_sources=[{RAISING_OP.replace('NAME', name)!r}], "
-            f"extra_cflags={list(flags)!r}, extra_ldflags={['-fopenmp'] if '-fopenmp' in flags else []!r}, "
-            "is_python_module=False, build_directory=sys.argv[1])\n"
+            f"torch.ops.load_library({os.path.join(build, library)!r})\n"
             + (f"torch.ops.qdarts_probe_{name}.quiet()\n" if quiet else "")
             + f"try:\n    torch.ops.qdarts_probe_{name}.fail(torch.ones(2))\n"
             "except RuntimeError as e:\n    print('ok: RuntimeError:', str(e).splitlines()[0]); sys.exit(0)\n"
             "print('no error raised'); sys.exit(3)")
-    build = tempfile.mkdtemp(prefix=f"probe_{name}_")
-    done = subprocess.run([sys.executable, "-c", prog, build], capture_output=True, text=True, timeout=300,
-                          env=None if env is None else {**os.environ, **env})
+    done = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120)
     if done.returncode == 0:
         return done.stdout.strip().splitlines()[-1]
     return f"FAILED (exit {done.returncode})\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
@@ -143,6 +180,7 @@ def _inline_probe(name: str, flags, env=None, quiet=False) -> str:
 def main(out_dir: str) -> int:
     import torch
 
+    os.makedirs(out_dir, exist_ok=True)
     lines = ["# 1. toolchain", f"python {sys.version.split()[0]}; torch {torch.__version__}",
              f"CXX={os.environ.get('CXX')!r} CC={os.environ.get('CC')!r} "
              f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')!r} LD_PRELOAD={os.environ.get('LD_PRELOAD')!r}",
@@ -157,11 +195,22 @@ def main(out_dir: str) -> int:
                                                   if "GCC" in line or "Compiler" in line), "?"))
     lines.append(_run(["bash", "-c",
                        f"ld=$({compiler} -print-prog-name=ld); echo linker $ld; $ld --version | head -1"]))
+    import sysconfig
+
+    lines.append(f"sysconfig CC={sysconfig.get_config_var('CC')!r} LDSHARED={sysconfig.get_config_var('LDSHARED')!r}; "
+                 f"environment LDSHARED={os.environ.get('LDSHARED')!r} LDFLAGS={os.environ.get('LDFLAGS')!r}")
+    # the compile and link lines of _C's build (gpu_check.sh's build step logs them beside this report)
+    lines.append(_run(["bash", "-c", f"grep -m1 -E -- ' -c .*csrc/ops.cpp' {out_dir}/build.log | cut -c1-600; "
+                                     f"grep -m1 -E -- ' -shared ' {out_dir}/build.log | cut -c1-600"]))
     spec = importlib.util.find_spec("qdarts_kernels._C")
     if spec is not None and spec.origin:
         lines += [_run(["readelf", "-p", ".comment", spec.origin]), _run(["ldd", spec.origin]),
                   _run(["bash", "-c", f"readelf -lW {spec.origin} | grep -i -A1 eh_frame; "
-                                      f"readelf -x .eh_frame_hdr {spec.origin} | head -4"])]
+                                      f"readelf -x .eh_frame_hdr {spec.origin} | head -4; "
+                                      # a private copy of the unwinder (static libgcc_eh) shows as defined
+                                      # _Unwind_* symbols; the shared one's as undefined (UND) references
+                                      f"readelf -sW {spec.origin} | "
+                                      "grep -E ' _Unwind_(Resume|RaiseException|Find_FDE)' | sort -u -k8 | head -8"])]
     lines.append(f"debugger for crashed children: {(_debugger() or ['none'])[0]}")
 
     lines.append("# 2. torch's own C++ error and the refusals of qdarts_kernels._C")
@@ -174,23 +223,33 @@ def main(out_dir: str) -> int:
         ok &= result.startswith("ok")
         lines.append(f"{what}: {result}")
 
-    lines.append("# 3. a one-op extension that raises, built with setup.py's flags and variations")
-    variants = [("no_backtrace", SETUP_FLAGS, None, True), ("setup_flags", SETUP_FLAGS, None, False),
-                ("no_openmp", NO_OPENMP_FLAGS, None, False), ("no_flags", [], None, False)]
-    default = shutil.which(compiler)
-    if os.path.exists("/usr/bin/g++") and (default is None or os.path.realpath(default) != os.path.realpath(
-            "/usr/bin/g++")):
-        variants.append(("system_gxx", SETUP_FLAGS, {"CXX": "/usr/bin/g++"}, False))
+    lines.append("# 3. a one-op extension that raises, built as setup.py builds _C, and variations")
+    variants = list(VARIANTS)
+    c_driver = (os.environ.get("LDSHARED") or os.environ.get("CC") or sysconfig.get_config_var("LDSHARED")).split()[0]
+    default = shutil.which(c_driver)
+    if os.path.exists("/usr/bin/gcc") and (default is None or os.path.realpath(default) != os.path.realpath(
+            "/usr/bin/gcc")):
+        variants.append(("system_tools", SETUP_FLAGS, SETUP_LINK, SYSTEM_TOOLS, False,
+                         "\n".join(f"{key}={value}" for key, value in SYSTEM_TOOLS.items())))
     # built side by side: each is one compile of torch's headers (about 30 s), and the machine has cores
     with concurrent.futures.ThreadPoolExecutor(len(variants)) as pool:
-        results = list(pool.map(lambda v: _inline_probe(v[0], v[1], v[2], quiet=v[3]), variants))
-    for (name, flags, env, quiet), result in zip(variants, results):
-        ok &= result.startswith("ok")
+        results = list(pool.map(lambda v: _extension_probe(v[0], v[1], v[2], v[3], quiet=v[4]), variants))
+    fix = None
+    for (name, cflags, ldflags, env, quiet, fix_env), result in zip(variants, results):
         note = " (c10::Error records no backtrace)" if quiet else ""
-        lines.append(f"{name} {flags} {env or ''}{note}: {result}")
+        lines.append(f"{name} {cflags} link {ldflags} {env or ''}{note}: {result}")
+        if fix_env and fix is None and result.startswith("ok"):
+            fix = fix_env
+    # A crash of _C's refusals that a variant's environment avoids: gpu_check.sh rebuilds _C with it before
+    # the tests, so that they say whether it is the whole fix.
+    fix_file = os.path.join(out_dir, "cpp_error_fix.env")
+    if not ok and fix is not None:
+        with open(fix_file, "w") as f:
+            f.write(fix + "\n")
+        lines.append(f"_C crashed where a variant raised: {fix_file} says to rebuild with {fix!r}")
+    ok &= all(result.startswith("ok") for result in results)
 
     text = "\n".join(lines) + "\n"
-    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "cpp_error_probe.txt"), "w") as f:
         f.write(text)
     print(text)

@@ -8,8 +8,9 @@
 # step has its own time limit and a log under $OUT; a failing step is recorded and the next one
 # still runs. The steps stay within GPU_CHECK_BUDGET_S seconds (default 540; the README section is
 # generated after it, in seconds): a step gets at most the time that is left, and steps are skipped
-# once it is spent, in the order below: the build, the probe of C++ errors, the tests on CUDA tensors,
-# then the figures, the tile tuner, the memory profile and memcheck.
+# once it is spent, in the order below: the build, the probe of C++ errors (and a rebuild where it found a
+# fix), the kernel figures, the tests on CUDA tensors, the search-step figures, the tile tuner, the memory
+# profile and memcheck.
 #
 # A session's device time is 15 minutes, the machine's start and idle time included, and one command
 # may run 600 s: so one command, GPU_CHECK_BUDGET_S=540, then, if the machine is still warm and the
@@ -24,8 +25,8 @@
 # Results under $OUT:
 #   summary.txt              one line per step: status, seconds, log file
 #   nvidia-smi.txt, versions.txt
-#   build.log, backends.log, errors.log, tests.log, bench.log, e2e.log, tune.log, profile.log, memcheck.log,
-#   readme.log; cpp_error_probe.txt (bench/cpp_error_probe.py)
+#   build.log, backends.log, errors.log, rebuild.log, tests.log, bench.log, e2e.log, tune.log, profile.log, memcheck.log,
+#   readme.log; cpp_error_probe.txt, cpp_error_fix.env (bench/cpp_error_probe.py)
 #   bench/results.json, bench/report.md, bench/*.png    (qdarts bench --quick --device cuda, in two parts)
 #   bench/readme-section.md                             (the README performance section)
 #   tune/tune.json, tune/tune.md                        (python -m qdarts.benchmark.tune: Triton tiles)
@@ -101,6 +102,14 @@ step backends 60 "$PYTHON" -c 'import qdarts_kernels as qk; b = qk.available_bac
 # 2026-11-28 each one crashed the process instead (see the script); the toolchain, the refusals under
 # gdb, and a one-op extension built with and without setup.py's flags.
 step errors 180 "$PYTHON" bench/cpp_error_probe.py "$OUT"
+# Where _C's refusals crashed and a one-op extension built with another environment raised (the probe wrote
+# it to cpp_error_fix.env, one VAR=value a line), _C is rebuilt with it, so that the tests say whether it fixes.
+if [ -s "$OUT/cpp_error_fix.env" ]; then
+    mapfile -t FIX_ENV <"$OUT/cpp_error_fix.env"
+    step rebuild 150 env "${FIX_ENV[@]}" MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 "$PYTHON" setup.py build_ext --inplace
+fi
+# The kernel figures before the tests (about 95 s on the H200): they are what the bandwidth targets need.
+step bench 120 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-end-to-end --out "$OUT/bench"
 # The tests that run on CUDA tensors: every backend against the reference (cuda and triton on the GPU),
 # the Triton-only kernels, CUDA graphs, no host sync in a step. The rest of the suite is CPU work that CI
 # runs (and tests/test_cuda_sources.py, nvcc compiling every .cu for sm_80/sm_90, CI does too), so the
@@ -117,11 +126,8 @@ XDIST=()
 "$PYTHON" -c 'import xdist' >/dev/null 2>&1 && XDIST=(-n 8)
 step tests 300 "$PYTHON" -m pytest "${GPU_TESTS[@]}" -m "not slow" \
     -k "not reference-cpu and not cpu-cpu" "${XDIST[@]}" --maxfail=25 -v -rfE -p no:cacheprovider
-# The figures after the tests: the tests' verdict on the CUDA and Triton kernels is what no other machine
-# gives (on the H200 it found the crash above). The kernel figures, then the search step (issue 6's
-# fused-against-eager CIFAR step, issue 9's batch 64/256 x bits matrix) as a separate step appending to the
-# same results: each keeps what it measured if cut short (results.json and report.md).
-step bench 120 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-end-to-end --out "$OUT/bench"
+# The search step after the tests (issue 6's fused-against-eager CIFAR step, issue 9's batch 64/256 x bits
+# matrix), appending to the kernel figures' results: it keeps what it measured if cut short.
 step e2e 240 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-kernels --append --cuda-graph-end-to-end \
     --out "$OUT/bench"
 # the Triton kernels' candidate tiles at the issue-3 sizes (the measured table tile_size is to take);

@@ -94,7 +94,9 @@ def _extensions():
         # GCC's manual asks for the shared libgcc in a library that exceptions pass through: every refusal
         # (TORCH_CHECK) unwinds our frames from libc10's throw to torch's catch, and a private static copy
         # of the unwinder in _C would handle those frames apart from the one that started the unwinding.
-        # Where the driver already links libgcc_s (the usual case) the flag changes nothing.
+        # Where the driver already links libgcc_s (the usual case) the flag changes nothing. (Whether a
+        # private unwinder was what crashed every refusal on the H200 of 2026-11-28 is for
+        # bench/cpp_error_probe.py to tell on the next GPU run; tests/test_cpu_kernels.py checks the link.)
         link.append("-shared-libgcc")
     if not debug:
         cxx.append("-DNDEBUG")

@@ -113,7 +113,7 @@ step bench 120 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-end-to
 # The tests that run on CUDA tensors: every backend against the reference (cuda and triton on the GPU),
 # the Triton-only kernels, CUDA graphs, no host sync in a step. The rest of the suite is CPU work that CI
 # runs (and tests/test_cuda_sources.py, nvcc compiling every .cu for sm_80/sm_90, CI does too), so the
-# CPU backends' cases are deselected as well. Spread over 8 processes when pytest-xdist is there (the
+# CPU backends' cases are deselected as well. Spread over 12 processes when pytest-xdist is there (the
 # GPU machine has 16 cores). Up to 25 failures are listed rather than stopping at the first: a rerun
 # costs device time. Verbose: each result is logged as it comes, so a run cut by its limit still names its failures.
 GPU_TESTS=(tests/test_nn.py::test_no_host_sync_on_cuda_training_step
@@ -123,7 +123,7 @@ for name in backends bad_input batch_norm cuda_backend cudagraph depthwise_conv 
     GPU_TESTS+=("tests/test_$name.py")
 done
 XDIST=()
-"$PYTHON" -c 'import xdist' >/dev/null 2>&1 && XDIST=(-n 8)
+"$PYTHON" -c 'import xdist' >/dev/null 2>&1 && XDIST=(-n 12)
 step tests 300 "$PYTHON" -m pytest "${GPU_TESTS[@]}" -m "not slow" \
     -k "not reference-cpu and not cpu-cpu" "${XDIST[@]}" --maxfail=25 -v -rfE -p no:cacheprovider
 # The search step after the tests (issue 6's fused-against-eager CIFAR step, issue 9's batch 64/256 x bits

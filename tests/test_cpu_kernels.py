@@ -165,6 +165,27 @@ def test_kernels_run_on_every_thread(restore_threads):
     assert qk.cpu_kernels.info()["threads"] == 2
 
 
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="an ELF check (Linux builds)")
+def test_extension_unwinds_with_the_shared_libgcc():
+    """Every refusal (TORCH_CHECK) unwinds _C's frames from libc10's throw to torch's catch: _C must
+    use the process's one unwinder, libgcc_s, never a private static copy (setup.py links with
+    -shared-libgcc). A private copy shows as defined _Unwind_* symbols in _C's symbol table."""
+    import importlib.util
+    import shutil
+
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf (binutils) is not installed")
+    library = importlib.util.find_spec("qdarts_kernels._C").origin
+    symbols = subprocess.run([readelf, "-sW", library], capture_output=True, text=True, check=True).stdout
+    unwinder = [line.split() for line in symbols.splitlines() if re.search(r"\s_Unwind_\w+", line)]
+    assert unwinder, "no _Unwind_ reference at all: is the C++ code built with exceptions?"
+    defined = sorted({fields[7] for fields in unwinder if fields[6] != "UND"})
+    assert not defined, f"_C holds its own unwinder: {defined}"
+    needed = subprocess.run([readelf, "-dW", library], capture_output=True, text=True, check=True).stdout
+    assert "libgcc_s.so" in needed
+
 # The child computes every result below with the instruction set capped by QDARTS_CPU_ISA and
 # saves them; the parent compares the bits.
 _ISA_CHILD = r"""

@@ -17,6 +17,11 @@ SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
 
 STAND_IN = """#!/usr/bin/env bash
 printf '%s\\n' "$*" >> "$STAND_IN_LOG"
+# the probe of C++ errors: STAND_IN_FIX is the fixing environment it reports; a build logs its linker
+if [ "$1" = "bench/cpp_error_probe.py" ] && [ -n "${{STAND_IN_FIX:-}}" ]; then
+    printf '%s\\n' "$STAND_IN_FIX" > "$2/cpp_error_fix.env"
+fi
+[ "$1" = "setup.py" ] && printf 'LDSHARED=%s\\n' "${{LDSHARED:-}}" >> "$STAND_IN_LOG"
 for tool in profile tune; do
     if [ "$1" = "-m" ] && [ "$2" = "qdarts.benchmark.$tool" ]; then
         shift 2
@@ -37,14 +42,14 @@ exit 0
 """
 
 
-def _run(tmp_path, budget_s, steps=None):
+def _run(tmp_path, budget_s, steps=None, fix=None):
     stand_in = tmp_path / "python"
     stand_in.write_text(STAND_IN.format(python=sys.executable))
     stand_in.chmod(stand_in.stat().st_mode | stat.S_IXUSR)
     out, log = tmp_path / "out", tmp_path / "commands.log"
     env = dict(os.environ, OUT=str(out), PYTHON=str(stand_in), STAND_IN_LOG=str(log),
                GPU_CHECK_BUDGET_S=str(budget_s), CUDA_HOME=str(tmp_path / "no-cuda"), PYTHONPATH=ROOT,
-               **({"GPU_CHECK_STEPS": steps} if steps else {}),
+               **({"GPU_CHECK_STEPS": steps} if steps else {}), **({"STAND_IN_FIX": fix} if fix else {}),
                # no compute-sanitizer (nor nvidia-smi) on this PATH
                PATH=os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not os.path.isfile(
                    os.path.join(p, "compute-sanitizer"))))
@@ -57,7 +62,8 @@ def _run(tmp_path, budget_s, steps=None):
 def test_steps_run_in_order_with_flags_the_benchmark_cli_accepts(tmp_path):
     proc, summary, commands = _run(tmp_path, budget_s=200)
     steps = [line.split()[0] for line in summary]
-    assert steps == ["build", "backends", "errors", "tests", "bench", "e2e", "tune", "profile", "memcheck",
+    # no rebuild: the probe found nothing to fix
+    assert steps == ["build", "backends", "errors", "bench", "tests", "e2e", "tune", "profile", "memcheck",
                      "readme", "total"], summary
     status = {line.split()[0]: line.split()[1] for line in summary}
     assert all(status[s] == "ok" for s in ("build", "backends", "errors", "tests", "bench", "e2e", "profile",
@@ -84,6 +90,18 @@ def test_steps_run_in_order_with_flags_the_benchmark_cli_accepts(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as archive:  # everything in one file too
         assert {"./summary.txt", "./versions.txt", "./build.log"} <= set(archive.getnames())
+
+
+def test_a_fix_the_probe_found_rebuilds_the_extension_before_the_tests(tmp_path):
+    """The probe's fixing environment (one VAR=value a line, values with spaces) reaches the rebuild."""
+    proc, summary, commands = _run(tmp_path, budget_s=200, fix="CC=/usr/bin/gcc\nLDSHARED=/usr/bin/gcc -shared")
+    steps = [line.split()[0] for line in summary]
+    assert steps[:6] == ["build", "backends", "errors", "rebuild", "bench", "tests"], summary
+    assert all(line.split()[1] == "ok" for line in summary[:6]), summary
+    builds = [i for i, c in enumerate(commands) if c.startswith("setup.py build_ext")]
+    assert len(builds) == 2
+    assert commands[builds[0] + 1] == "LDSHARED=" and commands[builds[1] + 1] == "LDSHARED=/usr/bin/gcc -shared"
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_selected_steps_run_alone(tmp_path):

@@ -14,6 +14,8 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._functorch import unwrapped
+
 #: Grid name -> code used by the compiled and Triton kernels.
 GRIDS = {"signed": 0, "unsigned": 1, "midrise": 2, "relu": 3}
 #: The grid that quantizes relu(x) on the unsigned grid (a ReLU folded into the quantizer).
@@ -111,7 +113,7 @@ def check_scale_values(scales: torch.Tensor, name: str = "scales") -> None:
         return
     if scales.device.type != "cpu" and os.environ.get("QDARTS_CHECK_SCALES", "0") != "1":
         return
-    s = scales.detach()
+    s = unwrapped(scales).detach()  # under torch.func's vmap: every sample's scales
     # The cheapest read of a CPU tensor's values: a few Python floats for per-tensor scales, one
     # min/max reduction otherwise. SMALLEST_SCALE <= v < inf is false for NaN, +-inf, 0 and negatives.
     if s.numel() <= 64:

@@ -23,7 +23,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _backends, reference
+from . import _backends, _functorch, reference
 from ._validation import (
     GRIDS,
     MAX_BITS,
@@ -70,6 +70,14 @@ def eager_reference() -> Iterator[Counter]:
 def eager_reference_active() -> bool:
     """Whether the calling code runs inside :func:`eager_reference`."""
     return _eager_reference_calls is not None
+
+
+def plain_pytorch_layers() -> bool:
+    """Whether the :mod:`qdarts_kernels.nn` layers take PyTorch's own modules and functions instead of
+    their autograd functions and kernels: inside :func:`eager_reference`, and under torch.func's
+    transforms, which the public ops support (their autograd functions have vmap rules) and the layers'
+    own functions do not."""
+    return _eager_reference_calls is not None or _functorch.active()
 
 
 def _eager_reference_op(name: str):
@@ -252,21 +260,37 @@ def _mfq_backward(grad, x, probs, scales, bits, grid, axis, backend, need_dx, ne
             ds.to(scales.dtype) if ds is not None else None)
 
 
+@_functorch.with_eager_twin
 class _MixedFakeQuantFunction(torch.autograd.Function):
-    """Eager-mode autograd of mixed_fake_quant (see the module docstring)."""
+    """Eager-mode autograd of mixed_fake_quant (see the module docstring), torch.func included."""
 
     @staticmethod
-    def forward(ctx, x, probs, scales, bits, grid, axis, backend):
-        ctx.save_for_backward(x, probs, scales)
-        ctx.args = (bits, grid, axis, backend)
+    def forward(x, probs, scales, bits, grid, axis, backend):
         return _mfq_forward(x, probs, scales, bits, grid, axis, backend)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, probs, scales, bits, grid, axis, backend = inputs
+        ctx.save_for_backward(x, probs, scales)
+        ctx.args = (bits, grid, axis, backend)
+
+    @staticmethod
     def backward(ctx, grad):
-        _refuse_second_order("mixed_fake_quant", ctx.args[-1])
-        x, probs, scales = ctx.saved_tensors
-        dx, dp, ds = _mfq_backward(grad, x, probs, scales, *ctx.args, *ctx.needs_input_grad[:3])
+        needs = ctx.needs_input_grad[:3]
+        dx, dp, ds = _functorch.first_order(lambda g, x, p, s: _mfq_backward(g, x, p, s, *ctx.args, *needs),
+                                            "mixed_fake_quant", ctx.args[-1], grad, *ctx.saved_tensors)
         return dx, dp, ds, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, probs, scales, bits, grid, axis, backend):
+        x_dim, p_dim, s_dim = in_dims[:3]
+        if p_dim is None and s_dim is None:
+            # elementwise in x for given probs and scales: the batch in front of x's dims, one call
+            axis = axis + 1 if axis >= 0 else axis
+            return _MixedFakeQuantFunction.apply(x.movedim(x_dim, 0), probs, scales, bits, grid, axis, backend), 0
+        return _functorch.per_sample(
+            lambda *t: _MixedFakeQuantFunction.apply(*t, bits, grid, axis, backend), info, in_dims[:3],
+            (x, probs, scales))
 
 
 @torch.library.custom_op("qdarts::mixed_fake_quant", mutates_args=())
@@ -394,12 +418,14 @@ def mixed_fake_quant(
     bits, code, ax, name = _checked_mixed_fake_quant_args(x, probs, scales, bits, grid, axis, backend)
     if torch.compiler.is_compiling():
         return _mixed_fake_quant_op(x, probs, scales, list(bits), code, ax, name)
-    if not (torch.is_grad_enabled() and (x.requires_grad or probs.requires_grad or scales.requires_grad)):
+    if not (torch.is_grad_enabled() and (x.requires_grad or probs.requires_grad or scales.requires_grad)) and \
+            not _functorch.active():
         # nothing to record (evaluation, a no_grad forward): the kernel without the autograd function,
         # whose apply costs as much host time as a small tensor's kernel (the digits search's evaluation
-        # of its val set, fastest of 15: 420-447 -> 383-411 ms on the 2-core VM of bench/results)
+        # of its val set, fastest of 15: 420-447 -> 383-411 ms on the 2-core VM of bench/results); under
+        # torch.func's vmap the function's rule is needed
         return _mfq_forward(x, probs, scales, bits, code, ax, name)
-    return _MixedFakeQuantFunction.apply(x, probs, scales, bits, code, ax, name)
+    return _functorch.apply(_MixedFakeQuantFunction, x, probs, scales, bits, code, ax, name)
 
 
 def fake_quant(
@@ -503,22 +529,26 @@ def _grads_or_zeros(grads, outputs_like) -> List[Tensor]:
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, outputs_like)]
 
 
+@_functorch.with_eager_twin
 class _MixedFakeQuantGroupedFunction(torch.autograd.Function):
     """Eager-mode autograd of mixed_fake_quant_grouped; the N xs, then the N scales, come as
     separate arguments after ``n``."""
 
     @staticmethod
-    def forward(ctx, probs, bits, grid, axes, backend, straight_through, n, *xs_and_scales):
+    def forward(probs, bits, grid, axes, backend, straight_through, n, *xs_and_scales):
         xs, scales = xs_and_scales[:n], xs_and_scales[n:]
+        return tuple(_mfqg_forward(xs, probs, scales, bits, grid, axes, backend))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        probs, bits, grid, axes, backend, straight_through, n, *xs_and_scales = inputs
         ctx.save_for_backward(probs, *xs_and_scales)
         ctx.args = (bits, grid, axes, backend)
         ctx.straight_through = straight_through
         ctx.n = n
-        return tuple(_mfqg_forward(xs, probs, scales, bits, grid, axes, backend))
 
     @staticmethod
     def backward(ctx, *grads):
-        _refuse_second_order("mixed_fake_quant_grouped", ctx.args[-1])
         n = ctx.n
         probs, *xs_and_scales = ctx.saved_tensors
         xs, scales = xs_and_scales[:n], xs_and_scales[n:]
@@ -526,7 +556,14 @@ class _MixedFakeQuantGroupedFunction(torch.autograd.Function):
         need_dx, need_dp, need_ds = any(needs[7:7 + n]), needs[0], any(needs[7 + n:])
         kernel_dx = need_dx and not ctx.straight_through
         if kernel_dx or need_dp or need_ds:
-            dxs, dp, ds = _mfqg_backward(grads, xs, probs, scales, *ctx.args, kernel_dx, need_dp, need_ds)
+            def backward(p, *tensors):  # the N grads, xs and scales; dxs flat, then dp and the flat ds
+                dxs, dp, ds = _mfqg_backward(tensors[:n], tensors[n:2 * n], p, tensors[2 * n:], *ctx.args,
+                                             kernel_dx, need_dp, need_ds)
+                return (*(dxs if dxs is not None else [None] * n), dp, ds)
+
+            *dxs, dp, ds = _functorch.first_order(backward, "mixed_fake_quant_grouped", ctx.args[-1], probs,
+                                                  *grads, *xs, *scales)
+            dxs = dxs if kernel_dx else None
         else:
             dxs = dp = ds = None
         if need_dx and ctx.straight_through:
@@ -534,6 +571,12 @@ class _MixedFakeQuantGroupedFunction(torch.autograd.Function):
         dxs = dxs if dxs is not None else [None] * n
         dss = _split_like(ds, scales) if ds is not None else [None] * n
         return (dp, None, None, None, None, None, None, *dxs, *dss)
+
+    @staticmethod
+    def vmap(info, in_dims, probs, bits, grid, axes, backend, straight_through, n, *xs_and_scales):
+        return _functorch.per_sample(
+            lambda p, *t: _MixedFakeQuantGroupedFunction.apply(p, bits, grid, axes, backend, straight_through, n, *t),
+            info, (in_dims[0], *in_dims[7:]), (probs, *xs_and_scales))
 
 
 @torch.library.custom_op("qdarts::mixed_fake_quant_grouped", mutates_args=())
@@ -680,8 +723,8 @@ def _checked_grouped_args(xs, probs, scales, bits, grid, axis, backend):
 def _grouped_apply(xs, probs_nk: Tensor, scales, bits, code: int, axes, name: str, straight_through: bool):
     if torch.compiler.is_compiling():
         return _mixed_fake_quant_grouped_op(xs, probs_nk, scales, list(bits), code, list(axes), name, straight_through)
-    return list(_MixedFakeQuantGroupedFunction.apply(probs_nk, bits, code, axes, name, straight_through, len(xs), *xs,
-                                                     *scales))
+    return list(_functorch.apply(_MixedFakeQuantGroupedFunction, probs_nk, bits, code, axes, name, straight_through,
+                                 len(xs), *xs, *scales))
 
 
 def _mixed_fake_quant_grouped_of_a_kind(checked: dict, xs: Sequence[Tensor], probs: Tensor, scales: Sequence[Tensor],
@@ -751,25 +794,46 @@ def _mos_saved_outputs(kept: Sequence[Tensor], grad: Tensor, k: int, order: "_Me
     return grad, [grad] * k
 
 
+@_functorch.with_eager_twin
 class _MixedOpSumFunction(torch.autograd.Function):
     """Eager-mode autograd of mixed_op_sum; the K outputs come as separate arguments."""
 
     @staticmethod
-    def forward(ctx, weights, backend, *outputs):
+    def forward(weights, backend, *outputs):
+        return _mos_forward(outputs, weights, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        weights, backend, *outputs = inputs
         ctx.save_for_backward(weights, *_mos_kept_outputs(outputs, ctx.needs_input_grad[0]))
         ctx.backend = backend
         ctx.k = len(outputs)
         ctx.order = _MemoryOrder.of(outputs[0])  # for the stand-ins of the outputs not kept
-        return _mos_forward(outputs, weights, backend)
 
     @staticmethod
     def backward(ctx, grad):
-        _refuse_second_order("mixed_op_sum", ctx.backend)
         weights, *kept = ctx.saved_tensors
         grad, outputs = _mos_saved_outputs(kept, grad, ctx.k, ctx.order)
         need_dw, need_douts = ctx.needs_input_grad[0], any(ctx.needs_input_grad[2:])
-        douts, dw = _mos_backward(grad, outputs, weights, ctx.backend, need_douts, need_dw)
-        return (dw, None, *(douts if douts is not None else [None] * len(outputs)))
+        k = len(outputs)
+
+        def backward(g, w, *outs):  # the K d outputs (or None each), then d weights
+            douts, dw = _mos_backward(g, outs, w, ctx.backend, need_douts, need_dw)
+            return (*(douts if douts is not None else [None] * k), dw)
+
+        *douts, dw = _functorch.first_order(backward, "mixed_op_sum", ctx.backend, grad, weights, *outputs)
+        return (dw, None, *douts)
+
+    @staticmethod
+    def vmap(info, in_dims, weights, backend, *outputs):
+        w_dim, o_dims = in_dims[0], in_dims[2:]
+        if w_dim is None:
+            # for given weights the sum is elementwise: every output with the batch in front, one call
+            outs = [o.expand(info.batch_size, *o.shape) if d is None else o.movedim(d, 0)
+                    for o, d in zip(outputs, o_dims)]
+            return _MixedOpSumFunction.apply(weights, backend, *outs), 0
+        return _functorch.per_sample(lambda w, *o: _MixedOpSumFunction.apply(w, backend, *o), info,
+                                     (w_dim, *o_dims), (weights, *outputs))
 
 
 def _check_mos_op_args(outputs: List[Tensor], weights: Tensor) -> None:
@@ -855,7 +919,7 @@ def mixed_op_sum(
     if torch.compiler.is_compiling():
         return _mixed_op_sum_op(outs, weights, name)
     with_autograd = getattr(_backends.get(name), "mixed_op_sum_with_autograd", None)
-    if with_autograd is not None:
+    if with_autograd is not None and not _functorch.active():
         # The C++ autograd takes contiguous outputs as they lie: the first output's memory order is
         # given to it as views (one copy of an output in another layout), the sum permuted back
         # (autograd permutes the gradients the same way), as _mos_forward and _mos_backward do.
@@ -863,4 +927,4 @@ def mixed_op_sum(
         if order is _CONTIGUOUS:
             return with_autograd(outs, weights)
         return order.restore(with_autograd([order.contiguous(o) for o in outs], weights), outs[0])
-    return _MixedOpSumFunction.apply(weights, name, *outs)
+    return _functorch.apply(_MixedOpSumFunction, weights, name, *outs)

@@ -28,6 +28,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from ._functorch import apply, with_eager_twin
 from ._validation import (
     check_mixed_fake_quant,
     check_mixed_fake_quant_grouped,
@@ -91,13 +92,15 @@ def mixed_fake_quant_grads(grad, x, probs, scales, bits, grid: int, axis: int, n
     )
 
 
+@with_eager_twin
 class _MixedFakeQuant(torch.autograd.Function):
     """``sum_k p_k Q(x; s_k, b_k)`` in the math dtype, with the gradients of ``mixed_fake_quant_grads``."""
 
+    # torch.func: setup_context for its grad, and vmap's rule generated from the torch ops below
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, probs, scales, bits, grid: int, axis: int):
-        ctx.save_for_backward(x, probs, scales)
-        ctx.args = (bits, grid, axis)
+    def forward(x, probs, scales, bits, grid: int, axis: int):
         y = None
         for k, b in enumerate(bits):
             s = broadcast_scale(scales[k], x, axis)
@@ -105,6 +108,12 @@ class _MixedFakeQuant(torch.autograd.Function):
             term = probs[k] * (q_minus_z * s)
             y = term if y is None else y + term
         return y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, probs, scales, bits, grid, axis = inputs
+        ctx.save_for_backward(x, probs, scales)
+        ctx.args = (bits, grid, axis)
 
     @staticmethod
     def backward(ctx, grad):
@@ -151,7 +160,7 @@ def mixed_fake_quant(
     """
     bits, code, ax = check_mixed_fake_quant(x, probs, scales, bits, grid, axis)
     md = _math_dtype(x)
-    return _MixedFakeQuant.apply(x.to(md), probs.to(md), scales.to(md), bits, code, ax).to(x.dtype)
+    return apply(_MixedFakeQuant, x.to(md), probs.to(md), scales.to(md), bits, code, ax).to(x.dtype)
 
 
 def mixed_fake_quant_grouped(
@@ -191,12 +200,19 @@ def mixed_fake_quant_grouped(
             for x, p, s in zip(xs, rows, scales)]
 
 
+@with_eager_twin
 class _IdentityGradient(torch.autograd.Function):
     """y's values, the incoming gradient passed unchanged to both y and x."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return y.view_as(y)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -208,7 +224,7 @@ def with_identity_gradient(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     estimator), y itself keeping its own gradients (those of the probabilities and scales). The
     values are y's bit for bit, which ``y + (x - x.detach())`` would not give where x is infinite
     (inf - inf is NaN); and no kernel runs."""
-    return _IdentityGradient.apply(y, x)
+    return apply(_IdentityGradient, y, x)
 
 
 def fake_quant(

@@ -15,8 +15,8 @@ output it normalises and, through the mixed sum, its output.
 
 :class:`OutputKeepingBatchNorm2d` is an ``nn.BatchNorm2d`` (same parameters, buffers and state
 dict) that takes this path in training with batch statistics and affine=False, and is plain
-``nn.BatchNorm2d`` otherwise, and inside :func:`qdarts_kernels.eager_reference` (the plain-PyTorch
-baseline). Running statistics are updated as by ``nn.BatchNorm2d``.
+``nn.BatchNorm2d`` otherwise, inside :func:`qdarts_kernels.eager_reference` (the plain-PyTorch
+baseline) and under torch.func's transforms. Running statistics are updated as by ``nn.BatchNorm2d``.
 
 On that path the statistics and the normalisation come from one of three sets of kernels, all
 with the maths of :mod:`qdarts_kernels.triton.batch_norm`:
@@ -143,7 +143,7 @@ class OutputKeepingBatchNorm2d(nn.BatchNorm2d):
         # are out of autograd (and without one the autograd function keeps nothing)
         # (an empty batch, which torch.native_batch_norm refuses, to nn.BatchNorm2d's own case for it)
         if (not self.training or self.affine or not self.track_running_stats or self.momentum is None
-                or x.numel() == 0 or _ops.eager_reference_active()):
+                or x.numel() == 0 or _ops.plain_pytorch_layers()):
             return super().forward(x)
         self._check_input_dim(x)
         if x.shape[0] * math.prod(x.shape[2:]) == 1:  # as F.batch_norm: one value per channel has no variance

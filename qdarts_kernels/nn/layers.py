@@ -396,12 +396,12 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
 
     def _conv_off_training_path(self, xq: Tensor, wq: Tensor) -> Tensor:
         """The conv of the quantized input and weight. Without a graph (evaluation, inference), with
-        plain zero padding and outside eager_reference(): the few-channel CPU kernels of the training
+        plain zero padding, outside eager_reference() and torch.func: the few-channel CPU kernels of the training
         path where they apply (_conv2d; they have no autograd of their own, hence only without a
         graph: PyTorch's convolution had taken 0.36 s of the 5 s of a digits search epoch on the
         2-core VM of bench/results, all in evaluation); else nn.Conv2d's."""
         if (torch.is_grad_enabled() or self.padding_mode != "zeros" or isinstance(self.padding, str)
-                or _ops.eager_reference_active()):
+                or _ops.plain_pytorch_layers()):
             return self._conv_forward(xq, wq, self.bias)
         conv_args = self._conv_args()
         return _conv2d(xq, wq, self.bias, conv_args,
@@ -413,7 +413,7 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
         aq = self.act_quant
         return (aq is not None and aq._fake_quant_on and self.padding_mode == "zeros" and input_dim == 4
                 and not isinstance(self.padding, str) and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and not _ops.eager_reference_active())
+                and not torch.compiler.is_compiling() and not _ops.plain_pytorch_layers())
 
     def _quant_args(self, x, probs: Tensor, scales: Tensor, axis: Optional[int]) -> tuple:
         """(bits, grid code, axis, backend) of the activation quantizer's op on x, validated in full once

@@ -11,8 +11,8 @@ pooling pass: on a GPU a small kernel; on CPU (fp32, the cpu backend) the pool a
 run on C++ kernels that recompute the max in the backward anyway (no index tensor at all) and give
 PyTorch's values and gradients bit for bit in a fraction of its CPU kernel's time (also without a
 gradient to compute). It is plain ``nn.MaxPool2d`` with ``return_indices=True``, without a gradient
-to compute off that CPU path, and inside :func:`qdarts_kernels.eager_reference` (the plain-PyTorch
-baseline).
+to compute off that CPU path, inside :func:`qdarts_kernels.eager_reference` (the plain-PyTorch
+baseline) and under torch.func's transforms.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class InputKeepingMaxPool2d(nn.MaxPool2d):
     docstring)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.return_indices or _ops.eager_reference_active():
+        if self.return_indices or _ops.plain_pytorch_layers():
             return super().forward(x)
         stride = self.stride if self.stride is not None else self.kernel_size
         args = (list(_pair(self.kernel_size)), list(_pair(stride)), list(_pair(self.padding)),
@@ -122,12 +122,12 @@ class InputFreeAvgPool2d(nn.AvgPool2d):
     """``nn.AvgPool2d`` that, on fp32 CPU tensors (the cpu backend, floor mode or a ceil mode that
     adds no window, no ``divisor_override``), runs on C++ kernels with PyTorch's values and gradients bit for bit and
     keeps no tensor for backward (PyTorch's keeps its input, for the size). Plain ``nn.AvgPool2d``
-    otherwise, and inside :func:`qdarts_kernels.eager_reference` (the plain-PyTorch baseline)."""
+    otherwise, inside :func:`qdarts_kernels.eager_reference` (the plain-PyTorch baseline) and under torch.func."""
 
     def forward(self, x: Tensor) -> Tensor:
         stride = self.stride if self.stride is not None else self.kernel_size
         args = (list(_pair(self.kernel_size)), list(_pair(stride)), list(_pair(self.padding)))
-        if (self.divisor_override is not None or _ops.eager_reference_active()
+        if (self.divisor_override is not None or _ops.plain_pytorch_layers()
                 or not _takes_cpu_kernels(x, "avg_pool2d_forward", *args, [1, 1], self.ceil_mode)):
             return super().forward(x)
         return _AvgPool2dKeepingNothing.apply(x, *args, self.count_include_pad)

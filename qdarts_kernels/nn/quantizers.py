@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from torch.ao.quantization import FakeQuantizeBase
 from torch.nn.parameter import UninitializedParameter
 
-from .. import ops, reference
+from .. import _functorch, ops, reference
 from .._validation import grid_code, grid_params, normalize_bits
 
 __all__ = ["MixedPrecisionFakeQuantize", "FakeQuantize", "HWGQ_STEPS", "GAUSSIAN_STEPS", "shared_activation_scales"]
@@ -143,14 +143,20 @@ def _other_dims(x: Tensor, axis: int) -> Tuple[int, ...]:
     return tuple(d for d in range(x.dim()) if d != axis)
 
 
+@_functorch.with_eager_twin
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward; backward multiplies the gradient by ``factor`` (a float, or a tensor that
     broadcasts): the LSQ gradient scaling, at no cost in the forward pass."""
 
+    generate_vmap_rule = True  # torch.func: the rule follows from the torch ops below
+
     @staticmethod
-    def forward(ctx, s: Tensor, factor) -> Tensor:
-        ctx.factor = factor
+    def forward(s: Tensor, factor) -> Tensor:
         return s.view_as(s)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.factor = inputs[1]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -403,9 +409,9 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         # elements per scale (at least 1: an empty batch gets no gradient, and 0 ** -0.5 raises)
         per_scale = max(1, x.numel() if axis is None else x.numel() // max(1, x.shape[axis]))
         if self.num_bits == 1:  # a python float: exactly PyTorch's grad_factor 1/sqrt(n * Qp)
-            return _ScaleGrad.apply(self.scales, (per_scale * self._tops[0]) ** -0.5)
+            return _functorch.apply(_ScaleGrad, self.scales, (per_scale * self._tops[0]) ** -0.5)
         factor = self._grad_scale * per_scale**-0.5
-        return _ScaleGrad.apply(self.scales, factor if axis is None else factor[:, None])
+        return _functorch.apply(_ScaleGrad, self.scales, factor if axis is None else factor[:, None])
 
     def _paper_scales(self, x: Tensor, axis: Optional[int]) -> Tensor:
         xd = x.detach()

@@ -1,0 +1,231 @@
+"""torch.func over the public ops, every backend: grad, vmap, vmap(grad) and jacrev give what ordinary
+autograd and per-sample calls of the same backend give (bit for bit: the same kernels on the same
+values), and a second derivative of a fused backend is refused only when it is asked for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qdarts_kernels as qk
+
+BITS = (2, 4, 8)
+
+
+def _inputs(device, per_channel=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 4, 5, generator=gen) * 2
+    probs = torch.softmax(torch.randn(3, generator=gen), 0)
+    scales = torch.tensor([0.5, 0.1, 0.01])
+    if per_channel:  # along dim 1 of x (4 channels)
+        scales = scales[:, None] * torch.linspace(0.5, 2.0, 4)
+    return tuple(t.to(device) for t in (x, probs, scales))
+
+
+def _autograd(fn, *args):
+    """(fn(*args), the gradients of fn(*args) w.r.t. every arg) by ordinary autograd."""
+    leaves = [a.detach().clone().requires_grad_() for a in args]
+    out = fn(*leaves)
+    out.backward()
+    return out.detach(), tuple(leaf.grad for leaf in leaves)
+
+
+def _loss(y):
+    return (y * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum()
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+def test_grad_of_mixed_fake_quant_is_autograds(backend_device, per_channel):
+    backend, device = backend_device
+    axis = 1 if per_channel else None
+
+    def f(x, p, s):
+        return _loss(qk.mixed_fake_quant(x, p, s, BITS, axis=axis, backend=backend))
+
+    args = _inputs(device, per_channel)
+    grads = torch.func.grad(f, argnums=(0, 1, 2))(*args)
+    _, expected = _autograd(f, *args)
+    for got, want in zip(grads, expected):
+        assert torch.equal(got, want)
+
+
+def test_grad_of_mixed_op_sum_and_grouped_is_autograds(backend_device):
+    backend, device = backend_device
+    x, probs, scales = _inputs(device)
+    outs = [x, x * 2, x - 1]
+
+    def mos(w, o0):
+        return _loss(qk.mixed_op_sum([o0, *outs[1:]], w, backend=backend))
+
+    grads = torch.func.grad(mos, argnums=(0, 1))(probs, outs[0])
+    assert all(torch.equal(g, e) for g, e in zip(grads, _autograd(mos, probs, outs[0])[1]))
+
+    xs = [x, x[0, :2]]
+    probs_nk = torch.stack([probs, probs.flip(0)])
+
+    def grouped(p, x1, s0):
+        ys = qk.mixed_fake_quant_grouped([xs[0], x1], p, [s0, scales * 2], BITS, backend=backend)
+        return _loss(ys[0]) + _loss(ys[1])
+
+    grads = torch.func.grad(grouped, argnums=(0, 1, 2))(probs_nk, xs[1], scales)
+    assert all(torch.equal(g, e) for g, e in zip(grads, _autograd(grouped, probs_nk, xs[1], scales)[1]))
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+def test_vmap_over_x_is_one_call_on_the_batch(backend_device, per_channel):
+    """Batched x under shared probs and scales: the batch goes into x's dims (axis shifted by one)."""
+    backend, device = backend_device
+    x, probs, scales = _inputs(device, per_channel)
+    in_axis, batch_axis = (0, 1) if per_channel else (None, None)
+    batched = torch.func.vmap(lambda xi: qk.mixed_fake_quant(xi, probs, scales, BITS, axis=in_axis,
+                                                             backend=backend))(x)
+    assert torch.equal(batched, qk.mixed_fake_quant(x, probs, scales, BITS, axis=batch_axis, backend=backend))
+    # the batch dimension elsewhere than in front
+    axis = 1 if per_channel else None  # a sample [3, 4] keeps its channels on dim 1
+    moved = torch.func.vmap(lambda xi: qk.mixed_fake_quant(xi, probs, scales, BITS, axis=axis, backend=backend),
+                            in_dims=2, out_dims=2)(x)
+    assert torch.equal(moved, qk.mixed_fake_quant(x, probs, scales, BITS, axis=axis, backend=backend))
+
+
+def test_vmap_over_probs_and_scales_is_per_sample_calls(backend_device):
+    backend, device = backend_device
+    x, probs, scales = _inputs(device)
+    probs_b = torch.stack([probs, probs.flip(0)])
+    scales_b = torch.stack([scales, scales * 3])
+    batched = torch.func.vmap(lambda p, s: qk.mixed_fake_quant(x, p, s, BITS, backend=backend))(probs_b, scales_b)
+    for i in range(2):
+        assert torch.equal(batched[i], qk.mixed_fake_quant(x, probs_b[i], scales_b[i], BITS, backend=backend))
+
+
+def test_vmap_of_mixed_op_sum(backend_device):
+    backend, device = backend_device
+    x, probs, _ = _inputs(device)
+    shared = x[0] * 3
+    batched = torch.func.vmap(lambda o: qk.mixed_op_sum([o, shared, o * 2], probs, backend=backend))(x)
+    expected = qk.mixed_op_sum([x, shared.expand_as(x), x * 2], probs, backend=backend)
+    assert torch.equal(batched, expected)
+    weights_b = torch.stack([probs, probs.flip(0)])
+    batched = torch.func.vmap(lambda w: qk.mixed_op_sum([x, shared.expand_as(x)], w[:2], backend=backend))(weights_b)
+    for i in range(2):
+        assert torch.equal(batched[i], qk.mixed_op_sum([x, shared.expand_as(x)], weights_b[i, :2], backend=backend))
+
+
+def test_per_sample_gradients_by_vmap_of_grad(backend_device):
+    """Each sample's gradients of probs and scales (the reductions per sample, not over the batch)."""
+    backend, device = backend_device
+    x, probs, scales = _inputs(device)
+
+    def f(xi, p, s):
+        return _loss(qk.mixed_fake_quant(xi, p, s, BITS, backend=backend))
+
+    per_sample = torch.func.vmap(torch.func.grad(f, argnums=(1, 2)), in_dims=(0, None, None))(x, probs, scales)
+    for i in range(x.shape[0]):
+        _, (_, dp, ds) = _autograd(f, x[i], probs, scales)
+        assert torch.equal(per_sample[0][i], dp) and torch.equal(per_sample[1][i], ds)
+
+
+def test_jacrev_is_one_backward_per_output(backend_device):
+    backend, device = backend_device
+    x, probs, scales = _inputs(device)
+    x = x[0, :2, :3]
+
+    def f(s):
+        return qk.mixed_fake_quant(x, probs, s, BITS, backend=backend)
+
+    jac = torch.func.jacrev(f)(scales)
+    assert jac.shape == (2, 3, 3)
+    leaf = scales.clone().requires_grad_()
+    y = f(leaf)
+    for i in range(2):
+        for j in range(3):
+            (row,) = torch.autograd.grad(y[i, j], leaf, retain_graph=True)
+            assert torch.equal(jac[i, j], row)
+
+
+def test_a_fused_second_derivative_is_refused_only_when_asked(backend_device):
+    """A graph recorded through a fused backward (create_graph=True, as torch.func's transforms record it)
+    gives the same first derivative; differentiating that again raises a clear error."""
+    backend, device = backend_device
+    x, probs, scales = _inputs(device)
+    _, (dx_plain, _, _) = _autograd(lambda x, p, s: _loss(qk.mixed_fake_quant(x, p, s, BITS, backend=backend)),
+                                    x, probs, scales)
+    xg, pg = x.clone().requires_grad_(), probs.clone().requires_grad_()
+    (dx,) = torch.autograd.grad(_loss(qk.mixed_fake_quant(xg, pg, scales, BITS, backend=backend)), xg,
+                                create_graph=True)
+    assert torch.equal(dx.detach(), dx_plain)
+    if backend == "reference":  # differentiable torch ops: the second derivative exists
+        dx.sum().backward()
+        assert pg.grad is not None
+        return
+    with pytest.raises(RuntimeError, match=f"backend '{backend}' has no second derivative"):
+        dx.sum().backward()
+
+
+def test_bad_scales_of_one_sample_are_refused_under_vmap():
+    """The value checks read every sample's scales (on CPU, where reading them costs no sync)."""
+    x, probs, scales = _inputs("cpu")
+    scales_b = torch.stack([scales, -scales])
+    with pytest.raises(ValueError, match="scales must be > 0"):
+        torch.func.vmap(lambda s: qk.mixed_fake_quant(x, probs, s, BITS))(scales_b)
+
+
+def test_reference_functions_under_torch_func():
+    """qdarts_kernels.reference, the spec, under grad and vmap (its vmap rule generated from torch ops)."""
+    from qdarts_kernels import reference as ref
+
+    x, probs, scales = _inputs("cpu")
+
+    def f(s):
+        return _loss(ref.mixed_fake_quant(x, probs, s, BITS))
+
+    assert torch.equal(torch.func.grad(f)(scales), _autograd(f, scales)[1][0])
+    scales_b = torch.stack([scales, scales * 2])
+    batched = torch.func.vmap(lambda s: ref.mixed_fake_quant(x, probs, s, BITS))(scales_b)
+    assert torch.equal(batched[1], ref.mixed_fake_quant(x, probs, scales_b[1], BITS))
+    # the straight-through gradient of the grouped reference
+    g = torch.func.grad(lambda x0: _loss(ref.mixed_fake_quant_grouped([x0], probs[None], [scales], BITS,
+                                                                      straight_through=True)[0]))(x)
+    assert torch.equal(g, torch.linspace(-1, 1, x.numel()).view_as(x))
+
+
+def _qat_model(backend, device, batch_norm: bool):
+    """A small QAT model of qdarts_kernels.nn (mixed bits, LSQ scales initialised by one forward)."""
+    from qdarts_kernels import nn as qnn
+
+    torch.manual_seed(0)
+    layers = [qnn.QuantConv2d(2, 4, 3, padding=1, weight_bits=(2, 4), act_bits=(4, 8), quantizer="lsq",
+                              act_signed=True, backend=backend)]
+    if batch_norm:
+        layers.append(qnn.OutputKeepingBatchNorm2d(4, affine=False, backend=backend))
+    layers += [qnn.InputKeepingMaxPool2d(2), qnn.InputFreeAvgPool2d(2), torch.nn.Flatten(),
+               qnn.QuantLinear(16, 3, weight_bits=(2, 4), act_bits=8, quantizer="lsq", backend=backend)]
+    model = torch.nn.Sequential(*layers).to(device)
+    model(torch.randn(4, 2, 8, 8, device=device))  # the scales' initialisation reads their input: before any transform
+    return model
+
+
+def test_qat_layers_under_torch_func(backend_device):
+    """torch.func over a model of qdarts_kernels.nn: its layers take PyTorch's own modules there (their
+    fused autograd functions have no vmap rules), the quantizers the public ops; gradients of every
+    parameter equal ordinary autograd's, and per-sample gradients by vmap(grad) equal a loop."""
+    backend, device = backend_device
+    x = torch.randn(4, 2, 8, 8, device=device)
+    model = _qat_model(backend, device, batch_norm=True)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(params, x, buffers=None):  # BatchNorm's buffers, which it updates, passed in as torch.func asks
+        return _loss(torch.func.functional_call(model, (params, buffers or {}), (x,)))
+
+    grads = torch.func.grad(loss)(params, x, {name: b.clone() for name, b in model.named_buffers()})
+    model.zero_grad()
+    loss(dict(model.named_parameters()), x).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+    model = _qat_model(backend, device, batch_norm=False)  # (BatchNorm's running statistics do not vmap)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    per_sample = torch.func.vmap(torch.func.grad(lambda p, xi: loss(p, xi[None])), in_dims=(None, 0))(params, x)
+    for i in range(x.shape[0]):
+        expected = torch.func.grad(lambda p: loss(p, x[i:i + 1]))(params)
+        for name in params:
+            torch.testing.assert_close(per_sample[name][i], expected[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -9,7 +9,8 @@ The backend is an argument of the op (a string), resolved once per call in Pytho
 In eager mode the same forward and backward functions run under a plain ``autograd.Function``
 instead: the custom-op wrappers cost several hundred microseconds of Python per call, and a search
 step makes hundreds of calls. Both paths call the same ``_mfq_forward``/``_mfq_backward`` (and
-``_mos_*``) functions, so they compute the same thing; the custom ops are what compile traces.
+``_mos_*``) functions, so they compute the same thing; the custom ops are what compile traces. The
+autograd functions are written for torch.func too (``setup_context``, vmap rules; see ``_functorch``).
 """
 
 from __future__ import annotations

@@ -13,7 +13,11 @@ can be used as any gradient, and only differentiating them again is refused, wit
 at the moment it is asked for (the kernels compute first derivatives only); that node's vmap rule
 is a loop over the samples.
 
-Outside torch.func the ops call each function's eager twin (:func:`with_eager_twin`): the same code
+Forward mode (``jvp``, ``jacfwd``, ``torch.autograd.forward_ad``): each function's ``jvp`` is the
+reference's formula in torch ops, the transpose of its backward, so that ``jacfwd`` and ``jacrev`` give
+one Jacobian; the inputs are saved for it only while forward mode records (:func:`forward_ad_active`).
+
+Outside torch.func the ops call each function's eager form (:class:`AutogradForms`): the same code
 without the per-call cost that ``setup_context`` brings to ``Function.apply``.
 """
 
@@ -34,31 +38,56 @@ def active() -> bool:
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
-def with_eager_twin(cls):
-    """Class decorator for an autograd function written as torch.func needs it (``forward`` without ctx,
-    ``setup_context``): ``cls.eager`` is the same function in the older style (ctx in ``forward``), for
-    calls outside torch.func (:func:`apply`). ``Function.apply`` binds every call's arguments to
-    ``forward``'s signature (``inspect.signature``) when ``setup_context`` is defined: a mixed_fake_quant
-    of 64 elements on the cpu backend took 35 us through it and 12 us through the twin (forward and
-    backward: 131 and 90 us; the 2-core VM of bench/results), and a search step makes hundreds of calls."""
-
-    def forward(ctx, *args):
-        output = cls.forward(*args)
-        cls.setup_context(ctx, args, output)
-        return output
-
-    # the same name, which profiles show for its calls
-    cls.eager = type(cls.__name__, (torch.autograd.Function,),
-                     {"__doc__": cls.__doc__, "forward": staticmethod(forward), "backward": staticmethod(cls.backward)})
-    return cls
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD records tangents now (torch.func's jvp and jacfwd, forward_ad.dual_level):
+    only then do the functions save their inputs for ``jvp`` (saved for it, they would be kept with the
+    graph as long as it lives)."""
+    return torch.autograd.forward_ad._current_level >= 0
 
 
-def apply(cls, *args):
-    """``cls.apply(*args)`` for a :func:`with_eager_twin` function: its eager twin's, but where torch.func
-    runs it or torch.compile traces it (Dynamo traces setup_context-style functions)."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return cls.apply(*args)
-    return cls.eager.apply(*args)
+def transforming() -> bool:
+    """Whether a torch.func transform runs or forward-mode AD records tangents: then the ops must go
+    through their autograd functions (their vmap rules, their jvp), never straight to a kernel."""
+    return active() or forward_ad_active()
+
+
+class AutogradForms:
+    """An autograd function written for torch.func (``forward`` without ctx, ``setup_context``, ``jvp``,
+    a vmap rule; the class given, used as a decorator) in the three forms that :meth:`apply` picks from:
+
+    - ``functorch``, the class itself, under torch.func;
+    - ``traced`` while torch.compile traces: without ``jvp`` and the vmap rule, as Dynamo refuses to
+      trace a function with a custom ``jvp`` (it reads the forms from this plain object, not from
+      attributes of a Function class, which it does not follow);
+    - ``eager`` elsewhere: the same function in the older style (ctx in ``forward``).
+      ``Function.apply`` binds every call's arguments to ``forward``'s signature
+      (``inspect.signature``) when ``setup_context`` is defined: a mixed_fake_quant of 64 elements on
+      the cpu backend took 35 us through it and 12 us through this form (forward and backward: 131
+      and 90 us; the 2-core VM of bench/results), and a search step makes hundreds of calls.
+
+    The forms keep the class's name, which profiles show for their calls."""
+
+    def __init__(self, cls):
+        def forward(ctx, *args):
+            output = cls.forward(*args)
+            cls.setup_context(ctx, args, output)
+            return output
+
+        common = {"__doc__": cls.__doc__, "backward": staticmethod(cls.backward)}
+        self.functorch = cls
+        self.eager = type(cls.__name__, (torch.autograd.Function,),
+                          {**common, "forward": staticmethod(forward), "jvp": staticmethod(cls.jvp)})
+        self.traced = type(cls.__name__, (torch.autograd.Function,),
+                           {**common, "forward": staticmethod(cls.forward),
+                            "setup_context": staticmethod(cls.setup_context)})
+
+    def apply(self, *args):
+        """The function applied to ``args``, in the form the caller's context takes."""
+        if torch.compiler.is_compiling():
+            return self.traced.apply(*args)
+        if torch._C._are_functorch_transforms_active():
+            return self.functorch.apply(*args)
+        return self.eager.apply(*args)
 
 
 def unwrapped(t: Tensor) -> Tensor:
@@ -98,6 +127,11 @@ class _FirstOrderBackward(torch.autograd.Function):
             f"{ctx.op}: backend {ctx.backend!r} has no second derivative (a gradient of its gradient); "
             "use backend='reference' for higher-order gradients"
         )
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        # forward mode over a backward: a second derivative
+        _FirstOrderBackward.backward(ctx)
 
     @staticmethod
     def vmap(info, in_dims, fn, op, backend, *tensors):

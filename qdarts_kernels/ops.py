@@ -76,9 +76,9 @@ def eager_reference_active() -> bool:
 def plain_pytorch_layers() -> bool:
     """Whether the :mod:`qdarts_kernels.nn` layers take PyTorch's own modules and functions instead of
     their autograd functions and kernels: inside :func:`eager_reference`, and under torch.func's
-    transforms, which the public ops support (their autograd functions have vmap rules) and the layers'
-    own functions do not."""
-    return _eager_reference_calls is not None or _functorch.active()
+    transforms and forward-mode AD, which the public ops support (their autograd functions have vmap
+    rules and jvp) and the layers' own functions and kernels do not."""
+    return _eager_reference_calls is not None or _functorch.transforming()
 
 
 def _eager_reference_op(name: str):
@@ -261,7 +261,7 @@ def _mfq_backward(grad, x, probs, scales, bits, grid, axis, backend, need_dx, ne
             ds.to(scales.dtype) if ds is not None else None)
 
 
-@_functorch.with_eager_twin
+@_functorch.AutogradForms
 class _MixedFakeQuantFunction(torch.autograd.Function):
     """Eager-mode autograd of mixed_fake_quant (see the module docstring), torch.func included."""
 
@@ -273,7 +273,16 @@ class _MixedFakeQuantFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, probs, scales, bits, grid, axis, backend = inputs
         ctx.save_for_backward(x, probs, scales)
+        if _functorch.forward_ad_active():
+            ctx.save_for_forward(x, probs, scales)
         ctx.args = (bits, grid, axis, backend)
+
+    @staticmethod
+    def jvp(ctx, dx, dprobs, dscales, *_):
+        # forward mode from the reference's formula (torch ops, no fused kernel), in the math dtype
+        x, probs, scales = ctx.saved_tensors
+        return _in_math_dtype(reference.mixed_fake_quant_jvp, x, (x, probs, scales, dx, dprobs, dscales),
+                              ctx.args[:3])
 
     @staticmethod
     def backward(ctx, grad):
@@ -357,6 +366,14 @@ def _mfq_op_backward(ctx, grad):
 _mixed_fake_quant_op.register_autograd(_mfq_op_backward, setup_context=_mfq_setup_context)
 
 
+def _in_math_dtype(fn: Callable, like: Tensor, tensors: Sequence[Optional[Tensor]], args: Sequence) -> Tensor:
+    """``fn(*tensors, *args)`` with the tensors (None stays None) in ``like``'s math dtype (fp32; fp64 for
+    fp64), the result in ``like``'s dtype."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    y = fn(*(None if t is None else t.to(dtype) for t in tensors), *args)
+    return y.to(like.dtype)
+
+
 def _check_backend_dtype(name: str, t: Tensor, arg: str) -> None:
     if name != "reference" and t.dtype not in _backends.KERNEL_DTYPES:
         raise TypeError(
@@ -420,13 +437,13 @@ def mixed_fake_quant(
     if torch.compiler.is_compiling():
         return _mixed_fake_quant_op(x, probs, scales, list(bits), code, ax, name)
     if not (torch.is_grad_enabled() and (x.requires_grad or probs.requires_grad or scales.requires_grad)) and \
-            not _functorch.active():
+            not _functorch.transforming():
         # nothing to record (evaluation, a no_grad forward): the kernel without the autograd function,
         # whose apply costs as much host time as a small tensor's kernel (the digits search's evaluation
         # of its val set, fastest of 15: 420-447 -> 383-411 ms on the 2-core VM of bench/results); under
-        # torch.func's vmap the function's rule is needed
+        # torch.func and forward-mode AD the function is needed (its vmap rule, its jvp)
         return _mfq_forward(x, probs, scales, bits, code, ax, name)
-    return _functorch.apply(_MixedFakeQuantFunction, x, probs, scales, bits, code, ax, name)
+    return _MixedFakeQuantFunction.apply(x, probs, scales, bits, code, ax, name)
 
 
 def fake_quant(
@@ -530,7 +547,7 @@ def _grads_or_zeros(grads, outputs_like) -> List[Tensor]:
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, outputs_like)]
 
 
-@_functorch.with_eager_twin
+@_functorch.AutogradForms
 class _MixedFakeQuantGroupedFunction(torch.autograd.Function):
     """Eager-mode autograd of mixed_fake_quant_grouped; the N xs, then the N scales, come as
     separate arguments after ``n``."""
@@ -544,9 +561,26 @@ class _MixedFakeQuantGroupedFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         probs, bits, grid, axes, backend, straight_through, n, *xs_and_scales = inputs
         ctx.save_for_backward(probs, *xs_and_scales)
+        if _functorch.forward_ad_active():
+            ctx.save_for_forward(probs, *xs_and_scales)
         ctx.args = (bits, grid, axes, backend)
         ctx.straight_through = straight_through
         ctx.n = n
+
+    @staticmethod
+    def jvp(ctx, dprobs, _bits, _grid, _axes, _backend, _straight_through, _n, *dxs_and_dscales):
+        # each tensor's as mixed_fake_quant's; straight through, x's tangent passes unchanged
+        n, (bits, grid, axes, _) = ctx.n, ctx.args
+        probs, *xs_and_scales = ctx.saved_tensors
+        dys = []
+        for i in range(n):
+            x, dx = xs_and_scales[i], dxs_and_dscales[i]
+            tangents = (None if ctx.straight_through else dx, None if dprobs is None else dprobs[i],
+                        dxs_and_dscales[n + i])
+            dy = _in_math_dtype(reference.mixed_fake_quant_jvp, x, (x, probs[i], xs_and_scales[n + i], *tangents),
+                                (bits, grid, axes[i]))
+            dys.append(dy + dx if ctx.straight_through and dx is not None else dy)
+        return tuple(dys)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -724,7 +758,7 @@ def _checked_grouped_args(xs, probs, scales, bits, grid, axis, backend):
 def _grouped_apply(xs, probs_nk: Tensor, scales, bits, code: int, axes, name: str, straight_through: bool):
     if torch.compiler.is_compiling():
         return _mixed_fake_quant_grouped_op(xs, probs_nk, scales, list(bits), code, list(axes), name, straight_through)
-    return list(_functorch.apply(_MixedFakeQuantGroupedFunction, probs_nk, bits, code, axes, name, straight_through,
+    return list(_MixedFakeQuantGroupedFunction.apply(probs_nk, bits, code, axes, name, straight_through,
                                  len(xs), *xs, *scales))
 
 
@@ -795,7 +829,7 @@ def _mos_saved_outputs(kept: Sequence[Tensor], grad: Tensor, k: int, order: "_Me
     return grad, [grad] * k
 
 
-@_functorch.with_eager_twin
+@_functorch.AutogradForms
 class _MixedOpSumFunction(torch.autograd.Function):
     """Eager-mode autograd of mixed_op_sum; the K outputs come as separate arguments."""
 
@@ -810,6 +844,13 @@ class _MixedOpSumFunction(torch.autograd.Function):
         ctx.backend = backend
         ctx.k = len(outputs)
         ctx.order = _MemoryOrder.of(outputs[0])  # for the stand-ins of the outputs not kept
+        if _functorch.forward_ad_active():
+            ctx.save_for_forward(weights, *outputs)
+
+    @staticmethod
+    def jvp(ctx, dweights, _backend, *doutputs):
+        weights, *outputs = ctx.saved_tensors
+        return _in_math_dtype(_mixed_op_sum_jvp, outputs[0], (weights, dweights, *outputs, *doutputs), ())
 
     @staticmethod
     def backward(ctx, grad):
@@ -835,6 +876,19 @@ class _MixedOpSumFunction(torch.autograd.Function):
             return _MixedOpSumFunction.apply(weights, backend, *outs), 0
         return _functorch.per_sample(lambda w, *o: _MixedOpSumFunction.apply(w, backend, *o), info,
                                      (w_dim, *o_dims), (weights, *outputs))
+
+
+def _mixed_op_sum_jvp(weights: Tensor, dweights: Optional[Tensor], *outputs_and_tangents) -> Tensor:
+    """d y = sum_k (d w_k o_k + w_k d o_k), a tangent None being zero (the transpose of the backward)."""
+    k = len(outputs_and_tangents) // 2
+    outputs, doutputs = outputs_and_tangents[:k], outputs_and_tangents[k:]
+    dy = torch.zeros_like(outputs[0])
+    for i, (o, do) in enumerate(zip(outputs, doutputs)):
+        if dweights is not None:
+            dy = dy + dweights[i] * o
+        if do is not None:
+            dy = dy + weights[i] * do
+    return dy
 
 
 def _check_mos_op_args(outputs: List[Tensor], weights: Tensor) -> None:
@@ -920,7 +974,7 @@ def mixed_op_sum(
     if torch.compiler.is_compiling():
         return _mixed_op_sum_op(outs, weights, name)
     with_autograd = getattr(_backends.get(name), "mixed_op_sum_with_autograd", None)
-    if with_autograd is not None and not _functorch.active():
+    if with_autograd is not None and not _functorch.transforming():
         # The C++ autograd takes contiguous outputs as they lie: the first output's memory order is
         # given to it as views (one copy of an output in another layout), the sum permuted back
         # (autograd permutes the gradients the same way), as _mos_forward and _mos_backward do.
@@ -928,4 +982,4 @@ def mixed_op_sum(
         if order is _CONTIGUOUS:
             return with_autograd(outs, weights)
         return order.restore(with_autograd([order.contiguous(o) for o in outs], weights), outs[0])
-    return _functorch.apply(_MixedOpSumFunction, weights, name, *outs)
+    return _MixedOpSumFunction.apply(weights, name, *outs)

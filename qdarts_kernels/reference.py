@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from ._functorch import apply, with_eager_twin
+from ._functorch import AutogradForms, forward_ad_active
 from ._validation import (
     check_mixed_fake_quant,
     check_mixed_fake_quant_grouped,
@@ -54,6 +54,28 @@ def quantize_parts(x: torch.Tensor, s: torch.Tensor, bits: int, grid: int):
     # level 0 is +0.0, as PyTorch's fake-quant ops give it (their levels are integers), where round
     # gives -0.0 to a v in [-0.5, 0); q - z for z = 0.5 (midrise) is never 0
     return (q + 0.0 if z == 0 else q - z), (r >= qmin) & (r <= qmax), inv_s
+
+
+def mixed_fake_quant_jvp(x, probs, scales, dx, dprobs, dscales, bits, grid: int, axis: int) -> torch.Tensor:
+    """The forward-mode derivative of ``mixed_fake_quant`` (a tangent None is zero), the transpose of
+    :func:`mixed_fake_quant_grads`, so that ``jacfwd`` and ``jacrev`` give one Jacobian::
+
+        dy = dx * sum_k p_k in_k + sum_k (dp_k Q_k + p_k ((q_k - z) - (x * inv_s_k if in_k else 0)) ds_k)
+
+    All tensors in one math dtype; ``axis`` -1 for per-tensor scales (then ds_k is one number per k)."""
+    through_x = torch.zeros_like(x) if dx is not None else None
+    dy = torch.zeros_like(x)
+    for k, b in enumerate(bits):
+        s = broadcast_scale(scales[k], x, axis)
+        q_minus_z, inside, inv_s = quantize_parts(x, s, b, grid)
+        if through_x is not None:
+            through_x = through_x + probs[k] * inside
+        if dprobs is not None:
+            dy = dy + dprobs[k] * (q_minus_z * s)
+        if dscales is not None:
+            ds = broadcast_scale(dscales[k], x, axis)
+            dy = dy + probs[k] * (q_minus_z - torch.where(inside, x * inv_s, 0.0)) * ds
+    return dy if through_x is None else dy + through_x * dx
 
 
 def _math_dtype(t: torch.Tensor) -> torch.dtype:
@@ -92,7 +114,7 @@ def mixed_fake_quant_grads(grad, x, probs, scales, bits, grid: int, axis: int, n
     )
 
 
-@with_eager_twin
+@AutogradForms
 class _MixedFakeQuant(torch.autograd.Function):
     """``sum_k p_k Q(x; s_k, b_k)`` in the math dtype, with the gradients of ``mixed_fake_quant_grads``."""
 
@@ -113,7 +135,13 @@ class _MixedFakeQuant(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, probs, scales, bits, grid, axis = inputs
         ctx.save_for_backward(x, probs, scales)
+        if forward_ad_active():
+            ctx.save_for_forward(x, probs, scales)
         ctx.args = (bits, grid, axis)
+
+    @staticmethod
+    def jvp(ctx, dx, dprobs, dscales, *_):
+        return mixed_fake_quant_jvp(*ctx.saved_tensors, dx, dprobs, dscales, *ctx.args)
 
     @staticmethod
     def backward(ctx, grad):
@@ -160,7 +188,7 @@ def mixed_fake_quant(
     """
     bits, code, ax = check_mixed_fake_quant(x, probs, scales, bits, grid, axis)
     md = _math_dtype(x)
-    return apply(_MixedFakeQuant, x.to(md), probs.to(md), scales.to(md), bits, code, ax).to(x.dtype)
+    return _MixedFakeQuant.apply(x.to(md), probs.to(md), scales.to(md), bits, code, ax).to(x.dtype)
 
 
 def mixed_fake_quant_grouped(
@@ -200,7 +228,7 @@ def mixed_fake_quant_grouped(
             for x, p, s in zip(xs, rows, scales)]
 
 
-@with_eager_twin
+@AutogradForms
 class _IdentityGradient(torch.autograd.Function):
     """y's values, the incoming gradient passed unchanged to both y and x."""
 
@@ -215,6 +243,10 @@ class _IdentityGradient(torch.autograd.Function):
         pass
 
     @staticmethod
+    def jvp(ctx, dy, dx):  # the transpose of backward's (grad, grad)
+        return dx if dy is None else dy if dx is None else dy + dx
+
+    @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad, grad
 
@@ -224,7 +256,7 @@ def with_identity_gradient(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     estimator), y itself keeping its own gradients (those of the probabilities and scales). The
     values are y's bit for bit, which ``y + (x - x.detach())`` would not give where x is infinite
     (inf - inf is NaN); and no kernel runs."""
-    return apply(_IdentityGradient, y, x)
+    return _IdentityGradient.apply(y, x)
 
 
 def fake_quant(

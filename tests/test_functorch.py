@@ -142,6 +142,68 @@ def test_jacrev_is_one_backward_per_output(backend_device):
             assert torch.equal(jac[i, j], row)
 
 
+def _jacobians_agree(f, args, argnums):
+    forward = torch.func.jacfwd(f, argnums=argnums)(*args)
+    reverse = torch.func.jacrev(f, argnums=argnums)(*args)
+    for fwd, rev in zip(forward, reverse):  # the same Jacobian, its sums taken in another order
+        torch.testing.assert_close(fwd, rev, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+@pytest.mark.parametrize("grid", ["signed", "relu"])
+def test_forward_mode_is_the_transpose_of_the_backward(backend_device, per_channel, grid):
+    """jacfwd (forward mode: the functions' jvp) and jacrev (the kernels' backward) give one Jacobian, and
+    a jvp is the same on every backend (one formula, in torch ops)."""
+    backend, device = backend_device
+    x, probs, scales = _inputs(device, per_channel)
+    x = x[:2]
+    axis = 1 if per_channel else None
+
+    def f(x, p, s):
+        return qk.mixed_fake_quant(x, p, s, BITS, grid=grid, axis=axis, backend=backend)
+
+    _jacobians_agree(f, (x, probs, scales), (0, 1, 2))
+    tangents = (torch.ones_like(x), probs.flip(0), scales * 0.5)
+    _, dy = torch.func.jvp(f, (x, probs, scales), tangents)
+    _, dy_ref = torch.func.jvp(lambda x, p, s: qk.mixed_fake_quant(x, p, s, BITS, grid=grid, axis=axis,
+                                                                   backend="reference"), (x, probs, scales), tangents)
+    assert torch.equal(dy, dy_ref)
+
+
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_forward_mode_of_mixed_op_sum_and_grouped(backend_device, straight_through):
+    backend, device = backend_device
+    x, probs, scales = _inputs(device)
+    x = x[:2]
+    _jacobians_agree(lambda w, o: qk.mixed_op_sum([o, x * 2, x - 1], w, backend=backend), (probs, x), (0, 1))
+
+    def grouped(x0, p, s0):
+        ys = qk.mixed_fake_quant_grouped([x0, x[0]], p, [s0, scales * 2], BITS, backend=backend,
+                                         straight_through=straight_through)
+        return torch.cat([y.flatten() for y in ys])
+
+    _jacobians_agree(grouped, (x, torch.stack([probs, probs.flip(0)]), scales), (0, 1, 2))
+
+
+def test_eager_forward_ad_and_half_precision(backend_device):
+    """torch.autograd.forward_ad outside torch.func, no-grad calls included (they would otherwise go
+    straight to a kernel and drop the tangent), with bf16 tensors: the tangent in the primal's dtype."""
+    import torch.autograd.forward_ad as fwAD
+
+    backend, device = backend_device
+    x, probs, scales = _inputs(device)
+    x16 = x.to(torch.bfloat16)
+    with fwAD.dual_level(), torch.no_grad():
+        y = qk.mixed_fake_quant(fwAD.make_dual(x16, torch.ones_like(x16)), probs, scales, BITS, backend=backend)
+        s = qk.mixed_op_sum([fwAD.make_dual(x16, torch.ones_like(x16)), x16], probs[:2], backend=backend)
+        dy, ds = fwAD.unpack_dual(y).tangent, fwAD.unpack_dual(s).tangent
+    assert dy is not None and dy.dtype == torch.bfloat16 and ds is not None and ds.dtype == torch.bfloat16
+    _, expected = torch.func.jvp(lambda t: qk.mixed_fake_quant(t, probs, scales, BITS, backend="reference"), (x16,),
+                                 (torch.ones_like(x16),))
+    assert torch.equal(dy, expected)
+    assert torch.equal(ds, torch.full_like(x16, probs[0].item()))
+
+
 def test_a_fused_second_derivative_is_refused_only_when_asked(backend_device):
     """A graph recorded through a fused backward (create_graph=True, as torch.func's transforms record it)
     gives the same first derivative; differentiating that again raises a clear error."""
@@ -159,6 +221,10 @@ def test_a_fused_second_derivative_is_refused_only_when_asked(backend_device):
         return
     with pytest.raises(RuntimeError, match=f"backend '{backend}' has no second derivative"):
         dx.sum().backward()
+    # and in forward mode over the backward (a Hessian by jacfwd(jacrev))
+    with pytest.raises(RuntimeError, match=f"backend '{backend}' has no second derivative"):
+        torch.func.jacfwd(torch.func.jacrev(lambda s: _loss(qk.mixed_fake_quant(x, probs, s, BITS,
+                                                                                backend=backend))))(scales)
 
 
 def test_bad_scales_of_one_sample_are_refused_under_vmap():
@@ -221,6 +287,19 @@ def test_qat_layers_under_torch_func(backend_device):
     loss(dict(model.named_parameters()), x).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+    # forward mode through the model: jvp is the Jacobian (by reverse mode) times the tangent
+    model.eval()  # (batch norm on its running statistics: the same function in both modes)
+    v = torch.randn_like(x)
+    no_tangents = {name: torch.zeros_like(p) for name, p in params.items()}
+
+    def model_at(t, params):  # the parameters as inputs: the quantizers keep their scales positive in place
+        return torch.func.functional_call(model, params, (t,))
+
+    _, jv = torch.func.jvp(model_at, (x, params), (v, no_tangents))
+    jacobian = torch.func.jacrev(model_at)(x, params)
+    torch.testing.assert_close(jv, (jacobian * v).sum(dim=(2, 3, 4, 5)), rtol=1e-4, atol=1e-5)
+    model.train()
 
     model = _qat_model(backend, device, batch_norm=False)  # (BatchNorm's running statistics do not vmap)
     params = {name: p.detach() for name, p in model.named_parameters()}

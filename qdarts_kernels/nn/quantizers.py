@@ -143,7 +143,7 @@ def _other_dims(x: Tensor, axis: int) -> Tuple[int, ...]:
     return tuple(d for d in range(x.dim()) if d != axis)
 
 
-@_functorch.with_eager_twin
+@_functorch.AutogradForms
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward; backward multiplies the gradient by ``factor`` (a float, or a tensor that
     broadcasts): the LSQ gradient scaling, at no cost in the forward pass."""
@@ -157,6 +157,10 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.factor = inputs[1]
+
+    @staticmethod
+    def jvp(ctx, ds, _):  # the transpose of backward's: jacfwd and jacrev give one Jacobian
+        return ds * ctx.factor
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -409,9 +413,9 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         # elements per scale (at least 1: an empty batch gets no gradient, and 0 ** -0.5 raises)
         per_scale = max(1, x.numel() if axis is None else x.numel() // max(1, x.shape[axis]))
         if self.num_bits == 1:  # a python float: exactly PyTorch's grad_factor 1/sqrt(n * Qp)
-            return _functorch.apply(_ScaleGrad, self.scales, (per_scale * self._tops[0]) ** -0.5)
+            return _ScaleGrad.apply(self.scales, (per_scale * self._tops[0]) ** -0.5)
         factor = self._grad_scale * per_scale**-0.5
-        return _functorch.apply(_ScaleGrad, self.scales, factor if axis is None else factor[:, None])
+        return _ScaleGrad.apply(self.scales, factor if axis is None else factor[:, None])
 
     def _paper_scales(self, x: Tensor, axis: Optional[int]) -> Tensor:
         xd = x.detach()

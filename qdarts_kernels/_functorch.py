@@ -1,4 +1,4 @@
-"""torch.func (grad, vjp, jacrev, vmap) over the fused ops: what their autograd functions share.
+"""torch.func and forward-mode AD over the fused ops: what their autograd functions share.
 
 torch.func's transforms run an ``autograd.Function`` only when it defines ``setup_context`` (the
 ops' functions do), and ``vmap`` only with a rule of its own: the fused kernels read raw memory, so

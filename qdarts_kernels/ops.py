@@ -10,7 +10,7 @@ In eager mode the same forward and backward functions run under a plain ``autogr
 instead: the custom-op wrappers cost several hundred microseconds of Python per call, and a search
 step makes hundreds of calls. Both paths call the same ``_mfq_forward``/``_mfq_backward`` (and
 ``_mos_*``) functions, so they compute the same thing; the custom ops are what compile traces. The
-autograd functions are written for torch.func too (``setup_context``, vmap rules; see ``_functorch``).
+autograd functions are written for torch.func too (``setup_context``, vmap rules, jvp; see ``_functorch``).
 """
 
 from __future__ import annotations
@@ -758,8 +758,8 @@ def _checked_grouped_args(xs, probs, scales, bits, grid, axis, backend):
 def _grouped_apply(xs, probs_nk: Tensor, scales, bits, code: int, axes, name: str, straight_through: bool):
     if torch.compiler.is_compiling():
         return _mixed_fake_quant_grouped_op(xs, probs_nk, scales, list(bits), code, list(axes), name, straight_through)
-    return list(_MixedFakeQuantGroupedFunction.apply(probs_nk, bits, code, axes, name, straight_through,
-                                 len(xs), *xs, *scales))
+    return list(_MixedFakeQuantGroupedFunction.apply(probs_nk, bits, code, axes, name, straight_through, len(xs), *xs,
+                                                     *scales))
 
 
 def _mixed_fake_quant_grouped_of_a_kind(checked: dict, xs: Sequence[Tensor], probs: Tensor, scales: Sequence[Tensor],

@@ -101,12 +101,20 @@ def per_sample(apply: Callable, info: Any, in_dims: Sequence, args: Sequence) ->
     """vmap by a loop: ``apply`` on each sample (the batched ``args`` indexed along their ``in_dims``, the
     others as they are), the results stacked on a new dim 0; an output that is None stays None. Returns
     (outputs, out_dims) as a vmap rule does."""
-    samples = [apply(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
-               for i in range(info.batch_size)]
+    if info.batch_size == 0:
+        # no sample: the outputs' shapes from one call on ones (valid values for every argument of the
+        # ops: x, probs, scales, weights, gradients), an empty batch of them
+        samples = [apply(*(a if d is None else a.new_ones(a.shape[:d] + a.shape[d + 1:])
+                           for a, d in zip(args, in_dims)))]
+        stack = lambda ts: ts[0].new_empty((0, *ts[0].shape))  # noqa: E731
+    else:
+        samples = [apply(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
+                   for i in range(info.batch_size)]
+        stack = torch.stack
     first = samples[0]
     if not isinstance(first, tuple):
-        return torch.stack(samples), 0
-    outputs = tuple(None if o is None else torch.stack([s[j] for s in samples]) for j, o in enumerate(first))
+        return stack(samples), 0
+    outputs = tuple(None if o is None else stack([s[j] for s in samples]) for j, o in enumerate(first))
     return outputs, tuple(None if o is None else 0 for o in first)
 
 

@@ -97,6 +97,21 @@ def test_vmap_over_probs_and_scales_is_per_sample_calls(backend_device):
         assert torch.equal(batched[i], qk.mixed_fake_quant(x, probs_b[i], scales_b[i], BITS, backend=backend))
 
 
+def test_vmap_over_an_empty_batch(backend_device):
+    """A batch of no samples gives an empty batch of outputs of the right shape, on both kinds of rule."""
+    backend, device = backend_device
+    x, probs, scales = _inputs(device)
+    y = torch.func.vmap(lambda xi: qk.mixed_fake_quant(xi, probs, scales, BITS, backend=backend))(x[:0])
+    assert y.shape == (0, 4, 5)
+    y = torch.func.vmap(lambda s: qk.mixed_fake_quant(x, probs, s, BITS, backend=backend))(scales[None][:0])
+    assert y.shape == (0, 3, 4, 5) and y.dtype == x.dtype and y.device == x.device
+    if backend == "reference":  # its backward is torch ops under PyTorch's own vmap, which fails on an
+        return                  # empty batch in them (torch 2.13: select() on the batched scales)
+    dp = torch.func.vmap(torch.func.grad(lambda p, s: _loss(qk.mixed_fake_quant(x, p, s, BITS, backend=backend))),
+                         in_dims=(None, 0))(probs, scales[None][:0])
+    assert dp.shape == (0, 3)
+
+
 def test_vmap_of_mixed_op_sum(backend_device):
     backend, device = backend_device
     x, probs, _ = _inputs(device)

@@ -139,17 +139,6 @@ def _check_grad(grad: Tensor, like: Tensor) -> None:
         )
 
 
-def _refuse_second_order(op: str, backend: str) -> None:
-    # Grad mode is on inside backward only under create_graph=True. The fused kernels compute first
-    # derivatives only; rather than return a silently wrong second derivative, say so. The
-    # reference backend's backward is made of differentiable torch ops and supports it.
-    if backend != "reference" and torch.is_grad_enabled():
-        raise RuntimeError(
-            f"{op}: backend {backend!r} has no second derivative (backward with create_graph=True); "
-            "use backend='reference' for higher-order gradients"
-        )
-
-
 def _empty_like_none(t: Optional[Tensor], like: Tensor) -> Tensor:
     # custom ops cannot return None: a gradient that was not asked for travels as a 0-element tensor
     return like.new_empty(0) if t is None else t

@@ -24,7 +24,7 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .. import _backends
+from .. import _backends, _functorch
 from .. import ops as _ops
 from .quantizers import MixedPrecisionFakeQuantize, set_plain_attribute
 
@@ -240,9 +240,11 @@ class _QuantizedInputConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         quant_args, conv_args, path = ctx.args
-        _ops._refuse_second_order("QuantConv2d", quant_args[-1])
-        return (*_quantized_conv_backward(grad, *ctx.saved_tensors, quant_args, conv_args, path, ctx.conv_dtype,
-                                          ctx.needs_input_grad[:5]), None, None)
+        needs, dt = ctx.needs_input_grad[:5], ctx.conv_dtype
+        grads = _functorch.first_order(
+            lambda g, *saved: _quantized_conv_backward(g, *saved, quant_args, conv_args, path, dt, needs),
+            "QuantConv2d", quant_args[-1], grad, *ctx.saved_tensors)
+        return (*grads, None, None)
 
 
 class _ChainedQuantizedConv2d(torch.autograd.Function):
@@ -276,17 +278,20 @@ class _ChainedQuantizedConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         quant1, conv1, path1, quant2, conv2, path2 = ctx.args
-        _ops._refuse_second_order("QuantConv2d", quant1[-1])
-        x, p1, s1, w1, b1, p2, s2, w2, b2 = ctx.saved_tensors
         needs1, needs2 = ctx.needs_input_grad[:5], ctx.needs_input_grad[5:9]
         dt = ctx.conv_dtype
-        x1q = _ops._mfq_forward(x, p1, s1, *quant1)
-        h = _conv2d(_cast(x1q, dt), _cast(w1, dt), None if b1 is None else _cast(b1, dt), conv1, path1)
-        dh, dp2, ds2, dw2, db2 = _quantized_conv_backward(grad, h, p2, s2, w2, b2, quant2, conv2, path2, dt,
-                                                          (any(needs1), *needs2))
-        grads1 = _quantized_conv_backward(dh, x, p1, s1, w1, b1, quant1, conv1, path1, dt, needs1, xq=x1q) \
-            if dh is not None else (None,) * 5
-        return (*grads1, dp2, ds2, dw2, db2, None, None, None, None)
+
+        def backward(grad, x, p1, s1, w1, b1, p2, s2, w2, b2):
+            x1q = _ops._mfq_forward(x, p1, s1, *quant1)
+            h = _conv2d(_cast(x1q, dt), _cast(w1, dt), None if b1 is None else _cast(b1, dt), conv1, path1)
+            dh, dp2, ds2, dw2, db2 = _quantized_conv_backward(grad, h, p2, s2, w2, b2, quant2, conv2, path2, dt,
+                                                              (any(needs1), *needs2))
+            grads1 = _quantized_conv_backward(dh, x, p1, s1, w1, b1, quant1, conv1, path1, dt, needs1, xq=x1q) \
+                if dh is not None else (None,) * 5
+            return (*grads1, dp2, ds2, dw2, db2)
+
+        grads = _functorch.first_order(backward, "QuantConv2d", quant1[-1], grad, *ctx.saved_tensors)
+        return (*grads, None, None, None, None)
 
 
 @contextmanager

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import qdarts_kernels as qk
+from qdarts_kernels import _backends
 
 from . import distributed
 from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, pack_tensors, prepare_output_folder,
@@ -185,10 +186,8 @@ def check_device(device: str, backend: Optional[str]) -> None:
     # the environment the kernels read, checked before the run starts (and creates its folder), not at
     # their first call: an unset --backend takes QDARTS_BACKEND, named as such
     qk.cpu_kernels.check_environment()
-    source = option("backend")
-    if backend is None:
-        backend = os.environ.get("QDARTS_BACKEND") or None
-        source = "QDARTS_BACKEND (environment)"
+    backend, source = _backends.requested(backend)
+    source = option("backend") if source == "backend" else f"{source} (environment)"
     if backend is None:
         return
     available = qk.available_backends()

@@ -42,7 +42,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -131,15 +131,20 @@ def _check_device(name: str, device: torch.device) -> None:
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def requested(backend: Optional[str]) -> Tuple[Optional[str], str]:
+    """(the backend asked for, where it came from): ``backend``, else ``QDARTS_BACKEND`` (set but empty
+    is unset), else None (the automatic choice). Errors name the source: a user who set no backend=
+    must learn that it was the variable."""
+    if backend is not None:
+        return backend, "backend"
+    return os.environ.get("QDARTS_BACKEND") or None, "QDARTS_BACKEND"
+
+
 def resolve(backend: Optional[str], device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
     """The backend name a call on ``device`` (on tensors of ``dtype``, where given) uses: the one
     asked for, else ``QDARTS_BACKEND``, else the automatic choice, which takes the reference for a
     dtype the kernels do not take (float64: gradcheck, a module moved to .double())."""
-    # errors name where the backend came from: a user who set no backend= must learn it was the variable
-    source = "backend"
-    if backend is None:
-        backend = os.environ.get("QDARTS_BACKEND") or None
-        source = "QDARTS_BACKEND"
+    backend, source = requested(backend)
     if backend is None and dtype is not None and dtype not in KERNEL_DTYPES:
         return "reference"
     if backend is not None:

@@ -10,7 +10,9 @@
 // NaN, which are out of range anyway).
 //
 // Both builds disable floating-point contraction (-ffp-contract=off, nvcc --fmad=false): an FMA in
-// x * inv_s + z would round a tie differently from PyTorch's fake-quant kernels.
+// x * inv_s + z would round a tie differently from PyTorch's fake-quant kernels. Where an FMA is
+// wanted (the gradients' sums, whose order differs from the reference's anyway) it is asked for by
+// name (fused_multiply_add).
 #pragma once
 
 #include <cmath>
@@ -48,8 +50,8 @@ QD_HOST_DEVICE GridRange grid_range(int grid, int bits) {
   return {-half + 1.0f, half, 0.5f, -INFINITY};
 }
 
-// relu(x) on the relu grid (as torch.relu: -0.0 and NaN stay), x itself on the others.
-QD_HOST_DEVICE float floored_input(float x, const GridRange& g) { return x < g.x_floor ? 0.0f : x; }
+// relu(x) on the relu grid (x_floor 0; as torch.relu: -0.0 and NaN stay), x itself on the others.
+QD_HOST_DEVICE float floored_input(float x, float x_floor) { return x < x_floor ? 0.0f : x; }
 
 // Round half to even in the current (default: to nearest even) rounding mode.
 //
@@ -74,11 +76,29 @@ QD_HOST_DEVICE float round_half_even(float v) {
 #endif
 }
 
-// Clamp written with comparisons (not fminf/fmaxf, whose NaN rules stop vectorisation on CPU).
-// A NaN r stays NaN, as in the reference's torch.clamp.
+// clamp(r, lo, hi), where a NaN r stays NaN, as in the reference's torch.clamp. On the host it is
+// written with comparisons (fminf/fmaxf's NaN rules stop vectorisation on CPU); on the GPU (sm_80 and
+// newer) PTX's max.NaN / min.NaN do the same in one instruction each instead of two (a NaN in gives
+// the canonical NaN, which every GPU arithmetic instruction gives anyway).
 QD_HOST_DEVICE float clamp_range(float r, float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float c;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(c) : "f"(r), "f"(lo));
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(c) : "f"(c), "f"(hi));
+  return c;
+#else
   r = r < lo ? lo : r;
   return r > hi ? hi : r;
+#endif
+}
+
+// a * b + c rounded once, for the gradients' sums (the builds contract nothing by themselves).
+QD_HOST_DEVICE float fused_multiply_add(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
 }
 
 // The least and the greatest v whose rounding lies in [qmin, qmax]: in = (lo <= v <= hi) is the
@@ -97,19 +117,36 @@ inline InRangeBounds in_range_bounds(const GridRange& g) {
   return {qmin_even ? lo : std::nextafter(lo, INFINITY), qmax_even ? hi : std::nextafter(hi, -INFINITY)};
 }
 
-struct QuantResult {
-  float q_minus_z;  // (q - z), the integer level relative to the zero point
-  float in_range;   // 1 where qmin <= r <= qmax, else 0
+// One bit-width's quantizer as the GPU kernels evaluate it (made on the host once):
+//   r = rint(v),  q = clamp(r, qmin, qmax),  q - z = q + level_offset,  in = (q == r)
+// level_offset is -z, but +0.0 where z = 0, so that one addition gives (q - z) with level 0 as +0.0,
+// as in PyTorch's fake-quant (integer levels), where rint(v) is -0.0 for a v in [-0.5, 0): -0.0 +
+// +0.0 is +0.0, and with z = 1/2 no level is 0. in = (q == r): the clamp left r as it was exactly
+// when qmin <= r <= qmax (false for a NaN r, as it must be; -0.0 == +0.0).
+struct QuantLevels {
+  float qmin;
+  float qmax;
+  float zero_point;
+  float level_offset;
 };
 
-QD_HOST_DEVICE QuantResult quantize(float x, float inv_s, const GridRange& g) {
-  const float v = floored_input(x, g) * inv_s + g.zero_point;
-  const float r = round_half_even(v);
-  const float q = clamp_range(r, g.qmin, g.qmax);
-  const float in = (r >= g.qmin && r <= g.qmax && x > g.x_floor) ? 1.0f : 0.0f;
-  // + 0.0f: level 0 is +0.0, as in PyTorch's fake-quant (integer levels), where rint(v) is -0.0 for a
-  // v in [-0.5, 0); a no-op otherwise (no compiler drops it: it is no identity for -0.0)
-  return {(q - g.zero_point) + 0.0f, in};
+QD_HOST_DEVICE QuantLevels quant_levels(const GridRange& g) {
+  return {g.qmin, g.qmax, g.zero_point, g.zero_point == 0.0f ? 0.0f : -g.zero_point};
+}
+
+struct QuantResult {
+  float q_minus_z;  // (q - z), the integer level relative to the zero point
+  bool in_range;    // qmin <= r <= qmax, and x above the grid's floor
+  float scaled;     // floored(x) * inv_s, which is x * inv_s wherever in_range
+};
+
+// The quantizer at one bit-width, for x_floored = floored_input(x, x_floor) and above_floor =
+// (x > x_floor), which the grid's bit-widths share and a caller computes once per element.
+QD_HOST_DEVICE QuantResult quantize(float x_floored, bool above_floor, float inv_s, const QuantLevels& l) {
+  const float scaled = x_floored * inv_s;
+  const float r = round_half_even(scaled + l.zero_point);
+  const float q = clamp_range(r, l.qmin, l.qmax);
+  return {q + l.level_offset, above_floor && q == r, scaled};
 }
 
 }  // namespace qdarts

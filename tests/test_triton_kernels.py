@@ -360,7 +360,7 @@ def test_per_tensor_backward_fills_the_gpu_in_one_wave():
         warnings.simplefilter("error")
         dx, dprobs, dscales = mfq.mixed_fake_quant_backward(g.cuda(), x.cuda(), probs.cuda(), scales.cuda(), (2, 4, 8),
                                                             GRIDS["signed"], -1, True, True, True)
-        wave = mfq._persistent_wave(torch.cuda.current_device(), torch.float32, 3, False, True, True, True, tile)
+        wave = mfq._persistent_wave(torch.cuda.current_device(), torch.float32, 3, 0.0, False, True, True, True, tile)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert sms <= wave <= 32 * sms and wave % sms == 0
     expected_dx, _, _ = reference_backend.mixed_fake_quant_backward(g, x, probs, scales, (2, 4, 8), GRIDS["signed"],
@@ -458,14 +458,19 @@ def _compile_for_sm90() -> dict:
         probs = torch.empty(3)
         scales = torch.empty(3) if axis < 0 else torch.empty(3, shape[axis])
         part_p, part_s = torch.empty(lay.programs, 3), torch.empty(3, lay.col_blocks, lay.rows)
-        common = dict(K=3, CHANNEL_ON_ROWS=lay.channel_on_rows, RELU=relu, BLOCK_R=lay.block_rows, BLOCK_J=lay.block_cols,
-                      num_warps=lay.num_warps, grid=(1,), **LAUNCH_OPTIONS)
+        common = dict(K=3, ZERO_POINT=zero_point, CHANNEL_ON_ROWS=lay.channel_on_rows, RELU=relu,
+                      BLOCK_R=lay.block_rows, BLOCK_J=lay.block_cols, num_warps=lay.num_warps, grid=(1,))
         out[name + "_forward"] = features(mfq._mixed_fake_quant_forward_kernel.warmup(
-            x, x, probs, scales, qmin, qmax, zero_point, lay.rows, lay.cols, lay.channels, lay.inner,
-            lay.col_blocks, **common))
+            x, x, probs, scales, qmin, qmax, lay.rows, lay.cols, lay.channels, lay.inner,
+            lay.col_blocks, **common, **LAUNCH_OPTIONS))
+        backward_args = (x, x, x, probs, scales, part_p, part_s, qmin, qmax, lay.rows, lay.cols, lay.channels,
+                         lay.inner, lay.col_blocks, lay.row_blocks)
+        flags = dict(NEED_DX=True, NEED_DP=True, NEED_DS=True)
         out[name + "_backward"] = features(mfq._mixed_fake_quant_backward_kernel.warmup(
-            x, x, x, probs, scales, part_p, part_s, qmin, qmax, zero_point, lay.rows, lay.cols, lay.channels,
-            lay.inner, lay.col_blocks, lay.row_blocks, NEED_DX=True, NEED_DP=True, NEED_DS=True, **common))
+            *backward_args, **flags, **common, **LAUNCH_OPTIONS))
+        # the same with contraction allowed: the FMAs it adds are the ones the launch options prevent
+        out[name + "_backward"]["fma_f32_with_fusion"] = features(mfq._mixed_fake_quant_backward_kernel.warmup(
+            *backward_args, **flags, **common, **{**LAUNCH_OPTIONS, "enable_fp_fusion": True}))["fma_f32"]
     numel = 1 << 22
     tile = tile_size(numel)
     outs = tuple(torch.empty(numel, dtype=torch.bfloat16) for _ in range(8))
@@ -493,8 +498,9 @@ def _compile_for_sm90() -> dict:
 
 
 def test_compiled_ptx_for_sm90():
-    """The compiled kernels keep the reference's roundings: no FMA contraction anywhere, IEEE
-    division for 1/s, libdevice rint, round-to-nearest bf16 stores; fp32 loads are 16 B vectors."""
+    """The compiled kernels keep the reference's roundings: no FMA contraction (the backward's own FMAs
+    aside), IEEE division for 1/s, libdevice rint, round-to-nearest bf16 stores; fp32 loads are 16 B
+    vectors."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
@@ -505,8 +511,13 @@ def test_compiled_ptx_for_sm90():
     if not ptx:
         pytest.skip("this Triton build has no NVIDIA backend")
     for name, f in ptx.items():
-        assert f["fma_f32"] == 0, name
         assert f["div_approx"] == 0, name
+        if "fma_f32_with_fusion" in f:
+            # the backward's FMAs are its own (the gradients' sums, tl.fma); x * inv_s + z and the
+            # other products the reference rounds separately are not contracted
+            assert f["fma_f32"] < f["fma_f32_with_fusion"], name
+        else:
+            assert f["fma_f32"] == 0, name
     for name in ("mfq_f32_tensor_forward", "mfq_f32_tensor_backward", "mfq_bf16_channel_forward",
                  "mfq_bf16_channel_backward"):
         assert ptx[name]["div_rn"] > 0 and ptx[name]["rint"] > 0, name

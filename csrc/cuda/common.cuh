@@ -196,12 +196,33 @@ inline dim3 element_grid(const ChannelView& view, int64_t cap) {
 
 inline int64_t grid_blocks(const dim3& g) { return static_cast<int64_t>(g.x) * g.y; }
 
-// out[o] = (scale ? scale[col] : 1) * sum_{j < segment_length} partials[segment_row(seg, segment_length, j)
-//          * row_length + first_column + col],  for o = col * segments + seg < num_columns * segments.
-// Summation in a fixed order (see block_sum). Defined in reduce.cu.
-void launch_sum_partials(const float* partials, int64_t row_length, int first_column, int num_columns,
-                         int64_t segments, int64_t segment_length, const float* scale, float* out,
-                         cudaStream_t stream);
+// One group of outputs of the second pass, out[o] for o = col * segments + seg < num_columns * segments:
+//   out[o] = (scale ? scale[col] : 1) * sum_{j < segment_length} partials[segment_row(seg, segment_length, j)
+//            * row_length + first_column + col]
+// Summation in a fixed order (see block_sum).
+struct PartialColumns {
+  int first_column;
+  int num_columns;  // 0: no group
+  int64_t segments;
+  int64_t segment_length;
+  const float* scale;
+  float* out;
+};
+
+QD_HOST_DEVICE int64_t partial_outputs(const PartialColumns& c) { return c.num_columns * c.segments; }
+
+// The group of output `o` of a launch over `first` then `second`, with o made its index in that group.
+QD_HOST_DEVICE PartialColumns columns_of_output(const PartialColumns& first, const PartialColumns& second,
+                                                int64_t& o) {
+  if (o < partial_outputs(first)) return first;
+  o -= partial_outputs(first);
+  return second;
+}
+
+// Both groups' outputs in one launch (one block each), so that a backward needing dprobs and
+// dscales pays one launch for its second pass, not two. Defined in reduce.cu.
+void launch_sum_partials(const float* partials, int64_t row_length, const PartialColumns& first,
+                         const PartialColumns& second, cudaStream_t stream);
 
 // Host-side dispatch: call f with a tag for the runtime value, so that f can instantiate the
 // kernel template for it.

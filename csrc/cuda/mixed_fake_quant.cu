@@ -114,16 +114,18 @@ void launch_mixed_fake_quant_backward(const void* grad, const void* x, void* dx,
     });
   });
 
+  // Partials row of a block: [dprobs (K) if requested][dscales sums (K) if requested]; per channel,
+  // block (c, split) holds row c * splits + split, so channel c's rows are one segment of dscales.
   const int num_bits = quantizer.num_bits;
   const int64_t columns = (need_dprobs ? num_bits : 0) + (need_dscales ? num_bits : 0);
-  if (need_dprobs) launch_sum_partials(partials, columns, 0, num_bits, 1, grid_blocks(grid), nullptr, dprobs, stream);
+  PartialColumns dprob_columns{};
+  if (need_dprobs) dprob_columns = {0, num_bits, 1, grid_blocks(grid), nullptr, dprobs};
+  PartialColumns dscale_columns{};
   if (need_dscales) {
-    // Per channel, block (c, split) holds row c * splits + split: channel c's rows are one segment.
-    const int64_t segments = view.per_channel ? grid.x : 1;
-    const int64_t segment_length = view.per_channel ? grid.y : grid_blocks(grid);
-    launch_sum_partials(partials, columns, need_dprobs ? num_bits : 0, num_bits, segments, segment_length,
-                        quantizer.probs, dscales, stream);
+    dscale_columns = {need_dprobs ? num_bits : 0, num_bits, view.per_channel ? grid.x : 1,
+                      view.per_channel ? grid.y : grid_blocks(grid), quantizer.probs, dscales};
   }
+  launch_sum_partials(partials, columns, dprob_columns, dscale_columns, stream);
 }
 
 }  // namespace gpu

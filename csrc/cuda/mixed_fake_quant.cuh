@@ -10,9 +10,24 @@
 namespace qdarts {
 namespace gpu {
 
-// Kernel argument: the per-bit grid ranges (computed on the host) and the device parameters.
+// The quantizer levels of each bit-width and the grid's floor (made on the host).
+struct GridLevels {
+  QuantLevels levels[kMaxBits];
+  float x_floor;
+};
+
+inline GridLevels make_grid_levels(const MixedQuantizer& quantizer) {
+  GridLevels g{};
+  for (int k = 0; k < quantizer.num_bits; ++k) {
+    g.levels[k] = quant_levels(grid_range(quantizer.grid, quantizer.bits[k]));
+  }
+  g.x_floor = grid_range(quantizer.grid, quantizer.bits[0]).x_floor;
+  return g;
+}
+
+// Kernel argument: the grid's levels and the device parameters.
 struct QuantizerArgs {
-  GridRange ranges[kMaxBits];
+  GridLevels grid;
   const float* probs;   // [K]
   const float* scales;  // [K, scale_stride]
   int64_t scale_stride; // C per channel, 1 per tensor
@@ -20,7 +35,7 @@ struct QuantizerArgs {
 
 inline QuantizerArgs make_quantizer_args(const MixedQuantizer& quantizer, const ChannelView& view) {
   QuantizerArgs args{};
-  for (int k = 0; k < quantizer.num_bits; ++k) args.ranges[k] = grid_range(quantizer.grid, quantizer.bits[k]);
+  args.grid = make_grid_levels(quantizer);
   args.probs = quantizer.probs;
   args.scales = quantizer.scales;
   args.scale_stride = view.per_channel ? view.channels : 1;
@@ -33,7 +48,8 @@ struct Quantizers {
   float scale[K];
   float inv_scale[K];
   float prob[K];
-  GridRange range[K];
+  QuantLevels levels[K];
+  float x_floor;
 };
 
 template <int K>
@@ -45,37 +61,48 @@ QD_HOST_DEVICE Quantizers<K> load_quantizers(const QuantizerArgs& args, int64_t 
     // Correctly rounded (nvcc's default -prec-div=true), like PyTorch's inv_scale = 1 / scale.
     q.inv_scale[k] = 1.0f / q.scale[k];
     q.prob[k] = args.probs[k];
-    q.range[k] = args.ranges[k];
+    q.levels[k] = args.grid.levels[k];
   }
+  q.x_floor = args.grid.x_floor;
   return q;
 }
 
+// The same operations in the same order as the reference: y = p_0 * ((q_0 - z) * s_0), then
+// y = y + p_k * ((q_k - z) * s_k), so that y is the reference's bit for bit.
 template <int K>
 QD_HOST_DEVICE float mixed_quantize(float x, const Quantizers<K>& q) {
+  const float x_floored = floored_input(x, q.x_floor);
+  const bool above_floor = x > q.x_floor;
   float y = 0.0f;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    const QuantResult r = quantize(x, q.inv_scale[k], q.range[k]);
+    const QuantResult r = quantize(x_floored, above_floor, q.inv_scale[k], q.levels[k]);
     const float term = q.prob[k] * (r.q_minus_z * q.scale[k]);
     y = k == 0 ? term : y + term;
   }
   return y;
 }
 
-// Returns dx = g * sum_k p_k in_k and adds this element's share of the reduced gradients:
-//   dprob[k]  += g * Q_k
-//   dscale[k] += g * ((q_k - z) - (in_k ? x * inv_s_k : 0))    (times p_k later, once per sum)
+// Returns dx = g * sum_k p_k in_k (bit for bit the reference's: each p_k * in_k is exact, so the FMA
+// rounds as the reference's addition does) and adds this element's share of the reduced gradients:
+//   level_sum[k] += g * (q_k - z)                                (dprob_k = s_k * its sum)
+//   dscale[k]    += g * ((q_k - z) - (in_k ? x * inv_s_k : 0))   (times p_k later, once per sum)
 template <int K, bool NEED_DX, bool NEED_DPROBS, bool NEED_DSCALES>
-QD_HOST_DEVICE float mixed_quantize_backward(float x, float g, const Quantizers<K>& q,
-                                                         float (&dprob)[K], float (&dscale)[K]) {
+QD_HOST_DEVICE float mixed_quantize_backward(float x, float g, const Quantizers<K>& q, float (&level_sum)[K],
+                                             float (&dscale)[K]) {
+  const float x_floored = floored_input(x, q.x_floor);
+  const bool above_floor = x > q.x_floor;
   float pass = 0.0f;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    const QuantResult r = quantize(x, q.inv_scale[k], q.range[k]);
-    if constexpr (NEED_DX) pass = pass + q.prob[k] * r.in_range;
-    if constexpr (NEED_DPROBS) dprob[k] += g * (r.q_minus_z * q.scale[k]);
+    const QuantResult r = quantize(x_floored, above_floor, q.inv_scale[k], q.levels[k]);
+    // a multiplication, as the reference's p_k * in_k: a NaN or infinite p_k gives NaN out of range too
+    if constexpr (NEED_DX) pass = fused_multiply_add(q.prob[k], r.in_range ? 1.0f : 0.0f, pass);
+    if constexpr (NEED_DPROBS) level_sum[k] = fused_multiply_add(g, r.q_minus_z, level_sum[k]);
     // A select, not in_k * x * inv_s: an out-of-range x = +-inf must add g * (q - z), not NaN.
-    if constexpr (NEED_DSCALES) dscale[k] += g * (r.q_minus_z - (r.in_range != 0.0f ? x * q.inv_scale[k] : 0.0f));
+    if constexpr (NEED_DSCALES) {
+      dscale[k] = fused_multiply_add(g, r.q_minus_z - (r.in_range ? r.scaled : 0.0f), dscale[k]);
+    }
   }
   return g * pass;
 }
@@ -99,7 +126,8 @@ QD_HOST_DEVICE void mixed_fake_quant_forward_thread(const T* __restrict__ x, T* 
 }
 
 // One thread's share of the backward launch: writes dx (when NEED_DX) and adds the thread's sums
-// of g * Q_k to dprob and of g * ((q_k - z) - (in_k ? x * inv_s_k : 0)) to dscale.
+// of g * Q_k to dprob and of g * ((q_k - z) - (in_k ? x * inv_s_k : 0)) to dscale. A thread's
+// elements share their scales (one channel, or the tensor), so s_k multiplies its sum once.
 #pragma nv_exec_check_disable
 template <typename T, int K, int VEC, bool PER_CHANNEL, bool NEED_DX, bool NEED_DPROBS, bool NEED_DSCALES>
 QD_HOST_DEVICE void mixed_fake_quant_backward_thread(const T* __restrict__ grad, const T* __restrict__ x,
@@ -107,6 +135,9 @@ QD_HOST_DEVICE void mixed_fake_quant_backward_thread(const T* __restrict__ grad,
                                                      const ChannelView& view, const ThreadCoords& t,
                                                      float (&dprob)[K], float (&dscale)[K]) {
   const Quantizers<K> q = load_quantizers<K>(args, PER_CHANNEL ? t.block_x : 0);
+  float level_sum[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) level_sum[k] = 0.0f;
   auto body = [&](auto width, int64_t offset) {
     constexpr int N = decltype(width)::value;
     const Pack<T, N> gs = load_pack<T, N>(grad, offset);
@@ -115,12 +146,16 @@ QD_HOST_DEVICE void mixed_fake_quant_backward_thread(const T* __restrict__ grad,
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       const float d = mixed_quantize_backward<K, NEED_DX, NEED_DPROBS, NEED_DSCALES>(
-          to_float(xs.v[j]), to_float(gs.v[j]), q, dprob, dscale);
+          to_float(xs.v[j]), to_float(gs.v[j]), q, level_sum, dscale);
       if constexpr (NEED_DX) dxs.v[j] = from_float<T>(d);
     }
     if constexpr (NEED_DX) store_pack<T, N>(dx, offset, dxs);
   };
   for_each_element<VEC, PER_CHANNEL>(view, t, body);
+  if constexpr (NEED_DPROBS) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) dprob[k] += q.scale[k] * level_sum[k];
+  }
 }
 
 }  // namespace gpu

@@ -58,15 +58,15 @@ inline int64_t plan_grouped_tensors(GroupedTensor* tensors, int n, bool reduces,
   return blocks;
 }
 
-// Kernel argument shared by all tensors: the per-bit grid ranges and the [N, K] probs.
+// Kernel argument shared by all tensors: the grid's levels and the [N, K] probs.
 struct GroupedQuantizerArgs {
-  GridRange ranges[kMaxBits];
+  GridLevels grid;
   const float* probs;
 };
 
 inline GroupedQuantizerArgs make_grouped_quantizer_args(const MixedQuantizer& quantizer) {
   GroupedQuantizerArgs args{};
-  for (int k = 0; k < quantizer.num_bits; ++k) args.ranges[k] = grid_range(quantizer.grid, quantizer.bits[k]);
+  args.grid = make_grid_levels(quantizer);
   args.probs = quantizer.probs;
   return args;
 }
@@ -76,8 +76,7 @@ template <int K>
 QD_HOST_DEVICE QuantizerArgs tensor_quantizer_args(const GroupedQuantizerArgs& args, const GroupedTensor& t,
                                                    int i) {
   QuantizerArgs q{};
-#pragma unroll
-  for (int k = 0; k < K; ++k) q.ranges[k] = args.ranges[k];
+  q.grid = args.grid;
   q.probs = args.probs + static_cast<int64_t>(i) * K;
   q.scales = t.scales;
   q.scale_stride = t.view.per_channel ? t.view.channels : 1;

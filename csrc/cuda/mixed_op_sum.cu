@@ -113,7 +113,8 @@ void launch_mixed_op_sum_backward(const void* grad, const OpSumInputs& inputs, c
     });
   });
   if (need_dweights) {
-    launch_sum_partials(partials, max_k_for(inputs.count), 0, inputs.count, 1, blocks, nullptr, dweights, stream);
+    launch_sum_partials(partials, max_k_for(inputs.count), {0, inputs.count, 1, blocks, nullptr, dweights},
+                        PartialColumns{}, stream);
   }
 }
 

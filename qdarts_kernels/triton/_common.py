@@ -39,8 +39,8 @@ def round_half_even_portable(v):
     For 0 <= a < 2^23, ``a + 2^23`` lies in [2^23, 2^24) where the fp32 spacing is 1, so the
     addition rounds a to an integer, ties to even (2^23 is even), and subtracting 2^23 is exact.
     The sign is put back afterwards; |v| >= 2^23, inf and NaN pass through unchanged. The one
-    difference from rint is rint(-0.0) = -0.0 where this gives +0.0; the quantizer never rounds
-    -0.0, because v = x * inv_s + z and -0.0 + 0.0 = +0.0.
+    difference from rint is rint(-0.0) = -0.0 where this gives +0.0, which the quantizer does not
+    see: it compares levels with == (-0.0 == +0.0) and makes level 0 +0.0 either way.
     """
     a = tl.abs(v)
     ra = (a + _TWO_POW_23) - _TWO_POW_23

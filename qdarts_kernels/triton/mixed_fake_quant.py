@@ -5,7 +5,7 @@ Maths (DESIGN section 4, ``qdarts_kernels.reference``), for bit-widths b_k, k = 
     inv_s_k = 1 / s_k                      (fp32, correctly rounded: tl.math.div_rn)
     v_k     = x * inv_s_k + z              (two roundings: no FMA, kernels launch without fp fusion)
     r_k     = round_half_to_even(v_k)
-    q_k     = clamp(r_k, qmin_k, qmax_k)   (by comparisons: a NaN stays NaN, as in torch.clamp)
+    q_k     = clamp(r_k, qmin_k, qmax_k)   (NaN-propagating: a NaN stays NaN, as in torch.clamp)
     in_k    = qmin_k <= r_k <= qmax_k      (mask on the rounded value)
     Q_k     = (q_k - z) * s_k
     y       = p_0 Q_0;  y = y + p_k Q_k    (k = 1..K-1, the reference's order: bit-exact in fp32)
@@ -20,6 +20,8 @@ Backward, g the incoming gradient, recomputing everything above from x (nothing 
 and in_k also needs x > 0 (the ReLU's gradient). x / s_k is taken as x * inv_s_k, the product the
 quantizer already formed; the sums are fp32 and deterministic: each program writes its partial sums
 to a buffer and a fixed-order ``torch.sum`` on the device adds the partials (no atomics, no sync).
+The per-tensor backward adds its terms with FMAs (one rounding each; the forward and dx round as the
+reference does, see _add_pass_weight).
 
 Layout. x is viewed as [outer, C, inner] around the channel axis (per tensor: [1, 1, numel]) and
 tiled as a 2-D array [R, J] in one of two ways, whichever keeps the per-channel partial sums small:
@@ -164,30 +166,42 @@ def _scale_and_inverse(S, k, row, col, cols, channels, inner, CHANNEL_ON_ROWS: t
 
 
 @triton.jit
-def _quantize(x, inv_s, qmin, qmax, zero_point, RELU: tl.constexpr):
+def _quantize(x, inv_s, qmin, qmax, ZERO_POINT: tl.constexpr, RELU: tl.constexpr):
     """The quantizer on an fp32 tile: returns (x * inv_s, q - z, in). RELU (the relu grid):
-    quantize relu(x) (as torch.relu: -0.0 and NaN stay) and take in = 0 where x <= 0."""
+    quantize relu(x) (as torch.relu: -0.0 and NaN stay) and take in = 0 where x <= 0.
+
+    With z = 0 (every grid but midrise) v = x * inv_s + z is left at x * inv_s: the two differ only
+    in the sign of a zero, which neither the rounding's value, nor the clamp, nor in sees, and the
+    level is made +0.0 below either way."""
     if RELU:
         x_inv_s = tl.where(x < 0.0, 0.0, x) * inv_s
     else:
         x_inv_s = x * inv_s
-    r = round_half_even(x_inv_s + zero_point)
-    q = tl.where(r < qmin, qmin, r)
-    q = tl.where(q > qmax, qmax, q)
+    if ZERO_POINT == 0.0:
+        r = round_half_even(x_inv_s)
+    else:
+        r = round_half_even(x_inv_s + ZERO_POINT)
+    # a NaN r stays NaN, as in torch.clamp (max.NaN / min.NaN on the GPU: one instruction a side)
+    q = tl.clamp(r, qmin, qmax, propagate_nan=tl.PropagateNan.ALL)
     # qmin <= r <= qmax exactly when the clamp left r unchanged (false for a NaN r, as it must be)
     inside = q == r
     if RELU:
         inside = inside & (x > 0.0)
-    # + 0.0: level 0 is +0.0, as in PyTorch's fake-quant, where rint gives -0.0 to a v in [-0.5, 0)
-    return x_inv_s, (q - zero_point) + 0.0, inside
+    # q - z in one addition: level 0 is +0.0, as in PyTorch's fake-quant (integer levels), where rint
+    # gives -0.0 to a v in [-0.5, 0); with z = 1/2 no level is 0
+    if ZERO_POINT == 0.0:
+        level = q + 0.0
+    else:
+        level = q - ZERO_POINT
+    return x_inv_s, level, inside
 
 
 @triton.jit
-def _weighted_level(x, P, S, k, qmin, qmax, zero_point, row, col, cols, channels, inner,
+def _weighted_level(x, P, S, k, qmin, qmax, row, col, cols, channels, inner, ZERO_POINT: tl.constexpr,
                     CHANNEL_ON_ROWS: tl.constexpr, RELU: tl.constexpr):
     """p_k * Q_k(x) = p_k * ((q_k - z) * s_k), rounded in this order as the reference does."""
     _, s, inv_s = _scale_and_inverse(S, k, row, col, cols, channels, inner, CHANNEL_ON_ROWS)
-    _, q_minus_z, _ = _quantize(x, inv_s, qmin, qmax, zero_point, RELU)
+    _, q_minus_z, _ = _quantize(x, inv_s, qmin, qmax, ZERO_POINT, RELU)
     return tl.load(P + k) * (q_minus_z * s)
 
 
@@ -198,23 +212,23 @@ def _weighted_level(x, P, S, k, qmin, qmax, zero_point, row, col, cols, channels
 
 @triton.jit
 def _mixed_fake_quant_forward_kernel(
-    X, Y, P, S, QMIN, QMAX, zero_point,
+    X, Y, P, S, QMIN, QMAX,
     rows, cols, channels, inner, col_blocks,
-    K: tl.constexpr, CHANNEL_ON_ROWS: tl.constexpr, RELU: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_J: tl.constexpr,
+    K: tl.constexpr, ZERO_POINT: tl.constexpr, CHANNEL_ON_ROWS: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     """y = sum_k p_k Q_k(x) on one tile: one read of x, one write of y.
 
-    QMIN, QMAX: tuples of K floats (the grid range of each bit-width); zero_point: z of the grid;
+    QMIN, QMAX: tuples of K floats (the grid range of each bit-width); ZERO_POINT: z of the grid;
     RELU: the relu grid (see _quantize).
     """
     _, _, row, col, offsets, mask = _tile(tl.program_id(0), rows, cols, col_blocks, BLOCK_R, BLOCK_J)
     x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-    y = _weighted_level(x, P, S, 0, QMIN[0], QMAX[0], zero_point, row, col, cols, channels, inner,
+    y = _weighted_level(x, P, S, 0, QMIN[0], QMAX[0], row, col, cols, channels, inner, ZERO_POINT,
                         CHANNEL_ON_ROWS, RELU)
     for k in tl.static_range(1, K):
-        y = y + _weighted_level(x, P, S, k, QMIN[k], QMAX[k], zero_point, row, col, cols, channels,
-                                inner, CHANNEL_ON_ROWS, RELU)
+        y = y + _weighted_level(x, P, S, k, QMIN[k], QMAX[k], row, col, cols, channels, inner, ZERO_POINT,
+                                CHANNEL_ON_ROWS, RELU)
     tl.store(Y + offsets, cast_out(y, Y.dtype.element_ty), mask=mask)
 
 
@@ -237,10 +251,10 @@ def mixed_fake_quant_forward(
     qmin, qmax, zero_point, relu = _grid_ranges(bits, grid)
     with device_guard(x):
         _mixed_fake_quant_forward_kernel[(lay.programs,)](
-            x, y, probs, scales, qmin, qmax, zero_point,
+            x, y, probs, scales, qmin, qmax,
             lay.rows, lay.cols, lay.channels, lay.inner, lay.col_blocks,
-            K=len(bits), CHANNEL_ON_ROWS=lay.channel_on_rows, RELU=relu, BLOCK_R=lay.block_rows,
-            BLOCK_J=lay.block_cols, num_warps=lay.num_warps, **LAUNCH_OPTIONS,
+            K=len(bits), ZERO_POINT=zero_point, CHANNEL_ON_ROWS=lay.channel_on_rows, RELU=relu,
+            BLOCK_R=lay.block_rows, BLOCK_J=lay.block_cols, num_warps=lay.num_warps, **LAUNCH_OPTIONS,
         )
     return y
 
@@ -252,9 +266,9 @@ def mixed_fake_quant_forward(
 
 @triton.jit
 def _mixed_fake_quant_backward_kernel(
-    G, X, DX, P, S, PART_P, PART_S, QMIN, QMAX, zero_point,
+    G, X, DX, P, S, PART_P, PART_S, QMIN, QMAX,
     rows, cols, channels, inner, col_blocks, row_blocks,
-    K: tl.constexpr, CHANNEL_ON_ROWS: tl.constexpr, RELU: tl.constexpr,
+    K: tl.constexpr, ZERO_POINT: tl.constexpr, CHANNEL_ON_ROWS: tl.constexpr, RELU: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DP: tl.constexpr, NEED_DS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
@@ -273,11 +287,10 @@ def _mixed_fake_quant_backward_kernel(
     dx_weight = tl.zeros((BLOCK_R, BLOCK_J), tl.float32)
     for k in tl.static_range(K):
         s_vec, _, inv_s = _scale_and_inverse(S, k, row, col, cols, channels, inner, CHANNEL_ON_ROWS)
-        x_inv_s, q_minus_z, inside = _quantize(x, inv_s, QMIN[k], QMAX[k], zero_point, RELU)
+        x_inv_s, q_minus_z, inside = _quantize(x, inv_s, QMIN[k], QMAX[k], ZERO_POINT, RELU)
         p = tl.load(P + k)
         if NEED_DX:
-            # a product, not a select: a NaN/inf p_k must reach dx even where in_k = 0 (0 * inf = NaN)
-            dx_weight = dx_weight + p * inside.to(tl.float32)
+            dx_weight = _add_pass_weight(dx_weight, p, inside)
         g_level = g * q_minus_z
         if NEED_DP:
             dp = tl.sum(_sum_per_channel(g_level, CHANNEL_ON_ROWS) * s_vec, axis=0)
@@ -296,19 +309,30 @@ def _mixed_fake_quant_backward_kernel(
 
 
 @triton.jit
-def _level_gradients(x, g, dx_weight, acc_p, acc_s, P, S, k, qmin, qmax, zero_point,
+def _add_pass_weight(dx_weight, p, inside):
+    """dx_weight + p * in, as the reference's product and sum (a NaN or infinite p must reach dx
+    where in = 0 too: 0 * inf = NaN), in one FMA: p * in is exact, so one rounding is the sum's."""
+    return tl.fma(p, inside.to(tl.float32), dx_weight)
+
+
+@triton.jit
+def _level_params(P, S, k):
+    """(p_k, 1 / s_k) of per-tensor scales, the division correctly rounded: read once per program."""
+    return tl.load(P + k), tl.math.div_rn(1.0, tl.load(S + k))
+
+
+@triton.jit
+def _level_gradients(x, g, dx_weight, acc_p, acc_s, p, inv_s, qmin, qmax, ZERO_POINT: tl.constexpr,
                      RELU: tl.constexpr, NEED_DX: tl.constexpr, NEED_DP: tl.constexpr, NEED_DS: tl.constexpr):
     """Bit-width k's terms on a 1-D block with per-tensor scales: dx_weight + p_k in_k, and the
-    per-lane sums acc_p + g (q_k - z), acc_s + g ((q_k - z) - in_k x inv_s_k)."""
-    inv_s = tl.math.div_rn(1.0, tl.load(S + k))
-    x_inv_s, q_minus_z, inside = _quantize(x, inv_s, qmin, qmax, zero_point, RELU)
+    per-lane sums acc_p + g (q_k - z), acc_s + g ((q_k - z) - in_k x inv_s_k), each one FMA."""
+    x_inv_s, q_minus_z, inside = _quantize(x, inv_s, qmin, qmax, ZERO_POINT, RELU)
     if NEED_DX:
-        # a product, not a select: a NaN/inf p_k must reach dx even where in_k = 0 (0 * inf = NaN)
-        dx_weight = dx_weight + tl.load(P + k) * inside.to(tl.float32)
+        dx_weight = _add_pass_weight(dx_weight, p, inside)
     if NEED_DP:
-        acc_p = acc_p + g * q_minus_z
+        acc_p = tl.fma(g, q_minus_z, acc_p)
     if NEED_DS:
-        acc_s = acc_s + g * (q_minus_z - tl.where(inside, x_inv_s, 0.0))
+        acc_s = tl.fma(g, q_minus_z - tl.where(inside, x_inv_s, 0.0), acc_s)
     return dx_weight, acc_p, acc_s
 
 
@@ -324,8 +348,9 @@ def _store_level_partials(acc_p, acc_s, P, S, PART_P, PART_S, pid, k, K: tl.cons
 
 @triton.jit
 def _mixed_fake_quant_backward_per_tensor_kernel(
-    G, X, DX, P, S, PART_P, PART_S, QMIN, QMAX, zero_point, numel, programs,
-    K: tl.constexpr, RELU: tl.constexpr, NEED_DX: tl.constexpr, NEED_DP: tl.constexpr, NEED_DS: tl.constexpr,
+    G, X, DX, P, S, PART_P, PART_S, QMIN, QMAX, numel, programs,
+    K: tl.constexpr, ZERO_POINT: tl.constexpr, RELU: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DP: tl.constexpr, NEED_DS: tl.constexpr,
     ROUNDS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """The backward with per-tensor scales, persistent: program p takes blocks p, p + P, p + 2P, ...
@@ -336,10 +361,18 @@ def _mixed_fake_quant_backward_per_tensor_kernel(
     bandwidth on the H100 where the cuda backend, which sums per thread over a grid-stride loop
     like this, reached 92 %; with this kernel the forward and backward together reached 78 % on an
     H200, then on 1024 programs (see _persistent_wave). K <= 4 (one pair of accumulators per
-    bit-width, each used only when K reaches it)."""
+    bit-width, each used only when K reaches it); p_k and 1 / s_k are read once, before the loop."""
     pid = tl.program_id(0)
     acc_p0 = tl.zeros((BLOCK,), tl.float32)
     acc_s0, acc_p1, acc_s1, acc_p2, acc_s2, acc_p3, acc_s3 = acc_p0, acc_p0, acc_p0, acc_p0, acc_p0, acc_p0, acc_p0
+    p0, inv_s0 = _level_params(P, S, 0)
+    p1, inv_s1, p2, inv_s2, p3, inv_s3 = p0, inv_s0, p0, inv_s0, p0, inv_s0
+    if K > 1:
+        p1, inv_s1 = _level_params(P, S, 1)
+    if K > 2:
+        p2, inv_s2 = _level_params(P, S, 2)
+    if K > 3:
+        p3, inv_s3 = _level_params(P, S, 3)
     for r in range(ROUNDS):
         # a block past the last one is all masked: it adds nothing
         offsets, mask = flat_block(pid + r * programs, numel, BLOCK)
@@ -347,17 +380,17 @@ def _mixed_fake_quant_backward_per_tensor_kernel(
         # g = 0 outside the tensor makes every masked lane add nothing to the sums
         g = tl.load(G + offsets, mask=mask, other=0.0).to(tl.float32)
         dx_weight = tl.zeros((BLOCK,), tl.float32)
-        dx_weight, acc_p0, acc_s0 = _level_gradients(x, g, dx_weight, acc_p0, acc_s0, P, S, 0, QMIN[0], QMAX[0],
-                                                     zero_point, RELU, NEED_DX, NEED_DP, NEED_DS)
+        dx_weight, acc_p0, acc_s0 = _level_gradients(x, g, dx_weight, acc_p0, acc_s0, p0, inv_s0, QMIN[0], QMAX[0],
+                                                     ZERO_POINT, RELU, NEED_DX, NEED_DP, NEED_DS)
         if K > 1:
-            dx_weight, acc_p1, acc_s1 = _level_gradients(x, g, dx_weight, acc_p1, acc_s1, P, S, 1, QMIN[1], QMAX[1],
-                                                         zero_point, RELU, NEED_DX, NEED_DP, NEED_DS)
+            dx_weight, acc_p1, acc_s1 = _level_gradients(x, g, dx_weight, acc_p1, acc_s1, p1, inv_s1, QMIN[1],
+                                                         QMAX[1], ZERO_POINT, RELU, NEED_DX, NEED_DP, NEED_DS)
         if K > 2:
-            dx_weight, acc_p2, acc_s2 = _level_gradients(x, g, dx_weight, acc_p2, acc_s2, P, S, 2, QMIN[2], QMAX[2],
-                                                         zero_point, RELU, NEED_DX, NEED_DP, NEED_DS)
+            dx_weight, acc_p2, acc_s2 = _level_gradients(x, g, dx_weight, acc_p2, acc_s2, p2, inv_s2, QMIN[2],
+                                                         QMAX[2], ZERO_POINT, RELU, NEED_DX, NEED_DP, NEED_DS)
         if K > 3:
-            dx_weight, acc_p3, acc_s3 = _level_gradients(x, g, dx_weight, acc_p3, acc_s3, P, S, 3, QMIN[3], QMAX[3],
-                                                         zero_point, RELU, NEED_DX, NEED_DP, NEED_DS)
+            dx_weight, acc_p3, acc_s3 = _level_gradients(x, g, dx_weight, acc_p3, acc_s3, p3, inv_s3, QMIN[3],
+                                                         QMAX[3], ZERO_POINT, RELU, NEED_DX, NEED_DP, NEED_DS)
         if NEED_DX:
             tl.store(DX + offsets, cast_out(g * dx_weight, DX.dtype.element_ty), mask=mask)
     _store_level_partials(acc_p0, acc_s0, P, S, PART_P, PART_S, pid, 0, K, NEED_DP, NEED_DS)
@@ -411,9 +444,9 @@ def mixed_fake_quant_backward(
         _mixed_fake_quant_backward_kernel[(lay.programs,)](
             grad, x, x if dx is None else dx, probs, scales,
             x if part_p is None else part_p, x if part_s is None else part_s,
-            qmin, qmax, zero_point,
+            qmin, qmax,
             lay.rows, lay.cols, lay.channels, lay.inner, lay.col_blocks, lay.row_blocks,
-            K=k, CHANNEL_ON_ROWS=lay.channel_on_rows, RELU=relu,
+            K=k, ZERO_POINT=zero_point, CHANNEL_ON_ROWS=lay.channel_on_rows, RELU=relu,
             NEED_DX=need_dx, NEED_DP=need_dprobs, NEED_DS=need_dscales,
             BLOCK_R=lay.block_rows, BLOCK_J=lay.block_cols, num_warps=lay.num_warps, **LAUNCH_OPTIONS,
         )
@@ -439,7 +472,8 @@ def _per_tensor_backward(grad, x, dx, probs, scales, k, qmin, qmax, zero_point, 
     wave = REDUCE_PROGRAMS
     if x.is_cuda and not _INTERPRETED.value and tiles > 1:
         with device_guard(x):
-            wave = _persistent_wave(x.device.index, x.dtype, k, relu, dx is not None, need_dprobs, need_dscales, tile)
+            wave = _persistent_wave(x.device.index, x.dtype, k, zero_point, relu, dx is not None, need_dprobs,
+                                    need_dscales, tile)
     rounds = triton.cdiv(tiles, wave)
     programs = triton.cdiv(tiles, rounds)
     f32 = dict(dtype=torch.float32, device=x.device)
@@ -450,16 +484,16 @@ def _per_tensor_backward(grad, x, dx, probs, scales, k, qmin, qmax, zero_point, 
         _mixed_fake_quant_backward_per_tensor_kernel[(programs,)](
             grad, x, x if dx is None else dx, probs, scales,
             x if part_p is None else part_p, x if part_s is None else part_s,
-            qmin, qmax, zero_point, x.numel(), programs,
-            K=k, RELU=relu, NEED_DX=dx is not None, NEED_DP=need_dprobs, NEED_DS=need_dscales,
+            qmin, qmax, x.numel(), programs,
+            K=k, ZERO_POINT=zero_point, RELU=relu, NEED_DX=dx is not None, NEED_DP=need_dprobs, NEED_DS=need_dscales,
             ROUNDS=rounds, BLOCK=tile.elements, num_warps=tile.num_warps, **LAUNCH_OPTIONS,
         )
     return dx, (part_p.sum(dim=0) if need_dprobs else None), (part_s.sum(dim=0) if need_dscales else None)
 
 
 @functools.lru_cache(maxsize=None)
-def _persistent_wave(device_index: int, dtype: torch.dtype, k: int, relu: bool, need_dx: bool, need_dprobs: bool,
-                     need_dscales: bool, tile: TileSize) -> int:
+def _persistent_wave(device_index: int, dtype: torch.dtype, k: int, zero_point: float, relu: bool, need_dx: bool,
+                     need_dprobs: bool, need_dscales: bool, tile: TileSize) -> int:
     """Programs of the per-tensor backward that ``device_index`` runs at once (the current device).
 
     Before this, the kernel took 1024 programs whatever the GPU: with K = 3 (96 registers a thread,
@@ -471,8 +505,8 @@ def _persistent_wave(device_index: int, dtype: torch.dtype, k: int, relu: bool, 
     try:
         compiled = _mixed_fake_quant_backward_per_tensor_kernel.warmup(
             dtype, dtype, dtype, torch.float32, torch.float32, torch.float32, torch.float32,
-            (0.0,) * k, (1.0,) * k, 0.0, 1 << 20, REDUCE_PROGRAMS,
-            K=k, RELU=relu, NEED_DX=need_dx, NEED_DP=need_dprobs, NEED_DS=need_dscales, ROUNDS=3,
+            (0.0,) * k, (1.0,) * k, 1 << 20, REDUCE_PROGRAMS,
+            K=k, ZERO_POINT=zero_point, RELU=relu, NEED_DX=need_dx, NEED_DP=need_dprobs, NEED_DS=need_dscales, ROUNDS=3,
             BLOCK=tile.elements, num_warps=tile.num_warps, grid=(1,), **LAUNCH_OPTIONS,
         )
         return programs_in_one_wave(compiled, torch.device("cuda", device_index))

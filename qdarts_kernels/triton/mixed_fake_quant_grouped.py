@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._common import LAUNCH_OPTIONS, cast_out, device_guard, next_pow2, tile_size
-from .mixed_fake_quant import _grid_ranges, _quantize
+from .mixed_fake_quant import _add_pass_weight, _grid_ranges, _quantize
 
 # Columns of the per-tensor table META; constexpr because the kernels read them (compiled Triton reads
 # no other globals) and the host indexes its rows with them.
@@ -184,9 +184,9 @@ def _data_pointer(info, column, DTYPE: tl.constexpr):
 
 @triton.jit
 def _grouped_forward_kernel(
-    META, P, QMIN, QMAX, zero_point, n,
-    K: tl.constexpr, DTYPE: tl.constexpr, RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
-    STEPS: tl.constexpr,
+    META, P, QMIN, QMAX, n,
+    K: tl.constexpr, DTYPE: tl.constexpr, ZERO_POINT: tl.constexpr, RELU: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_J: tl.constexpr, STEPS: tl.constexpr,
 ):
     """y_i = sum_k p_ik Q_k(x_i) on one tile of one tensor, in the single op's order."""
     _, i, info, _, row, offsets, mask = _tensor_tile(META, n, BLOCK_R, BLOCK_J, STEPS)
@@ -194,7 +194,7 @@ def _grouped_forward_kernel(
     y = tl.zeros((BLOCK_R, BLOCK_J), tl.float32)
     for k in tl.static_range(K):
         s, inv_s = _row_scale(info, k, row)
-        _, q_minus_z, _ = _quantize(x, inv_s[:, None], QMIN[k], QMAX[k], zero_point, RELU)
+        _, q_minus_z, _ = _quantize(x, inv_s[:, None], QMIN[k], QMAX[k], ZERO_POINT, RELU)
         term = tl.load(P + i * K + k) * (q_minus_z * s[:, None])
         if k == 0:
             y = term
@@ -205,9 +205,10 @@ def _grouped_forward_kernel(
 
 @triton.jit
 def _grouped_backward_kernel(
-    META, P, PART_P, PART_S, QMIN, QMAX, zero_point, n,
-    K: tl.constexpr, DTYPE: tl.constexpr, RELU: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DP: tl.constexpr, NEED_DS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, STEPS: tl.constexpr,
+    META, P, PART_P, PART_S, QMIN, QMAX, n,
+    K: tl.constexpr, DTYPE: tl.constexpr, ZERO_POINT: tl.constexpr, RELU: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DP: tl.constexpr, NEED_DS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, STEPS: tl.constexpr,
 ):
     """dx_i on one tile and the tile's partial sums of dp and ds (see the module docstring)."""
     pid, i, info, pid_j, row, offsets, mask = _tensor_tile(META, n, BLOCK_R, BLOCK_J, STEPS)
@@ -221,11 +222,10 @@ def _grouped_backward_kernel(
                 + ((row % channels) * tl.load(info + _OUTER) + row // channels) * tl.load(info + _COL_BLOCKS) + pid_j)
     for k in tl.static_range(K):
         s, inv_s = _row_scale(info, k, row)
-        x_inv_s, q_minus_z, inside = _quantize(x, inv_s[:, None], QMIN[k], QMAX[k], zero_point, RELU)
+        x_inv_s, q_minus_z, inside = _quantize(x, inv_s[:, None], QMIN[k], QMAX[k], ZERO_POINT, RELU)
         p = tl.load(P + i * K + k)
         if NEED_DX:
-            # a product, not a select: a NaN/inf p_k must reach dx even where in_k = 0 (0 * inf = NaN)
-            dx_weight = dx_weight + p * inside.to(tl.float32)
+            dx_weight = _add_pass_weight(dx_weight, p, inside)
         g_level = g * q_minus_z
         if NEED_DP:
             tl.store(PART_P + pid.to(tl.int64) * K + k, tl.sum(tl.sum(g_level, axis=1) * s, axis=0))
@@ -299,9 +299,9 @@ def mixed_fake_quant_grouped_forward(
     qmin, qmax, zero_point, relu = _grid_ranges(tuple(bits), grid)
     with device_guard(x0):
         _grouped_forward_kernel[(plan.programs,)](
-            meta, probs, qmin, qmax, zero_point, len(xs),
-            K=len(bits), DTYPE=_TL_DTYPES[x0.dtype], RELU=relu, BLOCK_R=plan.block_rows, BLOCK_J=plan.block_cols,
-            STEPS=plan.search_steps, num_warps=plan.num_warps, **LAUNCH_OPTIONS,
+            meta, probs, qmin, qmax, len(xs),
+            K=len(bits), DTYPE=_TL_DTYPES[x0.dtype], ZERO_POINT=zero_point, RELU=relu, BLOCK_R=plan.block_rows,
+            BLOCK_J=plan.block_cols, STEPS=plan.search_steps, num_warps=plan.num_warps, **LAUNCH_OPTIONS,
         )
     return ys
 
@@ -334,8 +334,9 @@ def mixed_fake_quant_grouped_backward(
     qmin, qmax, zero_point, relu = _grid_ranges(tuple(bits), grid)
     with device_guard(x0):
         _grouped_backward_kernel[(plan.programs,)](
-            meta, probs, part_p, part_s, qmin, qmax, zero_point, n,
-            K=k, DTYPE=_TL_DTYPES[x0.dtype], RELU=relu, NEED_DX=need_dx, NEED_DP=need_dprobs, NEED_DS=need_dscales,
+            meta, probs, part_p, part_s, qmin, qmax, n,
+            K=k, DTYPE=_TL_DTYPES[x0.dtype], ZERO_POINT=zero_point, RELU=relu,
+            NEED_DX=need_dx, NEED_DP=need_dprobs, NEED_DS=need_dscales,
             BLOCK_R=plan.block_rows, BLOCK_J=plan.block_cols, STEPS=plan.search_steps,
             num_warps=plan.num_warps, **LAUNCH_OPTIONS,
         )

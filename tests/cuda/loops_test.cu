@@ -5,7 +5,9 @@
 //   - every element is visited exactly once, in groups of the requested width that are aligned;
 //   - per channel, a block only visits elements of its own channel (block_x);
 //   - the partial row of each block is the one launch_sum_partials adds for its channel (or for the
-//     whole tensor), so every reduced gradient sums each block exactly once.
+//     whole tensor), so every reduced gradient sums each block exactly once;
+//   - the second pass's blocks over two groups of outputs give each output of each group to exactly
+//     one block.
 // Exit status 0 when every case passes.
 #include <cstdio>
 #include <vector>
@@ -95,9 +97,39 @@ void check_all_widths(const ChannelView& view) {
   check_view<8>(view);
 }
 
+// columns_of_output: the blocks of a launch over `first` then `second` cover each output of each group
+// exactly once, with its index in its group.
+void check_output_groups() {
+  std::vector<float> first_out(12), second_out(40);
+  const PartialColumns groups[][2] = {
+      {{0, 3, 1, 10, nullptr, first_out.data()}, {3, 3, 1, 10, nullptr, second_out.data()}},  // per tensor
+      {{0, 3, 1, 10, nullptr, first_out.data()}, {3, 4, 10, 2, nullptr, second_out.data()}},  // per channel
+      {{0, 4, 1, 7, nullptr, first_out.data()}, PartialColumns{}},                            // one group
+      {PartialColumns{}, {0, 2, 20, 3, nullptr, second_out.data()}},
+  };
+  for (const auto& g : groups) {
+    std::vector<int> first_hits(partial_outputs(g[0]), 0), second_hits(partial_outputs(g[1]), 0);
+    for (int64_t block = 0; block < partial_outputs(g[0]) + partial_outputs(g[1]); ++block) {
+      int64_t o = block;
+      const PartialColumns c = columns_of_output(g[0], g[1], o);
+      std::vector<int>& hits = c.out == g[0].out ? first_hits : second_hits;
+      if (o < 0 || o >= static_cast<int64_t>(hits.size())) {
+        if (++failures <= 20) std::printf("FAIL output %lld of block %lld out of its group\n", (long long)o,
+                                          (long long)block);
+        continue;
+      }
+      ++hits[o];
+    }
+    for (const std::vector<int>* hits : {&first_hits, &second_hits})
+      for (int h : *hits)
+        if (h != 1 && ++failures <= 20) std::printf("FAIL a second-pass output taken %d times\n", h);
+  }
+}
+
 }  // namespace
 
 int main() {
+  check_output_groups();
   int cases = 0;
   // Per tensor: empty-tail and tail sizes around the group widths and the block size.
   for (int64_t n : {1, 3, 7, 8, 9, 255, 256, 257, 2047, 2048, 2049, 100003, 1 << 20}) {

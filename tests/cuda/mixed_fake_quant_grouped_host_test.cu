@@ -113,7 +113,7 @@ void check_group(const std::vector<ChannelView>& views, bool reduces, std::mt199
   // each element: the single tensor's quantizer (its probs row, its scales slice)
   for (int i = 0; i < n; ++i) {
     QuantizerArgs single{};
-    for (int k = 0; k < K; ++k) single.ranges[k] = grid_range(kGridSigned, quantizer.bits[k]);
+    single.grid = make_grid_levels(quantizer);
     single.probs = probs.data() + i * K;
     single.scales = scales.data() + tensors[i].scale_offset;
     single.scale_stride = views[i].per_channel ? views[i].channels : 1;

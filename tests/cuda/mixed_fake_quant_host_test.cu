@@ -99,13 +99,15 @@ void check_case(const ChannelView& view, int grid, const int (&bits)[K], std::mt
     const float xe = to_float(x[e]);
     const float want_y = to_float(from_float<T>(mixed_quantize<K>(xe, q)));
     if (!same_value(to_float(y[e]), want_y)) report("y", dtype_name<T>(), K, VEC, view, e, to_float(y[e]), want_y);
-    float dprob[K] = {}, dscale[K] = {};
-    const float d = mixed_quantize_backward<K, NEED_DX, NEED_DPROBS, NEED_DSCALES>(xe, to_float(g[e]), q, dprob,
+    float level_sum[K] = {}, dscale[K] = {};
+    const float d = mixed_quantize_backward<K, NEED_DX, NEED_DPROBS, NEED_DSCALES>(xe, to_float(g[e]), q, level_sum,
                                                                                     dscale);
     const float want_dx = to_float(from_float<T>(d));
     if (NEED_DX && !same_value(to_float(dx[e]), want_dx)) {
       report("dx", dtype_name<T>(), K, VEC, view, e, to_float(dx[e]), want_dx);
     }
+    float dprob[K];
+    for (int k = 0; k < K; ++k) dprob[k] = q.scale[k] * level_sum[k];
     for (int k = 0; k < K; ++k) {
       dprob_want[k] += dprob[k];
       dscale_want[k * channels + channel_of(e)] += probs[k] * static_cast<double>(dscale[k]);
@@ -166,41 +168,53 @@ void check_dtype(std::mt19937& rng) {
 
 bool same_bits(float a, float b) { return same_value(a, b) && std::signbit(a) == std::signbit(b); }
 
-// quantize() on the relu grid is the unsigned grid applied to relu(x) (torch.relu: -0.0 and NaN
-// stay), with in = 0 where x <= 0; the values an elementwise kernel could get wrong at the floor.
-void check_relu_grid() {
-  const float inputs[] = {-0.0f, 0.0f, -1e-45f, 1e-45f, -0.1f, -0.125f, 0.125f, 0.375f, 7.9f,
-                          100.0f, -100.0f, INFINITY, -INFINITY, NAN};
-  for (int bits : {1, 2, 4, 8, 16}) {
-    const GridRange relu = grid_range(kGridRelu, bits);
-    const GridRange unsigned_grid = grid_range(kGridUnsigned, bits);
-    for (float inv_s : {4.0f, 1.0f, 0.25f}) {
-      for (float x : inputs) {
-        ++checks;
-        const float relu_x = x < 0.0f ? 0.0f : x;
-        const QuantResult got = quantize(x, inv_s, relu);
-        const QuantResult want = quantize(relu_x, inv_s, unsigned_grid);
-        const float want_in = x > 0.0f ? want.in_range : 0.0f;
-        if (!same_bits(got.q_minus_z, want.q_minus_z) || got.in_range != want_in) {
-          if (++failures <= 20) {
-            std::printf("FAIL relu grid bits=%d inv_s=%g x=%g: got (%g, %g) want (%g, %g)\n", bits, inv_s, x,
-                        got.q_minus_z, got.in_range, want.q_minus_z, want_in);
-          }
-        }
-      }
-    }
-  }
+// The quantizer as DESIGN section 4 defines it, written directly (round, then clamp; the relu grid
+// as torch.relu then the unsigned grid, in = 0 where x <= 0; level 0 as +0.0, as PyTorch's integer
+// levels give it): what quant_math.h's rearranged quantize() must equal.
+QuantResult quantize_by_definition(float x, float inv_s, int grid, int bits) {
+  const GridRange g = grid_range(grid, bits);
+  const float relu_x = x < 0.0f ? 0.0f : x;  // torch.relu: -0.0 and NaN stay
+  const float floored = grid == kGridRelu ? relu_x : x;
+  const float v = floored * inv_s + g.zero_point;
+  const float r = std::nearbyint(v);
+  const float q = r < g.qmin ? g.qmin : (r > g.qmax ? g.qmax : r);
+  const bool in = g.qmin <= r && r <= g.qmax && (grid != kGridRelu || x > 0.0f);
+  return {(q - g.zero_point) + 0.0f, in, floored * inv_s};
 }
 
-// Level 0 is +0.0 on every grid with z = 0, as PyTorch's fake-quant gives it (integer levels),
-// where rint(v) is -0.0 for a v in [-0.5, 0).
-void check_level_zero_is_positive() {
-  for (int grid : {kGridSigned, kGridUnsigned, kGridRelu}) {
-    for (float x : {-0.5f, -0.3f, -1e-30f, -0.0f, 0.0f, 0.2f}) {
-      ++checks;
-      const QuantResult got = quantize(x, 1.0f, grid_range(grid, 4));
-      if (!same_bits(got.q_minus_z, 0.0f)) {
-        if (++failures <= 20) std::printf("FAIL level 0 grid=%d x=%g: got %g\n", grid, x, got.q_minus_z);
+// quantize() against the definition on every grid and bit-width: the values around each level's
+// rounding ties (exact at power-of-two scales), both ends of the range, the floor of the relu grid,
+// the special values and random ones; (q - z) bit for bit (its sign included), in, and x * inv_s
+// wherever in.
+void check_quantize_against_the_definition(std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int grid : {kGridSigned, kGridUnsigned, kGridMidrise, kGridRelu}) {
+    for (int bits : {1, 2, 3, 4, 8, 15, 16}) {
+      const GridRange g = grid_range(grid, bits);
+      const QuantLevels levels = quant_levels(g);
+      for (float inv_s : {4.0f, 1.0f, 0.25f, 1.0f / 3.0f, 1e-3f}) {
+        std::vector<float> xs = {-0.0f, 0.0f, -1e-45f, 1e-45f, -0.1f, -0.3f, -0.5f, -1e-30f, 0.2f, 7.9f, 100.0f,
+                                 -100.0f, 1e30f, -1e30f, INFINITY, -INFINITY, NAN};
+        for (float m : {g.qmin - 2.0f, g.qmin - 1.0f, g.qmin, g.qmin + 1.0f, 0.0f, 1.0f, g.qmax - 1.0f, g.qmax,
+                        g.qmax + 1.0f, g.qmax + 2.0f}) {
+          const float tie = (m + 0.5f - g.zero_point) / inv_s;
+          xs.insert(xs.end(), {tie, std::nextafter(tie, INFINITY), std::nextafter(tie, -INFINITY), -tie,
+                               (m - g.zero_point) / inv_s});
+        }
+        for (int i = 0; i < 64; ++i) xs.push_back(normal(rng) * (g.qmax - g.qmin + 4.0f) / inv_s);
+        for (float x : xs) {
+          ++checks;
+          const QuantResult want = quantize_by_definition(x, inv_s, grid, bits);
+          const QuantResult got = quantize(floored_input(x, g.x_floor), x > g.x_floor, inv_s, levels);
+          if (!same_bits(got.q_minus_z, want.q_minus_z) || got.in_range != want.in_range ||
+              (want.in_range && got.scaled != want.scaled)) {
+            if (++failures <= 20) {
+              std::printf("FAIL quantize grid=%d bits=%d inv_s=%g x=%.9g: got (%g, %d, %g) want (%g, %d, %g)\n",
+                          grid, bits, inv_s, x, got.q_minus_z, got.in_range, got.scaled, want.q_minus_z,
+                          want.in_range, want.scaled);
+            }
+          }
+        }
       }
     }
   }
@@ -210,8 +224,7 @@ void check_level_zero_is_positive() {
 
 int main() {
   std::mt19937 rng(1234);
-  check_relu_grid();
-  check_level_zero_is_positive();
+  check_quantize_against_the_definition(rng);
   check_dtype<float>(rng);
   check_dtype<__half>(rng);
   check_dtype<__nv_bfloat16>(rng);

@@ -94,21 +94,42 @@ __device__ __forceinline__ ThreadCoords this_thread() {
   return {blockIdx.x, blockIdx.y, gridDim.x, gridDim.y, threadIdx.x};
 }
 
-// Grid-stride loop over a flat range of n elements: body(Width<VEC>{}, offset) on every aligned
-// group of VEC elements, then body(Width<1>{}, offset) on the < VEC elements of the tail.
+// The offsets of the M groups of elements that one step of a thread's loop hands its body at once:
+// a body that loads all M groups before it stores any has M times the bytes in flight per thread
+// (the compiler keeps a load above a store that may alias it).
+template <int M>
+struct GroupOffsets {
+  static constexpr int count = M;
+  int64_t at[M];
+};
+
+// Grid-stride loop over a flat range of n elements: body(Width<VEC>{}, GroupOffsets<M>) on the
+// aligned groups of VEC elements, M of them a step (u, u + stride, ...: the order of a plain
+// grid-stride loop), the last < M one at a time; then body(Width<1>{}, GroupOffsets<1>) on the
+// < VEC elements of the tail.
 #pragma nv_exec_check_disable
-template <int VEC, typename Body>
+template <int VEC, int M, typename Body>
 QD_HOST_DEVICE void for_each_flat(int64_t n, const ThreadCoords& t, Body& body) {
   const int64_t first = t.block_x * kThreads + t.thread;
   const int64_t stride = t.grid_x * kThreads;
   const int64_t groups = n / VEC;
-  for (int64_t u = first; u < groups; u += stride) body(Width<VEC>{}, u * VEC);
-  if (VEC > 1 && first < n - groups * VEC) body(Width<1>{}, groups * VEC + first);
+  int64_t u = first;
+  for (; u + (M - 1) * stride < groups; u += M * stride) {
+    GroupOffsets<M> step;
+#pragma unroll
+    for (int m = 0; m < M; ++m) step.at[m] = (u + m * stride) * VEC;
+    body(Width<VEC>{}, step);
+  }
+  if constexpr (M > 1) {
+    for (; u < groups; u += stride) body(Width<VEC>{}, GroupOffsets<1>{{u * VEC}});
+  }
+  if (VEC > 1 && first < n - groups * VEC) body(Width<1>{}, GroupOffsets<1>{{groups * VEC + first}});
 }
 
 // Grid-stride loop over the elements of channel c = block_x of a [outer, C, inner] tensor, split
-// over grid_y blocks (block_y is this block's split). VEC must divide inner, so a group of VEC
-// never crosses a row. The (row, position) pair is advanced without a division per step.
+// over grid_y blocks (block_y is this block's split), one group of VEC at a time
+// (body(Width<VEC>{}, GroupOffsets<1>)). VEC must divide inner, so a group of VEC never crosses a
+// row. The (row, position) pair is advanced without a division per step.
 #pragma nv_exec_check_disable
 template <int VEC, typename Body>
 QD_HOST_DEVICE void for_each_in_channel(const ChannelView& view, const ThreadCoords& t, Body& body) {
@@ -121,7 +142,7 @@ QD_HOST_DEVICE void for_each_in_channel(const ChannelView& view, const ThreadCoo
   int64_t row = first / row_groups;
   int64_t pos = first % row_groups;
   while (row < view.outer) {
-    body(Width<VEC>{}, ((row * view.channels + c) * row_groups + pos) * VEC);
+    body(Width<VEC>{}, GroupOffsets<1>{{((row * view.channels + c) * row_groups + pos) * VEC}});
     pos += stride_pos;
     row += stride_rows;
     if (pos >= row_groups) {
@@ -131,15 +152,15 @@ QD_HOST_DEVICE void for_each_in_channel(const ChannelView& view, const ThreadCoo
   }
 }
 
-// Per-tensor layout: a 1-D grid over the flat tensor. Per-channel layout: grid (C, splits), each
-// block inside one channel, so that its partial sums belong to that channel alone.
+// Per-tensor layout: a 1-D grid over the flat tensor, M groups a step. Per-channel layout: grid
+// (C, splits), each block inside one channel, so that its partial sums belong to that channel alone.
 #pragma nv_exec_check_disable
-template <int VEC, bool PER_CHANNEL, typename Body>
+template <int VEC, bool PER_CHANNEL, int M, typename Body>
 QD_HOST_DEVICE void for_each_element(const ChannelView& view, const ThreadCoords& t, Body& body) {
   if constexpr (PER_CHANNEL) {
     for_each_in_channel<VEC>(view, t, body);
   } else {
-    for_each_flat<VEC>(view.numel(), t, body);
+    for_each_flat<VEC, M>(view.numel(), t, body);
   }
 }
 

@@ -107,6 +107,9 @@ QD_HOST_DEVICE float mixed_quantize_backward(float x, float g, const Quantizers<
   return g * pass;
 }
 
+// Groups of elements a thread loads before it stores any, per tensor (per channel: one).
+constexpr int kGroupsPerStep = 2;
+
 // One thread's share of the forward launch over `view`: y = mixed quantization of x.
 #pragma nv_exec_check_disable
 template <typename T, int K, int VEC, bool PER_CHANNEL>
@@ -114,15 +117,21 @@ QD_HOST_DEVICE void mixed_fake_quant_forward_thread(const T* __restrict__ x, T* 
                                                     const QuantizerArgs& args, const ChannelView& view,
                                                     const ThreadCoords& t) {
   const Quantizers<K> q = load_quantizers<K>(args, PER_CHANNEL ? t.block_x : 0);
-  auto body = [&](auto width, int64_t offset) {
+  auto body = [&](auto width, const auto& groups) {
     constexpr int N = decltype(width)::value;
-    const Pack<T, N> xs = load_pack<T, N>(x, offset);
-    Pack<T, N> ys;
+    constexpr int M = std::decay_t<decltype(groups)>::count;
+    Pack<T, N> xs[M];
 #pragma unroll
-    for (int j = 0; j < N; ++j) ys.v[j] = from_float<T>(mixed_quantize<K>(to_float(xs.v[j]), q));
-    store_pack<T, N>(y, offset, ys);
+    for (int m = 0; m < M; ++m) xs[m] = load_pack<T, N>(x, groups.at[m]);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      Pack<T, N> ys;
+#pragma unroll
+      for (int j = 0; j < N; ++j) ys.v[j] = from_float<T>(mixed_quantize<K>(to_float(xs[m].v[j]), q));
+      store_pack<T, N>(y, groups.at[m], ys);
+    }
   };
-  for_each_element<VEC, PER_CHANNEL>(view, t, body);
+  for_each_element<VEC, PER_CHANNEL, kGroupsPerStep>(view, t, body);
 }
 
 // One thread's share of the backward launch: writes dx (when NEED_DX) and adds the thread's sums
@@ -138,20 +147,28 @@ QD_HOST_DEVICE void mixed_fake_quant_backward_thread(const T* __restrict__ grad,
   float level_sum[K];
 #pragma unroll
   for (int k = 0; k < K; ++k) level_sum[k] = 0.0f;
-  auto body = [&](auto width, int64_t offset) {
+  auto body = [&](auto width, const auto& groups) {
     constexpr int N = decltype(width)::value;
-    const Pack<T, N> gs = load_pack<T, N>(grad, offset);
-    const Pack<T, N> xs = load_pack<T, N>(x, offset);
-    [[maybe_unused]] Pack<T, N> dxs;
+    constexpr int M = std::decay_t<decltype(groups)>::count;
+    Pack<T, N> gs[M], xs[M];
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-      const float d = mixed_quantize_backward<K, NEED_DX, NEED_DPROBS, NEED_DSCALES>(
-          to_float(xs.v[j]), to_float(gs.v[j]), q, level_sum, dscale);
-      if constexpr (NEED_DX) dxs.v[j] = from_float<T>(d);
+    for (int m = 0; m < M; ++m) {
+      gs[m] = load_pack<T, N>(grad, groups.at[m]);
+      xs[m] = load_pack<T, N>(x, groups.at[m]);
     }
-    if constexpr (NEED_DX) store_pack<T, N>(dx, offset, dxs);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      [[maybe_unused]] Pack<T, N> dxs;
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        const float d = mixed_quantize_backward<K, NEED_DX, NEED_DPROBS, NEED_DSCALES>(
+            to_float(xs[m].v[j]), to_float(gs[m].v[j]), q, level_sum, dscale);
+        if constexpr (NEED_DX) dxs.v[j] = from_float<T>(d);
+      }
+      if constexpr (NEED_DX) store_pack<T, N>(dx, groups.at[m], dxs);
+    }
   };
-  for_each_element<VEC, PER_CHANNEL>(view, t, body);
+  for_each_element<VEC, PER_CHANNEL, kGroupsPerStep>(view, t, body);
   if constexpr (NEED_DPROBS) {
 #pragma unroll
     for (int k = 0; k < K; ++k) dprob[k] += q.scale[k] * level_sum[k];

@@ -54,8 +54,9 @@ QD_HOST_DEVICE void mixed_op_sum_forward_thread(InputPointers<T> inputs, int cou
   float w[MAX_K];
 #pragma unroll
   for (int k = 0; k < MAX_K; ++k) w[k] = k < count ? weights[k] : 0.0f;
-  auto body = [&](auto width, int64_t offset) {
+  auto body = [&](auto width, const GroupOffsets<1>& group) {
     constexpr int N = decltype(width)::value;
+    const int64_t offset = group.at[0];
     float acc[N];
     for_each_input_pack<T, MAX_K, N>(inputs, count, offset, [&](int k, const Pack<T, N>& o) {
 #pragma unroll
@@ -69,7 +70,8 @@ QD_HOST_DEVICE void mixed_op_sum_forward_thread(InputPointers<T> inputs, int cou
     for (int j = 0; j < N; ++j) ys.v[j] = from_float<T>(acc[j]);
     store_pack<T, N>(y, offset, ys);
   };
-  for_each_flat<VEC>(numel, t, body);
+  // one group a step: the K inputs' loads already keep K accesses in flight
+  for_each_flat<VEC, 1>(numel, t, body);
 }
 
 // One thread's share of the backward launch: writes d inputs[k] = w_k * g (when NEED_DINPUTS) and
@@ -83,8 +85,9 @@ QD_HOST_DEVICE void mixed_op_sum_backward_thread(const T* __restrict__ grad, Inp
   float w[MAX_K];
 #pragma unroll
   for (int k = 0; k < MAX_K; ++k) w[k] = NEED_DINPUTS && k < count ? weights[k] : 0.0f;
-  auto body = [&](auto width, int64_t offset) {
+  auto body = [&](auto width, const GroupOffsets<1>& group) {
     constexpr int N = decltype(width)::value;
+    const int64_t offset = group.at[0];
     const Pack<T, N> gs = load_pack<T, N>(grad, offset);
     float g[N];
 #pragma unroll
@@ -107,7 +110,7 @@ QD_HOST_DEVICE void mixed_op_sum_backward_thread(const T* __restrict__ grad, Inp
       });
     }
   };
-  for_each_flat<VEC>(numel, t, body);
+  for_each_flat<VEC, 1>(numel, t, body);
 }
 
 }  // namespace gpu

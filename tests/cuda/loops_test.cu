@@ -29,7 +29,7 @@ void fail(const char* what, const ChannelView& view, int vec, int64_t cap, int64
   }
 }
 
-template <int VEC, bool PER_CHANNEL>
+template <int VEC, bool PER_CHANNEL, int M>
 void check_case(const ChannelView& view, int64_t cap) {
   const dim3 grid = element_grid(view, cap);
   const int64_t n = view.numel();
@@ -43,22 +43,24 @@ void check_case(const ChannelView& view, int64_t cap) {
     for (int64_t by = 0; by < grid.y; ++by) {
       for (int64_t thread = 0; thread < kThreads; ++thread) {
         const ThreadCoords t{bx, by, grid.x, grid.y, thread};
-        auto body = [&](auto width, int64_t offset) {
+        auto body = [&](auto width, const auto& groups) {
           constexpr int N = decltype(width)::value;
-          if (offset % N != 0) fail("misaligned group", view, VEC, cap, offset);
-          for (int j = 0; j < N; ++j) {
-            const int64_t e = offset + j;
-            if (e < 0 || e >= n) {
-              fail("element out of range", view, VEC, cap, e);
-              continue;
-            }
-            ++visits[e];
-            if (PER_CHANNEL && (e / view.inner) % view.channels != bx) {
-              fail("element of another channel", view, VEC, cap, e);
+          for (int64_t offset : groups.at) {
+            if (offset % N != 0) fail("misaligned group", view, VEC, cap, offset);
+            for (int j = 0; j < N; ++j) {
+              const int64_t e = offset + j;
+              if (e < 0 || e >= n) {
+                fail("element out of range", view, VEC, cap, e);
+                continue;
+              }
+              ++visits[e];
+              if (PER_CHANNEL && (e / view.inner) % view.channels != bx) {
+                fail("element of another channel", view, VEC, cap, e);
+              }
             }
           }
         };
-        for_each_element<VEC, PER_CHANNEL>(view, t, body);
+        for_each_element<VEC, PER_CHANNEL, M>(view, t, body);
       }
       // The rows launch_sum_partials adds: per channel, segment bx of length splits; per tensor, one
       // segment of all blocks.
@@ -84,9 +86,11 @@ void check_view(const ChannelView& view) {
   // The caps of the launchers, and tiny ones that force many grid-stride steps per thread.
   for (int64_t cap : {kElementwiseBlocks, kReduceBlocks, int64_t{3}, int64_t{1}}) {
     if (view.per_channel) {
-      if (view.inner % VEC == 0) check_case<VEC, true>(view, cap);
+      if (view.inner % VEC == 0) check_case<VEC, true, 1>(view, cap);
     } else {
-      check_case<VEC, false>(view, cap);
+      check_case<VEC, false, 1>(view, cap);
+      check_case<VEC, false, 2>(view, cap);  // two groups a step (mixed_fake_quant)
+      check_case<VEC, false, 3>(view, cap);
     }
   }
 }

@@ -92,6 +92,14 @@ QD_HOST_DEVICE void mixed_op_sum_backward_thread(const T* __restrict__ grad, Inp
     float g[N];
 #pragma unroll
     for (int j = 0; j < N; ++j) g[j] = to_float(gs.v[j]);
+    // The inputs' loads before the stores of d inputs, which might alias them as far as the compiler
+    // knows: so they are issued with g's, not one memory round trip after it.
+    if constexpr (NEED_DWEIGHTS) {
+      for_each_input_pack<T, MAX_K, N>(inputs, count, offset, [&](int k, const Pack<T, N>& o) {
+#pragma unroll
+        for (int j = 0; j < N; ++j) dw[k] += g[j] * to_float(o.v[j]);
+      });
+    }
     if constexpr (NEED_DINPUTS) {
 #pragma unroll
       for (int k = 0; k < MAX_K; ++k) {
@@ -102,12 +110,6 @@ QD_HOST_DEVICE void mixed_op_sum_backward_thread(const T* __restrict__ grad, Inp
           store_pack<T, N>(dinputs.p[k], offset, d);
         }
       }
-    }
-    if constexpr (NEED_DWEIGHTS) {
-      for_each_input_pack<T, MAX_K, N>(inputs, count, offset, [&](int k, const Pack<T, N>& o) {
-#pragma unroll
-        for (int j = 0; j < N; ++j) dw[k] += g[j] * to_float(o.v[j]);
-      });
     }
   };
   for_each_flat<VEC, 1>(numel, t, body);

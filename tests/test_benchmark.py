@@ -523,3 +523,10 @@ def test_tile_tuner_times_every_candidate_of_every_kernel(tmp_path, capsys):
     assert len(rows) == len(records)
     assert sum(row.endswith(("| * |", "| * current |")) for row in rows) == len(groups)
     assert sum(row.endswith("current |") for row in rows) == len(groups)
+
+
+@pytest.mark.parametrize("value, digits, text", [(99.6, 2, "100"), (99.4, 2, "99"), (100.4, 2, "100"),
+                                                 (12345.0, 3, "12345"), (0.0123456, 3, "0.0123"),
+                                                 (1.5e-5, 2, "1.5e-05"), (None, 3, "-"), (0.0, 3, "0")])
+def test_report_figures_are_written_in_full_not_as_powers_of_ten(value, digits, text):
+    assert report._num(value, digits) == text

@@ -31,12 +31,14 @@ def write_json(path: str, payload: Dict[str, Any]) -> None:
 
 
 def _num(v: Optional[float], digits: int = 3) -> str:
-    """A figure with ``digits`` significant digits, '-' when missing."""
+    """A figure with ``digits`` significant digits ('-' when missing); a figure of ``digits`` or more
+    integer digits, rounding included (99.6 with 2 digits), in full rather than as 1e+02."""
     if v is None:
         return "-"
     if v == 0:
         return "0"
-    return f"{v:.{digits}g}" if abs(v) < 10 ** digits else f"{v:.0f}"
+    text = f"{v:.{digits}g}"
+    return f"{v:.0f}" if "e+" in text else text
 
 
 def _ratio(v: Optional[float]) -> str:

@@ -53,6 +53,12 @@ BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
 #: (README, Status; bench/results/h100-2026-11-27.json).
 GPU_PREFERENCE = ("cuda", "triton", "reference")
 
+#: Most outputs a mixed_op_sum call may sum on a backend, where there is a limit: the cuda kernels
+#: take the K pointers in their launch arguments (kMaxOpSumInputs, csrc/cuda/kernels.h). Checked here,
+#: before the extension is called, so that a refusal is a Python error on every machine; the
+#: automatic choice passes over such a backend for a larger K.
+MIXED_OP_SUM_MAX_INPUTS = {"cuda": 64}
+
 _loaded: Dict[str, object] = {}
 _failed: Dict[str, str] = {}
 _warned = False
@@ -140,13 +146,19 @@ def requested(backend: Optional[str]) -> Tuple[Optional[str], str]:
     return os.environ.get("QDARTS_BACKEND") or None, "QDARTS_BACKEND"
 
 
-def resolve(backend: Optional[str], device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+def resolve(backend: Optional[str], device: torch.device, dtype: Optional[torch.dtype] = None,
+            op_sum_inputs: Optional[int] = None) -> str:
     """The backend name a call on ``device`` (on tensors of ``dtype``, where given) uses: the one
     asked for, else ``QDARTS_BACKEND``, else the automatic choice, which takes the reference for a
-    dtype the kernels do not take (float64: gradcheck, a module moved to .double())."""
+    dtype the kernels do not take (float64: gradcheck, a module moved to .double()).
+    ``op_sum_inputs``: K of a mixed_op_sum call (see MIXED_OP_SUM_MAX_INPUTS)."""
     backend, source = requested(backend)
     if backend is None and dtype is not None and dtype not in KERNEL_DTYPES:
         return "reference"
+
+    def takes(name: str) -> bool:
+        return op_sum_inputs is None or op_sum_inputs <= MIXED_OP_SUM_MAX_INPUTS.get(name, op_sum_inputs)
+
     if backend is not None:
         if backend not in BACKEND_NAMES:
             choices = f"{list(BACKEND_NAMES)} or None" if source == "backend" else f"{list(BACKEND_NAMES)}"
@@ -154,10 +166,13 @@ def resolve(backend: Optional[str], device: torch.device, dtype: Optional[torch.
         if _load(backend) is None:
             raise RuntimeError(f"backend {backend!r} ({source}) is not available here: {_failed.get(backend)}")
         _check_device(backend, device)
+        if not takes(backend):
+            raise ValueError(f"outputs must hold at most {MIXED_OP_SUM_MAX_INPUTS[backend]} tensors on backend "
+                             f"{backend!r} ({source}), got {op_sum_inputs}; the other backends take any number")
         return backend
     if device.type == "cuda":
         for name in GPU_PREFERENCE:
-            if _load(name) is not None:
+            if takes(name) and _load(name) is not None:
                 return name
     if device.type == "cpu":
         if _load("cpu") is not None:

@@ -880,18 +880,21 @@ def _mixed_op_sum_jvp(weights: Tensor, dweights: Optional[Tensor], *outputs_and_
     return dy
 
 
-def _check_mos_op_args(outputs: List[Tensor], weights: Tensor) -> None:
+def _check_mos_op_args(outputs: List[Tensor], weights: Tensor, backend: str) -> None:
     """The public checks for direct calls of the mixed_op_sum custom ops (see _check_op_args: the
-    kernels trust K and the shapes), as a RuntimeError."""
+    kernels trust K and the shapes), and the backend's limit on K, as a RuntimeError."""
     try:
         check_mixed_op_sum(outputs, weights)
     except (ValueError, TypeError) as e:
         raise RuntimeError(str(e)) from None
+    limit = _backends.MIXED_OP_SUM_MAX_INPUTS.get(backend)
+    if limit is not None and len(outputs) > limit:
+        raise RuntimeError(f"outputs must hold at most {limit} tensors on backend {backend!r}, got {len(outputs)}")
 
 
 @torch.library.custom_op("qdarts::mixed_op_sum", mutates_args=())
 def _mixed_op_sum_op(outputs: List[Tensor], weights: Tensor, backend: str) -> Tensor:
-    _check_mos_op_args(outputs, weights)
+    _check_mos_op_args(outputs, weights, backend)
     return _mos_forward(outputs, weights, backend)
 
 
@@ -904,7 +907,7 @@ def _(outputs, weights, backend):
 def _mixed_op_sum_backward_op(
     grad: Tensor, outputs: List[Tensor], weights: Tensor, backend: str, need_doutputs: bool, need_dweights: bool
 ) -> List[Tensor]:
-    _check_mos_op_args(outputs, weights)
+    _check_mos_op_args(outputs, weights, backend)
     _check_grad(grad, outputs[0])
     douts, dw = _mos_backward(grad, outputs, weights, backend, need_doutputs, need_dweights)
     if douts is None:
@@ -958,7 +961,7 @@ def mixed_op_sum(
     if ref is not None:
         return ref(outputs, weights)
     outs = check_mixed_op_sum(outputs, weights)
-    name = _backends.resolve(backend, outs[0].device, outs[0].dtype)
+    name = _backends.resolve(backend, outs[0].device, outs[0].dtype, op_sum_inputs=len(outs))
     _check_backend_dtype(name, outs[0], "outputs")
     if torch.compiler.is_compiling():
         return _mixed_op_sum_op(outs, weights, name)

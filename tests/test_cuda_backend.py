@@ -98,10 +98,16 @@ def test_mixed_op_sum_input_counts(k, dtype):
     torch.testing.assert_close(wc.grad.cpu(), wr.grad, rtol=2e-5, atol=2e-5 * 3003**0.5)
 
 
-def test_mixed_op_sum_too_many_inputs_is_an_error():
-    outs = [torch.zeros(4, device="cuda") for _ in range(65)]
-    with pytest.raises(RuntimeError, match="outputs must hold 1..64"):
-        qk.mixed_op_sum(outs, torch.full((65,), 1 / 65, device="cuda"), backend="cuda")
+def test_mixed_op_sum_takes_at_most_64_inputs_and_the_automatic_choice_any():
+    outs = [torch.full((4,), float(k), device="cuda") for k in range(65)]
+    weights = torch.full((65,), 1 / 65, device="cuda")
+    # refused in Python, before the extension: a C++ refusal crashed the process on one machine
+    with pytest.raises(ValueError, match="outputs must hold at most 64 tensors on backend 'cuda'"):
+        qk.mixed_op_sum(outs, weights, backend="cuda")
+    y = qk.mixed_op_sum(outs, weights)
+    torch.testing.assert_close(y.cpu(), ref.mixed_op_sum([o.cpu() for o in outs], weights.cpu()), rtol=0, atol=0)
+    torch.testing.assert_close(qk.mixed_op_sum(outs[:64], weights[:64], backend="cuda").cpu(),
+                               ref.mixed_op_sum([o.cpu() for o in outs[:64]], weights[:64].cpu()), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("axis", [None, 1])

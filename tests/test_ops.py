@@ -375,6 +375,33 @@ def test_backend_env_override(monkeypatch):
     assert _backends.resolve(None, torch.device("cpu")) == expected
 
 
+def test_mixed_op_sum_input_limit_is_checked_before_the_extension(monkeypatch):
+    """The cuda backend sums at most kMaxOpSumInputs outputs (csrc/cuda/kernels.h): asked for by name
+    with more, a ValueError naming outputs before any kernel runs; chosen automatically, the next GPU
+    backend takes them. Here on a CUDA device as the backends' loader and device check see it."""
+    from qdarts_kernels import _backends
+
+    header = open(os.path.join(os.path.dirname(__file__), "..", "csrc", "cuda", "kernels.h")).read()
+    assert f"constexpr int kMaxOpSumInputs = {_backends.MIXED_OP_SUM_MAX_INPUTS['cuda']};" in header
+    monkeypatch.delenv("QDARTS_BACKEND", raising=False)
+    monkeypatch.setattr(_backends, "_load", lambda name: object())
+    monkeypatch.setattr(_backends, "_check_device", lambda name, device: None)
+    cuda = torch.device("cuda")
+    assert _backends.resolve(None, cuda, torch.float32, op_sum_inputs=64) == "cuda"
+    assert _backends.resolve(None, cuda, torch.float32, op_sum_inputs=65) == "triton"
+    assert _backends.resolve("triton", cuda, torch.float32, op_sum_inputs=65) == "triton"
+    with pytest.raises(ValueError, match=r"^outputs must hold at most 64 tensors on backend 'cuda' \(backend\), "
+                                         r"got 65"):
+        _backends.resolve("cuda", cuda, torch.float32, op_sum_inputs=65)
+    monkeypatch.setenv("QDARTS_BACKEND", "cuda")
+    with pytest.raises(ValueError, match=r"on backend 'cuda' \(QDARTS_BACKEND\), got 65"):
+        _backends.resolve(None, cuda, torch.float32, op_sum_inputs=65)
+    # a direct call of the custom op with backend 'cuda' is refused before the kernels too
+    outs = [torch.zeros(2) for _ in range(65)]
+    with pytest.raises(RuntimeError, match="outputs must hold at most 64 tensors on backend 'cuda', got 65"):
+        torch.ops.qdarts.mixed_op_sum(outs, torch.ones(65), "cuda")
+
+
 def test_wrong_device_for_backend():
     if not torch.cuda.is_available():
         with pytest.raises((ValueError, RuntimeError), match="cuda"):

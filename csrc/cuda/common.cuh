@@ -95,8 +95,9 @@ __device__ __forceinline__ ThreadCoords this_thread() {
 }
 
 // The offsets of the M groups of elements that one step of a thread's loop hands its body at once:
-// a body that loads all M groups before it stores any has M times the bytes in flight per thread
-// (the compiler keeps a load above a store that may alias it).
+// a body that loads all M groups before it stores any lets them be issued together, M times the bytes
+// in flight per thread (ptxas may still schedule a load later where it knows the pointers apart and
+// wants the registers: it does so in the K = 3 fp32 backward, and not in the forward).
 template <int M>
 struct GroupOffsets {
   static constexpr int count = M;

@@ -59,6 +59,18 @@ GPU_PREFERENCE = ("cuda", "triton", "reference")
 #: automatic choice passes over such a backend for a larger K.
 MIXED_OP_SUM_MAX_INPUTS = {"cuda": 64}
 
+
+
+def op_sum_inputs_refusal(name: str, op_sum_inputs: Optional[int], source: str = "") -> Optional[str]:
+    """Why backend ``name`` (asked for by ``source``, where given) cannot sum ``op_sum_inputs``
+    outputs; None where it can, or where no K is given."""
+    limit = MIXED_OP_SUM_MAX_INPUTS.get(name)
+    if op_sum_inputs is None or limit is None or op_sum_inputs <= limit:
+        return None
+    asked = f" ({source})" if source else ""
+    return f"outputs must hold at most {limit} tensors on backend {name!r}{asked}, got {op_sum_inputs}"
+
+
 _loaded: Dict[str, object] = {}
 _failed: Dict[str, str] = {}
 _warned = False
@@ -155,10 +167,6 @@ def resolve(backend: Optional[str], device: torch.device, dtype: Optional[torch.
     backend, source = requested(backend)
     if backend is None and dtype is not None and dtype not in KERNEL_DTYPES:
         return "reference"
-
-    def takes(name: str) -> bool:
-        return op_sum_inputs is None or op_sum_inputs <= MIXED_OP_SUM_MAX_INPUTS.get(name, op_sum_inputs)
-
     if backend is not None:
         if backend not in BACKEND_NAMES:
             choices = f"{list(BACKEND_NAMES)} or None" if source == "backend" else f"{list(BACKEND_NAMES)}"
@@ -166,13 +174,13 @@ def resolve(backend: Optional[str], device: torch.device, dtype: Optional[torch.
         if _load(backend) is None:
             raise RuntimeError(f"backend {backend!r} ({source}) is not available here: {_failed.get(backend)}")
         _check_device(backend, device)
-        if not takes(backend):
-            raise ValueError(f"outputs must hold at most {MIXED_OP_SUM_MAX_INPUTS[backend]} tensors on backend "
-                             f"{backend!r} ({source}), got {op_sum_inputs}; the other backends take any number")
+        refusal = op_sum_inputs_refusal(backend, op_sum_inputs, source)
+        if refusal is not None:
+            raise ValueError(f"{refusal}; the other backends take any number")
         return backend
     if device.type == "cuda":
         for name in GPU_PREFERENCE:
-            if takes(name) and _load(name) is not None:
+            if op_sum_inputs_refusal(name, op_sum_inputs) is None and _load(name) is not None:
                 return name
     if device.type == "cpu":
         if _load("cpu") is not None:

@@ -887,9 +887,9 @@ def _check_mos_op_args(outputs: List[Tensor], weights: Tensor, backend: str) -> 
         check_mixed_op_sum(outputs, weights)
     except (ValueError, TypeError) as e:
         raise RuntimeError(str(e)) from None
-    limit = _backends.MIXED_OP_SUM_MAX_INPUTS.get(backend)
-    if limit is not None and len(outputs) > limit:
-        raise RuntimeError(f"outputs must hold at most {limit} tensors on backend {backend!r}, got {len(outputs)}")
+    refusal = _backends.op_sum_inputs_refusal(backend, len(outputs))
+    if refusal is not None:
+        raise RuntimeError(refusal)
 
 
 @torch.library.custom_op("qdarts::mixed_op_sum", mutates_args=())

@@ -471,6 +471,19 @@ def _compile_for_sm90() -> dict:
         # the same with contraction allowed: the FMAs it adds are the ones the launch options prevent
         out[name + "_backward"]["fma_f32_with_fusion"] = features(mfq._mixed_fake_quant_backward_kernel.warmup(
             *backward_args, **flags, **common, **{**LAUNCH_OPTIONS, "enable_fp_fusion": True}))["fma_f32"]
+    # the per-tensor backward launches the persistent kernel, not the tiled one (1024 elements, 4 warps:
+    # 8 elements a thread)
+    x, probs, part = torch.empty(1 << 22), torch.empty(3), torch.empty(1024, 3)
+    qmin, qmax, zero_point, relu = mfq._grid_ranges((2, 4, 8), GRIDS["midrise"])
+
+    def persistent_backward(**options):
+        return features(mfq._mixed_fake_quant_backward_per_tensor_kernel.warmup(
+            x, x, x, probs, probs, part, part, qmin, qmax, x.numel(), 1024, K=3, ZERO_POINT=zero_point, RELU=relu,
+            NEED_DX=True, NEED_DP=True, NEED_DS=True, ROUNDS=3, BLOCK=1024, num_warps=4, grid=(1,), **options))
+
+    out["mfq_f32_tensor_persistent_backward"] = persistent_backward(**LAUNCH_OPTIONS)
+    out["mfq_f32_tensor_persistent_backward"]["fma_f32_with_fusion"] = persistent_backward(
+        **{**LAUNCH_OPTIONS, "enable_fp_fusion": True})["fma_f32"]
     numel = 1 << 22
     tile = tile_size(numel)
     outs = tuple(torch.empty(numel, dtype=torch.bfloat16) for _ in range(8))
@@ -518,12 +531,15 @@ def test_compiled_ptx_for_sm90():
             assert f["fma_f32"] < f["fma_f32_with_fusion"], name
         else:
             assert f["fma_f32"] == 0, name
-    for name in ("mfq_f32_tensor_forward", "mfq_f32_tensor_backward", "mfq_bf16_channel_forward",
-                 "mfq_bf16_channel_backward"):
+    # the persistent backward asks for 3 FMAs per element and bit-width (dx's weight, the dp and the ds
+    # sums): exactly those, on each of a thread's 8 elements, and no more
+    assert ptx["mfq_f32_tensor_persistent_backward"]["fma_f32"] == 3 * 3 * 8
+    for name in ("mfq_f32_tensor_forward", "mfq_f32_tensor_backward", "mfq_f32_tensor_persistent_backward",
+                 "mfq_bf16_channel_forward", "mfq_bf16_channel_backward"):
         assert ptx[name]["div_rn"] > 0 and ptx[name]["rint"] > 0, name
     for name in ("mfq_bf16_channel_forward", "mfq_bf16_channel_backward", "mos_bf16_forward", "mos_bf16_backward"):
         assert ptx[name]["bf16_rn"] > 0, name
-    for name in ("mfq_f32_tensor_forward", "mfq_f32_tensor_backward"):
+    for name in ("mfq_f32_tensor_forward", "mfq_f32_tensor_backward", "mfq_f32_tensor_persistent_backward"):
         assert ptx[name]["ld_v4"] > 0, name
     assert ptx["mos_bf16_forward"]["ld_v4"] > 0  # 8 bf16 per 16 B load
     for name in ("bn_statistics", "bn_normalize", "bn_grad_sums", "bn_grad_input"):

@@ -496,12 +496,12 @@ def _persistent_wave(device_index: int, dtype: torch.dtype, k: int, zero_point: 
                      need_dprobs: bool, need_dscales: bool, tile: TileSize) -> int:
     """Programs of the per-tensor backward that ``device_index`` runs at once (the current device).
 
-    Before this, the kernel took 1024 programs whatever the GPU: with K = 3 (96 registers a thread,
-    ptxas for sm_90) an H100 or H200 holds 5 per SM, 660 on 132 SMs, so the last 364 ran as a second
-    wave filling 55 % of its slots. The registers are read off a compile of the kernel with ROUNDS = 3,
-    which ptxas gives the registers of any ROUNDS >= 3 (48, 80, 96, 193 for K = 1..4 with 1024
-    elements and 4 warps; fewer for 1 and 2 rounds, unrolled): one compile per specialisation, not
-    per size. Should Triton's API for that fail, one warning, and the 1024 programs as before."""
+    A fixed count fits no GPU: 1024 programs with K = 3 (80 registers a thread, ptxas for sm_90) are
+    6 per SM on an H100 or H200, 792 on 132 SMs, so the last 232 would run as a second wave filling
+    29 % of its slots. The registers are read off a compile of the kernel with ROUNDS = 3, which ptxas
+    gives the registers of any ROUNDS >= 3 (40, 64, 80, 96 for K = 1..4 with 1024 elements and 4
+    warps, Triton 3.6; at most as many for 1 and 2 rounds): one compile per specialisation, not per
+    size. Should Triton's API for that fail, one warning, and the 1024 programs as before."""
     try:
         compiled = _mixed_fake_quant_backward_per_tensor_kernel.warmup(
             dtype, dtype, dtype, torch.float32, torch.float32, torch.float32, torch.float32,

@@ -242,6 +242,30 @@ def test_a_fused_second_derivative_is_refused_only_when_asked(backend_device):
                                                                                 backend=backend))))(scales)
 
 
+@pytest.mark.parametrize("wrt", ["outputs", "weights", "both"])
+def test_a_fused_mixed_op_sum_second_derivative_is_refused_only_when_asked(backend_device, wrt):
+    """The same for mixed_op_sum, whose cpu backend runs its autograd in C++ (csrc/autograd.cpp): the
+    gradients recorded with create_graph=True equal a plain backward's bit for bit, whichever are asked
+    for, and only differentiating them raises."""
+    backend, device = backend_device
+    x, probs, _ = _inputs(device)
+    outs = [(x * (k + 1)).requires_grad_() for k in range(3)]
+    weights = probs.clone().requires_grad_()
+    leaves = {"outputs": outs, "weights": [weights], "both": outs + [weights]}[wrt]
+    loss = lambda: _loss(qk.mixed_op_sum(outs, weights, backend=backend))  # noqa: E731
+    plain = torch.autograd.grad(loss(), leaves)
+    recorded = torch.autograd.grad(loss(), leaves, create_graph=True)
+    for got, want in zip(recorded, plain):
+        assert torch.equal(got.detach(), want)
+    if backend == "reference":
+        sum(g.square().sum() for g in recorded).backward()
+        assert any(t.grad is not None for t in outs + [weights])  # d outputs depend on weights, d weights on outputs
+        return
+    assert all(g.requires_grad for g in recorded)
+    with pytest.raises(RuntimeError, match=f"mixed_op_sum: backend '{backend}' has no second derivative"):
+        sum(g.square().sum() for g in recorded).backward()
+
+
 def test_bad_scales_of_one_sample_are_refused_under_vmap():
     """The value checks read every sample's scales (on CPU, where reading them costs no sync)."""
     x, probs, scales = _inputs("cpu")

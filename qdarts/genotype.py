@@ -282,12 +282,17 @@ def _pairs_text(pairs: BitPairs) -> str:
 GENOTYPE_FILE = "genotype.json"
 
 
+def genotype_path(path: str) -> str:
+    """The genotype file that ``path`` names: the file ``path``, or the genotype.json of the search folder
+    ``path`` (so that both spellings of one genotype are one setting of a resumed run)."""
+    return os.path.join(path, GENOTYPE_FILE) if os.path.isdir(path) else path
+
+
 def load_genotype(path: str) -> Genotype:
     """The genotype in the file ``path``, or in the genotype.json of the search folder ``path``."""
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, GENOTYPE_FILE)):
-            raise FileNotFoundError(f"genotype {path!r} is a folder without a {GENOTYPE_FILE}")
-        path = os.path.join(path, GENOTYPE_FILE)
+    if os.path.isdir(path) and not os.path.isfile(genotype_path(path)):
+        raise FileNotFoundError(f"genotype {path!r} is a folder without a {GENOTYPE_FILE}")
+    path = genotype_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"genotype file {path!r} does not exist")
     with open(path) as f:

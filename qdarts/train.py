@@ -25,7 +25,7 @@ from .data import batches, check_split_sizes, load_dataset, num_batches
 from .divergence import check_figures, diagnosed, kept_checkpoint
 from .evalnet import EvalNetwork
 from .fastpath import COMPILE_MODES, compiled
-from .genotype import load_genotype
+from .genotype import genotype_path, load_genotype
 from .search import check_device, check_non_negative, check_seed, cosine_lr, option
 
 __all__ = ["TrainConfig", "run_train"]
@@ -118,6 +118,7 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
 
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     dist = distributed.current()
+    config = replace(config, genotype=genotype_path(config.genotype))
     state = load_checkpoint(ckpt_path, FORMAT)
     if state is not None and not resume:
         raise FileExistsError(f"{out_dir!r} already holds a training checkpoint; pass --resume to continue it "
@@ -126,6 +127,7 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
     if state is not None:
         try:
             saved = TrainConfig.from_dict(state["config"])
+            saved = replace(saved, genotype=genotype_path(saved.genotype))  # written before it was resolved
             # the checkpoint's settings (a hand edit may have given them any type) with this run's device
             replace(saved, device=config.device).validate()
         except (KeyError, TypeError, ValueError, AttributeError) as e:

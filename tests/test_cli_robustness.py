@@ -329,6 +329,8 @@ def test_train_resume_refuses_a_typed_setting_that_differs(finished_search, tmp_
     (tmp_path / "link").symlink_to(finished_search)
     assert cli.main(["train", "--genotype", str(tmp_path / "link" / "." / "genotype.json"), "--resume",
                      "--out", str(out)]) == 0
+    # nor is the search folder, which --genotype also takes
+    assert cli.main(["train", "--genotype", str(finished_search), "--resume", "--out", str(out)]) == 0
 
 
 def test_train_resume_refuses_a_checkpoint_config_of_the_wrong_type(finished_search, tmp_path, capsys):

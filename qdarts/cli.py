@@ -53,7 +53,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="continue the run whose checkpoint is in --out, with the settings saved there: options "
                         "left out take the saved values, and a typed option that differs from them is an error "
                         "(only --device, --backend and, for a search, --cuda-graph may change); the result equals "
-                        "an uninterrupted run")
+                        "an uninterrupted run. Where --out holds no checkpoint, a new run starts, with a note "
+                        "(a job script may always pass --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
 
@@ -193,8 +194,16 @@ def _is_writer() -> bool:
     return current().is_writer
 
 
+def _note_if_nothing_to_resume(command: str, out: str, checkpoint: str) -> None:
+    """--resume where ``out`` holds no checkpoint starts a new run, so that a job script may always pass it; a
+    mistyped --out would go unseen without a word, hence the note."""
+    if _is_writer() and not os.path.exists(os.path.join(out, checkpoint)):
+        print(f"qdarts {command}: note: --resume, but {out!r} holds no {checkpoint}: nothing to resume, a new run "
+              "starts", file=sys.stderr)
+
+
 def _run_search(args) -> int:
-    from .search import SearchConfig, run_search
+    from .search import CHECKPOINT, SearchConfig, run_search
 
     _setup(args)
     config = SearchConfig(
@@ -211,6 +220,8 @@ def _run_search(args) -> int:
         print(f"qdarts search: note: --warmup-epochs ({config.warmup_epochs}) is not below --epochs "
               f"({config.epochs}): alpha and beta are never updated, so only the bit-widths are searched and "
               "the genotype's operations are those of the initial, uniform alpha", file=sys.stderr)
+    if args.resume:
+        _note_if_nothing_to_resume("search", args.out, CHECKPOINT)
     result = run_search(config, args.out, resume=args.resume, progress=not args.no_progress,
                         plots=not args.no_plots, explicit=explicit)
     if not _is_writer():
@@ -224,7 +235,7 @@ def _run_search(args) -> int:
 
 
 def _run_train(args) -> int:
-    from .train import TrainConfig, run_train
+    from .train import CHECKPOINT, TrainConfig, run_train
 
     _setup(args)
     config = TrainConfig(
@@ -232,6 +243,8 @@ def _run_train(args) -> int:
         channels=args.channels, lr=args.lr, auxiliary=args.auxiliary, aux_weight=args.aux_weight,
         drop_path=args.drop_path, data=args.data, data_dir=args.data_dir, seed=args.seed, device=args.device,
         backend=args.backend, act_dtype=args.act_dtype, compile=args.compile)
+    if args.resume:
+        _note_if_nothing_to_resume("train", args.out, CHECKPOINT)
     s = run_train(config, args.out, resume=args.resume, progress=not args.no_progress, explicit=args.typed)
     if not _is_writer():
         return 0

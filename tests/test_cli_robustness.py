@@ -545,3 +545,17 @@ def test_ctrl_c_while_torch_save_writes_a_checkpoint_stays_an_interrupt(tmp_path
     assert cli.main(["search", *TINY, "--out", str(tmp_path / "out")]) == 130  # the first checkpoint write
     err = capsys.readouterr().err
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err, err
+
+
+def test_resume_where_there_is_nothing_to_resume_starts_a_new_run_with_a_note(finished_search, tmp_path, capsys):
+    """A job script may always pass --resume; a mistyped --out is then named in a note, not passed over."""
+    out = tmp_path / "search"
+    assert cli.main(["search", *TINY, "--resume", "--out", str(out)]) == 0
+    assert f"qdarts search: note: --resume, but {str(out)!r} holds no checkpoint.pt" in capsys.readouterr().err
+    assert (out / "genotype.json").exists()
+    assert cli.main(["search", *TINY, "--resume", "--out", str(out)]) == 0  # a checkpoint now: no note
+    assert "note" not in capsys.readouterr().err
+    out = tmp_path / "train"
+    assert cli.main(["train", "--genotype", str(finished_search), *TRAIN_TINY, "--resume", "--out", str(out)]) == 0
+    assert f"qdarts train: note: --resume, but {str(out)!r} holds no {TRAIN_CHECKPOINT}" in capsys.readouterr().err
+    assert (out / "summary.json").exists()

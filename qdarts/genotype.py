@@ -160,15 +160,16 @@ class Genotype:
             fail(f"unsupported genotype version {d.get('version')!r} (this qdarts reads version {VERSION})")
         try:
             prims = list(d["primitives"])
-            edges = {k: [Edge(int(e["node"]), int(e["input"]), str(e["op"])) for e in d[k]] for k in ("normal", "reduce")}
+            edges = {k: [Edge(_integer(e["node"], f"{k} edge node"), _integer(e["input"], f"{k} edge input"),
+                              str(e["op"])) for e in d[k]] for k in ("normal", "reduce")}
             cells = [
                 CellBits(bool(c["reduction"]), _read_pairs(c["preprocess0"], f"cell {i} preprocess0"),
                          _read_pairs(c["preprocess1"], f"cell {i} preprocess1"),
                          [_read_pairs(e, f"cell {i} edge {j}") for j, e in enumerate(c["edges"])])
                 for i, c in enumerate(d["cells"])
             ]
-            g = cls(edges["normal"], edges["reduce"], list(map(int, d["normal_concat"])),
-                    list(map(int, d["reduce_concat"])), cells, list(map(int, d["bit_choices"])),
+            g = cls(edges["normal"], edges["reduce"], _integers(d["normal_concat"], "normal_concat"),
+                    _integers(d["reduce_concat"], "reduce_concat"), cells, _integers(d["bit_choices"], "bit_choices"),
                     str(d.get("quantizer", "paper")), str(d.get("act_grid", "follow")), prims, dict(d.get("search", {})))
         except (KeyError, TypeError, ValueError) as e:
             fail(f"malformed genotype ({type(e).__name__}: {e})")
@@ -239,7 +240,21 @@ def _read_pairs(pairs, where: str) -> BitPairs:
     """[[a, w], ...] of a genotype file as (a, w) tuples; a ValueError naming ``where`` for anything else."""
     if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
         raise ValueError(f"{where} must be a list of [act_bits, weight_bits] pairs, got {pairs!r}")
-    return [(int(a), int(w)) for a, w in pairs]
+    return [(_integer(a, where), _integer(w, where)) for a, w in pairs]
+
+
+def _integer(value, where: str) -> int:
+    """``value`` when it is an integer (not a bool); a ValueError naming ``where`` for anything else, rather than
+    int()'s silent truncation of a hand-edited 4.5."""
+    if type(value) is not int:
+        raise ValueError(f"{where} must hold integers, got {value!r}")
+    return value
+
+
+def _integers(values, where: str) -> List[int]:
+    if not isinstance(values, list):
+        raise ValueError(f"{where} must be a list of integers, got {values!r}")
+    return [_integer(v, where) for v in values]
 
 
 def reduction_cells(layers: int) -> Tuple[int, ...]:
@@ -283,16 +298,17 @@ GENOTYPE_FILE = "genotype.json"
 
 
 def genotype_path(path: str) -> str:
-    """The genotype file that ``path`` names: the file ``path``, or the genotype.json of the search folder
-    ``path`` (so that both spellings of one genotype are one setting of a resumed run)."""
-    return os.path.join(path, GENOTYPE_FILE) if os.path.isdir(path) else path
+    """The genotype file that ``path`` names: the genotype.json of the search folder ``path`` where it has one,
+    else ``path`` (so that both spellings of one genotype are one setting of a resumed run)."""
+    in_folder = os.path.join(path, GENOTYPE_FILE)
+    return in_folder if os.path.isdir(path) and os.path.isfile(in_folder) else path
 
 
 def load_genotype(path: str) -> Genotype:
     """The genotype in the file ``path``, or in the genotype.json of the search folder ``path``."""
-    if os.path.isdir(path) and not os.path.isfile(genotype_path(path)):
-        raise FileNotFoundError(f"genotype {path!r} is a folder without a {GENOTYPE_FILE}")
     path = genotype_path(path)
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"genotype {path!r} is a folder without a {GENOTYPE_FILE}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"genotype file {path!r} does not exist")
     with open(path) as f:

@@ -461,6 +461,19 @@ GENOTYPE_CASES = {
                        "2 preprocess1 bit pairs"),
     "bits_32": (lambda g: _genotype_text(g, lambda d: {**d, "cells": [{**c, "preprocess1": [[32, 2]]}
                                                                       for c in d["cells"]]}), "outside 1..16"),
+    # a hand-edited non-integer is refused, not truncated to one
+    "bits_4.5": (lambda g: _genotype_text(g, lambda d: {**d, "cells": [{**c, "preprocess1": [[4.5, 2]]}
+                                                                       for c in d["cells"]]}),
+                 "cell 0 preprocess1 must hold integers, got 4.5"),
+    "bits_true": (lambda g: _genotype_text(g, lambda d: {**d, "cells": [{**c, "preprocess1": [[True, 2]]}
+                                                                        for c in d["cells"]]}),
+                  "must hold integers, got True"),
+    "bit_choices_2.5": (lambda g: _genotype_text(g, lambda d: {**d, "bit_choices": [2.5, 4]}),
+                        "bit_choices must hold integers, got 2.5"),
+    "node_2.5": (lambda g: _genotype_text(g, lambda d: {**d, "normal": [{**d["normal"][0], "node": 2.5}]
+                                                        + d["normal"][1:]}), "normal edge node must hold integers"),
+    "concat_text": (lambda g: _genotype_text(g, lambda d: {**d, "normal_concat": "2345"}),
+                    "normal_concat must be a list of integers"),
     "reduction_flag": (lambda g: _genotype_text(g, lambda d: {**d, "cells": [{**c, "reduction": False}
                                                                              for c in d["cells"]]}),
                        "the reduction cells are [0]"),

@@ -158,6 +158,17 @@ def requested(backend: Optional[str]) -> Tuple[Optional[str], str]:
     return os.environ.get("QDARTS_BACKEND") or None, "QDARTS_BACKEND"
 
 
+def check_name(backend: Optional[str], source: str = "backend") -> None:
+    """A ValueError naming ``source`` unless ``backend`` is a backend's name, or None where ``source`` is
+    the backend= argument (the automatic choice). Modules call it when they are built, so that a misspelt
+    backend is refused there, not at their first forward."""
+    if backend is None and source == "backend":
+        return
+    if backend not in BACKEND_NAMES:
+        choices = f"{list(BACKEND_NAMES)} or None" if source == "backend" else f"{list(BACKEND_NAMES)}"
+        raise ValueError(f"{source} must be one of {choices}, got {backend!r}")
+
+
 def resolve(backend: Optional[str], device: torch.device, dtype: Optional[torch.dtype] = None,
             op_sum_inputs: Optional[int] = None) -> str:
     """The backend name a call on ``device`` (on tensors of ``dtype``, where given) uses: the one
@@ -168,9 +179,7 @@ def resolve(backend: Optional[str], device: torch.device, dtype: Optional[torch.
     if backend is None and dtype is not None and dtype not in KERNEL_DTYPES:
         return "reference"
     if backend is not None:
-        if backend not in BACKEND_NAMES:
-            choices = f"{list(BACKEND_NAMES)} or None" if source == "backend" else f"{list(BACKEND_NAMES)}"
-            raise ValueError(f"{source} must be one of {choices}, got {backend!r}")
+        check_name(backend, source)
         if _load(backend) is None:
             raise RuntimeError(f"backend {backend!r} ({source}) is not available here: {_failed.get(backend)}")
         _check_device(backend, device)

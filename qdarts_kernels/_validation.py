@@ -162,11 +162,13 @@ def check_mixed_fake_quant(
     if not probs_checked:
         _check_float(probs, pn)
         if probs.shape != (k,):
-            raise ValueError(f"{pn} must have shape [{k}] (one probability per bit-width), got {list(probs.shape)}")
+            raise ValueError(f"{pn} must have shape [{k}] (one probability per bit-width of bits={list(bits)}), "
+                             f"got {list(probs.shape)}")
     if axis is None:
         if scales.shape != (k,):
             raise ValueError(
-                f"{sn} must have shape [{k}] for per-tensor quantization (axis=None), got {list(scales.shape)}"
+                f"{sn} must have shape [{k}] for per-tensor quantization (axis=None) with bits={list(bits)}, "
+                f"got {list(scales.shape)}"
             )
         ax = -1
     else:
@@ -178,8 +180,8 @@ def check_mixed_fake_quant(
         c = x.shape[ax]
         if scales.shape != (k, c):
             raise ValueError(
-                f"{sn} must have shape [{k}, {c}] for per-channel quantization along axis {axis}, "
-                f"got {list(scales.shape)}"
+                f"{sn} must have shape [{k}, {c}] for per-channel quantization along axis {axis} with "
+                f"bits={list(bits)}, got {list(scales.shape)}"
             )
     check_scale_values(scales, sn)
     return bits, code, ax

@@ -174,6 +174,9 @@ def test_non_tensor_argument_of_wrong_type_or_value(op, kwargs, match):
         # probs with the wrong number of dims
         ("mixed_fake_quant", dict(probs=torch.ones(1, 2)), r"probs must have shape \[2\]"),
         ("mixed_fake_quant", dict(probs=torch.tensor(1.0), bits=4, scales=S1), r"probs must have shape \[1\]"),
+        # one int for bits is one bit-width: the message shows what bits was read as
+        ("mixed_fake_quant", dict(probs=torch.ones(3), bits=8, scales=torch.ones(3)),
+         r"probs must have shape \[1\] \(one probability per bit-width of bits=\[8\]\), got \[3\]"),
         # weights with the wrong number of dims; outputs of one tensor that is not stacked
         ("mixed_op_sum", dict(weights=torch.ones(1, 2)), r"weights must have shape \[2\]"),
         ("mixed_op_sum", dict(outputs=[X], weights=torch.tensor(1.0)), r"weights must have shape \[1\]"),

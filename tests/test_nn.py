@@ -709,6 +709,7 @@ def test_prepare_qat_with_our_fake_quantize_then_convert_to_int8():
     (dict(bits=(2, 4), grid="ternary"), "grid"),
     (dict(bits=(2, 17)), "bits"),
     (dict(bits=(2, 4), num_channels=4), "num_channels"),
+    (dict(bits=(2, 4), backend="gpu"), r"backend must be one of \['reference', 'cpu', 'cuda', 'triton'\] or None"),
 ])
 def test_bad_arguments_raise_naming_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -718,6 +719,11 @@ def test_bad_arguments_raise_naming_the_argument(kwargs, message):
 def test_bad_layer_and_quantize_arguments():
     with pytest.raises(ValueError, match="quantizer"):
         qnn.QuantConv2d(3, 3, 3, quantizer="dorefa")
+    # a misspelt backend, when the module is built rather than at its first forward
+    for build in (lambda: qnn.QuantConv2d(3, 3, 3, backend="gpu"), lambda: qnn.QuantLinear(3, 3, backend="Triton"),
+                  lambda: qnn.OutputKeepingBatchNorm2d(3, backend="gpu")):
+        with pytest.raises(ValueError, match="backend must be one of"):
+            build()
     with pytest.raises(ValueError, match="act_logits"):
         qnn.QuantLinear(3, 3, act_bits=None, act_logits=nn.Parameter(torch.zeros(2)))
     with pytest.raises(ValueError, match="grid"):

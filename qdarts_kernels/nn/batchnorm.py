@@ -130,6 +130,7 @@ class OutputKeepingBatchNorm2d(nn.BatchNorm2d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, backend: Optional[str] = None) -> None:
+        _backends.check_name(backend)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.backend = backend
         # mean 0 and inverse std 1 of the normalised output, made once rather than in every backward

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from torch.ao.quantization import FakeQuantizeBase
 from torch.nn.parameter import UninitializedParameter
 
-from .. import _functorch, ops, reference
+from .. import _backends, _functorch, ops, reference
 from .._validation import grid_code, grid_params, normalize_bits
 
 __all__ = ["MixedPrecisionFakeQuantize", "FakeQuantize", "HWGQ_STEPS", "GAUSSIAN_STEPS", "shared_activation_scales"]
@@ -216,6 +216,7 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
             raise ValueError(f"quantizer must be one of {list(_QUANTIZERS)}, got {quantizer!r}")
         if role not in _ROLES:
             raise ValueError(f"role must be one of {list(_ROLES)}, got {role!r}")
+        _backends.check_name(backend)
         self.bits = normalize_bits(bits)
         k = len(self.bits)
         if grid is None:

@@ -100,12 +100,16 @@ def test_an_implementation_that_does_not_apply_to_a_case_is_skipped_not_failed()
     (["--only", "no-such-case"], "--only 'no-such-case' matches no case"),
     (["--out", "{file}"], "is a file, not a folder"),
 ])
-def test_cli_refuses_bad_options_before_measuring(tmp_path, argv, message):
+def test_cli_refuses_bad_options_before_measuring(tmp_path, argv, message, monkeypatch, capsys):
+    """One line, exit status 2 (as qdarts search and train), before any figure is measured or --out made."""
     (tmp_path / "file").write_text("")
     argv = [a.replace("{file}", str(tmp_path / "file")) for a in argv]
     out = [] if "--out" in argv else ["--out", str(tmp_path / "out")]
-    with pytest.raises(SystemExit, match=message):
-        cli.main(["--device", "cpu", "--quick", "--skip-end-to-end", *out, *argv])
+    monkeypatch.setattr(cli, "copy_bandwidth_gbps", lambda *a: pytest.fail("measured before refusing"))
+    assert cli.main(["--device", "cpu", "--quick", "--skip-end-to-end", *out, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qdarts bench: error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_writes_results_report_plots_and_readme(tmp_path, monkeypatch, capsys):
@@ -191,7 +195,7 @@ def test_cli_append_runs_the_end_to_end_part_into_the_kernel_part_s_results(tmp_
     assert "settle_host_allocator" not in (tmp_path / "report.md").read_text()
     both["env"]["device"] = "some GPU"
     (tmp_path / "results.json").write_text(json.dumps(both))
-    with pytest.raises(SystemExit, match="some GPU"):
+    with pytest.raises(ValueError, match="some GPU"):
         cli.run(parser.parse_args(base + ["--skip-kernels", "--append"]))
 
 
@@ -268,7 +272,7 @@ def test_end_to_end_plan_covers_the_search_step_matrix():
     assert endtoend.CIFAR.description.endswith("bits 2,4,8")
 
 
-def test_graphed_steps_time_the_fused_ops_and_with_quick_replace_the_eager_matrix():
+def test_graphed_steps_time_the_fused_ops_and_with_quick_replace_the_eager_matrix(capsys):
     modes = endtoend.step_modes
     assert modes(endtoend.CIFAR, ("fused", "eager"), "cuda", True, False, False) == [("eager", ("fused", "eager"))]
     assert modes(endtoend.CIFAR, ("fused", "eager"), "cuda", True, True, True) == [
@@ -279,8 +283,8 @@ def test_graphed_steps_time_the_fused_ops_and_with_quick_replace_the_eager_matri
     assert modes(endtoend.digits_config(), ("fused", "eager"), "cuda", True, False, True)[0][0] == "eager"
     with pytest.raises(ValueError, match="CUDA"):
         modes(endtoend.CIFAR, ("fused",), "cpu", True, False, True)
-    with pytest.raises(SystemExit, match="--cuda-graph-end-to-end needs --device cuda"):
-        cli.main(["--device", "cpu", "--cuda-graph-end-to-end", "--out", "unused"])
+    assert cli.main(["--device", "cpu", "--cuda-graph-end-to-end", "--out", "unused"]) == 2
+    assert "qdarts bench: error: --cuda-graph-end-to-end needs --device cuda" in capsys.readouterr().err
 
 
 def test_end_to_end_saves_after_each_configuration_and_reports_steps_per_second(monkeypatch):

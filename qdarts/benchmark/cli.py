@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from typing import Any, Dict
 
@@ -68,7 +69,7 @@ def _keep_skipped_parts(results: Dict[str, Any], json_path: str, args: argparse.
     earlier = report.read_json(json_path)
     device = earlier.get("env", {}).get("device")
     if device != results["env"]["device"]:
-        raise SystemExit(f"--append: {json_path} was measured on {device!r}, this run is on "
+        raise ValueError(f"--append: {json_path} was measured on {device!r}, this run is on "
                          f"{results['env']['device']!r}; use another --out")
     for skipped, keys in ((args.skip_kernels, _KERNEL_KEYS), (args.skip_end_to_end, _END_TO_END_KEYS)):
         if skipped and earlier.get(keys[0]):
@@ -85,30 +86,32 @@ def _keep_skipped_parts(results: Dict[str, Any], json_path: str, args: argparse.
 def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available here")
+        raise ValueError("--device cuda: no CUDA device is available here")
     from ..search import check_device
 
-    try:  # QDARTS_BACKEND and the CPU kernels' variables, before any figure (and the --out folder)
-        check_device(device, None)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    check_device(device, None)  # QDARTS_BACKEND and the CPU kernels' variables, before any figure and --out
     if args.cuda_graph_end_to_end and torch.device(device).type != "cuda":
-        raise SystemExit(f"--cuda-graph-end-to-end needs --device cuda, got {device!r}")
+        raise ValueError(f"--cuda-graph-end-to-end needs --device cuda, got {device!r}")
     if args.threads is not None:
         if args.threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     impls = args.impls.split(",") if args.impls else None
     known = {case_defs.EAGER, case_defs.COMPILED, case_defs.AUTOGRAD, *qk.available_backends()}
     if impls is not None and not set(impls) <= known:
-        raise SystemExit(f"--impls: {', '.join(sorted(set(impls) - known))} is not one of {', '.join(sorted(known))} "
+        raise ValueError(f"--impls: {', '.join(sorted(set(impls) - known))} is not one of {', '.join(sorted(known))} "
                          f"(on {device})")
+    cases = [] if args.skip_kernels else case_defs.sweep(device, args.quick)
+    if args.only and not args.skip_kernels:
+        cases = [c for c in cases if args.only in c.id]
+        if not cases:
+            raise ValueError(f"--only {args.only!r} matches no case of the {'quick ' if args.quick else ''}sweep")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise SystemExit(f"--out {args.out!r} is a file, not a folder")
+        raise ValueError(f"--out {args.out!r} is a file, not a folder")
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"--out {args.out!r} cannot be created ({e.strerror or e})") from e
+        raise ValueError(f"--out {args.out!r} cannot be created ({e.strerror or e})") from e
     json_path = os.path.join(args.out, "results.json")
     started = time.perf_counter()
 
@@ -143,11 +146,6 @@ def run(args: argparse.Namespace) -> int:
             f.write(report.markdown_report(results))
 
     if not args.skip_kernels:
-        cases = case_defs.sweep(device, args.quick)
-        if args.only:
-            cases = [c for c in cases if args.only in c.id]
-            if not cases:
-                raise SystemExit(f"--only {args.only!r} matches no case of the {'quick ' if args.quick else ''}sweep")
         _log(f"kernels: {len(cases)} cases")
 
         def partial(records):
@@ -200,6 +198,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
+    """``python -m qdarts.benchmark``: a refused option is one line and exit status 2, as from ``qdarts bench``."""
     parser = argparse.ArgumentParser(prog="qdarts bench", description=__doc__)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    try:
+        return run(parser.parse_args(argv))
+    except ValueError as e:
+        print(f"qdarts bench: error: {e}", file=sys.stderr)
+        return 2

@@ -24,7 +24,8 @@ from typing import Dict, Iterator, Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["Dataset", "load_dataset", "batches", "num_batches", "check_split_sizes", "DATASETS", "CIFAR10_FILES"]
+__all__ = ["Dataset", "load_dataset", "batches", "num_batches", "check_data_dir", "check_split_sizes", "DATASETS",
+           "CIFAR10_FILES"]
 
 DATASETS = ("digits", "synthetic", "cifar10")
 CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
@@ -160,6 +161,13 @@ def _cifar10(data_dir: Optional[str]) -> Dataset:
     perm = torch.from_numpy(np.random.default_rng(0).permutation(len(ty)))
     return Dataset("cifar10", train_x[perm], torch.from_numpy(ty)[perm], test_x, torch.from_numpy(ey), 10,
                    augment=True)
+
+
+def check_data_dir(data: str, data_dir: Optional[str]) -> None:
+    """A ValueError where a data folder is given for data that is not read from one (it would be passed over
+    without a word: ``--data-dir ~/cifar`` with the default ``--data digits``)."""
+    if data_dir is not None and data != "cifar10":
+        raise ValueError(f"data_dir ({data_dir!r}) is read for data 'cifar10' only, and data is {data!r}")
 
 
 def load_dataset(name: str, data_dir: Optional[str] = None) -> Dataset:

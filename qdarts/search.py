@@ -36,7 +36,7 @@ from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, 
                          resumed_config, rng_state, seed_everything, set_rng_state, unpack_tensors)
 from .cost import COST_KINDS, ExpectedCost, network_cost
 from .cudagraph import GraphedStep
-from .data import DATASETS, Dataset, batches, check_split_sizes, load_dataset, num_batches
+from .data import DATASETS, Dataset, batches, check_data_dir, check_split_sizes, load_dataset, num_batches
 from .derive import derive_genotype
 from .divergence import check_figures, diagnosed, kept_checkpoint
 from .evalnet import EvalNetwork
@@ -97,6 +97,7 @@ class SearchConfig:
                 raise ValueError(msg)
 
         need(self.data in DATASETS, f"data must be one of {', '.join(DATASETS)}, got {self.data!r}")
+        check_data_dir(self.data, self.data_dir)
         need(1 <= len(self.bits) <= 4 and all(isinstance(b, int) and 1 <= b <= MAX_BITS for b in self.bits),
              f"bits must be 1..4 bit-widths in [1, {MAX_BITS}], got {self.bits}")
         need(len(set(self.bits)) == len(self.bits), f"bits must be distinct, got {self.bits}")

@@ -21,7 +21,7 @@ from . import distributed
 from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, prepare_output_folder, resumed_config,
                          rng_state, seed_everything, set_rng_state)
 from .cost import network_cost
-from .data import batches, check_split_sizes, load_dataset, num_batches
+from .data import batches, check_data_dir, check_split_sizes, load_dataset, num_batches
 from .divergence import check_figures, diagnosed, kept_checkpoint
 from .evalnet import EvalNetwork
 from .fastpath import COMPILE_MODES, compiled
@@ -137,7 +137,9 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
     genotype = load_genotype(config.genotype)
     search = genotype.search
     data = config.data or search.get("data", "digits")
-    data_dir = config.data_dir or search.get("data_dir")
+    # the search's folder is its data's: it goes with the search's data, not with another --data
+    data_dir = config.data_dir or (search.get("data_dir") if data == search.get("data", "digits") else None)
+    check_data_dir(data, data_dir)
     layers = config.layers if config.layers is not None else search.get("layers", 3)
     channels = config.channels if config.channels is not None else _default_channels(search.get("channels", 8))
     # what the checkpoint's weights were trained as, since the genotype file may have changed under its path (a

@@ -65,6 +65,7 @@ def _refused(argv, capsys, *, match, code=2):
     (["--threads", "0"], "--threads"),
     (["--channels", "6", "--partial-channels", "4"], "partial_channels"),
     (["--data", "cifar10"], "--data-dir is required"),
+    (["--data-dir", "somewhere"], "data_dir ('somewhere') is read for data 'cifar10' only, and data is 'synthetic'"),
     (["--lambda", "inf"], "--lambda"),
     (["--weight-lr", "nan"], "--weight-lr"),
     (["--gamma-lr", "-1"], "--gamma-lr"),
@@ -123,6 +124,7 @@ def test_empty_kernel_environment_variables_are_unset(monkeypatch):
     (["--lr", "-1"], "--lr"),
     (["--aux-weight", "inf"], "--aux-weight"),
     (["--auxiliary", "--batch-size", "1"], "--batch-size"),
+    (["--data-dir", "somewhere"], "data_dir ('somewhere') is read for data 'cifar10' only"),
     (["--layers", "3"], "no searched normal cell"),  # the genotype's 1-cell search has a reduction cell only
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_train_option(args, match, finished_search, tmp_path, capsys):

@@ -90,9 +90,11 @@ MixedFakeQuantArgs check_mixed_fake_quant(const at::Tensor& x, const at::Tensor&
     const int64_t channels = x.size(axis);
     TORCH_CHECK(scales.dim() == 2 && scales.size(0) == k && scales.size(1) == channels, "scales must have shape [",
                 k, ", ", channels, "] for per-channel quantization along axis ", axis, ", got ", scales.sizes());
-    // The grids put channels (and, reducing dscales, K * channels) in gridDim.x, at most 2^31 - 1.
-    TORCH_CHECK(channels * k <= std::numeric_limits<int32_t>::max(), "x has ", channels, " channels along axis ",
-                axis, "; with ", k, " bit-widths the CUDA kernels support at most (2^31 - 1) / ", k);
+    // gridDim.x is at most 2^31 - 1. It holds the channels, and in the backward's second pass (one
+    // launch, launch_sum_partials) the K dprobs and the K * channels dscales together: K * (channels + 1).
+    TORCH_CHECK(k * (channels + 1) <= std::numeric_limits<int32_t>::max(), "x has ", channels,
+                " channels along axis ", axis, "; with ", k,
+                " bit-widths the CUDA kernels support at most (2^31 - 1) / ", k, " - 1");
     int64_t outer = 1;
     for (int64_t d = 0; d < axis; ++d) outer *= x.size(d);
     int64_t inner = 1;

@@ -6,7 +6,12 @@ bit-exact in the forward pass, so the equalities below hold for either.
 
 import copy
 import math
+import os
+import re
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -1088,3 +1093,16 @@ def test_chained_quant_convs_on_the_gpu_equal_the_two_calls(backend, autocast):
     assert torch.equal(got, want)
     for a, b in zip(got_grads, want_grads):
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
+def test_the_qat_example_runs_and_learns():
+    """examples/qat_small_cnn.py as a user runs it (one epoch): every variant trains, above chance."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "qat_small_cnn.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script), "--epochs", "1"], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = dict(re.findall(r"^(fp32|ours quantize_|ours prepare_qat|torch FakeQuantize|torch LearnableFQ)\s+"
+                           r"[\d.]+\s+\d+\s+([\d.]+)$", proc.stdout, flags=re.M))
+    assert len(rows) == 5, proc.stdout
+    assert all(float(acc) > 0.2 for acc in rows.values()), rows  # 10 classes: chance is 0.1

@@ -126,13 +126,15 @@ def _cifar_batch(path: str) -> Tuple[np.ndarray, np.ndarray]:
     if not isinstance(d, dict):
         raise ValueError(f"CIFAR-10 file {path!r} holds a {type(d).__name__}, expected a dict")
     data = np.asarray(_get(d, "data", path))
-    labels = np.asarray(_get(d, "labels", path), dtype=np.int64)
+    labels = np.asarray(_get(d, "labels", path))
     if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
         raise ValueError(f"CIFAR-10 file {path!r}: 'data' must be uint8 of shape [N, 3072], "
                          f"got {data.dtype} {list(data.shape)}")
-    if labels.shape != (data.shape[0],) or (labels.size and (labels.min() < 0 or labels.max() > 9)):
+    # integers only: a cast would truncate 1.7 to 1 and parse "1", training on labels nobody wrote
+    integers = labels.size == 0 or np.issubdtype(labels.dtype, np.integer)
+    if not integers or labels.shape != (data.shape[0],) or (labels.size and (labels.min() < 0 or labels.max() > 9)):
         raise ValueError(f"CIFAR-10 file {path!r}: 'labels' must be N={data.shape[0]} ints in 0..9")
-    return data.reshape(-1, 3, 32, 32), labels
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 def _cifar10(data_dir: Optional[str]) -> Dataset:

@@ -91,6 +91,13 @@ class SearchConfig:
     compile: Optional[str] = None
     cuda_graph: bool = False
 
+    def __post_init__(self) -> None:
+        # sequences as tuples, as a checkpoint's settings are read back: bits=[2, 4, 8] given to the API and
+        # the (2, 4, 8) of its checkpoint are one setting of a resumed run
+        for name in ("bits", "arch_betas"):
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, tuple(getattr(self, name)))
+
     def validate(self) -> None:
         def need(ok, msg):
             if not ok:
@@ -98,9 +105,11 @@ class SearchConfig:
 
         need(self.data in DATASETS, f"data must be one of {', '.join(DATASETS)}, got {self.data!r}")
         check_data_dir(self.data, self.data_dir)
-        need(1 <= len(self.bits) <= 4 and all(isinstance(b, int) and 1 <= b <= MAX_BITS for b in self.bits),
+        need(isinstance(self.bits, tuple) and 1 <= len(self.bits) <= 4 and all(isinstance(b, int) and 1 <= b <= MAX_BITS for b in self.bits),
              f"bits must be 1..4 bit-widths in [1, {MAX_BITS}], got {self.bits}")
         need(len(set(self.bits)) == len(self.bits), f"bits must be distinct, got {self.bits}")
+        check_integers(self, ("epochs", "warmup_epochs", "batch_size", "layers", "channels", "steps",
+                              "partial_channels"))
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(0 <= self.warmup_epochs, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
@@ -113,7 +122,8 @@ class SearchConfig:
         need(self.act_grid in ACT_GRIDS, f"act_grid must be one of {ACT_GRIDS}, got {self.act_grid!r}")
         need(self.cost in COST_KINDS, f"cost must be one of {COST_KINDS}, got {self.cost!r}")
         need(self.order in ORDERS, f"order must be one of {ORDERS}, got {self.order!r}")
-        for name in ("cost_weight", "weight_lr", "weight_lr_min", "gamma_lr", "arch_lr"):
+        for name in ("cost_weight", "weight_lr", "weight_lr_min", "weight_momentum", "weight_decay", "grad_clip",
+                     "gamma_lr", "gamma_momentum", "gamma_decay", "arch_lr", "arch_decay"):
             check_non_negative(name, getattr(self, name))
         check_seed(self.seed)
         need(self.act_dtype in ACT_DTYPES, f"act_dtype must be one of {ACT_DTYPES}, got {self.act_dtype!r}")
@@ -129,11 +139,7 @@ class SearchConfig:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "SearchConfig":
         names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        for k in ("bits", "arch_betas"):
-            if k in kw:
-                kw[k] = tuple(kw[k])
-        return cls(**kw)
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 #: the CLI options spelt unlike their settings (the others alike: seed is --seed, weight_lr --weight-lr), and
@@ -161,6 +167,15 @@ def check_non_negative(name: str, value: float) -> None:
     rates: PyTorch's optimisers refuse negative ones, and a NaN or inf one turns every weight into NaN)."""
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
         raise ValueError(f"{option(name)} must be a finite number >= 0, got {value!r}")
+
+
+def check_integers(config: Any, names: Sequence[str]) -> None:
+    """A ValueError naming the first of the settings ``names`` of ``config`` that is not an integer (a bool
+    neither; None is left to the caller: an optional setting's default): epochs=1.5 would run 2 epochs."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and type(value) is not int:
+            raise ValueError(f"{option(name)} must be an integer, got {value!r}")
 
 
 def check_seed(seed: int) -> None:
@@ -616,6 +631,9 @@ def run_search(config: SearchConfig, out_dir: str, *, resume: bool = False, prog
     """
     from .report import write_search_report
 
+    if isinstance(config.data_dir, str):
+        # absolute: the genotype and the checkpoint keep it, for a retraining or a resume started elsewhere
+        config = replace(config, data_dir=os.path.abspath(config.data_dir))
     state = Searcher.read_checkpoint(out_dir)
     if state is not None and not resume:
         raise FileExistsError(f"{out_dir!r} already holds a search checkpoint; pass --resume to continue it "

@@ -26,7 +26,7 @@ from .divergence import check_figures, diagnosed, kept_checkpoint
 from .evalnet import EvalNetwork
 from .fastpath import COMPILE_MODES, compiled
 from .genotype import genotype_path, load_genotype
-from .search import check_device, check_non_negative, check_seed, cosine_lr, option
+from .search import check_device, check_integers, check_non_negative, check_seed, cosine_lr, option
 
 __all__ = ["TrainConfig", "run_train"]
 
@@ -66,6 +66,7 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def validate(self) -> None:
+        check_integers(self, ("epochs", "batch_size", "layers", "channels"))
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -79,7 +80,7 @@ class TrainConfig:
         for name in ("layers", "channels"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{option(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "lr_min", "aux_weight"):
+        for name in ("lr", "lr_min", "momentum", "weight_decay", "grad_clip", "aux_weight"):
             check_non_negative(name, getattr(self, name))
         if self.auxiliary and self.batch_size < 2:
             raise ValueError(f"--auxiliary needs {option('batch_size')} >= 2, got {self.batch_size}: the auxiliary "
@@ -119,6 +120,8 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     dist = distributed.current()
     config = replace(config, genotype=genotype_path(config.genotype))
+    if isinstance(config.data_dir, str):  # absolute, as a search keeps it: a resume may start elsewhere
+        config = replace(config, data_dir=os.path.abspath(config.data_dir))
     state = load_checkpoint(ckpt_path, FORMAT)
     if state is not None and not resume:
         raise FileExistsError(f"{out_dir!r} already holds a training checkpoint; pass --resume to continue it "

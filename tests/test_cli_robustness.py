@@ -65,7 +65,7 @@ def _refused(argv, capsys, *, match, code=2):
     (["--threads", "0"], "--threads"),
     (["--channels", "6", "--partial-channels", "4"], "partial_channels"),
     (["--data", "cifar10"], "--data-dir is required"),
-    (["--data-dir", "somewhere"], "data_dir ('somewhere') is read for data 'cifar10' only, and data is 'synthetic'"),
+    (["--data-dir", "somewhere"], "somewhere') is read for data 'cifar10' only, and data is 'synthetic'"),
     (["--lambda", "inf"], "--lambda"),
     (["--weight-lr", "nan"], "--weight-lr"),
     (["--gamma-lr", "-1"], "--gamma-lr"),
@@ -124,7 +124,7 @@ def test_empty_kernel_environment_variables_are_unset(monkeypatch):
     (["--lr", "-1"], "--lr"),
     (["--aux-weight", "inf"], "--aux-weight"),
     (["--auxiliary", "--batch-size", "1"], "--batch-size"),
-    (["--data-dir", "somewhere"], "data_dir ('somewhere') is read for data 'cifar10' only"),
+    (["--data-dir", "somewhere"], "somewhere') is read for data 'cifar10' only"),
     (["--layers", "3"], "no searched normal cell"),  # the genotype's 1-cell search has a reduction cell only
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_train_option(args, match, finished_search, tmp_path, capsys):
@@ -255,8 +255,8 @@ def _corrupt_config_bits(path):
     (_corrupt_foreign_torch_file, "is not a qdarts-search-checkpoint"),
     (_corrupt_other_config, "does not fit"),
     (_corrupt_missing_entries, "does not fit"),
-    (_corrupt_config_types, "holds no valid search config ('>=' not supported"),
-    (_corrupt_config_bits, "holds no valid search config ('NoneType' object is not iterable)"),
+    (_corrupt_config_types, "holds no valid search config (epochs (--epochs) must be an integer, got '1')"),
+    (_corrupt_config_bits, "holds no valid search config (bits must be 1..4 bit-widths in [1, 16], got None)"),
 ], ids=lambda f: f.__name__[len("_corrupt_"):] if callable(f) else None)
 @pytest.mark.parametrize("resume", [True, False], ids=["resume", "fresh"])
 def test_corrupt_search_checkpoint(corrupt, match, resume, finished_search, tmp_path, capsys):
@@ -340,7 +340,7 @@ def test_train_resume_refuses_a_checkpoint_config_of_the_wrong_type(finished_sea
     torch.save(state, out / TRAIN_CHECKPOINT)
     before = _snapshot(out)
     line = _refused(["train", "--genotype", str(finished_search / "genotype.json"), "--resume", "--out", str(out)],
-                    capsys, match="holds no valid training config ('<' not supported")
+                    capsys, match="holds no valid training config (epochs (--epochs) must be an integer, got '1')")
     assert TRAIN_CHECKPOINT in line
     assert _snapshot(out) == before
 
@@ -570,3 +570,16 @@ def test_resume_where_there_is_nothing_to_resume_starts_a_new_run_with_a_note(fi
     assert cli.main(["train", "--genotype", str(finished_search), *TRAIN_TINY, "--resume", "--out", str(out)]) == 0
     assert f"qdarts train: note: --resume, but {str(out)!r} holds no {TRAIN_CHECKPOINT}" in capsys.readouterr().err
     assert (out / "summary.json").exists()
+
+
+def test_a_relative_data_dir_is_kept_absolute(tmp_path, capsys, monkeypatch):
+    """The genotype keeps the search's data folder for the retraining, which may start in another folder."""
+    _write_cifar(tmp_path / "cifar", override={
+        name: _batch(n=2, labels=[0, 1]) for name in [*CIFAR10_FILES[:5], "test_batch"]})
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["search", *TINY, "--data", "cifar10", "--data-dir", "cifar", "--out", "s"]) == 0
+    genotype = json.loads((tmp_path / "s" / "genotype.json").read_text())
+    assert genotype["search"]["data_dir"] == str(tmp_path / "cifar")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert cli.main(["train", "--genotype", str(tmp_path / "s"), *TRAIN_TINY, "--out", "t"]) == 0

@@ -68,6 +68,9 @@ def test_cifar10_from_a_pickle_folder(tmp_path):
     ("corrupt", ValueError, "not a python pickle"),
     ("bad_shape", ValueError, r"uint8 of shape \[N, 3072\]"),
     ("no_arg", ValueError, "--data-dir is required"),
+    # labels that a cast would truncate (1.7 -> 1) or parse ("1" -> 1)
+    ("float_labels", ValueError, r"'labels' must be N=2 ints in 0\.\.9"),
+    ("text_labels", ValueError, r"'labels' must be N=2 ints in 0\.\.9"),
 ])
 def test_cifar10_clear_errors(tmp_path, kind, error, match):
     folder = str(tmp_path / "cifar")
@@ -79,6 +82,11 @@ def test_cifar10_clear_errors(tmp_path, kind, error, match):
         _write_cifar(folder)
         with open(os.path.join(folder, "test_batch"), "wb") as f:
             pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
+    elif kind in ("float_labels", "text_labels"):
+        _write_cifar(folder)
+        with open(os.path.join(folder, "test_batch"), "wb") as f:
+            labels = [1.7, 2.0] if kind == "float_labels" else ["1", "2"]
+            pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}, f)
     with pytest.raises(error, match=match):
         load_dataset("cifar10", None if kind == "no_arg" else folder)
 

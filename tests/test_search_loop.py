@@ -156,7 +156,30 @@ def test_bad_config_is_rejected_naming_the_setting(tmp_path):
         _search(tmp_path, cost_weight=float("nan"))
     with pytest.raises(ValueError, match=r"layers \(--layers\) must be >= 1"):
         TrainConfig(genotype="g.json", layers=0).validate()
+    # the Python API's settings without an option: a negative clip norm flips the gradients' sign, a NaN
+    # momentum ends in a divergence blamed on the learning rates, 1.5 epochs ran 2
+    for setting, value in (("grad_clip", -1.0), ("weight_momentum", float("nan")), ("gamma_decay", -1e-3),
+                           ("arch_decay", float("inf"))):
+        with pytest.raises(ValueError, match=f"{setting} must be a finite number >= 0, got {value}"):
+            _search(tmp_path, **{setting: value})
+    for setting in ("epochs", "batch_size", "steps"):
+        with pytest.raises(ValueError, match=f"{setting}.* must be an integer, got 2.0"):
+            _search(tmp_path, **{setting: 2.0})
+    for setting, value in (("grad_clip", -1.0), ("momentum", float("nan")), ("weight_decay", -1.0)):
+        with pytest.raises(ValueError, match=f"{setting} must be a finite number >= 0, got {value}"):
+            TrainConfig(genotype="g.json", **{setting: value}).validate()
+    with pytest.raises(ValueError, match=r"epochs \(--epochs\) must be an integer, got 1.5"):
+        TrainConfig(genotype="g.json", epochs=1.5).validate()
     assert not os.listdir(tmp_path)
+
+
+def test_a_list_of_bits_is_the_tuple_a_checkpoint_gives_back(tmp_path):
+    """bits (and arch_betas) given as lists to the Python API: the run resumes, its checkpoint's tuples
+    are the same settings."""
+    config = SearchConfig(**{**TINY, "bits": list(TINY["bits"])})
+    assert config.bits == tuple(TINY["bits"]) and SearchConfig(arch_betas=[0.5, 0.9]).arch_betas == (0.5, 0.9)
+    run_search(config, str(tmp_path / "s"), progress=False, plots=False, stop_after=1)
+    run_search(config, str(tmp_path / "s"), progress=False, plots=False, resume=True)
 
 
 def test_auxiliary_retraining_drops_a_trailing_batch_of_one_sample(tmp_path):

@@ -21,6 +21,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import fields, replace
 from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Tuple, TypeVar
 
@@ -29,7 +30,7 @@ import torch
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_torch_save", "rng_state", "set_rng_state", "seed_everything",
            "load_checkpoint", "resumed_config", "prepare_output_folder", "remove_stale_temporaries",
-           "PAUSE_BEFORE_REPLACE_ENV", "pack_tensors", "unpack_tensors"]
+           "PAUSE_BEFORE_REPLACE_ENV", "pack_tensors", "unpack_tensors", "warn_if_world_size_changed"]
 
 PAUSE_BEFORE_REPLACE_ENV = "QDARTS_TEST_PAUSE_BEFORE_REPLACE"
 _TMP_SUFFIX = ".tmp"
@@ -127,6 +128,17 @@ def load_checkpoint(path: str, fmt: str) -> Optional[Dict[str, Any]]:
     if not isinstance(state, dict) or state.get("format") != fmt:
         raise ValueError(f"{path!r} is not a {fmt} file; {hint}")
     return state
+
+
+def warn_if_world_size_changed(state: Mapping[str, Any], world_size: int, is_writer: bool) -> None:
+    """A run resumed on another number of processes than its checkpoint's continues, with a warning (from the
+    writer only): each process takes batch_size samples a step, so the global batch, hence the result, differ
+    from the uninterrupted run's. A checkpoint that does not say (written before this was kept) is not checked."""
+    saved = state.get("world_size")
+    if is_writer and saved is not None and saved != world_size:
+        warnings.warn(f"the checkpoint was written by a run of {saved} process(es), this one has {world_size}: the "
+                      "global batch (batch size per process x processes) changes, so the result will differ from "
+                      "an uninterrupted run's", UserWarning, stacklevel=3)
 
 
 def resumed_config(saved: Config, given: Config, *, may_change: Collection[str],

@@ -33,7 +33,8 @@ from qdarts_kernels import _backends
 
 from . import distributed
 from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, pack_tensors, prepare_output_folder,
-                         resumed_config, rng_state, seed_everything, set_rng_state, unpack_tensors)
+                         resumed_config, rng_state, seed_everything, set_rng_state, unpack_tensors,
+                         warn_if_world_size_changed)
 from .cost import COST_KINDS, ExpectedCost, network_cost
 from .cudagraph import GraphedStep
 from .data import DATASETS, Dataset, batches, check_data_dir, check_split_sizes, load_dataset, num_batches
@@ -323,6 +324,7 @@ class Searcher:
             "history": self.history,
             "elapsed": self.elapsed,
             "rng": rng_state(),
+            "world_size": self.dist.world_size,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -653,6 +655,7 @@ def run_search(config: SearchConfig, out_dir: str, *, resume: bool = False, prog
         prepare_output_folder(out_dir)
     searcher.dist.barrier()
     if state is not None:
+        warn_if_world_size_changed(state, searcher.dist.world_size, searcher.dist.is_writer)
         searcher.load_state_dict(state)
     searcher.run(stop_after=stop_after)
     result: Dict[str, Any] = {"history": searcher.history, "config": searcher.config, "searcher": searcher}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, prepare_output_folder, resumed_config,
-                         rng_state, seed_everything, set_rng_state)
+                         rng_state, seed_everything, set_rng_state, warn_if_world_size_changed)
 from .cost import network_cost
 from .data import batches, check_data_dir, check_split_sizes, load_dataset, num_batches
 from .divergence import check_figures, diagnosed, kept_checkpoint
@@ -176,6 +176,7 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
     dist.barrier()
     epoch, history, elapsed = 0, [], 0.0
     if state is not None:
+        warn_if_world_size_changed(state, dist.world_size, dist.is_writer)
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -246,7 +247,8 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
                 atomic_torch_save(ckpt_path, {"format": FORMAT, "config": {**asdict(config), "trained_on": trained_on},
                                               "epoch": epoch, "model": model.state_dict(),
                                               "optimizer": optimizer.state_dict(),
-                                              "history": history, "elapsed": elapsed, "rng": rng_state()})
+                                              "history": history, "elapsed": elapsed, "rng": rng_state(),
+                                              "world_size": dist.world_size})
             dist.barrier()
     finally:
         bar.close()

@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -224,3 +225,18 @@ def test_no_host_sync_inside_a_search_step(tmp_path, monkeypatch, setting):
     assert reads == []
     s._record(0, 0.1, stats, 0.0)  # once per epoch the values are read: the guard sees it
     assert reads
+
+
+def test_a_resume_on_another_number_of_processes_warns(tmp_path):
+    """The checkpoint keeps its run's number of processes: the global batch is theirs times batch_size, so a
+    resume on another number continues with a warning that its result differs from an uninterrupted run's."""
+    _search(tmp_path / "same", stop_after=1)
+    assert torch.load(tmp_path / "same" / "checkpoint.pt", weights_only=False)["world_size"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same number: no warning
+        _search(tmp_path / "same", resume=True)
+    _search(tmp_path / "other", stop_after=1)
+    state = torch.load(tmp_path / "other" / "checkpoint.pt", weights_only=False)
+    torch.save({**state, "world_size": 2}, tmp_path / "other" / "checkpoint.pt")
+    with pytest.warns(UserWarning, match=r"a run of 2 process\(es\), this one has 1: the global batch"):
+        _search(tmp_path / "other", resume=True)

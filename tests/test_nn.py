@@ -1106,3 +1106,20 @@ def test_the_qat_example_runs_and_learns():
                            r"[\d.]+\s+\d+\s+([\d.]+)$", proc.stdout, flags=re.M))
     assert len(rows) == 5, proc.stdout
     assert all(float(acc) > 0.2 for acc in rows.values()), rows  # 10 classes: chance is 0.1
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_torch_export_of_an_lsq_model(mode):
+    """torch.export (non-strict, its default) of a quantize_ model and of a FakeQuantize: the scales' clamp,
+    in place through .data in eager mode, is a clamp of a copy in the exported graph; same outputs."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5))
+    qnn.quantize_(model, weight_bits=4, act_bits=8, quantizer="lsq")
+    model(x)  # the LSQ scales' initialisation from a first batch
+    getattr(model, mode)()
+    assert torch.equal(torch.export.export(model, (x,)).module()(x), model(x))
+    fq, y = qnn.FakeQuantize(bits=8), torch.randn(4, 3)
+    fq(y)
+    getattr(fq, mode)()
+    assert torch.equal(torch.export.export(fq, (y,)).module()(y), fq(y))

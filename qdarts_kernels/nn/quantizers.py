@@ -409,14 +409,19 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
             self._init_lsq_scales(x, axis)
         # an optimizer step may push a scale to <= 0; keep it positive as PyTorch's learnable fake
         # quantizer does: in place on the device (no sync), through .data so that the version
-        # counter stays, and a graph of an earlier forward (gradient accumulation) stays valid
-        self.scales.data.clamp_(min=MIN_SCALE)
+        # counter stays, and a graph of an earlier forward (gradient accumulation) stays valid.
+        # torch.export traces no update of a parameter through .data: its graph clamps a copy.
+        if torch.compiler.is_exporting():
+            scales = self.scales.clamp(min=MIN_SCALE)
+        else:
+            self.scales.data.clamp_(min=MIN_SCALE)
+            scales = self.scales
         # elements per scale (at least 1: an empty batch gets no gradient, and 0 ** -0.5 raises)
         per_scale = max(1, x.numel() if axis is None else x.numel() // max(1, x.shape[axis]))
         if self.num_bits == 1:  # a python float: exactly PyTorch's grad_factor 1/sqrt(n * Qp)
-            return _ScaleGrad.apply(self.scales, (per_scale * self._tops[0]) ** -0.5)
+            return _ScaleGrad.apply(scales, (per_scale * self._tops[0]) ** -0.5)
         factor = self._grad_scale * per_scale**-0.5
-        return _ScaleGrad.apply(self.scales, factor if axis is None else factor[:, None])
+        return _ScaleGrad.apply(scales, factor if axis is None else factor[:, None])
 
     def _paper_scales(self, x: Tensor, axis: Optional[int]) -> Tensor:
         xd = x.detach()

@@ -24,8 +24,8 @@ from typing import Dict, Iterator, Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["Dataset", "load_dataset", "batches", "num_batches", "check_data_dir", "check_split_sizes", "DATASETS",
-           "CIFAR10_FILES"]
+__all__ = ["Dataset", "load_dataset", "batches", "num_batches", "absolute_data_dir", "check_data_dir",
+           "check_split_sizes", "DATASETS", "CIFAR10_FILES"]
 
 DATASETS = ("digits", "synthetic", "cifar10")
 CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
@@ -163,6 +163,12 @@ def _cifar10(data_dir: Optional[str]) -> Dataset:
     perm = torch.from_numpy(np.random.default_rng(0).permutation(len(ty)))
     return Dataset("cifar10", train_x[perm], torch.from_numpy(ty)[perm], test_x, torch.from_numpy(ey), 10,
                    augment=True)
+
+
+def absolute_data_dir(data_dir: Optional[str]) -> Optional[str]:
+    """``data_dir`` as an absolute path (None as it is): a run's checkpoint and genotype keep it, for a resume or
+    a retraining started in another working directory."""
+    return os.path.abspath(data_dir) if isinstance(data_dir, str) else data_dir
 
 
 def check_data_dir(data: str, data_dir: Optional[str]) -> None:

@@ -37,7 +37,8 @@ from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, 
                          warn_if_world_size_changed)
 from .cost import COST_KINDS, ExpectedCost, network_cost
 from .cudagraph import GraphedStep
-from .data import DATASETS, Dataset, batches, check_data_dir, check_split_sizes, load_dataset, num_batches
+from .data import (DATASETS, Dataset, absolute_data_dir, batches, check_data_dir, check_split_sizes, load_dataset,
+                   num_batches)
 from .derive import derive_genotype
 from .divergence import check_figures, diagnosed, kept_checkpoint
 from .evalnet import EvalNetwork
@@ -106,7 +107,8 @@ class SearchConfig:
 
         need(self.data in DATASETS, f"data must be one of {', '.join(DATASETS)}, got {self.data!r}")
         check_data_dir(self.data, self.data_dir)
-        need(isinstance(self.bits, tuple) and 1 <= len(self.bits) <= 4 and all(isinstance(b, int) and 1 <= b <= MAX_BITS for b in self.bits),
+        need(isinstance(self.bits, tuple) and 1 <= len(self.bits) <= 4
+             and all(isinstance(b, int) and 1 <= b <= MAX_BITS for b in self.bits),
              f"bits must be 1..4 bit-widths in [1, {MAX_BITS}], got {self.bits}")
         need(len(set(self.bits)) == len(self.bits), f"bits must be distinct, got {self.bits}")
         check_integers(self, ("epochs", "warmup_epochs", "batch_size", "layers", "channels", "steps",
@@ -633,9 +635,7 @@ def run_search(config: SearchConfig, out_dir: str, *, resume: bool = False, prog
     """
     from .report import write_search_report
 
-    if isinstance(config.data_dir, str):
-        # absolute: the genotype and the checkpoint keep it, for a retraining or a resume started elsewhere
-        config = replace(config, data_dir=os.path.abspath(config.data_dir))
+    config = replace(config, data_dir=absolute_data_dir(config.data_dir))
     state = Searcher.read_checkpoint(out_dir)
     if state is not None and not resume:
         raise FileExistsError(f"{out_dir!r} already holds a search checkpoint; pass --resume to continue it "

@@ -21,7 +21,7 @@ from . import distributed
 from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, prepare_output_folder, resumed_config,
                          rng_state, seed_everything, set_rng_state, warn_if_world_size_changed)
 from .cost import network_cost
-from .data import batches, check_data_dir, check_split_sizes, load_dataset, num_batches
+from .data import absolute_data_dir, batches, check_data_dir, check_split_sizes, load_dataset, num_batches
 from .divergence import check_figures, diagnosed, kept_checkpoint
 from .evalnet import EvalNetwork
 from .fastpath import COMPILE_MODES, compiled
@@ -120,8 +120,7 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     dist = distributed.current()
     config = replace(config, genotype=genotype_path(config.genotype))
-    if isinstance(config.data_dir, str):  # absolute, as a search keeps it: a resume may start elsewhere
-        config = replace(config, data_dir=os.path.abspath(config.data_dir))
+    config = replace(config, data_dir=absolute_data_dir(config.data_dir))
     state = load_checkpoint(ckpt_path, FORMAT)
     if state is not None and not resume:
         raise FileExistsError(f"{out_dir!r} already holds a training checkpoint; pass --resume to continue it "

@@ -4,42 +4,25 @@ kernels' launch geometry and per-thread code (tests/cuda/*_test.cu) and the laun
 launches run on the CPU (tests/cuda/launch_emulation_test.cpp), pass (.ci/compile_cuda.sh).
 
 The kernels themselves run on a GPU only (tests/test_backends.py with the "cuda" backend, through
-bench/gpu_check.sh); this test keeps a compile error in them from landing on a CPU-only CI.
+bench/gpu_check.sh); this test keeps a compile error in them from landing on a CPU-only CI. In a
+single-process run the script starts when collection ends, beside the other tests (conftest.py).
 """
 
-import os
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / ".ci" / "compile_cuda.sh"
+from conftest import ROOT, nvcc_available
 
 
-def _nvcc_available() -> bool:
-    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    return shutil.which("nvcc") is not None or os.access(os.path.join(cuda_home, "bin", "nvcc"), os.X_OK)
-
-
-@pytest.mark.skipif(not _nvcc_available(), reason="nvcc (the CUDA toolkit) is not installed")
-def test_cuda_sources_compile():
-    result = subprocess.run(
-        ["bash", str(SCRIPT)],
-        env={**os.environ, "PYTHON": sys.executable},
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert result.returncode == 0, f"compile_cuda.sh failed:\n{result.stdout}\n{result.stderr}"
+@pytest.mark.skipif(not nvcc_available(), reason="nvcc (the CUDA toolkit) is not installed")
+def test_cuda_sources_compile(compile_cuda):
+    returncode, stdout, stderr = compile_cuda.result(timeout=1200)
+    assert returncode == 0, f"compile_cuda.sh failed:\n{stdout}\n{stderr}"
     cuda_dir = ROOT / "csrc" / "cuda"
     host_tests = sorted((ROOT / "tests" / "cuda").glob("*_test.cu"))
     assert host_tests, "tests/cuda/ holds no host test"
     emulation_test = ROOT / "tests" / "cuda" / "launch_emulation_test.cpp"
     for source in sorted([*cuda_dir.glob("*.cu"), *cuda_dir.glob("*.cpp")]) + host_tests + [emulation_test]:
-        assert re.search(rf"^ok\s.*\s{re.escape(source.name)} \(", result.stdout, re.MULTILINE), (
-            f"{source.name} was not compiled:\n{result.stdout}"
+        assert re.search(rf"^ok\s.*\s{re.escape(source.name)} \(", stdout, re.MULTILINE), (
+            f"{source.name} was not compiled:\n{stdout}"
         )

@@ -42,9 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-kernels", action="store_true", help="do not run the kernel benchmarks")
     parser.add_argument("--skip-end-to-end", action="store_true", help="do not time the supernet search step")
     parser.add_argument("--append", action="store_true",
-                        help="keep what OUT/results.json (from an earlier run on the same device) holds for the parts "
-                             "this run skips (--skip-kernels / --skip-end-to-end), so that the two parts can run as "
-                             "separate steps, each with its own time limit, into one report")
+                        help="keep what OUT/results.json (from an earlier run on the same device; on a CPU, with the "
+                             "same --threads) holds for the parts this run skips (--skip-kernels / "
+                             "--skip-end-to-end), so that the two parts can run as separate steps, each with its own "
+                             "time limit, into one report")
     parser.add_argument("--compile-end-to-end", action="store_true",
                         help="also time the search step compiled as `qdarts search --compile` runs it "
                              "(compiling takes minutes)")

@@ -27,7 +27,8 @@ COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="a short sweep (fewer sizes and samples; about 2-4 minutes on a 2-core CPU, depending on how busy it is)")
+                        help="a short sweep (fewer sizes and samples; about 2-4 minutes on a 2-core CPU, depending "
+                             "on how busy it is)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="device to benchmark (default: cuda when available, else cpu)")
     parser.add_argument("--out", default="bench-results",

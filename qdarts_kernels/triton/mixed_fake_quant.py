@@ -499,9 +499,9 @@ def _persistent_wave(device_index: int, dtype: torch.dtype, k: int, zero_point: 
     A fixed count fits no GPU: 1024 programs with K = 3 (80 registers a thread, ptxas for sm_90) are
     6 per SM on an H100 or H200, 792 on 132 SMs, so the last 232 would run as a second wave filling
     29 % of its slots. The registers are read off a compile of the kernel with ROUNDS = 3, which ptxas
-    gives the registers of any ROUNDS >= 3 (40, 64, 80, 96 for K = 1..4 with 1024 elements and 4
-    warps, Triton 3.6; at most as many for 1 and 2 rounds): one compile per specialisation, not per
-    size. Should Triton's API for that fail, one warning, and the 1024 programs as before."""
+    gives the registers of any ROUNDS >= 3 (40, 64, 80, 96 for K = 1..4 in fp32 with 1024 elements
+    and 4 warps, Triton 3.6; up to 128 for K = 4 in fp16 and bf16; at most as many for 1 and 2
+    rounds): one compile per specialisation, not per size. Should Triton's API for that fail, one warning, and the 1024 programs as before."""
     try:
         compiled = _mixed_fake_quant_backward_per_tensor_kernel.warmup(
             dtype, dtype, dtype, torch.float32, torch.float32, torch.float32, torch.float32,

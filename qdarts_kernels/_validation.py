@@ -87,6 +87,15 @@ def normalize_bits(bits, name: str = "bits") -> Tuple[int, ...]:
     return tuple(out)
 
 
+def distinct_bits(bits, name: str = "bits") -> Tuple[int, ...]:
+    """:func:`normalize_bits` for a quantizer's choices, each bit-width once: the ops take (4, 4)
+    (two scales of one bit-width), but a softmax over two equal choices cannot choose."""
+    bits = normalize_bits(bits, name)
+    if len(set(bits)) != len(bits):
+        raise ValueError(f"{name} must be distinct, got {bits}")
+    return bits
+
+
 def _check_tensor(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -154,6 +154,57 @@ def test_lsq_scales_are_not_initialised_from_zeros(grid):
     torch.testing.assert_close(per_channel.scales.detach(), expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+def test_lsq_scales_are_initialised_from_the_finite_elements(bad, per_channel):
+    """One overflowed element in the first batch (an fp16 step a loss scaler skips) does not set
+    the scales for good: they come from the finite elements (inf made them inf, and every later
+    batch was refused; NaN read as "all zero" and left them at 1)."""
+    torch.manual_seed(3)
+    bits = (2, 4, 8)
+    mq = qnn.MixedPrecisionFakeQuantize(bits, grid="signed", per_channel_axis=1 if per_channel else None)
+    x = torch.randn(6, 3, 4, 4)
+    x[2, 1, 0, 3] = bad
+    y = mq(x)
+    finite = torch.where(x.isfinite(), x.abs(), math.nan)
+    mean_abs = finite.nanmean(dim=(0, 2, 3)) if per_channel else finite.nanmean().reshape(1)
+    expected = mq._init_factor[:, None] * mean_abs[None, :]
+    torch.testing.assert_close(mq.scales.detach().reshape(expected.shape), expected, rtol=1e-6, atol=0)
+    assert torch.isfinite(y[x.isfinite()]).all()
+    assert torch.isfinite(mq(torch.randn(6, 3, 4, 4))).all()
+
+
+def test_one_bit_weights_and_signed_activations_take_the_midrise_grid():
+    """The signed 1-bit levels are {-s, 0}: every positive weight would become 0. By default 1-bit
+    weights (and activations of either sign) take the mid-rise levels +-s/2; an explicit
+    grid="signed" stays signed (PyTorch's quant_min -1, quant_max 0)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Linear(6, 5))
+    qnn.quantize_(model, weight_bits=1, act_bits=(1, 4))
+    y = model(torch.randn(2, 3, 8, 8))
+    assert torch.isfinite(y).all()
+    for layer in (model[0], model[2]):
+        assert (layer.weight_quant.grid, layer.act_quant.grid) == ("midrise", "midrise")
+        levels = layer.weight_quant(layer.weight).detach()
+        scales = layer.weight_quant.scales.detach()[0].reshape(-1, *[1] * (levels.dim() - 1))
+        torch.testing.assert_close(levels.abs(), (scales / 2).expand_as(levels), rtol=0, atol=0)
+        assert torch.equal(levels > 0, layer.weight > 0)
+    for kwargs in (dict(weight_bits=(2, 4), act_bits=(2, 4), act_signed=True), dict(act_bits=1, act_signed=False)):
+        layer = qnn.QuantConv2d(3, 4, 3, quantizer="lsq", **kwargs)
+        assert layer.weight_quant.grid == ("midrise" if 1 in kwargs.get("weight_bits", (8,)) else "signed")
+        assert layer.act_quant.grid == ("signed" if kwargs["act_signed"] else "unsigned")
+    assert qnn.MixedPrecisionFakeQuantize(1, grid="signed", role="weight").grid == "signed"
+    paper = qnn.QuantConv2d(3, 4, 3, quantizer="paper", weight_bits=(1, 2), act_bits=(1, 2), act_signed=True)
+    assert paper.act_quant.grid == "midrise" and torch.isfinite(paper(torch.randn(2, 3, 8, 8))).all()
+
+
+def test_bit_widths_of_a_quantizer_must_be_distinct():
+    with pytest.raises(ValueError, match=r"bits must be distinct, got \(4, 4\)"):
+        qnn.MixedPrecisionFakeQuantize((4, 4))
+    with pytest.raises(ValueError, match="weight_bits must be distinct"):
+        qnn.QuantConv2d(3, 4, 3, weight_bits=(2, 8, 2))
+
+
 @pytest.mark.parametrize("kwargs", [dict(quantizer="lsq"), dict(quantizer="lsq", per_channel_axis=1),
                                     dict(quantizer="paper"), dict(quantizer="paper", grid="relu"),
                                     dict(quantizer="paper", grid="signed")], ids=str)

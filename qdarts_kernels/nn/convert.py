@@ -38,9 +38,10 @@ def quantize_(
         weight_bits, act_bits: as for QuantConv2d (an int, or a tuple for mixed precision;
             act_bits None leaves activations unquantized).
         quantizer: "lsq" (default here: learnable scales, the QAT choice) or "paper".
-        act_signed: quantize activations on the signed grid. True by default because a layer's
-            input may be negative (e.g. the first layer); pass False when every quantized
-            layer's input is non-negative (after ReLU) to use the full unsigned range.
+        act_signed: quantize activations on a grid for either sign (the signed one; the mid-rise
+            one where act_bits holds 1, see ``quantizers.symmetric_grid``). True by default
+            because a layer's input may be negative (e.g. the first layer); pass False when every
+            quantized layer's input is non-negative (after ReLU) to use the full unsigned range.
         filter_fn: ``(module, fqn) -> bool`` choosing which matching layers to swap.
         backend: ops backend for the quantizers, None for the automatic choice.
         fuse_relu: inside an ``nn.Sequential``, an ``nn.ReLU`` directly followed by a swapped layer

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from .. import _backends, _functorch
 from .. import ops as _ops
-from .quantizers import MixedPrecisionFakeQuantize, set_plain_attribute
+from .._validation import distinct_bits
+from .quantizers import MixedPrecisionFakeQuantize, set_plain_attribute, symmetric_grid
 
 __all__ = ["QuantConv2d", "QuantLinear", "chained_quant_convs", "precomputed_weights"]
 
@@ -48,6 +49,9 @@ class _QuantizedLayer:
             raise ValueError("fuse_relu quantizes relu(x) on the unsigned grid; it excludes act_signed=True")
         if fuse_relu and act_bits is None:
             raise ValueError("fuse_relu folds the ReLU into the activation quantizer; it needs act_bits")
+        # checked here to name the argument (the quantizers check them again as their "bits")
+        weight_bits = distinct_bits(weight_bits, "weight_bits")
+        act_bits = None if act_bits is None else distinct_bits(act_bits, "act_bits")
         fk = {"device": device}
         lsq = quantizer == "lsq"
         # LSQ weights per output channel (what PyTorch's QAT does for weights); paper weights
@@ -57,7 +61,7 @@ class _QuantizedLayer:
             num_channels=out_channels if lsq else None, logits=weight_logits, backend=backend, factory_kwargs=fk)
         self.act_quant = None if act_bits is None else MixedPrecisionFakeQuantize(
             act_bits, quantizer=quantizer, role="act",
-            grid="relu" if fuse_relu else ("signed" if act_signed else "unsigned"),
+            grid="relu" if fuse_relu else (symmetric_grid(act_bits) if act_signed else "unsigned"),
             logits=act_logits, backend=backend, factory_kwargs=fk)
         if act_bits is None and act_logits is not None:
             raise ValueError("act_logits were given but act_bits is None (activations not quantized)")
@@ -356,7 +360,8 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
             None leaves activations unquantized.
         quantizer: "paper" (HWGQ activations, Gaussian mid-rise weights, the official code) or
             "lsq" (learnable scales; weights per output channel); see ``quantizers``.
-        act_signed: use the signed activation grid (for inputs that can be negative).
+        act_signed: use a grid for inputs that can be negative: the signed one, or the mid-rise one
+            where act_bits holds 1 (``quantizers.symmetric_grid``).
         fuse_relu: compute ``conv(act_quant(relu(x)), ...)``: a ReLU before the layer folded into
             the activation quantizer (grid "relu"): the values and gradients of ``nn.ReLU``
             followed by the layer, without the ReLU's output (the layer keeps x for backward,

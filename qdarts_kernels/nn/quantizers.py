@@ -14,8 +14,8 @@
   every scale computed on the device (the official code calls ``.item()`` here; we never do):
 
   - activations, b < 8: HWGQ step per bit ``{1: 0.799, 2: 0.538, 3: 0.3217, 4: 0.185}`` on the
-    unsigned grid, ``y = D * round(clip(x, 0, (2^b - 1) D) / D)``; on the signed grid (inputs that
-    can be negative) the step of the full-Gaussian table below. Bit-widths 5..7, absent from the
+    unsigned grid, ``y = D * round(clip(x, 0, (2^b - 1) D) / D)``; on the signed and mid-rise
+    grids (inputs that can be negative) the step of the full-Gaussian table below. Bit-widths 5..7, absent from the
     paper, continue each table geometrically with the ratio of its last two entries
     (``D_b = D_4 * (D_4 / D_3)^(b-4)``): the Gaussian-optimal step shrinks by a factor a little
     above 1/2 per bit (slowly tending to 1/2), so this stays closer to the optimum at 5..7 bits
@@ -57,7 +57,7 @@ from torch.ao.quantization import FakeQuantizeBase
 from torch.nn.parameter import UninitializedParameter
 
 from .. import _backends, _functorch, ops, reference
-from .._validation import grid_code, grid_params, normalize_bits
+from .._validation import distinct_bits, grid_code, grid_params
 
 __all__ = ["MixedPrecisionFakeQuantize", "FakeQuantize", "HWGQ_STEPS", "GAUSSIAN_STEPS", "shared_activation_scales"]
 
@@ -118,6 +118,16 @@ def _table_step(table: dict, bits: int) -> float:
     return table[last] * (table[last] / table[last - 1]) ** (bits - last)
 
 
+def symmetric_grid(bits: Tuple[int, ...]) -> str:
+    """The default grid for values of either sign: "signed", or "midrise" where ``bits`` holds 1.
+
+    The signed 1-bit levels are {-s, 0} (PyTorch's quant_min -1, quant_max 0): every positive value
+    becomes 0, which nobody asking for 1-bit weights or signed activations means; the mid-rise
+    levels are +-s/2 (a binary network's sign). A grid is per quantizer, so a bit set with 1 in it
+    takes the mid-rise grid for all its bit-widths; ``grid="signed"`` given explicitly stays signed."""
+    return "midrise" if 1 in bits else "signed"
+
+
 def _top_level(grid: int, bits: int) -> float:
     """Qp: the largest positive level in units of the step (the LSQ normaliser)."""
     qmin, qmax, z = grid_params(grid, bits)
@@ -171,9 +181,10 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
     """``y = sum_k p_k * Q(x; s_k, b_k)`` with ``p = softmax(logits)``: one fused op per forward.
 
     Args:
-        bits: one int or a tuple of 1..4 bit-widths in [1, 16].
+        bits: one int or a tuple of 1..4 distinct bit-widths in [1, 16].
         grid: "signed" | "unsigned" | "midrise" | "relu"; None picks the role's grid: activations
-            "unsigned"; weights "signed" (lsq) or "midrise" (paper, which requires it). "relu"
+            "unsigned"; weights :func:`symmetric_grid` (lsq: "signed", or "midrise" where bits
+            holds 1) or "midrise" (paper, which requires it). "relu"
             (activations only) quantizes relu(x) on the unsigned grid: a ReLU before the
             quantizer folded into it (the same values and gradients, without the ReLU's output
             tensor); the scales are observed on relu(x), and with fake quantization disabled the
@@ -217,18 +228,16 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         if role not in _ROLES:
             raise ValueError(f"role must be one of {list(_ROLES)}, got {role!r}")
         _backends.check_name(backend)
-        self.bits = normalize_bits(bits)
+        self.bits = distinct_bits(bits)
         k = len(self.bits)
         if grid is None:
-            grid = "unsigned" if role == "act" else ("signed" if quantizer == "lsq" else "midrise")
+            grid = "unsigned" if role == "act" else (symmetric_grid(self.bits) if quantizer == "lsq" else "midrise")
         code = grid_code(grid)
         if quantizer == "paper" and role == "weight" and grid != "midrise":
             raise ValueError(f"the paper weight quantizer uses the midrise grid, got grid={grid!r}")
         if role == "weight" and grid == "relu":
             raise ValueError("grid='relu' folds a ReLU of the input into an activation quantizer; "
                              "it is not a weight grid")
-        if quantizer == "paper" and role == "act" and grid == "midrise":
-            raise ValueError("the paper activation quantizer uses the unsigned or signed grid, got grid='midrise'")
         if per_channel_axis is not None and (isinstance(per_channel_axis, bool)
                                              or not isinstance(per_channel_axis, int)):
             raise ValueError(f"per_channel_axis must be an int or None, got {per_channel_axis!r}")
@@ -377,7 +386,11 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         empty batch observes nothing: the first non-empty one initialises the scales. Zeros say
         nothing about a scale either: a channel all zeros in that batch (dead after a ReLU) takes the
         whole batch's mean, and where everything was zero the scales keep their value (1 before any
-        batch) rather than take the floor MIN_SCALE, which would clip every later input to ~1e-5."""
+        batch) rather than take the floor MIN_SCALE, which would clip every later input to ~1e-5.
+        The means are over the finite elements: one overflowed value (inf, NaN; an fp16 batch that
+        a loss scaler is about to skip) would otherwise make the scales inf, or NaN read as "all
+        zero", for good. A batch with no finite element counts as observed, and keeps the scales:
+        telling it apart on the host would cost a sync."""
         if axis is not None:
             if isinstance(self.scales, UninitializedParameter):
                 self.scales.materialize((self.num_bits, x.shape[axis]))
@@ -388,12 +401,13 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         if x.numel() == 0:
             return
         xa = self._magnitudes(x.detach()).float()
+        xa = torch.where(xa.isfinite(), xa, math.nan)  # NaN: what nanmean leaves out
         if axis is None:
-            mean_abs = xa.mean().reshape(1)
+            mean_abs = xa.nanmean().reshape(1)
             init = self._init_factor * mean_abs
         else:
-            per_channel = xa.mean(dim=_other_dims(x, axis))
-            mean_abs = torch.where(per_channel > 0, per_channel, xa.mean())[None, :]
+            per_channel = xa.nanmean(dim=_other_dims(x, axis))
+            mean_abs = torch.where(per_channel > 0, per_channel, xa.nanmean())[None, :]
             init = self._init_factor[:, None] * mean_abs
         # a where on the device, not a test on the host: no sync
         self.scales.copy_(torch.where(mean_abs > 0, init, self.scales).clamp_min(MIN_SCALE))

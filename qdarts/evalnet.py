@@ -39,7 +39,8 @@ class EvalCell(nn.Module):
         def maker(pairs):
             if fp32:
                 return ConvMaker(fp32=True)
-            return ConvMaker(pairs=pairs, quantizer=genotype.quantizer, act_grid=genotype.act_grid, backend=backend)
+            return ConvMaker(pairs=pairs, quantizer=genotype.quantizer, act_grid=genotype.act_grid, backend=backend,
+                             searched_bits=genotype.bit_choices)
 
         m0, m1 = maker(bits.preprocess0), maker(bits.preprocess1)
         self.preprocess0 = m0.finish(FactorizedReduce(C_pp, C, m0) if reduction_prev else ReLUConvBN(C_pp, C, 1, 1, 0, m0))

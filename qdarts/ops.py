@@ -12,7 +12,9 @@ input, one of its weight, one conv (EdMIPS composite convolution, DESIGN section
 Activation grid. A conv that reads a ReLU output takes the ReLU into its activation quantizer
 (``fuse_relu``: grid "relu", the unsigned grid applied to relu(x); the same values and gradients as
 the ReLU followed by the conv, without the ReLU's output kept for backward); the pointwise conv after
-a depthwise conv reads a signed tensor and quantizes on the signed grid. ``act_grid="official"``
+a depthwise conv reads a signed tensor and quantizes on a two-sided grid: the signed one, or the
+mid-rise one where the searched bit set holds 1 (``quantizers.symmetric_grid``; the derived network
+keeps the search's grid, as do LSQ weights). ``act_grid="official"``
 reproduces the official code instead, which uses the unsigned (clamp-at-zero) grid everywhere and so
 zeroes the negative half of every depthwise output.
 """
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdarts_kernels.nn import InputFreeAvgPool2d, InputKeepingMaxPool2d, OutputKeepingBatchNorm2d, chained_quant_convs
+from qdarts_kernels.nn.quantizers import symmetric_grid
 
 from .genotype import PRIMITIVES
 
@@ -56,6 +59,8 @@ class ConvMaker:
     Args:
         bits: search mode: the bit-width choices (tuple of 1..4 ints).
         pairs: fixed mode: one (act_bits, weight_bits) per conv, consumed in construction order.
+        searched_bits: fixed mode: the search's bit set, whose two-sided grid the convs keep
+            (None: the grid their own bits choose).
         fp32: fp32 mode.
         quantizer: "paper" | "lsq".  act_grid: "follow" | "official".
         share_gamma: search mode: one (gamma_a, gamma_w) pair for all convs of the op.
@@ -63,7 +68,7 @@ class ConvMaker:
 
     def __init__(self, *, bits: Optional[Sequence[int]] = None, pairs: Optional[Sequence[Tuple[int, int]]] = None,
                  fp32: bool = False, quantizer: str = "paper", act_grid: str = "follow", share_gamma: bool = True,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, searched_bits: Optional[Sequence[int]] = None):
         if (bits is not None) + (pairs is not None) + bool(fp32) != 1:
             raise ValueError("ConvMaker needs exactly one of bits (search), pairs (fixed bits) or fp32=True")
         if quantizer not in QUANTIZERS:
@@ -76,6 +81,8 @@ class ConvMaker:
         self.quantizer = quantizer
         self.act_grid = act_grid
         self.backend = backend
+        # fixed mode: the search's grid for two-sided inputs, which its bit set chose for every conv
+        self.two_sided_grid = None if searched_bits is None else symmetric_grid(tuple(searched_bits))
         self.made = 0
         self.act_logits: Optional[nn.Parameter] = None
         self.weight_logits: Optional[nn.Parameter] = None
@@ -96,7 +103,7 @@ class ConvMaker:
             if index >= len(self.pairs):
                 raise ValueError(f"the genotype gives {len(self.pairs)} bit pairs for an op with more convs")
             act_bits, weight_bits = self.pairs[index]
-            extra = {}
+            extra = {"two_sided_grid": self.two_sided_grid}
         else:
             act_bits = weight_bits = self.bits
             extra = {"act_logits": self.act_logits, "weight_logits": self.weight_logits}

@@ -154,22 +154,31 @@ def test_lsq_scales_are_not_initialised_from_zeros(grid):
     torch.testing.assert_close(per_channel.scales.detach(), expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("grid", ["signed", "relu"])
 @pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
-def test_lsq_scales_are_initialised_from_the_finite_elements(bad, per_channel):
+def test_lsq_scales_are_initialised_from_the_finite_elements(bad, per_channel, grid):
     """One overflowed element in the first batch (an fp16 step a loss scaler skips) does not set
     the scales for good: they come from the finite elements (inf made them inf, and every later
-    batch was refused; NaN read as "all zero" and left them at 1)."""
+    batch was refused; NaN read as "all zero" and left them at 1). A channel with no finite element
+    takes the batch's mean, as an all-zero one does."""
     torch.manual_seed(3)
     bits = (2, 4, 8)
-    mq = qnn.MixedPrecisionFakeQuantize(bits, grid="signed", per_channel_axis=1 if per_channel else None)
+    mq = qnn.MixedPrecisionFakeQuantize(bits, grid=grid, per_channel_axis=1 if per_channel else None)
     x = torch.randn(6, 3, 4, 4)
     x[2, 1, 0, 3] = bad
+    if per_channel:
+        x[:, 2] = bad
     y = mq(x)
-    finite = torch.where(x.isfinite(), x.abs(), math.nan)
-    mean_abs = finite.nanmean(dim=(0, 2, 3)) if per_channel else finite.nanmean().reshape(1)
+    magnitudes = x.abs() if grid == "signed" else torch.relu(x)
+    finite = torch.where(magnitudes.isfinite(), magnitudes, math.nan)
+    mean_abs = finite.nanmean().reshape(1)
+    if per_channel:
+        mean_abs = finite.nanmean(dim=(0, 2, 3))
+        mean_abs[2] = finite.nanmean()  # no finite element (or, relu(-inf) = 0, all zero): the batch's
     expected = mq._init_factor[:, None] * mean_abs[None, :]
     torch.testing.assert_close(mq.scales.detach().reshape(expected.shape), expected, rtol=1e-6, atol=0)
+    assert torch.isfinite(mq.scales).all()
     assert torch.isfinite(y[x.isfinite()]).all()
     assert torch.isfinite(mq(torch.randn(6, 3, 4, 4))).all()
 

@@ -1,5 +1,6 @@
 """Derivation rules on fixed alpha/beta/gamma, the genotype file format, and the evaluation network."""
 
+import dataclasses
 import json
 
 import pytest
@@ -131,6 +132,19 @@ def test_eval_network_uses_the_genotype_bits_or_fp32(fp32):
         # preprocess0 (8/8), preprocess1 (1/1), sep_conv_3x3 4x(4/4), dil_conv_3x3 2x(2/4)
         assert [c.chosen_bits() for c in cell0] == [(8, 8), (1, 1)] + [(4, 4)] * 4 + [(2, 4)] * 2
     net.eval()
+    assert net(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("bit_choices, grid", [([2, 4, 8], "signed"), ([1, 2, 4, 8], "midrise")])
+def test_retrained_convs_keep_the_search_s_two_sided_grid(bit_choices, grid):
+    """A search over a bit set with 1 bit quantizes LSQ weights and two-sided activations on the
+    mid-rise grid (quantizers.symmetric_grid); the retrained convs keep it at their own bits."""
+    g = dataclasses.replace(_marked_genotype(3), quantizer="lsq", bit_choices=bit_choices)
+    net = EvalNetwork(g, (1, 8, 8), 10, channels=4, layers=3)
+    convs = quant_convs(net)
+    assert {c.weight_quant.grid for c in convs} == {grid}
+    two_sided = {c.act_quant.grid for c in convs} - {"relu"}  # the pointwise convs after a depthwise one
+    assert two_sided == {grid}
     assert net(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 

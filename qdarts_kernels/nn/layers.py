@@ -44,7 +44,8 @@ class _QuantizedLayer:
     weight_override: Optional[Tensor] = None
 
     def _init_quantizers(self, out_channels: int, weight_bits, act_bits, quantizer: str, act_signed: bool,
-                         fuse_relu: bool, act_logits, weight_logits, backend, device) -> None:
+                         fuse_relu: bool, act_logits, weight_logits, backend, device,
+                         two_sided_grid: Optional[str]) -> None:
         if fuse_relu and act_signed:
             raise ValueError("fuse_relu quantizes relu(x) on the unsigned grid; it excludes act_signed=True")
         if fuse_relu and act_bits is None:
@@ -52,16 +53,19 @@ class _QuantizedLayer:
         # checked here to name the argument (the quantizers check them again as their "bits")
         weight_bits = distinct_bits(weight_bits, "weight_bits")
         act_bits = None if act_bits is None else distinct_bits(act_bits, "act_bits")
+        if two_sided_grid not in (None, "signed", "midrise"):
+            raise ValueError(f"two_sided_grid must be 'signed', 'midrise' or None, got {two_sided_grid!r}")
         fk = {"device": device}
         lsq = quantizer == "lsq"
         # LSQ weights per output channel (what PyTorch's QAT does for weights); paper weights
         # decide per tensor / per channel themselves (per channel only with a bit-width >= 8)
         self.weight_quant = MixedPrecisionFakeQuantize(
-            weight_bits, quantizer=quantizer, role="weight", per_channel_axis=0 if lsq else None,
+            weight_bits, grid=(two_sided_grid or symmetric_grid(weight_bits)) if lsq else None, quantizer=quantizer,
+            role="weight", per_channel_axis=0 if lsq else None,
             num_channels=out_channels if lsq else None, logits=weight_logits, backend=backend, factory_kwargs=fk)
         self.act_quant = None if act_bits is None else MixedPrecisionFakeQuantize(
             act_bits, quantizer=quantizer, role="act",
-            grid="relu" if fuse_relu else (symmetric_grid(act_bits) if act_signed else "unsigned"),
+            grid="relu" if fuse_relu else ((two_sided_grid or symmetric_grid(act_bits)) if act_signed else "unsigned"),
             logits=act_logits, backend=backend, factory_kwargs=fk)
         if act_bits is None and act_logits is not None:
             raise ValueError("act_logits were given but act_bits is None (activations not quantized)")
@@ -362,6 +366,10 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
             "lsq" (learnable scales; weights per output channel); see ``quantizers``.
         act_signed: use a grid for inputs that can be negative: the signed one, or the mid-rise one
             where act_bits holds 1 (``quantizers.symmetric_grid``).
+        two_sided_grid: "signed" or "midrise": the grid of the quantizers whose input has either
+            sign (LSQ weights; activations with act_signed) instead of the one their bits choose;
+            e.g. a layer retrained at 4 bits from a search over (1, 2, 4, 8), which quantized on
+            the mid-rise grid.
         fuse_relu: compute ``conv(act_quant(relu(x)), ...)``: a ReLU before the layer folded into
             the activation quantizer (grid "relu"): the values and gradients of ``nn.ReLU``
             followed by the layer, without the ReLU's output (the layer keeps x for backward,
@@ -378,12 +386,12 @@ class QuantConv2d(_QuantizedLayer, nn.Conv2d):
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  weight_bits=8, act_bits=8, quantizer: str = "paper", act_signed: bool = False, fuse_relu: bool = False,
                  act_logits: Optional[nn.Parameter] = None, weight_logits: Optional[nn.Parameter] = None,
-                 backend: Optional[str] = None) -> None:
+                 backend: Optional[str] = None, two_sided_grid: Optional[str] = None) -> None:
         self._check_quantizer(quantizer)
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                            padding_mode, device, dtype)
         self._init_quantizers(out_channels, weight_bits, act_bits, quantizer, act_signed, fuse_relu, act_logits,
-                              weight_logits, backend, device)
+                              weight_logits, backend, device, two_sided_grid)
         kh, kw = self.kernel_size
         self._macs_per_output_pixel = out_channels * (in_channels // groups) * kh * kw
         self.input_hw: Optional[Tuple[int, int]] = None
@@ -466,11 +474,11 @@ class QuantLinear(_QuantizedLayer, nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  weight_bits=8, act_bits=8, quantizer: str = "paper", act_signed: bool = False, fuse_relu: bool = False,
                  act_logits: Optional[nn.Parameter] = None, weight_logits: Optional[nn.Parameter] = None,
-                 backend: Optional[str] = None) -> None:
+                 backend: Optional[str] = None, two_sided_grid: Optional[str] = None) -> None:
         self._check_quantizer(quantizer)
         nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
         self._init_quantizers(out_features, weight_bits, act_bits, quantizer, act_signed, fuse_relu, act_logits,
-                              weight_logits, backend, device)
+                              weight_logits, backend, device, two_sided_grid)
 
     def forward(self, x: Tensor) -> Tensor:
         xq, wq = self._quantized_input_and_weight(x)

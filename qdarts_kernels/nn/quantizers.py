@@ -401,7 +401,7 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         if x.numel() == 0:
             return
         xa = self._magnitudes(x.detach()).float()
-        xa = torch.where(xa.isfinite(), xa, math.nan)  # NaN: what nanmean leaves out
+        xa.masked_fill_(~xa.isfinite(), math.nan)  # what nanmean leaves out; xa is a fresh tensor
         if axis is None:
             mean_abs = xa.nanmean().reshape(1)
             init = self._init_factor * mean_abs
@@ -530,7 +530,9 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
             raise RuntimeError("calculate_qparams: the paper quantizer's scales depend on each batch; "
                                "use quantizer='lsq' for a convertible model")
         if self.grid == "midrise":
-            raise RuntimeError("calculate_qparams: the midrise grid (zero point 1/2) has no integer qparams")
+            raise RuntimeError("calculate_qparams: the midrise grid (zero point 1/2) has no integer qparams"
+                               + (" (the default two-sided grid of a bit set with 1 bit; see symmetric_grid)"
+                                  if 1 in self.bits else ""))
         k = self.bits.index(self.chosen_bits())
         scale = self.scales.detach()[k].reshape(-1).float()
         return scale, torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)

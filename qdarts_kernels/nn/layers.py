@@ -57,15 +57,19 @@ class _QuantizedLayer:
             raise ValueError(f"two_sided_grid must be 'signed', 'midrise' or None, got {two_sided_grid!r}")
         fk = {"device": device}
         lsq = quantizer == "lsq"
+
+        def two_sided(bits) -> str:  # the grid of a quantizer whose input has either sign
+            return two_sided_grid or symmetric_grid(bits)
+
         # LSQ weights per output channel (what PyTorch's QAT does for weights); paper weights
         # decide per tensor / per channel themselves (per channel only with a bit-width >= 8)
         self.weight_quant = MixedPrecisionFakeQuantize(
-            weight_bits, grid=(two_sided_grid or symmetric_grid(weight_bits)) if lsq else None, quantizer=quantizer,
-            role="weight", per_channel_axis=0 if lsq else None,
+            weight_bits, grid=two_sided(weight_bits) if lsq else None, quantizer=quantizer, role="weight",
+            per_channel_axis=0 if lsq else None,
             num_channels=out_channels if lsq else None, logits=weight_logits, backend=backend, factory_kwargs=fk)
         self.act_quant = None if act_bits is None else MixedPrecisionFakeQuantize(
             act_bits, quantizer=quantizer, role="act",
-            grid="relu" if fuse_relu else ((two_sided_grid or symmetric_grid(act_bits)) if act_signed else "unsigned"),
+            grid="relu" if fuse_relu else (two_sided(act_bits) if act_signed else "unsigned"),
             logits=act_logits, backend=backend, factory_kwargs=fk)
         if act_bits is None and act_logits is not None:
             raise ValueError("act_logits were given but act_bits is None (activations not quantized)")

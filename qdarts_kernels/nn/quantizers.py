@@ -15,9 +15,9 @@
 
   - activations, b < 8: HWGQ step per bit ``{1: 0.799, 2: 0.538, 3: 0.3217, 4: 0.185}`` on the
     unsigned grid, ``y = D * round(clip(x, 0, (2^b - 1) D) / D)``; on the signed and mid-rise
-    grids (inputs that can be negative) the step of the full-Gaussian table below. Bit-widths 5..7, absent from the
-    paper, continue each table geometrically with the ratio of its last two entries
-    (``D_b = D_4 * (D_4 / D_3)^(b-4)``): the Gaussian-optimal step shrinks by a factor a little
+    grids (inputs that can be negative) the step of the full-Gaussian table below. Bit-widths
+    5..7, absent from the paper, continue each table geometrically with the ratio of its last two
+    entries (``D_b = D_4 * (D_4 / D_3)^(b-4)``): the Gaussian-optimal step shrinks by a factor a little
     above 1/2 per bit (slowly tending to 1/2), so this stays closer to the optimum at 5..7 bits
     than halving the step per bit, which makes it too small.
   - weights, b < 8: mid-rise grid, ``D_b = g_b * std(W)`` with ``g = {1: 1.596, 2: 0.996,

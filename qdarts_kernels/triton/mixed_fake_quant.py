@@ -501,7 +501,8 @@ def _persistent_wave(device_index: int, dtype: torch.dtype, k: int, zero_point: 
     29 % of its slots. The registers are read off a compile of the kernel with ROUNDS = 3, which ptxas
     gives the registers of any ROUNDS >= 3 (40, 64, 80, 96 for K = 1..4 in fp32 with 1024 elements
     and 4 warps, Triton 3.6; up to 128 for K = 4 in fp16 and bf16; at most as many for 1 and 2
-    rounds): one compile per specialisation, not per size. Should Triton's API for that fail, one warning, and the 1024 programs as before."""
+    rounds): one compile per specialisation, not per size. Should Triton's API for that fail, one
+    warning, and the 1024 programs as before."""
     try:
         compiled = _mixed_fake_quant_backward_per_tensor_kernel.warmup(
             dtype, dtype, dtype, torch.float32, torch.float32, torch.float32, torch.float32,

@@ -28,9 +28,14 @@ QDARTS_CPU_CACHE_MB (output_cache.h).
 
 Whether CUDA is built is decided by ``torch.version.cuda`` and ``CUDA_HOME`` (nvcc), never by
 ``torch.cuda.is_available()``, so the CUDA kernels build on a machine without a GPU.
+
+Every build compiles into ``_C`` a record of what it was built from (a digest of ``csrc/``, the torch
+version, the CUDA settings above), which ``qdarts_kernels.build_info()`` returns and the package checks
+at import (``qdarts_kernels/_build_record.py``).
 """
 
 import glob
+import importlib.util
 import os
 import sys
 
@@ -61,10 +66,32 @@ def _locate_cuda_toolkit() -> None:
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 
+def _build_record_source(record) -> str:
+    """Writes the generated C++ file that compiles ``record`` into _C (qdarts_kernels/_build_record.py
+    says why) and returns its path. Rewritten only when its text changes: ninja then recompiles that one
+    small file, and a build with nothing changed stays a no-op."""
+    spec = importlib.util.spec_from_file_location("_qdarts_build_record",
+                                                  os.path.join(ROOT, "qdarts_kernels", "_build_record.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    record = dict(record, csrc_digest=module.csrc_digest(os.path.join(ROOT, "csrc")))
+    text = module.cpp_source(record)
+    path = os.path.join("build", "qdarts_generated", "build_record.cpp")
+    full = os.path.join(ROOT, path)
+    if os.path.isfile(full):
+        with open(full) as f:
+            if f.read() == text:
+                return path
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    with open(full, "w") as f:
+        f.write(text)
+    return path
+
+
 def _extensions():
     if _flag("QDARTS_SKIP_EXTENSION"):
         return [], {}
-    import torch  # noqa: F401  (needed only to build the extension)
+    import torch  # needed only to build the extension
 
     _locate_cuda_toolkit()
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -106,30 +133,43 @@ def _extensions():
     if with_cuda and not _has_cuda_headers(CUDA_HOME):
         sys.exit(f"qdarts setup.py: the CUDA toolkit at CUDA_HOME={CUDA_HOME!r} has no include/cuda_runtime.h; "
                  "set CUDA_HOME to the toolkit, or QDARTS_SKIP_CUDA=1 to build the CPU kernels only")
+    # py_limited_api: the extension uses no CPython API beyond creating its (empty) module, and nothing
+    # of libtorch_python (its ops are reached through the dispatcher), so it is built against the
+    # stable ABI: torch.utils.cpp_extension then defines Py_LIMITED_API and leaves libtorch_python
+    # out, the library is named _C.abi3.so, and a wheel (tagged abi3 below) loads on every Python
+    # from 3.10 on. It still needs the torch it was built against.
+    common = dict(include_dirs=include_dirs, define_macros=define_macros, extra_link_args=link,
+                  py_limited_api=True)
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         define_macros.append(("QDARTS_WITH_CUDA", "1"))
         # --fmad=false for the same reason as -ffp-contract=off above.
         nvcc = opt + ["-std=c++20", "--fmad=false", "-lineinfo"]
-        ext = CUDAExtension(
-            "qdarts_kernels._C",
-            sources,
-            include_dirs=include_dirs,
-            define_macros=define_macros,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=link,
-        )
+        ext = CUDAExtension("qdarts_kernels._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **common)
     else:
-        ext = CppExtension(
-            "qdarts_kernels._C",
-            sources,
-            include_dirs=include_dirs,
-            define_macros=define_macros,
-            extra_compile_args={"cxx": cxx},
-            extra_link_args=link,
-        )
-    return [ext], {"build_ext": BuildExtension}
+        ext = CppExtension("qdarts_kernels._C", sources, extra_compile_args={"cxx": cxx}, **common)
+    ext.sources.append(_build_record_source({
+        "torch": str(torch.__version__),
+        "cuda": torch.version.cuda if with_cuda else None,
+        "cuda_archs": os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None,
+        "debug": debug,
+    }))
+
+    class BuildWithoutStaleCopies(BuildExtension):
+        """Deletes, after a build, any other copy of _C beside the one just built (an older
+        _C.cpython-311-*.so, say): Python would import that name before _C.abi3.so, so a checkout or
+        build folder that once held it would load stale kernels, and a wheel would ship both."""
+
+        def run(self):
+            super().run()
+            for built in map(self.get_ext_fullpath, (e.name for e in self.extensions)):
+                stem = os.path.basename(built).split(".")[0]
+                for other in glob.glob(os.path.join(os.path.dirname(built), stem + ".*.so")):
+                    if not os.path.samefile(other, built):
+                        os.remove(other)
+
+    return [ext], {"build_ext": BuildWithoutStaleCopies}
 
 
 ext_modules, cmdclass = _extensions()
@@ -138,4 +178,6 @@ setup(
     packages=find_packages(include=["qdarts_kernels", "qdarts_kernels.*", "qdarts", "qdarts.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    # the wheel's tag for the stable-ABI extension above (cp310-abi3: requires-python's minimum)
+    options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
 )

@@ -53,11 +53,16 @@ FAILURES=0
 # a second command after a first one ran out of budget (the README section step always runs).
 STEPS=${GPU_CHECK_STEPS:-all}
 
+# selected NAME: whether GPU_CHECK_STEPS asks for step NAME
+selected() {
+    [ "$STEPS" = all ] || [[ ",$STEPS," == *",$1,"* ]]
+}
+
 # step NAME LIMIT_S COMMAND...: run COMMAND with a time limit, output to $OUT/NAME.log; never aborts.
 step() {
     local name=$1 limit=$2 left t0 rc status
     shift 2
-    if [ "$STEPS" != all ] && [[ ",$STEPS," != *",$name,"* ]]; then
+    if ! selected "$name"; then
         printf '%-10s %-28s %5s  %s\n' "$name" "SKIPPED (not selected)" "0s" "-" | tee -a "$SUMMARY"
         return 0
     fi
@@ -95,8 +100,22 @@ versions() {
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" >>"$OUT/nvidia-smi.txt"
 versions >"$OUT/versions.txt" 2>&1
 
-# CUDA kernels for the H100 only (sm_90): the quickest build that exercises them here.
-step build 150 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 "$PYTHON" setup.py build_ext --inplace
+# CUDA kernels for the H100 only (sm_90): the quickest build that exercises them here. A _C carried onto
+# the machine ready-built is used as it is when its build record says it is current: built against this
+# torch, with CUDA kernels for this GPU, from the sources of this copy (qdarts_kernels.build_info; the
+# extension uses only Python's stable ABI, so it may come from another Python). That saves the build's
+# 83-88 s of device time; see the README's Status for the command that makes one on a CPU machine.
+PREBUILT_CHECK='import sys, torch, qdarts_kernels as qk
+from qdarts_kernels._build_record import has_machine_code_for
+info, stale = qk.build_info(), qk._backends.compiled_stale_reason()
+gpu = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+print("build record:", info, "| stale:", stale, "| this GPU: compute capability", gpu)
+sys.exit(0 if info and stale is None and gpu and has_machine_code_for(info["cuda_archs"], gpu) else 1)'
+if selected build && "$PYTHON" -c "$PREBUILT_CHECK" >"$OUT/build.log" 2>&1; then
+    printf '%-10s %-28s %5s  %s\n' build "ok (prebuilt _C, current)" "0s" build.log | tee -a "$SUMMARY"
+else
+    step build 150 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 "$PYTHON" setup.py build_ext --inplace
+fi
 step backends 60 "$PYTHON" -c 'import qdarts_kernels as qk; b = qk.available_backends(); print(b); assert "cuda" in b and "triton" in b, b'
 # Whether a refusal of bad input inside the extension reaches Python as a RuntimeError: on the H200 of
 # 2026-11-28 each one crashed the process instead (see the script); the toolchain, the refusals under

@@ -11,7 +11,13 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
 extern "C" {
+// What this build was made from, as JSON: written by setup.py into a generated file (see
+// qdarts_kernels/_build_record.py), so that a stale build can be told from a current one.
+extern const char qdarts_build_record[];
+
 // Importing qdarts_kernels._C from Python runs the static TORCH_LIBRARY registrations below.
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
@@ -20,6 +26,8 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 namespace qdarts {
+
+std::string build_record() { return qdarts_build_record; }
 
 bool has_cuda_kernels() {
 #ifdef QDARTS_WITH_CUDA
@@ -79,6 +87,7 @@ TORCH_LIBRARY(qdarts_C, m) {
       " float eps) -> (Tensor, Tensor)");
   m.def("batch_norm_train_backward(Tensor grad, Tensor out, Tensor invstd) -> Tensor");
   m.def("has_cuda_kernels() -> bool", &has_cuda_kernels);
+  m.def("build_record() -> str", &build_record);
 }
 
 }  // namespace qdarts

@@ -2,10 +2,12 @@
 
 Public ops (each takes ``backend=None`` for the automatic choice, or "reference" | "cpu" | "cuda" |
 "triton"); ``qdarts_kernels.reference`` holds the same functions in pure PyTorch, the spec;
-``qdarts_kernels.cpu_kernels`` tells what the C++ CPU kernels run on and manages their output cache.
+``qdarts_kernels.cpu_kernels`` tells what the C++ CPU kernels run on and manages their output cache;
+``build_info()`` what the compiled extension was built from (a stale one is warned about at import).
 """
 
 from . import _backends, cpu_kernels, reference
+from ._backends import build_info
 from .ops import (
     available_backends,
     eager_reference,
@@ -15,7 +17,7 @@ from .ops import (
     mixed_op_sum,
 )
 
-_backends.warn_if_compiled_missing()
+_backends.warn_about_compiled()
 
 __version__ = "0.1.0"
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "mixed_fake_quant_grouped",
     "mixed_op_sum",
     "available_backends",
+    "build_info",
     "eager_reference",
     "cpu_kernels",
     "reference",

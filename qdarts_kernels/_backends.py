@@ -40,11 +40,14 @@ when nothing compiled is there.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from . import _build_record
 
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
 #: Order in which GPU backends are preferred for CUDA tensors: the faster first. On the H100 the
@@ -100,19 +103,52 @@ def _load(name: str):
     return mod
 
 
-def warn_if_compiled_missing() -> None:
-    """Called once at import: if ``_C`` cannot be loaded, say so (once) and carry on without it.
+def build_info() -> Optional[Dict[str, Any]]:
+    """How the compiled extension ``qdarts_kernels._C`` was built, or None where it is not available:
+    ``{"csrc_digest", "torch", "cuda", "cuda_archs", "debug"}`` (the digest of its C++/CUDA sources,
+    the torch it was built against, the CUDA version and architectures of its CUDA kernels or None
+    without them, and whether it is a debug build). Written by setup.py (``_build_record.py``)."""
+    if _load("cpu") is None:
+        return None
+    return json.loads(torch.ops.qdarts_C.build_record())
+
+
+def compiled_stale_reason() -> Optional[str]:
+    """Why ``_C`` does not match the running torch or, in a source checkout, the sources in its
+    ``csrc/`` (``_build_record.stale_reason``); None where it matches or is not available."""
+    info = build_info()
+    if info is None:
+        return None
+    csrc = _build_record.checkout_csrc(os.path.dirname(__file__))
+    return _build_record.stale_reason(info, str(torch.__version__), csrc)
+
+
+def warn_about_compiled() -> None:
+    """Called once at import: if ``_C`` cannot be loaded, or was built from other sources or against
+    another torch than those here, say so (once) and carry on (without it, in the first case).
 
     At import rather than at the first call so that no warning is raised inside code that
     torch.compile traces.
     """
     global _warned
-    if not _warned and _load("cpu") is None:
-        _warned = True
+    if _warned:
+        return
+    _warned = True
+    if _load("cpu") is None:
         warnings.warn(
             "qdarts_kernels._C is not available (" + _failed.get("cpu", "not built") + "); "
             "the 'cpu' and 'cuda' backends are disabled and CPU tensors use the pure-PyTorch "
             "reference. Build the extension with `pip install --no-build-isolation .` to enable them.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return
+    stale = compiled_stale_reason()
+    if stale is not None:
+        warnings.warn(
+            f"qdarts_kernels._C may not match this installation: {stale}. Its kernels run as they were "
+            "built; rebuild it with `pip install --no-build-isolation -e .` (or `python setup.py build_ext "
+            "--inplace`) in a checkout, or reinstall the package.",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -186,6 +186,27 @@ def test_extension_unwinds_with_the_shared_libgcc():
     needed = subprocess.run([readelf, "-dW", library], capture_output=True, text=True, check=True).stdout
     assert "libgcc_s.so" in needed
 
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="an ELF check (Linux builds)")
+def test_extension_is_built_against_the_stable_python_abi():
+    """setup.py builds _C with py_limited_api: one build loads on every Python from 3.10 on. That holds
+    only while it takes nothing from libtorch_python or libpython, and of CPython's API only what it
+    needs to create its empty module (PyModule_Create2, part of the stable ABI)."""
+    import importlib.util
+    import shutil
+
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf (binutils) is not installed")
+    library = importlib.util.find_spec("qdarts_kernels._C").origin
+    assert library.endswith(".abi3.so"), library
+    needed = subprocess.run([readelf, "-dW", library], capture_output=True, text=True, check=True).stdout
+    assert "libtorch_python" not in needed and "libpython" not in needed, needed
+    symbols = subprocess.run([readelf, "--dyn-syms", "-W", library], capture_output=True, text=True, check=True)
+    python_api = {fields[7] for fields in map(str.split, symbols.stdout.splitlines())
+                  if len(fields) >= 8 and fields[6] == "UND" and re.match(r"_?Py", fields[7])}
+    assert python_api == {"PyModule_Create2"}, python_api
+
 # The child computes every result below with the instruction set capped by QDARTS_CPU_ISA and
 # saves them; the parent compares the bits.
 _ISA_CHILD = r"""

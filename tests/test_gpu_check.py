@@ -22,6 +22,11 @@ if [ "$1" = "bench/cpp_error_probe.py" ] && [ -n "${{STAND_IN_FIX:-}}" ]; then
     printf '%s\\n' "$STAND_IN_FIX" > "$2/cpp_error_fix.env"
 fi
 [ "$1" = "setup.py" ] && printf 'LDSHARED=%s\\n' "${{LDSHARED:-}}" >> "$STAND_IN_LOG"
+# the check of a carried ready-built _C: STAND_IN_PREBUILT=1 makes it current
+if [ "$1" = "-c" ] && [[ "$2" == *build_info* ]]; then
+    [ "${{STAND_IN_PREBUILT:-0}}" = 1 ]
+    exit
+fi
 for tool in profile tune; do
     if [ "$1" = "-m" ] && [ "$2" = "qdarts.benchmark.$tool" ]; then
         shift 2
@@ -42,7 +47,7 @@ exit 0
 """
 
 
-def _run(tmp_path, budget_s, steps=None, fix=None):
+def _run(tmp_path, budget_s, steps=None, fix=None, prebuilt=False):
     stand_in = tmp_path / "python"
     stand_in.write_text(STAND_IN.format(python=sys.executable))
     stand_in.chmod(stand_in.stat().st_mode | stat.S_IXUSR)
@@ -50,6 +55,7 @@ def _run(tmp_path, budget_s, steps=None, fix=None):
     env = dict(os.environ, OUT=str(out), PYTHON=str(stand_in), STAND_IN_LOG=str(log),
                GPU_CHECK_BUDGET_S=str(budget_s), CUDA_HOME=str(tmp_path / "no-cuda"), PYTHONPATH=ROOT,
                **({"GPU_CHECK_STEPS": steps} if steps else {}), **({"STAND_IN_FIX": fix} if fix else {}),
+               STAND_IN_PREBUILT="1" if prebuilt else "0",
                # no compute-sanitizer (nor nvidia-smi) on this PATH
                PATH=os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not os.path.isfile(
                    os.path.join(p, "compute-sanitizer"))))
@@ -102,6 +108,20 @@ def test_a_fix_the_probe_found_rebuilds_the_extension_before_the_tests(tmp_path)
     assert len(builds) == 2
     assert commands[builds[0] + 1] == "LDSHARED=" and commands[builds[1] + 1] == "LDSHARED=/usr/bin/gcc -shared"
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_current_prebuilt_extension_is_not_built_again(tmp_path):
+    proc, summary, commands = _run(tmp_path, budget_s=200, prebuilt=True)
+    assert summary[0].split()[:4] == ["build", "ok", "(prebuilt", "_C,"], summary
+    assert not any(c.startswith("setup.py") for c in commands)
+    assert any("build_info" in c for c in commands)
+    assert [line.split()[0] for line in summary][1:4] == ["backends", "errors", "bench"], summary
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # not selected, it is not looked at either
+    (tmp_path / "second").mkdir()
+    proc, summary, commands = _run(tmp_path / "second", budget_s=200, prebuilt=True, steps="tune")
+    assert summary[0].startswith("build      SKIPPED (not selected)"), summary
+    assert not any("build_info" in c for c in commands)
 
 
 def test_selected_steps_run_alone(tmp_path):

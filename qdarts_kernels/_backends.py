@@ -104,11 +104,12 @@ def _load(name: str):
 
 
 def build_info() -> Optional[Dict[str, Any]]:
-    """How the compiled extension ``qdarts_kernels._C`` was built, or None where it is not available:
-    ``{"csrc_digest", "torch", "cuda", "cuda_archs", "debug"}`` (the digest of its C++/CUDA sources,
-    the torch it was built against, the CUDA version and architectures of its CUDA kernels or None
-    without them, and whether it is a debug build). Written by setup.py (``_build_record.py``)."""
-    if _load("cpu") is None:
+    """How the compiled extension ``qdarts_kernels._C`` was built, or None where it is not available
+    (or was built before it kept this record): ``{"csrc_digest", "torch", "cuda", "cuda_archs",
+    "debug"}`` (the digest of its C++/CUDA sources, the torch it was built against, the CUDA version
+    and architectures of its CUDA kernels or None without them, and whether it is a debug build).
+    Written by setup.py (``_build_record.py``)."""
+    if _load("cpu") is None or not hasattr(torch.ops.qdarts_C, "build_record"):
         return None
     return json.loads(torch.ops.qdarts_C.build_record())
 
@@ -116,9 +117,11 @@ def build_info() -> Optional[Dict[str, Any]]:
 def compiled_stale_reason() -> Optional[str]:
     """Why ``_C`` does not match the running torch or, in a source checkout, the sources in its
     ``csrc/`` (``_build_record.stale_reason``); None where it matches or is not available."""
+    if _load("cpu") is None:
+        return None
     info = build_info()
     if info is None:
-        return None
+        return "it was built by an older version of this package, which kept no build record"
     csrc = _build_record.checkout_csrc(os.path.dirname(__file__))
     return _build_record.stale_reason(info, str(torch.__version__), csrc)
 

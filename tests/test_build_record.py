@@ -104,6 +104,16 @@ def test_a_stale_build_is_warned_about_once(monkeypatch):
         _backends.warn_about_compiled()
 
 
+@needs_extension
+def test_a_build_without_a_record_is_warned_about(monkeypatch):
+    """A _C built before builds kept a record (an older checkout's library, still beside the package)
+    loads, has no build_record op, and is named for what it is instead of failing the import."""
+    monkeypatch.setattr(_backends, "_warned", False)
+    monkeypatch.setattr(_backends, "build_info", lambda: None)
+    with pytest.warns(RuntimeWarning, match="built by an older version of this package, which kept no build"):
+        _backends.warn_about_compiled()
+
+
 def test_without_the_extension_one_warning_and_the_reference():
     """torchao's way: a _C that cannot be loaded (not built, or built for another torch) disables the
     compiled backends with one warning; the ops still run, on the reference."""

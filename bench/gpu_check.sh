@@ -116,7 +116,12 @@ if selected build && "$PYTHON" -c "$PREBUILT_CHECK" >"$OUT/build.log" 2>&1; then
 else
     step build 150 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 "$PYTHON" setup.py build_ext --inplace
 fi
-step backends 60 "$PYTHON" -c 'import qdarts_kernels as qk; b = qk.available_backends(); print(b); assert "cuda" in b and "triton" in b, b'
+# the environment report (python -m qdarts_kernels): versions, the extension's build record, each backend or why
+# it cannot run, the GPU and whether the extension holds machine code for it; both GPU backends must run
+step backends 60 "$PYTHON" -c 'import qdarts_kernels as qk
+from qdarts_kernels import collect_env
+print(collect_env.render(collect_env.collect()))
+assert {"cuda", "triton"} <= set(qk.available_backends()), qk.available_backends()'
 # Whether a refusal of bad input inside the extension reaches Python as a RuntimeError: on the H200 of
 # 2026-11-28 each one crashed the process instead (see the script); the toolchain, the refusals under
 # gdb, and a one-op extension built with and without setup.py's flags.

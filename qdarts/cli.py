@@ -1,4 +1,4 @@
-"""Command line: ``qdarts search``, ``qdarts train``, ``qdarts bench`` (also ``python -m qdarts``)."""
+"""Command line: ``qdarts search``, ``qdarts train``, ``qdarts bench``, ``qdarts env`` (also ``python -m qdarts``)."""
 
 from __future__ import annotations
 
@@ -147,6 +147,15 @@ def _bench_parser(sub) -> None:
     p.set_defaults(run=module.run)
 
 
+def _env_parser(sub) -> None:
+    from qdarts_kernels import collect_env
+
+    p = sub.add_parser("env", help="what the kernels run on here: versions, extension, backends, GPUs",
+                       description=collect_env.__doc__.split("\n\n")[0])
+    collect_env.add_arguments(p)
+    p.set_defaults(run=collect_env.run)
+
+
 def _bench_missing(reason: str) -> int:
     print(f"qdarts bench: the benchmark module qdarts.benchmark.cli is not available ({reason})", file=sys.stderr)
     return 2
@@ -155,10 +164,11 @@ def _bench_missing(reason: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qdarts", description="Differentiable mixed-precision NAS (gradient "
                                      "QDARTS) on fused PyTorch kernels.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{search,train,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{search,train,bench,env}")
     _search_parser(sub)
     _train_parser(sub)
     _bench_parser(sub)
+    _env_parser(sub)
     return parser
 
 

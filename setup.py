@@ -66,26 +66,26 @@ def _locate_cuda_toolkit() -> None:
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 
-def _build_record_source(record) -> str:
-    """Writes the generated C++ file that compiles ``record`` into _C (qdarts_kernels/_build_record.py
-    says why) and returns its path. Rewritten only when its text changes: ninja then recompiles that one
-    small file, and a build with nothing changed stays a no-op."""
+def _record_module():
+    """qdarts_kernels/_build_record.py, loaded by path: the package cannot be imported before it is built."""
     spec = importlib.util.spec_from_file_location("_qdarts_build_record",
                                                   os.path.join(ROOT, "qdarts_kernels", "_build_record.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    record = dict(record, csrc_digest=module.csrc_digest(os.path.join(ROOT, "csrc")))
-    text = module.cpp_source(record)
-    path = os.path.join("build", "qdarts_generated", "build_record.cpp")
-    full = os.path.join(ROOT, path)
-    if os.path.isfile(full):
-        with open(full) as f:
-            if f.read() == text:
-                return path
-    os.makedirs(os.path.dirname(full), exist_ok=True)
-    with open(full, "w") as f:
-        f.write(text)
-    return path
+    return module
+
+
+def _cuda_machine_code(record_module):
+    """The architectures the CUDA kernels get machine code for: from the -gencode flags torch passes to
+    nvcc (named architectures such as "Hopper" resolved), else read from TORCH_CUDA_ARCH_LIST as given."""
+    try:
+        from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+        flags = _get_cuda_arch_flags()
+    except Exception:  # a private function of torch's, so not relied on
+        flags = ["sm_" + arch.split("+")[0].replace(".", "")
+                 for arch in os.environ["TORCH_CUDA_ARCH_LIST"].replace(",", ";").replace(" ", ";").split(";")]
+    return record_module.machine_code_archs(flags)
 
 
 def _extensions():
@@ -135,9 +135,11 @@ def _extensions():
                  "set CUDA_HOME to the toolkit, or QDARTS_SKIP_CUDA=1 to build the CPU kernels only")
     # py_limited_api: the extension uses no CPython API beyond creating its (empty) module, and nothing
     # of libtorch_python (its ops are reached through the dispatcher), so it is built against the
-    # stable ABI: torch.utils.cpp_extension then defines Py_LIMITED_API and leaves libtorch_python
-    # out, the library is named _C.abi3.so, and a wheel (tagged abi3 below) loads on every Python
-    # from 3.10 on. It still needs the torch it was built against.
+    # stable ABI: the library is named _C.abi3.so, and a wheel (tagged abi3 below) loads on every
+    # Python from 3.10 on. It still needs the torch it was built against.
+    # torch defines Py_LIMITED_API itself from 2.7 on, and leaves libtorch_python out from 2.6 on; defined
+    # here too (the same value) so that the library holds to the stable ABI with older torch as well.
+    define_macros.append(("Py_LIMITED_API", "0x030A0000"))
     common = dict(include_dirs=include_dirs, define_macros=define_macros, extra_link_args=link,
                   py_limited_api=True)
     if with_cuda:
@@ -149,25 +151,29 @@ def _extensions():
         ext = CUDAExtension("qdarts_kernels._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **common)
     else:
         ext = CppExtension("qdarts_kernels._C", sources, extra_compile_args={"cxx": cxx}, **common)
-    ext.sources.append(_build_record_source({
+    # The build record (qdarts_kernels/_build_record.py says why): a generated file, rewritten only when
+    # its text changes, so that ninja then recompiles that one small file and a build with nothing
+    # changed stays a no-op.
+    record_module = _record_module()
+    record = {
+        "csrc_digest": record_module.csrc_digest(os.path.join(ROOT, "csrc")),
         "torch": str(torch.__version__),
         "cuda": torch.version.cuda if with_cuda else None,
-        "cuda_archs": os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None,
+        "cuda_archs": _cuda_machine_code(record_module) if with_cuda else None,
         "debug": debug,
-    }))
+    }
+    record_source = os.path.join("build", "qdarts_generated", "build_record.cpp")
+    record_module.write_if_changed(os.path.join(ROOT, record_source), record_module.cpp_source(record))
+    ext.sources.append(record_source)
 
     class BuildWithoutStaleCopies(BuildExtension):
-        """Deletes, after a build, any other copy of _C beside the one just built (an older
-        _C.cpython-311-*.so, say): Python would import that name before _C.abi3.so, so a checkout or
-        build folder that once held it would load stale kernels, and a wheel would ship both."""
+        """Deletes, after a build, any other copy of _C beside the one just built (see
+        _build_record.remove_other_copies: Python would import an older _C.cpython-*.so first)."""
 
         def run(self):
             super().run()
-            for built in map(self.get_ext_fullpath, (e.name for e in self.extensions)):
-                stem = os.path.basename(built).split(".")[0]
-                for other in glob.glob(os.path.join(os.path.dirname(built), stem + ".*.so")):
-                    if not os.path.samefile(other, built):
-                        os.remove(other)
+            for extension in self.extensions:
+                record_module.remove_other_copies(self.get_ext_fullpath(extension.name))
 
     return [ext], {"build_ext": BuildWithoutStaleCopies}
 

@@ -151,7 +151,7 @@ def _env_parser(sub) -> None:
     from qdarts_kernels import collect_env
 
     p = sub.add_parser("env", help="what the kernels run on here: versions, extension, backends, GPUs",
-                       description=collect_env.__doc__.split("\n\n")[0])
+                       description=collect_env.DESCRIPTION)
     collect_env.add_arguments(p)
     p.set_defaults(run=collect_env.run)
 

@@ -107,7 +107,8 @@ def build_info() -> Optional[Dict[str, Any]]:
     """How the compiled extension ``qdarts_kernels._C`` was built, or None where it is not available
     (or was built before it kept this record): ``{"csrc_digest", "torch", "cuda", "cuda_archs",
     "debug"}`` (the digest of its C++/CUDA sources, the torch it was built against, the CUDA version
-    and architectures of its CUDA kernels or None without them, and whether it is a debug build).
+    and the GPU architectures its CUDA kernels hold machine code for, e.g. ["8.0", "9.0"], or None
+    without them, and whether it is a debug build).
     Written by setup.py (``_build_record.py``)."""
     if _load("cpu") is None or not hasattr(torch.ops.qdarts_C, "build_record"):
         return None
@@ -123,7 +124,10 @@ def compiled_stale_reason() -> Optional[str]:
     if info is None:
         return "it was built by an older version of this package, which kept no build record"
     csrc = _build_record.checkout_csrc(os.path.dirname(__file__))
-    return _build_record.stale_reason(info, str(torch.__version__), csrc)
+    try:
+        return _build_record.stale_reason(info, str(torch.__version__), csrc)
+    except OSError as e:  # a source that cannot be read: say so rather than fail the import
+        return f"its sources in {csrc} could not be read to compare ({e})"
 
 
 def warn_about_compiled() -> None:

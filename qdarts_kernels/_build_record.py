@@ -6,17 +6,23 @@ the sources under ``csrc/``, the torch it was built against, and its CUDA settin
 package, as after ``pip install -e .``), the package compares it with the sources and the running
 torch and warns once where they differ: after a ``git pull`` or an edit of a kernel without a
 rebuild, the old kernels would otherwise run without a word. An installed package has no sources
-beside it, and is checked against the running torch only.
+beside it, and is checked against the running torch only. Not seen: a change of setup.py's
+compiler flags alone (the sources are the same).
+
+Also here, for setup.py: the generated file is rewritten only when its text changes, and older
+copies of the library beside a new build are deleted.
 
 Standard library only: setup.py loads this file by path, before the package exists.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
-from typing import Any, Dict, Optional, Tuple
+import re
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 #: The files under csrc/ that are compiled into _C (the same set MANIFEST.in ships).
 SOURCE_SUFFIXES = (".h", ".cuh", ".inc", ".cpp", ".cu")
@@ -24,14 +30,15 @@ SOURCE_SUFFIXES = (".h", ".cuh", ".inc", ".cpp", ".cu")
 
 def csrc_digest(csrc_dir: str) -> str:
     """sha256 over the relative path, length and bytes of each source file under ``csrc_dir``, in
-    sorted order (the same on every machine and file system)."""
+    sorted order: the same for the same files on any machine. Hidden files and anything that is not
+    a regular file (an editor's lock file, a dangling link) are not sources and are left out."""
     digest = hashlib.sha256()
     for root, dirs, files in os.walk(csrc_dir):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
-            if not name.endswith(SOURCE_SUFFIXES):
-                continue
             path = os.path.join(root, name)
+            if name.startswith(".") or not name.endswith(SOURCE_SUFFIXES) or not os.path.isfile(path):
+                continue
             with open(path, "rb") as f:
                 data = f.read()
             relative = os.path.relpath(path, csrc_dir).replace(os.sep, "/").encode()
@@ -48,20 +55,65 @@ def cpp_source(record: Dict[str, Any]) -> str:
     )
 
 
+def write_if_changed(path: str, text: str) -> bool:
+    """Writes ``text`` to ``path`` unless it holds that already (then its time stamp stays, and ninja
+    recompiles nothing for it); whether it wrote."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            if f.read() == text:
+                return False
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return True
+
+
+def remove_other_copies(built: str) -> List[str]:
+    """Deletes every other ``<stem>.*.so`` beside the library ``built`` (an older _C.cpython-311-*.so,
+    say: Python imports that name before _C.abi3.so, so a checkout or build folder that once held it
+    would load stale kernels, and a wheel would ship both); the paths it deleted."""
+    stem = os.path.basename(built).split(".")[0]
+    removed = []
+    for other in sorted(glob.glob(os.path.join(glob.escape(os.path.dirname(built)), stem + ".*.so"))):
+        if not os.path.samefile(other, built):
+            os.remove(other)
+            removed.append(other)
+    return removed
+
+
+def machine_code_archs(nvcc_flags: Iterable[str]) -> List[str]:
+    """The GPU architectures nvcc emits machine code for, from its -gencode flags ("code=sm_90",
+    "code=[sm_90,compute_90]", "code=sm_90a"), as "9.0" / "9.0a"."""
+    found = set()
+    for flag in nvcc_flags:
+        for digits, suffix in re.findall(r"sm_(\d+)([af]?)", flag):
+            found.add(f"{digits[:-1]}.{digits[-1]}{suffix}")
+    return sorted(found, key=lambda a: (int(a.split(".")[0]), a))
+
+
+def has_machine_code_for(archs: Optional[Iterable[str]], capability: Tuple[int, int]) -> bool:
+    """Whether machine code for ``archs`` (``machine_code_archs``' form; None: no CUDA kernels) runs on a
+    GPU of compute ``capability``: code for X.y runs on X.z for z >= y, code for an arch-specific
+    target (9.0a) on that GPU alone. (PTX, which the driver compiles at the first launch, is not
+    counted.)"""
+    major, minor = capability
+    for arch in archs or ():
+        m = re.fullmatch(r"(\d+)\.(\d)([af]?)", arch)
+        if m is None:
+            continue
+        arch_major, arch_minor, suffix = int(m.group(1)), int(m.group(2)), m.group(3)
+        if arch_major == major and (arch_minor == minor if suffix == "a" else arch_minor <= minor):
+            return True
+    return False
+
+
 def checkout_csrc(package_dir: str) -> Optional[str]:
     """The ``csrc/`` of the source checkout that holds the package at ``package_dir``, or None for an
-    installed package (no setup.py and csrc/ beside it)."""
+    installed package (no setup.py and csrc/ops.cpp beside it)."""
     root = os.path.dirname(os.path.abspath(package_dir))
     csrc = os.path.join(root, "csrc")
-    return csrc if os.path.isdir(csrc) and os.path.isfile(os.path.join(root, "setup.py")) else None
-
-
-def has_machine_code_for(cuda_archs: Optional[str], capability: Tuple[int, int]) -> bool:
-    """Whether a build for ``cuda_archs`` (TORCH_CUDA_ARCH_LIST's form: "8.0;9.0+PTX", or None
-    without CUDA kernels) holds machine code for a GPU of compute ``capability`` (PTX alone would
-    be compiled by the driver at the first launch)."""
-    archs = (cuda_archs or "").replace(",", ";").replace(" ", ";").split(";")
-    return "%d.%d" % tuple(capability) in {a.removesuffix("+PTX") for a in archs if a}
+    is_checkout = os.path.isfile(os.path.join(csrc, "ops.cpp")) and os.path.isfile(os.path.join(root, "setup.py"))
+    return csrc if is_checkout else None
 
 
 def stale_reason(record: Dict[str, Any], torch_version: str, csrc_dir: Optional[str]) -> Optional[str]:

@@ -1,13 +1,14 @@
 """What qdarts_kernels runs on here: for a bug report, and for a first look at an installation.
 
-    python -m qdarts_kernels [--json]          (the same as: qdarts env [--json])
+    python -m qdarts_kernels [--json] [--check-gpu-build]      (the same as: qdarts env ...)
 
 The versions (Python, torch and its CUDA, Triton, this package); the compiled extension: where it
 is, what it was built from and whether that matches this installation (``build_info()``); what the
 C++ CPU kernels run on; each backend, and why one cannot run here; the automatic choice for CPU and
 CUDA tensors; the GPUs, and whether the extension holds machine code for each; and the environment
 variables that change the package's behaviour, where set. Like ``python -m torch.utils.collect_env``
-for PyTorch, whose report it complements.
+for PyTorch, whose report it complements. ``--check-gpu-build`` also tells, by its exit status,
+whether the extension is ready for every GPU here (bench/gpu_check.sh asks it of a ready-built one).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch
 
 from . import _backends, _build_record, cpu_kernels
 
+DESCRIPTION = "What qdarts_kernels runs on here: versions, the extension, the backends, the GPUs."
+
 #: Variables read by the package or by what it runs on, reported where set (besides every QDARTS_*).
 OTHER_VARIABLES = ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
 
@@ -36,8 +39,10 @@ def _triton_version() -> Optional[str]:
     return triton.__version__
 
 
-def _backend_reason(name: str) -> Optional[str]:
+def _backend_reason(name: str, cpu_kernels_info: Optional[Dict[str, Any]]) -> Optional[str]:
     """None where backend ``name`` can run here, else why not."""
+    if name == "cpu" and cpu_kernels_info and "error" in cpu_kernels_info:  # loaded, but cannot start
+        return f"its kernels cannot start: {cpu_kernels_info['error']}"
     if _backends.runnable(name):
         return None
     if name == "triton" and _backends._load("triton") is not None:
@@ -52,12 +57,12 @@ def _automatic_choice(device: str) -> str:
         return f"error: {e}"
 
 
-def _cpu_kernels() -> Any:
-    """cpu_kernels.info(), or why the kernels refuse to start (an invalid QDARTS_CPU_ISA, say)."""
+def _cpu_kernels() -> Optional[Dict[str, Any]]:
+    """cpu_kernels.info(), or {"error": why the kernels cannot start} (an invalid QDARTS_CPU_ISA, say)."""
     try:
         return cpu_kernels.info()
     except RuntimeError as e:
-        return f"error: {e}"
+        return {"error": str(e)}
 
 
 def collect() -> Dict[str, Any]:
@@ -66,6 +71,7 @@ def collect() -> Dict[str, Any]:
 
     build = _backends.build_info()
     library = importlib.util.find_spec("qdarts_kernels._C")
+    kernels = _cpu_kernels()
     gpus: List[Dict[str, Any]] = []
     for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         props = torch.cuda.get_device_properties(index)
@@ -85,11 +91,12 @@ def collect() -> Dict[str, Any]:
         "triton": _triton_version(),
         "extension": {
             "path": library.origin if library is not None else None,
+            "load_error": None if _backends._load("cpu") is not None else _backends._failed.get("cpu"),
             "build": build,
             "stale": _backends.compiled_stale_reason(),
         },
-        "cpu_kernels": _cpu_kernels(),
-        "backends": {name: _backend_reason(name) for name in _backends.BACKEND_NAMES},
+        "cpu_kernels": kernels,
+        "backends": {name: _backend_reason(name, kernels) for name in _backends.BACKEND_NAMES},
         "automatic_choice": {"cpu": _automatic_choice("cpu"),
                              "cuda": _automatic_choice("cuda") if gpus else None},
         "gpus": gpus,
@@ -108,18 +115,22 @@ def render(report: Dict[str, Any]) -> str:
         f"triton {report['triton'] or 'not installed'}",
     ]
     if extension["path"] is None:
-        lines.append("extension qdarts_kernels._C: not built")
+        lines.append(f"extension qdarts_kernels._C: not built ({extension['load_error']})")
+    elif extension["load_error"] is not None:
+        lines.append(f"extension qdarts_kernels._C: {extension['path']}")
+        lines.append(f"  could not be loaded: {extension['load_error']}")
     else:
         lines.append(f"extension qdarts_kernels._C: {extension['path']}")
         if build is not None:
-            cuda = f"CUDA {build['cuda']} for {build['cuda_archs']}" if build["cuda"] else "no CUDA kernels"
+            cuda = (f"CUDA {build['cuda']}, machine code for {', '.join(build['cuda_archs']) or 'no GPU'}"
+                    if build["cuda"] else "no CUDA kernels")
             lines.append(f"  built against torch {build['torch']}, {cuda}, {'debug' if build['debug'] else 'release'}"
                          f" build, sources {build['csrc_digest'][:12]}")
         lines.append("  matches this installation: " + ("yes" if extension["stale"] is None
                                                          else f"NO: {extension['stale']}"))
     kernels = report["cpu_kernels"]
-    if isinstance(kernels, str):
-        lines.append(f"C++ CPU kernels: {kernels}")
+    if kernels is not None and "error" in kernels:
+        lines.append(f"C++ CPU kernels: cannot start: {kernels['error']}")
     elif kernels is not None:
         cache = kernels["cache"]
         lines.append(f"C++ CPU kernels: {kernels['isa']} instructions, {kernels['threads']} threads, output cache "
@@ -142,17 +153,47 @@ def render(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def gpu_build_refusal(report: Dict[str, Any]) -> Optional[str]:
+    """Why the extension of ``report`` is not ready to run on every GPU here (loaded, current, with CUDA
+    kernels that hold machine code for each GPU); None where it is."""
+    extension, build = report["extension"], report["extension"]["build"]
+    if extension["path"] is None:
+        return "the extension is not built"
+    if extension["load_error"] is not None:
+        return f"the extension could not be loaded: {extension['load_error']}"
+    if build is None:
+        return "the extension has no build record (built by an older version of this package)"
+    if extension["stale"] is not None:
+        return f"the extension may not match this installation: {extension['stale']}"
+    if not build["cuda"]:
+        return "the extension was built without CUDA kernels"
+    if not report["gpus"]:
+        return "there is no CUDA device"
+    for gpu in report["gpus"]:
+        if not gpu["extension_machine_code"]:
+            return (f"the extension holds no machine code for GPU {gpu['index']} (compute capability "
+                    f"{gpu['compute_capability']}; it has {', '.join(build['cuda_archs']) or 'none'})")
+    return None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--check-gpu-build", action="store_true",
+                        help="exit status 1 unless the extension is loaded, matches this installation and holds "
+                             "machine code for every GPU here (the reason is printed last)")
 
 
 def run(args: argparse.Namespace) -> int:
     report = collect()
     print(json.dumps(report, indent=2) if args.json else render(report))
-    return 0
+    if not args.check_gpu_build:
+        return 0
+    refusal = gpu_build_refusal(report)
+    print("GPU build: " + ("ready" if refusal is None else f"not ready: {refusal}"))
+    return 0 if refusal is None else 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qdarts_kernels", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m qdarts_kernels", description=DESCRIPTION)
     add_arguments(parser)
     return run(parser.parse_args(argv))

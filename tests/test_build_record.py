@@ -86,9 +86,41 @@ def test_checkout_csrc_only_in_a_checkout(tmp_path):
     package.mkdir()
     assert _build_record.checkout_csrc(str(package)) is None  # an installed package: nothing beside it
     (tmp_path / "csrc").mkdir()
-    assert _build_record.checkout_csrc(str(package)) is None  # a csrc/ that is not this project's
     (tmp_path / "setup.py").write_text("")
+    assert _build_record.checkout_csrc(str(package)) is None  # another project's csrc/ (pip install --target)
+    (tmp_path / "csrc" / "ops.cpp").write_text("")
     assert _build_record.checkout_csrc(str(package)) == str(tmp_path / "csrc")
+
+
+def test_digest_leaves_out_what_is_not_a_source_file(tmp_path):
+    """An editor's lock file (a dangling link named .#ops.cpp) or a hidden folder must neither fail the
+    digest, and with it the import, nor change it."""
+    _write(tmp_path, {"ops.cpp": "int a;"})
+    base = _build_record.csrc_digest(str(tmp_path))
+    os.symlink("nowhere@1234", tmp_path / ".#ops.cpp")
+    os.symlink("nowhere", tmp_path / "dangling.h")
+    _write(tmp_path, {".cache/x.cpp": "int b;", "k.cpp.orig": "int c;"})
+    assert _build_record.csrc_digest(str(tmp_path)) == base
+
+
+def test_write_if_changed_keeps_an_unchanged_file(tmp_path):
+    path = str(tmp_path / "gen" / "build_record.cpp")
+    assert _build_record.write_if_changed(path, "a") is True
+    os.utime(path, (1, 1))
+    assert _build_record.write_if_changed(path, "a") is False and os.stat(path).st_mtime == 1  # ninja: no work
+    assert _build_record.write_if_changed(path, "b") is True and open(path).read() == "b"
+
+
+def test_older_copies_of_the_library_are_removed(tmp_path):
+    built = tmp_path / "_C.abi3.so"
+    for name in ("_C.abi3.so", "_C.cpython-311-x86_64-linux-gnu.so", "_C.cpython-312-x86_64-linux-gnu.so",
+                 "_Cother.so", "other.cpython-311-x86_64-linux-gnu.so", "_C.py"):
+        (tmp_path / name).write_text(name)
+    removed = _build_record.remove_other_copies(str(built))
+    assert sorted(os.path.basename(p) for p in removed) == ["_C.cpython-311-x86_64-linux-gnu.so",
+                                                           "_C.cpython-312-x86_64-linux-gnu.so"]
+    assert sorted(os.listdir(tmp_path)) == ["_C.abi3.so", "_C.py", "_Cother.so",
+                                            "other.cpython-311-x86_64-linux-gnu.so"]
 
 
 @needs_extension
@@ -102,6 +134,17 @@ def test_a_stale_build_is_warned_about_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _backends.warn_about_compiled()
+
+
+@needs_extension
+def test_sources_that_cannot_be_read_do_not_fail_the_import(monkeypatch):
+    def unreadable(*args):
+        raise PermissionError(13, "Permission denied", "csrc/ops.cpp")
+
+    monkeypatch.setattr(_build_record, "checkout_csrc", lambda package_dir: "/a/checkout/csrc")
+    monkeypatch.setattr(_build_record, "stale_reason", unreadable)
+    reason = _backends.compiled_stale_reason()
+    assert reason.startswith("its sources in /a/checkout/csrc could not be read to compare ([Errno 13]")
 
 
 @needs_extension
@@ -138,10 +181,19 @@ def test_without_the_extension_one_warning_and_the_reference():
     assert info == "None"
 
 
-def test_machine_code_for_a_gpu_is_read_from_the_arch_list():
-    assert _build_record.has_machine_code_for("8.0;9.0+PTX", (9, 0))
-    assert _build_record.has_machine_code_for("9.0", (9, 0))
-    assert _build_record.has_machine_code_for("8.0 8.6", (8, 6))
-    assert not _build_record.has_machine_code_for("8.0;9.0+PTX", (10, 0))  # PTX only: compiled at load
-    assert not _build_record.has_machine_code_for("9.0", (8, 0))
-    assert not _build_record.has_machine_code_for(None, (9, 0))  # no CUDA kernels at all
+def test_machine_code_archs_from_nvcc_flags():
+    flags = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=compute_90",
+             "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90a,code=sm_90a",
+             "-gencode=arch=compute_100,code=[sm_100,compute_100]"]
+    assert _build_record.machine_code_archs(flags) == ["8.0", "9.0", "9.0a", "10.0"]
+    assert _build_record.machine_code_archs(["-gencode=arch=compute_90,code=compute_90"]) == []  # PTX only
+
+
+def test_machine_code_runs_on_later_gpus_of_its_major_version():
+    has = _build_record.has_machine_code_for
+    assert has(["8.0", "9.0"], (9, 0)) and has(["8.0", "9.0"], (8, 0))
+    assert has(["8.0", "9.0"], (8, 6)) and has(["8.0"], (8, 9))  # A10, L4: sm_80 code runs there
+    assert not has(["8.6"], (8, 0))  # not on an earlier one
+    assert not has(["8.0", "9.0"], (10, 0)) and not has(["9.0"], (8, 0))  # nor across major versions
+    assert has(["9.0a"], (9, 0)) and not has(["8.0a"], (8, 6))  # arch-specific: that GPU alone
+    assert not has(None, (9, 0)) and not has([], (9, 0))  # no CUDA kernels at all

@@ -23,7 +23,13 @@ if [ "$1" = "bench/cpp_error_probe.py" ] && [ -n "${{STAND_IN_FIX:-}}" ]; then
 fi
 [ "$1" = "setup.py" ] && printf 'LDSHARED=%s\\n' "${{LDSHARED:-}}" >> "$STAND_IN_LOG"
 # the check of a carried ready-built _C: STAND_IN_PREBUILT=1 makes it current
-if [ "$1" = "-c" ] && [[ "$2" == *build_info* ]]; then
+if [ "$1" = "-m" ] && [ "$2" = "qdarts_kernels" ]; then
+    shift 2
+    "{python}" -c "import argparse, sys
+from qdarts_kernels.collect_env import add_arguments
+parser = argparse.ArgumentParser()
+add_arguments(parser)
+assert parser.parse_args(sys.argv[1:]).check_gpu_build" "$@" || exit 2
     [ "${{STAND_IN_PREBUILT:-0}}" = 1 ]
     exit
 fi
@@ -114,14 +120,14 @@ def test_a_current_prebuilt_extension_is_not_built_again(tmp_path):
     proc, summary, commands = _run(tmp_path, budget_s=200, prebuilt=True)
     assert summary[0].split()[:4] == ["build", "ok", "(prebuilt", "_C,"], summary
     assert not any(c.startswith("setup.py") for c in commands)
-    assert any("build_info" in c for c in commands)
+    assert "-m qdarts_kernels --check-gpu-build" in commands
     assert [line.split()[0] for line in summary][1:4] == ["backends", "errors", "bench"], summary
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # not selected, it is not looked at either
     (tmp_path / "second").mkdir()
     proc, summary, commands = _run(tmp_path / "second", budget_s=200, prebuilt=True, steps="tune")
     assert summary[0].startswith("build      SKIPPED (not selected)"), summary
-    assert not any("build_info" in c for c in commands)
+    assert not any("--check-gpu-build" in c for c in commands)
 
 
 def test_selected_steps_run_alone(tmp_path):

@@ -760,8 +760,9 @@ def test_prepare_qat_with_our_fake_quantize_then_convert_to_int8():
     torch.backends.quantized.engine = "x86" if "x86" in engines else ("fbgemm" if "fbgemm" in engines else "qnnpack")
     int8 = tq.convert(model)
     assert type(int8.body.fc).__name__ == "Linear" and int8.body.fc.__module__.startswith("torch.ao.nn.quantized")
-    assert int8.body.fc.zero_point == 128 and int8.body.fc.scale == float(model.body.fc.activation_post_process.scale)
-    torch.testing.assert_close(int8(x), y_qat, rtol=0, atol=2 * float(model.body.fc.activation_post_process.scale))
+    scale = float(model.body.fc.activation_post_process.scale.detach())
+    assert int8.body.fc.zero_point == 128 and int8.body.fc.scale == scale
+    torch.testing.assert_close(int8(x), y_qat, rtol=0, atol=2 * scale)
 
 
 @pytest.mark.parametrize("kwargs,message", [

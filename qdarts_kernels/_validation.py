@@ -12,6 +12,7 @@ import math
 import os
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from ._functorch import unwrapped
@@ -56,12 +57,21 @@ def grid_code(grid: str) -> int:
     return GRIDS[grid]
 
 
+def _as_int(value) -> Optional[int]:
+    """``value`` as a Python int where it is an integer (an int, a numpy integer), not a bool; else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return int(value)
+    return int(value) if isinstance(value, np.integer) else None
+
+
 def normalize_bits(bits, name: str = "bits") -> Tuple[int, ...]:
     # what the layers pass on every call, their quantizer's own checked tuple: taken as it is
     if (type(bits) is tuple and 1 <= len(bits) <= MAX_K
             and all(type(b) is int and MIN_BITS <= b <= MAX_BITS for b in bits)):
         return bits
-    if isinstance(bits, int) and not isinstance(bits, bool):
+    if _as_int(bits) is not None:
         bits = (bits,)
     try:
         bits = tuple(bits)
@@ -70,17 +80,10 @@ def normalize_bits(bits, name: str = "bits") -> Tuple[int, ...]:
     if not 1 <= len(bits) <= MAX_K:
         raise ValueError(f"{name} must hold 1..{MAX_K} bit-widths, got {len(bits)}")
     out = []
-    for b in bits:
-        if isinstance(b, bool) or not isinstance(b, int):
-            try:
-                import numpy as np
-
-                if isinstance(b, np.integer):
-                    b = int(b)
-            except ImportError:  # pragma: no cover - numpy is a dependency
-                pass
-        if isinstance(b, bool) or not isinstance(b, int):
-            raise ValueError(f"{name} must hold ints, got {b!r}")
+    for value in bits:
+        b = _as_int(value)
+        if b is None:
+            raise ValueError(f"{name} must hold ints, got {value!r}")
         if not MIN_BITS <= b <= MAX_BITS:
             raise ValueError(f"{name} must be in [{MIN_BITS}, {MAX_BITS}], got {b}")
         out.append(b)
@@ -112,17 +115,29 @@ def _check_float(t: torch.Tensor, name: str, allow_double: bool = True) -> None:
 SMALLEST_SCALE = 2.0 ** -126
 
 
-def check_scale_values(scales: torch.Tensor, name: str = "scales") -> None:
+def scale_values_read_on(device: torch.device) -> bool:
+    """Whether the scale values of tensors on ``device`` are checked: on CPU always, on a GPU only under
+    QDARTS_CHECK_SCALES=1 (reading them there costs a host-device sync)."""
+    return device.type == "cpu" or os.environ.get("QDARTS_CHECK_SCALES", "0") == "1"
+
+
+def check_scale_values(scales: torch.Tensor, name: str = "scales", fp64_math: bool = False) -> None:
     """Reject scales below SMALLEST_SCALE (<= 0 included) or non-finite where reading them costs no
-    device sync."""
+    device sync. The values are those the kernels compute with: fp64 scales are rounded to fp32
+    first unless ``fp64_math`` (an fp64 x, on the reference), so that one beyond fp32's range, inf
+    to the kernels, is refused too."""
     if scales.numel() == 0:
         return
     if torch.compiler.is_compiling():
-        # values are unknown while tracing (and reading them would break the graph)
+        # values are unknown while tracing (and reading them would break the graph); the custom ops
+        # check them when the compiled code runs
         return
-    if scales.device.type != "cpu" and os.environ.get("QDARTS_CHECK_SCALES", "0") != "1":
+    if not scale_values_read_on(scales.device):
         return
     s = unwrapped(scales).detach()  # under torch.func's vmap: every sample's scales
+    as_fp32 = ""
+    if s.dtype == torch.float64 and not fp64_math:
+        s, as_fp32 = s.float(), " (as float32, the kernels' arithmetic)"
     # The cheapest read of a CPU tensor's values: a few Python floats for per-tensor scales, one
     # min/max reduction otherwise. SMALLEST_SCALE <= v < inf is false for NaN, +-inf, 0 and negatives.
     if s.numel() <= 64:
@@ -133,7 +148,7 @@ def check_scale_values(scales: torch.Tensor, name: str = "scales") -> None:
     if all(SMALLEST_SCALE <= v < math.inf for v in lo_hi):
         return
     if not bool(torch.isfinite(s).all()):
-        raise ValueError(f"{name} must be finite, got {s.flatten()[: 8].tolist()}")
+        raise ValueError(f"{name} must be finite, got {s.flatten()[: 8].tolist()}{as_fp32}")
     lowest = float(s.min())
     if lowest <= 0:
         raise ValueError(f"{name} must be > 0, got min {lowest}")
@@ -192,7 +207,7 @@ def check_mixed_fake_quant(
                 f"{sn} must have shape [{k}, {c}] for per-channel quantization along axis {axis} with "
                 f"bits={list(bits)}, got {list(scales.shape)}"
             )
-    check_scale_values(scales, sn)
+    check_scale_values(scales, sn, fp64_math=x.dtype == torch.float64)
     return bits, code, ax
 
 
@@ -249,7 +264,7 @@ def check_mixed_fake_quant_grouped(
 def single_bit_scales(scale, bits, axis: Optional[int]) -> torch.Tensor:
     """``fake_quant``'s ``scale`` as the [1] or [1, C] ``scales`` of ``mixed_fake_quant``."""
     _check_tensor(scale, "scale")
-    if isinstance(bits, bool) or not isinstance(bits, int):
+    if _as_int(bits) is None:
         raise ValueError(f"bits must be one int for fake_quant, got {bits!r}")
     if axis is None:
         if scale.numel() != 1:

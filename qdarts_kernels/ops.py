@@ -33,6 +33,8 @@ from ._validation import (
     check_mixed_fake_quant,
     check_mixed_fake_quant_grouped,
     check_mixed_op_sum,
+    check_scale_values,
+    scale_values_read_on,
     single_bit_scales,
 )
 
@@ -104,12 +106,26 @@ def _check_op_args(x: Tensor, probs: Tensor, scales: Tensor, bits, grid: int, ax
                    grad: Optional[Tensor] = None):
     """Cheap checks for direct calls of the custom ops, which torch.compile's graphs make too (the
     public functions validate fully): a RuntimeError like the compiled ops' TORCH_CHECKs, where the
-    Triton kernels would otherwise compute garbage or read out of bounds. Metadata only: no sync."""
+    Triton kernels would otherwise compute garbage or read out of bounds. Metadata only: no sync.
+    The fake kernels make them too: a meta tensor among real ones dispatches to the fake kernel,
+    which would otherwise return an uninitialised result."""
     _check_bits_and_grid(bits, grid)
     _check_tensor_args(x, probs, scales, len(bits), axis, grad)
 
 
+def _check_op_scale_values(x: Tensor, scales: Tensor, name: str = "scales") -> None:
+    """The scale values, in a forward custom op's body: compiled code calls the op, not the public
+    function, whose check is skipped while tracing. Checked where the public ops check them (CPU
+    tensors; GPU tensors under QDARTS_CHECK_SCALES=1); a RuntimeError, as the other checks of the
+    custom ops and the C++ kernels' refusal of the same scales."""
+    try:
+        check_scale_values(scales, name, fp64_math=x.dtype == torch.float64)
+    except ValueError as e:
+        raise RuntimeError(str(e)) from None
+
+
 _GRID_CODES = frozenset(GRIDS.values())
+_OP_DTYPES = _backends.KERNEL_DTYPES + (torch.float64,)  # fp64: the reference backend's
 
 
 def _check_bits_and_grid(bits, grid: int) -> None:
@@ -120,6 +136,13 @@ def _check_bits_and_grid(bits, grid: int) -> None:
 
 
 def _check_tensor_args(x: Tensor, probs: Tensor, scales: Tensor, k: int, axis: int, grad: Optional[Tensor]) -> None:
+    if x.dtype not in _OP_DTYPES:
+        raise RuntimeError(f"x must have dtype float32, float16, bfloat16 or float64, got {x.dtype}")
+    for t, name in ((probs, "probs"), (scales, "scales")):
+        if t.device != x.device:
+            raise RuntimeError(f"{name} is on {t.device} but x is on {x.device}; they must share a device")
+        if not t.is_floating_point():
+            raise RuntimeError(f"{name} must have a floating dtype, got {t.dtype}")
     if not (axis == -1 or 0 <= axis < x.dim()):
         raise RuntimeError(f"axis must be -1 (per tensor) or a dimension of x (0..{x.dim() - 1}), got {axis}")
     if probs.shape != (k,):
@@ -297,11 +320,13 @@ def _mixed_fake_quant_op(
     x: Tensor, probs: Tensor, scales: Tensor, bits: List[int], grid: int, axis: int, backend: str
 ) -> Tensor:
     _check_op_args(x, probs, scales, bits, grid, axis)
+    _check_op_scale_values(x, scales)
     return _mfq_forward(x, probs, scales, bits, grid, axis, backend)
 
 
 @_mixed_fake_quant_op.register_fake
 def _(x, probs, scales, bits, grid, axis, backend):
+    _check_op_args(x, probs, scales, bits, grid, axis)
     return _kernel_output_like(x)
 
 
@@ -326,6 +351,7 @@ def _mixed_fake_quant_backward_op(
 
 @_mixed_fake_quant_backward_op.register_fake
 def _(grad, x, probs, scales, bits, grid, axis, backend, need_dx, need_dprobs, need_dscales):
+    _check_op_args(x, probs, scales, bits, grid, axis, grad)
     return (
         _kernel_output_like(x) if need_dx else x.new_empty(0),
         _contiguous_like(probs) if need_dprobs else probs.new_empty(0),
@@ -465,11 +491,17 @@ _ONES = {}
 
 
 def _ones(dtype: torch.dtype, device: torch.device) -> Tensor:
-    # probs = [1.0] for the single-bit op; cached so a QAT step does not allocate one per call.
+    # probs = [1.0] for the single-bit op; cached so a QAT step does not allocate one per call. Only an
+    # ordinary tensor made in eager code outside a CUDA-graph capture is kept: an inference tensor cannot
+    # be saved for a later backward, a fake one (torch.export, a fake mode) cannot reach a kernel, a
+    # captured fill runs only when its graph is replayed, and traced code makes its own in its graph.
     key = (dtype, device)
     t = _ONES.get(key)
     if t is None:
-        t = _ONES[key] = torch.ones(1, dtype=dtype, device=device)
+        t = torch.ones(1, dtype=dtype, device=device)
+        if (not torch.compiler.is_compiling() and type(t) is Tensor and not t.is_inference()
+                and not _graph_capturing(t.device)):
+            _ONES[key] = t
     return t
 
 
@@ -609,11 +641,19 @@ def _mixed_fake_quant_grouped_op(
     straight_through: bool,
 ) -> List[Tensor]:
     _check_grouped_op_args(xs, probs, scales, bits, grid, axes)
+    if scale_values_read_on(xs[0].device):
+        try:  # all N at once (a supernet's weight quantizer takes hundreds), then the culprit by name
+            _check_op_scale_values(xs[0], torch.cat([s.detach().reshape(-1) for s in scales]))
+        except RuntimeError:
+            for i, s in enumerate(scales):
+                _check_op_scale_values(xs[0], s, f"scales[{i}]")
+            raise
     return _mfqg_forward(xs, probs, scales, bits, grid, axes, backend)
 
 
 @_mixed_fake_quant_grouped_op.register_fake
 def _(xs, probs, scales, bits, grid, axes, backend, straight_through):
+    _check_grouped_op_args(xs, probs, scales, bits, grid, axes)
     return [_kernel_output_like(x) for x in xs]
 
 
@@ -660,6 +700,7 @@ def _mixed_fake_quant_grouped_backward_op(
 
 @_mixed_fake_quant_grouped_backward_op.register_fake
 def _(grads, xs, probs, scales, bits, grid, axes, backend, need_dx, need_dprobs, need_dscales):
+    _check_grouped_op_args(xs, probs, scales, bits, grid, axes, grads)
     dxs = [_kernel_output_like(x) if need_dx else x.new_empty(0) for x in xs]
     math_dtype = torch.float64 if xs[0].dtype == torch.float64 else torch.float32  # see _params
     dscales = scales[0].new_empty(sum(s.numel() for s in scales) if need_dscales else 0, dtype=math_dtype)
@@ -900,6 +941,7 @@ def _mixed_op_sum_op(outputs: List[Tensor], weights: Tensor, backend: str) -> Te
 
 @_mixed_op_sum_op.register_fake
 def _(outputs, weights, backend):
+    _check_mos_op_args(outputs, weights, backend)
     return _kernel_output_like(outputs[0])
 
 
@@ -917,6 +959,8 @@ def _mixed_op_sum_backward_op(
 
 @_mixed_op_sum_backward_op.register_fake
 def _(grad, outputs, weights, backend, need_doutputs, need_dweights):
+    _check_mos_op_args(outputs, weights, backend)
+    _check_grad(grad, outputs[0])
     # every d output as the first output lies (see _mos_backward)
     douts = [_kernel_output_like(outputs[0]) if need_doutputs else o.new_empty(0) for o in outputs]
     return douts + [torch.empty_like(weights) if need_dweights else weights.new_empty(0)]

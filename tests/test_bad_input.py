@@ -151,6 +151,14 @@ def test_non_tensor_argument_of_wrong_type_or_value(op, kwargs, match):
         OPS[op](**kwargs)
 
 
+def test_numpy_integer_bits_are_ints():
+    """Bit-widths from numpy (an np.int64, an integer array) are taken as the ints they are, by every op."""
+    assert torch.equal(_fq(bits=np.int64(4)), _fq(bits=4))
+    assert torch.equal(_mfq(bits=np.array([2, 4])), _mfq(bits=(2, 4)))
+    one = dict(probs=torch.ones(1), scales=S1)
+    assert torch.equal(_mfq(bits=np.int32(4), **one), _mfq(bits=4, **one))
+
+
 # --------------------------------------------------------------------------------------------------
 # shapes, dims and devices
 # --------------------------------------------------------------------------------------------------
@@ -275,6 +283,27 @@ def test_no_grad_and_inference_mode_give_plain_tensors(backend_device):
             z = _mos(outputs=[x, x], weights=p, backend=backend)
         assert not y.requires_grad and not z.requires_grad
         assert torch.equal(y.cpu(), ref.mixed_fake_quant(X, P2, S2, (2, 4)))
+
+
+def test_fake_quant_after_inference_mode_and_export_still_trains(backend_device, monkeypatch):
+    """fake_quant's probabilities ([1.0], cached per dtype and device) made first under inference mode,
+    or as a fake tensor by torch.export, are not kept: a later training call must not get them."""
+    backend, device = backend_device
+    monkeypatch.setattr(qk.ops, "_ONES", {})
+    x, s = (t.to(device).clone().requires_grad_() for t in (X, S1))
+
+    class Quantize(torch.nn.Module):
+        def forward(self, x, s):
+            return qk.fake_quant(x, s, 4, backend=backend)
+
+    with torch.inference_mode():
+        _fq(x=x, scale=s, backend=backend)
+    exported = torch.export.export(Quantize(), (x.detach(), s.detach()))
+    y = _fq(x=x, scale=s, backend=backend)
+    y.sum().backward()
+    assert x.grad is not None and s.grad is not None
+    assert torch.equal(y.detach().cpu(), ref.fake_quant(X, S1, 4))
+    assert torch.equal(exported.module()(x.detach(), s.detach()), y.detach())
 
 
 def test_input_changed_in_place_after_forward_is_refused(backend_device):
@@ -510,6 +539,24 @@ CUSTOM_OP_CASES = [
     ("sum outputs of two sizes", "Q_SUM([X, X[:1]], P, BACKEND)", "outputs[1] has shape"),
     ("sum outputs of two dtypes", "Q_SUM([X, X.half()], P, BACKEND)", "outputs[1] has dtype"),
     ("sum backward weights too short", "Q_SUM_BWD(G, [X, X], P[:1], BACKEND, True, True)", "weights must have"),
+    ("x int", "Q_FWD(X.int(), P, S, BITS, 0, -1, BACKEND)", "x must have dtype float32"),
+    ("probs int", "Q_FWD(X, P.int(), S, BITS, 0, -1, BACKEND)", "probs must have a floating dtype"),
+    # a meta tensor among CPU ones dispatches to the fake kernels, which must refuse it too
+    ("probs on meta", "Q_FWD(X, P.to('meta'), S, BITS, 0, -1, BACKEND)", "probs is on meta but x is on cpu"),
+    ("backward scales on meta", "Q_BWD(G, X, P, S.to('meta'), BITS, 0, -1, BACKEND, True, True, True)",
+     "scales is on meta"),
+    ("grouped scales on meta", "Q_GROUPED([X], P[None], [S.to('meta')], BITS, 0, [-1], BACKEND, False)",
+     "scales is on meta"),
+    ("sum weights on meta", "Q_SUM([X, X], P.to('meta'), BACKEND)", "weights is on meta"),
+    ("sum backward grad on meta", "Q_SUM_BWD(G.to('meta'), [X, X], P, BACKEND, True, True)", "grad must match"),
+    # the scale values, which compiled code reaches through these ops only (the Triton kernels take any)
+    ("scale zero", "Q_FWD(X, P, torch.tensor([0.1, 0.0]), BITS, 0, -1, BACKEND)", "scales must be > 0"),
+    ("scale nan per channel", "Q_FWD(X, P, torch.tensor([[1.0, float('nan'), 1.0]] * 2), BITS, 0, 1, BACKEND)",
+     "scales must be finite"),
+    ("scale float64 beyond float32", "Q_FWD(X, P, torch.tensor([0.1, 1e39], dtype=torch.float64), BITS, 0, -1, "
+     "BACKEND)", "scales must be finite"),
+    ("grouped scale negative", "Q_GROUPED([X, X], torch.stack([P, P]), [S, -S], BITS, 0, [-1, -1], BACKEND, False)",
+     "scales[1] must be > 0"),
 ]
 
 

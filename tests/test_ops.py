@@ -340,6 +340,36 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(p.grad, g)
 
 
+@pytest.mark.parametrize("backend", CPU_SIDE_BACKENDS)
+def test_compiled_code_refuses_bad_scale_values_when_it_runs(backend):
+    """Compiled code calls the custom ops, whose bodies check the scale values at run time (tracing cannot
+    read them): a bad scale is refused as in eager mode, on every backend (the Triton kernels would take
+    any), for the single and the grouped op."""
+    torch._dynamo.reset()
+    x = torch.randn(6)
+    single = torch.compile(lambda x, s: qk.fake_quant(x, s, 4, backend=backend), fullgraph=True, backend="aot_eager")
+    grouped = torch.compile(lambda xs, p, ss: qk.mixed_fake_quant_grouped(xs, p, ss, (4,), backend=backend),
+                            fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(single(x, torch.tensor([0.5])), qk.fake_quant(x, torch.tensor([0.5]), 4, backend=backend))
+    grouped([x, x], torch.ones(2, 1), [torch.tensor([0.5])] * 2)
+    for bad, match in [(0.0, "must be > 0"), (-1.0, "must be > 0"), (float("nan"), "must be finite")]:
+        with pytest.raises(RuntimeError, match="scales " + match):
+            single(x, torch.tensor([bad]))
+        with pytest.raises(RuntimeError, match=r"scales\[1\] " + match):
+            grouped([x, x], torch.ones(2, 1), [torch.tensor([0.5]), torch.tensor([bad])])
+
+
+def test_float64_scales_are_checked_as_the_kernels_take_them():
+    """fp64 scales reach the kernels as fp32 (fp64 only for fp64 x, on the reference): one beyond fp32's
+    range is inf to them, and refused; with fp64 x it is a finite scale."""
+    scales = torch.tensor([0.1, 1e39], dtype=torch.float64)
+    for backend in CPU_SIDE_BACKENDS:
+        with pytest.raises(ValueError, match=r"scales must be finite, got \[0.1.*, inf\] \(as float32"):
+            qk.mixed_fake_quant(X, P2, scales, (2, 4), backend=backend)
+    y = qk.mixed_fake_quant(X.double(), P2.double(), scales, (2, 4))
+    torch.testing.assert_close(y, ref.mixed_fake_quant(X.double(), P2.double(), scales, (2, 4)), rtol=0, atol=0)
+
+
 def test_torch_compile_inductor():
     """Inductor (the default compiler) also traces the ops as opaque custom ops, without graph breaks."""
     torch._dynamo.reset()

@@ -14,22 +14,25 @@ there.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import re
+import socket
 import sys
 import tempfile
 import time
 import warnings
 from dataclasses import fields, replace
-from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Tuple, TypeVar
+from typing import IO, Any, Callable, Collection, Dict, Iterator, List, Mapping, Optional, Tuple, TypeVar
 
 import numpy as np
 import torch
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_torch_save", "rng_state", "set_rng_state", "seed_everything",
-           "load_checkpoint", "resumed_config", "prepare_output_folder", "remove_stale_temporaries",
+           "load_checkpoint", "resumed_config", "typed_over_saved", "prepare_output_folder", "release_output_folder",
+           "writing_into", "refuse_outputs_without_checkpoint", "remove_stale_temporaries",
            "PAUSE_BEFORE_REPLACE_ENV", "pack_tensors", "unpack_tensors", "warn_if_world_size_changed"]
 
 PAUSE_BEFORE_REPLACE_ENV = "QDARTS_TEST_PAUSE_BEFORE_REPLACE"
@@ -100,16 +103,87 @@ def remove_stale_temporaries(folder: str) -> None:
             os.unlink(os.path.join(folder, name))
 
 
-def prepare_output_folder(folder: str) -> None:
-    """Create ``folder`` if needed and prove it writable (before any work is spent), removing the
-    temporaries of a killed earlier run; a ``ValueError`` names the folder otherwise."""
+#: The file in an output folder that the run writing into it holds locked (POSIX advisory lock).
+LOCK_FILE = ".qdarts.lock"
+
+
+def prepare_output_folder(folder: str) -> Optional[IO[str]]:
+    """Create ``folder`` if needed, prove it writable (before any work is spent) and lock it against a
+    second run writing into it at the same time, then remove the temporaries of a killed earlier run
+    (which a run in progress would still be writing). A ``ValueError`` names the folder otherwise.
+    Returns the open lock file (None where the system has no ``fcntl``): the lock lasts until
+    :func:`release_output_folder`, or until the process ends, however it ends."""
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
         raise ValueError(f"output folder {folder!r} cannot be written ({e.strerror or e})") from e
+    lock = _lock_folder(folder)
     remove_stale_temporaries(folder)
+    return lock
+
+
+def _lock_folder(folder: str) -> Optional[IO[str]]:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    path = os.path.join(folder, LOCK_FILE)
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ValueError(f"another run ({holder}) is writing into {folder!r}; wait for it to end, or choose "
+                             "another --out") from None
+        # the run that held it deletes the file as it ends: the lock counts where it is still the folder's file
+        if os.path.exists(path) and os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+            break
+        f.close()
+    f.seek(0)
+    f.truncate()
+    f.write(f"qdarts, process {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    return f
+
+
+@contextlib.contextmanager
+def writing_into(folder: str, dist: Any) -> Iterator[None]:
+    """The block in which a run writes into ``folder``: its writer (``dist.is_writer``, a
+    :class:`qdarts.distributed.Dist`) prepares the folder (:func:`prepare_output_folder`) and holds its lock
+    until the block ends; every rank raises the writer's error, if it met one."""
+    lock, error = None, None
+    if dist.is_writer:
+        try:
+            lock = prepare_output_folder(folder)
+        except ValueError as e:
+            error = e
+    dist.raise_writer_error(error)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            release_output_folder(lock)
+
+
+def release_output_folder(lock: IO[str]) -> None:
+    """End the lock that :func:`prepare_output_folder` took: its file is deleted (while still locked, so
+    that no other run takes a lock on a file about to go), then closed."""
+    os.unlink(lock.name)
+    lock.close()
+
+
+def refuse_outputs_without_checkpoint(folder: str, outputs: Collection[str], checkpoint: str) -> None:
+    """A ``FileExistsError`` where ``folder`` holds a finished run's ``outputs`` but no checkpoint to continue
+    (deleted): a new run there would replace them, and leave its other files (plots) beside the new ones."""
+    found = [name for name in outputs if os.path.isfile(os.path.join(folder, name))]
+    if found:
+        raise FileExistsError(f"{folder!r} holds a run's outputs ({', '.join(found)}) but no {checkpoint} to "
+                              "continue; choose another --out, or delete them to start there afresh")
 
 
 def load_checkpoint(path: str, fmt: str) -> Optional[Dict[str, Any]]:
@@ -162,6 +236,14 @@ def resumed_config(saved: Config, given: Config, *, may_change: Collection[str],
                          f"Leave them out or give the checkpoint's values (only {free} may change), or start "
                          "a new run in another --out")
     return replace(saved, **{n: getattr(given, n) for n in may_change})
+
+
+def typed_over_saved(saved: Config, given: Config, explicit: Optional[Collection[str]]) -> Config:
+    """The checkpoint's settings with those typed for this run (``explicit``; every one of ``given`` where
+    it is None) over them: what validates this run's own settings on a resume, whose options left out take
+    the checkpoint's values, not their defaults (``--resume --partial-channels 3`` on a run of 6 channels)."""
+    return replace(saved, **{f.name: getattr(given, f.name) for f in fields(given)
+                             if explicit is None or f.name in explicit})
 
 
 def _same_setting(a: Any, b: Any) -> bool:

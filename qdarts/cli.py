@@ -265,9 +265,13 @@ def _run_train(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.typed = _typed_options(argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        args.typed = _typed_options(argv)
+    except KeyboardInterrupt:  # while the parser imports torch: nothing has started
+        print("qdarts: interrupted", file=sys.stderr)
+        return 130
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

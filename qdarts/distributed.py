@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -75,6 +75,21 @@ class Dist:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+    def raise_writer_error(self, error: Optional[ValueError]) -> None:
+        """On every rank, raise the ``ValueError`` that the writer met (``error`` on the writer; None where it
+        met none), and return where it met none: in place of a barrier after the writer's own work, as the
+        other ranks would otherwise wait in the next collective for a writer that has stopped, then fail
+        with a connection error instead of the writer's message."""
+        message = None if error is None else str(error)
+        if self.enabled:
+            box = [message]
+            dist.broadcast_object_list(box, src=0)
+            message = box[0]
+        if error is not None:
+            raise error
+        if message is not None:
+            raise ValueError(message)
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the ranks, in place (the epoch's metric sums: one call per epoch)."""

@@ -316,6 +316,8 @@ def load_genotype(path: str) -> Genotype:
             d = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from e
+        except RecursionError:  # json's parser recurses per nesting level
+            raise ValueError(f"{path}: not a genotype (JSON nested too deeply to read)") from None
     return Genotype.from_dict(d, source=path)
 
 

@@ -13,6 +13,8 @@ from .genotype import PRIMITIVES, Genotype
 __all__ = ["write_search_report", "PLOTS"]
 
 PLOTS = ("bits_per_layer.png", "op_weights.png", "accuracy_bitops.png")
+#: the epochs' figures, written after every epoch and with the report
+HISTORY_FILE = "history.json"
 
 
 def _save(fig, path: str) -> None:
@@ -68,7 +70,7 @@ def _plot(out_dir: str, history: List[Dict[str, Any]], cost: Dict[str, Any]) -> 
 
 def write_search_report(out_dir: str, config, history: List[Dict[str, Any]], genotype: Genotype,
                         cost: Dict[str, Any], elapsed: float, *, plots: bool = True) -> None:
-    atomic_write_text(os.path.join(out_dir, "history.json"), json.dumps(history))
+    atomic_write_text(os.path.join(out_dir, HISTORY_FILE), json.dumps(history))
     if plots:
         _plot(out_dir, history, cost)
     last = history[-1]

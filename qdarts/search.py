@@ -32,9 +32,9 @@ import qdarts_kernels as qk
 from qdarts_kernels import _backends
 
 from . import distributed
-from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, pack_tensors, prepare_output_folder,
-                         resumed_config, rng_state, seed_everything, set_rng_state, unpack_tensors,
-                         warn_if_world_size_changed)
+from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, pack_tensors,
+                         refuse_outputs_without_checkpoint, resumed_config, rng_state, seed_everything, set_rng_state,
+                         typed_over_saved, unpack_tensors, warn_if_world_size_changed, writing_into)
 from .cost import COST_KINDS, ExpectedCost, network_cost
 from .cudagraph import GraphedStep
 from .data import (DATASETS, Dataset, absolute_data_dir, batches, check_data_dir, check_split_sizes, load_dataset,
@@ -45,6 +45,7 @@ from .evalnet import EvalNetwork
 from .genotype import GENOTYPE_FILE, MAX_BITS, Genotype
 from .fastpath import COMPILE_MODES, compiled, record_shapes
 from .ops import ACT_GRIDS, QUANTIZERS
+from .report import HISTORY_FILE
 from .supernet import ACT_DTYPES, SearchNetwork, SupernetConfig
 
 __all__ = ["SearchConfig", "Searcher", "run_search", "cosine_lr", "CHECKPOINT", "ORDERS"]
@@ -587,7 +588,7 @@ class Searcher:
         if self.dist.is_writer:
             os.makedirs(self.out_dir, exist_ok=True)
             atomic_torch_save(self.checkpoint_path, self.state_dict())
-            atomic_write_text(os.path.join(self.out_dir, "history.json"), json.dumps(self.history))
+            atomic_write_text(os.path.join(self.out_dir, HISTORY_FILE), json.dumps(self.history))
         self.dist.barrier()
 
     # ------------------------------------------------------------------ results
@@ -640,8 +641,9 @@ def run_search(config: SearchConfig, out_dir: str, *, resume: bool = False, prog
     if state is not None and not resume:
         raise FileExistsError(f"{out_dir!r} already holds a search checkpoint; pass --resume to continue it "
                               "or choose another --out")
-    if state is not None:
-        config.validate()  # this run's own settings first: an error in them is not the checkpoint's
+    if state is None:
+        refuse_outputs_without_checkpoint(out_dir, (GENOTYPE_FILE, HISTORY_FILE), CHECKPOINT)
+    else:
         try:
             saved = SearchConfig.from_dict(state["config"])
             # the checkpoint's settings (a hand edit may have given them any type) with those this run may change
@@ -649,23 +651,23 @@ def run_search(config: SearchConfig, out_dir: str, *, resume: bool = False, prog
         except (TypeError, ValueError) as e:
             raise ValueError(f"{os.path.join(out_dir, CHECKPOINT)!r} holds no valid search config ({e}); delete it "
                              "to start afresh, or choose another --out") from e
+        # this run's own settings next, over the checkpoint's: an error in them is not the checkpoint's
+        typed_over_saved(saved, config, explicit).validate()
         config = resumed_config(saved, config, may_change=RESUME_MAY_CHANGE, explicit=explicit, name=option)
     searcher = Searcher(config, out_dir, progress=progress)  # validates the config and loads the data first
-    if searcher.dist.is_writer:
-        prepare_output_folder(out_dir)
-    searcher.dist.barrier()
-    if state is not None:
-        warn_if_world_size_changed(state, searcher.dist.world_size, searcher.dist.is_writer)
-        searcher.load_state_dict(state)
-    searcher.run(stop_after=stop_after)
-    result: Dict[str, Any] = {"history": searcher.history, "config": searcher.config, "searcher": searcher}
-    if searcher.epoch >= config.epochs:
-        genotype, cost = searcher.derive()  # on every rank: the replicas are equal, so are the genotypes
-        result.update(genotype=genotype, cost=cost)
-        distributed.dump_rank_state(searcher.net)
-        if searcher.dist.is_writer:
-            genotype.save(os.path.join(out_dir, GENOTYPE_FILE))
-            write_search_report(out_dir, searcher.config, searcher.history, genotype, cost, searcher.elapsed,
-                                plots=plots)
-        searcher.dist.barrier()
+    with writing_into(out_dir, searcher.dist):
+        if state is not None:
+            warn_if_world_size_changed(state, searcher.dist.world_size, searcher.dist.is_writer)
+            searcher.load_state_dict(state)
+        searcher.run(stop_after=stop_after)
+        result: Dict[str, Any] = {"history": searcher.history, "config": searcher.config, "searcher": searcher}
+        if searcher.epoch >= config.epochs:
+            genotype, cost = searcher.derive()  # on every rank: the replicas are equal, so are the genotypes
+            result.update(genotype=genotype, cost=cost)
+            distributed.dump_rank_state(searcher.net)
+            if searcher.dist.is_writer:
+                genotype.save(os.path.join(out_dir, GENOTYPE_FILE))
+                write_search_report(out_dir, searcher.config, searcher.history, genotype, cost, searcher.elapsed,
+                                    plots=plots)
+            searcher.dist.barrier()
     return result

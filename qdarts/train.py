@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, prepare_output_folder, resumed_config,
-                         rng_state, seed_everything, set_rng_state, warn_if_world_size_changed)
+from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, refuse_outputs_without_checkpoint,
+                         resumed_config, rng_state, seed_everything, set_rng_state, typed_over_saved,
+                         warn_if_world_size_changed, writing_into)
 from .cost import network_cost
 from .data import absolute_data_dir, batches, check_data_dir, check_split_sizes, load_dataset, num_batches
 from .divergence import check_figures, diagnosed, kept_checkpoint
@@ -32,6 +33,7 @@ __all__ = ["TrainConfig", "run_train"]
 
 CHECKPOINT = "train_checkpoint.pt"
 FORMAT = "qdarts-train-checkpoint"
+SUMMARY_FILE = "summary.json"
 
 
 @dataclass
@@ -119,14 +121,17 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
 
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     dist = distributed.current()
-    config = replace(config, genotype=genotype_path(config.genotype))
+    # absolute, as the data folder: a resume started in another working directory names the same file
+    config = replace(config, genotype=os.path.abspath(genotype_path(config.genotype)))
     config = replace(config, data_dir=absolute_data_dir(config.data_dir))
     state = load_checkpoint(ckpt_path, FORMAT)
     if state is not None and not resume:
         raise FileExistsError(f"{out_dir!r} already holds a training checkpoint; pass --resume to continue it "
                               "or choose another --out")
-    config.validate()  # this run's own settings first: an error in them is not the checkpoint's
-    if state is not None:
+    if state is None:
+        config.validate()
+        refuse_outputs_without_checkpoint(out_dir, (SUMMARY_FILE,), CHECKPOINT)
+    else:
         try:
             saved = TrainConfig.from_dict(state["config"])
             saved = replace(saved, genotype=genotype_path(saved.genotype))  # written before it was resolved
@@ -135,6 +140,8 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{ckpt_path!r} holds no valid training config ({e}); delete it to start afresh, "
                              "or choose another --out") from e
+        # this run's own settings next, over the checkpoint's: an error in them is not the checkpoint's
+        typed_over_saved(saved, config, explicit).validate()
         config = resumed_config(saved, config, may_change=("device", "backend"), explicit=explicit, name=option)
     genotype = load_genotype(config.genotype)
     search = genotype.search
@@ -170,109 +177,110 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
     cost = network_cost(model, dataset.input_shape, device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    if dist.is_writer:
-        prepare_output_folder(out_dir)
-    dist.barrier()
-    epoch, history, elapsed = 0, [], 0.0
-    if state is not None:
-        warn_if_world_size_changed(state, dist.world_size, dist.is_writer)
+    with writing_into(out_dir, dist):
+        epoch, history, elapsed = 0, [], 0.0
+        if state is not None:
+            warn_if_world_size_changed(state, dist.world_size, dist.is_writer)
+            try:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                epoch, history, elapsed = int(state["epoch"]), list(state["history"]), float(state["elapsed"])
+                set_rng_state(state["rng"])
+            except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(f"{ckpt_path!r} does not fit the training it describes ({reason}); delete it to "
+                                 "start afresh, or choose another --out") from e
+
+        def train_loss(xb, yb):
+            """(logits, loss); the forward under bf16 autocast with act_dtype bf16, compiled with compile."""
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.act_dtype == "bf16"):
+                out = model(xb)
+            logits, aux = out if isinstance(out, tuple) else (out, None)
+            loss = F.cross_entropy(logits.float(), yb)
+            if aux is not None:
+                loss = loss + config.aux_weight * F.cross_entropy(aux.float(), yb)
+            return logits, loss
+
+        train_loss = compiled(train_loss, config.compile)
+        shard = (dist.rank, dist.world_size)
+        replicas_equal = not dist.enabled  # until the first step hands every rank rank 0's LSQ steps
+        # with the auxiliary head a trailing batch of one sample is dropped: the head's BatchNorm sees a
+        # [1, C, 1, 1] map there, one value per channel, which training-mode BatchNorm cannot normalise
+        drop_last = config.auxiliary and dataset.train_x.shape[0] // dist.world_size % config.batch_size == 1
+        n_steps = num_batches(dataset.train_x.shape[0], config.batch_size, drop_last, world_size=dist.world_size)
+        last = config.epochs if stop_after is None else min(config.epochs, epoch + stop_after)
+        bar = tqdm(total=config.epochs * n_steps, initial=epoch * n_steps,
+                   desc="train (fp32)" if config.fp32 else "train", unit="step",
+                   disable=not (progress and dist.is_writer), dynamic_ncols=True)
         try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            epoch, history, elapsed = int(state["epoch"]), list(state["history"]), float(state["elapsed"])
-            set_rng_state(state["rng"])
-        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{ckpt_path!r} does not fit the training it describes ({reason}); delete it to "
-                             "start afresh, or choose another --out") from e
-
-    def train_loss(xb, yb):
-        """(logits, loss); the forward under bf16 autocast with act_dtype bf16, compiled with compile."""
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.act_dtype == "bf16"):
-            out = model(xb)
-        logits, aux = out if isinstance(out, tuple) else (out, None)
-        loss = F.cross_entropy(logits.float(), yb)
-        if aux is not None:
-            loss = loss + config.aux_weight * F.cross_entropy(aux.float(), yb)
-        return logits, loss
-
-    train_loss = compiled(train_loss, config.compile)
-    shard = (dist.rank, dist.world_size)
-    replicas_equal = not dist.enabled  # until the first step hands every rank rank 0's LSQ steps
-    # with the auxiliary head a trailing batch of one sample is dropped: the head's BatchNorm sees a
-    # [1, C, 1, 1] map there, one value per channel, which training-mode BatchNorm cannot normalise
-    drop_last = config.auxiliary and dataset.train_x.shape[0] // dist.world_size % config.batch_size == 1
-    n_steps = num_batches(dataset.train_x.shape[0], config.batch_size, drop_last, world_size=dist.world_size)
-    last = config.epochs if stop_after is None else min(config.epochs, epoch + stop_after)
-    bar = tqdm(total=config.epochs * n_steps, initial=epoch * n_steps, desc="train (fp32)" if config.fp32 else "train",
-               unit="step", disable=not (progress and dist.is_writer), dynamic_ncols=True)
-    try:
-        while epoch < last:
-            start = time.perf_counter()
-            lr = cosine_lr(epoch, config.epochs, config.lr, config.lr_min)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            model.drop_path_prob = config.drop_path * epoch / config.epochs
-            g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-            stats = torch.zeros(3, device=device)
-            what = f"the training (epoch {epoch + 1})"
-            advice = (f"start again in a new --out with a lower learning rate: {option('lr')} is {config.lr:g}; "
-                      f"{kept_checkpoint(ckpt_path, epoch)}")
-            with diagnosed(what, model.named_parameters, advice):
-                for xb, yb in batches(dataset.train_x, dataset.train_y, config.batch_size, shuffle=True, generator=g,
-                                      augment=dataset.augment, device=device, drop_last=drop_last, shard=shard):
-                    optimizer.zero_grad(set_to_none=True)
-                    logits, loss = train_loss(xb, yb)
-                    loss.backward()
-                    distributed.all_reduce_gradients(model.parameters(), broadcast_values=not replicas_equal)
-                    replicas_equal = True
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                    optimizer.step()
-                    n = yb.shape[0]
-                    stats[:2] += torch.stack([loss.detach() * n, (logits.argmax(1) == yb).sum().float()])
-                    stats[2] += n
-                    bar.update(1)
-            loss_sum, correct, n = dist.all_reduce_sum(stats).tolist()
-            # what a GPU step cannot check without a host sync: its NaN shows in the epoch's loss
-            check_figures(what, {"train_loss": loss_sum / n}, advice)
-            distributed.average_buffers(model)
-            seconds = time.perf_counter() - start
-            elapsed += seconds
-            epoch += 1
-            history.append({"epoch": epoch, "lr": lr, "train_loss": loss_sum / n, "train_acc": correct / n,
-                            "seconds": seconds})
-            bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}")
-            if dist.is_writer:
-                atomic_torch_save(ckpt_path, {"format": FORMAT, "config": {**asdict(config), "trained_on": trained_on},
-                                              "epoch": epoch, "model": model.state_dict(),
-                                              "optimizer": optimizer.state_dict(),
-                                              "history": history, "elapsed": elapsed, "rng": rng_state(),
-                                              "world_size": dist.world_size})
-            dist.barrier()
-    finally:
-        bar.close()
-    if epoch < config.epochs:
-        return {}
-    distributed.dump_rank_state(model)
-    summary = {
-        "test_accuracy": _accuracy(model, dataset.test_x, dataset.test_y, device),
-        "bitops": cost["bitops"],
-        "bitops_fp32": cost["bitops_fp32"],
-        "bitops_reduction": cost["bitops_fp32"] / max(cost["bitops"], 1),
-        "memory_bytes": cost["memory_bytes"],
-        "memory_bytes_fp32": cost["memory_bytes_fp32"],
-        "macs": cost["macs"],
-        "fp32": config.fp32,
-        "data": data,
-        "layers": layers,
-        "channels": channels,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "train_seconds": elapsed,
-        "history": history,
-        "bits_per_layer": cost["layers"],
-        "config": asdict(config),
-    }
-    if dist.is_writer:
-        atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
-    dist.barrier()
-    return summary
+            while epoch < last:
+                start = time.perf_counter()
+                lr = cosine_lr(epoch, config.epochs, config.lr, config.lr_min)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                model.drop_path_prob = config.drop_path * epoch / config.epochs
+                g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+                stats = torch.zeros(3, device=device)
+                what = f"the training (epoch {epoch + 1})"
+                advice = (f"start again in a new --out with a lower learning rate: {option('lr')} is {config.lr:g}; "
+                          f"{kept_checkpoint(ckpt_path, epoch)}")
+                with diagnosed(what, model.named_parameters, advice):
+                    for xb, yb in batches(dataset.train_x, dataset.train_y, config.batch_size, shuffle=True,
+                                          generator=g, augment=dataset.augment, device=device, drop_last=drop_last,
+                                          shard=shard):
+                        optimizer.zero_grad(set_to_none=True)
+                        logits, loss = train_loss(xb, yb)
+                        loss.backward()
+                        distributed.all_reduce_gradients(model.parameters(), broadcast_values=not replicas_equal)
+                        replicas_equal = True
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                        optimizer.step()
+                        n = yb.shape[0]
+                        stats[:2] += torch.stack([loss.detach() * n, (logits.argmax(1) == yb).sum().float()])
+                        stats[2] += n
+                        bar.update(1)
+                loss_sum, correct, n = dist.all_reduce_sum(stats).tolist()
+                # what a GPU step cannot check without a host sync: its NaN shows in the epoch's loss
+                check_figures(what, {"train_loss": loss_sum / n}, advice)
+                distributed.average_buffers(model)
+                seconds = time.perf_counter() - start
+                elapsed += seconds
+                epoch += 1
+                history.append({"epoch": epoch, "lr": lr, "train_loss": loss_sum / n, "train_acc": correct / n,
+                                "seconds": seconds})
+                bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}")
+                if dist.is_writer:
+                    atomic_torch_save(ckpt_path, {"format": FORMAT,
+                                                  "config": {**asdict(config), "trained_on": trained_on},
+                                                  "epoch": epoch, "model": model.state_dict(),
+                                                  "optimizer": optimizer.state_dict(),
+                                                  "history": history, "elapsed": elapsed, "rng": rng_state(),
+                                                  "world_size": dist.world_size})
+                dist.barrier()
+        finally:
+            bar.close()
+        if epoch < config.epochs:
+            return {}
+        distributed.dump_rank_state(model)
+        summary = {
+            "test_accuracy": _accuracy(model, dataset.test_x, dataset.test_y, device),
+            "bitops": cost["bitops"],
+            "bitops_fp32": cost["bitops_fp32"],
+            "bitops_reduction": cost["bitops_fp32"] / max(cost["bitops"], 1),
+            "memory_bytes": cost["memory_bytes"],
+            "memory_bytes_fp32": cost["memory_bytes_fp32"],
+            "macs": cost["macs"],
+            "fp32": config.fp32,
+            "data": data,
+            "layers": layers,
+            "channels": channels,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "train_seconds": elapsed,
+            "history": history,
+            "bits_per_layer": cost["layers"],
+            "config": asdict(config),
+        }
+        if dist.is_writer:
+            atomic_write_text(os.path.join(out_dir, SUMMARY_FILE), json.dumps(summary, indent=1))
+        dist.barrier()
+        return summary

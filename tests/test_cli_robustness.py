@@ -331,6 +331,79 @@ def test_train_resume_refuses_a_typed_setting_that_differs(finished_search, tmp_
     assert cli.main(["train", "--genotype", str(finished_search), "--resume", "--out", str(out)]) == 0
 
 
+def test_resume_checks_the_typed_options_against_the_checkpoints_values_not_the_defaults(tmp_path, capsys):
+    """Options left out take the checkpoint's values, also where the typed ones are validated: a typed
+    --partial-channels 3 fits the checkpoint's 6 channels, whatever the default of --channels."""
+    out = tmp_path / "six"
+    run_search(SearchConfig(data="synthetic", epochs=2, warmup_epochs=1, batch_size=256, channels=6, layers=1,
+                            steps=2, partial_channels=3, bits=(2, 4)), str(out), progress=False, plots=False,
+               stop_after=1)
+    assert cli.main(["search", "--resume", "--partial-channels", "3", "--no-progress", "--no-plots",
+                     "--out", str(out)]) == 0
+    assert len(json.loads((out / "history.json").read_text())) == 2
+    # a typed value that is wrong in itself is still named as such
+    _refused(["search", "--resume", "--partial-channels", "4", "--out", str(out)], capsys,
+             match="channels (6) must be divisible by partial_channels (4)")
+
+
+def test_train_resume_from_another_working_directory(finished_search, tmp_path, capsys, monkeypatch):
+    """The genotype file is kept by its absolute path: a resume started elsewhere names the same file."""
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    (tmp_path / "a" / "genotype.json").write_text((finished_search / "genotype.json").read_text())
+    assert cli.main(["train", "--genotype", "genotype.json", *TRAIN_TINY, "--out", str(tmp_path / "t")]) == 0
+    monkeypatch.chdir(tmp_path)
+    for spelling in (str(tmp_path / "a" / "genotype.json"), "a/genotype.json", "a"):
+        assert cli.main(["train", "--genotype", spelling, "--resume", "--out", "t"]) == 0, capsys.readouterr().err
+
+
+def test_a_folder_another_run_writes_into_is_refused(tmp_path, capsys):
+    """Two runs into one --out would overwrite each other's outputs (and the second would delete the first's
+    temporary files): the folder is locked while a run writes into it, until that run ends."""
+    from qdarts.checkpoint import LOCK_FILE, prepare_output_folder, release_output_folder
+
+    out = tmp_path / "busy"
+    lock = prepare_output_folder(str(out))  # as another run holds it (flock: another open file is another holder)
+    line = _refused(["search", *TINY, "--out", str(out)], capsys, match="is writing into")
+    assert f"process {os.getpid()}" in line
+    _refused(["train", "--genotype", str(tmp_path / "none"), *TRAIN_TINY, "--out", str(out)], capsys,
+             match="does not exist")  # the genotype is read first: no lock needed to refuse it
+    assert sorted(os.listdir(out)) == [LOCK_FILE]
+    release_output_folder(lock)
+    assert cli.main(["search", *TINY, "--out", str(out)]) == 0
+    assert cli.main(["search", *TINY, "--resume", "--out", str(out)]) == 0  # released when a run ends
+    assert LOCK_FILE not in os.listdir(out)
+
+
+def test_outputs_without_a_checkpoint_are_not_overwritten(finished_search, tmp_path, capsys):
+    """A folder with a finished run's outputs whose checkpoint was deleted: a new run there would replace
+    them and leave the old plots beside the new genotype; refused, with or without --resume."""
+    out = tmp_path / "old"
+    out.mkdir()
+    for name in ("genotype.json", "history.json", "summary.md"):
+        (out / name).write_bytes((finished_search / name).read_bytes())
+    before = _snapshot(out)
+    for resume in ([], ["--resume"]):
+        _refused(["search", *TINY, *resume, "--out", str(out)], capsys,
+                 match="holds a run's outputs (genotype.json, history.json) but no checkpoint.pt")
+    assert _snapshot(out) == before
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "summary.json").write_text("{}")
+    _refused(["train", "--genotype", str(finished_search), *TRAIN_TINY, "--out", str(trained)], capsys,
+             match=f"holds a run's outputs (summary.json) but no {TRAIN_CHECKPOINT}")
+
+
+def test_ctrl_c_while_the_command_line_is_read_ends_without_a_traceback(monkeypatch, capsys):
+    def interrupted():
+        raise KeyboardInterrupt  # the parser imports torch: a second or so in which Ctrl-C is likely
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["search"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
+
+
 def test_train_resume_refuses_a_checkpoint_config_of_the_wrong_type(finished_search, tmp_path, capsys):
     out = tmp_path / "train"
     assert cli.main(["train", "--genotype", str(finished_search / "genotype.json"), *TRAIN_TINY, "--out",
@@ -435,6 +508,7 @@ def _search_setting(name, value):
 GENOTYPE_CASES = {
     "missing": (None, "does not exist"),
     "empty": (lambda g: "", "not valid JSON"),
+    "nested_too_deeply": (lambda g: "[" * 100000, "nested too deeply"),
     "truncated": (lambda g: (g / "genotype.json").read_text()[:100], "not valid JSON"),
     "binary": (lambda g: b"\x80\x81\xfe\xff" * 8, "genotype.json"),
     "a_list": (lambda g: "[1, 2]", "not a genotype file"),

@@ -118,6 +118,18 @@ def test_two_process_search_resumes_under_torchrun(distributed_search, tmp_path)
 
 
 @pytest.mark.slow
+def test_an_output_folder_error_of_the_writer_is_every_ranks(tmp_path):
+    """Rank 0 alone prepares --out: where it cannot, every rank ends with its message (the others had
+    waited at a barrier for it, then failed with a connection error and a traceback)."""
+    (tmp_path / "file").write_text("")
+    done = subprocess.run([*TORCHRUN, *SEARCH, "--out", str(tmp_path / "file" / "sub")], env=_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode != 0
+    # no traceback through our code (torchrun prints its own, of the failed children)
+    assert os.path.join(ROOT, "qdarts") not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.count("qdarts search: error: output folder") == 2, done.stderr[-3000:]
+
+
 def test_two_process_retraining(distributed_search, tmp_path):
     reference, _, _ = distributed_search
     out, dump = tmp_path / "train", tmp_path / "dump"

@@ -350,7 +350,8 @@ def test_compiled_code_refuses_bad_scale_values_when_it_runs(backend):
     single = torch.compile(lambda x, s: qk.fake_quant(x, s, 4, backend=backend), fullgraph=True, backend="aot_eager")
     grouped = torch.compile(lambda xs, p, ss: qk.mixed_fake_quant_grouped(xs, p, ss, (4,), backend=backend),
                             fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(single(x, torch.tensor([0.5])), qk.fake_quant(x, torch.tensor([0.5]), 4, backend=backend))
+    half = torch.tensor([0.5])
+    torch.testing.assert_close(single(x, half), qk.fake_quant(x, half, 4, backend=backend))
     grouped([x, x], torch.ones(2, 1), [torch.tensor([0.5])] * 2)
     for bad, match in [(0.0, "must be > 0"), (-1.0, "must be > 0"), (float("nan"), "must be finite")]:
         with pytest.raises(RuntimeError, match="scales " + match):

@@ -349,6 +349,29 @@ def test_module_refuses_one_value_per_channel():
         bn(torch.randn(1, 3, 1, 1, requires_grad=True))
 
 
+@pytest.mark.parametrize("eps", [0.0, -1e-5])
+def test_module_refuses_an_eps_that_is_not_positive_in_training(eps):
+    """As F.batch_norm does: a variance of 0 would give inf, then NaN, without a word."""
+    bn = qnn.OutputKeepingBatchNorm2d(3, eps=eps, affine=False)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        bn(torch.ones(4, 3, 2, 2, requires_grad=True))
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_module_running_statistics_of_a_nan_batch_are_batchnorm2d_s(backend, device):
+    """A NaN in a channel makes its variance, and so running_var, NaN, as in PyTorch (the C++ kernel's
+    clamp of a rounding-negative variance to 0 had turned it into 0: a finite running_var)."""
+    x = torch.randn(8, 3, 4, 4, device=device)
+    x[0, 0, 0, 0] = float("nan")
+    stats = []
+    for m in (qnn.OutputKeepingBatchNorm2d(3, affine=False, backend=backend), nn.BatchNorm2d(3, affine=False)):
+        m.to(device)
+        y = m(x.clone().requires_grad_())
+        stats.append((y.isnan().any(dim=(0, 2, 3)), m.running_mean, m.running_var))
+    for got, want in zip(*stats):
+        torch.testing.assert_close(got, want, equal_nan=True)
+
+
 def test_supernet_batch_norms_take_the_configured_backend():
     from qdarts.supernet import SearchNetwork, SupernetConfig
 

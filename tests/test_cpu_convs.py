@@ -243,6 +243,22 @@ def test_quantized_pointwise_conv_as_matrix_products_has_pytorch_s_values_and_gr
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("grad", [True, False])
+def test_quantized_pointwise_conv_on_an_empty_batch(monkeypatch, stride, grad):
+    """The matrix products name the output channels: a view with -1 cannot infer them for an empty batch."""
+    layer = qnn.QuantConv2d(4, 8, 1, stride=stride, bias=False, backend="cpu")
+    x = torch.randn(0, 4, 6, 6, requires_grad=grad)
+    results = []
+    for kernels in ("1", "0"):
+        monkeypatch.setenv("QDARTS_FEW_CHANNEL_KERNELS", kernels)
+        y = layer(x)
+        if grad:
+            y.sum().backward()
+        results.append((y.shape, None if x.grad is None else x.grad.shape))
+    assert results[0] == results[1] and results[0][0] == (0, 8, 6 // stride, 6 // stride)
+
+
 @pytest.mark.parametrize("conv", [dict(kernel_size=3, padding=1, groups=6), dict(kernel_size=1, out_channels=9),
                                   dict(kernel_size=5, stride=2, padding=2, dilation=1, groups=6)])
 @pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])

@@ -147,8 +147,11 @@ class OutputKeepingBatchNorm2d(nn.BatchNorm2d):
                 or x.numel() == 0 or _ops.plain_pytorch_layers()):
             return super().forward(x)
         self._check_input_dim(x)
-        if x.shape[0] * math.prod(x.shape[2:]) == 1:  # as F.batch_norm: one value per channel has no variance
+        # F.batch_norm's checks in training, which this path does not go through
+        if x.shape[0] * math.prod(x.shape[2:]) == 1:  # one value per channel has no variance
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
+        if not self.eps > 0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
         if _deferred_counts is None or torch.compiler.is_compiling():
             self.num_batches_tracked.add_(1)
         else:

@@ -158,7 +158,9 @@ def _conv2d(x: Tensor, w: Tensor, bias: Optional[Tensor], conv_args, path: Optio
     if path == "pointwise":
         x = _pointwise_grid(x, conv_args[0])
         n, _, h, width = x.shape  # bmm with the weight expanded (a view): matmul would fold the batch by copying
-        return torch.bmm(w.flatten(1).expand(n, -1, -1), x.reshape(n, x.shape[1], h * width)).view(n, -1, h, width)
+        # (the output channels by name: -1 cannot be inferred for an empty batch)
+        return torch.bmm(w.flatten(1).expand(n, -1, -1), x.reshape(n, x.shape[1], h * width)).view(
+            n, w.shape[0], h, width)
     return nn.functional.conv2d(x, w, bias, *conv_args)
 
 

@@ -191,8 +191,8 @@ def _setup(args) -> None:
 
     from .distributed import init_from_env
 
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if not 1 <= args.threads < 2**31:  # torch takes a 32-bit int
+        raise ValueError(f"--threads must be in [1, 2**31 - 1], got {args.threads}")
     torch.set_num_threads(args.threads)
     args.device = init_from_env(args.device)  # under torchrun: join the group, this rank's device
 

@@ -156,14 +156,14 @@ class Genotype:
 
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             fail(f"not a genotype file (expected \"format\": \"{FORMAT}\")")
-        if d.get("version") != VERSION:
+        if type(d.get("version")) is not int or d["version"] != VERSION:  # true == 1 in Python, not a version
             fail(f"unsupported genotype version {d.get('version')!r} (this qdarts reads version {VERSION})")
         try:
             prims = list(d["primitives"])
             edges = {k: [Edge(_integer(e["node"], f"{k} edge node"), _integer(e["input"], f"{k} edge input"),
                               str(e["op"])) for e in d[k]] for k in ("normal", "reduce")}
             cells = [
-                CellBits(bool(c["reduction"]), _read_pairs(c["preprocess0"], f"cell {i} preprocess0"),
+                CellBits(_flag(c["reduction"], f"cell {i} reduction"), _read_pairs(c["preprocess0"], f"cell {i} preprocess0"),
                          _read_pairs(c["preprocess1"], f"cell {i} preprocess1"),
                          [_read_pairs(e, f"cell {i} edge {j}") for j, e in enumerate(c["edges"])])
                 for i, c in enumerate(d["cells"])
@@ -193,7 +193,7 @@ class Genotype:
                 fail(f"{kind}_concat must list nodes of the cell (2..{nodes[-1]}), got {concat}")
         if not g.cells:
             fail("cells is empty: a genotype has one entry per searched cell")
-        if not all(1 <= b <= MAX_BITS for b in g.bit_choices):
+        if not g.bit_choices or not all(1 <= b <= MAX_BITS for b in g.bit_choices):
             fail(f"bit_choices must be bit-widths in 1..{MAX_BITS}, got {g.bit_choices}")
         # the search settings that retraining takes when their options are left out (qdarts.train)
         search = g.search
@@ -248,6 +248,13 @@ def _integer(value, where: str) -> int:
     int()'s silent truncation of a hand-edited 4.5."""
     if type(value) is not int:
         raise ValueError(f"{where} must hold integers, got {value!r}")
+    return value
+
+
+def _flag(value, where: str) -> bool:
+    """``value`` when it is a bool; a ValueError naming ``where`` otherwise (bool("false") is True)."""
+    if type(value) is not bool:
+        raise ValueError(f"{where} must be true or false, got {value!r}")
     return value
 
 

@@ -50,11 +50,15 @@ def _backend_reason(name: str, cpu_kernels_info: Optional[Dict[str, Any]]) -> Op
     return _backends._failed.get(name, "not available")
 
 
-def _automatic_choice(device: str) -> str:
+def _automatic_choice(device: str, backends: Dict[str, Optional[str]]) -> str:
+    """The backend an op on ``device`` takes (``backends``: each one's reason not to run, None if it runs),
+    with the reason where it cannot run after all (the cpu backend's kernels refusing the environment)."""
     try:
-        return _backends.resolve(None, torch.device(device))
+        name = _backends.resolve(None, torch.device(device))
     except (ValueError, RuntimeError) as e:  # QDARTS_BACKEND names a backend that cannot run here
         return f"error: {e}"
+    reason = backends.get(name)
+    return name if reason is None else f"{name}, which cannot run here: {reason}"
 
 
 def _cpu_kernels() -> Optional[Dict[str, Any]]:
@@ -82,6 +86,7 @@ def collect() -> Dict[str, Any]:
             "extension_machine_code": bool(build and build["cuda"]
                                            and _build_record.has_machine_code_for(build["cuda_archs"], capability)),
         })
+    backends = {name: _backend_reason(name, kernels) for name in _backends.BACKEND_NAMES}
     return {
         "qdarts_kernels": __version__,
         "python": sys.version.split()[0],
@@ -96,9 +101,9 @@ def collect() -> Dict[str, Any]:
             "stale": _backends.compiled_stale_reason(),
         },
         "cpu_kernels": kernels,
-        "backends": {name: _backend_reason(name, kernels) for name in _backends.BACKEND_NAMES},
-        "automatic_choice": {"cpu": _automatic_choice("cpu"),
-                             "cuda": _automatic_choice("cuda") if gpus else None},
+        "backends": backends,
+        "automatic_choice": {"cpu": _automatic_choice("cpu", backends),
+                             "cuda": _automatic_choice("cuda", backends) if gpus else None},
         "gpus": gpus,
         "environment": {name: value for name, value in sorted(os.environ.items())
                         if name.startswith("QDARTS_") or name in OTHER_VARIABLES},

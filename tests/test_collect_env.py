@@ -55,6 +55,9 @@ def test_what_cannot_run_says_why():
     if qk.build_info() is not None:  # the C++ kernels refuse the variable; the report says so and goes on
         assert "\nC++ CPU kernels: cannot start: QDARTS_CPU_ISA must be " in text
         assert "\n  cpu        not available: its kernels cannot start: QDARTS_CPU_ISA must be " in text
+        # chosen all the same (the automatic choice does not start the kernels): the report says it cannot run
+        chosen = _module(QDARTS_CPU_ISA="avx9000")
+        assert "automatic choice: CPU tensors -> cpu, which cannot run here: its kernels cannot start" in chosen
     if not torch.cuda.is_available():
         assert "\n  cuda       not available: " in text and "\nGPUs: none" in text
         if _backends._load("triton") is not None:

@@ -99,7 +99,8 @@ def _search_parser(sub) -> None:
     p.add_argument("--grouped-weights", action=argparse.BooleanOptionalAction, default=d("grouped_weights"),
                    help="quantize the weights of all convs in one grouped launch per step, and take the "
                         "activation quantizers' bit probabilities in one softmax (default: on; "
-                        "--no-grouped-weights: launches per conv, the same values)")
+                        "--no-grouped-weights: launches per conv; the same values up to the order of "
+                        "the gradient sums, so a long search may end in another genotype)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each search step from a CUDA graph (CUDA, first order, one process): the "
                         "eager step recorded once per epoch and batch shape after 3 eager steps, then one "

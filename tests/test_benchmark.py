@@ -534,3 +534,12 @@ def test_tile_tuner_times_every_candidate_of_every_kernel(tmp_path, capsys):
                                                  (1.5e-5, 2, "1.5e-05"), (None, 3, "-"), (0.0, 3, "0")])
 def test_report_figures_are_written_in_full_not_as_powers_of_ten(value, digits, text):
     assert report._num(value, digits) == text
+
+
+@pytest.mark.parametrize("payload", ['{"env": [1]}', '[1, 2]', '{"kernels": []}', "{", ""])
+def test_reading_a_file_that_is_not_a_results_json_fails_clearly(tmp_path, payload):
+    """--append and the README generator read an earlier results.json: anything else is one clear line."""
+    path = tmp_path / "results.json"
+    path.write_text(payload)
+    with pytest.raises(SystemExit, match="results.json|cannot read benchmark results"):
+        report.read_json(str(path))

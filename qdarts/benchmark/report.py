@@ -19,7 +19,7 @@ def read_json(path: str) -> Dict[str, Any]:
             payload = json.load(f)
     except (OSError, ValueError) as e:
         raise SystemExit(f"cannot read benchmark results {path}: {e}") from None
-    if not isinstance(payload, dict) or "env" not in payload:
+    if not isinstance(payload, dict) or not isinstance(payload.get("env"), dict):
         raise SystemExit(f"{path} is not a results.json of `qdarts bench`")
     return payload
 

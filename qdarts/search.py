@@ -580,7 +580,8 @@ class Searcher:
         """What a :class:`~qdarts.divergence.Diverged` error of this run tells the user to do."""
         c = self.config
         return (f"start again in a new --out with lower learning rates: {option('weight_lr')} is {c.weight_lr:g}, "
-                f"{option('gamma_lr')} {c.gamma_lr:g} and {option('arch_lr')} {c.arch_lr:g}; "
+                f"{option('gamma_lr')} {c.gamma_lr:g} and {option('arch_lr')} {c.arch_lr:g} (or a smaller cost "
+                f"weight: {option('cost_weight')} is {c.cost_weight:g}, the gradient of the bit logits grows with it); "
                 f"{kept_checkpoint(self.checkpoint_path, self.epoch)}")
 
     def save_checkpoint(self) -> None:

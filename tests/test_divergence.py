@@ -118,6 +118,7 @@ def test_cli_search_and_training_with_a_far_too_large_learning_rate_say_so(tmp_p
     line = _diverged_cli(["search", *TINY_ARGS, "--weight-lr", "1e30", "--out", str(tmp_path / "s")], capsys)
     assert line.startswith("qdarts search: error: the search (epoch 1) diverged: ")
     assert "weight_lr (--weight-lr) is 1e+30" in line and "no epoch had finished" in line
+    assert "cost_weight (--lambda) is 0.001" in line  # the bit logits' gradient grows with it
     assert not (tmp_path / "s" / "checkpoint.pt").exists()
     # a rate whose weights stay finite under the gradient clipping, but not the activations they make,
     # whose largest magnitude the 8-bit activation scales are taken from

@@ -142,6 +142,13 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
                              "or choose another --out") from e
         # this run's own settings next, over the checkpoint's: an error in them is not the checkpoint's
         typed_over_saved(saved, config, explicit).validate()
+        # a setting the checkpoint's run left to the genotype (None) and this one types as the value it took
+        # from there (--layers 3 where the search had 3) is the same setting
+        took = state["config"].get("trained_on")
+        took = took if isinstance(took, dict) else {}
+        config = replace(config, **{name: None for name in ("data", "data_dir", "layers", "channels")
+                                    if getattr(saved, name) is None and getattr(config, name) is not None
+                                    and getattr(config, name) == took.get(name)})
         config = resumed_config(saved, config, may_change=("device", "backend"), explicit=explicit, name=option)
     genotype = load_genotype(config.genotype)
     search = genotype.search

@@ -311,6 +311,18 @@ def test_resume_refuses_typed_settings_that_differ_from_the_checkpoint_and_keeps
     assert len(json.loads((out / "genotype.json").read_text())["normal"]) == 4
 
 
+def test_train_resume_takes_a_typed_value_equal_to_the_one_taken_from_the_genotype(finished_search, tmp_path, capsys):
+    """Layers left out the first time come from the genotype's search (1 here): typed as that value on the resume,
+    they are the same setting; another value is refused."""
+    genotype = str(finished_search / "genotype.json")
+    out = tmp_path / "train"
+    assert cli.main(["train", "--genotype", genotype, *TRAIN_TINY, "--out", str(out)]) == 0
+    assert cli.main(["train", "--genotype", genotype, "--resume", "--layers", "1", "--data", "synthetic",
+                     "--out", str(out)]) == 0
+    _refused(["train", "--genotype", genotype, "--resume", "--layers", "2", "--out", str(out)], capsys,
+             match="layers (--layers) is None there, 2 here")
+
+
 def test_train_resume_refuses_a_typed_setting_that_differs(finished_search, tmp_path, capsys):
     genotype = str(finished_search / "genotype.json")
     out = tmp_path / "train"

@@ -142,7 +142,8 @@ def _cifar10(data_dir: Optional[str]) -> Dataset:
         raise ValueError("--data-dir is required for cifar10: a folder with data_batch_1..5, test_batch and "
                          "batches.meta (the python version of CIFAR-10, e.g. the extracted cifar-10-batches-py)")
     if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"CIFAR-10 folder {data_dir!r} does not exist")
+        what = "is a file, not a folder" if os.path.exists(data_dir) else "does not exist"
+        raise FileNotFoundError(f"CIFAR-10 folder {data_dir!r} {what}")
     missing = [f for f in CIFAR10_FILES if not os.path.isfile(os.path.join(data_dir, f))]
     if missing:
         raise FileNotFoundError(f"CIFAR-10 folder {data_dir!r} lacks {', '.join(missing)} "
@@ -168,6 +169,8 @@ def _cifar10(data_dir: Optional[str]) -> Dataset:
 def absolute_data_dir(data_dir: Optional[str]) -> Optional[str]:
     """``data_dir`` as an absolute path (None as it is): a run's checkpoint and genotype keep it, for a resume or
     a retraining started in another working directory."""
+    if data_dir == "":  # abspath would make it the working directory
+        raise ValueError("data_dir (--data-dir) must name a folder, got ''")
     return os.path.abspath(data_dir) if isinstance(data_dir, str) else data_dir
 
 

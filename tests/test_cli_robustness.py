@@ -202,6 +202,12 @@ def test_too_small_cifar10_folder(command, counts, match, finished_search, tmp_p
 def test_missing_cifar10_folder(tmp_path, capsys):
     _refused(["search", *TINY, "--data", "cifar10", "--data-dir", str(tmp_path / "nope"), "--out",
               str(tmp_path / "out")], capsys, match="CIFAR-10 folder")
+    (tmp_path / "a_file").write_text("")
+    _refused(["search", *TINY, "--data", "cifar10", "--data-dir", str(tmp_path / "a_file"), "--out",
+              str(tmp_path / "out")], capsys, match="is a file, not a folder")
+    # an empty name would have been the working directory
+    _refused(["search", *TINY, "--data", "cifar10", "--data-dir", "", "--out", str(tmp_path / "out")], capsys,
+             match="data_dir (--data-dir) must name a folder, got ''")
 
 
 # ---------------------------------------------------------------------------------------- checkpoints

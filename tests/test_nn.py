@@ -619,6 +619,46 @@ def test_quantize_keeps_a_shared_layer_shared_and_refuses_an_uninitialised_lazy_
     assert type(lazy[0]) is qnn.QuantConv2d
 
 
+def test_quantize_carries_hooks_and_buffers_and_refuses_a_weight_made_by_a_hook():
+    """The swapped layer takes the original's forward and backward hooks and extra buffers (a mask the hooks
+    read); a weight made by an old-style hook (weight_norm, spectral_norm, prune) is refused by name."""
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    calls = []
+    m[0].register_buffer("mask", torch.ones(4))
+    m[0].register_forward_pre_hook(lambda mod, args: calls.append("pre"))
+    m[0].register_forward_hook(lambda mod, args, out: calls.append("forward") or out * mod.mask[:, None, None])
+    m[2].register_full_backward_hook(lambda mod, grad_in, grad_out: calls.append("backward"))
+    qnn.quantize_(m)
+    assert isinstance(m[0], qnn.QuantConv2d) and torch.equal(m[0].mask, torch.ones(4)) and "0.mask" in m.state_dict()
+    m(torch.randn(2, 3, 3, 3)).sum().backward()
+    assert calls == ["pre", "forward", "backward"]
+    old_style = nn.Sequential(nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(3, 3))))
+    with pytest.raises(ValueError, match=r"quantize_: 0\.0: its weight is computed by a hook"):
+        qnn.quantize_(old_style)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_quantized_pointwise_conv_output_takes_in_place_changes(stride):
+    """A ReLU(inplace=True) or a residual += after a 1x1 conv (the CPU's matrix products): as after nn.Conv2d."""
+    m = qnn.quantize_(nn.Sequential(nn.Conv2d(8, 8, 1, stride=stride, bias=False), nn.ReLU(inplace=True)))
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    m(x).sum().backward()
+    conv = m[0]
+    y = conv(x)
+    y += 1.0  # as a residual connection adds its shortcut
+    y.sum().backward()
+    with qk.eager_reference():
+        expected = conv(x) + 1.0
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_conv_without_bias_on_meta_tensors():
+    """Shape propagation on meta tensors, with or without bias (the CPU kernels' choice asked meta's autocast)."""
+    for bias in (False, True):
+        m = qnn.quantize_(nn.Sequential(nn.Conv2d(4, 4, 3, bias=bias, device="meta")))
+        assert m(torch.empty(2, 4, 5, 5, device="meta")).shape == (2, 4, 3, 3)
+
+
 def test_quantize_training_steps_lower_the_loss_and_state_dict_round_trips():
     torch.manual_seed(10)
     model = qnn.quantize_(SmallCNN(), weight_bits=4, act_bits=8)

@@ -94,7 +94,10 @@ def _swap_children(parent: nn.Module, prefix: str, filter_fn, quant_kwargs: dict
                                      "fuse_relu=False")
             else:
                 kwargs = dict(quant_kwargs, fuse_relu=True, act_signed=False) if fold else quant_kwargs
-                quantized = cls.from_float(child, **kwargs)
+                try:
+                    quantized = cls.from_float(child, **kwargs)
+                except ValueError as e:
+                    raise ValueError(f"quantize_: {fqn}: {e}") from None
                 swapped[id(child)] = (quantized, fold, fqn)
             setattr(parent, name, quantized)
             if fold:

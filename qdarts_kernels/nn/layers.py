@@ -138,9 +138,10 @@ def _cpu_conv_path(backend: Optional[str], x: Tensor, w: Tensor, bias: Optional[
     channels 0.08 and 0.37 ms against 0.03 and 0.08, [128, 32, 8, 8] -> 16 0.17 and 2.1 ms against
     0.09 and 0.21."""
     stride, padding, dilation, groups = conv_args
-    if (bias is not None or x.dim() != 4 or x.dtype != torch.float32 or w.dtype != torch.float32
-            or not x.is_contiguous() or isinstance(padding, str) or torch.compiler.is_compiling()
-            or torch.is_autocast_enabled(x.device.type)):
+    # CPU kernels only: another device (meta included, which has no autocast state to ask) takes F.conv2d
+    if (bias is not None or x.device.type != "cpu" or x.dim() != 4 or x.dtype != torch.float32
+            or w.dtype != torch.float32 or not x.is_contiguous() or isinstance(padding, str)
+            or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")):
         return None  # (x.dim() 3: an unbatched [C, H, W] input, which F.conv2d takes and these kernels do not)
     if groups > 1 and groups == x.shape[1] == w.shape[0] and w.shape[1] == 1:
         return "depthwise" if _backends.takes_cpu_only_kernels(backend, x.device, "depthwise_conv2d_forward") else None
@@ -158,9 +159,12 @@ def _conv2d(x: Tensor, w: Tensor, bias: Optional[Tensor], conv_args, path: Optio
     if path == "pointwise":
         x = _pointwise_grid(x, conv_args[0])
         n, _, h, width = x.shape  # bmm with the weight expanded (a view): matmul would fold the batch by copying
-        # (the output channels by name: -1 cannot be inferred for an empty batch)
-        return torch.bmm(w.flatten(1).expand(n, -1, -1), x.reshape(n, x.shape[1], h * width)).view(
-            n, w.shape[0], h, width)
+        # written into the output's storage rather than viewed: an autograd function's output that is a view
+        # refuses in-place changes (a ReLU(inplace=True) after the conv, a residual y += x)
+        y = x.new_empty((n, w.shape[0], h, width))
+        torch.bmm(w.flatten(1).expand(n, -1, -1), x.reshape(n, x.shape[1], h * width),
+                  out=y.view(n, w.shape[0], h * width))
+        return y
     return nn.functional.conv2d(x, w, bias, *conv_args)
 
 
@@ -354,10 +358,31 @@ def chained_quant_convs(first: nn.Module, second: nn.Module, x: Tensor) -> Tenso
     return y
 
 
+#: The hooks of a module that its quantized layer takes over (torch.ao.quantization's swap_module takes the
+#: forward ones): the dicts by which nn.Module calls them, with their flags.
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
 def _share_parameters(q: nn.Module, source: nn.Module) -> nn.Module:
-    """Make ``q`` use ``source``'s weight and bias Parameters (not copies) and its training mode."""
+    """Make ``q`` use ``source``'s weight and bias Parameters (not copies), its other parameters and buffers,
+    its hooks and its training mode. A weight that is not a Parameter is made by a hook from others
+    (``torch.nn.utils.weight_norm``, ``spectral_norm``, ``prune``), which the quantized layer cannot compute
+    as the original did: a ValueError."""
+    if not isinstance(source.weight, nn.Parameter):
+        raise ValueError("its weight is computed by a hook (torch.nn.utils.weight_norm, spectral_norm or prune): "
+                         "take it out first, or use torch.nn.utils.parametrize, whose layers are left as they are")
     q.weight = source.weight
     q.bias = source.bias
+    for name, p in source._parameters.items():
+        if name not in ("weight", "bias"):
+            q.register_parameter(name, p)
+    for name, b in source._buffers.items():
+        q.register_buffer(name, b, persistent=name not in source._non_persistent_buffers_set)
+    for name in _HOOK_DICTS:
+        if hasattr(source, name):  # the newer ones exist from some torch version on
+            getattr(q, name).update(getattr(source, name))
+    q._is_full_backward_hook = source._is_full_backward_hook
     q.train(source.training)
     return q
 

@@ -619,6 +619,7 @@ def test_quantize_keeps_a_shared_layer_shared_and_refuses_an_uninitialised_lazy_
     assert type(lazy[0]) is qnn.QuantConv2d
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm. is deprecated:FutureWarning")  # the old style
 def test_quantize_carries_hooks_and_buffers_and_refuses_a_weight_made_by_a_hook():
     """The swapped layer takes the original's forward and backward hooks and extra buffers (a mask the hooks
     read); a weight made by an old-style hook (weight_norm, spectral_norm, prune) is refused by name."""

@@ -15,6 +15,7 @@ there.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import random
@@ -134,7 +135,13 @@ def _lock_folder(folder: str) -> Optional[IO[str]]:
         f = open(path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                # a file system that takes no locks (some network and FUSE ones): go on without
+                f.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                return None
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()

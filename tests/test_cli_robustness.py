@@ -394,6 +394,20 @@ def test_a_folder_another_run_writes_into_is_refused(tmp_path, capsys):
     assert LOCK_FILE not in os.listdir(out)
 
 
+def test_a_file_system_without_locks_does_not_stop_a_run(tmp_path, monkeypatch):
+    """flock fails otherwise than for a held lock (ENOLCK on some network file systems): the run goes on."""
+    import fcntl
+
+    from qdarts.checkpoint import LOCK_FILE
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert cli.main(["search", *TINY, "--out", str(tmp_path / "nfs")]) == 0
+    assert (tmp_path / "nfs" / "genotype.json").exists() and not (tmp_path / "nfs" / LOCK_FILE).exists()
+
+
 def test_outputs_without_a_checkpoint_are_not_overwritten(finished_search, tmp_path, capsys):
     """A folder with a finished run's outputs whose checkpoint was deleted: a new run there would replace
     them and leave the old plots beside the new genotype; refused, with or without --resume."""

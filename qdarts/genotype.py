@@ -3,11 +3,13 @@
 Format ``{"format": "qdarts-genotype", "version": 1, ...}``::
 
     primitives      the candidate-op names of the search, in order
-    bit_choices     the bit-widths searched, e.g. [2, 4, 8]
+    bit_choices     the bit-widths searched, e.g. [2, 4, 8] (the cells' bits may be others in 1..16:
+                    a hand-made genotype may try bit-widths the search did not)
     quantizer       "paper" | "lsq"  (quantizer family used in search; retraining uses it too)
     act_grid        "follow" | "official"  (activation grid rule, see qdarts.ops)
     normal, reduce  the two cell types: a list of edges {"node": n, "input": i, "op": name},
-                    two per intermediate node n = 2..steps+1; inputs 0 and 1 are the outputs of the
+                    two per intermediate node n = 2..steps+1 from a search (a hand-made genotype
+                    may give a node one or more); inputs 0 and 1 are the outputs of the
                     previous-but-one and previous cell, input i >= 2 is intermediate node i
     normal_concat, reduce_concat   the nodes concatenated into the cell output
     cells           one entry per searched cell, in depth order:

@@ -236,6 +236,19 @@ def test_an_empty_batch_passes_through_and_observes_nothing(kwargs):
     assert conv(torch.randn(0, 3, 8, 8)).shape == (0, 4, 6, 6)
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+@pytest.mark.parametrize("quantizer", ["lsq", "paper"])
+@pytest.mark.parametrize("bits", [8, (2, 4, 8)], ids=str)
+def test_a_layer_without_inputs_is_its_bias(quantizer, bits):
+    """As nn.Linear(0, n): the output is the bias (the per-channel max of an empty weight row, which
+    the 8-bit paper scale takes, is no reduction error), the weight's gradient is empty."""
+    layer = qnn.QuantLinear(0, 4, quantizer=quantizer, weight_bits=bits, act_bits=bits)
+    y = layer(torch.randn(3, 0))
+    y.sum().backward()
+    assert torch.equal(y, layer.bias.detach().expand(3, 4)) and layer.weight.grad.shape == (4, 0)
+    assert torch.equal(layer.bias.grad, torch.full((4,), 3.0))
+
+
 @pytest.mark.parametrize("quantizer", ["lsq", "paper"])
 @pytest.mark.parametrize("layer", ["conv", "linear"])
 def test_fuse_relu_is_relu_then_the_unsigned_layer(quantizer, layer):

@@ -455,7 +455,10 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
             return self._max_scaled_act_scales(xd)
         if axis is None:
             return gaussian_weight_scales(self._steps, self._top, xd.float().reshape(1, -1))[0]
-        max_c = xd.abs().amax(dim=_other_dims(xd, axis)).float()
+        if xd.numel() == 0:  # a layer without inputs (Linear(0, n)): amax refuses it; the scales' floor
+            max_c = xd.new_zeros(xd.shape[axis], dtype=torch.float32)
+        else:
+            max_c = xd.abs().amax(dim=_other_dims(xd, axis)).float()
         scaled = gaussian_weight_scales(self._steps, self._top, xd.float().reshape(1, -1), max_c[None])[0]
         by_max = (max_c[None, :] / self._top[:, None]).clamp_min(MIN_SCALE)
         return torch.where(self._by_max[:, None], by_max, scaled[:, None])

@@ -20,7 +20,11 @@ Why improved is the default: the official sum pushes the bits of every candidate
 same force, including ops the search is about to discard, and it over-weights depthwise convs by
 their channel count (a 5x5 depthwise conv on 16 channels "costs" as much as a dense one), so the bit
 budget is spent where the derived network spends nothing. Weighting by pi_m and counting groups
-makes C the expected BitOps of the network the search is converging to (up to the F_m0 scale).
+makes C the expected BitOps of the cells' ops and convs as the derived network counts them (up to the
+F_m0 scale), but over every edge of the supernet: derivation keeps two inputs per node (8 of a
+4-node cell's 14 edges), so C over-counts the derived network's BitOps until that selection is made,
+and it does not weight an edge by its chance of being kept (beta, like alpha, is trained on the
+validation loss alone, as in DESIGN section 2).
 
 BitOps and memory of a concrete network (:func:`network_cost`): for every quantized conv,
 ``BitOps = MACs * b_a * b_w`` and ``memory = (weights * b_w + input activations * b_a) / 8`` bytes
@@ -134,7 +138,8 @@ class ExpectedCost:
 
     @torch.no_grad()
     def expected_bitops(self) -> torch.Tensor:
-        """Expected BitOps per sample with the improved formula, in absolute units (for reporting)."""
+        """Expected BitOps per sample with the improved formula, in absolute units (for reporting): over
+        every edge of the supernet, not only the two per node that derivation keeps."""
         return (self._terms() * self._macs_derived * self._op_probs()).sum()
 
 

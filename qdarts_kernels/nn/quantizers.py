@@ -14,7 +14,9 @@
   every scale computed on the device (the official code calls ``.item()`` here; we never do):
 
   - activations, b < 8: HWGQ step per bit ``{1: 0.799, 2: 0.538, 3: 0.3217, 4: 0.185}`` on the
-    unsigned grid, ``y = D * round(clip(x, 0, (2^b - 1) D) / D)``; on the signed and mid-rise
+    unsigned grid, ``y = D * round(clip(x, 0, (2^b - 1) D) / D)``, with the op contract's gradient
+    (1 where the *rounded* level is on the grid, as PyTorch's fake quantizers; so also for x up to
+    half a step above the clip, where EdMIPS's clamp-then-round gives 0); on the signed and mid-rise
     grids (inputs that can be negative) the step of the full-Gaussian table below. Bit-widths
     5..7, absent from the paper, continue each table geometrically with the ratio of its last two
     entries (``D_b = D_4 * (D_4 / D_3)^(b-4)``): the Gaussian-optimal step shrinks by a factor a little

@@ -286,7 +286,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     except KeyboardInterrupt:
         hint = ("; the checkpoint of the last finished epoch, if any, is kept: continue with --resume"
-                if args.command != "bench" else "")
+                if args.command != "bench" else " (results.json and report.md hold what was measured)")
         print(f"qdarts {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     finally:

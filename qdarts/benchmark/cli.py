@@ -6,14 +6,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import torch
 
 import qdarts_kernels as qk
 from qdarts_kernels._backends import resolve as resolve_backend
 
+from ..checkpoint import atomic_write_text
 from . import cases as case_defs
 from . import endtoend, report
 from .runner import check_gpu_targets, check_targets, run_kernels
@@ -66,13 +68,19 @@ _KERNEL_KEYS = ("kernels", "targets", "gpu_targets", "copy_bytes", "copy_gbps", 
 _END_TO_END_KEYS = ("end_to_end", "end_to_end_note", "end_to_end_target", "step_targets")
 
 
+#: What an earlier results.json must share with this run for --append to keep its figures: the report
+#: states one device and one set of versions for all of them.
+_SAME_FOR_APPEND = ("device", "torch", "cuda", "triton", "python", "qdarts_kernels")
+
+
 def _keep_skipped_parts(results: Dict[str, Any], json_path: str, args: argparse.Namespace) -> None:
     """--append: take from the earlier results.json the parts this run skips."""
     earlier = report.read_json(json_path)
-    device = earlier.get("env", {}).get("device")
-    if device != results["env"]["device"]:
-        raise ValueError(f"--append: {json_path} was measured on {device!r}, this run is on "
-                         f"{results['env']['device']!r}; use another --out")
+    for key in _SAME_FOR_APPEND:
+        theirs, ours = earlier["env"].get(key), results["env"][key]
+        if theirs != ours:
+            raise ValueError(f"--append: {json_path} was measured with {key} {theirs!r}, this run has {ours!r}; "
+                             "use another --out")
     for skipped, keys in ((args.skip_kernels, _KERNEL_KEYS), (args.skip_end_to_end, _END_TO_END_KEYS)):
         if skipped and earlier.get(keys[0]):
             results.update({k: earlier[k] for k in keys if k in earlier})
@@ -83,6 +91,48 @@ def _keep_skipped_parts(results: Dict[str, Any], json_path: str, args: argparse.
                 "loadavg_1m_start": env.get("loadavg_1m_start"), "loadavg_1m_end": earlier.get("loadavg_1m_end")}
     if args.skip_kernels:  # kept kernel figures: settled only if their own run said so
         results["host_allocator_settled"] = earlier.get("host_allocator_settled", False)
+
+
+def _check_writable(out: str) -> None:
+    """Refuse an --out that cannot be written before anything is measured (not minutes later)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".qdarts-bench-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out!r} cannot be written ({e.strerror or e})") from e
+
+
+def _measure(args: argparse.Namespace, device: str, cases, impls, copy_bytes: int, results: Dict[str, Any],
+             save: Callable[[], None]) -> None:
+    """The kernel sweep, then the end-to-end steps, saving results.json and report.md as they come."""
+    if not args.skip_kernels:
+        _log(f"kernels: {len(cases)} cases")
+
+        def partial(records):
+            # the targets with every save, as the end-to-end part does: a run stopped by a time limit keeps
+            # the verdicts on what it measured
+            results["kernels"] = records
+            results["targets"] = check_targets(records, device)
+            results["gpu_targets"] = check_gpu_targets(records, device)
+            save()
+
+        partial(run_kernels(cases, device, quick=args.quick, copy_bytes=copy_bytes, impls=impls,
+                            on_case_done=partial, log=_log))
+    if not args.skip_end_to_end:
+        _log("end to end: supernet search step")
+
+        def partial_end_to_end(records):
+            # the targets with every save: a run stopped by a time limit keeps its verdicts too
+            results["end_to_end"] = records
+            results["end_to_end_target"] = endtoend.check_target(records, device)
+            results["step_targets"] = endtoend.check_step_targets(records, device)
+            save()
+
+        results["end_to_end_note"] = endtoend.method_note(device, resolve_backend(None, torch.device(device)))
+        records, results["end_to_end_note"] = endtoend.run(
+            device, quick=args.quick, compiled=args.compile_end_to_end, graphed=args.cuda_graph_end_to_end, log=_log,
+            on_config_done=partial_end_to_end)
+        partial_end_to_end(records)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {args.out!r} cannot be created ({e.strerror or e})") from e
+    _check_writable(args.out)
     json_path = os.path.join(args.out, "results.json")
     started = time.perf_counter()
 
@@ -121,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
     copy_bytes = COPY_BYTES[device]
     results: Dict[str, Any] = {
         "schema": 1,
+        # "running" until the end: a file that still says so is from a run that was stopped (a time limit)
+        "status": "running",
         "env": environment(device),
         "quick": bool(args.quick),
         "copy_bytes": copy_bytes,
@@ -135,6 +188,10 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.append and os.path.exists(json_path):
         _keep_skipped_parts(results, json_path, args)
+    # the plots are drawn at the end: an earlier run's must not stand beside this run's results meanwhile
+    for name in report.PLOT_FILES:
+        if os.path.isfile(os.path.join(args.out, name)):
+            os.remove(os.path.join(args.out, name))
     _log(f"qdarts bench on {results['env']['device']}: copy bandwidth {results['copy_gbps']:.1f} GB/s")
 
     def save() -> None:
@@ -144,38 +201,20 @@ def run(args: argparse.Namespace) -> int:
                 r.setdefault(k, results["env"][k])
         report.write_json(json_path, results)
         # the report too (cheap; the plots only at the end): a run stopped by a time limit leaves both in step
-        with open(os.path.join(args.out, "report.md"), "w") as f:
-            f.write(report.markdown_report(results))
+        atomic_write_text(os.path.join(args.out, "report.md"), report.markdown_report(results))
 
-    if not args.skip_kernels:
-        _log(f"kernels: {len(cases)} cases")
-
-        def partial(records):
-            # the targets with every save, as the end-to-end part does: a run stopped by a time limit keeps
-            # the verdicts on what it measured
-            results["kernels"] = records
-            results["targets"] = check_targets(records, device)
-            results["gpu_targets"] = check_gpu_targets(records, device)
+    try:
+        _measure(args, device, cases, impls, copy_bytes, results, save)
+    except BaseException as e:  # Ctrl-C, or a failure outside the per-case records: say so in what is kept
+        results["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        if not isinstance(e, KeyboardInterrupt):
+            results["error"] = f"{type(e).__name__}: {e}"
+        try:
             save()
-
-        partial(run_kernels(cases, device, quick=args.quick, copy_gbps=results["copy_gbps"], impls=impls,
-                            on_case_done=partial, log=_log))
-    if not args.skip_end_to_end:
-        _log("end to end: supernet search step")
-
-        def partial_end_to_end(records):
-            # the targets with every save: a run stopped by a time limit keeps its verdicts too
-            results["end_to_end"] = records
-            results["end_to_end_target"] = endtoend.check_target(records, device)
-            results["step_targets"] = endtoend.check_step_targets(records, device)
-            save()
-
-        results["end_to_end_note"] = endtoend.method_note(device, resolve_backend(None, torch.device(device)))
-        records, results["end_to_end_note"] = endtoend.run(
-            device, quick=args.quick, compiled=args.compile_end_to_end, graphed=args.cuda_graph_end_to_end, log=_log,
-            on_config_done=partial_end_to_end)
-        partial_end_to_end(records)
-
+        except OSError:  # the file system is what failed: the error to report is the one raised
+            pass
+        raise
+    results["status"] = "complete"
     results["wall_s"] = time.perf_counter() - started
     results["loadavg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     save()
@@ -208,3 +247,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"qdarts bench: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system failed mid-run (disk full, permissions changed): not a bug
+        print(f"qdarts bench: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("qdarts bench: interrupted (results.json and report.md hold what was measured)", file=sys.stderr)
+        return 130

@@ -278,10 +278,11 @@ def _measure_config(cfg: E2EConfig, kinds: Sequence[str], device: str, quick: bo
                             "error": "; ".join(failures)}
         elif failures:
             records[ops]["fallback_from"] = "; ".join(failures)
-    # CPU steps take seconds and the first step was the warm-up: a few rounds; on a GPU --quick takes
-    # 3 rounds too (an eager-reference CIFAR-size step is seconds of launches there), a full run 5 or more
+    # the first step was the warm-up; 5 rounds at least where it can be afforded (a CPU's step now and then
+    # takes several times its median on a shared machine: 2 rounds made a mean of one such step the
+    # median); on a GPU --quick takes 3 (an eager-reference CIFAR-size step is seconds of launches there)
     cpu = torch.device(device).type == "cpu"
-    rounds = (2 if quick else 3) if cpu else (3 if quick else 5)
+    rounds = 3 if quick and not cpu else 5
     # the steps taken while preparing (warm-up, counted, memory) warmed every variant up already, but for a
     # compiled step on a GPU: CUDA-graph trees run a step eagerly, then record one, and replay only the third
     warmup = 1 if not cpu and (not quick or mode == "compiled") else 0

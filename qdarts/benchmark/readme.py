@@ -15,7 +15,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from .report import (SUMMARY_HEADER, _ratio, _size, _table, conditions_lines, end_to_end_lines, gpu_target_text,
-                     read_json, summary_rows)
+                     read_json, status_line, summary_rows)
 
 
 def performance_section(results_list: List[Dict[str, Any]], sources: List[str]) -> str:
@@ -28,7 +28,9 @@ def performance_section(results_list: List[Dict[str, Any]], sources: List[str]) 
         "is the straightforward PyTorch quantizer (autograd through every step).",
     ]
     for results, source in zip(results_list, sources):
-        lines += ["", f"### {results['env']['device']} (`{source}`)", "", *conditions_lines(results), ""]
+        unfinished = status_line(results)
+        lines += ["", f"### {results['env']['device']} (`{source}`)", "", *([unfinished, ""] if unfinished else []),
+                  *conditions_lines(results), ""]
         if results["kernels"]:
             lines += _table(SUMMARY_HEADER, summary_rows(results["kernels"])) + [""]
         targets = results.get("targets") or []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from typing import Any, Dict, Iterable, List, Optional
 
 from ..checkpoint import atomic_write_text
@@ -126,6 +127,25 @@ def _earlier_parts(results: Dict[str, Any]) -> str:
     return f" (this run; {', '.join(notes)}, an earlier run's, kept by --append)" if notes else ""
 
 
+def beside_copy_gbps(records: List[Dict[str, Any]]) -> List[float]:
+    """The copy bandwidths timed beside the cases of ``records``, one per case and mode (none in results
+    of before they were: their shares are against the copy timed once at the start)."""
+    beside = {(r["label"], r["numel"], r["dtype"], r["mode"]): r["copy_gbps"]
+              for r in _ok(records) if "copy_gbps" in r}
+    return list(beside.values())
+
+
+def copy_bandwidth_line(results: Dict[str, Any]) -> str:
+    line = (f"- Copy bandwidth (measured, `dst.copy_(src)` of {results['copy_bytes'] // MB} MiB, read + write): "
+            f"{results['copy_gbps']:.1f} GB/s at the start")
+    beside = beside_copy_gbps(results["kernels"])
+    if not beside:
+        return line
+    return (line + f"; the same copy is timed in every case's rotation, beside its implementations, and each "
+            f"'% of copy' is against the copy timed beside it (a machine's bandwidth drifts): median over the "
+            f"cases and modes {statistics.median(beside):.1f} GB/s, from {min(beside):.1f} to {max(beside):.1f}")
+
+
 def conditions_lines(results: Dict[str, Any]) -> List[str]:
     env = results["env"]
     versions = f"torch {env['torch']}" + (f" (CUDA {env['cuda']})" if env.get("cuda") else "")
@@ -141,8 +161,7 @@ def conditions_lines(results: Dict[str, Any]) -> List[str]:
         f"1-minute load average "
         f"{_num(env.get('loadavg_1m_start'), 2)} at the start, {_num(results.get('loadavg_1m_end'), 2)} at the end "
         f"(other work on the machine slows CPU figures)",
-        f"- Copy bandwidth (measured, `dst.copy_(src)` of {results['copy_bytes'] // MB} MiB, read + write): "
-        f"{results['copy_gbps']:.1f} GB/s",
+        copy_bandwidth_line(results),
         f"- Method: median and 20th/80th percentiles of per-run times, the implementations of a case sampled "
         f"in turn (round-robin, so that drift of the machine's speed cancels out of the ratios); warm-up runs "
         f"discarded; the "
@@ -196,9 +215,22 @@ SUMMARY_HEADER = [
 ]
 
 
+def status_line(results: Dict[str, Any]) -> Optional[str]:
+    """A warning where the run that wrote ``results`` did not finish (none for results of before the status
+    was recorded, which were written complete)."""
+    status = results.get("status", "complete")
+    if status == "complete":
+        return None
+    why = {"running": "it was stopped (a time limit, a kill) or is still running", "interrupted": "it was interrupted",
+           "failed": f"it failed: {results.get('error')}"}.get(status, status)
+    return (f"**This run did not finish ({why}): the figures below are those measured until then; cases and "
+            "configurations after them, and the targets they decide, were not measured.**")
+
+
 def markdown_report(results: Dict[str, Any]) -> str:
     records = results["kernels"]
-    lines = ["# qdarts benchmark report", "", *conditions_lines(results), ""]
+    unfinished = status_line(results)
+    lines = ["# qdarts benchmark report", "", *([unfinished, ""] if unfinished else []), *conditions_lines(results), ""]
     if results.get("targets"):
         lines += ["## Issue-2 targets (cpu backend against straightforward eager PyTorch, forward+backward, fp32)", ""]
         lines += _table(
@@ -216,6 +248,7 @@ def markdown_report(results: Dict[str, Any]) -> str:
     lines += ["## Summary: forward+backward", ""]
     lines += _table(SUMMARY_HEADER, summary_rows(records))
     host_column = any("host_ms" in r for r in records)
+    copy_column = all("copy_gbps" in r for r in _ok(records))  # results of before the copy was timed beside
     lines += ["", "## Latency, speed-up and bandwidth", ""]
     if host_column:
         lines += ["Device time: each run's launches are issued while the GPU is still busy (a busy-wait queued "
@@ -233,9 +266,10 @@ def markdown_report(results: Dict[str, Any]) -> str:
                     f"{_num(r['median_ms'])} ({_num(r['p20_ms'])}-{_num(r['p80_ms'])})",
                     _ratio(r["speedup_vs_eager"]), _ratio(r["speedup_vs_compiled"]),
                     _num(r["gbps"]), _num(r["pct_of_copy"], 2) + "%",
-                ] + ([_host_cell(r)] if host_column else []))
+                ] + ([_num(r["copy_gbps"])] if copy_column else []) + ([_host_cell(r)] if host_column else []))
         lines += _table(["shape", "dtype", "mode", "impl", "median ms (p20-p80)", "x eager", "x compiled", "GB/s",
-                         "% of copy"] + (["host ms"] if host_column else []), rows)
+                         "% of copy"] + (["copy GB/s beside"] if copy_column else [])
+                        + (["host ms"] if host_column else []), rows)
         lines.append("")
     lines += ["## Memory kept for backward", "",
               "Bytes of the tensors autograd saves beyond the inputs (saved-tensor hooks)"
@@ -303,13 +337,14 @@ def end_to_end_lines(results: Dict[str, Any]) -> List[str]:
         rows.append([
             e["config"], e["description"], e["ops"],
             f"compiled ({e.get('compile_mode') or 'default'})" if e["mode"] == "compiled" else e["mode"],
-            f"{_num(e['median_ms'])} ({_num(e['p20_ms'])}-{_num(e['p80_ms'])})", _num(1e3 / e["median_ms"]),
+            f"{_num(e['median_ms'])} ({_num(e['p20_ms'])}-{_num(e['p80_ms'])}, {e.get('samples', '-')})",
+            _num(1e3 / e["median_ms"]),
             times(base, e, "median_ms"),
             _saved_cell(e), times(base, e, "saved_mb"),
             _num(e["peak_mb"]) if e.get("peak_mb") is not None else "-", times(base, e, "peak_mb"),
             _launch_cell(e),
         ])
-    lines += _table(["config", "setting", "ops", "step", "ms per step (p20-p80)", "steps/s",
+    lines += _table(["config", "setting", "ops", "step", "ms per step (p20-p80, steps timed)", "steps/s",
                      "x faster than eager", "saved MB", "x less saved", "peak MB", "x less peak",
                      "ops / launches (kernels) per step"], rows)
     target = results.get("end_to_end_target")
@@ -323,6 +358,10 @@ def end_to_end_lines(results: Dict[str, Any]) -> List[str]:
         lines += ["", f"Target (issue 9, set for an H100): {t['config']}, fused, <= {t['limit_s']:g} s per step{peak}; "
                   f"measured {t['step_s']:.3f} s ({t['mode']}): {'met' if t['met'] else 'NOT met'}."]
     return lines
+
+
+#: The plots :func:`plot` draws.
+PLOT_FILES = ("speedup.png", "bandwidth.png")
 
 
 def plot(results: Dict[str, Any], out_dir: str) -> List[str]:
@@ -340,8 +379,8 @@ def plot(results: Dict[str, Any], out_dir: str) -> List[str]:
     # one colour per implementation in every panel (the dtype is the line style)
     colours = {impl: f"C{i}" for i, impl in enumerate(sorted({r["impl"] for r in records}))}
     paths = []
-    for name, key, ylabel in (("speedup.png", "speedup_vs_eager", "speed-up over eager (x)"),
-                              ("bandwidth.png", "gbps", "achieved GB/s (minimum traffic)")):
+    for name, key, ylabel in zip(PLOT_FILES, ("speedup_vs_eager", "gbps"),
+                                 ("speed-up over eager (x)", "achieved GB/s (minimum traffic)")):
         fig, axes = plt.subplots(len(labels), len(MODES), figsize=(4.2 * len(MODES), 3.2 * len(labels)),
                                  squeeze=False)
         for row, label in enumerate(labels):
@@ -357,8 +396,10 @@ def plot(results: Dict[str, Any], out_dir: str) -> List[str]:
                     pts.sort()
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colours[impl],
                             linestyle="-" if dtype == "fp32" else "--", label=f"{impl} {dtype}")
-                if key == "gbps":
-                    ax.axhline(results["copy_gbps"], color="grey", linestyle=":", label="copy")
+                if key == "gbps":  # the copy timed beside this panel's cases where it was
+                    beside = beside_copy_gbps([r for r in records if r["label"] == label and r["mode"] == mode])
+                    ax.axhline(statistics.median(beside) if beside else results["copy_gbps"], color="grey",
+                               linestyle=":", label="copy" + (" (median beside the cases)" if beside else ""))
                 else:
                     ax.axhline(1.0, color="grey", linestyle=":")
                 ax.set_xscale("log", base=2)

@@ -7,7 +7,9 @@ recorded), each fused backend of ``qk.available_backends()`` that runs natively 
 straightforward PyTorch code (``cases.straightforward_quant``).
 
 Derived figures per (case, implementation, mode): achieved bandwidth = minimum traffic (see
-``cases``) / median time, its share of the device's measured copy bandwidth, the speed-up over
+``cases``) / median time, its share of the device's copy bandwidth (a copy far larger than the cache,
+timed as one more entry of the case's rotation, so that the share compares samples taken side by side:
+a shared machine's bandwidth drifts by half within seconds), the speed-up over
 eager and over compiled (ratio of medians), and, per (case, implementation), the bytes autograd
 keeps for backward beyond the inputs (and on CUDA the peak memory of forward+backward above what
 was allocated before it).
@@ -21,10 +23,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from .cases import AUTOGRAD, COMPILED, EAGER, MODES, OpCase, backends_for, implementation, implementations
-from .timing import CacheFlusher, busy_wait_seconds, measure_interleaved, saved_bytes, synchronize
+from .timing import CacheFlusher, Timing, busy_wait_seconds, copy_run, measure_interleaved, saved_bytes, synchronize
 
-#: Sampling per measurement: (warm-up runs, min samples, max samples, seconds budget).
+#: Sampling per measurement: (warm-up runs, min samples, max samples, seconds budget per implementation).
 SAMPLING = {True: (2, 5, 30, 0.4), False: (3, 10, 200, 1.5)}
+
+#: The rotation's entry for the copy timed beside a case's implementations (no implementation's name).
+COPY_RUN = "(copy)"
 
 
 def mode_functions(fn: Callable[..., torch.Tensor], leaves: List[torch.Tensor], grad: torch.Tensor):
@@ -64,11 +69,13 @@ def benchmark_case(
     *,
     quick: bool,
     flush: Optional[Callable[[], None]],
-    copy_gbps: float,
+    copy: Tuple[Callable[[], None], Callable[[Any], torch.Tensor]],
+    copy_bytes: int,
     log: Callable[[str], None] = print,
 ) -> List[Dict[str, Any]]:
     """Records for one case: one per (implementation, mode), or one with ``error`` when an
-    implementation fails (it is reported, and the sweep goes on)."""
+    implementation fails (it is reported, and the sweep goes on). ``copy`` (:func:`.timing.copy_run`
+    over ``copy_bytes``) is timed in each mode's rotation beside the implementations."""
     warmup, min_samples, max_samples, budget_s = SAMPLING[quick]
     leaves = case.make_inputs(device)
     grad = case.grad_output(device)
@@ -101,9 +108,17 @@ def benchmark_case(
     try:
         for mode in MODES:
             runs = {impl: mode_functions(fn, leaves, grad)[mode] for impl, (fn, _) in ready.items()}
-            # on a GPU the device's time (launches issued ahead), the host's time to issue beside it
-            timings = measure_interleaved(runs, device, flush=flush, warmup=warmup, min_samples=min_samples,
-                                          max_samples=max_samples, budget_s=budget_s, hide_launch=True)
+            if not runs:
+                continue
+            # on a GPU the device's time (launches issued ahead), the host's time to issue beside it; the
+            # copy shares the implementations' time budget (the case takes no longer for it)
+            timings = measure_interleaved({**runs, COPY_RUN: copy}, device, flush=flush, warmup=warmup,
+                                          min_samples=min_samples, max_samples=max_samples,
+                                          budget_s=budget_s * len(runs) / (len(runs) + 1), hide_launch=True)
+            copy_timing = timings.pop(COPY_RUN)
+            if not isinstance(copy_timing, Timing):  # a device that cannot copy: no share can be right
+                raise copy_timing
+            copy_gbps = 2 * copy_bytes / copy_timing.median / 1e9
             for impl, timing in timings.items():
                 if isinstance(timing, Exception):
                     failed(impl, timing)
@@ -115,7 +130,7 @@ def benchmark_case(
                     **base, "impl": impl, "mode": mode, **ready[impl][1],
                     "median_ms": _ms(timing.median), "p20_ms": _ms(timing.p20), "p80_ms": _ms(timing.p80),
                     "samples": len(timing.samples), "min_traffic_bytes": traffic, "gbps": gbps,
-                    "pct_of_copy": 100.0 * gbps / copy_gbps,
+                    "copy_gbps": copy_gbps, "pct_of_copy": 100.0 * gbps / copy_gbps,
                     **({"host_ms": _ms(timing.host_median), "launch_wait_ms": _ms(busy_wait_seconds())}
                        if timing.host_samples else {}),
                 })
@@ -150,21 +165,24 @@ def run_kernels(
     device: str,
     *,
     quick: bool,
-    copy_gbps: float,
+    copy_bytes: int,
     impls: Optional[List[str]] = None,
     on_case_done: Optional[Callable[[List[Dict[str, Any]]], None]] = None,
     log: Callable[[str], None] = print,
 ) -> List[Dict[str, Any]]:
     """Run every case with ``impls`` (default: ``cases.implementations``), less those that do not apply
     to it (autograd to mixed_op_sum, a backend without a kernel for its op; an unknown name is timed,
-    and fails as a record); ``on_case_done(records so far)`` lets the caller save partial results."""
+    and fails as a record), with a copy of ``copy_bytes`` timed beside them; ``on_case_done(records so
+    far)`` lets the caller save partial results."""
     flusher = CacheFlusher(device)
+    copy = copy_run(device, copy_bytes)
     records: List[Dict[str, Any]] = []
     for case in cases:
         applicable = implementations(case, device)
         not_applicable = ({AUTOGRAD} | set(backends_for(device))) - set(applicable)
         chosen = applicable if impls is None else [i for i in impls if i not in not_applicable]
-        records += benchmark_case(case, device, chosen, quick=quick, flush=flusher, copy_gbps=copy_gbps, log=log)
+        records += benchmark_case(case, device, chosen, quick=quick, flush=flusher, copy=copy, copy_bytes=copy_bytes,
+                                  log=log)
         if on_case_done is not None:
             on_case_done(records)
     return records

@@ -231,13 +231,19 @@ def measure(
     return result
 
 
-def copy_bandwidth_gbps(device: str, nbytes: int, budget_s: float = 2.0) -> float:
-    """Achieved bandwidth of ``dst.copy_(src)`` on a tensor far larger than the cache, counting the
-    read and the write (2 x nbytes per copy): the practical ceiling a memory-bound kernel can reach."""
+def copy_run(device: str, nbytes: int) -> Tuple[Callable[[], None], Callable[[Any], torch.Tensor]]:
+    """(setup, run) of ``dst.copy_(src)`` over ``nbytes`` (a tensor far larger than the cache): the
+    copy whose bandwidth, counting the read and the write (2 x nbytes per copy), is the practical
+    ceiling a memory-bound kernel can reach."""
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    timing = measure(lambda _: dst.copy_(src), lambda: None, device, warmup=3, min_samples=10, budget_s=budget_s,
-                     hide_launch=True)
+    return (lambda: None), (lambda _: dst.copy_(src))
+
+
+def copy_bandwidth_gbps(device: str, nbytes: int, budget_s: float = 2.0) -> float:
+    """Achieved bandwidth of :func:`copy_run` over ``nbytes``, timed alone."""
+    setup, run = copy_run(device, nbytes)
+    timing = measure(run, setup, device, warmup=3, min_samples=10, budget_s=budget_s, hide_launch=True)
     return 2 * nbytes / timing.median / 1e9
 
 

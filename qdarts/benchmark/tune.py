@@ -28,6 +28,7 @@ import torch
 
 from qdarts_kernels.triton._common import TileSize, tile_override, tile_size
 
+from ..checkpoint import atomic_write_text
 from .cases import OpCase, implementation
 from .runner import mode_functions
 from .timing import CacheFlusher, copy_bandwidth_gbps, environment, measure_interleaved
@@ -168,11 +169,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{kernel:<28} {case.id:<44} best "
               + (f"{best['elements']} x {best['num_warps']}: {best['median_ms']:.4g} ms" if best else "none"),
               flush=True)
-        # saved after every target: a run cut short keeps what it measured
-        with open(os.path.join(args.out, "tune.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        with open(os.path.join(args.out, "tune.md"), "w") as f:
-            f.write(report(results))
+        # saved after every target, each file whole (atomically): a run cut short keeps what it measured
+        atomic_write_text(os.path.join(args.out, "tune.json"), json.dumps(results, indent=1))
+        atomic_write_text(os.path.join(args.out, "tune.md"), report(results))
     return 0
 
 

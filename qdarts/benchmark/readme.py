@@ -1,6 +1,6 @@
 """Turns benchmark results into the README's performance section.
 
-    python -m qdarts.benchmark.readme bench/results/cpu-2026-11-27.json [bench/results/h100-....json ...]
+    python -m qdarts.benchmark.readme bench/results/cpu-2026-11-29.json [bench/results/h100-....json ...]
 
 prints Markdown on stdout: for each results file, the conditions it was measured under, the
 forward+backward summary per op and size (eager, compiled, fastest fused backend, speed-ups,

@@ -182,6 +182,42 @@ def test_an_interrupted_run_says_so_and_keeps_no_earlier_plots(tmp_path, monkeyp
     # a run stopped without a word (a time limit's kill) leaves "running", which reads the same way
     results["status"] = "running"
     assert "did not finish (it was stopped" in report.markdown_report(results)
+    # the end-to-end part appended to the interrupted kernel part (as gpu_check.sh runs them) finishes, but
+    # the kept kernel figures still say that their run did not
+    monkeypatch.setattr(runner, "benchmark_case", real_case)
+    monkeypatch.setattr(endtoend, "plan", lambda device, quick: [(TINY_SUPERNET, ("fused",))])
+    assert cli.main(["--device", "cpu", "--quick", "--skip-kernels", "--append", "--out", str(tmp_path)]) == 0
+    appended = json.loads((tmp_path / "results.json").read_text())
+    assert appended["status"] == "complete" and appended["kept_runs"]["kernels"]["status"] == "interrupted"
+    text = (tmp_path / "report.md").read_text()
+    assert "This run did not finish" not in text
+    assert "The kernel figures, kept from an earlier run by --append, are from a run that did not finish (it was " \
+           "interrupted)" in text
+
+
+def test_a_run_killed_in_its_first_case_leaves_no_earlier_complete_status(tmp_path, monkeypatch):
+    """Before the first case is measured, results.json already says "running" (an earlier run's "complete"
+    must not stand beside the removal of its plots, should this run be killed in its first case)."""
+    _tiny_cli_run(monkeypatch)
+    (tmp_path / "results.json").write_text(json.dumps({"env": {}, "status": "complete", "kernels": []}))
+    seen = []
+
+    def killed(case, *args, **kwargs):
+        seen.append(json.loads((tmp_path / "results.json").read_text())["status"])
+        raise SystemExit(137)  # as a kill leaves it: nothing after this runs in a real kill
+
+    monkeypatch.setattr(runner, "benchmark_case", killed)
+    with pytest.raises(SystemExit):
+        cli.main(["--device", "cpu", "--quick", "--skip-end-to-end", "--impls", "eager", "--out", str(tmp_path)])
+    assert seen == ["running"]
+
+
+def test_append_refuses_other_versions_before_measuring(tmp_path, monkeypatch, capsys):
+    results = {"env": {**timing.environment("cpu"), "torch": "2.11.0+cu130"}, "kernels": [], "end_to_end": []}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    monkeypatch.setattr(cli, "copy_bandwidth_gbps", lambda *a: pytest.fail("measured before refusing"))
+    assert cli.main(["--device", "cpu", "--quick", "--skip-kernels", "--append", "--out", str(tmp_path)]) == 2
+    assert "measured with torch '2.11.0+cu130'" in capsys.readouterr().err
 
 
 def test_a_file_system_error_mid_run_is_one_line(tmp_path, monkeypatch, capsys):
@@ -257,7 +293,15 @@ def test_cli_append_runs_the_end_to_end_part_into_the_kernel_part_s_results(tmp_
     first.update(quick=False, loadavg_1m_end=0.5)
     (tmp_path / "results.json").write_text(json.dumps(first))
     kernels = first["kernels"]
+    real_run, plots_meanwhile = endtoend.run, []
+
+    def end_to_end(*args, **kwargs):  # the kernel part's plots stay while the end-to-end part runs
+        plots_meanwhile.extend(png for png in report.PLOT_FILES if (tmp_path / png).exists())
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(endtoend, "run", end_to_end)
     assert cli.run(parser.parse_args(base + ["--skip-kernels", "--append"])) == 0
+    assert plots_meanwhile == list(report.PLOT_FILES)
     text = (tmp_path / "report.md").read_text()
     # the kept part is described by its own run's conditions, the rest by this run's
     assert "kernel figures from 2000-01-01T00:00:00Z (full sweep, 1-minute load 0.25 to 0.5)" in text

@@ -45,8 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-kernels", action="store_true", help="do not run the kernel benchmarks")
     parser.add_argument("--skip-end-to-end", action="store_true", help="do not time the supernet search step")
     parser.add_argument("--append", action="store_true",
-                        help="keep what OUT/results.json (from an earlier run on the same device; on a CPU, with the "
-                             "same --threads) holds for the parts this run skips (--skip-kernels / "
+                        help="keep what OUT/results.json (from an earlier run on the same device, with the same "
+                             "versions of torch, CUDA, triton, Python and qdarts_kernels; on a CPU, with the same "
+                             "--threads) holds for the parts this run skips (--skip-kernels / "
                              "--skip-end-to-end), so that the two parts can run as separate steps, each with its own "
                              "time limit, into one report")
     parser.add_argument("--compile-end-to-end", action="store_true",
@@ -86,9 +87,11 @@ def _keep_skipped_parts(results: Dict[str, Any], json_path: str, args: argparse.
             results.update({k: earlier[k] for k in keys if k in earlier})
             # the conditions of the run that measured the kept part (this run's describe the rest)
             env = earlier.get("env", {})
+            # (and whether it finished: a kept part cut by its time limit must not read as complete)
             results.setdefault("kept_runs", {})[keys[0]] = earlier.get("kept_runs", {}).get(keys[0]) or {
                 "date": env.get("date"), "quick": earlier.get("quick"),
-                "loadavg_1m_start": env.get("loadavg_1m_start"), "loadavg_1m_end": earlier.get("loadavg_1m_end")}
+                "loadavg_1m_start": env.get("loadavg_1m_start"), "loadavg_1m_end": earlier.get("loadavg_1m_end"),
+                "status": earlier.get("status", "complete"), "error": earlier.get("error")}
     if args.skip_kernels:  # kept kernel figures: settled only if their own run said so
         results["host_allocator_settled"] = earlier.get("host_allocator_settled", False)
 
@@ -177,7 +180,6 @@ def run(args: argparse.Namespace) -> int:
         "env": environment(device),
         "quick": bool(args.quick),
         "copy_bytes": copy_bytes,
-        "copy_gbps": copy_bandwidth_gbps(device, copy_bytes),
         "cache_bytes": last_level_cache_bytes(device),
         "flush_bytes": flush_bytes(device),
         "host_allocator_settled": True,
@@ -186,12 +188,17 @@ def run(args: argparse.Namespace) -> int:
         "gpu_targets": [],
         "end_to_end": [],
     }
-    if args.append and os.path.exists(json_path):
+    if args.append and os.path.exists(json_path):  # refused or kept before anything is measured
         _keep_skipped_parts(results, json_path, args)
-    # the plots are drawn at the end: an earlier run's must not stand beside this run's results meanwhile
-    for name in report.PLOT_FILES:
-        if os.path.isfile(os.path.join(args.out, name)):
-            os.remove(os.path.join(args.out, name))
+    if "copy_gbps" not in results:  # else kept with the kernel figures whose shares are against it
+        results["copy_gbps"] = copy_bandwidth_gbps(device, copy_bytes)
+    # the plots (of the kernel figures) are drawn at the end: an earlier run's must not stand beside this
+    # run's results meanwhile, unless they are of the kernel figures kept by --append (an end-to-end part
+    # stopped by its time limit then leaves the kernel part's plots)
+    if "kernels" not in results.get("kept_runs", {}):
+        for name in report.PLOT_FILES:
+            if os.path.isfile(os.path.join(args.out, name)):
+                os.remove(os.path.join(args.out, name))
     _log(f"qdarts bench on {results['env']['device']}: copy bandwidth {results['copy_gbps']:.1f} GB/s")
 
     def save() -> None:
@@ -204,7 +211,13 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(os.path.join(args.out, "report.md"), report.markdown_report(results))
 
     try:
+        save()  # "running" replaces an earlier run's "complete" before the first case ends (or is killed)
         _measure(args, device, cases, impls, copy_bytes, results, save)
+        results["wall_s"] = time.perf_counter() - started
+        results["loadavg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        plots = report.plot(results, args.out)  # before "complete": an interrupted drawing is no complete run
+        results["status"] = "complete"
+        save()
     except BaseException as e:  # Ctrl-C, or a failure outside the per-case records: say so in what is kept
         results["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         if not isinstance(e, KeyboardInterrupt):
@@ -214,11 +227,6 @@ def run(args: argparse.Namespace) -> int:
         except OSError:  # the file system is what failed: the error to report is the one raised
             pass
         raise
-    results["status"] = "complete"
-    results["wall_s"] = time.perf_counter() - started
-    results["loadavg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    save()
-    plots = report.plot(results, args.out)
     _log(f"wrote {json_path}, {os.path.join(args.out, 'report.md')}"
          + "".join(f", {p}" for p in plots) + f" in {results['wall_s']:.0f} s")
     failures = [r for r in results["kernels"] + results["end_to_end"] if "error" in r]

@@ -215,16 +215,29 @@ SUMMARY_HEADER = [
 ]
 
 
-def status_line(results: Dict[str, Any]) -> Optional[str]:
-    """A warning where the run that wrote ``results`` did not finish (none for results of before the status
-    was recorded, which were written complete)."""
-    status = results.get("status", "complete")
+def _unfinished_why(status: str, error: Optional[str]) -> Optional[str]:
+    """Why a run with ``status`` did not finish (None where it did)."""
     if status == "complete":
         return None
-    why = {"running": "it was stopped (a time limit, a kill) or is still running", "interrupted": "it was interrupted",
-           "failed": f"it failed: {results.get('error')}"}.get(status, status)
-    return (f"**This run did not finish ({why}): the figures below are those measured until then; cases and "
-            "configurations after them, and the targets they decide, were not measured.**")
+    return {"running": "it was stopped (a time limit, a kill) or is still running", "interrupted": "it was interrupted",
+            "failed": f"it failed: {error}"}.get(status, status)
+
+
+def status_line(results: Dict[str, Any]) -> Optional[str]:
+    """A warning where the run that wrote ``results``, or one whose part it kept by --append, did not finish
+    (none for results of before the status was recorded, which were written complete)."""
+    notes = []
+    why = _unfinished_why(results.get("status", "complete"), results.get("error"))
+    if why:
+        notes.append(f"This run did not finish ({why}): the figures below are those measured until then; cases "
+                     "and configurations after them, and the targets they decide, were not measured.")
+    for key, kept in (results.get("kept_runs") or {}).items():
+        why = _unfinished_why(kept.get("status", "complete"), kept.get("error"))
+        if why:
+            part = "kernel" if key == "kernels" else "end-to-end"
+            notes.append(f"The {part} figures, kept from an earlier run by --append, are from a run that did not "
+                         f"finish ({why}): those after them were not measured.")
+    return "**" + " ".join(notes) + "**" if notes else None
 
 
 def markdown_report(results: Dict[str, Any]) -> str:

@@ -9,7 +9,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Collection, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -152,7 +152,7 @@ def measure_interleaved(
     min_samples: int = 5,
     max_samples: int = 50,
     budget_s: float = 2.0,
-    hide_launch: bool = False,
+    hide_launch: Union[bool, Collection[str]] = False,
 ) -> Dict[str, Union[Timing, Exception]]:
     """Time several implementations of one piece of work, one sample of each in turn.
 
@@ -171,10 +171,12 @@ def measure_interleaved(
     GPU still waits and the events then time the kernels back to back, as in a network whose host
     runs ahead of its GPU (what ``triton.testing.do_bench`` measures, with the cache flushed). The
     host's time to issue each run is recorded beside it (``Timing.host_samples``): a run whose host
-    time exceeds its device time is bound by the host when it runs alone.
+    time exceeds its device time is bound by the host when it runs alone. ``True`` hides the launches
+    of every run; a collection of names, those of the runs so named (a one-kernel run such as a copy
+    has no launches worth the wait).
     """
     on_cuda = torch.device(device).type == "cuda"
-    hide_launch = hide_launch and on_cuda
+    hidden = frozenset(() if not on_cuda else runs if hide_launch is True else hide_launch or ())
     host: Dict[str, List[float]] = {name: [] for name in runs}
     samples: Dict[str, List[float]] = {name: [] for name in runs}
     failed: Dict[str, Exception] = {}
@@ -190,7 +192,7 @@ def measure_interleaved(
                 synchronize(device)
                 if on_cuda:
                     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    if hide_launch:
+                    if name in hidden:
                         _busy_wait()
                     begin.record()
                     t0 = time.perf_counter()
@@ -209,7 +211,7 @@ def measure_interleaved(
                 continue
             if i >= warmup:
                 samples[name].append(seconds)
-                if hide_launch:
+                if name in hidden:
                     host[name].append(issued_s)
         rounds = i + 1 - warmup
         if rounds >= min_samples and time.perf_counter() - started > budget_s * max(1, len(runs) - len(failed)):

@@ -230,6 +230,11 @@ class SearchNetwork(nn.Module):
         self.weight_quantizer = GroupedWeightQuantizer(convs) if cfg.grouped_weights and convs else None
         act_quants = [conv.act_quant for conv in convs if conv.act_quant is not None]
         self.act_probs = GroupedBitProbs(act_quants) if cfg.grouped_weights and act_quants else None
+        for quant in act_quants:
+            if quant.quantizer == "paper":
+                # the supernet keeps no running activation ranges for evaluation (its accuracy is a search
+                # figure; the derived network keeps them): no launches for them in a search step
+                quant.disable_observer()
         for module in self.modules():  # the batch norms take the backend of the quantized ops
             if isinstance(module, OutputKeepingBatchNorm2d):
                 module.backend = cfg.backend

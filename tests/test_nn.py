@@ -1238,3 +1238,111 @@ def test_torch_export_of_an_lsq_model(mode):
     fq(y)
     getattr(fq, mode)()
     assert torch.equal(torch.export.export(fq, (y,)).module()(y), fq(y))
+
+
+def _paper_act(bits=(2, 4, 8)):
+    return qnn.MixedPrecisionFakeQuantize(bits, quantizer="paper", role="act")
+
+
+def test_paper_activations_scaled_by_the_max_evaluate_on_the_running_range():
+    """In training the largest magnitude of each batch (the official code's); in evaluation its moving
+    average over the training batches, so that a sample's output does not depend on its batch."""
+    torch.manual_seed(5)
+    quant = _paper_act()
+    batches = [torch.randn(32, 6) * (i + 1) for i in range(3)]
+    want = batches[0].abs().max()
+    for x in batches:
+        batch_scales = torch.maximum(x.abs().max() / quant._top_or_inf, quant._floor_or_step)
+        assert torch.equal(quant(x), qk.mixed_fake_quant(x, quant.probs(), batch_scales, (2, 4, 8), grid="unsigned"))
+    for x in batches[1:]:
+        want = torch.lerp(want, x.abs().max(), quantizers_module.RUNNING_RANGE_MOMENTUM)
+    assert torch.equal(quant.running_largest, want) and bool(quant.largest_observed)
+    quant.eval()
+    x = torch.randn(17, 6) * 2
+    whole = quant(x)
+    assert torch.equal(whole, torch.cat([quant(x[:1]), quant(x[1:9]), quant(x[9:])]))
+    scales = torch.maximum(want / quant._top_or_inf, quant._floor_or_step)
+    assert torch.equal(whole, qk.mixed_fake_quant(x, quant.probs(), scales, (2, 4, 8), grid="unsigned"))
+
+
+def test_the_running_range_is_kept_only_where_it_can_be():
+    torch.manual_seed(6)
+    x = torch.randn(8, 6)
+    # a quantizer that saw no training batch evaluates on the batch's own range, as before
+    fresh = _paper_act().eval()
+    assert not torch.equal(fresh(x)[:1], fresh(x[:1]))
+    # the observer off: no range is kept; an empty batch observes nothing
+    off = _paper_act()
+    off.disable_observer()
+    off(x)
+    _paper_act()(x[:0])
+    assert not bool(off.largest_observed) and float(off.running_largest) == 0.0
+    # an overflowed batch (which a loss scaler would skip) leaves the range as it was
+    quant = _paper_act()
+    quant._observe_largest(torch.tensor(math.inf))
+    assert not bool(quant.largest_observed)
+    quant._observe_largest(torch.tensor(3.0))
+    quant._observe_largest(torch.tensor(math.nan))
+    assert float(quant.running_largest) == 3.0 and bool(quant.largest_observed)
+    # quantizers without a bit-width scaled by the max (or LSQ, or weights) keep no range
+    for other in (_paper_act((2, 4)), qnn.MixedPrecisionFakeQuantize((2, 8)),
+                  qnn.MixedPrecisionFakeQuantize((2, 8), quantizer="paper", role="weight")):
+        assert "running_largest" not in other.state_dict()
+
+
+def test_a_state_saved_before_the_running_range_loads_and_evaluates_as_before():
+    torch.manual_seed(7)
+    trained = _paper_act()
+    trained(torch.randn(8, 6))
+    old = {k: v for k, v in trained.state_dict().items() if k not in ("running_largest", "largest_observed")}
+    loaded = _paper_act()
+    loaded.load_state_dict(old)  # strict
+    loaded.eval()
+    x = torch.randn(8, 6)
+    assert torch.equal(loaded(x), _paper_act().eval()(x))  # the batch's range: nothing observed
+    again = _paper_act()
+    again.load_state_dict(trained.state_dict())
+    assert torch.equal(again.eval()(x), trained.eval()(x))
+
+
+def test_quantizers_sharing_scales_each_keep_their_running_range():
+    torch.manual_seed(8)
+    first, second = _paper_act(), _paper_act()
+    x = torch.randn(8, 6)
+    with qnn.shared_activation_scales():
+        first(x), second(x)
+    assert float(second.running_largest) == float(x.abs().max()) == float(first.running_largest)
+    with qnn.shared_activation_scales():  # in evaluation each takes its own range, not the other's
+        first.running_largest.fill_(1.0)
+        first.eval(), second.eval()
+        assert not torch.equal(first(x), second(x))
+        assert torch.equal(second(x), _paper_act().train()(x))
+
+
+@pytest.mark.filterwarnings("ignore:.*may not match this installation")
+def test_the_derived_network_evaluates_each_sample_alone_and_the_supernet_keeps_no_range():
+    """Test accuracy must not depend on how the test set is batched (it did, through the 8-bit
+    activations' batch max); the search's supernet keeps no running ranges (no launches for them)."""
+    from qdarts.evalnet import EvalNetwork
+    from qdarts.genotype import Genotype
+    from qdarts.supernet import SearchNetwork, SupernetConfig
+
+    torch.manual_seed(9)
+    supernet = SearchNetwork(SupernetConfig(input_shape=(1, 8, 8), num_classes=4, channels=4, layers=2, steps=2,
+                                            partial_channels=1, bits=(2, 4, 8)))
+    paper_acts = [m for m in supernet.modules() if isinstance(m, qnn.MixedPrecisionFakeQuantize)
+                  and m.quantizer == "paper" and m.role == "act"]
+    assert paper_acts and not any(m._observer_on for m in paper_acts)
+    from qdarts.derive import derive_genotype
+
+    genotype = Genotype.from_dict(derive_genotype(supernet).to_dict())
+    for cell in genotype.cells:  # 8-bit activations everywhere
+        cell.preprocess0[:] = [(8, 4)] * len(cell.preprocess0)
+        cell.edges[:] = [[(8, 4)] * len(pairs) for pairs in cell.edges]
+    net = EvalNetwork(genotype, (1, 8, 8), 4, 4, 2)
+    for _ in range(2):
+        net(torch.randn(16, 1, 8, 8)).sum().backward()
+    net.eval()
+    x = torch.randn(9, 1, 8, 8)
+    with torch.no_grad():  # (convs of other batch sizes may sum in another order: not bit for bit)
+        torch.testing.assert_close(net(x), torch.cat([net(x[:1]), net(x[1:])]), rtol=1e-5, atol=1e-6)

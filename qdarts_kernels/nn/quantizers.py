@@ -28,7 +28,11 @@
     single one), ``max|W| / (2^(b-1) - 1/2)``, as for 8 bits: the std would give a step of 0 or NaN.
   - b >= 8: the scale that maps the largest magnitude to the top level, ``max|x| / Qp`` per tensor
     for activations and ``max|W_c| / (2^(b-1) - 1/2)`` per output channel c for weights (weights
-    then use per-channel scales ``[K, C_out]``, the b < 8 rows broadcast over channels).
+    then use per-channel scales ``[K, C_out]``, the b < 8 rows broadcast over channels). For
+    activations that is the batch's largest magnitude in training (as the official code takes it);
+    in evaluation, its moving average over the training batches (buffer ``running_largest``, kept
+    while the observer is on, as batch norm keeps its running statistics), so that a sample's output
+    does not depend on the other samples of its batch.
 
   These scales take no gradient (they are functions of the data, not parameters).
 
@@ -69,6 +73,9 @@ HWGQ_STEPS = {1: 0.799, 2: 0.538, 3: 0.3217, 4: 0.185}
 GAUSSIAN_STEPS = {1: 1.596, 2: 0.996, 3: 0.586, 4: 0.336}
 #: From this bit-width on, the paper quantizers take their scale from the largest magnitude.
 PAPER_MAX_BITS = 8
+#: Weight of a training batch's largest magnitude in the running range that paper activation
+#: quantizers scaled by the max use in evaluation (as batch norm's running statistics).
+RUNNING_RANGE_MOMENTUM = 0.1
 #: Smallest scale any data-derived initialisation produces (that of PyTorch's observers), so an
 #: all-zero batch cannot give a zero scale.
 MIN_SCALE = torch.finfo(torch.float32).eps
@@ -301,6 +308,11 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
             self.register_buffer("_floor_or_step", torch.tensor([MIN_SCALE if m else v for v, m in zip(steps, by_max)],
                                                                 device=device, dtype=torch.float32), persistent=False)
             self._any_by_max = max(self.bits) >= PAPER_MAX_BITS
+            if role == "act" and self._any_by_max:
+                # the running range of the largest magnitude, for evaluation (see _max_scaled_act_scales)
+                self.register_buffer("running_largest", torch.zeros((), device=device))
+                self.register_buffer("largest_observed", torch.zeros((), dtype=torch.bool, device=device))
+        self._range_observed = False  # the host's mirror of largest_observed (no host sync in forward)
         self._fake_quant_on = True
         self._observer_on = True
         self._needs_init = quantizer == "lsq"
@@ -345,11 +357,16 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
                                       error_msgs)
         if uninitialized and key not in state_dict and key in missing_keys:
             missing_keys.remove(key)  # saved before its first batch (see _save_to_state_dict): it stays so
+        for name in ("running_largest", "largest_observed"):
+            if prefix + name in missing_keys:  # saved before the running range was kept: none observed yet
+                missing_keys.remove(prefix + name)
         # loading is not on the hot path: reading the switches back to the host here is fine
         self._fake_quant_on = bool(self.fake_quant_enabled[0])
         self._observer_on = bool(self.observer_enabled[0])
         if self.quantizer == "lsq":
             self._needs_init = not bool(self.initialized[0])
+        if hasattr(self, "largest_observed"):
+            self._range_observed = bool(self.largest_observed)
 
     # -- the quantizer --------------------------------------------------------------------------
 
@@ -444,15 +461,18 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         if self.role == "act":
             if not self._any_by_max:
                 return self._steps
-            shared = _shared_scales if not torch.compiler.is_compiling() else None
+            # shared: the scales depend on x and the configuration alone (not on an evaluation's running range)
+            shared = _shared_scales if not torch.compiler.is_compiling() and not self._uses_running_range() else None
             if shared is not None:
                 key = (id(x), self.bits, self.grid)
                 seen = shared.get(key)
                 # a dead input's id may be taken by a new tensor: the weak reference then is not to x
                 if seen is not None and seen[0]() is x and seen[1] == x._version:
+                    if self._observes_range(xd):
+                        self._observe_largest(seen[3])
                     return seen[2]
-                scales = self._max_scaled_act_scales(xd)
-                shared[key] = (weakref.ref(x), x._version, scales)
+                scales, largest = self._max_scaled_act_scales(xd, with_largest=True)
+                shared[key] = (weakref.ref(x), x._version, scales, largest)
                 return scales
             return self._max_scaled_act_scales(xd)
         if axis is None:
@@ -465,8 +485,39 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         by_max = (max_c[None, :] / self._top[:, None]).clamp_min(MIN_SCALE)
         return torch.where(self._by_max[:, None], by_max, scaled[:, None])
 
-    def _max_scaled_act_scales(self, xd: Tensor) -> Tensor:
-        """The paper activation scales of a configuration with a bit-width scaled by the max."""
+    def _uses_running_range(self) -> bool:
+        """Whether this forward's max-scaled activation scales come from the running range: in
+        evaluation, once a training batch was observed."""
+        return not self.training and self._range_observed
+
+    def _observes_range(self, xd: Tensor) -> bool:
+        """Whether this forward updates the running range: training with the observer on (an empty
+        batch observes nothing)."""
+        return self.training and self._observer_on and xd.numel() > 0
+
+    @torch.no_grad()
+    def _observe_largest(self, largest: Tensor) -> None:
+        """Fold a training batch's largest magnitude into the running range, on the device (no host
+        sync): the first one as it is, then an exponential moving average (RUNNING_RANGE_MOMENTUM); a
+        non-finite one (an overflowed batch that a loss scaler will skip) leaves it as it was."""
+        largest = largest.to(self.running_largest.dtype)  # fp32, unless the module was made fp64 (.double())
+        finite = largest.isfinite()
+        moved = torch.where(self.largest_observed, torch.lerp(self.running_largest, largest, RUNNING_RANGE_MOMENTUM),
+                            largest)
+        self.running_largest.copy_(torch.where(finite, moved, self.running_largest))
+        self.largest_observed.logical_or_(finite)
+        self._range_observed = True
+
+    def _max_scaled_act_scales(self, xd: Tensor, with_largest: bool = False):
+        """The paper activation scales of a configuration with a bit-width scaled by the max (and,
+        ``with_largest``, the batch's largest magnitude they were taken from).
+
+        In training, the largest magnitude of the batch, as the official code takes it; with the
+        observer on, it also updates the running range. In evaluation, the running range (the largest
+        magnitude's moving average over the training batches, as batch norm's running statistics),
+        so that a sample's output does not depend on the other samples of its batch; a quantizer that
+        observed no training batch (or was loaded from a state saved before the running range was
+        kept) takes the batch's, as in training."""
         # relu grid: max relu(x) = relu(max x), and relu(m) / top clamped at MIN_SCALE > 0 is m / top
         # so clamped (NaN stays NaN): no activation-sized temporary, and no separate relu launch;
         # otherwise max |x| as one reduction (the inf-norm), not abs then amax -- except on CPU, where
@@ -481,10 +532,16 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
             largest = torch.maximum(highest, -lowest)
         else:
             largest = torch.linalg.vector_norm(xd, ord=math.inf)
+        if self._observes_range(xd):
+            self._observe_largest(largest)
+        elif self._uses_running_range():
+            # where() on the device: a range whose every observed batch overflowed is not observed
+            largest = torch.where(self.largest_observed, self.running_largest, largest.float())
         # max(largest / top_k, MIN_SCALE) for the bit-widths scaled by the max, step_k for the others
         # (largest / inf = 0 < step_k): two launches instead of three. A non-finite largest makes the
         # others' scales NaN too, where the output is NaN anyway through the max-scaled bit-widths.
-        return torch.maximum(largest.float() / self._top_or_inf, self._floor_or_step)
+        scales = torch.maximum(largest.float() / self._top_or_inf, self._floor_or_step)
+        return (scales, largest) if with_largest else scales
 
     def _op_inputs(self, x: Tensor) -> Tuple[Tensor, Tensor, Optional[int]]:
         """(probs, scales, axis) of this forward's mixed_fake_quant call on x."""

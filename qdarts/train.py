@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Collection, Dict, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -106,6 +107,14 @@ def _accuracy(model, x, y, device) -> float:
         correct += (model(xb).argmax(1) == yb).sum()
     model.train()
     return float(d.all_reduce_sum(correct)) / x.shape[0]
+
+
+def rank_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of a process's global RNG for an epoch of distributed training: each rank draws its own
+    drop-path masks (every rank is seeded alike for the same initial weights, and would otherwise give
+    the i-th sample of its shard the same mask as every other rank's); per epoch, so that a resumed run
+    draws what an uninterrupted one does (the checkpoint holds the writer's RNG state only)."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)[0])
 
 
 def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progress: bool = True,
@@ -226,6 +235,8 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 model.drop_path_prob = config.drop_path * epoch / config.epochs
+                if dist.enabled:
+                    torch.manual_seed(rank_seed(config.seed, epoch, dist.rank))
                 g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
                 stats = torch.zeros(3, device=device)
                 what = f"the training (epoch {epoch + 1})"

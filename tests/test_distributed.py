@@ -133,8 +133,10 @@ def test_an_output_folder_error_of_the_writer_is_every_ranks(tmp_path):
 def test_two_process_retraining(distributed_search, tmp_path):
     reference, _, _ = distributed_search
     out, dump = tmp_path / "train", tmp_path / "dump"
-    done = _torchrun(["train", "--genotype", str(reference / "genotype.json"), "--epochs", "1", "--batch-size", "64",
-                      "--channels", "4", "--no-progress", "--out", str(out)], **{RANK_DUMP_ENV: str(dump)})
+    # with drop-path (each rank draws its own masks: train.rank_seed) the replicas stay equal all the same
+    done = _torchrun(["train", "--genotype", str(reference / "genotype.json"), "--epochs", "2", "--batch-size", "64",
+                      "--channels", "4", "--drop-path", "0.3", "--no-progress", "--out", str(out)],
+                     **{RANK_DUMP_ENV: str(dump)})
     assert done.stdout.count("test accuracy") == 1
     assert sorted(os.listdir(out)) == ["summary.json", "train_checkpoint.pt"]
     _same_on_every_rank(dump)
@@ -162,3 +164,18 @@ def test_rank_shards_add_up_to_the_global_batches(n, batch_size, world_size, aug
     for k in range(steps):
         together = torch.stack([r[k] for r in ranks], 1).flatten()  # sample j of every rank, then j + 1
         assert torch.equal(together, order[k * world_size * batch_size: (k + 1) * world_size * batch_size])
+
+
+def test_each_rank_draws_its_own_drop_path_masks():
+    """Every rank is seeded alike (the same initial weights); for each epoch of distributed training its
+    global RNG is then seeded by (seed, epoch, rank), so that the ranks' drop-path masks differ (they
+    were the same on every rank) and a resumed run draws what an uninterrupted one does."""
+    from qdarts.evalnet import drop_path
+    from qdarts.train import rank_seed
+
+    masks = []
+    for rank in (0, 1):
+        torch.manual_seed(rank_seed(0, 3, rank))
+        masks.append(drop_path(torch.ones(64, 1, 1, 1), 0.5).flatten())
+    assert not torch.equal(masks[0], masks[1])
+    assert rank_seed(0, 3, 1) == rank_seed(0, 3, 1) != rank_seed(0, 4, 1) != rank_seed(1, 3, 1)

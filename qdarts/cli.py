@@ -124,10 +124,16 @@ def _train_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=d("batch_size"), help=f"(default: {d('batch_size')})")
     p.add_argument("--layers", type=int, default=None, help="cells (default: as in the search)")
     p.add_argument("--channels", type=int, default=None, help="initial channels (default: twice the search's)")
-    p.add_argument("--lr", type=float, default=d("lr"), help=f"SGD learning rate, cosine (default: {d('lr')})")
-    p.add_argument("--auxiliary", action="store_true", help="auxiliary head at 2/3 depth (weight --aux-weight)")
+    p.add_argument("--lr", type=float, default=d("lr"),
+                   help=f"learning rate of the SGD (momentum {d('momentum')}, weight decay {d('weight_decay')}, "
+                        f"gradients clipped to norm {d('grad_clip')}), cosine down to {d('lr_min')} per epoch "
+                        f"(default: {d('lr')})")
+    p.add_argument("--auxiliary", action="store_true",
+                   help="auxiliary head at 2/3 depth (weight --aux-weight; not counted in the parameters)")
     p.add_argument("--aux-weight", type=float, default=d("aux_weight"), help=f"(default: {d('aux_weight')})")
-    p.add_argument("--drop-path", type=float, default=d("drop_path"), help=f"drop-path probability (default: {d('drop_path')})")
+    p.add_argument("--drop-path", type=float, default=d("drop_path"),
+                   help="drop-path probability P: epoch e (counted from 0) drops a path with probability "
+                        f"P * e / epochs, as DARTS (default: {d('drop_path')})")
     p.add_argument("--data", default=None, choices=["digits", "synthetic", "cifar10"], help="default: the search's")
     p.add_argument("--data-dir", default=None, help="CIFAR-10 folder (default: the search's)")
     p.add_argument("--seed", type=int, default=d("seed"), help=f"(default: {d('seed')})")

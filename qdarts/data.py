@@ -43,6 +43,9 @@ class Dataset:
     num_classes: int
     #: random crop (pad 4) and horizontal flip while training, as is usual for CIFAR-10
     augment: bool = False
+    #: what the crop pads with, per channel [C]: black, standardised as the images are (the raw image
+    #: padded with zeros before the normalisation, as DARTS and torchvision crop); None: 0
+    pad_fill: Optional[torch.Tensor] = None
 
     @property
     def input_shape(self) -> Tuple[int, int, int]:
@@ -60,9 +63,11 @@ class Dataset:
 
 
 def _standardise(train: torch.Tensor, *others: torch.Tensor):
+    """``train`` and ``others`` standardised per channel with the statistics of ``train``, and the
+    standardised value of 0 (black) per channel, [C]."""
     mean = train.mean(dim=(0, 2, 3), keepdim=True)
     std = train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    return ((train - mean) / std,) + tuple((o - mean) / std for o in others)
+    return ((train - mean) / std,) + tuple((o - mean) / std for o in others), (-mean / std).flatten()
 
 
 def _digits() -> Dataset:
@@ -84,7 +89,7 @@ def _digits() -> Dataset:
     rng.shuffle(train_idx)
     test_idx = np.sort(np.concatenate(test_idx))
     tr, te = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
-    train_x, test_x = _standardise(x[tr], x[te])
+    (train_x, test_x), _ = _standardise(x[tr], x[te])
     return Dataset("digits", train_x, y[tr], test_x, y[te], 10)
 
 
@@ -101,7 +106,7 @@ def _synthetic(num_train: int = 512, num_test: int = 256, num_classes: int = 10,
 
     train_x, train_y = draw(num_train)
     test_x, test_y = draw(num_test)
-    train_x, test_x = _standardise(train_x, test_x)
+    (train_x, test_x), _ = _standardise(train_x, test_x)
     return Dataset("synthetic", train_x, train_y, test_x, test_y, num_classes)
 
 
@@ -159,11 +164,11 @@ def _cifar10(data_dir: Optional[str]) -> Dataset:
     # before the statistics of the pool are taken (NaN with a warning for no image at all)
     check_split_sizes("cifar10", data_dir, 1, {"training pool (data_batch_1..5)": len(ty)})
     to_f = lambda a: torch.from_numpy(a.astype(np.float32) / 255.0)  # noqa: E731
-    train_x, test_x = _standardise(to_f(tx), to_f(ex))
+    (train_x, test_x), black = _standardise(to_f(tx), to_f(ex))
     # the search's train/val halves are contiguous slices of the pool: shuffle it once, with a fixed seed
     perm = torch.from_numpy(np.random.default_rng(0).permutation(len(ty)))
     return Dataset("cifar10", train_x[perm], torch.from_numpy(ty)[perm], test_x, torch.from_numpy(ey), 10,
-                   augment=True)
+                   augment=True, pad_fill=black)
 
 
 def absolute_data_dir(data_dir: Optional[str]) -> Optional[str]:
@@ -202,10 +207,15 @@ def check_split_sizes(data: str, data_dir: Optional[str], need: int, splits: Dic
                          f"at least {need} needed")
 
 
-def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random crop with 4-pixel zero padding and random horizontal flip, drawn from ``g``."""
-    n, _, h, w = x.shape
+def _augment(x: torch.Tensor, g: torch.Generator, pad_fill: Optional[torch.Tensor]) -> torch.Tensor:
+    """Random crop with 4-pixel padding (``pad_fill`` per channel, or 0) and random horizontal flip, drawn
+    from ``g``."""
+    n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    if pad_fill is not None:
+        border = torch.ones(h + 8, w + 8, dtype=torch.bool)
+        border[4:-4, 4:-4] = False
+        padded = torch.where(border, pad_fill.to(x.dtype).reshape(1, c, 1, 1), padded)
     dy = torch.randint(0, 9, (n,), generator=g)
     dx = torch.randint(0, 9, (n,), generator=g)
     flip = torch.rand(n, generator=g) < 0.5
@@ -218,9 +228,10 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool, generator: Optional[torch.Generator] = None,
-            augment: bool = False, device: torch.device | str = "cpu", drop_last: bool = False,
-            shard: Tuple[int, int] = (0, 1)) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches of (x, y) moved to ``device``; the order and augmentation come from ``generator`` only.
+            augment: bool = False, pad_fill: Optional[torch.Tensor] = None, device: torch.device | str = "cpu",
+            drop_last: bool = False, shard: Tuple[int, int] = (0, 1)) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches of (x, y) moved to ``device``; the order and augmentation come from ``generator`` only
+    (the crop pads with ``pad_fill`` per channel, 0 where None: :attr:`Dataset.pad_fill`).
 
     ``shard=(rank, world_size)``: every rank draws the same permutation, cut to a multiple of
     ``world_size`` (each rank then yields as many batches), and takes every ``world_size``-th sample
@@ -244,7 +255,7 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool,
         idx = order[start: start + batch_size]
         xb = x[idx]
         if augment:
-            xb = _augment(xb, generator)
+            xb = _augment(xb, generator, pad_fill)
         yield xb.to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
 
 

@@ -70,14 +70,16 @@ class EvalCell(nn.Module):
 
 
 class AuxiliaryHead(nn.Module):
-    """fp32 auxiliary classifier (DARTS), pooled adaptively so it fits any input resolution."""
+    """fp32 auxiliary classifier: DARTS's CIFAR head (1x1 conv to 128, 2x2 conv to 768, linear), with its
+    5x5 stride-3 average pooling of the 8x8 map to 2x2 replaced by adaptive pooling to 2x2, so that it
+    fits any input resolution (the 2x2 map of the digits, too)."""
 
     def __init__(self, C: int, num_classes: int):
         super().__init__()
         self.features = nn.Sequential(
             nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(2), nn.Conv2d(C, 128, 1, bias=False), nn.BatchNorm2d(128),
-            nn.ReLU(inplace=True), nn.Conv2d(128, 256, 2, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True))
-        self.classifier = nn.Linear(256, num_classes)
+            nn.ReLU(inplace=True), nn.Conv2d(128, 768, 2, bias=False), nn.BatchNorm2d(768), nn.ReLU(inplace=True))
+        self.classifier = nn.Linear(768, num_classes)
 
     def forward(self, x):
         return self.classifier(self.features(x).flatten(1))

@@ -556,9 +556,11 @@ class Searcher:
                 g_val = torch.Generator().manual_seed(c.seed * 1_000_003 + 2 * epoch + 1)
                 stats = torch.zeros(4, device=self.device)
                 train_iter = batches(self.train_x, self.train_y, c.batch_size, shuffle=True, generator=g_train,
-                                     augment=self.dataset.augment, device=self.device, shard=(r, w))
+                                     augment=self.dataset.augment, pad_fill=self.dataset.pad_fill, device=self.device,
+                                     shard=(r, w))
                 val_iter = batches(self.val_x, self.val_y, c.batch_size, shuffle=True, generator=g_val,
-                                   augment=self.dataset.augment, device=self.device, shard=(r, w))
+                                   augment=self.dataset.augment, pad_fill=self.dataset.pad_fill, device=self.device,
+                                   shard=(r, w))
                 what, advice = f"the search (epoch {epoch + 1})", self._divergence_advice()
                 with diagnosed(what, self.net.named_parameters, advice):
                     for _, (xb, yb), (xv, yv) in zip(range(steps), train_iter, val_iter):

@@ -244,8 +244,8 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
                           f"{kept_checkpoint(ckpt_path, epoch)}")
                 with diagnosed(what, model.named_parameters, advice):
                     for xb, yb in batches(dataset.train_x, dataset.train_y, config.batch_size, shuffle=True,
-                                          generator=g, augment=dataset.augment, device=device, drop_last=drop_last,
-                                          shard=shard):
+                                          generator=g, augment=dataset.augment, pad_fill=dataset.pad_fill,
+                                          device=device, drop_last=drop_last, shard=shard):
                         optimizer.zero_grad(set_to_none=True)
                         logits, loss = train_loss(xb, yb)
                         loss.backward()
@@ -292,7 +292,9 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
             "data": data,
             "layers": layers,
             "channels": channels,
-            "parameters": sum(p.numel() for p in model.parameters()),
+            # as DARTS counts them: the auxiliary head only helps training, the network is without it
+            "parameters": sum(p.numel() for name, p in model.named_parameters()
+                              if not name.startswith("auxiliary_head.")),
             "train_seconds": elapsed,
             "history": history,
             "bits_per_layer": cost["layers"],

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from qdarts import data as data_module
 from qdarts.data import CIFAR10_FILES, batches, load_dataset
 
 
@@ -103,3 +104,19 @@ def test_batches_are_deterministic_per_generator_and_augment_keeps_shapes():
     for src, out in zip(padded, xb):
         crops = [src[:, i: i + 8, j: j + 8] for i in range(9) for j in range(9)]
         assert any(torch.equal(out, c) or torch.equal(out, c.flip(-1)) for c in crops)
+
+
+def test_the_crop_pads_cifar_images_with_black():
+    """As DARTS and torchvision crop: the raw image padded with zeros, then normalised, so the padding
+    is each channel's standardised black (-mean/std), not 0 (the mean colour)."""
+    raw = torch.rand(6, 3, 8, 8)
+    (x,), black = data_module._standardise(raw)
+    torch.testing.assert_close(black, (-raw.mean(dim=(0, 2, 3)) / raw.std(dim=(0, 2, 3))))
+    g = torch.Generator().manual_seed(1)
+    xb, _ = next(batches(x, torch.arange(6), 6, shuffle=False, augment=True, pad_fill=black, generator=g))
+    # the same crops of the raw image padded with zeros, standardised afterwards
+    g = torch.Generator().manual_seed(1)
+    want, _ = next(batches(raw, torch.arange(6), 6, shuffle=False, augment=True, generator=g))
+    mean, std = raw.mean(dim=(0, 2, 3), keepdim=True), raw.std(dim=(0, 2, 3), keepdim=True)
+    torch.testing.assert_close(xb, (want - mean) / std)
+    assert (xb == black.reshape(1, 3, 1, 1)).any()  # some crop reaches into the padding

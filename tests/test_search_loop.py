@@ -13,6 +13,8 @@ import qdarts_kernels.nn as qnn
 
 from qdarts.checkpoint import pack_tensors, unpack_tensors
 from qdarts.derive import derive_genotype
+from qdarts.evalnet import EvalNetwork
+from qdarts.genotype import load_genotype
 from qdarts.search import CHECKPOINT, SearchConfig, Searcher, run_search
 from qdarts.supernet import SearchNetwork, SupernetConfig
 from qdarts.train import TrainConfig, run_train
@@ -192,6 +194,11 @@ def test_auxiliary_retraining_drops_a_trailing_batch_of_one_sample(tmp_path):
     s = run_train(TrainConfig(genotype=str(tmp_path / "genotype.json"), epochs=1, batch_size=511, channels=4,
                               auxiliary=True), str(tmp_path / "t"), progress=False)
     assert 0 <= s["test_accuracy"] <= 1
+    # the parameters are counted as DARTS counts them: without the auxiliary head (DARTS's: 768 channels)
+    plain = EvalNetwork(load_genotype(str(tmp_path / "genotype.json")), (3, 8, 8), 10, 4, 1)
+    assert s["parameters"] == sum(p.numel() for p in plain.parameters())
+    aux = EvalNetwork(load_genotype(str(tmp_path / "genotype.json")), (3, 8, 8), 10, 4, 1, auxiliary=True)
+    assert aux.auxiliary_head.classifier.in_features == 768
 
 
 @pytest.mark.parametrize("setting", [{}, {"grouped_weights": False}, {"act_dtype": "bf16"}, {"quantizer": "lsq"}],

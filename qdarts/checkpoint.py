@@ -203,8 +203,7 @@ def load_checkpoint(path: str, fmt: str) -> Optional[Dict[str, Any]]:
         # weights_only=False: the RNG states are NumPy objects; load checkpoints you wrote yourself only
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch.load raises whatever the unpickler meets in a torn or foreign file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"checkpoint {path!r} cannot be read ({reason}); {hint}") from e
+        raise ValueError(f"checkpoint {path!r} cannot be read ({error_reason(e)}); {hint}") from e
 
     if not isinstance(state, dict) or state.get("format") != fmt:
         raise ValueError(f"{path!r} is not a {fmt} file; {hint}")
@@ -303,6 +302,16 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def atomic_torch_save(path: str, obj: Any) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def error_reason(e: BaseException) -> str:
+    """One line saying why ``e`` was raised: its message's first line, with the next where the first only
+    announces what follows (load_state_dict's "Error(s) in loading state_dict for X:"); its type when
+    it has no message."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def seed_everything(seed: int) -> None:

@@ -66,8 +66,11 @@ def _standardise(train: torch.Tensor, *others: torch.Tensor):
     """``train`` and ``others`` standardised per channel with the statistics of ``train``, and the
     standardised value of 0 (black) per channel, [C]."""
     mean = train.mean(dim=(0, 2, 3), keepdim=True)
-    std = train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    return ((train - mean) / std,) + tuple((o - mean) / std for o in others), (-mean / std).flatten()
+    spread = train.std(dim=(0, 2, 3), keepdim=True)
+    std = spread.clamp_min(1e-6)
+    # a constant channel (its std clamped) has no black apart from its value: 0, its standardised value
+    black = torch.where(spread > 1e-6, -mean / std, 0.0)
+    return ((train - mean) / std,) + tuple((o - mean) / std for o in others), black.flatten()
 
 
 def _digits() -> Dataset:

@@ -32,7 +32,7 @@ import qdarts_kernels as qk
 from qdarts_kernels import _backends
 
 from . import distributed
-from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, pack_tensors,
+from .checkpoint import (atomic_torch_save, atomic_write_text, error_reason, load_checkpoint, pack_tensors,
                          refuse_outputs_without_checkpoint, resumed_config, rng_state, seed_everything, set_rng_state,
                          typed_over_saved, unpack_tensors, warn_if_world_size_changed, writing_into)
 from .cost import COST_KINDS, ExpectedCost, network_cost
@@ -334,8 +334,7 @@ class Searcher:
         try:
             self._load_state_dict(state)
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{self.checkpoint_path!r} does not fit the search it describes ({reason}); "
+            raise ValueError(f"{self.checkpoint_path!r} does not fit the search it describes ({error_reason(e)}); "
                              "delete it to start afresh, or choose another --out") from e
 
     def _load_state_dict(self, state: Dict[str, Any]) -> None:

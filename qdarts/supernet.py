@@ -230,14 +230,22 @@ class SearchNetwork(nn.Module):
         self.weight_quantizer = GroupedWeightQuantizer(convs) if cfg.grouped_weights and convs else None
         act_quants = [conv.act_quant for conv in convs if conv.act_quant is not None]
         self.act_probs = GroupedBitProbs(act_quants) if cfg.grouped_weights and act_quants else None
-        for quant in act_quants:
-            if quant.quantizer == "paper":
-                # the supernet keeps no running activation ranges for evaluation (its accuracy is a search
-                # figure; the derived network keeps them): no launches for them in a search step
-                quant.disable_observer()
+        self._paper_act_quants = [quant for quant in act_quants if quant.quantizer == "paper"]
+        self._keep_no_running_ranges()
         for module in self.modules():  # the batch norms take the backend of the quantized ops
             if isinstance(module, OutputKeepingBatchNorm2d):
                 module.backend = cfg.backend
+
+    def _keep_no_running_ranges(self) -> None:
+        """The supernet keeps no running activation ranges for evaluation (its accuracy is a search
+        figure; the derived network keeps them): no launches for them in a search step."""
+        for quant in self._paper_act_quants:
+            quant.disable_observer()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._keep_no_running_ranges()  # a state saved before they were off (a search's checkpoint) has them on
+        return result
 
     # ------------------------------------------------------------------ relaxation weights
 

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, refuse_outputs_without_checkpoint,
-                         resumed_config, rng_state, seed_everything, set_rng_state, typed_over_saved,
-                         warn_if_world_size_changed, writing_into)
+from .checkpoint import (atomic_torch_save, atomic_write_text, error_reason, load_checkpoint,
+                         refuse_outputs_without_checkpoint, resumed_config, rng_state, seed_everything, set_rng_state,
+                         typed_over_saved, warn_if_world_size_changed, writing_into)
 from .cost import network_cost
 from .data import absolute_data_dir, batches, check_data_dir, check_split_sizes, load_dataset, num_batches
 from .divergence import check_figures, diagnosed, kept_checkpoint
@@ -203,9 +203,8 @@ def run_train(config: TrainConfig, out_dir: str, *, resume: bool = False, progre
                 epoch, history, elapsed = int(state["epoch"]), list(state["history"]), float(state["elapsed"])
                 set_rng_state(state["rng"])
             except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ValueError(f"{ckpt_path!r} does not fit the training it describes ({reason}); delete it to "
-                                 "start afresh, or choose another --out") from e
+                raise ValueError(f"{ckpt_path!r} does not fit the training it describes ({error_reason(e)}); "
+                                 "delete it to start afresh, or choose another --out") from e
 
         def train_loss(xb, yb):
             """(logits, loss); the forward under bf16 autocast with act_dtype bf16, compiled with compile."""

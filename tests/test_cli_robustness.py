@@ -696,3 +696,15 @@ def test_a_relative_data_dir_is_kept_absolute(tmp_path, capsys, monkeypatch):
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert cli.main(["train", "--genotype", str(tmp_path / "s"), *TRAIN_TINY, "--out", "t"]) == 0
+
+
+def test_a_checkpoint_that_does_not_fit_says_what_does_not():
+    """load_state_dict's message opens with a line announcing what follows: the reason names that too
+    (an --auxiliary checkpoint of before the head grew to DARTS's 768 channels said only the header)."""
+    from qdarts.checkpoint import error_reason
+
+    e = RuntimeError("Error(s) in loading state_dict for EvalNetwork:\n\tsize mismatch for auxiliary_head.classifier."
+                     "weight: copying a param with shape torch.Size([10, 256]) ...")
+    assert error_reason(e) == ("Error(s) in loading state_dict for EvalNetwork: size mismatch for "
+                               "auxiliary_head.classifier.weight: copying a param with shape torch.Size([10, 256]) ...")
+    assert error_reason(KeyError()) == "KeyError" and error_reason(ValueError("one\ntwo")) == "one"

@@ -1333,6 +1333,13 @@ def test_the_derived_network_evaluates_each_sample_alone_and_the_supernet_keeps_
     paper_acts = [m for m in supernet.modules() if isinstance(m, qnn.MixedPrecisionFakeQuantize)
                   and m.quantizer == "paper" and m.role == "act"]
     assert paper_acts and not any(m._observer_on for m in paper_acts)
+    # nor after loading a state saved with them on (a search's checkpoint of before)
+    state = supernet.state_dict()
+    for name in state:
+        if name.endswith("act_quant.observer_enabled"):
+            state[name] = torch.ones_like(state[name])
+    supernet.load_state_dict(state)
+    assert not any(m._observer_on for m in paper_acts)
     from qdarts.derive import derive_genotype
 
     genotype = Genotype.from_dict(derive_genotype(supernet).to_dict())
@@ -1346,3 +1353,32 @@ def test_the_derived_network_evaluates_each_sample_alone_and_the_supernet_keeps_
     x = torch.randn(9, 1, 8, 8)
     with torch.no_grad():  # (convs of other batch sizes may sum in another order: not bit for bit)
         torch.testing.assert_close(net(x), torch.cat([net(x[:1]), net(x[1:])]), rtol=1e-5, atol=1e-6)
+
+
+def test_the_running_range_is_that_of_the_buffers_the_module_is_handed():
+    """functional_call hands a module other buffers: the evaluation takes theirs (a where() on the
+    device), not what the module itself observed; under torch.func's transforms in training the range
+    is not kept (a statistic kept in place; as BatchNorm's), and vmap works."""
+    torch.manual_seed(10)
+    trained, fresh = _paper_act(), _paper_act()
+    trained(torch.randn(16, 6) * 3)
+    trained.eval(), fresh.eval()
+    x = torch.randn(5, 6)
+    state = dict(trained.named_buffers())
+    handed = torch.func.functional_call(fresh, state, (x,))
+    assert torch.equal(handed, trained(x))
+    assert torch.equal(handed[:1], torch.func.functional_call(fresh, state, (x[:1],)))
+    fresh.train()
+    out = torch.func.vmap(fresh)(x[:, None, :])
+    assert out.shape == (5, 1, 6) and not bool(fresh.largest_observed)
+
+
+def test_a_quantizer_pickled_before_the_running_range_unpickles_with_none_observed():
+    import pickle
+
+    old = _paper_act()
+    del old._buffers["running_largest"], old._buffers["largest_observed"]  # as an earlier version pickled it
+    new = pickle.loads(pickle.dumps(old))
+    assert float(new.running_largest) == 0.0 and not bool(new.largest_observed)
+    x = torch.randn(4, 6)
+    assert torch.equal(new.eval()(x), _paper_act().eval()(x))

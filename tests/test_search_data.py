@@ -120,3 +120,5 @@ def test_the_crop_pads_cifar_images_with_black():
     mean, std = raw.mean(dim=(0, 2, 3), keepdim=True), raw.std(dim=(0, 2, 3), keepdim=True)
     torch.testing.assert_close(xb, (want - mean) / std)
     assert (xb == black.reshape(1, 3, 1, 1)).any()  # some crop reaches into the padding
+    raw[:, 1] = 0.5  # a constant channel (its std clamped): no black apart from its value, 0 standardised
+    assert data_module._standardise(raw)[1][1] == 0.0

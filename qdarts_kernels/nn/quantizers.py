@@ -47,7 +47,8 @@ the ``state_dict``; the forward reads Python mirrors of them (set by the ``enabl
 on ``load_state_dict``), so no switch ever costs a host-device sync. Set the switches through the
 methods, not by writing the buffers. For the LSQ quantizer "observer enabled" means: the next
 forward initialises the scales from its batch if they have not been initialised yet
-(``reset_scales()`` re-arms it); the paper quantizer has no state to observe and ignores it.
+(``reset_scales()`` re-arms it); for the paper activation quantizer with a bit-width scaled by the
+max: the training forwards keep the running range of the largest magnitude that evaluation takes.
 """
 
 from __future__ import annotations
@@ -85,8 +86,9 @@ _QUANTIZERS = ("lsq", "paper")
 
 
 #: Within shared_activation_scales(): the paper activation scales computed in the block, by (id of
-#: the input, bits, grid): a weak reference to the input, its version then, the scales.
-_shared_scales: Optional[Dict[tuple, Tuple[weakref.ref, int, Tensor]]] = None
+#: the input, bits, grid): a weak reference to the input, its version then, the scales (None in
+#: evaluation, where each quantizer's come from its own running range), the batch's largest magnitude.
+_shared_scales: Optional[Dict[tuple, Tuple[weakref.ref, int, Optional[Tensor], Tensor]]] = None
 
 
 @contextmanager
@@ -309,13 +311,23 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
                                                                 device=device, dtype=torch.float32), persistent=False)
             self._any_by_max = max(self.bits) >= PAPER_MAX_BITS
             if role == "act" and self._any_by_max:
-                # the running range of the largest magnitude, for evaluation (see _max_scaled_act_scales)
-                self.register_buffer("running_largest", torch.zeros((), device=device))
-                self.register_buffer("largest_observed", torch.zeros((), dtype=torch.bool, device=device))
-        self._range_observed = False  # the host's mirror of largest_observed (no host sync in forward)
+                self._register_running_range(device)
         self._fake_quant_on = True
         self._observer_on = True
         self._needs_init = quantizer == "lsq"
+
+    def _register_running_range(self, device) -> None:
+        """The buffers of the running range of the largest magnitude, for evaluation (see
+        _max_scaled_act_scales): none observed yet."""
+        self.register_buffer("running_largest", torch.zeros((), device=device))
+        self.register_buffer("largest_observed", torch.zeros((), dtype=torch.bool, device=device))
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        # a module pickled whole before the running range was kept: none observed yet
+        missing = "running_largest" not in self._buffers
+        if self.quantizer == "paper" and self.role == "act" and self._any_by_max and missing:
+            self._register_running_range(self._steps.device)
 
     # -- switches (python mirrors of the FakeQuantizeBase buffers: no host sync in forward) -------
 
@@ -365,8 +377,6 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         self._observer_on = bool(self.observer_enabled[0])
         if self.quantizer == "lsq":
             self._needs_init = not bool(self.initialized[0])
-        if hasattr(self, "largest_observed"):
-            self._range_observed = bool(self.largest_observed)
 
     # -- the quantizer --------------------------------------------------------------------------
 
@@ -459,22 +469,7 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
     def _paper_scales(self, x: Tensor, axis: Optional[int]) -> Tensor:
         xd = x.detach()
         if self.role == "act":
-            if not self._any_by_max:
-                return self._steps
-            # shared: the scales depend on x and the configuration alone (not on an evaluation's running range)
-            shared = _shared_scales if not torch.compiler.is_compiling() and not self._uses_running_range() else None
-            if shared is not None:
-                key = (id(x), self.bits, self.grid)
-                seen = shared.get(key)
-                # a dead input's id may be taken by a new tensor: the weak reference then is not to x
-                if seen is not None and seen[0]() is x and seen[1] == x._version:
-                    if self._observes_range(xd):
-                        self._observe_largest(seen[3])
-                    return seen[2]
-                scales, largest = self._max_scaled_act_scales(xd, with_largest=True)
-                shared[key] = (weakref.ref(x), x._version, scales, largest)
-                return scales
-            return self._max_scaled_act_scales(xd)
+            return self._max_scaled_act_scales(xd, x) if self._any_by_max else self._steps
         if axis is None:
             return gaussian_weight_scales(self._steps, self._top, xd.float().reshape(1, -1))[0]
         if xd.numel() == 0:  # a layer without inputs (Linear(0, n)): amax refuses it; the scales' floor
@@ -485,15 +480,11 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         by_max = (max_c[None, :] / self._top[:, None]).clamp_min(MIN_SCALE)
         return torch.where(self._by_max[:, None], by_max, scaled[:, None])
 
-    def _uses_running_range(self) -> bool:
-        """Whether this forward's max-scaled activation scales come from the running range: in
-        evaluation, once a training batch was observed."""
-        return not self.training and self._range_observed
-
     def _observes_range(self, xd: Tensor) -> bool:
-        """Whether this forward updates the running range: training with the observer on (an empty
-        batch observes nothing)."""
-        return self.training and self._observer_on and xd.numel() > 0
+        """Whether this forward updates the running range: training with the observer on, outside
+        torch.func's transforms (a statistic kept in place, which a transformed function cannot do; as
+        BatchNorm's there, it is not kept); an empty batch observes nothing."""
+        return self.training and self._observer_on and xd.numel() > 0 and not _functorch.active()
 
     @torch.no_grad()
     def _observe_largest(self, largest: Tensor) -> None:
@@ -506,42 +497,66 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
                             largest)
         self.running_largest.copy_(torch.where(finite, moved, self.running_largest))
         self.largest_observed.logical_or_(finite)
-        self._range_observed = True
 
-    def _max_scaled_act_scales(self, xd: Tensor, with_largest: bool = False):
-        """The paper activation scales of a configuration with a bit-width scaled by the max (and,
-        ``with_largest``, the batch's largest magnitude they were taken from).
-
-        In training, the largest magnitude of the batch, as the official code takes it; with the
-        observer on, it also updates the running range. In evaluation, the running range (the largest
-        magnitude's moving average over the training batches, as batch norm's running statistics),
-        so that a sample's output does not depend on the other samples of its batch; a quantizer that
-        observed no training batch (or was loaded from a state saved before the running range was
-        kept) takes the batch's, as in training."""
+    @staticmethod
+    def _batch_largest(xd: Tensor, grid: str) -> Tensor:
+        """The largest magnitude of xd (of relu(xd) on the relu grid), 0 for an empty batch."""
         # relu grid: max relu(x) = relu(max x), and relu(m) / top clamped at MIN_SCALE > 0 is m / top
         # so clamped (NaN stays NaN): no activation-sized temporary, and no separate relu launch;
         # otherwise max |x| as one reduction (the inf-norm), not abs then amax -- except on CPU, where
         # PyTorch's inf-norm is some 30x slower than its min/max pass (0.35 against 0.02 ms over
         # [64, 4, 32, 32] on the 2-core VM of bench/results): max(max x, -min x), the same value
         if xd.numel() == 0:  # an empty batch (the reductions refuse it): the scales' floor
-            largest = xd.new_zeros((), dtype=torch.float32)
-        elif self.grid == "relu":
-            largest = xd.amax()
-        elif xd.device.type == "cpu":
+            return xd.new_zeros((), dtype=torch.float32)
+        if grid == "relu":
+            return xd.amax()
+        if xd.device.type == "cpu":
             lowest, highest = torch.aminmax(xd)
-            largest = torch.maximum(highest, -lowest)
-        else:
-            largest = torch.linalg.vector_norm(xd, ord=math.inf)
-        if self._observes_range(xd):
-            self._observe_largest(largest)
-        elif self._uses_running_range():
-            # where() on the device: a range whose every observed batch overflowed is not observed
-            largest = torch.where(self.largest_observed, self.running_largest, largest.float())
+            return torch.maximum(highest, -lowest)
+        return torch.linalg.vector_norm(xd, ord=math.inf)
+
+    def _scales_of_largest(self, largest: Tensor) -> Tensor:
         # max(largest / top_k, MIN_SCALE) for the bit-widths scaled by the max, step_k for the others
         # (largest / inf = 0 < step_k): two launches instead of three. A non-finite largest makes the
         # others' scales NaN too, where the output is NaN anyway through the max-scaled bit-widths.
-        scales = torch.maximum(largest.float() / self._top_or_inf, self._floor_or_step)
-        return (scales, largest) if with_largest else scales
+        return torch.maximum(largest.float() / self._top_or_inf, self._floor_or_step)
+
+    def _max_scaled_act_scales(self, xd: Tensor, x: Optional[Tensor] = None) -> Tensor:
+        """The paper activation scales of a configuration with a bit-width scaled by the max.
+
+        In training, from the largest magnitude of the batch, as the official code takes it; with the
+        observer on, that also updates the running range. In evaluation, from the running range (the
+        largest magnitude's moving average over the training batches, as batch norm's running
+        statistics), so that a sample's output does not depend on the other samples of its batch; a
+        quantizer that observed no training batch (or whose state was saved before the running range
+        was kept) takes the batch's, as in training: a where() on the device, on the buffers the
+        module holds now (those torch.func's functional_call hands it, too).
+
+        ``x`` (xd's source), within :func:`shared_activation_scales`: quantizers of one configuration
+        on the same input share the batch's largest magnitude and, in training, the scales."""
+        shared = _shared_scales if x is not None and not torch.compiler.is_compiling() else None
+        seen = None
+        if shared is not None:
+            key = (id(x), self.bits, self.grid)
+            seen = shared.get(key)
+            # a dead input's id may be taken by a new tensor: the weak reference then is not to x
+            if seen is not None and not (seen[0]() is x and seen[1] == x._version):
+                seen = None
+        largest = seen[3] if seen is not None else self._batch_largest(xd, self.grid)
+        if not self.training:
+            scales = self._scales_of_largest(torch.where(self.largest_observed, self.running_largest,
+                                                         largest.to(self.running_largest.dtype)))
+            if shared is not None and seen is None:
+                shared[key] = (weakref.ref(x), x._version, None, largest)  # the scales are each one's own
+            return scales
+        if self._observes_range(xd):
+            self._observe_largest(largest)
+        if seen is not None and seen[2] is not None:
+            return seen[2]
+        scales = self._scales_of_largest(largest)
+        if shared is not None:
+            shared[key] = (weakref.ref(x), x._version, scales, largest)
+        return scales
 
     def _op_inputs(self, x: Tensor) -> Tuple[Tensor, Tensor, Optional[int]]:
         """(probs, scales, axis) of this forward's mixed_fake_quant call on x."""
@@ -586,10 +601,11 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
         """(scale, zero_point) of the chosen bit-width, for ``torch.ao.quantization.convert``.
 
         Defined for lsq scales on the signed and unsigned grids (zero point 0); the midrise grid
-        has no integer zero point and the paper scales depend on each batch.
+        has no integer zero point and the paper scales are functions of the data (the weights', the
+        batch's or its running range), not quantization parameters.
         """
         if self.quantizer != "lsq":
-            raise RuntimeError("calculate_qparams: the paper quantizer's scales depend on each batch; "
+            raise RuntimeError("calculate_qparams: the paper quantizer's scales are functions of the data; "
                                "use quantizer='lsq' for a convertible model")
         if self.grid == "midrise":
             raise RuntimeError("calculate_qparams: the midrise grid (zero point 1/2) has no integer qparams"

@@ -90,7 +90,9 @@ def _search_parser(sub) -> None:
                    help="expected-BitOps formula (default: improved: op-probability weighted, group-aware)")
     p.add_argument("--lambda", dest="cost_weight", type=float, default=d("cost_weight"),
                    help=f"weight of the BitOps cost in the loss (default: {d('cost_weight')})")
-    p.add_argument("--order", default=d("order"), choices=["first", "second"], help="DARTS approximation order")
+    p.add_argument("--order", default=d("order"), choices=["first", "second"],
+                   help="DARTS approximation order (second: DARTS's finite-difference Hessian term, unreliable on "
+                        "quantized convs, whose forward is piecewise constant in the weights; default: %(default)s)")
     p.add_argument("--weight-lr", type=float, default=d("weight_lr"), help=f"(default: {d('weight_lr')})")
     p.add_argument("--gamma-lr", type=float, default=d("gamma_lr"), help=f"(default: {d('gamma_lr')})")
     p.add_argument("--arch-lr", type=float, default=d("arch_lr"), help=f"(default: {d('arch_lr')})")

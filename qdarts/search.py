@@ -396,9 +396,15 @@ class Searcher:
         """DARTS eq. 7-8: grad_alpha L_val(w - lr * grad_w L_train(w)) with the finite-difference
         Hessian-vector product ``(grad_alpha L_train(w+) - grad_alpha L_train(w-)) / 2r``,
         ``w+- = w +- r * grad_w' L_val``, ``r = 0.01 / ||grad_w' L_val||``. The virtual step uses the
-        weight optimiser's momentum and weight decay; gamma is held fixed."""
+        weight optimiser's momentum and weight decay (not its gradient clipping, as DARTS); gamma is held
+        fixed. The quantized forward is piecewise constant in the weights: a step of r crosses rounding
+        thresholds, so the finite difference measures those jumps more than the curvature (first order,
+        the default, has no such term). The forwards at the virtual weights leave the batch norms'
+        running statistics as they were (DARTS takes w' on a copy of the model)."""
         c = self.config
         weights = self.groups["weights"]
+        batch_norms = [m for m in self.net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        running = [(b, b.clone()) for m in batch_norms for b in m.buffers()]
         _, _, loss = self._train_loss(xb, yb)
         grads_w = torch.autograd.grad(loss, weights, allow_unused=True)
         backup = [p.detach().clone() for p in weights]
@@ -428,6 +434,8 @@ class Searcher:
         with torch.no_grad():
             for p, b in zip(weights, backup):
                 p.copy_(b)
+            for b, saved in running:
+                b.copy_(saved)
         out = []
         for da, gp, gn in zip(d_arch, g_plus, g_minus):
             da = torch.zeros_like(self.arch_params[len(out)]) if da is None else da

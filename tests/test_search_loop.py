@@ -117,9 +117,14 @@ def test_second_order_moves_alpha_and_keeps_weights_where_the_optimiser_left_the
     s.net(x)  # convs record their MACs
     before_w = [p.detach().clone() for p in s.groups["weights"]]
     before_a = s.net.alphas_normal.detach().clone()
+    # the forwards at the virtual weights (w', w+-) leave the batch norms' running statistics as they were
+    running = {name: b.clone() for name, b in s.net.named_buffers() if "running" in name or "batches" in name}
+    assert running
     s._arch_step(x, y, s.val_x[:16], s.val_y[:16], lr=0.1)
     assert not torch.equal(before_a, s.net.alphas_normal)
     assert all(torch.equal(a, b) for a, b in zip(before_w, s.groups["weights"]))
+    buffers = dict(s.net.named_buffers())
+    assert all(torch.equal(b, buffers[name]) for name, b in running.items())
 
 
 def test_lsq_search_runs_and_gamma_lowers_bits_under_a_strong_cost(tmp_path):

@@ -15,9 +15,12 @@ of one step.
   shape, and the optimisers' states: the arch optimiser's is made by the first step with
   ``update_arch``, which the warm-up epochs leave for later) happen there, never during a capture,
   where they would be recorded (a zero-filled Adam state, re-zeroed by every replay) rather than
-  done. The next call captures the step on static copies of its inputs (a capture records, it
-  computes nothing) and replays it; later calls copy their batches into the static inputs and
-  replay. ``stats`` is accumulated through a static buffer that the graph zeroes first;
+  done. The last of them runs under :func:`qdarts_kernels.rehearse_graph_capture`, on the kernels
+  that the capture takes (the grouped weight quantizer's single-tensor calls): a Triton kernel
+  launched for the first time in a capture would be loaded there, which CUDA refuses. The next
+  call captures the step on static copies of its inputs (a capture records, it computes nothing)
+  and replays it; later calls copy their batches into the static inputs and replay. ``stats`` is
+  accumulated through a static buffer that the graph zeroes first;
 - ``key_extra()`` (the optimisers' learning rates: Python floats that their kernels take as
   arguments) is read at every call; when it changes (every epoch under the cosine schedule) the
   graphs are dropped and captured anew.
@@ -30,11 +33,13 @@ count on the device). One process only: collective calls are not captured here.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, ContextManager, Dict, Hashable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from qdarts_kernels import rehearse_graph_capture
 
 __all__ = ["GraphedStep", "capture_cuda_graph", "side_stream"]
 
@@ -87,9 +92,11 @@ class GraphedStep:
     def __call__(self, xb: Tensor, yb: Tensor, xv: Tensor, yv: Tensor, stats: Tensor, update_arch: bool) -> None:
         inputs = (xb, yb, xv, yv)
         key = (bool(update_arch),) + tuple((tuple(t.shape), t.dtype) for t in inputs)
-        if self._warmed.get(key, 0) < self._warmup:
-            self._warmed[key] = self._warmed.get(key, 0) + 1
-            with self._warmup_context():
+        warmed = self._warmed.get(key, 0)
+        if warmed < self._warmup:
+            self._warmed[key] = warmed + 1
+            last = warmed + 1 == self._warmup
+            with self._warmup_context(), (rehearse_graph_capture() if last else nullcontext()):
                 self._step(xb, yb, xv, yv, stats, update_arch)
             return
         extra = self._key_extra()

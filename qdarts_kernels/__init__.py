@@ -15,6 +15,7 @@ from .ops import (
     mixed_fake_quant,
     mixed_fake_quant_grouped,
     mixed_op_sum,
+    rehearse_graph_capture,
 )
 
 _backends.warn_about_compiled()
@@ -28,6 +29,7 @@ __all__ = [
     "available_backends",
     "build_info",
     "eager_reference",
+    "rehearse_graph_capture",
     "cpu_kernels",
     "reference",
 ]

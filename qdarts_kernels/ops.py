@@ -40,7 +40,7 @@ from ._validation import (
 
 __all__ = [
     "fake_quant", "mixed_fake_quant", "mixed_fake_quant_grouped", "mixed_op_sum", "available_backends",
-    "eager_reference",
+    "eager_reference", "rehearse_graph_capture",
 ]
 
 available_backends = _backends.available_backends
@@ -515,16 +515,45 @@ def _graph_capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+#: Depth of rehearse_graph_capture() blocks being run (a module global, as _eager_reference_calls).
+_capture_rehearsals = 0
+
+
+@contextlib.contextmanager
+def rehearse_graph_capture() -> Iterator[None]:
+    """Within the block, the ops on CUDA tensors take the kernels they take while a CUDA graph is
+    captured (``mixed_fake_quant_grouped``: one single-tensor call per tensor), run eagerly. Run the
+    last warm-up step before a capture in it: a kernel that only a capture would launch is then
+    compiled (Triton) and loaded here. Loading a GPU module while a stream is captured is an error
+    ("operation not permitted when stream is capturing"), and a Triton kernel's first launch in a
+    process loads it. ``qdarts search --cuda-graph`` does this itself; so should code that
+    captures its own graphs of these ops (its last warm-up step in the block, or the whole
+    ``torch.cuda.make_graphed_callables`` call, whose warm-up runs inside it). The values are an
+    eager step's (the grouped backward's sums in another order). Process-wide, not per thread."""
+    global _capture_rehearsals
+    _capture_rehearsals += 1
+    try:
+        yield
+    finally:
+        _capture_rehearsals -= 1
+
+
+def _capture_kernels(device: torch.device) -> bool:
+    """Whether ops on ``device`` take the kernels of a CUDA-graph capture: captured or rehearsed."""
+    return (_capture_rehearsals > 0 and device.type == "cuda") or _graph_capturing(device)
+
+
 def _grouped_pair(backend: str, device: torch.device) -> Tuple[Callable, Callable]:
     """(grouped forward, grouped backward) of ``backend`` for tensors on ``device``. While a CUDA graph
-    is captured (``qdarts search --cuda-graph``, ``torch.compile`` in mode reduce-overhead), one
-    single-tensor call per tensor instead: the grouped kernels read their tensors' descriptors from a
-    host buffer copied to the device, and a captured copy is not run but recorded, to be replayed
-    from the same host address at every replay, long after the caching host allocator has handed
-    that buffer out again (and it may refuse to allocate pinned memory during a capture at all).
-    The same values: the forward bit for bit, the reductions of the backward in another order."""
+    is captured (``qdarts search --cuda-graph``, ``torch.compile`` in mode reduce-overhead) or the
+    capture rehearsed (:func:`rehearse_graph_capture`), one single-tensor call per tensor instead:
+    the grouped kernels read their tensors' descriptors from a host buffer copied to the device, and
+    a captured copy is not run but recorded, to be replayed from the same host address at every
+    replay, long after the caching host allocator has handed that buffer out again (and it may
+    refuse to allocate pinned memory during a capture at all). The same values: the forward bit for
+    bit, the reductions of the backward in another order."""
     b = _backends.get(backend)
-    if not _graph_capturing(device):
+    if not _capture_kernels(device):
         return b.mixed_fake_quant_grouped_forward, b.mixed_fake_quant_grouped_backward
     return (functools.partial(_backends.loop_grouped_forward, b.mixed_fake_quant_forward),
             functools.partial(_backends.loop_grouped_backward, b.mixed_fake_quant_backward))

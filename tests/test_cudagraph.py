@@ -8,15 +8,24 @@ is checked against the eager step, with no host sync during replays.
 """
 
 import copy
+import json
+import math
+import os
+import subprocess
+import sys
 from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+import qdarts_kernels as qk
+
+from conftest import require_backend
 from qdarts.cudagraph import GraphedStep
 from qdarts.search import SearchConfig, Searcher, set_capturable
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(data="synthetic", epochs=1, warmup_epochs=0, batch_size=16, channels=4, layers=1, steps=2,
             partial_channels=2, bits=(2, 4))
 
@@ -111,6 +120,54 @@ def test_a_new_batch_shape_gets_its_own_graph(tmp_path):
         GraphedStep(s._graph_step, s.learning_rates, warmup=0)
 
 
+def _rehearsing():
+    """Whether a qdarts_kernels.rehearse_graph_capture block is being run."""
+    return qk.ops._capture_rehearsals > 0
+
+
+def test_the_last_warm_up_step_of_each_key_rehearses_the_capture():
+    """The capture's kernels (qdarts_kernels.rehearse_graph_capture) are launched, and so loaded, by
+    the last warm-up step of each key: a Triton kernel launched for the first time inside a capture
+    would be loaded there, which CUDA refuses. Neither the other warm-up steps nor the replays
+    rehearse."""
+    seen = []
+
+    def step(xb, yb, xv, yv, stats, update_arch):
+        seen.append(("step", update_arch, xb.shape[0], _rehearsing()))
+
+    def capture(fn):
+        seen.append(("capture", _rehearsing()))
+        return SimpleNamespace(replay=lambda: seen.append(("replay", _rehearsing())))
+
+    graphed = GraphedStep(step, lambda: 0.1, warmup=3, capture=capture, warmup_context=nullcontext)
+    x = torch.zeros(4, 2)
+    for update_arch, n in [(True, 4)] * 5 + [(False, 4)] * 4 + [(True, 3)] * 3:
+        graphed(x[:n], x[:n], x, x, torch.zeros(4), update_arch)
+    assert seen == [("step", True, 4, False), ("step", True, 4, False), ("step", True, 4, True),
+                    ("capture", False), ("replay", False), ("replay", False),
+                    ("step", False, 4, False), ("step", False, 4, False), ("step", False, 4, True),
+                    ("capture", False), ("replay", False),
+                    ("step", True, 3, False), ("step", True, 3, False), ("step", True, 3, True)]
+    assert not _rehearsing()
+
+
+def test_compile_reduce_overhead_rehearses_the_capture_in_the_first_two_steps_of_a_shape(tmp_path, monkeypatch):
+    """torch.compile's mode reduce-overhead warms a compiled function up on its first call with a batch
+    shape and captures it on the second: the search takes those two steps of each (arch update, shapes)
+    under rehearse_graph_capture, and no other."""
+    s = Searcher(SearchConfig(**TINY), str(tmp_path), progress=False)
+    assert s._capture_warmups is None  # not compiled: never rehearsed
+    s._capture_warmups = {}  # what compile="reduce-overhead" sets up (which a CPU run cannot compile)
+    seen = []
+    monkeypatch.setattr(s, "_eager_step", lambda xb, yb, xv, yv, lr, stats, update_arch:
+                        seen.append((update_arch, xb.shape[0], _rehearsing())))
+    x = torch.zeros(4, 2)
+    for update_arch, n in [(False, 4)] * 3 + [(True, 4)] * 3 + [(False, 3)] * 3:
+        s.step(x[:n], x[:n], x, x, 0.1, torch.zeros(4), update_arch=update_arch)
+    assert [r for _, _, r in seen] == [True, True, False] * 3
+    assert not _rehearsing()
+
+
 def test_cuda_graph_setting_is_checked():
     with pytest.raises(ValueError, match="cuda_graph needs a CUDA device"):
         SearchConfig(**TINY, cuda_graph=True).validate()
@@ -140,6 +197,23 @@ def test_cuda_graph_replays_the_eager_step_without_host_syncs(tmp_path):
     torch.testing.assert_close(stats_g, stats_e, rtol=1e-4, atol=1e-4)
     for (name, a), b in zip(graphed.net.named_parameters(), eager.net.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_a_new_process_captures_the_search_step_on_each_gpu_backend(backend, tmp_path):
+    """``qdarts search --cuda-graph`` in a process where no kernel has run yet: no kernel is launched,
+    and so loaded, for the first time inside a capture (which CUDA refuses; Triton loads a kernel at
+    its first launch in a process). 8 steps of one batch shape: 3 warm-up steps, a capture, 4 replays."""
+    require_backend(backend, "cuda")
+    command = [sys.executable, "-m", "qdarts", "search", "--data", "synthetic", "--device", "cuda", "--backend",
+               backend, "--cuda-graph", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "32", "--layers",
+               "1", "--channels", "4", "--bits", "2,4", "--no-progress", "--no-plots", "--out", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert len(history) == 1 and math.isfinite(history[0]["train_loss"]), history
 
 
 def test_the_arch_optimiser_follows_the_cuda_graph_setting_of_a_resumed_run():

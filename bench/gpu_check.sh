@@ -148,7 +148,7 @@ GPU_TESTS=(tests/test_nn.py::test_no_host_sync_on_cuda_training_step
            tests/test_nn.py::test_chained_quant_convs_on_the_gpu_equal_the_two_calls
            tests/test_search_speed.py::test_no_device_sync_in_a_search_step_on_the_gpu)
 for name in backends bad_input batch_norm cuda_backend cudagraph depthwise_conv functorch grouped ops properties \
-            triton_kernels; do
+            search_backends triton_kernels; do
     GPU_TESTS+=("tests/test_$name.py")
 done
 XDIST=()

@@ -44,7 +44,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "then see bf16 activations (default: fp32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
     p.add_argument("--backend", default=None, choices=["reference", "cpu", "cuda", "triton"],
-                   help="qdarts_kernels backend (default: automatic)")
+                   help="qdarts_kernels backend of every layer: the quantized convs, mixed-op sums, batch norms "
+                        "and pools (default: automatic)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default: 1; the digits convs are too small to gain from more, and "
                         "OpenMP threads spinning on a busy machine slow a step down many times; raise it "

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .genotype import Genotype, reduction_cells
-from .ops import ConvMaker, FactorizedReduce, ReLUConvBN, build_op
+from .ops import ConvMaker, FactorizedReduce, ReLUConvBN, build_op, set_layer_backend
 
 __all__ = ["EvalNetwork", "drop_path"]
 
@@ -116,6 +116,7 @@ class EvalNetwork(nn.Module):
                 self.auxiliary_head = AuxiliaryHead(C_p, num_classes)
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_p, num_classes)
+        set_layer_backend(self, backend)
 
     def forward(self, x):
         s0 = s1 = self.stem(x)

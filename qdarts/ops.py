@@ -32,8 +32,8 @@ from qdarts_kernels.nn.quantizers import symmetric_grid
 
 from .genotype import PRIMITIVES
 
-__all__ = ["ConvMaker", "OPS", "build_op", "quant_convs", "ACT_GRIDS", "QUANTIZERS", "FactorizedReduce", "ReLUConvBN",
-           "ReLUConv2d"]
+__all__ = ["ConvMaker", "OPS", "build_op", "quant_convs", "set_layer_backend", "ACT_GRIDS", "QUANTIZERS",
+           "FactorizedReduce", "ReLUConvBN", "ReLUConv2d"]
 
 ACT_GRIDS = ("follow", "official")
 QUANTIZERS = ("paper", "lsq")
@@ -216,6 +216,14 @@ def build_op(name: str, C: int, stride: int, conv: ConvMaker, affine: bool = Tru
     if name not in OPS:
         raise ValueError(f"unknown op {name!r}; the candidates are {', '.join(PRIMITIVES)}")
     return conv.finish(OPS[name](C, stride, conv, affine))
+
+
+def set_layer_backend(module: nn.Module, backend: Optional[str]) -> None:
+    """The batch norms and pools inside ``module`` take the ops backend ``backend`` (the quantized convs
+    get theirs from their ConvMaker): ``--backend reference`` then runs none of the C++ CPU kernels."""
+    for m in module.modules():
+        if isinstance(m, (OutputKeepingBatchNorm2d, InputKeepingMaxPool2d, InputFreeAvgPool2d)):
+            m.backend = backend
 
 
 def quant_convs(module: nn.Module) -> List[nn.Module]:

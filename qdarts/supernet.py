@@ -42,7 +42,7 @@ from qdarts_kernels.nn import (GroupedBitProbs, GroupedWeightQuantizer, InputKee
                                counted_together, precomputed_probs, precomputed_weights, shared_activation_scales)
 
 from .genotype import PRIMITIVES, edge_nodes, reduction_cells
-from .ops import ConvMaker, FactorizedReduce, ReLUConvBN, build_op, quant_convs
+from .ops import ConvMaker, FactorizedReduce, ReLUConvBN, build_op, quant_convs, set_layer_backend
 
 __all__ = ["SearchNetwork", "SupernetConfig", "MixedOp", "channel_shuffle", "mixed_node", "reduction_cells",
            "shuffled_cat", "ACT_DTYPES"]
@@ -96,7 +96,7 @@ def shuffled_cat(head: torch.Tensor, rest: torch.Tensor, groups: int) -> torch.T
 
 
 def mixed_node(candidates: List[List[torch.Tensor]], bypassed: List[torch.Tensor], op_weights: torch.Tensor,
-               edge_weights: torch.Tensor, k: int) -> torch.Tensor:
+               edge_weights: torch.Tensor, k: int, backend: Optional[str] = None) -> torch.Tensor:
     """A node state, ``sum_j edge_weights[j] * edge_j``, from the edges' parts.
 
     Edge j (:class:`MixedOp`) is ``channel_shuffle(cat(sum_o op_weights[j, o] * candidates[j][o],
@@ -113,11 +113,11 @@ def mixed_node(candidates: List[List[torch.Tensor]], bypassed: List[torch.Tensor
     per node, not two per edge). With k == 1 nothing bypasses and ``bypassed`` is unused.
     """
     coefficients = (edge_weights[:, None] * op_weights[:, 1:]).flatten()
-    head = qk.mixed_op_sum([o for outs in candidates for o in outs], coefficients)
+    head = qk.mixed_op_sum([o for outs in candidates for o in outs], coefficients, backend=backend)
     if k == 1:
         return head
     # the sum over all channels of the (contiguous) states, then its bypassed channels: no strided copy
-    rest = qk.mixed_op_sum(bypassed, edge_weights)[:, head.shape[1]:]
+    rest = qk.mixed_op_sum(bypassed, edge_weights, backend=backend)[:, head.shape[1]:]
     return shuffled_cat(head, rest, k)
 
 
@@ -132,6 +132,7 @@ class MixedOp(nn.Module):
         if C % k:
             raise ValueError(f"channels per cell ({C}) must be divisible by partial_channels ({k})")
         self.k = k
+        self.backend = cfg.backend  # of its mixed-op sums (mixed_node)
         self.stride = stride
         self.ops = nn.ModuleList()
         for name in PRIMITIVES[1:]:
@@ -156,7 +157,8 @@ class MixedOp(nn.Module):
         """This edge alone; ``weights``: softmax(alpha) of this edge over all PRIMITIVES (``none`` first)."""
         head = partial_head(x, self.k)
         bypassed = [self.bypass(x)] if self.k > 1 else []
-        return mixed_node([self.candidates(head)], bypassed, weights[None], weights.new_ones(1), self.k)
+        return mixed_node([self.candidates(head)], bypassed, weights[None], weights.new_ones(1), self.k,
+                          self.backend)
 
 
 class SearchCell(nn.Module):
@@ -180,7 +182,7 @@ class SearchCell(nn.Module):
         # edges reading one state have one stride): its partial_head, and its bypass
         heads: List[torch.Tensor] = []
         bypassed: List[torch.Tensor] = []
-        k = self.edges[0].k
+        k, backend = self.edges[0].k, self.edges[0].backend
         offset = 0
         for _ in range(self.steps):
             n = len(states)
@@ -190,7 +192,7 @@ class SearchCell(nn.Module):
                     bypassed.append(self.edges[offset + j].bypass(states[j]))
             edges = self.edges[offset: offset + n]
             states.append(mixed_node([edge.candidates(h) for edge, h in zip(edges, heads)], bypassed,
-                                     op_weights[offset: offset + n], edge_weights[offset: offset + n], k))
+                                     op_weights[offset: offset + n], edge_weights[offset: offset + n], k, backend))
             offset += n
         return torch.cat(states[2:], dim=1)  # all intermediate nodes
 
@@ -232,9 +234,7 @@ class SearchNetwork(nn.Module):
         self.act_probs = GroupedBitProbs(act_quants) if cfg.grouped_weights and act_quants else None
         self._paper_act_quants = [quant for quant in act_quants if quant.quantizer == "paper"]
         self._keep_no_running_ranges()
-        for module in self.modules():  # the batch norms take the backend of the quantized ops
-            if isinstance(module, OutputKeepingBatchNorm2d):
-                module.backend = cfg.backend
+        set_layer_backend(self, cfg.backend)
 
     def _keep_no_running_ranges(self) -> None:
         """The supernet keeps no running activation ranges for evaluation (its accuracy is a search

@@ -5,8 +5,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import qdarts_kernels as qk
+from qdarts.derive import derive_genotype
+from qdarts.evalnet import EvalNetwork
 from qdarts.genotype import PRIMITIVES, edge_nodes
 from qdarts.ops import ConvMaker, ReLUConv2d, ReLUConvBN, build_op, quant_convs
 from qdarts.supernet import MixedOp, SearchCell, SearchNetwork, SupernetConfig, channel_shuffle, shuffled_cat
@@ -241,3 +244,34 @@ def test_a_cell_sums_each_node_s_edges_weighted_by_beta(reduction, k):
     leaves = [s0, s1, alpha, beta, quant_convs(cell.edges[-1])[0].weight]
     for a, b in zip(torch.autograd.grad(got, leaves, g, retain_graph=True), torch.autograd.grad(want, leaves, g)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+class _Namespaces(TorchDispatchMode):
+    """The namespaces of the operators dispatched inside the block (aten, qdarts, qdarts_C, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func.namespace)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_the_networks_backend_reaches_every_layer(backend):
+    """A supernet and a retraining network built with backend reference run none of the C++ kernels
+    (torch.ops.qdarts_C), the plain-PyTorch spec throughout: the mixed-op sums, pools and batch norms
+    follow the networks' backend as the quantized convs do (the sums and pools had taken the automatic
+    choice, the C++ kernels on CPU). With backend cpu the same networks do run them."""
+    if backend == "cpu" and "cpu" not in qk.available_backends():
+        pytest.skip("the C++ extension is not built")
+    torch.manual_seed(0)
+    supernet = SearchNetwork(SupernetConfig(input_shape=(1, 8, 8), num_classes=4, channels=4, layers=3, steps=2,
+                                            partial_channels=2, bits=(2, 4), backend=backend))
+    genotype = derive_genotype(supernet)
+    evalnet = EvalNetwork(genotype, (1, 8, 8), 4, channels=4, layers=3, backend=backend)
+    for net in (supernet, evalnet):
+        with _Namespaces() as mode:
+            net(torch.randn(3, 1, 8, 8)).square().sum().backward()
+        assert ("qdarts_C" in mode.seen) == (backend == "cpu"), (type(net).__name__, mode.seen)

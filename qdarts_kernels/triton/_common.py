@@ -120,7 +120,9 @@ def tile_size(numel: int, kernel: str = "") -> TileSize:
     Small tensors get small tiles, so that they still spread over many SMs; large ones get 4096
     elements (16 per thread with 8 warps: four 16-byte loads per fp32 input) to amortise each
     program's fixed work (index set-up, per-bit-width scale loads and partial-sum stores). The
-    compiled kernels use at most 141 registers with these tiles and spill nothing (ptxas, sm_90).
+    compiled kernels use at most 165 registers with these tiles (the per-channel backward with the
+    channel on columns in bf16, 64 x 64; a bf16 mixed_op_sum of 35 inputs 148; one block of 8 warps
+    per SM at that count) and spill nothing (ptxas, sm_90, Triton 3.6).
     The break points are first choices from that reasoning, the same for every kernel but the
     persistent per-tensor backward (see _default_tile_size), still to be confirmed per kernel by
     ``python -m qdarts.benchmark.tune`` on an H100 (bench/gpu_check.sh runs it); a table rather

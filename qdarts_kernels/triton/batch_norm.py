@@ -43,6 +43,10 @@ from ._common import LAUNCH_OPTIONS, REDUCE_PROGRAMS, cast_out, device_guard, ne
 _TILE = 4096
 #: Reduction programs in all (see ``split_channel_reduction``); tests lower it.
 _REDUCE_PROGRAMS = REDUCE_PROGRAMS
+#: The kernels' integer arguments that only place programs and mask rows: compiled without Triton's
+#: specialisation on their values (== 1, divisible by 16), which changes no load or store of S's
+#: rows, so that a network's many shapes share compiles.
+PROGRAM_INDEXING = ["N", "C", "TILES_S", "TILES", "P"]
 
 
 class Plan(NamedTuple):
@@ -105,7 +109,7 @@ def _elementwise_program(PARTIAL, TILES, P, WIDTH: tl.constexpr, P_BLOCK: tl.con
     return c, pid % TILES, PARTIAL + (c.to(tl.int64) * P + i) * WIDTH, i < P
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PROGRAM_INDEXING)
 def _statistics_kernel(X, PARTIAL, N, C, S, TILES_S, TILES, P,
                        ROUNDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     """Program (c, p) merges tiles p, p + P, ... (ROUNDS of them at most) of channel c into
@@ -138,7 +142,7 @@ def _statistics_kernel(X, PARTIAL, N, C, S, TILES_S, TILES, P,
     tl.store(PARTIAL + pid.to(tl.int64) * 3 + 2, m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PROGRAM_INDEXING)
 def _normalize_kernel(X, Y, PARTIAL, INVSTD, RUNNING_MEAN, RUNNING_VAR, momentum, eps, N, C, S, TILES_S, TILES, P,
                       UPDATE_RUNNING: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
                       P_BLOCK: tl.constexpr):
@@ -162,7 +166,7 @@ def _normalize_kernel(X, Y, PARTIAL, INVSTD, RUNNING_MEAN, RUNNING_VAR, momentum
     tl.store(Y + offsets, cast_out((x - mean) * invstd, Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PROGRAM_INDEXING)
 def _grad_sums_kernel(G, OUT, PARTIAL, N, C, S, TILES_S, TILES, P,
                       ROUNDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     """Program (c, p): PARTIAL[c, p] = (sum g, sum g y) over tiles p, p + P, ... of channel c."""
@@ -179,7 +183,7 @@ def _grad_sums_kernel(G, OUT, PARTIAL, N, C, S, TILES_S, TILES, P,
     tl.store(PARTIAL + pid.to(tl.int64) * 2 + 1, sum_gy)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PROGRAM_INDEXING)
 def _grad_input_kernel(G, OUT, DX, PARTIAL, INVSTD, count, N, C, S, TILES_S, TILES, P,
                        BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, P_BLOCK: tl.constexpr):
     """Program (c, t): channel c's means of g and g y from its P partials, then dx on tile t."""

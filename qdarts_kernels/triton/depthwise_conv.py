@@ -56,7 +56,9 @@ def plan(n: int, c: int, ho: int, wo: int) -> Plan:
     return Plan(block_h, block_w, row_blocks, items, partials, rounds, 8 if block_h * block_w >= _TILE else 4)
 
 
-@triton.jit
+# C and the program counts only place programs (C multiplies whole planes): compiled without Triton's
+# specialisation on their values, which changes no load, so that a network's many shapes share compiles.
+@triton.jit(do_not_specialize=["C", "ROW_BLOCKS", "ITEMS", "P"])
 def _weight_grad_kernel(G, X, PARTIAL, C, H, W, HO, WO, ROW_BLOCKS, ITEMS, P,
                         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                         PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,

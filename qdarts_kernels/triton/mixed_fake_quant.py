@@ -210,7 +210,11 @@ def _weighted_level(x, P, S, k, qmin, qmax, row, col, cols, channels, inner, ZER
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Not specialised on their values (Triton's == 1 and divisible-by-16 variants): the counts that only place
+# programs, and P's alignment (probs are read one scalar at a time, often a row of a [N, K] tensor, 3 of
+# 4 of them not 16-byte aligned): they change no vector load, and shapes that differ only there share a
+# compile (a search meets some 100 specialisations of the Triton kernels, each a compile on a new machine).
+@triton.jit(do_not_specialize=["col_blocks"], do_not_specialize_on_alignment=["P"])
 def _mixed_fake_quant_forward_kernel(
     X, Y, P, S, QMIN, QMAX,
     rows, cols, channels, inner, col_blocks,
@@ -264,7 +268,7 @@ def mixed_fake_quant_forward(
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["col_blocks", "row_blocks"], do_not_specialize_on_alignment=["P"])
 def _mixed_fake_quant_backward_kernel(
     G, X, DX, P, S, PART_P, PART_S, QMIN, QMAX,
     rows, cols, channels, inner, col_blocks, row_blocks,
@@ -346,7 +350,7 @@ def _store_level_partials(acc_p, acc_s, P, S, PART_P, PART_S, pid, k, K: tl.cons
         tl.store(PART_S + pid.to(tl.int64) * K + k, tl.load(P + k) * tl.sum(acc_s, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["programs"], do_not_specialize_on_alignment=["P"])
 def _mixed_fake_quant_backward_per_tensor_kernel(
     G, X, DX, P, S, PART_P, PART_S, QMIN, QMAX, numel, programs,
     K: tl.constexpr, ZERO_POINT: tl.constexpr, RELU: tl.constexpr,

@@ -23,7 +23,9 @@ import triton.language as tl
 from ._common import LAUNCH_OPTIONS, cast_out, device_guard, flat_block, tile_size
 
 
-@triton.jit
+# W's alignment is not specialised on: its K weights are read one scalar at a time, and a row of the
+# supernet's [edges, K] weights is 16-byte aligned or not by its index (two compiles for one kernel).
+@triton.jit(do_not_specialize_on_alignment=["W"])
 def _mixed_op_sum_forward_kernel(OUTS, W, Y, numel, K: tl.constexpr, BLOCK: tl.constexpr):
     """y = sum_k w_k o_k on one block. OUTS: tuple of K tensors of one shape and dtype."""
     offsets, mask = flat_block(tl.program_id(0), numel, BLOCK)
@@ -33,7 +35,7 @@ def _mixed_op_sum_forward_kernel(OUTS, W, Y, numel, K: tl.constexpr, BLOCK: tl.c
     tl.store(Y + offsets, cast_out(y, Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["W"])
 def _mixed_op_sum_backward_kernel(
     G, OUTS, DOUTS, W, PART_W, numel,
     K: tl.constexpr, NEED_DOUTPUTS: tl.constexpr, NEED_DWEIGHTS: tl.constexpr, BLOCK: tl.constexpr,

@@ -34,7 +34,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                    help="torch.compile the forward and loss as one graph (fullgraph), backward included; "
                         "MODE: default (inductor; what --compile alone means), reduce-overhead (also CUDA-graph "
-                        "capture, CUDA only) or max-autotune (default: not compiled). Meant for a GPU: "
+                        "capture, CUDA only) or max-autotune (autotuned, CUDA graphs too) (default: not "
+                        "compiled). Meant for a GPU: "
                         "compiling takes minutes and grows with the network; on a 2-core CPU, 2.5 minutes "
                         "for `qdarts train` on the digits genotype, and the first search step of the digits "
                         "supernet had not finished after 10 minutes (the 8-cell CIFAR-size one: 20 minutes "

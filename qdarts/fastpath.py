@@ -8,7 +8,12 @@ custom op with a fake kernel. AOTAutograd compiles the backward with it. Modes:
 - ``default``: inductor;
 - ``reduce-overhead``: inductor and CUDA-graph capture of the forward and the backward (CUDA only):
   a step replays two graphs instead of launching thousands of kernels;
-- ``max-autotune``: inductor with autotuning (slow to compile).
+- ``max-autotune``: inductor with autotuning (slow to compile), and CUDA graphs as reduce-overhead.
+
+Where the mode captures CUDA graphs (:func:`captures_cuda_graphs`) the steps run under
+:func:`qdarts_kernels.rehearse_graph_capture`: the compiled functions' warm-up calls, which
+torch.compile makes before each capture of a function (a first call, a recompile), then launch the
+kernels that the capture takes, so that none is first launched, and so loaded, inside a capture.
 
 Nothing in the compiled function may read a tensor back to the host (a graph break at best, a
 failed capture under CUDA graphs); :func:`record_shapes` therefore runs the one forward whose
@@ -24,9 +29,16 @@ import torch
 from torch import nn
 from torch.ao.quantization import FakeQuantizeBase
 
-__all__ = ["COMPILE_MODES", "compiled", "record_shapes"]
+__all__ = ["COMPILE_MODES", "captures_cuda_graphs", "compiled", "record_shapes"]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def captures_cuda_graphs(mode: Optional[str]) -> bool:
+    """Whether torch.compile's ``mode`` captures CUDA graphs of the compiled functions (on CUDA)."""
+    from torch._inductor import list_mode_options
+
+    return mode is not None and bool(list_mode_options(mode).get("triton.cudagraphs"))
 
 
 def compiled(fn: Callable, mode: Optional[str], *, backend: str = "inductor") -> Callable:

@@ -43,7 +43,7 @@ from .derive import derive_genotype
 from .divergence import check_figures, diagnosed, kept_checkpoint
 from .evalnet import EvalNetwork
 from .genotype import GENOTYPE_FILE, MAX_BITS, Genotype
-from .fastpath import COMPILE_MODES, compiled, record_shapes
+from .fastpath import COMPILE_MODES, captures_cuda_graphs, compiled, record_shapes
 from .ops import ACT_GRIDS, QUANTIZERS
 from .report import HISTORY_FILE
 from .supernet import ACT_DTYPES, SearchNetwork, SupernetConfig
@@ -137,7 +137,7 @@ class SearchConfig:
         if self.cuda_graph:
             need(self.device.startswith("cuda"), f"cuda_graph needs a CUDA device, got device {self.device!r}")
             need(self.compile is None, f"cuda_graph and compile ({self.compile!r}) exclude each other: compile "
-                 "reduce-overhead captures CUDA graphs of its own")
+                 "reduce-overhead and max-autotune capture CUDA graphs of their own")
             need(self.order == "first", f"cuda_graph needs order 'first', got {self.order!r}")
 
     @classmethod
@@ -304,11 +304,9 @@ class Searcher:
         if c.cuda_graph and self.dist.enabled:
             raise ValueError("cuda_graph runs in one process: its graphs do not capture the gradient all-reduce")
         self._graphed = GraphedStep(self._graph_step, self.learning_rates) if c.cuda_graph else None
-        # compile reduce-overhead captures each compiled function on its second call with a batch shape,
-        # after a warm-up call: the steps of those calls run under rehearse_graph_capture, as
-        # GraphedStep's last warm-up does, so that no kernel is first launched in a capture.
-        self._capture_warmups: Optional[Dict[Tuple[Any, ...], int]] = (
-            {} if c.compile == "reduce-overhead" else None)
+        # compile modes that capture CUDA graphs warm a function up before each capture (a first call, a
+        # recompile): every step runs under rehearse_graph_capture (fastpath's docstring)
+        self._rehearse_captures = captures_cuda_graphs(c.compile)
         self.epoch = 0
         self.history: List[Dict[str, Any]] = []
         self.elapsed = 0.0
@@ -457,13 +455,7 @@ class Searcher:
         if self._graphed is not None:
             self._graphed(xb, yb, xv, yv, stats, update_arch)
             return
-        rehearse = False
-        if self._capture_warmups is not None:
-            key = (update_arch, tuple(xb.shape), tuple(xv.shape))
-            seen = self._capture_warmups.get(key, 0)
-            rehearse = seen < 2
-            self._capture_warmups[key] = seen + 1
-        with qk.rehearse_graph_capture() if rehearse else nullcontext():
+        with qk.rehearse_graph_capture() if self._rehearse_captures else nullcontext():
             self._eager_step(xb, yb, xv, yv, lr, stats, update_arch)
 
     def _eager_step(self, xb, yb, xv, yv, lr: float, stats: torch.Tensor, update_arch: bool) -> None:

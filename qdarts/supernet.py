@@ -126,13 +126,15 @@ class MixedOp(nn.Module):
     the other channels bypass them (max-pooled on a reduction edge); then a channel shuffle. A cell
     sums its edges per node through :func:`mixed_node`, from :meth:`candidates` and :meth:`bypass`."""
 
+    backend: Optional[str] = None  # of its mixed-op sums; the automatic choice for one pickled without it
+
     def __init__(self, C: int, stride: int, cfg: SupernetConfig):
         super().__init__()
         k = cfg.partial_channels
         if C % k:
             raise ValueError(f"channels per cell ({C}) must be divisible by partial_channels ({k})")
         self.k = k
-        self.backend = cfg.backend  # of its mixed-op sums (mixed_node)
+        self.backend = cfg.backend
         self.stride = stride
         self.ops = nn.ModuleList()
         for name in PRIMITIVES[1:]:

@@ -151,20 +151,19 @@ def test_the_last_warm_up_step_of_each_key_rehearses_the_capture():
     assert not _rehearsing()
 
 
-def test_compile_reduce_overhead_rehearses_the_capture_in_the_first_two_steps_of_a_shape(tmp_path, monkeypatch):
-    """torch.compile's mode reduce-overhead warms a compiled function up on its first call with a batch
-    shape and captures it on the second: the search takes those two steps of each (arch update, shapes)
-    under rehearse_graph_capture, and no other."""
-    s = Searcher(SearchConfig(**TINY), str(tmp_path), progress=False)
-    assert s._capture_warmups is None  # not compiled: never rehearsed
-    s._capture_warmups = {}  # what compile="reduce-overhead" sets up (which a CPU run cannot compile)
+@pytest.mark.parametrize("mode", [None, "default", "reduce-overhead", "max-autotune"])
+def test_steps_compiled_with_cuda_graphs_rehearse_the_capture(mode, tmp_path, monkeypatch):
+    """torch.compile's modes reduce-overhead and max-autotune capture CUDA graphs of the compiled
+    functions after warm-up calls (a first call, and again after any recompile): every search step
+    then runs under rehearse_graph_capture; uncompiled and default-compiled steps never do. (The
+    compiled functions are not called here: on CPU inductor takes minutes.)"""
+    s = Searcher(SearchConfig(**TINY, compile=mode), str(tmp_path), progress=False)
     seen = []
-    monkeypatch.setattr(s, "_eager_step", lambda xb, yb, xv, yv, lr, stats, update_arch:
-                        seen.append((update_arch, xb.shape[0], _rehearsing())))
+    monkeypatch.setattr(s, "_eager_step", lambda *args: seen.append(_rehearsing()))
     x = torch.zeros(4, 2)
     for update_arch, n in [(False, 4)] * 3 + [(True, 4)] * 3 + [(False, 3)] * 3:
         s.step(x[:n], x[:n], x, x, 0.1, torch.zeros(4), update_arch=update_arch)
-    assert [r for _, _, r in seen] == [True, True, False] * 3
+    assert seen == [mode in ("reduce-overhead", "max-autotune")] * 9
     assert not _rehearsing()
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import qdarts_kernels as qk
+from conftest import backend_cases, require_backend
 from qdarts.derive import derive_genotype
 from qdarts.evalnet import EvalNetwork
 from qdarts.genotype import PRIMITIVES, edge_nodes
@@ -258,20 +259,20 @@ class _Namespaces(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_the_networks_backend_reaches_every_layer(backend):
-    """A supernet and a retraining network built with backend reference run none of the C++ kernels
-    (torch.ops.qdarts_C), the plain-PyTorch spec throughout: the mixed-op sums, pools and batch norms
-    follow the networks' backend as the quantized convs do (the sums and pools had taken the automatic
-    choice, the C++ kernels on CPU). With backend cpu the same networks do run them."""
-    if backend == "cpu" and "cpu" not in qk.available_backends():
-        pytest.skip("the C++ extension is not built")
+@pytest.mark.parametrize("backend, device", backend_cases(), ids=lambda c: c if isinstance(c, str) else None)
+def test_the_networks_backend_reaches_every_layer(backend, device):
+    """A supernet and a retraining network built with backend reference (or triton) run none of the
+    C++ kernels (torch.ops.qdarts_C): the mixed-op sums, pools and batch norms follow the networks'
+    backend as the quantized convs do (the sums and pools had taken the automatic choice, the C++
+    kernels on CPU, the cuda ones on a GPU). With backend cpu (or cuda) the same networks do run them."""
+    require_backend(backend, device)
     torch.manual_seed(0)
-    supernet = SearchNetwork(SupernetConfig(input_shape=(1, 8, 8), num_classes=4, channels=4, layers=3, steps=2,
-                                            partial_channels=2, bits=(2, 4), backend=backend))
+    # one reduction cell: every kind of layer (the edges' pools, batch norms and sums, the bypass pool)
+    supernet = SearchNetwork(SupernetConfig(input_shape=(1, 8, 8), num_classes=4, channels=4, layers=1, steps=2,
+                                            partial_channels=2, bits=(2, 4), backend=backend)).to(device)
     genotype = derive_genotype(supernet)
-    evalnet = EvalNetwork(genotype, (1, 8, 8), 4, channels=4, layers=3, backend=backend)
+    evalnet = EvalNetwork(genotype, (1, 8, 8), 4, channels=4, layers=1, backend=backend).to(device)
     for net in (supernet, evalnet):
         with _Namespaces() as mode:
-            net(torch.randn(3, 1, 8, 8)).square().sum().backward()
-        assert ("qdarts_C" in mode.seen) == (backend == "cpu"), (type(net).__name__, mode.seen)
+            net(torch.randn(3, 1, 8, 8, device=device)).square().sum().backward()
+        assert ("qdarts_C" in mode.seen) == (backend in ("cpu", "cuda")), (type(net).__name__, mode.seen)

@@ -146,7 +146,8 @@ step bench 120 "$PYTHON" -m qdarts.benchmark --quick --device cuda --skip-end-to
 # costs device time. Verbose: each result is logged as it comes, so a run cut by its limit still names its failures.
 GPU_TESTS=(tests/test_nn.py::test_no_host_sync_on_cuda_training_step
            tests/test_nn.py::test_chained_quant_convs_on_the_gpu_equal_the_two_calls
-           tests/test_search_speed.py::test_no_device_sync_in_a_search_step_on_the_gpu)
+           tests/test_search_speed.py::test_no_device_sync_in_a_search_step_on_the_gpu
+           tests/test_search_ops.py::test_the_networks_backend_reaches_every_layer)
 for name in backends bad_input batch_norm cuda_backend cudagraph depthwise_conv functorch grouped ops properties \
             search_backends triton_kernels; do
     GPU_TESTS+=("tests/test_$name.py")

@@ -560,6 +560,18 @@ CUSTOM_OP_CASES = [
 ]
 
 
+@pytest.mark.parametrize("position", [0, 40, 64])
+@pytest.mark.parametrize("bad, match", [(float("inf"), "finite"), (float("-inf"), "finite"), (float("nan"), "finite"),
+                                        (0.0, "> 0"), (-1.0, "> 0")], ids=str)
+def test_a_bad_scale_among_many_channels_is_refused(position, bad, match):
+    """Over 64 per-channel scales are read by one min/max reduction: a bad value anywhere is refused,
+    the largest as well as the smallest (on the reference backend an infinite scale gives NaN)."""
+    scales = torch.full((1, 65), 0.1)
+    scales[0, position] = bad
+    with pytest.raises(ValueError, match=f"scales must be {match}"):
+        qk.mixed_fake_quant(torch.randn(3, 65), torch.ones(1), scales, (4,), axis=1, backend="reference")
+
+
 def _runnable(backend, device):
     return backend in qk.available_backends() and (device == "cpu" or torch.cuda.is_available())
 

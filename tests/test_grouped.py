@@ -438,6 +438,28 @@ def test_grouped_under_graph_capture_calls_the_single_op_per_tensor(backend_devi
         check_grouped(backend, device, xs, probs, scales, (2, 4, 8), "signed", axis, stacked=axis is None)
 
 
+def test_straight_through_asks_the_kernels_for_no_dx(backend_device, monkeypatch):
+    """straight_through=True gives each x its output's gradient as it is, "with no kernel": the
+    backward asks the kernels for the probabilities' and scales' gradients only (a dx computed and
+    thrown away would be a full pass over every weight, every step)."""
+    backend, device = backend_device
+    asked = []
+    backward = qk.ops._mfqg_backward
+    monkeypatch.setattr(qk.ops, "_mfqg_backward", lambda *args: asked.append(args[-3:]) or backward(*args))
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(4, 6, generator=gen).to(device).requires_grad_(),
+          torch.randn(9, generator=gen).to(device).requires_grad_()]
+    probs = torch.softmax(torch.randn(2, 2, generator=gen), 1).to(device).requires_grad_()
+    scales = [torch.tensor([0.3, 0.05], device=device).requires_grad_(),
+              torch.tensor([0.2, 0.04], device=device).requires_grad_()]
+    ys = qk.mixed_fake_quant_grouped(xs, probs, scales, (2, 4), backend=backend, straight_through=True)
+    grads = [torch.randn(y.shape, generator=gen).to(device) for y in ys]
+    torch.autograd.backward(ys, grads)
+    assert asked == [(False, True, True)]  # (need_dx, need_dprobs, need_dscales)
+    assert all(torch.equal(x.grad, g) for x, g in zip(xs, grads))
+    assert probs.grad is not None and all(s.grad is not None for s in scales)
+
+
 def test_a_rehearsed_capture_takes_the_kernels_of_a_capture_for_cuda_tensors_only():
     """Under qdarts_kernels.rehearse_graph_capture the grouped op on CUDA tensors runs as it runs in a
     capture (one single-tensor call per tensor), so that a warm-up step launches, and loads, those

@@ -31,12 +31,20 @@ def test_opcheck_mixed_fake_quant(backend, per_channel, grid):
 
 
 @pytest.mark.parametrize("backend", CPU_SIDE_BACKENDS)
-def test_opcheck_mixed_fake_quant_backward(backend):
-    x, probs, scales, bits, grid, axis, _ = _mfq_args(backend)
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_opcheck_mixed_fake_quant_backward(backend, per_channel, param_dtype):
+    """dprobs and dscales in the dtype of probs and scales, as the fake kernel says: eager autograd
+    would cast a gradient of another dtype silently, compiled code trusts the fake."""
+    x, probs, scales, bits, grid, axis, _ = _mfq_args(backend, per_channel)
+    probs, scales = probs.detach().to(param_dtype), scales.detach().to(param_dtype)
     g = torch.randn(x.shape)
+    op = torch.ops.qdarts.mixed_fake_quant_backward.default
     for needs in [(True, True, True), (True, False, False), (False, True, True)]:
-        torch.library.opcheck(torch.ops.qdarts.mixed_fake_quant_backward.default,
-                              (g, x.detach(), probs.detach(), scales.detach(), bits, grid, axis, backend, *needs))
+        args = (g, x.detach(), probs, scales, bits, grid, axis, backend, *needs)
+        _, dprobs, dscales = op(*args)
+        assert [t.dtype for t, needed in zip((dprobs, dscales), needs[1:]) if needed] == [param_dtype] * sum(needs[1:])
+        torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("backend", CPU_SIDE_BACKENDS)

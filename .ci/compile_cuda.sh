@@ -110,7 +110,8 @@ emu_ok=0
 if "$PYTHON" "$ROOT/tests/cuda/emulate_launches.py" "$ROOT/csrc/cuda" "$emu_dir"; then
   emu_ok=1
   emu_pids=()
-  for src in "$emu_dir"/*.cpp "$ROOT/tests/cuda/launch_emulation_test.cpp"; do
+  for src in "$emu_dir"/*.cpp "$ROOT/tests/cuda/launch_emulation_test.cpp" \
+             "$ROOT/tests/cuda/quant_math_device_branch.cpp"; do
     "${CXX:-g++}" "${emu_flags[@]}" -c "$src" -o "$emu_dir/$(basename "${src%.cpp}").o" &
     emu_pids+=($!)
   done

@@ -25,6 +25,8 @@
 using namespace qdarts;
 using namespace qdarts::gpu;
 
+int check_device_rounding();  // tests/cuda/quant_math_device_branch.cpp
+
 namespace {
 
 int failures = 0;
@@ -48,6 +50,15 @@ template <typename T>
 DType dtype_of() {
   if (std::is_same<T, float>::value) return DType::kFloat32;
   return std::is_same<T, __half>::value ? DType::kFloat16 : DType::kBFloat16;
+}
+
+// fp32 v rounded to T to nearest even by the CUDA headers' own conversions, not common.cuh's
+// from_float (which the kernels use: a reference sharing it could not see a wrong rounding there).
+template <typename T>
+float rounded(float v) {
+  if constexpr (std::is_same<T, float>::value) return v;
+  else if constexpr (std::is_same<T, __half>::value) return __half2float(__float2half_rn(v));
+  else return __bfloat162float(__float2bfloat16_rn(v));
 }
 
 // Equal as the kernels must be equal to the reference: same bits, NaN for NaN (-0.0 is not 0.0).
@@ -175,10 +186,10 @@ void check_tensor(QuantCase<T>& c, const float* probs, const std::vector<int>& b
       dp[k].add(double(g) * (double(r.q_minus_z) * s));
       ds[k * c.channels + ch].add(double(g) * probs[k] * (double(r.q_minus_z) - (r.in ? double(r.scaled) : 0.0)));
     }
-    const float want_y = to_float(from_float<T>(y));
+    const float want_y = rounded<T>(y);
     if (check_y && !same(to_float(c.y[e]), want_y) && ++y_fails <= 2)
       fail("FAIL y %s at %lld: got %.9g want %.9g (x = %.9g)", tag.c_str(), (long long)e, to_float(c.y[e]), want_y, x);
-    const float want_dx = to_float(from_float<T>(g * pass));
+    const float want_dx = rounded<T>(g * pass);
     if (flags.dx && !same(to_float(c.dx[e]), want_dx) && ++dx_fails <= 2)
       fail("FAIL dx %s at %lld: got %.9g want %.9g", tag.c_str(), (long long)e, to_float(c.dx[e]), want_dx);
   }
@@ -244,6 +255,8 @@ void mixed_fake_quant_sweep(std::mt19937& rng) {
       // 3 blocks; at 4 elements a vector, 2 groups a step for the first threads
       {1, 1, 2 * 2048 + 13, false},
       {1, 3, 5, true}, {2, 4, 8, true}, {7, 3, 1, true}, {5, 17, 24, true},
+      // rows of 12: whole float4s, not whole 8-half vectors
+      {3, 2, 12, true},
       // 2 splits per channel
       {1, 2, 2048 + 24, true},
   };
@@ -324,7 +337,7 @@ void grouped_sweep(std::mt19937& rng) {
   // multi-block tensors, per channel with several splits
   const std::vector<std::vector<ChannelView>> groups = {
       {{1, 1, 100, false}, {1, 1, 0, false}, {1, 1, 2048 + 300, false}, {1, 1, 3, false}},
-      {{1, 1, 1, false}},
+      {{1, 1, 1, false}, {1, 1, 9 * 2048 + 5, false}},
       {{2, 3, 8, true}, {1, 0, 4, true}, {4, 5, 12, true}, {1, 1, 0, true}},
       {{3, 7, 1, true}, {1, 2, 2048 + 16, true}},
   };
@@ -378,7 +391,7 @@ void op_sum_case(int count, int64_t numel, bool need_dinputs, bool need_dweights
       const float term = weights[k] * to_float(outputs[k][e]);
       want = k == 0 ? term : want + term;
     }
-    if (!same(to_float(y[e]), to_float(from_float<T>(want)))) {
+    if (!same(to_float(y[e]), rounded<T>(want))) {
       fail("FAIL op sum y %s at %lld", tag.c_str(), (long long)e);
       break;
     }
@@ -389,7 +402,7 @@ void op_sum_case(int count, int64_t numel, bool need_dinputs, bool need_dweights
     for (int64_t e = 0; e < numel; ++e) {
       const float g = to_float(grad[e]);
       dw.add(double(g) * to_float(outputs[k][e]));
-      din_ok = din_ok && same(to_float(doutputs[k][e]), to_float(from_float<T>(weights[k] * g)));
+      din_ok = din_ok && same(to_float(doutputs[k][e]), rounded<T>(weights[k] * g));
     }
     if (need_dinputs && !din_ok) fail("FAIL op sum d inputs[%d] %s", k, tag.c_str());
     if (need_dweights && !close(dweights[k], dw.value, dw.magnitude))
@@ -411,11 +424,59 @@ void op_sum_sweep(std::mt19937& rng) {
   // several blocks and a tail of the 8-wide half vectors
   op_sum_case<float>(5, 2 * 2048 + 5, true, true, 0, rng);
   op_sum_case<__nv_bfloat16>(9, 2048 + 7, true, true, 0, rng);
+  // more partial rows than a warp count and than a block's threads (sum_partials_kernel's stride),
+  // and more blocks than the reducing grid's cap (partials size and the launched grid must agree)
+  op_sum_case<float>(2, 9 * 2048 + 1, true, true, 1, rng);
+  op_sum_case<float>(1, 257 * 2048 + 1, false, true, 0, rng);
+  op_sum_case<float>(1, kReduceBlocks * kThreads * kElementsPerThread + 5, false, true, 0, rng);
+}
+
+// Launch geometry of shapes too large to run here: grids within CUDA's limits, and the element
+// loops' offsets past 2^31 (for_each_flat run for the threads of the last block, with a body that
+// only records the offsets).
+void geometry_checks() {
+  for (const ChannelView& view : {ChannelView{1, 1, int64_t{1} << 28, true}, ChannelView{3, 1, int64_t{1} << 27, true},
+                                  ChannelView{1, 2, int64_t{1} << 30, true}}) {
+    ++cases;
+    for (int64_t cap : {kElementwiseBlocks, kReduceBlocks}) {
+      const dim3 g = element_grid(view, cap);
+      if (g.x > 2147483647u || g.y > 65535u || g.y == 0)
+        fail("FAIL element_grid %s cap %lld: grid (%u, %u) over CUDA's limits", view_name(view).c_str(),
+             (long long)cap, g.x, g.y);
+    }
+  }
+  const int64_t n = (int64_t{1} << 32) + 5;
+  const dim3 g = element_grid(ChannelView{1, 1, n, false}, kElementwiseBlocks);
+  ++cases;
+  for (int64_t thread : {int64_t{0}, int64_t{kThreads - 1}}) {
+    const ThreadCoords t{g.x - 1, 0, g.x, 1, thread};
+    const int64_t first = t.block_x * kThreads + t.thread, stride = t.grid_x * kThreads;
+    int64_t want = first, visited = 0;
+    bool ok = true;
+    struct Runaway {};  // a wrapped offset: the loop would not end
+    auto body = [&](auto, const auto& groups) {
+      for (int64_t offset : groups.at) {
+        ok = ok && offset == want;
+        want += stride;
+        if (++visited > 4096) throw Runaway{};
+      }
+    };
+    try {
+      for_each_flat<1, 2>(n, t, body);
+    } catch (Runaway) {
+      ok = false;
+    }
+    if (!ok || want < n || want - stride >= n)
+      fail("FAIL for_each_flat n = 2^32 + 5, thread %lld of the last block: %lld offsets, wrong past 2^31",
+           (long long)thread, (long long)visited);
+  }
 }
 
 }  // namespace
 
 int main() {
+  geometry_checks();
+  failures += check_device_rounding();
   std::mt19937 rng(1234);
   mixed_fake_quant_sweep<float>(rng);
   mixed_fake_quant_sweep<__half>(rng);

@@ -545,13 +545,13 @@ def _capture_kernels(device: torch.device) -> bool:
 
 def _grouped_pair(backend: str, device: torch.device) -> Tuple[Callable, Callable]:
     """(grouped forward, grouped backward) of ``backend`` for tensors on ``device``. While a CUDA graph
-    is captured (``qdarts search --cuda-graph``, ``torch.compile`` in mode reduce-overhead) or the
-    capture rehearsed (:func:`rehearse_graph_capture`), one single-tensor call per tensor instead:
-    the grouped kernels read their tensors' descriptors from a host buffer copied to the device, and
-    a captured copy is not run but recorded, to be replayed from the same host address at every
-    replay, long after the caching host allocator has handed that buffer out again (and it may
-    refuse to allocate pinned memory during a capture at all). The same values: the forward bit for
-    bit, the reductions of the backward in another order."""
+    is captured (``qdarts search --cuda-graph``, ``torch.compile`` in mode reduce-overhead or
+    max-autotune) or the capture rehearsed (:func:`rehearse_graph_capture`), one single-tensor call
+    per tensor instead: the grouped kernels read their tensors' descriptors from a host buffer copied
+    to the device, and a captured copy is not run but recorded, to be replayed from the same host
+    address at every replay, long after the caching host allocator has handed that buffer out again
+    (and it may refuse to allocate pinned memory during a capture at all). The same values: the
+    forward bit for bit, the reductions of the backward in another order."""
     b = _backends.get(backend)
     if not _capture_kernels(device):
         return b.mixed_fake_quant_grouped_forward, b.mixed_fake_quant_grouped_backward

@@ -44,7 +44,8 @@ def _supernet(k):
 
 
 def _by_hand(net, kind, bits_product=9.0):
-    """(sum_m pi_m F_m b_a b_w, F_m0) from each conv's shapes; zero alphas give pi = 1/8."""
+    """(sum_m pi_m F_m b_a b_w, F_m0) from each conv's shapes; pi_m = softmax(alpha) of the conv's cell type, edge
+    and op (zero alphas give pi = 1/8)."""
     k = net.cfg.partial_channels
     total, first = 0.0, None
     for _, conv, where in net.quant_layers():
@@ -57,7 +58,7 @@ def _by_hand(net, kind, bits_product=9.0):
         else:  # grouped count at the derived network's channel width
             scale = 1 if where is None else (k if conv.groups > 1 else k * k)
             f = conv.out_channels * conv.in_channels // conv.groups * kh * kw * out_pixels * scale
-            pi = 1.0 if where is None else 1.0 / 8
+            pi = 1.0 if where is None else float(net.op_probs(where[0]).detach()[where[1], where[2]])
         first = f if first is None else first
         total += pi * f * bits_product
     return total, first
@@ -92,6 +93,23 @@ def test_expected_cost_gradients_and_bitops():
         net.alphas_normal.zero_()
         net.alphas_reduce.zero_()
     assert improved.expected_bitops().item() == pytest.approx(_by_hand(net, "improved", 4.0)[0], rel=1e-5)
+
+
+def test_expected_cost_weights_each_conv_by_the_probability_of_its_own_op():
+    """Alphas that differ per cell type, edge and op: each conv counts with softmax(alpha) of its own cell type
+    (normal or reduce), edge and op (none first in PRIMITIVES); the official cost does not depend on them."""
+    net = _supernet(2)
+    with torch.no_grad():
+        net.alphas_normal.copy_(torch.randn(net.alphas_normal.shape, generator=torch.Generator().manual_seed(1)))
+        net.alphas_reduce.copy_(3 * torch.randn(net.alphas_reduce.shape, generator=torch.Generator().manual_seed(2)))
+    improved, official = ExpectedCost(net, "improved"), ExpectedCost(net, "official")
+    total, first = _by_hand(net, "improved")
+    assert improved().item() == pytest.approx(total / first, rel=1e-5)
+    assert improved.expected_bitops().item() == pytest.approx(total, rel=1e-5)
+    dense, dense_first = _by_hand(net, "official")
+    assert official().item() == pytest.approx(dense / dense_first, rel=1e-5)
+    # expected BitOps are reported with the improved formula whichever cost the search minimises
+    assert official.expected_bitops().item() == improved.expected_bitops().item()
 
 
 def test_expected_cost_needs_a_forward_first():

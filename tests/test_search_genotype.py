@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from qdarts.derive import derive_genotype
-from qdarts.evalnet import EvalNetwork
+from qdarts import evalnet
+from qdarts.derive import derive_edges, derive_genotype
+from qdarts.evalnet import EvalNetwork, drop_path
 from qdarts.genotype import PRIMITIVES, CellBits, Edge, Genotype, edge_index, load_genotype
 from qdarts.ops import quant_convs
 from qdarts.supernet import SearchNetwork, SupernetConfig
@@ -52,6 +53,13 @@ def test_derivation_keeps_top2_inputs_by_alpha_times_beta_and_never_none(beta_31
     assert g.normal_concat == [2, 3]
 
 
+def test_derivation_breaks_ties_towards_the_earlier_input_and_op():
+    """Equal strengths (uniform alpha and beta): each node keeps its two earliest inputs, each edge the first
+    non-none op."""
+    edges = derive_edges(torch.full((9, len(PRIMITIVES)), 1 / len(PRIMITIVES)), torch.ones(9), steps=3)
+    assert [(e.node, e.input, e.op) for e in edges] == [(n, i, "max_pool_3x3") for n in (2, 3, 4) for i in (0, 1)]
+
+
 def test_derived_bits_are_the_argmax_of_each_cells_gammas():
     net = _net()
     _set_alphas(net, ROWS)
@@ -94,6 +102,8 @@ def test_genotype_json_round_trip_and_errors(tmp_path):
         load_genotype(broken(lambda b: b.update(version=2)))
     with pytest.raises(ValueError, match="unknown op 'conv_9x9'"):
         load_genotype(broken(lambda b: b["normal"][0].update(op="conv_9x9")))
+    with pytest.raises(ValueError, match="reads input 2, must be below node 2"):
+        load_genotype(broken(lambda b: b["normal"][0].update(input=2)))  # a node reading itself
     with pytest.raises(ValueError, match="cell 0 has bits for 3 edges"):
         load_genotype(broken(lambda b: b["cells"][0].update(edges=b["cells"][0]["edges"][:3])))
     with pytest.raises(ValueError, match=r"bad\.json: search\.layers must be an integer >= 1, got None"):
@@ -133,6 +143,37 @@ def test_eval_network_uses_the_genotype_bits_or_fp32(fp32):
         assert [c.chosen_bits() for c in cell0] == [(8, 8), (1, 1)] + [(4, 4)] * 4 + [(2, 4)] * 2
     net.eval()
     assert net(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_drop_path_zeroes_whole_samples_and_rescales_the_others():
+    torch.manual_seed(0)
+    out = drop_path(torch.ones(256, 2, 3, 3), 0.25)
+    kept = out.flatten(1)[:, 0] != 0
+    assert torch.equal(out[kept], torch.full_like(out[kept], 1 / 0.75)) and not out[~kept].any()
+    assert 0 < int(kept.sum()) < 256
+
+
+def test_drop_path_leaves_identity_edges_alone(monkeypatch):
+    """As DARTS: in training, drop-path applies to every kept edge but skip_connect's identity."""
+    dropped = []
+    monkeypatch.setattr(evalnet, "drop_path", lambda h, p: dropped.append(p) or h)
+    net = EvalNetwork(_marked_genotype(3), (1, 8, 8), 10, channels=4, layers=3)  # cells N R R
+    net.drop_path_prob = 0.2
+    net(torch.randn(2, 1, 8, 8))
+    # the normal cell's skip_connect (2, 1) is an identity; in a reduction cell it reads a cell input: stride 2
+    assert dropped == [0.2] * (3 + 4 + 4)
+    net.eval()
+    net(torch.randn(2, 1, 8, 8))
+    assert len(dropped) == 11
+
+
+def test_the_auxiliary_head_reads_the_cell_at_two_thirds_of_the_depth():
+    net = EvalNetwork(_marked_genotype(5), (1, 8, 8), 10, channels=4, layers=5, auxiliary=True)
+    seen = {}
+    net.cells[2 * 5 // 3].register_forward_hook(lambda m, i, out: seen.setdefault("cell", out))
+    net.auxiliary_head.register_forward_hook(lambda m, i, out: seen.setdefault("head", i[0]))
+    net(torch.randn(2, 1, 8, 8))
+    assert seen["head"] is seen["cell"]
 
 
 @pytest.mark.parametrize("bit_choices, grid", [([2, 4, 8], "signed"), ([1, 2, 4, 8], "midrise")])

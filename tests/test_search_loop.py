@@ -11,11 +11,12 @@ import torch
 import qdarts
 import qdarts_kernels.nn as qnn
 
+from qdarts import evalnet, search
 from qdarts.checkpoint import pack_tensors, unpack_tensors
 from qdarts.derive import derive_genotype
 from qdarts.evalnet import EvalNetwork
 from qdarts.genotype import load_genotype
-from qdarts.search import CHECKPOINT, SearchConfig, Searcher, run_search
+from qdarts.search import CHECKPOINT, SearchConfig, Searcher, cosine_lr, run_search
 from qdarts.supernet import SearchNetwork, SupernetConfig
 from qdarts.train import TrainConfig, run_train
 
@@ -252,3 +253,127 @@ def test_a_resume_on_another_number_of_processes_warns(tmp_path):
     torch.save({**state, "world_size": 2}, tmp_path / "other" / "checkpoint.pt")
     with pytest.warns(UserWarning, match=r"a run of 2 process\(es\), this one has 1: the global batch"):
         _search(tmp_path / "other", resume=True)
+
+
+def test_alpha_and_beta_move_from_the_first_epoch_after_the_warm_up_on(tmp_path):
+    """warmup_epochs=1: the first epoch leaves alpha and beta at their initial values, the second updates them."""
+    initial = Searcher(SearchConfig(**TINY), str(tmp_path / "init"), progress=False).net
+    history = _search(tmp_path / "s")["history"]
+    assert history[0]["alpha"]["normal"] == search._rounded(initial.op_probs(False))
+    assert history[0]["beta"]["reduce"] == search._rounded(initial.edge_weights(initial.betas_reduce))
+    assert history[1]["alpha"]["normal"] != history[0]["alpha"]["normal"]
+    assert history[1]["beta"]["reduce"] != history[0]["beta"]["reduce"]
+
+
+def test_the_cosine_schedule_starts_at_weight_lr_and_anneals_towards_its_floor(tmp_path):
+    assert cosine_lr(0, 4, 0.1, 0.0) == 0.1
+    assert cosine_lr(2, 4, 0.1, 0.02) == pytest.approx(0.06)
+    assert cosine_lr(4, 4, 0.1, 0.02) == pytest.approx(0.02)
+    lrs = [h["lr"] for h in _search(tmp_path, epochs=2, weight_lr=0.1, weight_lr_min=0.0)["history"]]
+    assert lrs == [0.1, cosine_lr(1, 2, 0.1, 0.0)] and lrs[1] == pytest.approx(0.05)
+
+
+def test_each_epoch_draws_new_train_and_val_orders(tmp_path, monkeypatch):
+    """The data order of epoch e comes from a generator seeded by (seed, e): every epoch and each split reshuffles."""
+    orders = []
+
+    def recording(x, y, batch_size, *, shuffle, generator=None, **kw):
+        if shuffle:  # the epoch's splits (the evaluation reads the val split in order)
+            orders.append(torch.randperm(x.shape[0], generator=torch.Generator().set_state(generator.get_state())))
+        return batches(x, y, batch_size, shuffle=shuffle, generator=generator, **kw)
+
+    batches = search.batches
+    monkeypatch.setattr(search, "batches", recording)
+    _search(tmp_path, epochs=2)
+    assert len(orders) == 4  # per epoch: train, val
+    assert all(not torch.equal(a, b) for i, a in enumerate(orders) for b in orders[i + 1:])
+
+
+def test_the_train_loss_adds_the_weighted_cost_to_the_cross_entropy(tmp_path):
+    s = Searcher(SearchConfig(**TINY, cost_weight=0.1), str(tmp_path / "unit"), progress=False)
+    _, ce, loss = s._train_loss(s.train_x[:32], s.train_y[:32])
+    assert torch.equal(loss, ce + 0.1 * s.cost())
+    h = _search(tmp_path / "run", epochs=1, cost_weight=0.1)["history"][0]
+    assert h["train_loss"] > h["train_ce"] + 0.05  # C > 1: the first conv alone counts E_a E_w >= 4
+
+
+def test_second_order_arch_gradient_on_a_smooth_loss(tmp_path, monkeypatch):
+    """DARTS eq. 7-8 on losses with a known unrolled gradient, with u a weight and a = alpha[0, 0]:
+    L_train = u^2 / 2 + a u, L_val = u^2 / 2 + 0.3 a. The virtual step (lr 0.1, with weight decay and the
+    momentum buffer) gives u' = u - lr (u + a + wd u + m buf), and dL_val(u'(a)) / da = 0.3 - lr u'; the
+    finite difference is exact here, as L_train is linear in a."""
+    s = Searcher(SearchConfig(**TINY, order="second", weight_decay=0.5, weight_momentum=0.9), str(tmp_path),
+                 progress=False)
+    w = s.groups["weights"][0]
+    a = s.net.alphas_normal
+    with torch.no_grad():
+        w.view(-1)[0] = 1.0
+        a.view(-1)[0] = 0.5
+    s.opt_weights.state[w]["momentum_buffer"] = torch.full_like(w, 0.2)
+    u = lambda: w.view(-1)[0]  # noqa: E731
+    monkeypatch.setattr(s, "_train_loss", lambda x, y: (None, None, u() ** 2 / 2 + a.view(-1)[0] * u()))
+    monkeypatch.setattr(s, "_val_loss_fn", lambda x, y: u() ** 2 / 2 + 0.3 * a.view(-1)[0])
+    grads = s._second_order_grads(None, None, None, None, lr=0.1)
+    virtual = 1.0 - 0.1 * (1.0 + 0.5 + 0.5 * 1.0 + 0.9 * 0.2)
+    assert grads[0].view(-1)[0].item() == pytest.approx(0.3 - 0.1 * virtual, rel=1e-4)
+    assert not grads[0].view(-1)[1:].any() and not any(g.any() for g in grads[1:])
+    assert u().item() == 1.0  # the weights are back where they were
+
+
+def test_gradient_clipping_applies_to_the_weights_alone(tmp_path):
+    """grad_clip 0 scales every weight gradient to zero; gamma's gradient (its own SGD) is not clipped."""
+    s = Searcher(SearchConfig(**TINY, grad_clip=0.0), str(tmp_path), progress=False)
+    s._weight_step(s.train_x[:32], s.train_y[:32], torch.zeros(4))
+    assert all(not p.grad.any() for p in s.groups["weights"] if p.grad is not None)
+    assert all(p.grad.any() for p in s.groups["gamma"])
+
+
+def test_resume_after_an_arch_epoch_restores_the_arch_optimiser(tmp_path):
+    """Stopped after an epoch that updated alpha and beta, a run resumes with Adam's moments and step count."""
+    full = _search(tmp_path / "full", epochs=3)
+    _search(tmp_path / "cut", epochs=3, stop_after=2)
+    resumed = _search(tmp_path / "cut", epochs=3, resume=True)
+    assert _without_time(resumed["history"]) == _without_time(full["history"])
+
+
+def test_a_resumed_search_runs_on_the_backend_given_for_the_resume(tmp_path):
+    _search(tmp_path, stop_after=1)
+    resumed = _search(tmp_path, resume=True, backend="reference")
+    assert resumed["config"].backend == "reference" and resumed["searcher"].net.cells[0].edges[0].backend == "reference"
+
+
+def _genotype_file(tmp_path):
+    net = SearchNetwork(SupernetConfig(input_shape=(3, 8, 8), num_classes=10, channels=4, layers=1, steps=2,
+                                       partial_channels=2, bits=(2, 4)))
+    derive_genotype(net, {"data": "synthetic", "layers": 1}).save(str(tmp_path / "genotype.json"))
+    return str(tmp_path / "genotype.json")
+
+
+def test_the_auxiliary_loss_is_weighted_by_aux_weight(tmp_path):
+    """lr 0 keeps the weights: every run sees the same main and auxiliary cross-entropies, so the train loss
+    CE + aux_weight * CE_aux is linear in aux_weight."""
+    genotype = _genotype_file(tmp_path)
+    loss = {w: run_train(TrainConfig(genotype=genotype, epochs=1, batch_size=256, channels=4, auxiliary=True,
+                                     aux_weight=w, lr=0.0), str(tmp_path / str(w)), progress=False)["history"][0]
+            ["train_loss"] for w in (0.0, 0.5, 1.0)}
+    assert loss[1.0] > loss[0.0]
+    assert loss[1.0] - loss[0.0] == pytest.approx(2 * (loss[0.5] - loss[0.0]), rel=1e-4)
+
+
+def test_drop_path_probability_rises_linearly_over_the_epochs(tmp_path, monkeypatch):
+    """DARTS: epoch e drops paths with probability drop_path * e / epochs (none in the first epoch)."""
+    used = []
+    drop_path = evalnet.drop_path
+    monkeypatch.setattr(evalnet, "drop_path", lambda h, p: used.append(p) or drop_path(h, p))
+    run_train(TrainConfig(genotype=_genotype_file(tmp_path), epochs=2, batch_size=256, channels=4, drop_path=0.3),
+              str(tmp_path / "t"), progress=False)
+    assert used and set(used) == {0.15}
+
+
+def test_a_resumed_retraining_draws_the_drop_path_masks_of_an_uninterrupted_one(tmp_path):
+    """The masks come from the global RNG, whose state the checkpoint keeps."""
+    cfg = dict(genotype=_genotype_file(tmp_path), epochs=3, batch_size=256, channels=4, drop_path=0.3)
+    full = run_train(TrainConfig(**cfg), str(tmp_path / "full"), progress=False)
+    run_train(TrainConfig(**cfg), str(tmp_path / "cut"), progress=False, stop_after=2)
+    resumed = run_train(TrainConfig(**cfg), str(tmp_path / "cut"), progress=False, resume=True)
+    assert _without_time(resumed["history"]) == _without_time(full["history"])

@@ -12,7 +12,7 @@ from conftest import backend_cases, require_backend
 from qdarts.derive import derive_genotype
 from qdarts.evalnet import EvalNetwork
 from qdarts.genotype import PRIMITIVES, edge_nodes
-from qdarts.ops import ConvMaker, ReLUConv2d, ReLUConvBN, build_op, quant_convs
+from qdarts.ops import ConvMaker, FactorizedReduce, ReLUConv2d, ReLUConvBN, build_op, quant_convs
 from qdarts.supernet import MixedOp, SearchCell, SearchNetwork, SupernetConfig, channel_shuffle, shuffled_cat
 from qdarts_kernels._validation import GRIDS
 from qdarts_kernels.nn import MixedPrecisionFakeQuantize, QuantConv2d
@@ -34,6 +34,31 @@ def test_ops_shapes_conv_counts_and_shared_gamma(name, stride):
         assert all(c.act_quant.logits is op.gamma_a and c.weight_quant.logits is op.gamma_w for c in convs)
         names = dict(op.named_parameters())
         assert names["gamma_a"] is op.gamma_a and "0.act_quant.logits" not in "".join(names)
+
+
+@pytest.mark.parametrize("name, kernel, dilation", [("sep_conv_3x3", 3, 1), ("sep_conv_5x5", 5, 1),
+                                                   ("dil_conv_3x3", 3, 2), ("dil_conv_5x5", 5, 2)])
+def test_depthwise_convs_have_the_op_s_kernel_size_dilation_and_padding(name, kernel, dilation):
+    """Each op's depthwise convs: its kernel size, dilation 2 for dil_conv (1 for sep_conv), and the padding
+    that keeps the size; the pointwise convs after them are 1x1."""
+    op = build_op(name, 4, 1, ConvMaker(bits=(2, 4)), affine=False)
+    convs = quant_convs(op)
+    pad = (kernel - 1) * dilation // 2
+    assert [(c.kernel_size, c.dilation, c.padding) for c in convs[0::2]] == \
+        [((kernel, kernel), (dilation, dilation), (pad, pad))] * (len(convs) // 2)
+    assert all(c.groups == 4 for c in convs[0::2]) and all(c.kernel_size == (1, 1) for c in convs[1::2])
+
+
+def test_factorized_reduce_reads_two_pixel_grids_offset_by_one():
+    """conv_1 sees the even rows and columns, conv_2 the odd ones (DARTS's x[:, :, 1:, 1:]), after the ReLU."""
+    reduce = FactorizedReduce(1, 2, ConvMaker(fp32=True), affine=False)
+    with torch.no_grad():
+        reduce.conv_1.weight.fill_(1.0)
+        reduce.conv_2.weight.fill_(1.0)
+    reduce.bn = torch.nn.Identity()
+    x = torch.randn(2, 1, 6, 6)
+    y = reduce(x)
+    assert torch.equal(y[:, :1], x.relu()[:, :, 0::2, 0::2]) and torch.equal(y[:, 1:], x.relu()[:, :, 1::2, 1::2])
 
 
 def _unfold_relus(module: torch.nn.Module) -> torch.nn.Module:
@@ -179,6 +204,18 @@ def test_supernet_param_groups_are_disjoint_and_complete():
     assert net(torch.randn(2, 3, 8, 8)).shape == (2, 5)
 
 
+def test_a_loaded_supernet_keeps_no_running_activation_ranges():
+    """A state saved with the activation quantizers' observers on (a checkpoint written before the supernet
+    turned them off) loads with them off: training forwards observe no running range for evaluation."""
+    state = _tiny(bits=(2, 4, 8)).state_dict()
+    state = {k: torch.ones_like(v) if k.endswith("observer_enabled") else v for k, v in state.items()}
+    net = _tiny(bits=(2, 4, 8))
+    net.load_state_dict(state)
+    net(torch.randn(2, 3, 8, 8))
+    observed = [b for name, b in net.named_buffers() if name.endswith("largest_observed")]
+    assert observed and not any(b.any() for b in observed)
+
+
 def test_supernet_gradients_reach_every_group_and_mixed_op_sum_is_used(monkeypatch):
     calls = []
     original = qk.mixed_op_sum
@@ -200,6 +237,17 @@ def test_channel_shuffle_interleaves_groups():
 def test_shuffled_cat_is_the_channel_shuffle_of_the_concatenation():
     head, rest = torch.randn(2, 3, 4, 5), torch.randn(2, 9, 4, 5)
     assert torch.equal(shuffled_cat(head, rest, 4), channel_shuffle(torch.cat([head, rest], 1), 4))
+
+
+def test_edge_weights_are_a_softmax_of_beta_over_each_node_s_inputs():
+    """PC-DARTS edge normalisation: beta is normalised over the inputs of each intermediate node (2, 3, 4 of them
+    here), not over all the edges of the cell."""
+    net = _tiny(steps=3)
+    beta = torch.randn(9, generator=torch.Generator().manual_seed(0))
+    weights = net.edge_weights(beta)
+    assert weights.shape == (9,)
+    for start, n in ((0, 2), (2, 3), (5, 4)):
+        assert torch.equal(weights[start: start + n], torch.softmax(beta[start: start + n], 0))
 
 
 def _edge_by_definition(edge: MixedOp, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

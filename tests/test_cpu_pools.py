@@ -222,6 +222,17 @@ def test_input_free_avg_pool_takes_the_kernels_keeps_nothing_and_equals_nn_avg_p
     assert len(calls) == 2
 
 
+def test_input_free_avg_pool_with_a_divisor_override_is_nn_avg_pool_s():
+    """divisor_override, which the C++ kernels do not take: PyTorch's kernels, its values and gradients."""
+    x = _inputs((2, 3, 6, 5), 16).requires_grad_()
+    results = []
+    for m in (InputFreeAvgPool2d(3, 1, 1, divisor_override=2), torch.nn.AvgPool2d(3, 1, 1, divisor_override=2)):
+        y = m(x)
+        (dx,) = torch.autograd.grad(y, x, _inputs(y.shape, 17))
+        results.append((y.detach(), dx))
+    assert _same_bits(results[0][0], results[1][0]) and _same_bits(results[0][1], results[1][1])
+
+
 @pytest.mark.parametrize("pool", ["max", "avg"])
 def test_second_derivative_is_pytorch_s(pool):
     """Under create_graph=True the backward is PyTorch's differentiable one: the C++ backward has no
@@ -259,3 +270,27 @@ def test_ceil_mode_takes_the_kernels_where_it_adds_no_window(monkeypatch, pool, 
         results.append((y.detach(), dx))
     assert _same_bits(results[0][0], results[1][0]) and _same_bits(results[0][1], results[1][1])
     assert len(calls) == (2 if size == (8, 8) else 0)
+
+
+def test_ceil_adds_no_window_follows_pytorch_s_output_size_rule():
+    """_ceil_adds_no_window(size, ...) is true exactly where ceil_mode=True gives floor mode's output size,
+    by PyTorch's rule: a last window the ceiling adds is dropped when it starts at or past the end of the
+    input and its left padding (n=5, k=3, s=3, p=1: it starts on the right padding; the kernels apply)."""
+    from qdarts_kernels.nn.pooling import _ceil_adds_no_window
+
+    checked = 0
+    for n in range(1, 10):
+        for k in range(1, 5):
+            for s in range(1, 5):
+                for p in range(k // 2 + 1):
+                    for d in (1, 2):
+                        x = torch.zeros(1, 1, n)
+                        try:
+                            ceil = F.max_pool1d(x, k, s, p, d, ceil_mode=True).shape[-1]
+                            floor = F.max_pool1d(x, k, s, p, d).shape[-1]
+                        except RuntimeError:  # no output (a window larger than the padded input)
+                            continue
+                        assert _ceil_adds_no_window((n,), (k,), (s,), (p,), (d,)) == (ceil == floor), (n, k, s, p, d)
+                        checked += 1
+    assert checked > 300
+    assert _ceil_adds_no_window((5,), (3,), (3,), (1,), (1,))

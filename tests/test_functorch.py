@@ -293,6 +293,25 @@ def test_reference_functions_under_torch_func():
     assert torch.equal(g, torch.linspace(-1, 1, x.numel()).view_as(x))
 
 
+def test_reference_straight_through_forward_mode_is_the_transpose_of_the_backward():
+    """The spec's straight-through estimate (reference.with_identity_gradient, which the paper weight
+    quantizers take too) in forward mode: x's tangent passes unchanged and adds to the quantizer's tangent
+    of the probs and scales, so that jacfwd and jacrev give one Jacobian."""
+    from qdarts_kernels import reference as ref
+
+    x, probs, scales = _inputs("cpu")
+    x = x[:2]
+
+    def f(x0, p, s):
+        return ref.mixed_fake_quant_grouped([x0], p[None], [s], BITS, straight_through=True)[0]
+
+    _jacobians_agree(f, (x, probs, scales), (0, 1, 2))
+    tangents = (torch.ones_like(x), probs.flip(0), scales * 0.5)
+    _, dy = torch.func.jvp(f, (x, probs, scales), tangents)
+    _, dq = torch.func.jvp(lambda p, s: ref.mixed_fake_quant(x, p, s, BITS), (probs, scales), tangents[1:])
+    assert torch.equal(dy, dq + 1)
+
+
 def _qat_model(backend, device, batch_norm: bool):
     """A small QAT model of qdarts_kernels.nn (mixed bits, LSQ scales initialised by one forward)."""
     from qdarts_kernels import nn as qnn

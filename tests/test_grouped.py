@@ -182,6 +182,20 @@ def test_opcheck_grouped(backend, per_channel, straight_through):
                                *rest, *needs))
 
 
+@pytest.mark.parametrize("backend", CPU_SIDE_BACKENDS)
+@pytest.mark.parametrize("scales_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_opcheck_grouped_backward_with_half_precision_scales(backend, scales_dtype):
+    """The grouped backward's flat dscales is in the math dtype (fp32), whatever the scales' dtype (each
+    part is cast back by _split_like): the fake says so, as compiled code trusts it."""
+    xs, probs, scales, *rest = _op_args(backend, False)
+    scales = [s.detach().to(scales_dtype) for s in scales]
+    grads = [torch.randn(x.shape) for x in xs]
+    args = (grads, [x.detach() for x in xs], probs.detach(), scales, *rest)
+    for needs in [(False, False, True), (True, True, True)]:
+        torch.library.opcheck(torch.ops.qdarts.mixed_fake_quant_grouped_backward.default, args + needs)
+        assert torch.ops.qdarts.mixed_fake_quant_grouped_backward(*args, *needs)[-1].dtype == torch.float32
+
+
 def _grouped_layouts_args(backend, per_channel):
     """_op_args with xs in other layouts: channels_last, a permuted 3-D tensor, contiguous, one with
     gaps (a slice of a channels_last tensor)."""

@@ -651,6 +651,69 @@ def test_quantize_carries_hooks_and_buffers_and_refuses_a_weight_made_by_a_hook(
         qnn.quantize_(old_style)
 
 
+def test_quantize_keeps_each_layer_s_training_mode():
+    """A swapped layer and its quantizers take the original's mode: quantize_ of a model in evaluation (or
+    of one whose head is) leaves those layers in evaluation, where a paper activation quantizer scaled by
+    the max reads its running range and does not update it."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.Flatten(), nn.Linear(12, 2))
+    model[2].eval()
+    qnn.quantize_(model, quantizer="paper")
+    assert all(m.training for m in model[0].modules()) and not any(m.training for m in model[2].modules())
+    model[2](torch.randn(4, 12))
+    assert not model[2].act_quant.largest_observed
+    model = qnn.quantize_(nn.Sequential(nn.Conv2d(2, 3, 1), nn.Linear(3, 2)).eval())
+    assert not any(m.training for m in model.modules())
+
+
+def test_quantize_fuse_relu_folds_only_plain_relus():
+    """fuse_relu folds nn.ReLU only: a ReLU6 (which clips at 6) or a LeakyReLU (which passes negatives)
+    before a layer stays, and that layer keeps its grid for inputs of either sign."""
+    net = nn.Sequential(nn.ReLU6(), nn.Linear(4, 4), nn.LeakyReLU(0.1), nn.Linear(4, 4))
+    qnn.quantize_(net, weight_bits=4, act_bits=8, fuse_relu=True)
+    assert [type(m).__name__ for m in net] == ["ReLU6", "QuantLinear", "LeakyReLU", "QuantLinear"]
+    assert [net[i].act_quant.grid for i in (1, 3)] == ["signed", "signed"]
+
+
+def test_quantize_swaps_exact_types_only_and_once():
+    """Only modules of exactly nn.Conv2d / nn.Linear are swapped: a subclass (a user's own conv,
+    MultiheadAttention's out_proj, whose weight the attention reads directly) is left alone, and so is a
+    layer quantized already (QuantConv2d subclasses nn.Conv2d): a second quantize_ changes nothing."""
+
+    class MyConv(nn.Conv2d):
+        pass
+
+    model = nn.Sequential(MyConv(2, 2, 1), nn.Conv2d(2, 2, 1), nn.MultiheadAttention(4, 2))
+    out_proj = type(model[2].out_proj)
+    qnn.quantize_(model, weight_bits=4, act_bits=8)
+    assert type(model[0]) is MyConv and type(model[1]) is qnn.QuantConv2d and type(model[2].out_proj) is out_proj
+    quantized = model[1]
+    qnn.quantize_(model, weight_bits=4, act_bits=8)
+    assert model[1] is quantized and model[1].act_quant is quantized.act_quant
+
+
+def test_a_disabled_activation_quantizer_passes_its_input_on_the_training_path():
+    """With the activation quantizer's fake quantization off, a QuantConv2d forward that records a graph
+    (the eager path that keeps only x) convolves x itself with the quantized weight, as one without a
+    graph does; and so does a chain of two (chained_quant_convs)."""
+    torch.manual_seed(21)
+    a, b = (qnn.QuantConv2d(3, 3, 3, padding=1, weight_bits=4, act_bits=4) for _ in range(2))
+    for conv in (a, b):
+        conv.act_quant.disable_fake_quant()
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+
+    def plain(conv, t):
+        return nn.functional.conv2d(t, conv.weight_quant(conv.weight), conv.bias, padding=1)
+
+    y = a(x)
+    assert torch.equal(y, plain(a, x))
+    with torch.no_grad():
+        assert torch.equal(a(x), y)
+    assert torch.equal(qnn.chained_quant_convs(a, b, x), plain(b, plain(a, x)))
+    (dx,) = torch.autograd.grad(y.sum(), x)
+    (dx_plain,) = torch.autograd.grad(plain(a, x).sum(), x)
+    assert torch.equal(dx, dx_plain)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_quantized_pointwise_conv_output_takes_in_place_changes(stride):
     """A ReLU(inplace=True) or a residual += after a 1x1 conv (the CPU's matrix products): as after nn.Conv2d."""

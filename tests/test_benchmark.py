@@ -677,3 +677,154 @@ def test_reading_a_file_that_is_not_a_results_json_fails_clearly(tmp_path, paylo
     path.write_text(payload)
     with pytest.raises(SystemExit, match="results.json|cannot read benchmark results"):
         report.read_json(str(path))
+
+
+# --- figures and their labels, checked exactly (from a mutation run of qdarts.benchmark) ---------------
+
+
+def test_timing_takes_the_median_and_percentiles_not_the_mean():
+    t = timing.Timing([110.0, 0.0, 40.0, 10.0, 30.0, 20.0], host_samples=[4.0, 1.0, 3.0, 2.0])
+    assert (t.p20, t.median, t.p80) == (10.0, 25.0, 40.0)  # the mean would be 35
+    assert t.host_median == 2.5  # as the device's median, not Tensor.median's lower middle value (2)
+    assert timing.Timing([1.0]).host_median is None
+
+
+def test_each_sample_flushes_the_cache_after_its_setup_and_before_its_run():
+    events = []
+    timing.measure(lambda s: events.append("run"), lambda: events.append("setup"), "cpu",
+                   flush=lambda: events.append("flush"), warmup=1, min_samples=2, max_samples=2, budget_s=0.0)
+    assert events == ["setup", "flush", "run"] * 3
+
+
+def test_copy_bandwidth_counts_the_read_and_the_write(monkeypatch):
+    monkeypatch.setattr(timing, "measure", lambda run, setup, device, **kw: timing.Timing([0.5, 0.5, 0.5]))
+    assert timing.copy_bandwidth_gbps("cpu", 2**20) == 2 * 2**20 / 0.5 / 1e9
+
+
+def test_environment_records_the_versions():
+    env = timing.environment("cpu")
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    assert (env["torch"], env["cuda"], env["triton"]) == (torch.__version__, torch.version.cuda, triton_version)
+    assert env["python"] == platform.python_version() and env["device_type"] == "cpu"
+
+
+def test_case_labels_ids_and_dtype_names():
+    pc = OpCase("mixed_fake_quant", "per_channel", (2, 4, 8, 8), torch.bfloat16)
+    assert pc.label == "mixed_fake_quant bits=(2,4,8) per channel" and pc.dtype_name == "bf16"
+    assert pc.id == "mixed_fake_quant-per_channel-K3-2x4x8x8-bf16"
+    assert OpCase("fake_quant", "per_tensor", (2, 4), torch.float16).label == "fake_quant bits=(4) per tensor"
+    assert OpCase("fake_quant", "per_tensor", (2, 4), torch.float16).dtype_name == "fp16"
+
+
+def test_implementations_include_the_devices_fused_backends():
+    fused = cases.backends_for("cpu")
+    assert fused == (["cpu"] if "cpu" in qk.available_backends() else [])
+    assert cases.implementations(TINY[0], "cpu") == [EAGER, cases.COMPILED, *fused, cases.AUTOGRAD]
+    assert cases.implementations(TINY[3], "cpu") == [EAGER, cases.COMPILED, *fused]
+
+
+def test_a_backward_timing_runs_the_backward_alone():
+    calls = []
+    case = TINY[0]
+    leaves, grad = case.make_inputs("cpu"), case.grad_output("cpu")
+    fn = case.function(EAGER)
+    modes = runner.mode_functions(lambda *a: calls.append(1) or fn(*a), leaves, grad)
+    setup, run = modes["backward"]
+    state = setup()
+    assert len(calls) == 1
+    assert [g.shape for g in run(state)] == [t.shape for t in leaves] and len(calls) == 1  # no forward timed
+    setup, run = modes["forward+backward"]
+    run(setup())
+    assert len(calls) == 2
+
+
+def test_speedups_are_the_baseline_time_over_this_one():
+    records = [{"mode": "forward", "impl": EAGER, "median_ms": 4.0},
+               {"mode": "forward", "impl": cases.COMPILED, "median_ms": 2.0},
+               {"mode": "forward", "impl": "cpu", "median_ms": 0.5},
+               {"mode": "backward", "impl": "cpu", "median_ms": 1.0}, {"impl": "cpu", "error": "boom"}]
+    runner._add_speedups(records)
+    assert [(r["speedup_vs_eager"], r["speedup_vs_compiled"]) for r in records[:4]] == [
+        (1.0, 0.5), (2.0, 1.0), (8.0, 4.0), (None, None)]
+
+
+def test_records_carry_the_cases_dtype(monkeypatch):
+    monkeypatch.setattr(runner, "measure_interleaved",
+                        lambda runs, device, **kw: {name: timing.Timing([1e-3] * 3) for name in runs})
+    case = OpCase("mixed_op_sum", "-", (2, 4, 8, 8), torch.bfloat16)
+    records = runner.run_kernels([case], "cpu", quick=True, copy_bytes=2**20, impls=[EAGER], log=lambda _: None)
+    assert [(r["dtype"], r["mode"]) for r in records] == [("bf16", m) for m in cases.MODES]
+    assert [r["min_traffic_bytes"] for r in records] == [case.min_traffic_bytes(m) for m in cases.MODES]
+
+
+def test_cpu_targets_are_the_baselines_time_over_the_cpu_backends():
+    def rec(impl, ms, numel=4 * 2**20):
+        return {"op": "mixed_fake_quant", "scaling": "per_tensor", "numel": numel, "dtype": "fp32",
+                "mode": "forward+backward", "impl": impl, "median_ms": ms, "shape": [64, 64, 32, 32]}
+
+    records = [rec(cases.AUTOGRAD, 36.0), rec("cpu", 3.0), rec(cases.AUTOGRAD, 1.0, 2**20)]
+    mfq, mos = runner.check_targets(records, "cpu")
+    assert (mfq["measured"], mfq["met"], mfq["baseline_ms"], mfq["cpu_ms"]) == (12.0, True, 36.0, 3.0)
+    assert (mos["measured"], mos["met"]) == (None, None)
+    assert runner.check_targets(records, "cuda") == []
+
+
+def test_summary_takes_the_fastest_fused_backend_and_labels_its_speedups():
+    def rec(impl, ms, eager_x, compiled_x):
+        return {"label": "mixed_op_sum K=8", "shape": [4, 16, 32, 32], "numel": 2**16, "dtype": "fp32",
+                "mode": "forward+backward", "impl": impl, "median_ms": ms, "speedup_vs_eager": eager_x,
+                "speedup_vs_compiled": compiled_x, "gbps": 1.0, "pct_of_copy": 10.0, "saved_bytes": 2**20}
+
+    records = [rec(EAGER, 8.0, 1.0, 0.5), rec(cases.COMPILED, 4.0, 2.0, 1.0), rec("triton", 2.0, 4.0, 2.0),
+               rec("cuda", 1.0, 8.0, 4.0)]
+    (row,) = report.summary_rows(records)
+    assert dict(zip(report.SUMMARY_HEADER, row)) == {
+        "op": "mixed_op_sum K=8", "shape": "4x16x32x32 (64K)", "dtype": "fp32", "autograd ms": "-",
+        "eager ms": "8", "compiled ms": "4", "best fused": "cuda", "fused ms": "1", "x eager": "8.00x",
+        "x compiled": "4.00x", "GB/s": "1", "% of copy": "10%",
+        "MB kept for backward (autograd / eager / compiled / fused)": "- / 1 / 1 / 1"}
+
+
+def test_end_to_end_ratios_are_eagers_over_the_fused_steps():
+    def rec(ops, ms, saved, peak):
+        return {"config": "tiny", "description": "d", "ops": ops, "mode": "eager", "median_ms": ms, "p20_ms": ms,
+                "p80_ms": ms, "saved_mb": saved, "saved_mb_arch": saved, "saved_mb_weight": saved, "peak_mb": peak}
+
+    text = "\n".join(report.end_to_end_lines({"end_to_end": [rec("eager", 300.0, 40.0, 80.0),
+                                                               rec("fused", 100.0, 10.0, 40.0)]}))
+    fused = [line for line in text.splitlines() if line.startswith("| tiny | d | fused |")]
+    cells = [c.strip() for c in fused[0].strip("|").split("|")]
+    assert cells[5:11] == ["10", "3.00x", "10 (10 / 10)", "4.00x", "40", "2.00x"]
+
+
+def test_cli_passes_its_options_on(tmp_path, monkeypatch, capsys):
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    assert cli.main(["--device", "cpu", "--threads", "3", "--impls", "nope", "--out", str(tmp_path)]) == 2
+    assert threads == [3]
+    seen = []
+
+    def end_to_end(device, **kwargs):
+        seen.append(kwargs)
+        return [], None
+
+    monkeypatch.setattr(endtoend, "run", end_to_end)
+    monkeypatch.setattr(cli, "copy_bandwidth_gbps", lambda *a: 1.0)
+    assert cli.main(["--device", "cpu", "--quick", "--skip-kernels", "--compile-end-to-end", "--out",
+                     str(tmp_path)]) == 0
+    assert [(k["quick"], k["compiled"], k["graphed"]) for k in seen] == [(True, True, False)]
+
+
+def test_cli_exit_status_is_1_when_a_measurement_failed(tmp_path, monkeypatch, capsys):
+    _tiny_cli_run(monkeypatch)
+    monkeypatch.setattr(cli, "copy_bandwidth_gbps", lambda *a: 1.0)
+    monkeypatch.setattr(runner, "benchmark_case", lambda case, device, impls, **kw: [
+        {"label": case.label, "impl": "eager", "shape": list(case.shape), "error": "RuntimeError: boom"}])
+    assert cli.main(["--device", "cpu", "--quick", "--skip-end-to-end", "--impls", "eager", "--out",
+                     str(tmp_path)]) == 1
+    assert "2 measurement(s) failed" in capsys.readouterr().out

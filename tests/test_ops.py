@@ -441,6 +441,36 @@ def test_mixed_op_sum_input_limit_is_checked_before_the_extension(monkeypatch):
         torch.ops.qdarts.mixed_op_sum(outs, torch.ones(65), "cuda")
 
 
+def test_the_automatic_choice_passes_over_a_backend_that_is_not_available(monkeypatch):
+    """A GPU machine whose _C has no CUDA kernels takes triton, then the reference, for CUDA tensors; one
+    without _C takes the reference for CPU tensors."""
+    from qdarts_kernels import _backends
+
+    monkeypatch.delenv("QDARTS_BACKEND", raising=False)
+    present = {"reference", "cpu", "triton"}
+    monkeypatch.setattr(_backends, "_load", lambda name: object() if name in present else None)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _backends.resolve(None, cuda, torch.float32) == "triton"
+    present.discard("triton")
+    assert _backends.resolve(None, cuda, torch.float32) == "reference"
+    assert _backends.resolve(None, cpu, torch.float32) == "cpu"
+    present.discard("cpu")
+    assert _backends.resolve(None, cpu, torch.float32) == "reference"
+
+
+def test_triton_runs_on_a_gpu_without_its_interpreter_and_on_a_cpu_only_under_it(monkeypatch):
+    from qdarts_kernels import _backends
+
+    monkeypatch.setattr(_backends, "_load", lambda name: object())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _backends.runnable("triton")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not _backends.runnable("triton") and _backends.runnable("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backends.runnable("triton")
+
+
 def test_wrong_device_for_backend():
     if not torch.cuda.is_available():
         with pytest.raises((ValueError, RuntimeError), match="cuda"):

@@ -74,3 +74,40 @@ def test_bench_without_the_benchmark_module_fails_clearly(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "qdarts.benchmark.cli", None)  # makes the import raise ImportError
     assert cli.main(["bench"]) == 2
     assert "qdarts.benchmark.cli is not available" in capsys.readouterr().err
+
+
+def test_every_option_reaches_the_run_s_config(tmp_path, monkeypatch):
+    """No option parsed and then dropped: each lands in SearchConfig / TrainConfig (the runs are stubbed)."""
+    from qdarts import search, train
+
+    seen = []
+
+    def capture(config, out, **kwargs):
+        seen.append((config, kwargs))
+        raise ValueError("captured")
+
+    monkeypatch.setattr(search, "run_search", capture)
+    monkeypatch.setattr(train, "run_train", capture)
+    assert cli.main(["search", "--data", "synthetic", "--data-dir", str(tmp_path), "--bits", "2,4", "--epochs", "3",
+                     "--warmup-epochs", "1", "--batch-size", "32", "--layers", "2", "--channels", "6",
+                     "--partial-channels", "4", "--quantizer", "lsq", "--act-grid", "official", "--gamma-per-conv",
+                     "--cost", "official", "--lambda", "0.5", "--order", "second", "--weight-lr", "0.01",
+                     "--gamma-lr", "0.02", "--arch-lr", "0.03", "--seed", "7", "--no-grouped-weights", "--cuda-graph",
+                     "--compile", "--act-dtype", "bf16", "--backend", "reference", "--no-progress", "--no-plots",
+                     "--out", str(tmp_path / "s")]) == 2
+    assert cli.main(["train", "--genotype", "g.json", "--fp32", "--epochs", "2", "--batch-size", "16", "--layers", "2",
+                     "--channels", "6", "--lr", "0.2", "--auxiliary", "--aux-weight", "0.3", "--drop-path", "0.1",
+                     "--data", "synthetic", "--data-dir", str(tmp_path), "--seed", "5", "--backend", "reference",
+                     "--act-dtype", "bf16", "--compile", "max-autotune", "--out", str(tmp_path / "t")]) == 2
+    (s, s_kwargs), (t, t_kwargs) = seen
+    assert s == search.SearchConfig(
+        data="synthetic", data_dir=str(tmp_path), bits=(2, 4), epochs=3, warmup_epochs=1, batch_size=32, layers=2,
+        channels=6, partial_channels=4, quantizer="lsq", act_grid="official", share_gamma=False, cost="official",
+        cost_weight=0.5, order="second", weight_lr=0.01, gamma_lr=0.02, arch_lr=0.03, seed=7, device="cpu",
+        backend="reference", grouped_weights=False, act_dtype="bf16", compile="default", cuda_graph=True)
+    assert (s_kwargs["resume"], s_kwargs["progress"], s_kwargs["plots"]) == (False, False, False)
+    assert t == train.TrainConfig(
+        genotype="g.json", fp32=True, epochs=2, batch_size=16, layers=2, channels=6, lr=0.2, auxiliary=True,
+        aux_weight=0.3, drop_path=0.1, data="synthetic", data_dir=str(tmp_path), seed=5, device="cpu",
+        backend="reference", act_dtype="bf16", compile="max-autotune")
+    assert (t_kwargs["resume"], t_kwargs["progress"]) == (False, True)

@@ -377,3 +377,20 @@ def test_a_resumed_retraining_draws_the_drop_path_masks_of_an_uninterrupted_one(
     run_train(TrainConfig(**cfg), str(tmp_path / "cut"), progress=False, stop_after=2)
     resumed = run_train(TrainConfig(**cfg), str(tmp_path / "cut"), progress=False, resume=True)
     assert _without_time(resumed["history"]) == _without_time(full["history"])
+
+
+def test_summary_states_how_many_times_more_bitops_and_bytes_fp32_takes(tmp_path):
+    from qdarts.report import write_search_report
+
+    class Genotype:
+        def describe(self):
+            return "the genotype"
+
+    history = [{"epoch": 1, "train_acc": 0.5, "val_acc": 0.25, "expected_bitops": 3e6}]
+    cost = {"bitops": 1000.0, "bitops_fp32": 16000.0, "memory_bytes": 300.0, "memory_bytes_fp32": 1200.0,
+            "layers": []}
+    write_search_report(str(tmp_path), SearchConfig(), history, Genotype(), cost, 1.25, plots=False)
+    lines = (tmp_path / "summary.md").read_text().splitlines()
+    assert "| derived network BitOps / sample | 1000 |" in lines
+    assert "| same network in fp32 | 1.6e+04 (16.0x more) |" in lines
+    assert "| same network in fp32 | 1200 B (4.0x more) |" in lines

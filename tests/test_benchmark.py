@@ -767,7 +767,9 @@ def test_cpu_targets_are_the_baselines_time_over_the_cpu_backends():
         return {"op": "mixed_fake_quant", "scaling": "per_tensor", "numel": numel, "dtype": "fp32",
                 "mode": "forward+backward", "impl": impl, "median_ms": ms, "shape": [64, 64, 32, 32]}
 
-    records = [rec(cases.AUTOGRAD, 36.0), rec("cpu", 3.0), rec(cases.AUTOGRAD, 1.0, 2**20)]
+    records = [rec(cases.AUTOGRAD, 36.0), rec("cpu", 3.0), rec(cases.AUTOGRAD, 1.0, 2**20)] + [
+        {**rec(impl, ms, 2**20), "op": "mixed_op_sum", "scaling": "-", "dtype": "bf16"}
+        for impl, ms in ((EAGER, 9.0), ("cpu", 1.0))]  # bf16: not the fp32 target, stays unmeasured
     mfq, mos = runner.check_targets(records, "cpu")
     assert (mfq["measured"], mfq["met"], mfq["baseline_ms"], mfq["cpu_ms"]) == (12.0, True, 36.0, 3.0)
     assert (mos["measured"], mos["met"]) == (None, None)

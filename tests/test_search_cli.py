@@ -94,20 +94,21 @@ def test_every_option_reaches_the_run_s_config(tmp_path, monkeypatch):
                      "--cost", "official", "--lambda", "0.5", "--order", "second", "--weight-lr", "0.01",
                      "--gamma-lr", "0.02", "--arch-lr", "0.03", "--seed", "7", "--no-grouped-weights", "--cuda-graph",
                      "--compile", "--act-dtype", "bf16", "--backend", "reference", "--no-progress", "--no-plots",
-                     "--out", str(tmp_path / "s")]) == 2
+                     "--device", "cuda:1", "--resume", "--out", str(tmp_path / "s")]) == 2
     assert cli.main(["train", "--genotype", "g.json", "--fp32", "--epochs", "2", "--batch-size", "16", "--layers", "2",
                      "--channels", "6", "--lr", "0.2", "--auxiliary", "--aux-weight", "0.3", "--drop-path", "0.1",
                      "--data", "synthetic", "--data-dir", str(tmp_path), "--seed", "5", "--backend", "reference",
-                     "--act-dtype", "bf16", "--compile", "max-autotune", "--out", str(tmp_path / "t")]) == 2
+                     "--act-dtype", "bf16", "--compile", "max-autotune", "--no-progress", "--resume",
+                     "--device", "cuda:1", "--out", str(tmp_path / "t")]) == 2
     (s, s_kwargs), (t, t_kwargs) = seen
     assert s == search.SearchConfig(
         data="synthetic", data_dir=str(tmp_path), bits=(2, 4), epochs=3, warmup_epochs=1, batch_size=32, layers=2,
         channels=6, partial_channels=4, quantizer="lsq", act_grid="official", share_gamma=False, cost="official",
-        cost_weight=0.5, order="second", weight_lr=0.01, gamma_lr=0.02, arch_lr=0.03, seed=7, device="cpu",
+        cost_weight=0.5, order="second", weight_lr=0.01, gamma_lr=0.02, arch_lr=0.03, seed=7, device="cuda:1",
         backend="reference", grouped_weights=False, act_dtype="bf16", compile="default", cuda_graph=True)
-    assert (s_kwargs["resume"], s_kwargs["progress"], s_kwargs["plots"]) == (False, False, False)
+    assert (s_kwargs["resume"], s_kwargs["progress"], s_kwargs["plots"]) == (True, False, False)
     assert t == train.TrainConfig(
         genotype="g.json", fp32=True, epochs=2, batch_size=16, layers=2, channels=6, lr=0.2, auxiliary=True,
-        aux_weight=0.3, drop_path=0.1, data="synthetic", data_dir=str(tmp_path), seed=5, device="cpu",
+        aux_weight=0.3, drop_path=0.1, data="synthetic", data_dir=str(tmp_path), seed=5, device="cuda:1",
         backend="reference", act_dtype="bf16", compile="max-autotune")
-    assert (t_kwargs["resume"], t_kwargs["progress"]) == (False, True)
+    assert (t_kwargs["resume"], t_kwargs["progress"]) == (True, False)

@@ -274,7 +274,8 @@ def test_the_cosine_schedule_starts_at_weight_lr_and_anneals_towards_its_floor(t
 
 
 def test_each_epoch_draws_new_train_and_val_orders(tmp_path, monkeypatch):
-    """The data order of epoch e comes from a generator seeded by (seed, e): every epoch and each split reshuffles."""
+    """The data order of epoch e comes from a generator seeded by (seed, e): every epoch and each split reshuffles,
+    and a second run draws the same orders."""
     orders = []
 
     def recording(x, y, batch_size, *, shuffle, generator=None, **kw):
@@ -284,9 +285,12 @@ def test_each_epoch_draws_new_train_and_val_orders(tmp_path, monkeypatch):
 
     batches = search.batches
     monkeypatch.setattr(search, "batches", recording)
-    _search(tmp_path, epochs=2)
-    assert len(orders) == 4  # per epoch: train, val
-    assert all(not torch.equal(a, b) for i, a in enumerate(orders) for b in orders[i + 1:])
+    _search(tmp_path / "a", epochs=2)
+    _search(tmp_path / "b", epochs=2)
+    assert len(orders) == 8  # per run and epoch: train, val
+    first, second = orders[:4], orders[4:]
+    assert all(not torch.equal(a, b) for i, a in enumerate(first) for b in first[i + 1:])
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def test_the_train_loss_adds_the_weighted_cost_to_the_cross_entropy(tmp_path):
@@ -301,7 +305,7 @@ def test_second_order_arch_gradient_on_a_smooth_loss(tmp_path, monkeypatch):
     """DARTS eq. 7-8 on losses with a known unrolled gradient, with u a weight and a = alpha[0, 0]:
     L_train = u^2 / 2 + a u, L_val = u^2 / 2 + 0.3 a. The virtual step (lr 0.1, with weight decay and the
     momentum buffer) gives u' = u - lr (u + a + wd u + m buf), and dL_val(u'(a)) / da = 0.3 - lr u'; the
-    finite difference is exact here, as L_train is linear in a."""
+    finite difference is exact here, as d L_train / da = u is linear in the weights."""
     s = Searcher(SearchConfig(**TINY, order="second", weight_decay=0.5, weight_momentum=0.9), str(tmp_path),
                  progress=False)
     w = s.groups["weights"][0]

@@ -28,7 +28,9 @@ needs_triton = pytest.mark.skipif("triton" not in qk.available_backends(),
 needs_cpp = pytest.mark.skipif("cpu" not in qk.available_backends(),
                                reason="qdarts_kernels._C (the C++ CPU kernels) is not built")
 
-SHAPES = [(4, 3, 5, 7), (1, 3, 1, 9), (9, 2, 3, 1), (3, 2, 1, 1), (2, 5, 33), (5, 4, 17, 19), (2, 1, 64, 70)]
+# (9, 2, 20, 30): 3 partials per channel, fewer than the power of two of them the merge loads
+SHAPES = [(4, 3, 5, 7), (1, 3, 1, 9), (9, 2, 3, 1), (3, 2, 1, 1), (2, 5, 33), (5, 4, 17, 19), (2, 1, 64, 70),
+          (9, 2, 20, 30)]
 
 
 class Kernels(NamedTuple):
@@ -130,10 +132,13 @@ def test_matches_native_batch_norm(bn, shape, dtype):
     _check_against_native(bn, shape, dtype)
 
 
-@pytest.mark.parametrize("shape", [(5, 4, 17, 19), (7, 2, 3, 33), (2, 1, 64, 70)], ids=str)
+# (5, 1, 64, 70): 10 tiles over 3 programs of 4 rounds, the last two tiles past the channel's end
+@pytest.mark.parametrize("shape", [(5, 4, 17, 19), (7, 2, 3, 33), (2, 1, 64, 70), (5, 1, 64, 70)], ids=str)
 def test_matches_native_with_many_tiles_per_reduction_program(triton_bn, few_reduction_programs, shape):
     p = triton_bn.plan(shape[0], shape[1], shape[2] * shape[3] if len(shape) == 4 else shape[2])
     assert p.rounds > 1 or p.tiles == 1
+    if shape == (5, 1, 64, 70):
+        assert p.partials * p.rounds > p.tiles > (p.partials - 1) * p.rounds
     _check_against_native(Kernels(triton_bn, DEVICE, (torch.float32,)), shape, torch.float32)
 
 
@@ -163,6 +168,19 @@ def test_without_running_statistics(bn):
     y_native, _, invstd_native = torch.native_batch_norm(x, None, None, None, None, True, 0.1, 1e-3)
     torch.testing.assert_close(y, y_native, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(invstd, invstd_native, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_output_is_the_fp32_output_rounded(triton_bn, dtype):
+    """y in fp16/bf16 is the fp32 kernel's y on the same values rounded to nearest even, as torch's
+    ``.to``. The data keep every sum exact in any order (small integers, each channel's sum 0), so
+    both runs have the same statistics bit for bit, also compiled."""
+    half = torch.randint(-20, 21, (3, 4, 9, 13), generator=torch.Generator().manual_seed(5)).float()
+    x = torch.cat([half, -half]).to(dtype).to(DEVICE)
+    y, invstd = triton_bn.batch_norm_train_forward(x, None, None, 0.1, 1e-5)
+    y32, invstd32 = triton_bn.batch_norm_train_forward(x.float(), None, None, 0.1, 1e-5)
+    assert torch.equal(invstd, invstd32)
+    assert y.dtype == dtype and torch.equal(y, y32.to(dtype))
 
 
 def _forward_backward(ops, x, g):

@@ -41,15 +41,15 @@ def _pair(v):
 
 def _check(dwc, conv, dtype):
     n, c, h, w, k, stride, padding, dilation = conv
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    gen = torch.Generator().manual_seed(n * 100 + c * 10 + k)
+    (kh, kw), stride, padding, dilation = _pair(k), _pair(stride), _pair(padding), _pair(dilation)
+    gen = torch.Generator().manual_seed(n * 100 + c * 10 + (k if isinstance(k, int) else 10 * kh + kw))
     x = torch.randn(n, c, h, w, generator=gen).to(dtype).to(DEVICE)
-    weight = torch.randn(c, 1, k, k, generator=gen).to(DEVICE)
+    weight = torch.randn(c, 1, kh, kw, generator=gen).to(DEVICE)
     y = torch.nn.functional.conv2d(x.float(), weight, None, stride, padding, dilation, c)
     g = torch.randn(y.shape, generator=gen).to(dtype).to(DEVICE)
     _, want, _ = torch.ops.aten.convolution_backward(g.float(), x.float(), weight, None, stride, padding, dilation,
                                                      False, [0, 0], c, [False, True, False])
-    got = dwc.depthwise_conv2d_weight_grad(g, x, (k, k), stride, padding, dilation)
+    got = dwc.depthwise_conv2d_weight_grad(g, x, (kh, kw), stride, padding, dilation)
     assert got.dtype == torch.float32 and got.shape == weight.shape
     # fp32 sums of n * Ho * Wo products in another order: a few units in the last place of the
     # magnitudes summed
@@ -62,6 +62,14 @@ def _check(dwc, conv, dtype):
 @pytest.mark.parametrize("conv", CONVS, ids=str)
 def test_matches_convolution_backward(dwc, conv, dtype):
     _check(dwc, conv, dtype)
+
+
+# kernels of KH != KW: a tap's row is tap // KW, its column tap % KW; the last on rows of MAX_WIDTH outputs
+@pytest.mark.parametrize("conv", [(2, 3, 9, 11, (1, 3), 1, (0, 1), 1), (2, 2, 10, 7, (3, 5), (2, 1), (1, 2), (2, 1)),
+                                  (3, 2, 8, 9, (5, 2), 1, (2, 1), (1, 2)), (1, 2, 3, 4096, (1, 3), 1, (0, 1), 1)],
+                         ids=str)
+def test_matches_with_non_square_kernels(dwc, conv):
+    _check(dwc, conv, torch.float32)
 
 
 @pytest.mark.parametrize("conv", [(9, 2, 16, 16, 3, 1, 1, 1), (7, 1, 70, 5, 3, 2, 1, 2)], ids=str)
@@ -88,6 +96,7 @@ def test_supports_depthwise_convs_only(dwc):
     assert not dwc.supports(x, (4, 4, 3, 3), 1, 8)
     assert not dwc.supports(x.double(), (4, 1, 3, 3), 4, 8)
     assert not dwc.supports(x, (4, 1, 3, 3), 4, dwc.MAX_WIDTH + 1)
+    assert dwc.supports(x, (4, 1, 3, 3), 4, dwc.MAX_WIDTH) and dwc.supports(x, (4, 1, 1, 3), 4, 1)
     assert not dwc.supports(x, (4, 1, 3, 3), 4, 0)
 
 

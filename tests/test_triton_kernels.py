@@ -184,6 +184,9 @@ def test_tile_size_table():
         assert t.elements & (t.elements - 1) == 0 and t.num_warps in (4, 8)
         assert t.elements // (32 * t.num_warps) >= 8  # at least 8 elements, two 16 B fp32 loads, per thread
     assert [t.elements for t in tiles] == sorted(t.elements for t in tiles)
+    # the break points: larger tiles from 2^16 + 1 and from 2^22 + 1 elements on
+    for n in (2**16, 2**22):
+        assert tile_size(n - 1) == tile_size(n) and tile_size(n).elements < tile_size(n + 1).elements
 
 
 LAYOUT_CASES = [
@@ -290,16 +293,17 @@ def test_reductions_over_many_programs(shape, axis, dtype):
                                        ((1, 2, 3, 4), "unsigned")], ids=str)
 @pytest.mark.parametrize("needs", [(True, True, True), (False, True, False), (True, False, True)], ids=str)
 def test_per_tensor_backward_over_several_rounds(monkeypatch, bits, grid, needs):
-    """The persistent per-tensor backward with fewer programs than blocks (5 programs, 12 blocks of
-    256: three rounds, the last one partly past the end): dx exact, dp and ds within a fp32 sum's
-    error of fp64 sums, the same bits from run to run, only the requested gradients."""
+    """The persistent per-tensor backward with fewer programs than blocks (5 programs, 13 blocks of
+    256, the last one partial: three rounds, two programs' third blocks past the end): dx exact, dp
+    and ds within a fp32 sum's error of fp64 sums, the same bits from run to run, only the
+    requested gradients."""
     from qdarts_kernels.triton import mixed_fake_quant as mfq
 
     monkeypatch.setattr(mfq, "REDUCE_PROGRAMS", 5)  # under the interpreter
     monkeypatch.setattr(mfq, "_persistent_wave", lambda *args: 5)  # compiled, on a GPU
     gen = torch.Generator().manual_seed(len(bits))
-    x = torch.randn(3000, generator=gen) * 2
-    g = torch.randn(3000, generator=gen)
+    x = torch.randn(3200, generator=gen) * 2
+    g = torch.randn(3200, generator=gen)
     k = len(bits)
     probs = torch.softmax(torch.randn(k, generator=gen), 0)
     scales = 0.05 + 0.3 * torch.rand(k, generator=gen)
@@ -334,6 +338,7 @@ def test_per_tensor_backward_over_several_rounds(monkeypatch, bits, grid, needs)
     (16, 32, 0, 2),      # at most 2048 threads
     (255, 8, 0, 1),      # one block, whatever it takes
     (32, 4, 48 * 1024, 4),  # 48 KiB of shared memory (and 1 KiB reserved) a block: 4 in 228 KiB
+    (65, 4, 16, 7),      # 2080 registers a warp rounded up to 2304: 28 warps (not the 32 of 2048)
 ], ids=str)
 def test_programs_per_sm_counts_as_the_occupancy_calculator(n_regs, num_warps, shared, expected):
     from qdarts_kernels.triton._common import programs_per_sm

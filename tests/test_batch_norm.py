@@ -215,6 +215,18 @@ def test_cpp_kernels_same_bits_for_any_thread_count():
 
 
 @needs_cpp
+@pytest.mark.parametrize("offset", [1e4, 1000.3], ids=str)
+def test_cpp_running_mean_takes_the_fp64_mean(offset):
+    """The mean that updates running_mean is fp32's rounded mean plus the fp64 sum of x - m over M
+    (the corrected two-pass formula): the update equals the one from the fp64 mean, to the last bit."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 16, 9, 11, generator=gen) * 0.1 + offset
+    rm, rv = torch.ones(16), torch.ones(16)
+    torch.ops.qdarts_C.batch_norm_train_forward(x, rm, rv, 0.1, 1e-5)
+    assert torch.equal(rm, (0.9 + 0.1 * x.double().mean(dim=(0, 2, 3))).float())
+
+
+@needs_cpp
 def test_cpp_kernels_take_non_contiguous_inputs():
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(5, 9, 3, 4, generator=gen).transpose(0, 1)  # [9, 5, 3, 4], channels not planes apart

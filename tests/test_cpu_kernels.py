@@ -18,6 +18,7 @@ import torch
 
 import qdarts_kernels as qk
 from qdarts_kernels import reference as ref
+from qdarts_kernels._validation import GRIDS, grid_params
 
 if "cpu" not in qk.available_backends():
     pytestmark = pytest.mark.skip(reason="qdarts_kernels._C (the C++ CPU kernels) is not built")
@@ -260,6 +261,8 @@ def test_same_bits_on_every_instruction_set(tmp_path):
     whatever the vector width (csrc/cpu/simd.h)."""
     native = qk.cpu_kernels.info()["isa"]
     levels = ["baseline", "avx2", "avx512"]
+    if native not in levels:
+        pytest.skip(f"the x86 instruction sets only (this CPU runs {native})")
     runs = {}
     for level in levels[: levels.index(native) + 1]:
         out = tmp_path / f"{level}.pt"
@@ -273,6 +276,31 @@ def test_same_bits_on_every_instruction_set(tmp_path):
         for got, want in zip(run["results"], runs[native]["results"]):
             for a, b in zip(got, want):
                 assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), level
+
+
+_LANE_ORDER_CHILD = r"""
+import torch, qdarts_kernels as qk
+o = torch.zeros(16)
+o[1], o[2], o[8] = 2.0**60, -(2.0**60), 1.0  # lane 8's 1 survives only if lanes 1 and 2 cancel first
+ol, w = o.clone().requires_grad_(), torch.ones(1, requires_grad=True)
+qk.mixed_op_sum([ol], w, backend="cpu").backward(torch.ones(16))
+print(qk.cpu_kernels.info()["isa"], w.grad.item())
+"""
+
+
+@pytest.mark.slow  # subprocesses, one per instruction set
+def test_lane_sums_add_in_position_order_on_every_instruction_set():
+    """Position j's term goes to lane j mod 16 and the lanes are added in order (csrc/cpu/simd.h) on
+    every vector width: terms that cancel only in that order give the same sum everywhere."""
+    native = qk.cpu_kernels.info()["isa"]
+    levels = ["baseline", "avx2", "avx512"]
+    if native not in levels:
+        pytest.skip(f"the x86 instruction sets only (this CPU runs {native})")
+    for level in levels[: levels.index(native) + 1]:
+        done = subprocess.run([sys.executable, "-c", _LANE_ORDER_CHILD], env={**os.environ, "QDARTS_CPU_ISA": level},
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.split() == [level, "1.0"]
 
 
 @pytest.mark.slow  # subprocesses
@@ -308,6 +336,19 @@ def test_output_cache_reuses_freed_outputs():
     # small outputs do not go through the cache
     qk.mixed_fake_quant(torch.randn(1000), torch.ones(1), torch.ones(1), (4,), backend="cpu")
     assert qk.cpu_kernels.info()["cache"]["cached_bytes"] == 0
+
+
+def test_output_cache_hit_takes_the_buffer_out_of_the_cached_bytes():
+    qk.cpu_kernels.empty_cache()
+    x = torch.randn(1 << 20)
+    y = qk.mixed_fake_quant(x, torch.ones(1), torch.ones(1), (4,), backend="cpu")
+    del y
+    assert qk.cpu_kernels.info()["cache"]["cached_bytes"] == x.nbytes
+    y = qk.mixed_fake_quant(x, torch.ones(1), torch.ones(1), (4,), backend="cpu")  # a hit: nothing left cached
+    assert qk.cpu_kernels.info()["cache"]["cached_bytes"] == 0
+    del y
+    assert qk.cpu_kernels.info()["cache"]["cached_bytes"] == x.nbytes
+    qk.cpu_kernels.empty_cache()
 
 
 def test_profiler_memory_view_counts_cached_outputs():
@@ -350,6 +391,33 @@ def test_rounding_matches_torch_round_over_the_16_bit_range():
         yr = ref.mixed_fake_quant(x, torch.ones(1), torch.ones(1), (16,), grid=grid)
         assert torch.equal(y, yr)
         assert torch.equal(torch.signbit(y), torch.signbit(yr))
+
+
+@pytest.mark.parametrize("grid", ["signed", "unsigned", "midrise", "relu"])
+def test_gradient_mask_at_the_clip_ties(grid):
+    """in = (qmin <= round(v) <= qmax) at v = qmin - 0.5 and qmax + 0.5, where the tie rounds to even
+    (in_range_bounds, csrc/quant_math.h): inside exactly when the bound is even; and just inside them."""
+    for bits in (1, 2, 3, 4, 5, 8):
+        qmin, qmax, z = grid_params(GRIDS[grid], bits)
+        v = torch.tensor([qmin - 0.5, qmax + 0.5], dtype=torch.float32)
+        v = torch.cat([v, torch.nextafter(v, torch.zeros(2) + (qmin + qmax) / 2)])
+        x = (v - z).requires_grad_()
+        xr = x.detach().clone().requires_grad_()
+        qk.mixed_fake_quant(x, torch.ones(1), torch.ones(1), (bits,), grid=grid, backend="cpu").sum().backward()
+        ref.mixed_fake_quant(xr, torch.ones(1), torch.ones(1), (bits,), grid=grid).sum().backward()
+        assert torch.equal(x.grad, xr.grad), (bits, v, x.grad, xr.grad)
+
+
+def test_relu_grid_keeps_nan_and_signed_zero():
+    """The relu grid quantizes torch.relu(x), which keeps NaN (and -0.0): NaN in, NaN out, as the
+    reference, in the span path and in the table path."""
+    special = torch.tensor([float("nan"), -0.0, 0.0, -1.0, 1.3, float("inf"), -float("inf"), 0.2])
+    for shape, axis, scales in (((40,), None, torch.tensor([0.1, 0.3])), ((5, 8), 1, torch.full((2, 8), 0.1))):
+        x = special.repeat(5)[: math.prod(shape)].reshape(shape)
+        y = qk.mixed_fake_quant(x, torch.tensor([0.25, 0.75]), scales, (2, 4), grid="relu", axis=axis, backend="cpu")
+        yr = ref.mixed_fake_quant(x, torch.tensor([0.25, 0.75]), scales, (2, 4), grid="relu", axis=axis)
+        torch.testing.assert_close(y, yr, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(torch.signbit(y), torch.signbit(yr)) and y.isnan().sum() == 5
 
 
 # --------------------------------------------------------------------------------------------------

@@ -266,6 +266,19 @@ def test_cli_writes_results_report_plots_and_readme(tmp_path, monkeypatch, capsy
     assert results["host_allocator_settled"] and "settle_host_allocator" in text
 
 
+def test_readme_section_has_one_part_per_results_file_under_its_own_heading(capsys):
+    """The section goes under the README's "## Performance": one "###" part per results file given (the CPU
+    and the GPU figures side by side), and the report's own "##" headings (the end-to-end step) one level
+    below their part, so that nothing of the section starts a new "##" chapter of the README."""
+    results = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")
+    files = [os.path.join(results, name) for name in ("cpu-2026-11-29.json", "h100-2026-11-27.json")]
+    assert readme.main(files) == 0
+    headings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("#")]
+    assert [h for h in headings if h.startswith("### ")] == [
+        f"### {report.read_json(f)['env']['device']} (`{f}`)" for f in files]
+    assert [h for h in headings if not h.startswith("###")] == ["## Performance"], headings
+    assert sum(h.startswith("#### End to end") for h in headings) == 2, headings
+
 def test_batch_norm_case_implementations_agree_with_pytorchs():
     case = OpCase("batch_norm", "-", (3, 4, 5, 5))
     assert case.id == "batch_norm-3x4x5x5-fp32" and case.min_traffic_bytes("forward+backward") == 20 * case.numel

@@ -102,6 +102,11 @@ def distinct_bits(bits, name: str = "bits") -> Tuple[int, ...]:
 def _check_tensor(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    # the kernels index memory by strides: a sparse or nested tensor would fail deep inside them, or in
+    # the reference's arithmetic, with a message naming neither the argument nor its layout
+    if t.layout is not torch.strided or t.is_nested:
+        raise TypeError(f"{name} must be a dense tensor (torch.strided layout), got "
+                        f"{'a nested tensor' if t.is_nested else t.layout}")
 
 
 def _check_float(t: torch.Tensor, name: str, allow_double: bool = True) -> None:
@@ -147,13 +152,20 @@ def check_scale_values(scales: torch.Tensor, name: str = "scales", fp64_math: bo
         lo_hi = [lo.item(), hi.item()]
     if all(SMALLEST_SCALE <= v < math.inf for v in lo_hi):
         return
-    if not bool(torch.isfinite(s).all()):
-        raise ValueError(f"{name} must be finite, got {s.flatten()[: 8].tolist()}{as_fp32}")
-    lowest = float(s.min())
-    if lowest <= 0:
-        raise ValueError(f"{name} must be > 0, got min {lowest}")
+    not_finite = ~torch.isfinite(s)
+    if bool(not_finite.any()):
+        raise ValueError(f"{name} must be finite, got {_first_where(s, not_finite, name)}{as_fp32}")
+    if bool((s <= 0).any()):
+        raise ValueError(f"{name} must be > 0, got {_first_where(s, s <= 0, name)}")
     raise ValueError(f"{name} must be >= 2**-126 (the smallest normal float32; 1 / scale overflows below it), "
-                     f"got min {lowest}")
+                     f"got {_first_where(s, s < SMALLEST_SCALE, name)}")
+
+
+def _first_where(s: torch.Tensor, mask: torch.Tensor, name: str) -> str:
+    """``name[i, j] = value`` for the first element of ``s`` where ``mask`` holds (in memory order of a
+    contiguous tensor): with thousands of per-channel scales, the one to look at."""
+    index = tuple(int(i) for i in mask.nonzero()[0])
+    return f"{name}{list(index) if index else ''} = {s[index].item()}"
 
 
 def check_mixed_fake_quant(
@@ -234,6 +246,7 @@ def check_mixed_fake_quant_grouped(
     if isinstance(probs, torch.Tensor):
         # one check of the whole [N, K] tensor: splitting it into N rows only to check each costs the
         # search step some 50 ms of autograd views
+        _check_tensor(probs, "probs")
         if probs.dim() != 2 or probs.shape[0] != n or probs.shape[1] != len(bits):
             raise ValueError(f"probs as one tensor must have shape [{n}, {len(bits)}] (one row per x, one "
                              f"probability per bit-width), got {list(probs.shape)}")
@@ -279,6 +292,7 @@ def check_mixed_op_sum(outputs, weights: torch.Tensor) -> Sequence[torch.Tensor]
     """Validate ``mixed_op_sum`` arguments; returns the outputs as a list of tensors."""
     _check_tensor(weights, "weights")
     if isinstance(outputs, torch.Tensor):
+        _check_tensor(outputs, "outputs")
         if outputs.dim() < 1:
             raise ValueError("outputs as one tensor must be stacked along dim 0 (shape [K, ...])")
         outputs = list(outputs.unbind(0))

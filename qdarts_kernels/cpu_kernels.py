@@ -22,6 +22,8 @@ from . import _backends
 
 #: Values of QDARTS_CPU_ISA (csrc/cpu/simd.h reads it at the first kernel call).
 ISA_NAMES = ("avx512", "avx2", "baseline")
+#: The most QDARTS_CPU_CACHE_MB takes: output_cache.cpp keeps the limit in bytes, an int64.
+MAX_CACHE_MB = (2**63 - 1) >> 20
 
 
 def check_environment() -> None:
@@ -32,8 +34,8 @@ def check_environment() -> None:
     if isa is not None and isa not in ISA_NAMES:
         raise ValueError(f"QDARTS_CPU_ISA must be {', '.join(ISA_NAMES[:-1])} or {ISA_NAMES[-1]}, got {isa!r}")
     cache_mb = os.environ.get("QDARTS_CPU_CACHE_MB") or None
-    if cache_mb is not None and not (cache_mb.isascii() and cache_mb.isdigit()):
-        raise ValueError(f"QDARTS_CPU_CACHE_MB must be a whole number of MiB >= 0, got {cache_mb!r}")
+    if cache_mb is not None and not (cache_mb.isascii() and cache_mb.isdigit() and int(cache_mb) <= MAX_CACHE_MB):
+        raise ValueError(f"QDARTS_CPU_CACHE_MB must be a whole number of MiB in [0, {MAX_CACHE_MB}], got {cache_mb!r}")
 
 
 def _ops():

@@ -101,6 +101,40 @@ def test_output_of_wrong_type_in_list(value):
         _mos(outputs=[X, value])
 
 
+#: Tensors the kernels cannot index by strides, by how they are made from a dense one
+NOT_DENSE = {
+    "sparse_coo": lambda t: t.to_sparse(),
+    "sparse_csr": lambda t: t.reshape(t.shape[0], -1).to_sparse_csr(),
+    "nested": lambda t: torch.nested.nested_tensor(list(t.reshape(t.shape[0], -1))),
+}
+
+
+@pytest.mark.filterwarnings("ignore:.*(Sparse CSR tensor support|nested tensors).*:UserWarning")
+@pytest.mark.parametrize("layout", list(NOT_DENSE))
+@pytest.mark.parametrize("op,arg", [("mixed_fake_quant", "x"), ("mixed_fake_quant", "probs"),
+                                    ("mixed_fake_quant", "scales"), ("fake_quant", "x"), ("fake_quant", "scale"),
+                                    ("mixed_op_sum", "weights"), ("mixed_op_sum", "outputs"),
+                                    ("mixed_op_sum", "outputs[1]"), ("grouped", "probs")])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_a_sparse_or_nested_tensor_is_refused_by_name(op, arg, layout, backend):
+    """Not an error from deep in a kernel or in the reference's arithmetic (`unsupported memory format
+    option`, `Cannot access data pointer`, a dispatcher's NotImplementedError): one naming the argument."""
+    require_backend(backend, "cpu")
+    make = NOT_DENSE[layout]
+    if op == "grouped":  # the grouped op's probabilities as one [N, K] tensor
+        call = functools.partial(qk.mixed_fake_quant_grouped, [X, X], make(torch.stack([P2, P2])), [S2, S2], (2, 4))
+    elif arg == "outputs":  # the outputs as one stacked tensor
+        call = functools.partial(_mos, outputs=make(torch.stack([X, X])))
+    elif arg == "outputs[1]":
+        call = functools.partial(_mos, outputs=[X, make(X)])
+    else:
+        call = functools.partial(OPS[op], **{arg: make({"x": X, "probs": P2, "scales": S2, "scale": S1,
+                                                         "weights": P2}[arg])})
+    name = re.escape(arg)
+    with pytest.raises(TypeError, match=rf"^{name} must be a dense tensor \(torch.strided layout\), got "):
+        call(backend=backend)
+
+
 @pytest.mark.parametrize(
     "op,kwargs,match",
     [

@@ -87,6 +87,7 @@ def test_bad_search_option(args, match, tmp_path, capsys):
     ("QDARTS_BACKEND", "cuda", "QDARTS_BACKEND (environment) 'cuda'"),  # not built here, or not on --device cpu
     ("QDARTS_CPU_ISA", "sse9", "QDARTS_CPU_ISA must be"),
     ("QDARTS_CPU_CACHE_MB", "-3", "QDARTS_CPU_CACHE_MB must be"),
+    ("QDARTS_CPU_CACHE_MB", str(2**43), "QDARTS_CPU_CACHE_MB must be"),  # its bytes past an int64
 ], ids=str)
 @pytest.mark.parametrize("command", ["search", "train", "bench"])
 def test_bad_kernel_environment_variable(variable, value, match, command, finished_search, tmp_path, capsys,

@@ -19,6 +19,7 @@ import torch
 import qdarts_kernels as qk
 from qdarts_kernels import reference as ref
 from qdarts_kernels._validation import GRIDS, grid_params
+from qdarts_kernels.cpu_kernels import MAX_CACHE_MB
 
 if "cpu" not in qk.available_backends():
     pytestmark = pytest.mark.skip(reason="qdarts_kernels._C (the C++ CPU kernels) is not built")
@@ -372,11 +373,21 @@ print(qk.cpu_kernels.info()["cache"])
 
 
 @pytest.mark.slow  # a subprocess each
-@pytest.mark.parametrize("value,expect", [("0", "'hits': 0"), ("lots", "QDARTS_CPU_CACHE_MB must be a whole number")])
+@pytest.mark.parametrize("value,expect", [
+    ("0", "'hits': 0"),
+    ("lots", "QDARTS_CPU_CACHE_MB must be a whole number"),
+    # the most MiB whose bytes an int64 holds; one more wrapped round to a negative limit (the cache off),
+    # and a number past long long's range read as its maximum, also wrapped round
+    (str(MAX_CACHE_MB), f"'limit_bytes': {MAX_CACHE_MB << 20}"),
+    (str(MAX_CACHE_MB + 1), f"QDARTS_CPU_CACHE_MB must be a whole number of MiB in [0, {MAX_CACHE_MB}]"),
+    ("18446744073709551615", f"QDARTS_CPU_CACHE_MB must be a whole number of MiB in [0, {MAX_CACHE_MB}]"),
+])
 def test_output_cache_switch(value, expect):
+    """The kernels' own reading of the variable (check_environment, the CLI's early check, is not called
+    here)."""
     env = {**os.environ, "QDARTS_CPU_CACHE_MB": value}
     done = subprocess.run([sys.executable, "-c", _CACHE_CHILD], env=env, capture_output=True, text=True, timeout=300)
-    assert expect in done.stdout + done.stderr
+    assert expect in done.stdout + done.stderr, done.stdout + done.stderr
     if value == "0":
         assert "'cached_bytes': 0" in done.stdout
 

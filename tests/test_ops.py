@@ -1,6 +1,7 @@
 """The public ops as PyTorch operators: opcheck, torch.compile, gradcheck, backend choice, bad input."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -373,10 +374,25 @@ def test_float64_scales_are_checked_as_the_kernels_take_them():
     range is inf to them, and refused; with fp64 x it is a finite scale."""
     scales = torch.tensor([0.1, 1e39], dtype=torch.float64)
     for backend in CPU_SIDE_BACKENDS:
-        with pytest.raises(ValueError, match=r"scales must be finite, got \[0.1.*, inf\] \(as float32"):
+        with pytest.raises(ValueError, match=r"scales must be finite, got scales\[1\] = inf \(as float32"):
             qk.mixed_fake_quant(X, P2, scales, (2, 4), backend=backend)
     y = qk.mixed_fake_quant(X.double(), P2.double(), scales, (2, 4))
     torch.testing.assert_close(y, ref.mixed_fake_quant(X.double(), P2.double(), scales, (2, 4)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad,match", [(float("nan"), "must be finite"), (float("-inf"), "must be finite"),
+                                       (0.0, "must be > 0"), (-0.5, "must be > 0"),
+                                       (2.0 ** -130, "must be >= 2\\*\\*-126")])
+def test_a_bad_scale_among_many_is_named_by_its_index(bad, match):
+    """With thousands of per-channel scales (a layer diverging in a user's own training loop), the error
+    names the first bad one and its value: the first few scales, all good, would say nothing."""
+    x = torch.randn(5, 3000)
+    scales = torch.full((2, 3000), 0.1)
+    scales[1, 2999] = 1e-40  # a later bad one, of the last kind, that the message must not name instead
+    scales[1, 2345] = bad
+    for backend in CPU_SIDE_BACKENDS:
+        with pytest.raises(ValueError, match=rf"scales {match}.*, got scales\[1, 2345\] = {re.escape(str(bad))}$"):
+            qk.mixed_fake_quant(x, P2, scales, (2, 4), axis=1, backend=backend)
 
 
 def test_torch_compile_inductor():

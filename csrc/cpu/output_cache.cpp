@@ -9,6 +9,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <unordered_map>
 
@@ -18,14 +19,16 @@ namespace {
 
 // Alignment of the cached buffers: a cache line, and enough for any vector load.
 constexpr size_t kAlignment = 64;
+constexpr long long kMaxCacheMb = std::numeric_limits<int64_t>::max() >> 20;
 
 int64_t limit_from_environment() {
   const char* text = std::getenv("QDARTS_CPU_CACHE_MB");
   if (text == nullptr || *text == '\0') return int64_t{1024} << 20;
   char* end = nullptr;
-  const long long mb = std::strtoll(text, &end, 10);
-  TORCH_CHECK(end != nullptr && *end == '\0' && mb >= 0,
-              "QDARTS_CPU_CACHE_MB must be a whole number of MiB >= 0, got '", text, "'");
+  const long long mb = std::strtoll(text, &end, 10);  // LLONG_MAX where the number is too long
+  // the limit is kept in bytes, an int64: more MiB would wrap round (to a negative or small limit)
+  TORCH_CHECK(end != nullptr && *end == '\0' && mb >= 0 && mb <= kMaxCacheMb,
+              "QDARTS_CPU_CACHE_MB must be a whole number of MiB in [0, ", kMaxCacheMb, "], got '", text, "'");
   return static_cast<int64_t>(mb) << 20;
 }
 

@@ -26,7 +26,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import fields, replace
-from typing import IO, Any, Callable, Collection, Dict, Iterator, List, Mapping, Optional, Tuple, TypeVar
+from typing import IO, Any, Callable, Collection, Dict, Iterator, List, Mapping, Optional, Tuple, Type, TypeVar
 
 import numpy as np
 import torch
@@ -76,19 +76,23 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> N
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        # a Ctrl-C inside torch.save comes back as the RuntimeError its zip writer's clean-up raises
-        # then ("unexpected pos ..."), the KeyboardInterrupt only its context: give it back as such
-        interrupt = _interrupt_behind(e)
+        # a Ctrl-C or a failed write (a full disk) inside torch.save comes back as the RuntimeError its
+        # zip writer's clean-up raises then ("unexpected pos ..."), the real cause only its context:
+        # give back the interrupt as such, and the write's error naming the file
+        interrupt = _error_behind(e, KeyboardInterrupt)
         if interrupt is not None and interrupt is not e:
             raise interrupt from None
+        failed = _error_behind(e, OSError)
+        if failed is not None and failed.filename is None and failed.errno is not None:
+            raise OSError(failed.errno, failed.strerror, path) from None
         raise
 
 
-def _interrupt_behind(error: BaseException) -> Optional[KeyboardInterrupt]:
-    """The KeyboardInterrupt that ``error`` is, or that it was raised while handling, if any."""
+def _error_behind(error: BaseException, kind: Type[BaseException]) -> Optional[BaseException]:
+    """The ``kind`` error that ``error`` is, or that it was raised while handling, if any."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, KeyboardInterrupt):
+        if isinstance(error, kind):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__

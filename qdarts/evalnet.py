@@ -42,13 +42,21 @@ class EvalCell(nn.Module):
             return ConvMaker(pairs=pairs, quantizer=genotype.quantizer, act_grid=genotype.act_grid, backend=backend,
                              searched_bits=genotype.bit_choices)
 
-        m0, m1 = maker(bits.preprocess0), maker(bits.preprocess1)
-        self.preprocess0 = m0.finish(FactorizedReduce(C_pp, C, m0) if reduction_prev else ReLUConvBN(C_pp, C, 1, 1, 0, m0))
-        self.preprocess1 = m1.finish(ReLUConvBN(C_p, C, 1, 1, 0, m1))
+        def built(where, build, pairs):
+            # a hand-edited genotype's bit pairs that do not fit: say which ones
+            try:
+                return build(maker(pairs))
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from None
+
+        self.preprocess0 = built("preprocess0", lambda m: m.finish(
+            FactorizedReduce(C_pp, C, m) if reduction_prev else ReLUConvBN(C_pp, C, 1, 1, 0, m)), bits.preprocess0)
+        self.preprocess1 = built("preprocess1", lambda m: m.finish(ReLUConvBN(C_p, C, 1, 1, 0, m)), bits.preprocess1)
         edges = genotype.edges(reduction)
         self.ops = nn.ModuleList(
-            build_op(e.op, C, 2 if reduction and e.input < 2 else 1, maker(pairs))
-            for e, pairs in zip(edges, bits.edges))
+            built(f"edge {j} ({e.op}, input {e.input} to node {e.node})",
+                  lambda m, e=e: build_op(e.op, C, 2 if reduction and e.input < 2 else 1, m), pairs)
+            for j, (e, pairs) in enumerate(zip(edges, bits.edges)))
         self.edges = [(e.node, e.input) for e in edges]
         self.concat = list(genotype.reduce_concat if reduction else genotype.normal_concat)
         self.steps = max(n for n, _ in self.edges) - 1
@@ -108,7 +116,11 @@ class EvalNetwork(nn.Module):
             if reduction:
                 c_curr *= 2
             bits = genotype.cell_bits_for(i, layers)
-            cell = EvalCell(genotype, bits, C_pp, C_p, c_curr, reduction, reduction_prev, fp32, backend)
+            try:
+                cell = EvalCell(genotype, bits, C_pp, C_p, c_curr, reduction, reduction_prev, fp32, backend)
+            except ValueError as error:  # the edges' own cell in the genotype file, and the network's
+                raise ValueError(f"the genotype's cell {genotype.searched_cell_for(i, layers)} (for cell {i} of "
+                                 f"the network): {error}") from None
             self.cells.append(cell)
             reduction_prev = reduction
             C_pp, C_p = C_p, cell.multiplier * c_curr

@@ -90,7 +90,21 @@ class Genotype:
         return self.reduce if reduction else self.normal
 
     def cell_bits_for(self, index: int, layers: int) -> CellBits:
-        """Bits for cell ``index`` of a network with ``layers`` cells (reductions at :func:`reduction_cells`).
+        """Bits for cell ``index`` of a network with ``layers`` cells: those of the genotype's cell
+        that :meth:`searched_cell_for` chooses.
+
+        When the chosen cell's preprocess0 has another conv count, its pairs are fitted: one conv
+        takes the wider bits of the two (the larger act and the larger weight bits, so that neither
+        half of the input gets fewer bits than the search chose), two convs both take the one pair.
+        """
+        chosen = self.cells[self.searched_cell_for(index, layers)]
+        reduction_prev = _cell_layout(layers)[index][2]
+        return CellBits(chosen.reduction, _fit_pairs(chosen.preprocess0, 2 if reduction_prev else 1),
+                        chosen.preprocess1, chosen.edges)
+
+    def searched_cell_for(self, index: int, layers: int) -> int:
+        """The index of the genotype's cell that gives its bits to cell ``index`` of a network with
+        ``layers`` cells (reductions at :func:`reduction_cells`).
 
         The cells of a network are in stages: the normal cells before, between and after the
         reduction cells, each reduction cell a stage of its own. Cell ``index`` takes the bits of the
@@ -100,15 +114,11 @@ class Genotype:
         of the same type and stage; then of the same type and ``reduction_prev`` in any stage; then of
         the same type anywhere. A network of the searched depth so takes each searched cell's own bits.
 
-        When the chosen cell's preprocess0 has another conv count, its pairs are fitted: one conv
-        takes the wider bits of the two (the larger act and the larger weight bits, so that neither
-        half of the input gets fewer bits than the search chose), two convs both take the one pair.
-
         Raises ``ValueError`` when the genotype has no searched cell of the type the network needs (a
         1- or 2-cell search has reduction cells only, and a network of 3 or more cells has normal ones).
         """
         searched, wanted = _cell_layout(len(self.cells)), _cell_layout(layers)
-        reduction, _, reduction_prev = wanted[index]
+        reduction = wanted[index][0]
         for key in (lambda c: c, lambda c: c[:2], lambda c: (c[0], c[2]), lambda c: c[0]):
             candidates = [i for i, c in enumerate(searched) if key(c) == key(wanted[index])]
             if candidates:
@@ -119,9 +129,7 @@ class Genotype:
                              f"searched cells: {kinds or 'none'}), which a network of {layers} cells needs: "
                              "retrain it with --layers 1 or 2, or search with --layers >= 3")
         group = [j for j, c in enumerate(wanted) if key(c) == key(wanted[index])]
-        chosen = self.cells[candidates[group.index(index) * len(candidates) // len(group)]]
-        return CellBits(chosen.reduction, _fit_pairs(chosen.preprocess0, 2 if reduction_prev else 1),
-                        chosen.preprocess1, chosen.edges)
+        return candidates[group.index(index) * len(candidates) // len(group)]
 
     # ------------------------------------------------------------------ JSON
 

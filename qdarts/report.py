@@ -107,8 +107,8 @@ def write_search_report(out_dir: str, config, history: List[Dict[str, Any]], gen
         genotype.describe(),
         "```",
         "",
-        "Files: genotype.json (retrain with `qdarts train --genotype genotype.json --out DIR`), history.json, "
-        + ", ".join(PLOTS if plots else ()) + ", checkpoint.pt.",
+        "Files: genotype.json (retrain with `qdarts train --genotype genotype.json --out DIR`), "
+        + ", ".join(["history.json", *(PLOTS if plots else ()), "checkpoint.pt"]) + ".",
         "",
         "<details><summary>config</summary>",
         "",

@@ -120,7 +120,8 @@ class SearchConfig:
         need(self.layers >= 1, f"layers must be >= 1, got {self.layers}")
         need(self.channels >= 1, f"channels must be >= 1, got {self.channels}")
         need(self.steps >= 2, f"steps (intermediate nodes per cell) must be >= 2, got {self.steps}")
-        need(self.partial_channels >= 1 and self.channels % self.partial_channels == 0,
+        need(self.partial_channels >= 1, f"partial_channels must be >= 1, got {self.partial_channels}")
+        need(self.channels % self.partial_channels == 0,
              f"channels ({self.channels}) must be divisible by partial_channels ({self.partial_channels})")
         need(self.quantizer in QUANTIZERS, f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
         need(self.act_grid in ACT_GRIDS, f"act_grid must be one of {ACT_GRIDS}, got {self.act_grid!r}")

@@ -6,6 +6,7 @@ them. On the GPU machine the same tests run the compiled Triton and CUDA kernels
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -128,3 +129,10 @@ def pytest_unconfigure(config):
 def compile_cuda(request) -> CompileCuda:
     """The run started beside the other tests, or else one started now."""
     return request.config.stash.get(_compile_cuda_key, None) or CompileCuda()
+
+
+def files_named_by_the_summary(folder):
+    """The names on summary.md's "Files:" line, without their parenthesised notes."""
+    line = next(line for line in (folder / "summary.md").read_text().splitlines() if line.startswith("Files: "))
+    return [re.sub(r" \(.*\)$", "", name) for name in line[len("Files: "):].rstrip(".").split(", ")]
+

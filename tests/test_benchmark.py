@@ -434,6 +434,15 @@ def test_graphed_steps_time_the_fused_ops_and_with_quick_replace_the_eager_matri
     assert "qdarts bench: error: --cuda-graph-end-to-end needs --device cuda" in capsys.readouterr().err
 
 
+def test_skipping_both_parts_without_append_is_refused(tmp_path, capsys):
+    """Both parts skipped measure nothing: an empty report is refused before --out is made (with --append
+    the run writes the report of the figures kept in --out again)."""
+    out = tmp_path / "out"
+    assert cli.main(["--device", "cpu", "--skip-kernels", "--skip-end-to-end", "--out", str(out)]) == 2
+    assert "qdarts bench: error: --skip-kernels with --skip-end-to-end leaves nothing" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_end_to_end_saves_after_each_configuration_and_reports_steps_per_second(monkeypatch):
     tiny_bits24 = endtoend.replace(TINY_SUPERNET, name="tiny-bits24", bits=(2, 4))
     monkeypatch.setattr(endtoend, "plan",

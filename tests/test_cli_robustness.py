@@ -65,6 +65,7 @@ def _refused(argv, capsys, *, match, code=2):
     (["--threads", "0"], "--threads"),
     (["--threads", "99999999999"], "--threads must be in [1, 2**31 - 1]"),
     (["--channels", "6", "--partial-channels", "4"], "partial_channels"),
+    (["--partial-channels", "0"], "partial_channels must be >= 1, got 0"),  # not "divisible by 0"
     (["--data", "cifar10"], "--data-dir is required"),
     (["--data-dir", "somewhere"], "somewhere') is read for data 'cifar10' only, and data is 'synthetic'"),
     (["--lambda", "inf"], "--lambda"),
@@ -539,6 +540,16 @@ def _search_setting(name, value):
     return lambda g: _genotype_text(g, lambda d: {**d, "search": {**d["search"], name: value}})
 
 
+def _edge_pairs(change):
+    """The genotype with ``change`` applied to the bit pairs of its first edge that has convs."""
+    def edit(d):
+        edges = [list(e) for e in d["cells"][0]["edges"]]
+        j = next(j for j, e in enumerate(edges) if e)
+        edges[j] = change(edges[j])
+        return {**d, "cells": [{**d["cells"][0], "edges": edges}, *d["cells"][1:]]}
+    return lambda g: _genotype_text(g, edit)
+
+
 GENOTYPE_CASES = {
     "missing": (None, "does not exist"),
     "empty": (lambda g: "", "not valid JSON"),
@@ -571,6 +582,11 @@ GENOTYPE_CASES = {
     "pairs_per_conv": (lambda g: _genotype_text(g, lambda d: {**d, "cells": [{**c, "preprocess1": [[2, 2]] * 2}
                                                                              for c in d["cells"]]}),
                        "2 preprocess1 bit pairs"),
+    # the edge's own place named, as for the other pair errors: in the file, and in the network
+    "edge_pairs_short": (_edge_pairs(lambda pairs: pairs[:-1]),
+                         "the genotype's cell 0 (for cell 0 of the network): edge "),
+    "edge_pairs_long": (_edge_pairs(lambda pairs: pairs + [[2, 2]]),
+                        "the genotype's cell 0 (for cell 0 of the network): edge "),
     "bits_32": (lambda g: _genotype_text(g, lambda d: {**d, "cells": [{**c, "preprocess1": [[32, 2]]}
                                                                       for c in d["cells"]]}), "outside 1..16"),
     # a hand-edited non-integer is refused, not truncated to one
@@ -634,42 +650,71 @@ def test_ctrl_c_ends_with_a_resume_hint_and_no_traceback(tmp_path, capsys, monke
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err
 
 
+class _FailingFile:
+    """A file whose third write raises ``error``: a Ctrl-C, or a disk filling up, while torch.save writes."""
+
+    def __init__(self, f, error):
+        self.f, self.error, self.writes = f, error, 0
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes == 3:
+            raise self.error
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.f.__exit__(*exc)
+
+
+def _writes_fail_with(error, monkeypatch):
+    from qdarts import checkpoint
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode, *a: _FailingFile(real_fdopen(fd, mode, *a), error))
+
+
 def test_ctrl_c_while_torch_save_writes_a_checkpoint_stays_an_interrupt(tmp_path, monkeypatch, capsys):
     """A Ctrl-C inside torch.save comes back from it as the RuntimeError of its zip writer's clean-up;
     atomic_write gives back the KeyboardInterrupt (so the CLI prints its resume hint, exit 130), keeps
     the file that was there and leaves no temporary."""
     from qdarts import checkpoint
 
-    real_fdopen = os.fdopen
-
-    class InterruptedFile:
-        def __init__(self, f):
-            self.f, self.writes = f, 0
-
-        def write(self, data):
-            self.writes += 1
-            if self.writes == 3:  # the user presses Ctrl-C while the file is being written
-                raise KeyboardInterrupt
-            return self.f.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
     path = tmp_path / "state.pt"
     path.write_bytes(b"the previous checkpoint")
-    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode, *a: InterruptedFile(real_fdopen(fd, mode, *a)))
+    _writes_fail_with(KeyboardInterrupt(), monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.atomic_write(str(path), lambda f: torch.save({"w": torch.zeros(1000)}, f))
     assert path.read_bytes() == b"the previous checkpoint" and os.listdir(tmp_path) == ["state.pt"]
     assert cli.main(["search", *TINY, "--out", str(tmp_path / "out")]) == 130  # the first checkpoint write
     err = capsys.readouterr().err
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err, err
+
+
+def test_a_full_disk_while_torch_save_writes_a_checkpoint_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    """torch.save turns a failed write into its zip writer's "unexpected pos 64 vs 0"; atomic_write gives
+    back the write's own error with the file's name, which the CLI prints as one line (exit 1), keeping
+    the file that was there and leaving no temporary."""
+    from qdarts import checkpoint
+
+    path = tmp_path / "state.pt"
+    path.write_bytes(b"the previous checkpoint")
+    _writes_fail_with(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), monkeypatch)
+    with pytest.raises(OSError) as failed:
+        checkpoint.atomic_write(str(path), lambda f: torch.save({"w": torch.zeros(1000)}, f))
+    assert (failed.value.errno, failed.value.filename) == (errno.ENOSPC, str(path))
+    assert failed.value.__suppress_context__  # not chained to the zip writer's RuntimeError
+    assert path.read_bytes() == b"the previous checkpoint" and os.listdir(tmp_path) == ["state.pt"]
+    out = tmp_path / "out"
+    assert cli.main(["search", *TINY, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"qdarts search: error: [Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}: " \
+                          f"{str(out / CHECKPOINT)!r}", err
 
 
 def test_resume_where_there_is_nothing_to_resume_starts_a_new_run_with_a_note(finished_search, tmp_path, capsys):

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -14,7 +15,7 @@ import time
 import pytest
 import torch
 
-from qdarts.checkpoint import PAUSE_BEFORE_REPLACE_ENV
+from qdarts.checkpoint import LOCK_FILE, PAUSE_BEFORE_REPLACE_ENV
 from qdarts.search import CHECKPOINT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,3 +124,22 @@ def test_kills_at_random_moments_then_resume(uninterrupted, tmp_path):
     assert kills >= 1
     _finish(out)
     assert _result(out) == result
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does_then_resume(uninterrupted, tmp_path):
+    """SIGTERM (a scheduler's time limit, torchrun stopping its workers) once the first checkpoint is in
+    place: one line with the resume hint, exit status 143 (128 + SIGTERM, as the shell reports a process
+    the signal ended), the folder's lock file removed; --resume then finishes with the uninterrupted
+    run's result."""
+    out = tmp_path / "run"
+    proc = _start(out)
+    deadline = time.monotonic() + TIMEOUT
+    while not (out / CHECKPOINT).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "qdarts search: terminated (SIGTERM)" in err and "--resume" in err and "Traceback" not in err, err
+    assert LOCK_FILE not in os.listdir(out) and _temporaries(out) == []
+    _finish(out)
+    assert _result(out) == uninterrupted[0]

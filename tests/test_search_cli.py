@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import files_named_by_the_summary
 
 from qdarts import cli
 
@@ -33,6 +34,7 @@ def test_search_then_train_end_to_end(tmp_path, capsys):
     for name in ("genotype.json", "history.json", "summary.md", "bits_per_layer.png", "op_weights.png",
                  "accuracy_bitops.png"):
         assert (run / name).stat().st_size > 0, name
+    assert set(files_named_by_the_summary(run)) == {p.name for p in run.iterdir()} - {"summary.md", ".qdarts.lock"}
     assert "derived BitOps" in capsys.readouterr().out
     out = tmp_path / "t"
     assert cli.main(["train", "--genotype", str(run / "genotype.json"), "--epochs", "1", "--channels", "4",

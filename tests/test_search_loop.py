@@ -10,7 +10,7 @@ import torch
 
 import qdarts
 import qdarts_kernels.nn as qnn
-
+from conftest import files_named_by_the_summary
 from qdarts import evalnet, search
 from qdarts.checkpoint import pack_tensors, unpack_tensors
 from qdarts.derive import derive_genotype
@@ -398,3 +398,17 @@ def test_summary_states_how_many_times_more_bitops_and_bytes_fp32_takes(tmp_path
     assert "| derived network BitOps / sample | 1000 |" in lines
     assert "| same network in fp32 | 1.6e+04 (16.0x more) |" in lines
     assert "| same network in fp32 | 1200 B (4.0x more) |" in lines
+
+
+def test_summary_without_plots_names_the_files_there_are(tmp_path):
+    """--no-plots: no plot named, and no empty entry in their place (it read "history.json, , checkpoint.pt")."""
+    from qdarts.report import write_search_report
+
+    class Genotype:
+        def describe(self):
+            return "the genotype"
+
+    cost = {"bitops": 1.0, "bitops_fp32": 2.0, "memory_bytes": 3.0, "memory_bytes_fp32": 4.0, "layers": []}
+    write_search_report(str(tmp_path), SearchConfig(), [{"epoch": 1, "train_acc": 0.5, "val_acc": 0.25,
+                                                         "expected_bitops": 3e6}], Genotype(), cost, 1.0, plots=False)
+    assert files_named_by_the_summary(tmp_path) == ["genotype.json", "history.json", "checkpoint.pt"]

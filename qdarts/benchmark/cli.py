@@ -145,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
     from ..search import check_device
 
     check_device(device, None)  # QDARTS_BACKEND and the CPU kernels' variables, before any figure and --out
+    if args.skip_kernels and args.skip_end_to_end and not args.append:  # --append: the kept parts' new report
+        raise ValueError("--skip-kernels with --skip-end-to-end leaves nothing to measure (with --append, the report "
+                         "of the figures in --out is written again)")
     if args.cuda_graph_end_to_end and torch.device(device).type != "cuda":
         raise ValueError(f"--cuda-graph-end-to-end needs --device cuda, got {device!r}")
     if args.threads is not None:

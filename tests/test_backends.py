@@ -380,6 +380,21 @@ def test_fake_quant_matches_torch(backend_device):
             torch.testing.assert_close(sb.grad.cpu(), st.grad, rtol=1e-5, atol=1e-4)
 
 
+def test_fake_quant_keeps_a_nan_where_pytorchs_clips_it(backend_device):
+    """Where the README's "bit for bit PyTorch's" ends: a NaN in x stays NaN in y and reaches the scale's
+    gradient (a diverging run shows it), while PyTorch's kernels put it on the lowest level; the other
+    elements are PyTorch's, and their dx too."""
+    backend, device = backend_device
+    x = torch.tensor([float("nan"), 0.1, -0.3, 2.0])
+    xb, sb = _leaf(x, device), _leaf(torch.tensor([0.1]), device)
+    y = qk.fake_quant(xb, sb, 8, backend=backend)
+    y.sum().backward()
+    want = torch.fake_quantize_per_tensor_affine(x, 0.1, 0, -128, 127)
+    assert want[0] == -12.8 and torch.isnan(y[0]) and torch.isnan(sb.grad).all()
+    _assert_exact(y[1:].cpu(), want[1:], "finite elements")
+    _assert_exact(xb.grad[1:].cpu(), torch.ones(3), "finite elements' dx")
+
+
 # --------------------------------------------------------------------------------------------------
 # mixed_op_sum
 # --------------------------------------------------------------------------------------------------

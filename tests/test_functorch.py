@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import qdarts_kernels as qk
+import qdarts_kernels.nn as qnn
 
 BITS = (2, 4, 8)
 
@@ -370,3 +371,37 @@ def test_qat_layers_under_torch_func(backend_device, monkeypatch):
         expected = torch.func.grad(lambda p: loss(p, x[i:i + 1]))(params)
         for name in params:
             torch.testing.assert_close(per_sample[name][i], expected[name], **tol, msg=name)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap_of_grad", "jvp"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+def test_lsq_scales_not_yet_initialised_under_torch_func_are_refused_by_name(transform, per_channel):
+    """The README asks for one forward before a transform; a quantizer without it gets an error that says
+    so, not PyTorch's refusal of an in-place write to a captured tensor (which names neither), and is left
+    as it was: a forward outside the transform then initialises it, and the transform runs."""
+    quantizer = qnn.MixedPrecisionFakeQuantize((2, 4), quantizer="lsq", grid="signed",
+                                               per_channel_axis=-1 if per_channel else None)
+    x = torch.randn(4, 2, 3)
+
+    def run():
+        # the scales as an input, as torch.func asks of what a module changes in place (not yet made:
+        # the per-channel ones, which the first batch sizes)
+        params = {} if isinstance(quantizer.scales, torch.nn.UninitializedParameter) else {
+            "scales": quantizer.scales.detach()}
+
+        def out(x, params):
+            return torch.func.functional_call(quantizer, params, (x,)).sum()
+
+        if transform == "grad":
+            return torch.func.grad(out, argnums=(0, 1))(x, params)
+        if transform == "vmap_of_grad":
+            return torch.func.vmap(torch.func.grad(out, argnums=(0, 1)), in_dims=(0, None))(x, params)
+        zero_tangents = {k: torch.zeros_like(v) for k, v in params.items()}
+        return torch.func.jvp(out, (x, params), (torch.ones_like(x), zero_tangents))
+
+    with pytest.raises(RuntimeError, match="run the model once on a batch before the transform"):
+        run()
+    assert not bool(quantizer.initialized[0])
+    quantizer(x)
+    assert bool(quantizer.initialized[0])
+    run()

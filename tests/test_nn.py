@@ -736,6 +736,20 @@ def test_quantized_conv_without_bias_on_meta_tensors():
         assert m(torch.empty(2, 4, 5, 5, device="meta")).shape == (2, 4, 3, 3)
 
 
+def test_per_channel_scales_on_meta_tensors_before_a_first_batch():
+    """Shape inference of a per-channel LSQ quantizer before any batch: built on the meta device, or with
+    num_channels, it works; moved there with .to("meta") before its scales were sized, PyTorch has made
+    them an empty Parameter, and the error says so (it was an IndexError from the shape check)."""
+    x = torch.empty(4, 6, device="meta")
+    for q in (qnn.MixedPrecisionFakeQuantize((2, 4), per_channel_axis=1, factory_kwargs={"device": "meta"}),
+              qnn.MixedPrecisionFakeQuantize((2, 4), per_channel_axis=1, num_channels=6).to("meta")):
+        assert q(x).shape == (4, 6) and q.scales.shape == (2, 6)
+    moved = qnn.MixedPrecisionFakeQuantize((2, 4), per_channel_axis=1).to("meta")
+    with pytest.raises(ValueError, match=r"the per-channel scales have shape \[0\]: the quantizer was moved with "
+                                         r"\.to\('meta'\) before a first batch sized them"):
+        moved(x)
+
+
 def test_quantize_training_steps_lower_the_loss_and_state_dict_round_trips():
     torch.manual_seed(10)
     model = qnn.quantize_(SmallCNN(), weight_bits=4, act_bits=8)

@@ -125,8 +125,10 @@ class _BatchNormKeepingOutput(torch.autograd.Function):
 
 class OutputKeepingBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` whose training forward without affine parameters keeps its output, not
-    its input, for backward (see the module docstring). ``backend`` (an attribute too): the ops
-    backend whose kernels it takes on that path, None for the automatic choice."""
+    its input, for backward (see the module docstring): an in-place op on that output, such as a
+    following ``nn.ReLU(inplace=True)``, then fails the backward (autograd's "modified by an inplace
+    operation"). ``backend`` (an attribute too): the ops backend whose kernels it takes on that path,
+    None for the automatic choice."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, backend: Optional[str] = None) -> None:

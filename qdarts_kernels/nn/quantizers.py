@@ -424,6 +424,10 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
             if isinstance(self.scales, UninitializedParameter):
                 self.scales.materialize((self.num_bits, x.shape[axis]))
                 self.scales.fill_(1.0)  # a valid placeholder until a batch is observed
+            elif self.scales.dim() != 2:  # PyTorch's .to("meta") makes an UninitializedParameter an empty Parameter
+                raise ValueError(f"the per-channel scales have shape {list(self.scales.shape)}: the quantizer was moved "
+                                 "with .to('meta') before a first batch sized them; move it after its first forward, "
+                                 "or build it there (factory_kwargs={'device': 'meta'}), or give num_channels")
             elif self.scales.shape[1] != x.shape[axis]:
                 raise ValueError(f"x has {x.shape[axis]} channels along axis {axis} but the quantizer has "
                                  f"{self.scales.shape[1]} per-channel scales")
@@ -449,6 +453,10 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
 
     def _lsq_scales(self, x: Tensor, axis: Optional[int]) -> Tensor:
         if self._needs_init and self._observer_on:
+            if _functorch.active():  # else PyTorch's own refusal of the in-place write, naming neither
+                raise RuntimeError("the LSQ scales of this quantizer are set from its first input, in place, which "
+                                   "cannot happen under a torch.func transform: run the model once on a batch "
+                                   "before the transform (or load a state_dict that holds the scales)")
             self._init_lsq_scales(x, axis)
         # an optimizer step may push a scale to <= 0; keep it positive as PyTorch's learnable fake
         # quantizer does: in place on the device (no sync), through .data so that the version

@@ -26,7 +26,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import fields, replace
-from typing import IO, Any, Callable, Collection, Dict, Iterator, List, Mapping, Optional, Tuple, Type, TypeVar
+from typing import IO, Any, Callable, Collection, Dict, Iterator, List, Mapping, Optional, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -76,23 +76,27 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> N
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        # a Ctrl-C or a failed write (a full disk) inside torch.save comes back as the RuntimeError its
-        # zip writer's clean-up raises then ("unexpected pos ..."), the real cause only its context:
-        # give back the interrupt as such, and the write's error naming the file
-        interrupt = _error_behind(e, KeyboardInterrupt)
-        if interrupt is not None and interrupt is not e:
+        # a Ctrl-C inside torch.save comes back as the RuntimeError its zip writer's clean-up raises
+        # then ("unexpected pos ..."), the KeyboardInterrupt only its context: give it back as such
+        interrupt = _interrupt_behind(e)
+        if interrupt is e:
+            raise
+        if interrupt is not None:
             raise interrupt from None
-        failed = _error_behind(e, OSError)
-        if failed is not None and failed.filename is None and failed.errno is not None:
-            raise OSError(failed.errno, failed.strerror, path) from None
+        # a failed write (a full disk) comes back as such a RuntimeError too, or as the file's own error:
+        # give back the write's error, naming the file (only these two: an OSError deeper in the chain
+        # may be one that the code handling it then failed on, which would hide that failure)
+        failed = e.__context__ if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError) else e
+        if isinstance(failed, OSError) and failed.filename is None and failed.errno is not None:
+            raise type(failed)(failed.errno, failed.strerror, path) from None
         raise
 
 
-def _error_behind(error: BaseException, kind: Type[BaseException]) -> Optional[BaseException]:
-    """The ``kind`` error that ``error`` is, or that it was raised while handling, if any."""
+def _interrupt_behind(error: BaseException) -> Optional[KeyboardInterrupt]:
+    """The KeyboardInterrupt that ``error`` is, or that it was raised while handling, if any."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, kind):
+        if isinstance(error, KeyboardInterrupt):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__

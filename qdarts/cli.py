@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import signal
 import sys
-import threading
 from dataclasses import fields
 from typing import List, Optional
+
+from .signals import how_it_ended, sigterm_as_interrupt
 
 __all__ = ["main", "build_parser"]
 
@@ -277,16 +277,6 @@ def _run_train(args) -> int:
     return 0
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM: a scheduler's time limit, ``kill``, torchrun stopping its workers. A run ends on it as on
-    Ctrl-C (its output folder's lock released, a partial write undone, the resume hint printed), where
-    SIGTERM's default action would end the process on the spot, silently."""
-
-
-def _terminated(signum, frame):
-    raise Terminated
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     try:
         parser = build_parser()
@@ -295,11 +285,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:  # while the parser imports torch: nothing has started
         print("qdarts: interrupted", file=sys.stderr)
         return 130
-    # a handler can be set from the main thread only (main() may be called from another, as a library)
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
-        return args.run(args)
+        with sigterm_as_interrupt():
+            return args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"qdarts {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -312,13 +300,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt as e:
         hint = ("; the checkpoint of the last finished epoch, if any, is kept: continue with --resume"
                 if args.command != "bench" else " (results.json and report.md hold what was measured)")
-        terminated = isinstance(e, Terminated)
-        print(f"qdarts {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}{hint}",
-              file=sys.stderr)
-        return 128 + signal.SIGTERM if terminated else 130  # the shell's status for a process a signal ended
+        how, status = how_it_ended(e)
+        print(f"qdarts {args.command}: {how}{hint}", file=sys.stderr)
+        return status
     finally:
-        if main_thread:  # None: a handler set outside Python, which cannot be put back; the default then
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         if "qdarts.distributed" in sys.modules:
             sys.modules["qdarts.distributed"].shutdown()
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .genotype import Genotype, reduction_cells
-from .ops import ConvMaker, FactorizedReduce, ReLUConvBN, build_op, set_layer_backend
+from .ops import BitPairsError, ConvMaker, FactorizedReduce, ReLUConvBN, build_op, set_layer_backend
 
 __all__ = ["EvalNetwork", "drop_path"]
 
@@ -46,8 +46,8 @@ class EvalCell(nn.Module):
             # a hand-edited genotype's bit pairs that do not fit: say which ones
             try:
                 return build(maker(pairs))
-            except ValueError as error:
-                raise ValueError(f"{where}: {error}") from None
+            except BitPairsError as error:
+                raise BitPairsError(f"{where}: {error}") from None
 
         self.preprocess0 = built("preprocess0", lambda m: m.finish(
             FactorizedReduce(C_pp, C, m) if reduction_prev else ReLUConvBN(C_pp, C, 1, 1, 0, m)), bits.preprocess0)
@@ -118,9 +118,9 @@ class EvalNetwork(nn.Module):
             bits = genotype.cell_bits_for(i, layers)
             try:
                 cell = EvalCell(genotype, bits, C_pp, C_p, c_curr, reduction, reduction_prev, fp32, backend)
-            except ValueError as error:  # the edges' own cell in the genotype file, and the network's
-                raise ValueError(f"the genotype's cell {genotype.searched_cell_for(i, layers)} (for cell {i} of "
-                                 f"the network): {error}") from None
+            except BitPairsError as error:  # the edges' own cell in the genotype file, and the network's
+                raise BitPairsError(f"the genotype's cell {genotype.searched_cell_for(i, layers)} (for cell {i} of "
+                                    f"the network): {error}") from None
             self.cells.append(cell)
             reduction_prev = reduction
             C_pp, C_p = C_p, cell.multiplier * c_curr

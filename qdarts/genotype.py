@@ -96,6 +96,8 @@ class Genotype:
         When the chosen cell's preprocess0 has another conv count, its pairs are fitted: one conv
         takes the wider bits of the two (the larger act and the larger weight bits, so that neither
         half of the input gets fewer bits than the search chose), two convs both take the one pair.
+
+        Raises ``ValueError`` as :meth:`searched_cell_for` does.
         """
         chosen = self.cells[self.searched_cell_for(index, layers)]
         reduction_prev = _cell_layout(layers)[index][2]

@@ -32,8 +32,8 @@ from qdarts_kernels.nn.quantizers import symmetric_grid
 
 from .genotype import PRIMITIVES
 
-__all__ = ["ConvMaker", "OPS", "build_op", "quant_convs", "set_layer_backend", "ACT_GRIDS", "QUANTIZERS",
-           "FactorizedReduce", "ReLUConvBN", "ReLUConv2d"]
+__all__ = ["BitPairsError", "ConvMaker", "OPS", "build_op", "quant_convs", "set_layer_backend", "ACT_GRIDS",
+           "QUANTIZERS", "FactorizedReduce", "ReLUConvBN", "ReLUConv2d"]
 
 ACT_GRIDS = ("follow", "official")
 QUANTIZERS = ("paper", "lsq")
@@ -51,6 +51,10 @@ def _quant_conv_class():
     from qdarts_kernels.nn import QuantConv2d
 
     return QuantConv2d
+
+
+class BitPairsError(ValueError):
+    """A genotype's bit pairs that do not fit an op: as many pairs as the op has convs, one per conv."""
 
 
 class ConvMaker:
@@ -101,7 +105,7 @@ class ConvMaker:
                                                              bias=False)
         if self.pairs is not None:
             if index >= len(self.pairs):
-                raise ValueError(f"the genotype gives {len(self.pairs)} bit pairs for an op with more convs")
+                raise BitPairsError(f"the genotype gives {len(self.pairs)} bit pairs for an op with more convs")
             act_bits, weight_bits = self.pairs[index]
             extra = {"two_sided_grid": self.two_sided_grid}
         else:
@@ -117,7 +121,7 @@ class ConvMaker:
     def finish(self, module: nn.Module) -> nn.Module:
         """Register the shared logits on ``module`` (names gamma_a, gamma_w) and check the bit pairs were used up."""
         if self.pairs is not None and self.made != len(self.pairs):
-            raise ValueError(f"the genotype gives {len(self.pairs)} bit pairs for an op with {self.made} convs")
+            raise BitPairsError(f"the genotype gives {len(self.pairs)} bit pairs for an op with {self.made} convs")
         if self.act_logits is not None and self.made:  # ops without convs (pooling, identity) have no bits
             module.gamma_a = self.act_logits
             module.gamma_w = self.weight_logits

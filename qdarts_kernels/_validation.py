@@ -139,8 +139,8 @@ def check_scale_values(scales: torch.Tensor, name: str = "scales", fp64_math: bo
         return
     if not scale_values_read_on(scales.device):
         return
-    s = unwrapped(scales).detach()  # under torch.func's vmap: every sample's scales
-    as_fp32 = ""
+    given = unwrapped(scales).detach()  # under torch.func's vmap: every sample's scales
+    s, as_fp32 = given, ""
     if s.dtype == torch.float64 and not fp64_math:
         s, as_fp32 = s.float(), " (as float32, the kernels' arithmetic)"
     # The cheapest read of a CPU tensor's values: a few Python floats for per-tensor scales, one
@@ -152,20 +152,15 @@ def check_scale_values(scales: torch.Tensor, name: str = "scales", fp64_math: bo
         lo_hi = [lo.item(), hi.item()]
     if all(SMALLEST_SCALE <= v < math.inf for v in lo_hi):
         return
-    not_finite = ~torch.isfinite(s)
-    if bool(not_finite.any()):
-        raise ValueError(f"{name} must be finite, got {_first_where(s, not_finite, name)}{as_fp32}")
-    if bool((s <= 0).any()):
-        raise ValueError(f"{name} must be > 0, got {_first_where(s, s <= 0, name)}")
-    raise ValueError(f"{name} must be >= 2**-126 (the smallest normal float32; 1 / scale overflows below it), "
-                     f"got {_first_where(s, s < SMALLEST_SCALE, name)}")
-
-
-def _first_where(s: torch.Tensor, mask: torch.Tensor, name: str) -> str:
-    """``name[i, j] = value`` for the first element of ``s`` where ``mask`` holds (in memory order of a
-    contiguous tensor): with thousands of per-channel scales, the one to look at."""
-    index = tuple(int(i) for i in mask.nonzero()[0])
-    return f"{name}{list(index) if index else ''} = {s[index].item()}"
+    for bad, rule in ((~torch.isfinite(s), "must be finite"), (s <= 0, "must be > 0"),
+                      (s < SMALLEST_SCALE, "must be >= 2**-126 (the smallest normal float32; 1 / scale overflows "
+                                           "below it)")):
+        if bool(bad.any()):
+            # the first bad one in row-major order (with thousands of per-channel scales, the one to look
+            # at), with the value given; under vmap the samples' dimension is not the argument's own
+            index = tuple(int(i) for i in bad.nonzero()[0])
+            where = f"{name}{list(index) if index else ''}" if given.dim() == scales.dim() else f"one sample's {name}"
+            raise ValueError(f"{name} {rule}, got {where} = {given[index].item()}{as_fp32}")
 
 
 def check_mixed_fake_quant(

@@ -34,7 +34,9 @@ def check_environment() -> None:
     if isa is not None and isa not in ISA_NAMES:
         raise ValueError(f"QDARTS_CPU_ISA must be {', '.join(ISA_NAMES[:-1])} or {ISA_NAMES[-1]}, got {isa!r}")
     cache_mb = os.environ.get("QDARTS_CPU_CACHE_MB") or None
-    if cache_mb is not None and not (cache_mb.isascii() and cache_mb.isdigit() and int(cache_mb) <= MAX_CACHE_MB):
+    # (the length first: int() refuses a string of more than 4300 digits with an error of its own)
+    if cache_mb is not None and not (cache_mb.isascii() and cache_mb.isdigit() and len(cache_mb) <= 20
+                                     and int(cache_mb) <= MAX_CACHE_MB):
         raise ValueError(f"QDARTS_CPU_CACHE_MB must be a whole number of MiB in [0, {MAX_CACHE_MB}], got {cache_mb!r}")
 
 

@@ -279,6 +279,7 @@ def test_readme_section_has_one_part_per_results_file_under_its_own_heading(caps
     assert [h for h in headings if not h.startswith("###")] == ["## Performance"], headings
     assert sum(h.startswith("#### End to end") for h in headings) == 2, headings
 
+
 def test_batch_norm_case_implementations_agree_with_pytorchs():
     case = OpCase("batch_norm", "-", (3, 4, 5, 5))
     assert case.id == "batch_norm-3x4x5x5-fp32" and case.min_traffic_bytes("forward+backward") == 20 * case.numel

@@ -7,6 +7,8 @@ import errno
 import json
 import os
 import pickle
+import signal
+import threading
 
 import numpy as np
 import pytest
@@ -629,6 +631,17 @@ def test_bad_genotype_file(case, finished_search, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_only_the_genotypes_bit_pairs_are_blamed_on_the_genotype(finished_search):
+    """The cell and edge are named for bit pairs that do not fit an op, not for the caller's own bad
+    argument met while the cells are built."""
+    from qdarts.evalnet import EvalNetwork
+    from qdarts.genotype import load_genotype
+
+    genotype = load_genotype(str(finished_search / "genotype.json"))
+    with pytest.raises(ValueError, match=r"^backend must be one of"):
+        EvalNetwork(genotype, (1, 8, 8), 10, 4, 1, backend="nope")
+
+
 def test_outputs_get_the_usual_file_mode(finished_search):
     """Atomic writes go through mkstemp (mode 0o600); the files must end with what open() gives
     (0o666 less the umask), or the other users of a shared run folder cannot read the results."""
@@ -648,6 +661,62 @@ def test_ctrl_c_ends_with_a_resume_hint_and_no_traceback(tmp_path, capsys, monke
     assert cli.main(["search", *TINY, "--out", str(tmp_path / "out")]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+
+
+@pytest.fixture
+def sigterm_default():
+    """SIGTERM at its default action for the test (as in a process just started), whatever the test runner
+    set, and the runner's own handler back afterwards."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("entry", ["qdarts search", "python -m qdarts.benchmark"])
+def test_sigterm_within_a_run_ends_it_as_ctrl_c_and_the_handler_is_put_back(entry, sigterm_default, tmp_path,
+                                                                            capsys, monkeypatch):
+    """In the process itself: SIGTERM raised as Terminated only while a command runs, with the status
+    128 + SIGTERM and its own word; the default action back after each of two runs in one process."""
+    from qdarts.benchmark import cli as bench_cli
+    from qdarts.search import Searcher
+
+    def terminated(*args, **kwargs):
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not end the run")
+
+    monkeypatch.setattr(Searcher, "run", terminated)
+    monkeypatch.setattr(bench_cli, "run", terminated)
+    main = {"qdarts search": lambda: cli.main(["search", *TINY, "--out", str(tmp_path / "out")]),
+            "python -m qdarts.benchmark": lambda: bench_cli.main(["--out", str(tmp_path / "bench")])}[entry]
+    for _ in range(2):
+        assert main() == 128 + signal.SIGTERM
+        err = capsys.readouterr().err
+        assert "terminated (SIGTERM)" in err and "Traceback" not in err, err
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_an_ignored_sigterm_stays_ignored_and_a_run_in_another_thread_sets_no_handler(sigterm_default, tmp_path):
+    """A launcher's choice to ignore SIGTERM is kept (Python keeps an ignored SIGINT too); a command run
+    from another thread than the main one (a library's use of cli.main) runs, without a handler."""
+    from qdarts.signals import sigterm_as_interrupt
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a launcher may leave it, across exec
+    with sigterm_as_interrupt():
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    seen = []
+
+    def in_a_thread():  # signal.signal would raise ValueError outside the main thread
+        with sigterm_as_interrupt():
+            seen.append(signal.getsignal(signal.SIGTERM))
+        seen.append(cli.main(["search", *TINY, "--out", str(tmp_path / "out")]))
+
+    worker = threading.Thread(target=in_a_thread)
+    worker.start()
+    worker.join()
+    assert seen == [signal.SIG_DFL, 0]
 
 
 class _FailingFile:
@@ -715,6 +784,38 @@ def test_a_full_disk_while_torch_save_writes_a_checkpoint_is_one_line_naming_the
     err = capsys.readouterr().err
     assert err.strip() == f"qdarts search: error: [Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}: " \
                           f"{str(out / CHECKPOINT)!r}", err
+
+
+def test_atomic_write_names_the_file_on_a_failed_write_and_passes_other_errors_on(tmp_path, monkeypatch):
+    """A write's own OSError (no torch.save around it) gets the file's name and keeps its type; an error
+    raised while handling an OSError is the code's own failure and comes back as it is, not as the OSError
+    it was handling; and a Ctrl-C while a full disk's error is handled stays a Ctrl-C."""
+    from qdarts import checkpoint
+
+    path = str(tmp_path / "state.json")
+    _writes_fail_with(BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE)), monkeypatch)
+    with pytest.raises(BrokenPipeError) as failed:
+        checkpoint.atomic_write(path, lambda f: [f.write(b"x") for _ in range(3)])
+    assert failed.value.filename == path
+
+    def fails_while_handling(f):
+        try:
+            f.write(b"x"), f.write(b"x"), f.write(b"x")
+        except OSError:
+            {}["a bug in the handler"]
+
+    with pytest.raises(KeyError, match="a bug in the handler"):
+        checkpoint.atomic_write(path, fails_while_handling)
+
+    def interrupted_while_handling(f):
+        try:
+            f.write(b"x"), f.write(b"x"), f.write(b"x")
+        except OSError:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.atomic_write(path, interrupted_while_handling)
+    assert os.listdir(tmp_path) == []
 
 
 def test_resume_where_there_is_nothing_to_resume_starts_a_new_run_with_a_note(finished_search, tmp_path, capsys):

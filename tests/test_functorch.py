@@ -268,10 +268,11 @@ def test_a_fused_mixed_op_sum_second_derivative_is_refused_only_when_asked(backe
 
 
 def test_bad_scales_of_one_sample_are_refused_under_vmap():
-    """The value checks read every sample's scales (on CPU, where reading them costs no sync)."""
+    """The value checks read every sample's scales (on CPU, where reading them costs no sync); the message
+    gives no index, as the samples' dimension is not the argument's own (it may sit on any axis)."""
     x, probs, scales = _inputs("cpu")
     scales_b = torch.stack([scales, -scales])
-    with pytest.raises(ValueError, match="scales must be > 0"):
+    with pytest.raises(ValueError, match=r"^scales must be > 0, got one sample's scales = -"):
         torch.func.vmap(lambda s: qk.mixed_fake_quant(x, probs, s, BITS))(scales_b)
 
 

@@ -692,3 +692,8 @@ def test_a_probe_child_or_build_that_hangs_is_reported_and_the_probe_goes_on(tmp
     result = probe._child("torch.ops.aten.view(torch.zeros(2), [3])", False)
     assert result.startswith("FAILED (no end after 120 s)\nstarted"), result
     assert probe._extension_probe("variant", [], []).startswith("BUILD FAILED (no end after 300 s)")
+    # the whole probe with every child hanging: its report is written, and says so
+    out = tmp_path / "out"
+    assert probe.main(str(out)) != 0
+    report = (out / "cpp_error_probe.txt").read_text()
+    assert "FAILED (no end after 120 s)" in report and "BUILD FAILED (no end after 300 s)" in report, report

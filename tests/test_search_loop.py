@@ -11,6 +11,7 @@ import torch
 import qdarts
 import qdarts_kernels.nn as qnn
 from conftest import files_named_by_the_summary
+
 from qdarts import evalnet, search
 from qdarts.checkpoint import pack_tensors, unpack_tensors
 from qdarts.derive import derive_genotype

@@ -16,6 +16,7 @@ import qdarts_kernels as qk
 from qdarts_kernels._backends import resolve as resolve_backend
 
 from ..checkpoint import atomic_write_text
+from ..signals import how_it_ended, sigterm_as_interrupt
 from . import cases as case_defs
 from . import endtoend, report
 from .runner import check_gpu_targets, check_targets, run_kernels
@@ -254,13 +255,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="qdarts bench", description=__doc__)
     add_arguments(parser)
     try:
-        return run(parser.parse_args(argv))
+        with sigterm_as_interrupt():  # bench/gpu_check.sh's `timeout` ends a step with SIGTERM
+            return run(parser.parse_args(argv))
     except ValueError as e:
         print(f"qdarts bench: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the file system failed mid-run (disk full, permissions changed): not a bug
         print(f"qdarts bench: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("qdarts bench: interrupted (results.json and report.md hold what was measured)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how, status = how_it_ended(e)
+        print(f"qdarts bench: {how} (results.json and report.md hold what was measured)", file=sys.stderr)
+        return status

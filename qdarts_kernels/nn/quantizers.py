@@ -425,9 +425,9 @@ class MixedPrecisionFakeQuantize(FakeQuantizeBase):
                 self.scales.materialize((self.num_bits, x.shape[axis]))
                 self.scales.fill_(1.0)  # a valid placeholder until a batch is observed
             elif self.scales.dim() != 2:  # PyTorch's .to("meta") makes an UninitializedParameter an empty Parameter
-                raise ValueError(f"the per-channel scales have shape {list(self.scales.shape)}: the quantizer was moved "
-                                 "with .to('meta') before a first batch sized them; move it after its first forward, "
-                                 "or build it there (factory_kwargs={'device': 'meta'}), or give num_channels")
+                raise ValueError(f"the per-channel scales have shape {list(self.scales.shape)}: the quantizer was "
+                                 "moved with .to('meta') before a first batch sized them; move it after its first "
+                                 "forward, or build it there (factory_kwargs={'device': 'meta'}), or give num_channels")
             elif self.scales.shape[1] != x.shape[axis]:
                 raise ValueError(f"x has {x.shape[axis]} channels along axis {axis} but the quantizer has "
                                  f"{self.scales.shape[1]} per-channel scales")

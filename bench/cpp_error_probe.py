@@ -112,10 +112,15 @@ VARIANTS = [
 SYSTEM_TOOLS = {"CC": "/usr/bin/gcc", "CXX": "/usr/bin/g++", "LDSHARED": "/usr/bin/gcc -shared"}
 
 
-def _timed_out(e: subprocess.TimeoutExpired, what: str = "FAILED") -> str:
-    """A child that did not finish (a hang, say a deadlock in a broken unwinder): what it printed so far."""
-    out, err = ((s.decode(errors="replace") if isinstance(s, bytes) else s or "") for s in (e.stdout, e.stderr))
-    return f"{what} (no end after {e.timeout:.0f} s)\n{out[-2000:]}{err[-3000:]}"
+def _finished(cmd, timeout: int, what: str = "FAILED", **kw):
+    """``subprocess.run(cmd)``'s result, or, for a child that did not end in ``timeout`` seconds (a hang, say
+    a deadlock in a broken unwinder), the report of it with what it printed so far: a hung child must not
+    take the report with it."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    except subprocess.TimeoutExpired as e:
+        out, err = ((s.decode(errors="replace") if isinstance(s, bytes) else s or "") for s in (e.stdout, e.stderr))
+        return f"{what} (no end after {e.timeout:.0f} s)\n{out[-2000:]}{err[-3000:]}"
 
 
 def _run(cmd, timeout=120, **kw) -> str:
@@ -145,10 +150,9 @@ def _child(code: str, import_qdarts: bool) -> str:
     prog = (f"import faulthandler, sys, torch{', qdarts_kernels' if import_qdarts else ''}; faulthandler.enable()\n"
             f"try:\n    {code}\nexcept RuntimeError as e:\n    print('ok: RuntimeError:', str(e).splitlines()[0])\n"
             "    sys.exit(0)\nprint('no error raised'); sys.exit(3)")
-    try:  # a hung child must not take the report with it either
-        done = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired as e:
-        return _timed_out(e)
+    done = _finished([sys.executable, "-c", prog], 120)
+    if isinstance(done, str):
+        return done
     if done.returncode == 0:
         return done.stdout.strip()
     report = f"FAILED (exit {done.returncode})\n{done.stdout}{done.stderr[-3000:]}"
@@ -169,11 +173,9 @@ def _extension_probe(name: str, cflags, ldflags, env=None, quiet=False) -> str:
     with open(os.path.join(build, "setup.py"), "w") as f:
         f.write(PROBE_SETUP.format(name=name, cflags=list(cflags), ldflags=list(ldflags)))
     env = None if env is None else {**os.environ, **env}
-    try:
-        built = subprocess.run([sys.executable, "setup.py"], cwd=build, capture_output=True, text=True, timeout=300,
-                               env=env)
-    except subprocess.TimeoutExpired as e:
-        return _timed_out(e, "BUILD FAILED")
+    built = _finished([sys.executable, "setup.py"], 300, "BUILD FAILED", cwd=build, env=env)
+    if isinstance(built, str):
+        return built
     if built.returncode != 0:
         return f"BUILD FAILED (exit {built.returncode})\n{built.stdout[-1500:]}{built.stderr[-2500:]}"
     library = next(f for f in os.listdir(build) if f.startswith(name) and f.endswith(".so"))
@@ -183,10 +185,9 @@ def _extension_probe(name: str, cflags, ldflags, env=None, quiet=False) -> str:
             + f"try:\n    torch.ops.qdarts_probe_{name}.fail(torch.ones(2))\n"
             "except RuntimeError as e:\n    print('ok: RuntimeError:', str(e).splitlines()[0]); sys.exit(0)\n"
             "print('no error raised'); sys.exit(3)")
-    try:
-        done = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired as e:
-        return _timed_out(e)
+    done = _finished([sys.executable, "-c", prog], 120)
+    if isinstance(done, str):
+        return done
     if done.returncode == 0:
         return done.stdout.strip().splitlines()[-1]
     return f"FAILED (exit {done.returncode})\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
